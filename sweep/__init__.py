@@ -1,0 +1,3 @@
+"""sweep: Ray-distributed pruning sweeps for convolutional networks."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,185 @@
+"""Importance criteria: one score per removable unit, higher means keep.
+
+Each criterion is one function ``(model, graph, calibration, generator) -> Tensor[num_units]``
+in the ``STRATEGIES`` registry. A unit's score aggregates (means) the scores of its members,
+so tied channels of a residual stream are judged together.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .graph import ChannelGraph, PruningError
+
+Calibration = Iterable[tuple[torch.Tensor, torch.Tensor]]
+Criterion = Callable[[nn.Module, ChannelGraph, "Calibration | None", torch.Generator], torch.Tensor]
+
+
+def _binned(graph: ChannelGraph, member) -> torch.Tensor:
+    """The member's unit per position, with fixed positions sent to an extra, discarded bin."""
+    return torch.where(member.units < 0, graph.num_units, member.units)
+
+
+def _mean_per_unit(graph: ChannelGraph, parts) -> torch.Tensor:
+    """Average per-position scores over every position that belongs to each unit."""
+    total = torch.zeros(graph.num_units + 1, dtype=torch.float64)
+    count = torch.zeros(graph.num_units + 1, dtype=torch.float64)
+    for member, scores in parts:
+        units = _binned(graph, member)
+        total.index_add_(0, units, scores.detach().double().cpu())
+        count.index_add_(0, units, torch.ones(len(units), dtype=torch.float64))
+    return (total / count.clamp(min=1))[:-1]
+
+
+def _filters(model: nn.Module, graph: ChannelGraph, score: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Score each producer's filters (rows of its weight) and average them per unit."""
+    return _mean_per_unit(graph, (
+        (m, score(model.get_submodule(m.module).weight.detach().flatten(1).double()))
+        for m in graph.members if m.role == "out"
+    ))
+
+
+def random_scores(model, graph, calibration, generator) -> torch.Tensor:
+    return torch.rand(graph.num_units, generator=generator, dtype=torch.float64)
+
+
+def l1(model, graph, calibration, generator) -> torch.Tensor:
+    """Sum of absolute filter weights (Li et al. 2017)."""
+    return _filters(model, graph, lambda w: w.abs().sum(1))
+
+
+def l2(model, graph, calibration, generator) -> torch.Tensor:
+    return _filters(model, graph, lambda w: w.norm(dim=1))
+
+
+def fpgm(model, graph, calibration, generator) -> torch.Tensor:
+    """Distance to the layer's other filters (He et al. 2019): filters near the geometric median are redundant."""
+    # float32 distances: a 4096-wide Linear is 4096^2 x in_features of work, too slow in float64
+    return _filters(model, graph, lambda w: torch.cdist(w.float(), w.float()).sum(1))
+
+
+def bn_scale(model, graph, calibration, generator) -> torch.Tensor:
+    """|gamma| of the batch norms over the channel (Liu et al. 2017); units with no BN fall back to L1."""
+    bns = [m for m in graph.members if m.role == "bn" and getattr(model.get_submodule(m.module), "weight", None) is not None]
+    scores = _mean_per_unit(graph, ((m, model.get_submodule(m.module).weight.abs()) for m in bns))
+    covered = torch.zeros(graph.num_units + 1, dtype=torch.bool)
+    for m in bns:
+        covered[_binned(graph, m)] = True
+    fallback = l1(model, graph, calibration, generator)
+    return torch.where(covered[:-1], scores, fallback)
+
+
+def _consumers(model: nn.Module, graph: ChannelGraph):
+    """Conv/linear inputs that carry removable channels, with each position's weight
+    (1/repeats, so a channel flattened into H*W Linear inputs counts like one conv input)."""
+    out = []
+    for m in graph.members:
+        if m.role != "in":
+            continue
+        if bool((m.units < 0).all()):
+            continue
+        units = _binned(graph, m)
+        repeats = torch.bincount(units, minlength=graph.num_units + 1).double()
+        out.append((model.get_submodule(m.module), units, 1.0 / repeats[units]))
+    return out
+
+
+def _per_sample(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, ...) -> (N, C): mean over spatial positions."""
+    return x.double().flatten(2).mean(2) if x.dim() > 2 else x.double()
+
+
+def _run_calibration(model: nn.Module, graph: ChannelGraph, calibration, pre_hook, backward: bool) -> None:
+    if calibration is None:
+        raise PruningError("calibration: this strategy needs data; pass calibration=[(inputs, targets), ...]")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    handles = [mod.register_forward_pre_hook(pre_hook(units, weights))
+               for mod, units, weights in _consumers(model, graph)]
+    seen = 0
+    try:
+        for inputs, targets in calibration:
+            inputs, targets = inputs.to(device), targets.to(device)
+            if backward:
+                model.zero_grad(set_to_none=True)
+                loss = nn.functional.cross_entropy(model(inputs), targets)
+                loss.backward()
+            else:
+                with torch.no_grad():
+                    model(inputs)
+            seen += 1
+    finally:
+        for h in handles:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    if seen == 0:
+        raise PruningError("calibration: no batches were given; pass at least one (inputs, targets) batch")
+
+
+def taylor(model, graph, calibration, generator) -> torch.Tensor:
+    """First-order Taylor estimate of the loss change when a channel is removed (Molchanov et al. 2017):
+    |sum over its consumers of mean_hw(activation * gradient)|, averaged over samples."""
+    n_bins = graph.num_units + 1
+    batch_sums: list[torch.Tensor] = []
+    total = torch.zeros(n_bins, dtype=torch.float64)
+    samples = 0
+
+    def pre_hook(units, weights):
+        def hook(module, args):
+            x = args[0]
+            if not x.requires_grad:
+                return
+
+            def on_grad(grad, x=x.detach()):
+                contrib = _per_sample(x * grad) * weights.to(x.device)
+                acc = torch.zeros(x.shape[0], n_bins, dtype=torch.float64, device=x.device)
+                batch_sums.append(acc.index_add_(1, units.to(x.device), contrib).cpu())
+            x.register_hook(on_grad)
+        return hook
+
+    class _Batches:  # sums each batch's contributions before taking the absolute value
+        def __iter__(self_inner):
+            nonlocal total, samples
+            for batch in calibration:
+                batch_sums.clear()
+                yield batch
+                if batch_sums:
+                    per_sample = torch.stack(batch_sums).sum(0)
+                    total += per_sample.abs().sum(0)
+                    samples += per_sample.shape[0]
+
+    _run_calibration(model, graph, None if calibration is None else _Batches(), pre_hook, backward=True)
+    return (total / max(samples, 1))[:-1]
+
+
+def apoz(model, graph, calibration, generator) -> torch.Tensor:
+    """1 - Average Percentage of Zeros of the channel's activations at its consumers (Hu et al. 2016)."""
+    zeros = torch.zeros(graph.num_units + 1, dtype=torch.float64)
+    count = torch.zeros(graph.num_units + 1, dtype=torch.float64)
+
+    def pre_hook(units, weights):
+        def hook(module, args):
+            z = _per_sample((args[0] == 0).double()).cpu()
+            zeros.index_add_(0, units, (z * weights).sum(0))
+            count.index_add_(0, units, weights * z.shape[0])
+        return hook
+
+    _run_calibration(model, graph, calibration, pre_hook, backward=False)
+    return 1.0 - (zeros / count.clamp(min=1e-12))[:-1]
+
+
+STRATEGIES: dict[str, Criterion] = {
+    "random": random_scores,
+    "l1": l1,
+    "l2": l2,
+    "bn_scale": bn_scale,
+    "taylor": taylor,
+    "apoz": apoz,
+    "fpgm": fpgm,
+}
+NEEDS_CALIBRATION = frozenset({"taylor", "apoz"})

@@ -1,0 +1,197 @@
+"""prune(): score units, pick which to remove, cut them out; one-shot or iterative."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .criteria import NEEDS_CALIBRATION, STRATEGIES, Calibration
+from .graph import ChannelGraph, PruningError, analyse
+from .plan import PrunePlan
+from .surgery import remove_channels
+
+SCOPES = ("local", "global")
+TARGETS = ("channels", "flops")
+
+
+@dataclass
+class PruneResult:
+    model: nn.Module
+    plan: PrunePlan
+
+
+def _keep_at_least(width: int, min_channels: float) -> int:
+    if isinstance(min_channels, float) and min_channels < 1:
+        return max(1, math.ceil(min_channels * width))
+    return max(1, int(min_channels))
+
+
+def _round_removal(width: int, k: int, round_to: int) -> int:
+    """Largest removal <= k that leaves a width that is a multiple of round_to (or the full width)."""
+    if round_to <= 1 or k == 0:
+        return k
+    kept = math.ceil((width - k) / round_to) * round_to
+    return max(0, width - min(kept, width))
+
+
+def _limits(graph: ChannelGraph, min_channels: float) -> list[int]:
+    """How many units each layer may lose without any of its producers going below the minimum."""
+    return [
+        max(0, min(min(units, width - _keep_at_least(width, min_channels)) for width, units in sizes))
+        for sizes in graph.producer_sizes
+    ]
+
+
+def _select_local(graph, scores, ratio, limits, round_to) -> list[int]:
+    removed = []
+    for i, units in enumerate(graph.layers):
+        width = graph.layer_width[i]
+        k = _round_removal(width, min(limits[i], int(ratio * width + 1e-9)), round_to)
+        order = sorted(units, key=lambda u: scores[u].item())
+        removed += order[:k]
+    return removed
+
+
+def _select_global(graph, scores, ratio, limits, round_to) -> list[int]:
+    # Molchanov et al.'s layer-wise L2 normalisation makes scores comparable across layers; we
+    # scale it by sqrt(width) (i.e. divide by the RMS) so that a 4096-wide Linear is not
+    # emptied before a 64-wide conv loses anything.
+    normalised = scores.clone()
+    for units in graph.layers:
+        idx = torch.as_tensor(units)
+        normalised[idx] = scores[idx] * len(units) ** 0.5 / (scores[idx].norm() + 1e-12)
+    budget = int(ratio * sum(graph.layer_width) + 1e-9)
+    taken = [0] * len(graph.layers)
+    chosen: list[list[int]] = [[] for _ in graph.layers]
+    for u in torch.argsort(normalised).tolist():
+        if budget == 0:
+            break
+        layer = graph.unit_layer[u]
+        if taken[layer] < limits[layer]:
+            taken[layer] += 1
+            chosen[layer].append(u)
+            budget -= 1
+    removed = []
+    for i, units in enumerate(chosen):  # drop the best of the chosen until the width is round
+        removed += units[:_round_removal(graph.layer_width[i], len(units), round_to)]
+    return removed
+
+
+def _plan_for(graph: ChannelGraph, removed_units: list[int]) -> PrunePlan:
+    gone = torch.zeros(graph.num_units + 1, dtype=torch.bool)
+    gone[torch.as_tensor(removed_units, dtype=torch.long)] = True
+    gone[-1] = False
+    plan = PrunePlan()
+    for m in graph.members:
+        idx = gone[m.units].nonzero().flatten().tolist()
+        if not idx:
+            continue
+        if m.role == "in":
+            plan.removed_in[m.module] = idx
+        else:
+            plan.removed[m.module] = idx
+            if m.role == "dw":  # a depthwise conv's inputs are its outputs' channels
+                plan.removed_in[m.module] = sorted({i // m.mult for i in idx})
+    return plan
+
+
+def _estimated_flops(graph: ChannelGraph, model: nn.Module, plan: PrunePlan) -> float:
+    """FLOPs after removing ``plan`` from the analysed model: conv/linear FLOPs scale with kept inputs x outputs."""
+    total = 0.0
+    for name, flops in graph.module_flops.items():
+        m = model.get_submodule(name)
+        n_in, n_out = (m.in_channels, m.out_channels) if isinstance(m, nn.Conv2d) else (m.in_features, m.out_features)
+        keep_out = 1 - len(plan.removed.get(name, ())) / n_out
+        keep_in = 1 - len(plan.removed_in.get(name, ())) / n_in
+        depthwise = isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
+        total += flops * (keep_out if depthwise else keep_out * keep_in)
+    return total
+
+
+def _one_step(model, graph, scores, ratio, scope, target, flops_goal, limits, round_to) -> PrunePlan:
+    select = _select_local if scope == "local" else _select_global
+    if target == "channels":
+        return _plan_for(graph, select(graph, scores, ratio, limits, round_to))
+    # FLOPs target: the smallest channel ratio whose estimate reaches the goal (bisection).
+    lo, hi = 0.0, 1.0
+    best = _plan_for(graph, select(graph, scores, hi, limits, round_to))
+    if _estimated_flops(graph, model, best) > flops_goal:
+        return best  # cannot reach the goal: take as much as the guards allow
+    for _ in range(24):
+        mid = (lo + hi) / 2
+        plan = _plan_for(graph, select(graph, scores, mid, limits, round_to))
+        if _estimated_flops(graph, model, plan) <= flops_goal:
+            hi, best = mid, plan
+        else:
+            lo = mid
+    return best
+
+
+def _check_args(strategy, ratio, scope, target, calibration, min_channels, round_to, steps) -> None:
+    if strategy not in STRATEGIES:
+        raise PruningError(f"strategy: unknown '{strategy}'; choose one of {', '.join(STRATEGIES)}")
+    if not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+        raise PruningError(f"ratio: {ratio!r} is outside (0, 1); use a fraction such as 0.5")
+    if scope not in SCOPES:
+        raise PruningError(f"scope: unknown '{scope}'; choose 'local' or 'global'")
+    if target not in TARGETS:
+        raise PruningError(f"target: unknown '{target}'; choose 'channels' or 'flops'")
+    if strategy in NEEDS_CALIBRATION and calibration is None:
+        raise PruningError(f"calibration: strategy '{strategy}' needs data; pass calibration=[(inputs, targets), ...]")
+    if not (isinstance(min_channels, int) and min_channels >= 1) and not (
+            isinstance(min_channels, float) and 0 < min_channels < 1):
+        raise PruningError(f"min_channels: {min_channels!r} must be an int >= 1 or a fraction in (0, 1)")
+    if not isinstance(round_to, int) or round_to < 1:
+        raise PruningError(f"round_to: {round_to!r} must be an int >= 1")
+    if not isinstance(steps, int) or steps < 1:
+        raise PruningError(f"steps: {steps!r} must be an int >= 1")
+
+
+def prune(
+    model: nn.Module,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    strategy: str = "l1",
+    ratio: float = 0.5,
+    scope: str = "local",
+    target: str = "channels",
+    calibration: Calibration | None = None,
+    min_channels: int | float = 1,
+    round_to: int = 1,
+    ignore: Sequence[str] = (),
+    steps: int = 1,
+    callback: Callable[[nn.Module, int], None] | None = None,
+    seed: int = 0,
+) -> PruneResult:
+    """Remove conv filters (and everything that depends on them) from a copy of ``model``.
+
+    ``ratio`` is the fraction of channels (target="channels") or of FLOPs (target="flops")
+    to remove. With ``steps > 1`` pruning is iterative: after each step but the last,
+    ``callback(model, step)`` may fine-tune the partly pruned model in place; scores are
+    recomputed on the updated weights. ``calibration`` (an iterable of (inputs, targets),
+    re-iterated each step) feeds taylor and apoz.
+    """
+    _check_args(strategy, ratio, scope, target, calibration, min_channels, round_to, steps)
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    current = copy.deepcopy(model)
+    plan = PrunePlan(info={"strategy": strategy, "ratio": ratio, "scope": scope, "target": target,
+                           "steps": steps, "min_channels": min_channels, "round_to": round_to})
+    generator = torch.Generator().manual_seed(seed)
+    base_flops = None
+    for step in range(1, steps + 1):
+        graph = analyse(current, inputs, ignore)
+        base_flops = graph.total_flops if base_flops is None else base_flops
+        done, goal = ratio * (step - 1) / steps, ratio * step / steps
+        step_ratio = 1 - (1 - goal) / (1 - done)  # fraction of what is left now
+        scores = STRATEGIES[strategy](current, graph, calibration, generator)
+        step_plan = _one_step(current, graph, scores, step_ratio, scope, target,
+                              base_flops * (1 - goal), _limits(graph, min_channels), round_to)
+        remove_channels(current, step_plan.removed, step_plan.removed_in)
+        plan = plan.then(step_plan, model)
+        if callback is not None and step < steps:
+            callback(current, step)
+    return PruneResult(current, plan)

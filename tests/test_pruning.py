@@ -1,0 +1,529 @@
+"""The pruner: pruned models compute exactly what the original computes with the removed channels zeroed."""
+
+import copy
+import io
+import itertools
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from sweep.pruning import STRATEGIES, PrunePlan, PruningError, apply_plan, load_pruned, prune, save_pruned
+
+RATIOS = (0.3, 0.5, 0.7)
+SCOPES = ("local", "global")
+
+
+# --- small hand-made graphs, one per pattern ------------------------------------------------------
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.a1, self.b1 = nn.Conv2d(16, 24, 3, padding=1), nn.BatchNorm2d(24)
+        self.a2, self.b2 = nn.Conv2d(24, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c1 = nn.Conv2d(16, 16, 1)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        y = self.b2(self.a2(F.relu(self.b1(self.a1(x)))))
+        x = F.relu(x + y)
+        x = F.relu(self.c1(x)) + x
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class Concat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(3, 12, 3, padding=1)
+        self.bn = nn.BatchNorm2d(20)
+        self.c = nn.Conv2d(20, 6, 3, padding=1)
+        self.d = nn.Conv2d(26, 10, 1)
+
+    def forward(self, x):
+        y = F.relu(self.bn(torch.cat([self.a(x), self.b(x)], dim=1)))
+        z = torch.cat((y, F.relu(self.c(y))), 1)
+        return self.d(z).mean((2, 3))
+
+
+class Depthwise(nn.Module):
+    """Inverted residual with a channel multiplier of 2 and squeeze-excitation."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand, self.bn0 = nn.Conv2d(3, 12, 1), nn.BatchNorm2d(12)
+        self.dw, self.bn1 = nn.Conv2d(12, 24, 3, padding=1, groups=12), nn.BatchNorm2d(24)
+        self.se_reduce, self.se_expand = nn.Conv2d(24, 6, 1), nn.Conv2d(6, 24, 1)
+        self.project, self.bn2 = nn.Conv2d(24, 12, 1), nn.BatchNorm2d(12)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x):
+        x = F.relu6(self.bn0(self.expand(x)))
+        y = F.hardswish(self.bn1(self.dw(x)))
+        s = torch.sigmoid(self.se_expand(F.silu(self.se_reduce(F.adaptive_avg_pool2d(y, 1)))))
+        y = self.bn2(self.project(y * s))
+        return self.head((x + y).mean(dim=(2, 3)))
+
+
+class FlattenLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.MaxPool2d(2), nn.Conv2d(8, 12, 3, padding=1), nn.ReLU())
+        self.fc1, self.fc2 = nn.Linear(12 * 4 * 4, 32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.features(x).view(x.size(0), -1)
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+class PadShortcut(nn.Module):
+    """Option-A shortcut (CIFAR ResNets): stride-2 subsampling plus zero channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.c = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = F.relu(self.a(x))
+        short = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, 4, 4))
+        x = F.relu(self.b(x) + short)
+        x = F.relu(self.c(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+PATTERNS = {"residual": Residual, "concat": Concat, "depthwise": Depthwise,
+            "flatten_linear": FlattenLinear, "pad_shortcut": PadShortcut}
+
+
+# --- the equivalence property ---------------------------------------------------------------------
+
+def _randomise_bn(model):
+    """Non-trivial BN statistics and biases, so no channel is an identity or dead by construction."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
+            m.bias.data.copy_(0.1 * torch.rand(m.bias.shape, generator=g))
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(n, generator=g) - 0.5)
+
+
+def zero_removed(model, plan):
+    """The original model with every removed channel zeroed at its source."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, idx in plan.removed.items():
+            m = ref.get_submodule(name)
+            for p in ("weight", "bias", "running_mean"):
+                t = getattr(m, p, None)
+                if t is not None:
+                    t[idx] = 0
+    return ref
+
+
+def assert_equivalent(model, x, **kw):
+    model = model.double().eval()
+    x = x.double()
+    calibration = [(x, torch.arange(x.shape[0]) % 4)]
+    result = prune(model, x, calibration=calibration, **kw)
+    assert result.plan.removed, "nothing was pruned"
+    with torch.no_grad():
+        expected = zero_removed(model, result.plan)(x)
+        got = result.model.eval()(x)
+    assert got.shape == expected.shape
+    assert expected.abs().sum() > 0, "degenerate test: the reference output is all zeros"
+    rel = ((got - expected).norm() / expected.norm()).item()
+    assert rel < 1e-6, f"relative error {rel}"
+    return result
+
+
+def _pattern(name):
+    torch.manual_seed(0)
+    model = PATTERNS[name]()
+    with torch.no_grad():
+        _randomise_bn(model)
+    return model
+
+
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("ratio,scope", list(itertools.product(RATIOS, SCOPES)))
+def test_hand_made_graphs_equivalent(pattern, strategy, ratio, scope):
+    assert_equivalent(_pattern(pattern), torch.randn(4, 3, 8, 8), strategy=strategy, ratio=ratio, scope=scope)
+
+
+def _torchvision(name):
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, num_classes=10)
+    with torch.no_grad():
+        _randomise_bn(model)
+    return model
+
+
+# Every strategy on every model; ratio and scope rotate so each model also sees all three ratios
+# and both scopes. The whole cross product runs with `-m slow`.
+TORCHVISION = ["alexnet", "vgg16_bn", "resnet18", "resnet50", "mobilenet_v2", "densenet121", "efficientnet_b0"]
+DIAGONAL = [(s, RATIOS[i % 3], SCOPES[i % 2]) for i, s in enumerate(STRATEGIES)]
+CACHE = {}
+
+
+def _cached(name, build):
+    if name not in CACHE:
+        CACHE.clear()  # keep one large model in memory at a time
+        CACHE[name] = build(name)
+    return CACHE[name]
+
+
+@pytest.mark.parametrize("name", TORCHVISION)
+@pytest.mark.parametrize("strategy,ratio,scope", DIAGONAL)
+def test_torchvision_models_equivalent(name, strategy, ratio, scope):
+    assert_equivalent(_cached(name, _torchvision), torch.randn(2, 3, 64, 64),
+                      strategy=strategy, ratio=ratio, scope=scope)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TORCHVISION)
+@pytest.mark.parametrize("strategy,ratio,scope", list(itertools.product(STRATEGIES, RATIOS, SCOPES)))
+def test_torchvision_models_equivalent_full(name, strategy, ratio, scope):
+    assert_equivalent(_cached(name, _torchvision), torch.randn(2, 3, 64, 64),
+                      strategy=strategy, ratio=ratio, scope=scope)
+
+
+def _cifar(name):
+    from sweep.models import build_model
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=10)
+    with torch.no_grad():
+        _randomise_bn(model)
+    return model
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnet56"])
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("ratio,scope", list(itertools.product(RATIOS, SCOPES)))
+def test_cifar_resnets_equivalent(name, strategy, ratio, scope):
+    assert_equivalent(_cached(name, _cifar), torch.randn(2, 3, 32, 32), strategy=strategy, ratio=ratio, scope=scope)
+
+
+# --- what gets removed ----------------------------------------------------------------------------
+
+def test_input_model_is_left_unchanged():
+    model = _pattern("residual")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prune(model, torch.randn(1, 3, 8, 8), ratio=0.5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_residual_channels_are_removed_together():
+    plan = prune(_pattern("residual"), torch.randn(1, 3, 8, 8), ratio=0.5).plan
+    # stem, a2 and c1 all write into the residual stream: same channels, or none
+    assert plan.removed["stem"] == plan.removed["a2"] == plan.removed["c1"] == plan.removed["bn"]
+    assert len(plan.removed["stem"]) == 8
+    assert plan.removed_in["head"] == plan.removed["stem"]
+    assert len(plan.removed["a1"]) == 12
+
+
+def test_concat_offsets_and_depthwise_multiplier():
+    plan = prune(_pattern("concat"), torch.randn(1, 3, 8, 8), ratio=0.5).plan
+    a, b = plan.removed["a"], plan.removed["b"]
+    assert plan.removed["bn"] == a + [8 + i for i in b]
+    assert plan.removed_in["d"] == a + [8 + i for i in b] + [20 + i for i in plan.removed["c"]]
+
+    plan = prune(_pattern("depthwise"), torch.randn(1, 3, 8, 8), ratio=0.5).plan
+    dw_out = plan.removed["dw"]
+    assert dw_out == sorted(2 * i + j for i in plan.removed["expand"] for j in (0, 1))
+    assert plan.removed["se_expand"] == dw_out  # squeeze-excitation scale is tied by the mul
+    assert "expand" in plan.removed_in["dw"] or plan.removed_in["dw"] == plan.removed["expand"]
+
+
+def test_flatten_removes_consecutive_linear_inputs():
+    plan = prune(_pattern("flatten_linear"), torch.randn(1, 3, 8, 8), ratio=0.5).plan
+    removed = plan.removed["features.4"]
+    assert plan.removed_in["fc1"] == [c * 16 + i for c in removed for i in range(16)]
+
+
+def test_zero_padded_shortcut_channels_stay():
+    plan = prune(_pattern("pad_shortcut"), torch.randn(1, 3, 8, 8), ratio=0.5).plan
+    # channels 0-3 and 12-15 of b are added to zeros: they can go only if the pad shrinks, which it cannot
+    assert all(4 <= i < 12 for i in plan.removed["b"])
+    assert [i - 4 for i in plan.removed["b"]] == plan.removed["a"]
+
+
+def test_output_layer_is_never_pruned():
+    for name in PATTERNS:
+        model = _pattern(name)
+        result = prune(model, torch.randn(2, 3, 8, 8), strategy="random", ratio=0.7, scope="global")
+        last = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+        assert last not in result.plan.removed
+        assert result.model(torch.randn(2, 3, 8, 8)).shape == model(torch.randn(2, 3, 8, 8)).shape
+
+
+def widths(model):
+    return {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+def test_min_channels_and_fraction_and_round_to():
+    model = _torchvision("resnet18")
+    x = torch.randn(1, 3, 64, 64)
+    before = widths(model)
+    after = widths(prune(model, x, ratio=0.95, min_channels=6).model)
+    assert min(after.values()) >= 6
+    after = widths(prune(model, x, ratio=0.95, min_channels=0.25).model)
+    assert all(after[n] >= 0.25 * before[n] for n in before)
+    after = widths(prune(model, x, ratio=0.3, round_to=8, scope="global").model)
+    assert all(w % 8 == 0 for w in after.values())
+    # global ranking never empties a layer either
+    after = widths(prune(model, x, strategy="random", ratio=0.99, scope="global").model)
+    assert min(after.values()) >= 1
+
+
+def test_ignore_keeps_a_module():
+    model = _torchvision("resnet18")
+    plan = prune(model, torch.randn(1, 3, 64, 64), ratio=0.5, ignore=["layer2.0.conv1", "layer3"]).plan
+    assert "layer2.0.conv1" not in plan.removed
+    assert not any(n.startswith("layer3.") for n in plan.removed)
+    assert "layer2.1.conv1" in plan.removed
+
+
+def test_local_ratio_removes_that_fraction_of_each_layer():
+    model = _torchvision("vgg16_bn")
+    result = prune(model, torch.randn(1, 3, 32, 32), ratio=0.5)
+    before, after = widths(model), widths(result.model)
+    assert all(after[n] == before[n] - before[n] // 2 for n in before)
+    params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert params(result.model) < 0.3 * params(model)
+
+
+def count_flops(model, x):
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.eval()(x)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "densenet121"])
+@pytest.mark.parametrize("scope", SCOPES)
+def test_flops_target_lands_within_5_percent(name, scope):
+    model = _cached(name, _torchvision)
+    x = torch.randn(1, 3, 64, 64)
+    base = count_flops(model, x)
+    for ratio in RATIOS:
+        pruned = prune(model, x, strategy="l1", ratio=ratio, target="flops", scope=scope).model
+        reduction = 1 - count_flops(pruned, x) / base
+        assert abs(reduction - ratio) <= 0.05 * ratio, (ratio, reduction)
+
+
+# --- the criteria rank what they should -----------------------------------------------------------
+
+def _two_layer():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 4, 1), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+
+
+def _removed_from_first(model, strategy, calibration=None):
+    plan = prune(model, torch.randn(2, 3, 6, 6), strategy=strategy, ratio=0.25, calibration=calibration).plan
+    return plan.removed["0"]
+
+
+def test_magnitude_criteria_remove_smallest_filters():
+    model = _two_layer()
+    with torch.no_grad():
+        model[0].weight.mul_(0.01)
+        model[0].weight[[2, 5]] *= 1000  # the two large filters: the rest are small
+        scale = torch.arange(1, 9, dtype=torch.float).view(8, 1, 1, 1)
+        model[0].weight.mul_(scale)
+    assert _removed_from_first(model, "l1") == [0, 1]
+    assert _removed_from_first(model, "l2") == [0, 1]
+
+
+def test_bn_scale_removes_smallest_gamma():
+    model = _two_layer()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([1.0, 0.1, 1, 1, 0.05, 1, 1, 1]))
+    assert _removed_from_first(model, "bn_scale") == [1, 4]
+
+
+def test_activation_criteria_remove_dead_channels():
+    model = _two_layer()
+    with torch.no_grad():  # channels 3 and 6 are always zero after the ReLU
+        model[0].weight[[3, 6]] = 0
+        model[0].bias[[3, 6]] = 0
+        model[1].bias[[3, 6]] = -5
+    data = [(torch.randn(16, 3, 6, 6), torch.randint(0, 3, (16,))) for _ in range(2)]
+    assert _removed_from_first(model, "apoz", data) == [3, 6]
+    assert _removed_from_first(model, "taylor", data) == [3, 6]
+
+
+def test_fpgm_removes_filters_nearest_the_median():
+    model = _two_layer()
+    with torch.no_grad():
+        w = model[0].weight
+        w.normal_()
+        centre = w.mean(0)
+        w[4] = centre  # filters at the geometric median carry the least unique information
+        w[7] = centre + 1e-3
+    assert _removed_from_first(model, "fpgm") == [4, 7]
+
+
+def test_random_depends_on_seed_only():
+    model = _torchvision("resnet18")
+    x = torch.randn(1, 3, 32, 32)
+    a = prune(model, x, strategy="random", ratio=0.5, seed=1).plan.removed
+    assert a == prune(model, x, strategy="random", ratio=0.5, seed=1).plan.removed
+    assert a != prune(model, x, strategy="random", ratio=0.5, seed=2).plan.removed
+
+
+# --- schedules, training, saving ------------------------------------------------------------------
+
+def test_iterative_schedule_calls_back_between_steps_and_composes_plans():
+    model = _torchvision("resnet18")
+    x = torch.randn(2, 3, 32, 32)
+    calls = []
+
+    def fine_tune(m, step):
+        calls.append((step, sum(p.numel() for p in m.parameters())))
+        with torch.no_grad():  # stands in for training: the weights change between steps
+            for p in m.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+
+    result = prune(model, x, strategy="l2", ratio=0.6, steps=3, callback=fine_tune)
+    assert [s for s, _ in calls] == [1, 2]
+    assert calls[0][1] > calls[1][1] > sum(p.numel() for p in result.model.parameters())
+    rebuilt = apply_plan(model, result.plan)
+    assert widths(rebuilt) == widths(result.model)
+    before, after = widths(model), widths(result.model)
+    layer1 = [n for n in before if n.endswith("conv1") and n.startswith("layer")]
+    assert all(abs(after[n] / before[n] - 0.4) < 0.1 for n in layer1)
+
+
+def test_iterative_flops_target():
+    model = _torchvision("mobilenet_v2")
+    x = torch.randn(1, 3, 64, 64)
+    pruned = prune(model, x, ratio=0.5, target="flops", steps=2, callback=lambda m, s: None).model
+    assert abs(1 - count_flops(pruned, x) / count_flops(model, x) - 0.5) <= 0.025
+
+
+def test_pruned_model_trains():
+    torch.manual_seed(0)
+    model = _pattern("residual")
+    x = torch.randn(32, 3, 8, 8)
+    y = (x[:, 0].mean((1, 2)) > 0).long() + 2 * (x[:, 1].mean((1, 2)) > 0).long()  # learnable labels
+    pruned = prune(model, x[:2], ratio=0.5).model.train()
+    opt = torch.optim.SGD(pruned.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(20):
+        opt.zero_grad()
+        loss = F.cross_entropy(pruned(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_save_and_reload_gives_identical_outputs(tmp_path):
+    torch.manual_seed(0)
+    model = _torchvision("mobilenet_v2").eval()
+    result = prune(model, torch.randn(1, 3, 64, 64), strategy="l1", ratio=0.5, scope="global")
+    path = tmp_path / "pruned.pt"
+    save_pruned(path, result.model, result.plan)
+    fresh = torchvision.models.get_model("mobilenet_v2", num_classes=10)  # other random weights
+    reloaded, plan = load_pruned(path, fresh)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(reloaded.eval()(x), result.model.eval()(x))
+    assert plan.removed == result.plan.removed
+    # the plan is plain JSON
+    assert PrunePlan.from_json(json.dumps(json.loads(result.plan.to_json()))).removed_in == result.plan.removed_in
+
+
+def test_foreign_or_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="checkpoint"):
+        load_pruned(bad, _pattern("residual"))
+    buf = io.BytesIO()
+    torch.save({"weights": torch.zeros(1)}, buf)
+    with pytest.raises(ValueError, match="checkpoint: not a pruned checkpoint"):
+        load_pruned(buf.getvalue(), _pattern("residual"))
+    result = prune(_pattern("residual"), torch.randn(1, 3, 8, 8), ratio=0.5)
+    other = tmp_path / "other.pt"
+    save_pruned(other, result.model, result.plan)
+    with pytest.raises(ValueError, match="plan|checkpoint"):
+        load_pruned(other, _pattern("concat"))
+
+
+# --- refusals -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"strategy": "l3"}, "strategy"), ({"ratio": 0}, "ratio"), ({"ratio": 1.0}, "ratio"),
+    ({"ratio": 1.5}, "ratio"), ({"scope": "layer"}, "scope"), ({"target": "params"}, "target"),
+    ({"strategy": "taylor"}, "calibration"), ({"min_channels": 0}, "min_channels"),
+    ({"round_to": 0}, "round_to"), ({"steps": 0}, "steps"),
+])
+def test_bad_arguments_name_the_field(kwargs, field):
+    with pytest.raises(PruningError, match=f"^{field}:"):
+        prune(_pattern("residual"), torch.randn(1, 3, 8, 8), **kwargs)
+
+
+class ChannelShuffle(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = self.a(x)
+        n, c, h, w = x.shape
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.b(x)
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return self.a(x) if x.sum() > 0 else -self.a(x)
+
+
+def test_unknown_channel_mixing_op_is_refused_with_its_name():
+    with pytest.raises(PruningError, match="cannot prune through.*transpose|reshape|view") as err:
+        prune(ChannelShuffle(), torch.randn(1, 3, 4, 4))
+    assert "\n" not in str(err.value)
+    # ignoring the producer makes the same graph prunable (nothing reaches the op)
+    assert prune(ChannelShuffle(), torch.randn(1, 3, 4, 4), ignore=["a"]).plan.removed == {}
+
+
+def test_untraceable_model_is_refused():
+    with pytest.raises(PruningError, match="torch.fx"):
+        prune(Untraceable(), torch.randn(1, 3, 4, 4))
+
+
+def test_literal_view_width_and_grouped_conv_are_kept():
+    class LiteralView(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, groups=2)
+            self.c, self.fc = nn.Conv2d(8, 6, 1), nn.Linear(6 * 16, 2)
+
+        def forward(self, x):
+            return self.fc(self.c(self.b(self.a(x))).view(-1, 6 * 16))
+
+    result = prune(LiteralView(), torch.randn(1, 3, 4, 4), ratio=0.5)
+    assert result.plan.removed == {}  # a, b feed a grouped conv; c feeds a hard-coded view
+    assert result.model(torch.randn(1, 3, 4, 4)).shape == (1, 2)
