@@ -1,0 +1,350 @@
+"""Model registry: our small CIFAR zoo plus every torchvision classifier, weights loading, head swaps.
+
+`build_model(name, num_classes, weights, in_channels)` is the one entry point a trial needs:
+random init, torchvision's pretrained weights, or a local checkpoint, with the classifier
+replaced for the target dataset and the stem adapted to its channel count.
+Every zoo model traces with torch.fx, because the pruner works on the traced graph.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".th", ".ckpt")
+
+
+class ModelError(ValueError):
+    """Bad model configuration; the message names the field and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR ResNets (He et al. 2016, section 4.2), module names as in akamaster/pytorch_resnet_cifar10
+# so that its published checkpoints load unchanged.
+
+
+class PadShortcut(nn.Module):
+    """Option-A shortcut: subsample by 2 and zero-pad the new channels; no parameters."""
+
+    def __init__(self, planes: int):
+        super().__init__()
+        self.pad = planes // 4  # a plain int, so fx records a constant
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = PadShortcut(planes) if stride != 1 or in_planes != planes else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """6n+2 layers: a 16-channel stem, then n blocks each at 16, 32 and 64 channels."""
+
+    def __init__(self, n: int, num_classes: int = 10, in_channels: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.layer1 = self._stage(16, 16, n, stride=1)
+        self.layer2 = self._stage(16, 32, n, stride=2)
+        self.layer3 = self._stage(32, 64, n, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)  # any input size: 8x8 digits as well as 32x32
+        self.linear = nn.Linear(64, num_classes)
+        for m in self.modules():  # the reference code's init
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    @staticmethod
+    def _stage(in_planes: int, planes: int, n: int, stride: int) -> nn.Sequential:
+        blocks = [BasicBlock(in_planes, planes, stride)]
+        blocks += [BasicBlock(planes, planes) for _ in range(n - 1)]
+        return nn.Sequential(*blocks)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.linear(torch.flatten(self.avgpool(x), 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# VGG-16-BN for 32x32 inputs and a small CNN for quick runs.
+
+VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+
+
+class CifarVGG(nn.Module):
+    def __init__(self, cfg: list, num_classes: int = 10, in_channels: int = 3):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = in_channels
+        for v in cfg:
+            if v == "M":
+                # ceil_mode keeps a 1x1 map at 1x1, so 8x8 inputs survive all five pools
+                layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
+            else:
+                layers += [nn.Conv2d(c, v, 3, padding=1, bias=False), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+                c = v
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(c, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+class SmallCNN(nn.Module):
+    """Three conv-BN-ReLU layers: trains to > 90 % on 8x8 digits in a few CPU seconds."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3):
+        super().__init__()
+
+        def block(i: int, o: int) -> list[nn.Module]:
+            return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
+
+        self.features = nn.Sequential(*block(in_channels, 32), *block(32, 64), nn.MaxPool2d(2), *block(64, 128))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(128, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def small_cnn(num_classes: int, in_channels: int = 3) -> nn.Module:
+    return SmallCNN(num_classes, in_channels)
+
+
+def resnet20(num_classes: int, in_channels: int = 3) -> nn.Module:
+    return CifarResNet(3, num_classes, in_channels)
+
+
+def resnet32(num_classes: int, in_channels: int = 3) -> nn.Module:
+    return CifarResNet(5, num_classes, in_channels)
+
+
+def resnet56(num_classes: int, in_channels: int = 3) -> nn.Module:
+    return CifarResNet(9, num_classes, in_channels)
+
+
+def resnet110(num_classes: int, in_channels: int = 3) -> nn.Module:
+    return CifarResNet(18, num_classes, in_channels)
+
+
+def vgg16_bn_cifar(num_classes: int, in_channels: int = 3) -> nn.Module:
+    return CifarVGG(VGG16_CFG, num_classes, in_channels)
+
+
+MODELS: dict[str, Callable[[int, int], nn.Module]] = {
+    "small_cnn": small_cnn,
+    "resnet20": resnet20,
+    "resnet32": resnet32,
+    "resnet56": resnet56,
+    "resnet110": resnet110,
+    "vgg16_bn_cifar": vgg16_bn_cifar,
+}
+
+
+def _torchvision_names() -> list[str]:
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def model_names() -> list[str]:
+    return list(MODELS) + _torchvision_names()
+
+
+# ---------------------------------------------------------------------------------------------
+# Heads and stems: found by position, so one rule covers every torchvision family.
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)
+
+
+def _head(model: nn.Module) -> tuple[str, nn.Module]:
+    """The classifier: the last Linear in module order, or the last Conv2d (SqueezeNet) if none."""
+    modules = list(model.named_modules())
+    for kind in (nn.Linear, nn.Conv2d):
+        found = [(n, m) for n, m in modules if isinstance(m, kind)]
+        if found:
+            return found[-1]
+    raise ModelError(f"model.name: {type(model).__name__} has no Linear or Conv2d layer to use as its head")
+
+
+def _stem(model: nn.Module) -> tuple[str, nn.Conv2d]:
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            return name, m
+    raise ModelError(f"model.name: {type(model).__name__} has no Conv2d layer to take the input channels")
+
+
+def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
+    """Transfer learning: a freshly initialised classifier with `num_classes` outputs, in place."""
+    name, old = _head(model)
+    like = {"device": old.weight.device, "dtype": old.weight.dtype}
+    if isinstance(old, nn.Linear):
+        new: nn.Module = nn.Linear(old.in_features, num_classes, bias=old.bias is not None, **like)
+    else:
+        new = nn.Conv2d(old.in_channels, num_classes, old.kernel_size, old.stride, old.padding,
+                        bias=old.bias is not None, **like)
+    _set_module(model, name, new)
+    return model
+
+
+def _set_in_channels(model: nn.Module, in_channels: int, keep_weights: bool) -> None:
+    """Give the first conv `in_channels` inputs; from trained filters if `keep_weights`."""
+    name, old = _stem(model)
+    if old.in_channels == in_channels:
+        return
+    new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, old.dilation,
+                    old.groups, old.bias is not None, old.padding_mode,
+                    device=old.weight.device, dtype=old.weight.dtype)
+    if keep_weights:
+        # sum over RGB, shared by the new inputs: a grey image copied to every input channel
+        # then gives the same response as that grey image in RGB
+        with torch.no_grad():
+            new.weight.copy_(old.weight.sum(1, keepdim=True).expand_as(new.weight) / in_channels)
+            if old.bias is not None:
+                new.bias.copy_(old.bias)
+    _set_module(model, name, new)
+    if hasattr(model, "transform_input"):  # googlenet/inception renormalise exactly three channels
+        model.transform_input = False
+
+
+def _drop_aux_heads(model: nn.Module) -> None:
+    # googlenet and inception_v3 return (logits, aux...) in train mode; every loop here wants logits
+    if getattr(model, "aux_logits", False):
+        model.aux_logits = False
+        for name in ("aux1", "aux2", "AuxLogits"):
+            if hasattr(model, name):
+                setattr(model, name, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights: a torchvision weights name or a local checkpoint.
+
+
+def load_checkpoint_state(path: str | Path) -> dict[str, Tensor]:
+    """A checkpoint's state dict: unwraps {"state_dict": ...} / {"model": ...}, strips "module."."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ModelError(f"model.weights: no checkpoint file at '{path}'; give an existing .pt/.pth/.th file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors are long and varied; the first line says what went wrong
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"model.weights: cannot load '{path}': {first}") from e
+    while isinstance(obj, dict) and not all(isinstance(v, Tensor) for v in obj.values()):
+        inner = obj.get("state_dict", obj.get("model"))
+        if not isinstance(inner, dict):
+            raise ModelError(f"model.weights: '{path}' is not a state dict, nor holds one under 'state_dict'/'model'")
+        obj = inner
+    if not isinstance(obj, dict) or not obj:
+        raise ModelError(f"model.weights: '{path}' holds no tensors; expected a state dict")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _is_path(weights: str) -> bool:
+    p = Path(weights).expanduser()
+    return "/" in weights or "\\" in weights or p.suffix in CHECKPOINT_SUFFIXES or p.exists()
+
+
+def _torchvision_weights(name: str, weights: str) -> torchvision.models.WeightsEnum:
+    if name in MODELS:
+        raise ModelError(f"model.weights: '{weights}' is not a file and '{name}' has no torchvision weights; "
+                         f"give a checkpoint path ({'/'.join(CHECKPOINT_SUFFIXES)}) or leave weights empty")
+    enum = torchvision.models.get_model_weights(name)
+    key = weights.removeprefix(f"{enum.__name__}.")
+    if key not in enum.__members__:
+        choices = ", ".join(enum.__members__)
+        raise ModelError(f"model.weights: unknown weights '{weights}' for {name}; choose one of {choices} "
+                         f"or a checkpoint path ({'/'.join(CHECKPOINT_SUFFIXES)})")
+    return enum[key]
+
+
+def _load_strict(model: nn.Module, state: dict[str, Tensor], path: str) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise ModelError(f"model.weights: '{path}' does not fit {type(model).__name__}: {len(missing)} missing keys "
+                         f"(e.g. {missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]}); "
+                         f"check model.name")
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state.items()
+             if v.shape != expected[k].shape]
+    if wrong:
+        raise ModelError(f"model.weights: '{path}' has {len(wrong)} tensors of the wrong shape "
+                         f"(e.g. {wrong[0]}); check model.name")
+    model.load_state_dict(state, strict=True)
+
+
+def _random(name: str, num_classes: int, in_channels: int) -> nn.Module:
+    if name in MODELS:
+        return MODELS[name](num_classes, in_channels)
+    model = torchvision.models.get_model(name, num_classes=num_classes)
+    _drop_aux_heads(model)
+    _set_in_channels(model, in_channels, keep_weights=False)
+    return model
+
+
+def _from_checkpoint(name: str, path: str, num_classes: int, in_channels: int) -> nn.Module:
+    state = load_checkpoint_state(path)
+    model = _random(name, num_classes, in_channels)
+    # shape the model like the checkpoint (its head and stem sizes), load, then adapt to the target
+    head, stem = _head(model)[0] + ".weight", _stem(model)[0] + ".weight"
+    if head in state and state[head].shape[0] != num_classes:
+        replace_head(model, state[head].shape[0])
+    if stem in state:
+        _set_in_channels(model, state[stem].shape[1], keep_weights=False)
+    _load_strict(model, state, path)
+    if _head(model)[1].weight.shape[0] != num_classes:
+        replace_head(model, num_classes)
+    _set_in_channels(model, in_channels, keep_weights=True)
+    return model
+
+
+def _from_torchvision(name: str, weights: str, num_classes: int, in_channels: int) -> nn.Module:
+    w = _torchvision_weights(name, weights)
+    model = torchvision.models.get_model(name, weights=w)  # torchvision downloads and caches
+    _drop_aux_heads(model)
+    if len(w.meta["categories"]) != num_classes:
+        replace_head(model, num_classes)
+    _set_in_channels(model, in_channels, keep_weights=True)
+    return model
+
+
+def build_model(name: str, num_classes: int, weights: str | None = None, in_channels: int = 3) -> nn.Module:
+    """A model by registry name; `weights` is None, a torchvision weights name, or a checkpoint path."""
+    if name not in MODELS and name not in _torchvision_names():
+        names = model_names()
+        close = difflib.get_close_matches(name, names, n=5, cutoff=0.5) or list(MODELS)
+        raise ModelError(f"model.name: unknown model '{name}'; choose one of {', '.join(close)}, ... "
+                         f"(see `sweep models` for all {len(names)})")
+    for field, value in (("num_classes", num_classes), ("in_channels", in_channels)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ModelError(f"{field}: must be a positive integer, got {value!r}")
+    if weights is None:
+        return _random(name, num_classes, in_channels)
+    weights = str(weights)
+    if _is_path(weights):
+        return _from_checkpoint(name, weights, num_classes, in_channels)
+    return _from_torchvision(name, weights, num_classes, in_channels)
