@@ -1,0 +1,102 @@
+"""What a pruned model costs: FLOPs, parameters, size on disk, measured latency."""
+
+from __future__ import annotations
+
+import io
+import statistics
+import time
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def _param_device_dtype(model: nn.Module) -> tuple[torch.device | None, torch.dtype]:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.device, p.dtype
+    return None, torch.get_default_dtype()
+
+
+def _is_channels_last(model: nn.Module) -> bool:
+    kernel = next((p for p in model.parameters() if p.ndim == 4), None)
+    return kernel is not None and not kernel.is_contiguous() and kernel.is_contiguous(memory_format=torch.channels_last)
+
+
+def count_flops(model: nn.Module, example_input: Tensor) -> int:
+    """Total FLOPs of one forward pass on example_input (its batch included), 2 per multiply-add."""
+    was_training = model.training
+    model.eval()
+    device, dtype = _param_device_dtype(model)
+    x = example_input.to(device=device or example_input.device, dtype=dtype)
+    counter = FlopCounterMode(display=False)
+    try:
+        with torch.no_grad(), counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def size_mb(model: nn.Module) -> float:
+    """Megabytes (1e6 bytes) of the saved state_dict, as it would land on disk."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes / 1e6
+
+
+def latency_ms(
+    model: nn.Module, example_input: Tensor, device: torch.device | str, warmup: int = 5, runs: int = 30
+) -> float:
+    """Median wall-clock milliseconds of one forward pass on `device`, after `warmup` untimed passes."""
+    if warmup < 0 or runs < 1:
+        raise ValueError(f"latency needs warmup >= 0 and runs >= 1, got warmup={warmup}, runs={runs}")
+    device = torch.device(device)
+    model_device, dtype = _param_device_dtype(model)
+    if model_device is not None and model_device.type != device.type:
+        raise ValueError(f"model is on {model_device} but latency was asked on {device}: call model.to(device) first")
+    x = example_input.to(device=device, dtype=dtype)
+    if x.ndim == 4 and _is_channels_last(model):
+        x = x.contiguous(memory_format=torch.channels_last)  # time the layout the model runs in, not a conversion
+    # CUDA launches are asynchronous: without a sync the clock would only measure the launch.
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    was_training = model.training
+    model.eval()
+    times = []
+    try:
+        with torch.inference_mode():
+            for _ in range(warmup):
+                model(x)
+            for _ in range(runs):
+                sync()
+                start = time.perf_counter()
+                model(x)
+                sync()
+                times.append((time.perf_counter() - start) * 1e3)
+    finally:
+        model.train(was_training)
+    return statistics.median(times)
+
+
+def measure_model(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    device: torch.device | str,
+    batch_size: int = 1,
+    warmup: int = 5,
+    runs: int = 30,
+) -> dict[str, float]:
+    """FLOPs per sample, parameters, size in MB, and latency at `batch_size` on `device`; input_shape is (C, H, W)."""
+    if batch_size < 1:
+        raise ValueError(f"measure batch_size must be >= 1, got {batch_size}")
+    device = torch.device(device)
+    return {
+        "flops": float(count_flops(model, torch.randn(1, *input_shape, device=device))),
+        "params": float(count_params(model)),
+        "size_mb": size_mb(model),
+        "latency_ms": latency_ms(model, torch.randn(batch_size, *input_shape, device=device), device, warmup, runs),
+    }
