@@ -1,0 +1,353 @@
+"""Search spaces: valid YAML becomes trial dicts and Ray Tune domains; every bad input is one line naming its field."""
+
+import copy
+import importlib
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from sweep.spec import SpecError, SweepSpec, load_spec, parse_spec
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "search_spaces" / "quickstart.yaml"
+REGISTRIES = ("sweep.models", "sweep.data", "sweep.pruning")
+
+
+def _require_registries():
+    """Names are checked against the model/dataset/strategy registries; skip (visibly) while one is not written."""
+    missing = []
+    for module in REGISTRIES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            if error.name != module:
+                raise  # the module exists but is broken: that must fail, not skip
+            missing.append(module)
+    if missing:
+        pytest.skip(f"registry module not written yet: {', '.join(missing)}")
+
+
+@pytest.fixture
+def registries():
+    _require_registries()
+
+
+def _dataset_names() -> list[str]:
+    from sweep.data import dataset_names
+    return dataset_names()
+
+
+def _needs_dataset(name: str):
+    if name not in _dataset_names():
+        pytest.skip(f"dataset '{name}' is not in sweep.data.dataset_names()")
+
+
+def _trial_shape() -> dict:
+    """The fully defaulted trial dict of trial_config.md for the quickstart's first trial."""
+    train = {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4, "warmup_epochs": 0.0,
+             "label_smoothing": 0.0, "amp": True, "channels_last": True}
+    return {
+        "name": "quickstart", "seed": 0, "device": "auto",
+        "model": {"name": "small_cnn", "weights": None},
+        "dataset": {"name": "digits", "root": None, "download": False, "val_fraction": 0.1, "image_size": None,
+                    "limit": None},
+        "base": {"epochs": 5, "lr": 0.05, "batch_size": 64, **train},
+        "prune": {"strategy": "random", "ratio": 0.3, "scope": "local", "target": "channels", "schedule": "oneshot",
+                  "steps": 1, "min_channels": 1, "round_to": 1, "ignore": [], "calibration_batches": 4},
+        "finetune": {"epochs": 3, "lr": 0.01, "batch_size": 64, **train},
+        "measure": {"batch_size": 1, "warmup": 5, "runs": 30},
+        "fault": {"fail_at_epoch": None},
+    }
+
+
+# --- valid specs -----------------------------------------------------------------------------------------------
+
+def test_quickstart_is_a_12_trial_grid_of_fully_defaulted_configs(registries):
+    spec = load_spec(QUICKSTART)
+    assert isinstance(spec, SweepSpec)
+    assert spec.name == "quickstart" and spec.source_text == QUICKSTART.read_text()
+    assert spec.search == {"algorithm": "grid", "num_samples": 1} and spec.num_samples() == 1
+    assert spec.scheduler == {"name": "fifo"}
+    assert spec.resources == {"cpu": 1.0, "gpu": 0.0}
+    assert (spec.metric, spec.mode, spec.max_failures, spec.max_concurrent) == ("accuracy", "max", 2, None)
+
+    configs = spec.grid_configs()
+    assert len(configs) == 12
+    pairs = [(c["prune"]["strategy"], c["prune"]["ratio"]) for c in configs]
+    assert pairs == list(itertools.product(["random", "l1", "taylor", "bn_scale"], [0.3, 0.5, 0.7]))
+    assert configs[0] == _trial_shape()
+    for config in configs:  # every trial differs from the first only in the swept leaves
+        expected = _trial_shape()
+        expected["prune"].update(strategy=config["prune"]["strategy"], ratio=config["prune"]["ratio"])
+        assert config == expected
+    assert load_spec(QUICKSTART).grid_configs() == configs  # deterministic order
+
+    configs[0]["prune"]["ignore"].append("fc")  # each config is its own copy
+    assert spec.trial["prune"]["ignore"] == [] and spec.grid_configs()[0]["prune"]["ignore"] == []
+
+
+def test_quickstart_param_space_resolves_in_ray_to_the_same_grid(registries):
+    from ray import tune
+    from ray.tune.search.variant_generator import generate_variants
+
+    spec = load_spec(QUICKSTART)
+    space = spec.param_space()
+    assert space["prune"]["strategy"] == tune.grid_search(["random", "l1", "taylor", "bn_scale"])
+    assert space["prune"]["ratio"] == tune.grid_search([0.3, 0.5, 0.7])
+    assert space["prune"]["scope"] == "local" and space["base"] == spec.trial["base"]
+
+    resolved = [config for _, config in generate_variants(space)]
+    canon = sorted(json.dumps(c, sort_keys=True) for c in resolved)
+    assert canon == sorted(json.dumps(c, sort_keys=True) for c in spec.grid_configs())
+
+
+def test_random_search_dotted_paths_become_tune_domains(registries):
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    spec = parse_spec(yaml.safe_dump({
+        "name": "random-dotted", "dataset": {"name": "digits"}, "model": {"name": "small_cnn"},
+        "search": {"algorithm": "random", "num_samples": 8},
+        "space": {
+            "strategy": {"choice": ["l1", "l2", "fpgm"]},
+            "ratio": {"uniform": [0.2, 0.8]},
+            "finetune.lr": {"loguniform": ["1e-4", 0.1]},  # PyYAML reads 1e-4 as text: still a number here
+            "prune.round_to": {"randint": [1, 8]},
+            "base.optimizer": "adamw",
+        },
+    }))
+    assert spec.num_samples() == 8
+    space = spec.param_space()
+    strategy, ratio, lr, round_to = (space["prune"]["strategy"], space["prune"]["ratio"], space["finetune"]["lr"],
+                                     space["prune"]["round_to"])
+    assert isinstance(strategy, Categorical) and strategy.categories == ["l1", "l2", "fpgm"]
+    assert isinstance(ratio, Float) and (ratio.lower, ratio.upper) == (0.2, 0.8)
+    assert isinstance(lr, Float) and (lr.lower, lr.upper) == (1e-4, 0.1)
+    lrs = lr.sample(size=2000, random_state=np.random.RandomState(0))
+    assert 1e-3 < np.median(lrs) < 1e-2  # log-uniform: the median is near sqrt(1e-4 * 0.1), not near 0.05
+    assert isinstance(round_to, Integer)
+    draws = round_to.sample(size=500, random_state=np.random.RandomState(0))
+    assert set(draws) == set(range(1, 9))  # both ends of randint [1, 8] are reachable
+    assert space["base"]["optimizer"] == "adamw" and spec.trial["base"]["optimizer"] == "sgd"
+    with pytest.raises(SpecError, match="search.algorithm"):
+        spec.grid_configs()
+
+
+def test_grid_over_dotted_paths_models_and_datasets(registries):
+    others = [n for n in _dataset_names() if n not in ("digits", "imagefolder")]
+    if not others:
+        pytest.skip("sweep.data registers no dataset besides digits and imagefolder")
+    other = others[0]
+    spec = parse_spec(yaml.safe_dump({
+        "name": "arch.compare_1", "dataset": {"name": "digits", "download": True}, "model": {"name": "small_cnn"},
+        "space": {"model": {"grid": ["small_cnn", "resnet20"]}, "dataset": {"grid": ["digits", other]},
+                  "finetune.epochs": {"grid": [1, 2]}, "seed": 7},
+    }, sort_keys=False))
+    configs = spec.grid_configs()
+    assert [(c["model"]["name"], c["dataset"]["name"], c["finetune"]["epochs"]) for c in configs] == list(
+        itertools.product(["small_cnn", "resnet20"], ["digits", other], [1, 2]))
+    assert all(c["seed"] == 7 and c["dataset"]["download"] is True for c in configs)
+    assert spec.trial["model"]["name"] == "small_cnn"  # the base trial is before the space is applied
+
+
+def test_model_sweep_items_may_be_whole_sections_with_their_own_weights(registries, tmp_path, monkeypatch):
+    (tmp_path / "r20.th").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)  # a relative path is read from the working directory, stored absolute for Ray workers
+    spec = parse_spec(yaml.safe_dump({
+        "name": "pretrained", "dataset": {"name": "digits"}, "model": {"weights": None},
+        "space": {"model": {"grid": ["small_cnn", {"name": "resnet20", "weights": "r20.th"}]},
+                  "ratio": {"grid": [0.25, 0.5]}},
+    }, sort_keys=False))
+    assert spec.trial["model"] == {"name": None, "weights": None}
+    models = [c["model"] for c in spec.grid_configs()]
+    weights = str((tmp_path / "r20.th").resolve())
+    assert models == [{"name": "small_cnn", "weights": None}] * 2 + [{"name": "resnet20", "weights": weights}] * 2
+    assert spec.param_space()["model"]["grid_search"][1] == {"name": "resnet20", "weights": weights}
+
+
+def test_settings_are_normalised_and_a_gpu_request_is_left_to_the_cluster(registries, tmp_path):
+    (tmp_path / "imgs").mkdir()
+    spec = parse_spec(yaml.safe_dump({
+        "name": "gpu", "dataset": {"name": "digits", "root": str(tmp_path / "imgs")}, "model": {"name": "small_cnn"},
+        "base": {"weight_decay": "1e-4", "epochs": 2.0}, "device": "cuda",
+        "resources": {"cpu": 0.5, "gpu": 1}, "scheduler": {"name": "asha"}, "max_concurrent": 2,
+        "prune": {"schedule": "iterative", "steps": 3, "min_channels": 0.25},
+    }))
+    assert spec.trial["base"]["weight_decay"] == 1e-4 and spec.trial["base"]["epochs"] == 2
+    assert type(spec.trial["base"]["epochs"]) is int
+    assert spec.resources == {"cpu": 0.5, "gpu": 1.0}  # no GPU here, but a cluster may have one
+    assert spec.scheduler == {"name": "asha", "grace_period": 1, "reduction_factor": 2.0, "max_t": None}
+    assert spec.max_concurrent == 2 and spec.grid_configs() == [spec.trial]
+    for gpu in (0.25, 2):
+        assert parse_spec(f"name: g\nmodel: {{name: small_cnn}}\ndataset: {{name: digits}}\n"
+                          f"resources: {{gpu: {gpu}}}\n").resources["gpu"] == gpu
+
+
+def test_load_spec_reports_a_missing_file_and_yaml_errors_with_file_and_line(tmp_path):
+    with pytest.raises(SpecError) as missing:
+        load_spec(tmp_path / "nope.yaml")
+    assert str(missing.value).startswith(f"{tmp_path / 'nope.yaml'}: file not found;")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nspace:\n  ratio: {grid: [0.3, 0.5}\n")
+    with pytest.raises(SpecError) as broken:
+        load_spec(bad)
+    assert str(broken.value).startswith(f"{bad}: line 3,")
+    assert isinstance(broken.value, ValueError) and len(broken.value.errors) == 1
+
+
+def test_every_problem_in_a_spec_is_reported_one_line_each(registries):
+    with pytest.raises(SpecError) as caught:
+        parse_spec(yaml.safe_dump({
+            "name": "many", "model": {"name": "small_cnn"}, "dataset": {"name": "digits"},
+            "base": {"epochs": "five"}, "resources": {"cpu": 0}, "mode": "up",
+            "space": {"ratio": {"grid": [0.3, 1.5]}, "strategy": {"grid": ["l1", "l3"]}},
+        }, sort_keys=False))
+    errors = caught.value.errors
+    assert [e.split(":")[0] for e in errors] == [
+        "base.epochs", "resources.cpu", "mode", "space.ratio.grid[1]", "space.strategy.grid[1]"]
+    assert str(caught.value).splitlines() == errors
+    assert errors[3] == "space.ratio.grid[1]: 1.5 is outside (0, 1); use a fraction such as 0.5"
+    assert errors[4].startswith("space.strategy.grid[1]: unknown strategy 'l3'; did you mean 'l")  # l1 and l2 tie
+    assert "choose one of random, l1, l2," in errors[4]
+
+
+# --- malformed specs -------------------------------------------------------------------------------------------
+
+DROP = object()
+
+
+def _spec(**changes) -> str:
+    """A valid two-by-two grid with top-level keys replaced (or dropped with DROP), as YAML text."""
+    spec = {"name": "bad", "dataset": {"name": "digits"}, "model": {"name": "small_cnn"},
+            "space": {"strategy": {"grid": ["l1", "random"]}, "ratio": {"grid": [0.3, 0.5]}}}
+    for key, value in changes.items():
+        if value is DROP:
+            spec.pop(key)
+        else:
+            spec[key] = copy.deepcopy(value)
+    return yaml.safe_dump(spec, sort_keys=False)
+
+
+RANDOM = {"algorithm": "random", "num_samples": 4}
+ASHA = {"name": "asha"}
+
+# (id, YAML text, the field path the error starts with, another part the message must contain)
+MALFORMED = [
+    ("bad-yaml", "name: x\nspace: {strategy: [l1, l2\n", "<string>", "line 3"),
+    ("yaml-tab-indent", "name: x\nbase:\n\tepochs: 3\n", "<string>", "line 3"),
+    ("duplicate-yaml-key", "name: x\nspace:\n  ratio: 0.3\n  ratio: 0.5\n", "<string>", "duplicate key 'ratio'"),
+    ("top-level-list", "- name: x\n- model: y\n", "<string>", "not a mapping"),
+    ("top-level-text", "just words\n", "<string>", "not a mapping"),
+    ("empty-file", "", "<string>", "empty"),
+    ("only-comments", "# nothing here\n", "<string>", "empty"),
+    ("unknown-top-key", _spec(spcae={}), "spcae", "did you mean 'space'"),
+    ("unknown-nested-key", _spec(base={"lrr": 0.1}), "base.lrr", "did you mean 'lr'"),
+    ("missing-name", _spec(name=DROP), "name", "missing"),
+    ("name-with-slash", _spec(name="exp/1"), "name", "safe name"),
+    ("missing-model", _spec(model=DROP), "model.name", "missing"),
+    ("section-not-mapping", _spec(base=5), "base", "not a mapping"),
+    ("epochs-text", _spec(base={"epochs": "five"}), "base.epochs", "not a whole number"),
+    ("epochs-negative", _spec(finetune={"epochs": -1}), "finetune.epochs", ">= 0"),
+    ("lr-zero", _spec(base={"lr": 0}), "base.lr", "> 0"),
+    ("flag-not-bool", _spec(finetune={"amp": "maybe"}), "finetune.amp", "true or false"),
+    ("seed-negative", _spec(seed=-1), "seed", "whole number"),
+    ("ratio-zero", _spec(space={"ratio": 0}), "space.ratio", "outside (0, 1)"),
+    ("ratio-one", _spec(prune={"ratio": 1}), "prune.ratio", "outside (0, 1)"),
+    ("ratio-1.5-fixed", _spec(prune={"ratio": 1.5}), "prune.ratio", "outside (0, 1)"),
+    ("ratio-1.5-in-grid", _spec(space={"ratio": {"grid": [0.3, 1.5]}}), "space.ratio.grid[1]", "outside (0, 1)"),
+    ("min-channels-zero", _spec(prune={"min_channels": 0}), "prune.min_channels", "fraction"),
+    ("unknown-strategy", _spec(space={"strategy": {"grid": ["l1", "l2", "l3"]}}), "space.strategy.grid[2]",
+     "unknown strategy 'l3'"),
+    ("unknown-model", _spec(model={"name": "resnet9000"}), "model.name", "unknown model"),
+    ("unknown-swept-model", _spec(space={"model": {"grid": ["small_cnn", "resnt20"]}}), "space.model.grid[1]",
+     "did you mean 'resnet20'"),
+    ("unknown-dataset", _spec(dataset={"name": "imagenet21k"}), "dataset.name", "unknown dataset"),
+    ("unknown-scope", _spec(space={"scope": "globl"}), "space.scope", "did you mean 'global'"),
+    ("unknown-target", _spec(prune={"target": "params"}), "prune.target", "unknown target"),
+    ("unknown-schedule", _spec(space={"schedule": {"grid": ["oneshot", "gradual"]}}), "space.schedule.grid[1]",
+     "unknown schedule"),
+    ("iterative-steps-1", _spec(prune={"schedule": "iterative", "steps": 1}), "prune.steps", "steps >= 2"),
+    ("iterative-swept-steps-1", _spec(prune={"schedule": "iterative"}, space={"steps": {"grid": [1, 3]}}),
+     "space.steps", "steps >= 2"),
+    ("imagefolder-without-root", _spec(dataset={"name": "imagefolder"}), "dataset.root", "needs a root"),
+    ("imagefolder-root-missing", _spec(dataset={"name": "imagefolder", "root": "/no/such/images"}), "dataset.root",
+     "does not exist"),
+    ("mnist-root-missing", _spec(dataset={"name": "mnist", "root": "/no/such/mnist"}), "dataset.root",
+     "download: true"),
+    ("weights-file-missing", _spec(model={"name": "resnet20", "weights": "no/such/resnet20.th"}), "model.weights",
+     "does not exist"),
+    ("weights-none-text", _spec(model={"name": "small_cnn", "weights": "None"}), "model.weights", "write null"),
+    ("cpu-zero", _spec(resources={"cpu": 0}), "resources.cpu", "> 0"),
+    ("gpu-negative", _spec(resources={"gpu": -1}), "resources.gpu", ">= 0"),
+    ("gpu-1.5", _spec(resources={"gpu": 1.5}), "resources.gpu", "fraction up to 1"),
+    ("cuda-without-gpu", _spec(device="cuda"), "device", "resources.gpu"),
+    ("unknown-search-algorithm", _spec(search={"algorithm": "bayes"}), "search.algorithm", "unknown search algorithm"),
+    ("grid-with-uniform", _spec(space={"ratio": {"uniform": [0.1, 0.9]}}), "space.ratio.uniform", "grid search"),
+    ("grid-with-choice", _spec(space={"ratio": {"choice": [0.1, 0.9]}}), "space.ratio.choice", "grid search"),
+    ("grid-num-samples", _spec(search={"algorithm": "grid", "num_samples": 3}), "search.num_samples", "seed"),
+    ("optuna-with-grid", _spec(search={"algorithm": "optuna", "num_samples": 8}), "space.strategy.grid", "choice"),
+    ("num-samples-zero", _spec(search={"algorithm": "random", "num_samples": 0}), "search.num_samples", ">= 1"),
+    ("random-without-num-samples", _spec(search={"algorithm": "random"}), "search.num_samples", "needs num_samples"),
+    ("asha-reduction-factor-1", _spec(scheduler={**ASHA, "reduction_factor": 1}), "scheduler.reduction_factor", "2"),
+    ("asha-grace-period-0", _spec(scheduler={**ASHA, "grace_period": 0}), "scheduler.grace_period", ">= 1"),
+    ("fifo-with-grace-period", _spec(scheduler={"name": "fifo", "grace_period": 2}), "scheduler.grace_period",
+     "only asha"),
+    ("mode-up", _spec(mode="up"), "mode", "choose one of max, min"),
+    ("unknown-metric", _spec(metric="accuarcy"), "metric", "did you mean 'accuracy'"),
+    ("max-failures-negative", _spec(max_failures=-1), "max_failures", ">= 0"),
+    ("space-not-mapping", _spec(space=["ratio"]), "space", "not a mapping"),
+    ("uniform-one-number", _spec(search=RANDOM, space={"ratio": {"uniform": [1]}}), "space.ratio.uniform",
+     "[low, high]"),
+    ("uniform-low-above-high", _spec(search=RANDOM, space={"ratio": {"uniform": [0.9, 0.1]}}), "space.ratio.uniform",
+     "low < high"),
+    ("uniform-end-invalid", _spec(search=RANDOM, space={"ratio": {"uniform": [0.1, 1.0]}}), "space.ratio.uniform[1]",
+     "outside (0, 1)"),
+    ("loguniform-from-zero", _spec(search=RANDOM, space={"finetune.lr": {"loguniform": [0, 0.1]}}),
+     "space.finetune.lr.loguniform[0]", "> 0"),
+    ("uniform-on-whole-numbers", _spec(search=RANDOM, space={"finetune.epochs": {"uniform": [1, 5]}}),
+     "space.finetune.epochs.uniform", "randint"),
+    ("range-on-names", _spec(search=RANDOM, space={"strategy": {"uniform": [0, 1]}}), "space.strategy.uniform",
+     "numeric"),
+    ("randint-fractions", _spec(search=RANDOM, space={"steps": {"randint": [1.5, 4]}}), "space.steps.randint",
+     "whole numbers"),
+    ("unknown-domain", _spec(space={"ratio": {"grd": [0.3, 0.5]}}), "space.ratio.grd", "did you mean 'grid'"),
+    ("two-domains", _spec(space={"ratio": {"grid": [0.3], "choice": [0.5]}}), "space.ratio", "not a sweep domain"),
+    ("empty-grid", _spec(space={"ratio": {"grid": []}}), "space.ratio.grid", "non-empty list"),
+    ("repeated-grid-value", _spec(space={"ratio": {"grid": [0.3, 0.3]}}), "space.ratio.grid[1]", "listed twice"),
+    ("space-path-missing", _spec(space={"finetune.lrr": {"grid": [0.1, 0.01]}}), "space.finetune.lrr",
+     "did you mean 'finetune.lr'"),
+    ("space-path-is-section", _spec(space={"finetune": {"grid": [1, 2]}}), "space.finetune", "group of settings"),
+    ("space-path-twice", _spec(space={"ratio": {"grid": [0.3, 0.5]}, "prune.ratio": 0.4}), "space.prune.ratio",
+     "also space.ratio"),
+    ("optuna-choice-of-sections", _spec(search={"algorithm": "optuna", "num_samples": 4},
+                                        space={"model": {"choice": ["small_cnn", {"name": "resnet20"}]}}),
+     "space.model.choice[0]", "optuna chooses only"),
+    ("model-item-unknown-key", _spec(space={"model": {"grid": ["small_cnn", {"name": "resnet20", "wieghts": "x"}]}}),
+     "space.model.grid[1].wieghts", "did you mean 'weights'"),
+]
+NEEDS_NO_REGISTRY = {"bad-yaml", "yaml-tab-indent", "duplicate-yaml-key", "top-level-list", "top-level-text",
+                     "empty-file", "only-comments"}
+NEEDS_DATASET = {"imagefolder-without-root": "imagefolder", "imagefolder-root-missing": "imagefolder",
+                 "mnist-root-missing": "mnist"}
+
+
+def test_the_malformed_table_is_broad():
+    assert len(MALFORMED) >= 30 and len({case[0] for case in MALFORMED}) == len(MALFORMED)
+
+
+@pytest.mark.parametrize("text, field, detail", [case[1:] for case in MALFORMED], ids=[case[0] for case in MALFORMED])
+def test_malformed_spec_gives_one_line_naming_the_field(request, text, field, detail):
+    case = request.node.callspec.id
+    if case not in NEEDS_NO_REGISTRY:
+        _require_registries()
+    if case in NEEDS_DATASET:
+        _needs_dataset(NEEDS_DATASET[case])
+    with pytest.raises(SpecError) as caught:
+        parse_spec(text)
+    errors = caught.value.errors
+    assert errors and all("\n" not in e for e in errors) and str(caught.value) == "\n".join(errors)
+    named = [e for e in errors if e.startswith(f"{field}: ")]
+    assert named, f"no error starts with '{field}: ' in {errors}"
+    assert detail in named[0] and "; " in named[0], named[0]  # what is wrong; how to fix it
