@@ -1,0 +1,331 @@
+"""MLflow bookkeeping: one parent run per launch, one nested child run per trial.
+
+Everything goes through an explicit `MlflowClient(uri)`: no fluent `mlflow.start_run`, no global active run, so the
+code is safe in Ray workers and threads, and a leaked `MLFLOW_RUN_ID` (mlflow issue 15713) cannot re-parent a trial.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from mlflow.entities import Metric, Param, Run
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+try:
+    from sqlalchemy.exc import OperationalError as _SqlOperationalError
+except ImportError:  # mlflow-skinny against a server: no sqlalchemy, no sqlite locks
+    _SqlOperationalError = MlflowException
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+PARENT_ROLE = "parent"
+TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
+MAX_PARAM_CHARS = 500
+# The names users filter on in the MLflow UI, mapped to where they live in the trial config.
+USER_PARAMS = {
+    "model": ("model", "name"),
+    "weights": ("model", "weights"),
+    "dataset": ("dataset", "name"),
+    "strategy": ("prune", "strategy"),
+    "ratio": ("prune", "ratio"),
+    "target": ("prune", "target"),
+    "scope": ("prune", "scope"),
+    "schedule": ("prune", "schedule"),
+    "steps": ("prune", "steps"),
+    "seed": ("seed",),
+}
+# Not result-defining: "name" is the experiment (tag sweep.name), "fault" is test-only fault injection.
+_NOT_PARAMS = {"name", "fault"}
+
+# sqlite allows one writer at a time. MLflow already sets busy_timeout, but a deferred transaction that must upgrade
+# to a write lock fails at once with "database is locked" (sqlite refuses to wait to avoid a deadlock): retry those.
+RETRY_ATTEMPTS = 10
+RETRY_SECONDS = 120.0
+
+
+def _is_lock_error(exc: BaseException) -> bool:
+    return isinstance(exc, (MlflowException, _SqlOperationalError)) and "locked" in str(exc).lower()
+
+
+def with_retry(
+    fn: Callable[..., T], *args: Any, attempts: int = RETRY_ATTEMPTS, seconds: float = RETRY_SECONDS, **kwargs: Any
+) -> T:
+    """Call fn, retrying sqlite lock errors with jittered exponential backoff, at most `attempts` times / `seconds`."""
+    deadline = time.monotonic() + seconds
+    delay = 0.05
+    attempt = 1
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if not _is_lock_error(exc) or attempt >= attempts or time.monotonic() + delay > deadline:
+                raise
+            log.debug("sqlite locked (attempt %d/%d), retrying in %.2fs", attempt, attempts, delay)
+            time.sleep(delay * random.uniform(0.5, 1.5))  # jitter: writers that collided must not retry in lockstep
+            delay = min(delay * 2, 2.0)
+            attempt += 1
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """Explicit uri > $MLFLOW_TRACKING_URI > sqlite:///<cwd>/mlflow.db; relative sqlite paths are made absolute.
+
+    Absolute because Ray runs trials in their own working directories: they must all write the driver's file.
+    """
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not os.path.isabs(uri[len(prefix) :]):
+        uri = prefix + os.path.abspath(uri[len(prefix) :])
+    return uri
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
+def init_store(uri: str) -> None:
+    """Create the database and its schema now, in the driver: parallel first use by trial workers races."""
+    with_retry(MlflowClient(uri).search_experiments, max_results=1)
+
+
+def config_hash(trial_config: dict) -> str:
+    """Identity of a trial: sha256 (first 16 hex chars) of its canonical JSON, ignoring test-only `fault`."""
+    body = {k: v for k, v in trial_config.items() if k != "fault"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _param_value(value: Any) -> str:
+    if isinstance(value, (list, dict)):
+        value = json.dumps(value, default=str)
+    return str(value)[:MAX_PARAM_CHARS]
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def flat_params(trial_config: dict) -> dict[str, str]:
+    """MLflow params: the user-facing names first, then every other setting as a dotted key (`finetune.lr`)."""
+    flat = _flatten({k: v for k, v in trial_config.items() if k not in _NOT_PARAMS})
+    params: dict[str, str] = {}
+    for name, path in USER_PARAMS.items():
+        dotted = ".".join(path)
+        if dotted in flat:
+            params[name] = _param_value(flat.pop(dotted))
+    params.update({key: _param_value(value) for key, value in flat.items()})
+    return params
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str | None:
+    """Git commit of the checkout this package runs from, or None (installed copy, no git, no commit yet)."""
+    package_dir = Path(__file__).resolve().parent
+    try:
+        # Only trust the repository if it really tracks this package (a venv inside some other repo must not count).
+        git = ["git", "-C", str(package_dir)]
+        tracked = subprocess.run([*git, "ls-files", "--error-unmatch", "__init__.py"], capture_output=True, timeout=10)
+        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if tracked.returncode != 0 or head.returncode != 0:
+        return None
+    return head.stdout.strip() or None
+
+
+def safe_name(name: str) -> str:
+    """An experiment name usable as one directory name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_.") or "experiment"
+
+
+def _artifact_location(uri: str, name: str) -> str | None:
+    # Keep a sqlite store self-contained: artifacts beside the .db file, not in whatever cwd created the experiment.
+    db = _sqlite_path(uri)
+    if db is None:
+        return None  # a server or database store decides its own artifact root
+    return (db.parent / "mlruns" / safe_name(name)).as_uri()
+
+
+def get_or_create_experiment(client: MlflowClient, name: str) -> str:
+    """Experiment id for `name`, creating it if needed (safe when several processes race to create it)."""
+    experiment = with_retry(client.get_experiment_by_name, name)
+    if experiment is None:
+        try:
+            location = _artifact_location(client.tracking_uri, name)
+            return with_retry(client.create_experiment, name, artifact_location=location)
+        except MlflowException as exc:
+            if "already exists" not in str(exc).lower() and exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            experiment = with_retry(client.get_experiment_by_name, name)
+    if experiment.lifecycle_stage == "deleted":
+        raise ValueError(
+            f"MLflow experiment {name!r} is deleted: restore it (MlflowClient().restore_experiment"
+            f"({experiment.experiment_id!r})) or choose another sweep name"
+        )
+    return experiment.experiment_id
+
+
+def find_experiment_id(client: MlflowClient, name: str) -> str | None:
+    experiment = with_retry(client.get_experiment_by_name, name)
+    return None if experiment is None or experiment.lifecycle_stage == "deleted" else experiment.experiment_id
+
+
+def all_runs(client: MlflowClient, experiment_id: str, filter_string: str = "") -> list[Run]:
+    """Every active run of an experiment matching filter_string, newest first (follows MLflow's pagination)."""
+    runs: list[Run] = []
+    token = None
+    while True:
+        page = with_retry(
+            client.search_runs,
+            [experiment_id],
+            filter_string=filter_string,
+            order_by=["attributes.start_time DESC"],
+            page_token=token,
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _base_tags() -> dict[str, str]:
+    commit = code_version()
+    return {"git_commit": commit} if commit else {}
+
+
+def start_parent_run(uri: str, experiment: str, spec_text: str, tags: dict | None = None) -> str:
+    """Open the launch's parent run (tag sweep.role=parent, artifact spec.yaml) and return its id."""
+    client = MlflowClient(uri)
+    experiment_id = get_or_create_experiment(client, experiment)
+    run_tags = {**_base_tags(), "sweep.name": experiment, "sweep.role": PARENT_ROLE}
+    run_tags.update({key: str(value) for key, value in (tags or {}).items()})
+    run_name = f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = with_retry(client.create_run, experiment_id, tags=run_tags, run_name=run_name)
+    run_id = run.info.run_id
+    with_retry(client.log_batch, run_id, params=[Param("sweep.name", experiment)])
+    with_retry(client.log_text, run_id, spec_text, "spec.yaml")
+    return run_id
+
+
+def _check_status(status: str) -> None:
+    if status not in TERMINAL_STATUSES:
+        raise ValueError(f"run status {status!r} is invalid: use one of {', '.join(TERMINAL_STATUSES)}")
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    _check_status(status)
+    with_retry(MlflowClient(uri).set_terminated, run_id, status=status)
+
+
+def child_runs(client: MlflowClient, experiment: str, filter_string: str = "") -> list[Run]:
+    """Trial runs (not parents) of an experiment matching filter_string, newest first; [] if it does not exist."""
+    experiment_id = find_experiment_id(client, experiment)
+    if experiment_id is None:
+        return []
+    runs = all_runs(client, experiment_id, filter_string)
+    return [r for r in runs if r.data.tags.get("sweep.role") != PARENT_ROLE and "config_hash" in r.data.tags]
+
+
+def newest_parent_run(client: MlflowClient, experiment: str) -> str | None:
+    """Run id of the latest launch's parent run, or None."""
+    experiment_id = find_experiment_id(client, experiment)
+    if experiment_id is None:
+        return None
+    parents = all_runs(client, experiment_id, f"tags.`sweep.role` = '{PARENT_ROLE}'")
+    return parents[0].info.run_id if parents else None
+
+
+def finished_trials(uri: str, experiment: str) -> dict[str, str]:
+    """config_hash -> run_id of the newest FINISHED child run per config: what a re-run can skip."""
+    done: dict[str, str] = {}
+    for run in child_runs(MlflowClient(uri), experiment, "attributes.status = 'FINISHED'"):
+        done.setdefault(run.data.tags["config_hash"], run.info.run_id)  # runs come newest first
+    return done
+
+
+def find_trial_run(uri: str, experiment: str, config_hash: str, parent_run_id: str | None) -> str | None:
+    """The newest unfinished child run of this parent for this config: a retried trial continues it."""
+    for run in child_runs(MlflowClient(uri), experiment, f"tags.config_hash = '{config_hash}'"):
+        if run.info.status != "FINISHED" and run.data.tags.get("mlflow.parentRunId") == parent_run_id:
+            return run.info.run_id
+    return None
+
+
+def _run_name(trial_config: dict) -> str:
+    prune = trial_config.get("prune", {})
+    schedule = prune.get("schedule", "oneshot")
+    if schedule == "iterative":
+        schedule += str(prune.get("steps", ""))
+    parts = [prune.get("strategy"), prune.get("ratio"), prune.get("scope"), prune.get("target"), schedule]
+    parts.append(trial_config.get("model", {}).get("name"))
+    return "-".join(str(p) for p in parts if p is not None)
+
+
+class TrialRun:
+    """One trial's MLflow child run, created by the trial worker."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client = client
+        self.run_id = run_id
+
+    @classmethod
+    def open(
+        cls, uri: str, experiment: str, parent_run_id: str | None, trial_config: dict, run_id: str | None = None
+    ) -> "TrialRun":
+        """Continue run_id (a retried trial) or create a new child run of parent_run_id with tags and params."""
+        client = MlflowClient(uri)
+        if run_id is not None:
+            with_retry(client.update_run, run_id, status="RUNNING")
+            return cls(client, run_id)
+        tags = {
+            **_base_tags(),
+            "config_hash": config_hash(trial_config),
+            "sweep.name": experiment,
+            "mlflow.runName": _run_name(trial_config),
+        }
+        if parent_run_id is not None:
+            tags["mlflow.parentRunId"] = parent_run_id
+        experiment_id = get_or_create_experiment(client, experiment)
+        run = with_retry(client.create_run, experiment_id, tags=tags, run_name=tags["mlflow.runName"])
+        params = [Param(k, v) for k, v in flat_params(trial_config).items()]
+        for i in range(0, len(params), 100):  # MLflow accepts at most 100 params per batch
+            with_retry(client.log_batch, run.info.run_id, params=params[i : i + 100])
+        return cls(client, run.info.run_id)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """All of one report's metrics in one request (one sqlite write transaction)."""
+        ts = _now_ms()
+        batch = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if v is not None]
+        if batch:
+            with_retry(self.client.log_batch, self.run_id, metrics=batch)
+
+    def log_artifact(self, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        with_retry(self.client.log_artifact, self.run_id, str(local_path), artifact_path)
+
+    def log_dict_json(self, obj: Any, artifact_file: str) -> None:
+        with_retry(self.client.log_text, self.run_id, json.dumps(obj, indent=2, default=str), artifact_file)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        _check_status(status)
+        with_retry(self.client.set_terminated, self.run_id, status=status)

@@ -1,0 +1,277 @@
+"""sweep.tracking against a real MLflow sqlite store in tmp_path."""
+
+import copy
+import multiprocessing as mp
+import re
+import shutil
+import sqlite3
+import threading
+
+import pytest
+import sqlalchemy
+from mlflow.tracking import MlflowClient
+
+from sweep import tracking
+from sweep.tracking import TrialRun
+
+EXPERIMENT = "tracking-test"
+
+TRIAL = {
+    "name": EXPERIMENT,
+    "seed": 0,
+    "device": "auto",
+    "model": {"name": "small_cnn", "weights": None},
+    "dataset": {"name": "digits", "root": None, "download": False, "val_fraction": 0.1, "image_size": None,
+                "limit": None},
+    "base": {"epochs": 5, "lr": 0.05, "batch_size": 64, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4},
+    "prune": {"strategy": "l1", "ratio": 0.5, "scope": "local", "target": "channels", "schedule": "oneshot", "steps": 1,
+              "min_channels": 1, "round_to": 1, "ignore": [], "calibration_batches": 4},
+    "finetune": {"epochs": 3, "lr": 0.01, "batch_size": 64, "optimizer": "sgd"},
+    "measure": {"batch_size": 1, "warmup": 5, "runs": 30},
+    "fault": {"fail_at_epoch": None},
+}
+
+
+def trial(**prune) -> dict:
+    cfg = copy.deepcopy(TRIAL)
+    cfg["prune"].update(prune)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def template_db(tmp_path_factory):
+    # Creating the schema (alembic migrations) takes seconds: do it once, then give each test its own copy.
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    tracking.init_store(f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture
+def uri(tmp_path, template_db):
+    shutil.copy(template_db, tmp_path / "mlflow.db")
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_resolve_tracking_uri_order(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.resolve_tracking_uri() == f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://localhost:5000")
+    assert tracking.resolve_tracking_uri() == "http://localhost:5000"
+    assert tracking.resolve_tracking_uri("http://mlflow:80") == "http://mlflow:80"
+    # Relative sqlite paths become absolute: Ray trial workers run in other directories.
+    assert tracking.resolve_tracking_uri("sqlite:///runs/x.db") == f"sqlite:///{tmp_path}/runs/x.db"
+    assert tracking.resolve_tracking_uri("sqlite:////abs/x.db") == "sqlite:////abs/x.db"
+
+
+def test_config_hash_ignores_fault_and_key_order():
+    reordered = {key: TRIAL[key] for key in reversed(list(TRIAL))}
+    reordered["prune"] = {key: TRIAL["prune"][key] for key in reversed(list(TRIAL["prune"]))}
+    faulty = copy.deepcopy(TRIAL)
+    faulty["fault"]["fail_at_epoch"] = 1
+    h = tracking.config_hash(TRIAL)
+    assert re.fullmatch(r"[0-9a-f]{16}", h)
+    assert tracking.config_hash(reordered) == h
+    assert tracking.config_hash(faulty) == h
+    assert tracking.config_hash(trial(ratio=0.6)) != h
+    assert tracking.config_hash(trial(scope="global")) != h
+
+
+def test_flat_params_names_and_values():
+    cfg = trial(ignore=["x" * 600])
+    params = tracking.flat_params(cfg)
+    assert list(params)[:10] == list(tracking.USER_PARAMS)
+    assert list(tracking.USER_PARAMS) == [
+        "model", "weights", "dataset", "strategy", "ratio", "target", "scope", "schedule", "steps", "seed"
+    ]  # fmt: skip
+    assert params["model"] == "small_cnn" and params["weights"] == "None" and params["ratio"] == "0.5"
+    assert params["finetune.lr"] == "0.01" and params["base.weight_decay"] == "0.0005"
+    assert params["dataset.val_fraction"] == "0.1" and params["dataset.limit"] == "None"
+    assert all(isinstance(v, str) and len(v) <= 500 for v in params.values())
+    assert params["prune.ignore"].startswith('["xxx')
+    # No duplicates of the short names, no test-only or experiment-level keys.
+    assert "prune.strategy" not in params and "model.name" not in params
+    assert not any(k.startswith("fault") for k in params) and "name" not in params
+
+
+def test_code_version_is_a_commit_or_none():
+    version = tracking.code_version()
+    assert version is None or re.fullmatch(r"[0-9a-f]{40}", version)
+
+
+def test_parent_and_child_runs(uri, monkeypatch):
+    client = MlflowClient(uri)
+    parent = tracking.start_parent_run(uri, EXPERIMENT, "space:\n  ratio: 0.5\n", tags={"launch": 1})
+    decoy = tracking.start_parent_run(uri, EXPERIMENT, "decoy: true\n")
+    # mlflow issue 15713: a set MLFLOW_RUN_ID overrides parent_run_id in the fluent API. It must not reach our runs.
+    monkeypatch.setenv("MLFLOW_RUN_ID", decoy)
+    run = TrialRun.open(uri, EXPERIMENT, parent, TRIAL)
+
+    parent_run = client.get_run(parent)
+    assert parent_run.data.tags["sweep.role"] == "parent" and parent_run.data.tags["launch"] == "1"
+    assert parent_run.data.params == {"sweep.name": EXPERIMENT}
+    spec = client.download_artifacts(parent, "spec.yaml")
+    assert open(spec).read() == "space:\n  ratio: 0.5\n"
+
+    child = client.get_run(run.run_id)
+    assert child.info.run_id != decoy
+    assert child.data.tags["mlflow.parentRunId"] == parent
+    assert child.data.tags["config_hash"] == tracking.config_hash(TRIAL)
+    assert child.data.tags["sweep.name"] == EXPERIMENT
+    assert child.info.run_name == "l1-0.5-local-channels-oneshot-small_cnn"
+    assert child.data.params == tracking.flat_params(TRIAL)
+    assert child.info.status == "RUNNING"
+
+    tracking.end_run(uri, parent)
+    assert client.get_run(parent).info.status == "FINISHED"
+    with pytest.raises(ValueError, match="status 'DONE'"):
+        run.finish("DONE")
+
+
+def test_metrics_and_artifacts(uri, tmp_path):
+    client = MlflowClient(uri)
+    run = TrialRun.open(uri, EXPERIMENT, None, TRIAL)
+    for epoch in range(3):
+        run.log_metrics({"train_loss": 1.0 / (epoch + 1), "val_accuracy": 0.5 + 0.1 * epoch}, step=epoch)
+    run.log_metrics({"accuracy": 0.8, "flops": 12345, "top5": None})
+    csv = tmp_path / "channels.csv"
+    csv.write_text("layer,before,after\nconv1,16,8\n")
+    run.log_artifact(csv)
+    run.log_dict_json({"plan": {"conv1": [0, 2]}}, "checkpoint/plan.json")
+    run.finish()
+
+    history = client.get_metric_history(run.run_id, "val_accuracy")
+    assert [(m.step, round(m.value, 6)) for m in history] == [(0, 0.5), (1, 0.6), (2, 0.7)]
+    data = client.get_run(run.run_id).data
+    assert data.metrics["accuracy"] == 0.8 and data.metrics["flops"] == 12345.0 and "top5" not in data.metrics
+    assert {a.path for a in client.list_artifacts(run.run_id)} == {"channels.csv", "checkpoint"}
+    plan = client.download_artifacts(run.run_id, "checkpoint/plan.json")
+    assert open(plan).read().replace(" ", "").replace("\n", "") == '{"plan":{"conv1":[0,2]}}'
+    # Artifacts live beside the sqlite file, not in the process's working directory.
+    assert (tmp_path / "mlruns").is_dir()
+
+
+def test_resume_continues_the_same_run(uri):
+    client = MlflowClient(uri)
+    parent = tracking.start_parent_run(uri, EXPERIMENT, "")
+    first = TrialRun.open(uri, EXPERIMENT, parent, TRIAL)
+    first.log_metrics({"val_accuracy": 0.5}, step=0)
+    first.log_metrics({"val_accuracy": 0.6}, step=1)
+    first.finish("FAILED")  # the worker died; Ray retries the trial
+
+    h = tracking.config_hash(TRIAL)
+    assert tracking.find_trial_run(uri, EXPERIMENT, h, parent) == first.run_id
+    other_parent = tracking.start_parent_run(uri, EXPERIMENT, "")
+    assert tracking.find_trial_run(uri, EXPERIMENT, h, other_parent) is None
+    assert tracking.find_trial_run(uri, EXPERIMENT, tracking.config_hash(trial(ratio=0.7)), parent) is None
+
+    again = TrialRun.open(uri, EXPERIMENT, parent, TRIAL, run_id=first.run_id)
+    assert again.run_id == first.run_id
+    assert client.get_run(first.run_id).info.status == "RUNNING"
+    again.log_metrics({"val_accuracy": 0.7}, step=2)
+    again.finish()
+
+    experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    assert len(client.search_runs([experiment_id])) == 3  # two parents, one child: no duplicate trial run
+    history = client.get_metric_history(first.run_id, "val_accuracy")
+    assert [m.step for m in history] == [0, 1, 2]
+    assert tracking.find_trial_run(uri, EXPERIMENT, h, parent) is None  # finished: nothing left to continue
+    assert tracking.finished_trials(uri, EXPERIMENT) == {h: first.run_id}
+
+
+def test_finished_trials_only_finished_children(uri):
+    assert tracking.finished_trials(uri, "no-such-experiment") == {}
+    parent = tracking.start_parent_run(uri, EXPERIMENT, "")
+    expected = {}
+    for ratio, status in [(0.2, "FINISHED"), (0.4, "FAILED"), (0.6, "KILLED"), (0.8, None), (0.9, "FINISHED")]:
+        cfg = trial(ratio=ratio)
+        run = TrialRun.open(uri, EXPERIMENT, parent, cfg)
+        if status:
+            run.finish(status)
+        if status == "FINISHED":
+            expected[tracking.config_hash(cfg)] = run.run_id
+    tracking.end_run(uri, parent)  # a FINISHED parent is not a trial
+    # A forced re-run of ratio 0.2 finishes later: the newest run represents the config.
+    rerun = TrialRun.open(uri, EXPERIMENT, parent, trial(ratio=0.2))
+    rerun.finish()
+    expected[tracking.config_hash(trial(ratio=0.2))] = rerun.run_id
+    assert tracking.finished_trials(uri, EXPERIMENT) == expected
+
+
+def test_deleted_experiment_is_a_clear_error(uri):
+    client = MlflowClient(uri)
+    client.delete_experiment(tracking.get_or_create_experiment(client, EXPERIMENT))
+    with pytest.raises(ValueError, match="is deleted: restore it"):
+        tracking.get_or_create_experiment(client, EXPERIMENT)
+
+
+def test_retry_survives_a_real_sqlite_lock(tmp_path):
+    db = tmp_path / "lock.db"
+    holder = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    holder.execute("CREATE TABLE t (x INTEGER)")
+    # timeout=0: fail at once while locked, as sqlite does for a deferred transaction that cannot upgrade.
+    engine = sqlalchemy.create_engine(f"sqlite:///{db}", connect_args={"timeout": 0})
+
+    def insert():
+        with engine.begin() as conn:
+            conn.execute(sqlalchemy.text("INSERT INTO t VALUES (1)"))
+
+    holder.execute("BEGIN EXCLUSIVE")
+    with pytest.raises(sqlalchemy.exc.OperationalError, match="locked"):
+        tracking.with_retry(insert, attempts=2)  # bounded: gives up while the lock is still held
+
+    release = threading.Timer(0.5, holder.execute, args=("COMMIT",))
+    release.start()
+    tracking.with_retry(insert)
+    release.join()
+    assert holder.execute("SELECT count(*) FROM t").fetchone() == (1,)
+
+    calls = []
+
+    def broken():
+        calls.append(1)
+        raise sqlalchemy.exc.OperationalError("SELECT", {}, Exception("no such table: t2"))
+
+    with pytest.raises(sqlalchemy.exc.OperationalError, match="no such table"):
+        tracking.with_retry(broken)
+    assert len(calls) == 1  # only lock errors are retried
+    engine.dispose()
+    holder.close()
+
+
+STEPS = 50
+WRITERS = 8
+
+
+def _log_steps(uri: str, parent: str, index: int, barrier) -> None:
+    run = TrialRun.open(uri, EXPERIMENT, parent, trial(ratio=round(0.1 + 0.1 * index, 1)))
+    barrier.wait()  # all writers hit the sqlite file at the same moment
+    for step in range(STEPS):
+        run.log_metrics({"train_loss": 1.0 / (step + 1), "val_accuracy": step / STEPS}, step=step)
+    run.finish()
+
+
+def test_eight_processes_write_one_sqlite_store(uri, monkeypatch):
+    # Spawned children inherit the environment: without this each one tries to reach MLflow's telemetry host.
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    parent = tracking.start_parent_run(uri, EXPERIMENT, "")
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(WRITERS, timeout=120)
+    workers = [ctx.Process(target=_log_steps, args=(uri, parent, i, barrier)) for i in range(WRITERS)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=240)
+    for w in workers:
+        if w.is_alive():  # hung: do not leave it behind
+            w.kill()
+    assert [w.exitcode for w in workers] == [0] * WRITERS  # a worker that hit "database is locked" exits 1
+
+    client = MlflowClient(uri)
+    done = tracking.finished_trials(uri, EXPERIMENT)
+    assert len(done) == WRITERS
+    for name in ("train_loss", "val_accuracy"):
+        points = [m for run_id in done.values() for m in client.get_metric_history(run_id, name)]
+        assert len(points) == WRITERS * STEPS
+    for run_id in done.values():
+        assert client.get_run(run_id).data.tags["mlflow.parentRunId"] == parent
