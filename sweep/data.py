@@ -1,0 +1,489 @@
+"""Datasets: a registry of loaders that return train/val/test splits, and `batches` to iterate a split.
+
+    splits = load_dataset("cifar10", root="data", image_size=32)      # DataError names the field and the fix
+    for x, y in batches(splits.train, 128, train=True, device="cuda"):   # one `for` = one epoch
+        ...
+
+A split is one of two kinds:
+- TensorImages: the whole split as one uint8 tensor at native resolution (digits, MNIST, Fashion-MNIST, CIFAR).
+  `batches` moves it to the device once and augments, resizes and normalises there with batched tensor ops:
+  no DataLoader, no workers, no per-image Python.
+- FileImages: images decoded from disk per item (ImageFolder, Flowers102, Oxford-IIIT Pet); `batches` uses a
+  DataLoader with workers.
+Indexing a split gives the evaluation view (resized, normalised, never augmented); augmentation happens only in
+`batches(..., train=True, augment=True)`.
+
+torchvision is used to download (download: true) and to scan folders; the files themselves are read here, so
+local copies need no checksums to match (MNIST's .gz may stay compressed, a CIFAR copy may be re-packed).
+"""
+
+from __future__ import annotations
+
+import codecs
+import copy
+import gzip
+import math
+import os
+import pickle
+import struct
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torchvision import datasets as tvd
+from torchvision import transforms as T
+
+
+class DataError(ValueError):
+    """Bad dataset settings or missing files; the one-line message names the spec field and the fix."""
+
+
+@dataclass
+class DataSplits:
+    name: str
+    num_classes: int
+    in_channels: int
+    image_size: int  # side of the square model input
+    train: Dataset
+    val: Dataset
+    test: Dataset
+
+
+# Per-dataset channel mean and std of the training images in [0, 1].
+_DIGITS_STATS = ((0.3053,), (0.3760,))
+_MNIST_STATS = ((0.1307,), (0.3081,))
+_FASHION_STATS = ((0.2860,), (0.3530,))
+_CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+_CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+_IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # photos: matches ImageNet-pretrained weights
+
+_DEVICE_BYTES = 200 * 2**20  # a tensor split up to this size lives on the device; a larger one stays in host memory
+_MAX_WORKERS = 8
+
+
+# ---------------------------------------------------------------------------------------------------- splits
+
+class TensorImages(Dataset):
+    """A split held as one uint8 tensor N x C x H x W at native resolution, with int64 labels.
+
+    `pad` is the random-shift range of training augmentation in native pixels, `flip` adds horizontal flips.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, stats: tuple, image_size: int, pad: int, flip: bool):
+        self.images, self.labels = images, labels
+        self.mean, self.std = stats
+        self.image_size, self.pad, self.flip = image_size, pad, flip
+        self._placed: dict[str, tuple[Tensor, Tensor]] = {}  # storage device -> (images, labels) copied there once
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        return self.prepare(self.images[i][None])[0], int(self.labels[i])
+
+    def subset(self, idx: Tensor) -> TensorImages:
+        return TensorImages(self.images[idx], self.labels[idx], (self.mean, self.std), self.image_size,
+                            self.pad, self.flip)
+
+    def placed(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        key = str(device)
+        if key not in self._placed:
+            self._placed[key] = (self.images.to(device), self.labels.to(device))
+        return self._placed[key]
+
+    def prepare(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """uint8 batch -> float batch at image_size, normalised; augmented when a generator is given."""
+        x = x.float().div_(255)
+        if generator is not None:
+            x = _random_shift(x, self.pad, generator)
+            if self.flip:
+                x = _random_flip(x, generator)
+        if x.shape[-1] != self.image_size:
+            x = TF.resize(x, [self.image_size, self.image_size], antialias=True)
+        return TF.normalize(x, self.mean, self.std)
+
+
+def _random_shift(x: Tensor, pad: int, g: torch.Generator) -> Tensor:
+    """Per image, a random crop of the zero-padded image (as RandomCrop(size, padding=pad)), in one gather."""
+    n, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, n, 1, 1, 1), generator=g, device=x.device)
+    rows = dy + torch.arange(h, device=x.device).view(1, 1, h, 1)
+    cols = dx + torch.arange(w, device=x.device).view(1, 1, 1, w)
+    batch = torch.arange(n, device=x.device).view(n, 1, 1, 1)
+    channel = torch.arange(c, device=x.device).view(1, c, 1, 1)
+    return padded[batch, channel, rows, cols]
+
+
+def _random_flip(x: Tensor, g: torch.Generator) -> Tensor:
+    flip = torch.rand(len(x), generator=g, device=x.device) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+
+
+class FileImages(Dataset):
+    """A split of image files, decoded per item; `train_tf` applies only to the view made by `with_augment(True)`."""
+
+    def __init__(self, samples: list[tuple[str, int]], train_tf: Callable, eval_tf: Callable):
+        self.samples = samples
+        self.labels = torch.tensor([label for _, label in samples], dtype=torch.long)
+        self.train_tf, self.eval_tf = train_tf, eval_tf
+        self.augment = False
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        path, label = self.samples[i]
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+        return (self.train_tf if self.augment else self.eval_tf)(rgb), label
+
+    def subset(self, idx: Tensor) -> FileImages:
+        return FileImages([self.samples[i] for i in idx.tolist()], self.train_tf, self.eval_tf)
+
+    def with_augment(self, augment: bool) -> FileImages:
+        view = copy.copy(self)
+        view.augment = augment
+        return view
+
+
+def _photo_transforms(size: int, stats: tuple) -> tuple[Callable, Callable]:
+    """Train and eval transforms for photographs."""
+    finish = [T.ToTensor(), T.Normalize(*stats)]
+    if size <= 64:
+        # Small inputs (CIFAR as JPEG files): a RandomResizedCrop would throw away most of a 32-pixel image, so
+        # augment as for CIFAR instead, with a shift of an eighth of the side.
+        fit = [T.Resize(size), T.CenterCrop(size)]
+        return (T.Compose([*fit, T.RandomCrop(size, padding=size // 8), T.RandomHorizontalFlip(), *finish]),
+                T.Compose([*fit, *finish]))
+    return (T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *finish]),
+            T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size), *finish]))
+
+
+def _holdout(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Indices (kept, held): `fraction` of each class held out at random, deterministic in seed."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    held = torch.zeros(len(labels), dtype=torch.bool)
+    seen = 0
+    for c in labels.unique():
+        members = order[labels[order] == c]
+        # Cumulative rounding: the per-class counts add up to round(fraction * n) exactly.
+        count = round(fraction * (seen + len(members))) - round(fraction * seen)
+        held[members[:count]] = True
+        seen += len(members)
+    return (~held).nonzero().flatten(), held.nonzero().flatten()
+
+
+def _splits(name: str, num_classes: int, in_channels: int, image_size: int, train: TensorImages | FileImages,
+            test: TensorImages | FileImages, val_fraction: float, seed: int) -> DataSplits:
+    """Hold out val_fraction of the official train split as validation; the official test split stays whole."""
+    kept, held = _holdout(train.labels, val_fraction, seed)
+    if val_fraction > 0 and len(held) == 0:
+        raise DataError(f"dataset.val_fraction: {val_fraction} of {len(train)} training examples holds out none; "
+                        f"raise val_fraction or use more data")
+    return DataSplits(name, num_classes, in_channels, image_size, train.subset(kept), train.subset(held), test)
+
+
+# ---------------------------------------------------------------------------------------------------- loaders
+
+def _missing(root: Path, name: str, expected: Path, fix: str = "pass dataset.root or set SWEEP_DATA, or download: true"
+             ) -> DataError:
+    if not root.exists():
+        return DataError(f"dataset.root: {root} does not exist; {fix}")
+    return DataError(f"dataset.root: {root} has no {name} files (missing {expected}); {fix}")
+
+
+def _digits(root: Path, download: bool, val_fraction: float, seed: int, image_size: int | None) -> DataSplits:
+    """scikit-learn's 1,797 8x8 digits: bundled, so it works offline everywhere."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.from_numpy(digits.images * (255 / 16)).round().to(torch.uint8).unsqueeze(1)  # 0..16 -> 0..255
+    labels = torch.from_numpy(digits.target).long()
+    whole = TensorImages(images, labels, _DIGITS_STATS, image_size or 8, pad=1, flip=False)
+    # No official test split: hold out 20% with a fixed seed, so every seed's final number is on the same images.
+    rest, test = _holdout(labels, 0.2, seed=0)
+    return _splits("digits", 10, 1, whole.image_size, whole.subset(rest), whole.subset(test), val_fraction, seed)
+
+
+def _read_idx(raw: Path, stem: str, root: Path, name: str) -> Tensor:
+    """An IDX file of unsigned bytes (the MNIST format), plain or gzipped."""
+    path = raw / stem if (raw / stem).exists() else raw / f"{stem}.gz"
+    if not path.exists():
+        raise _missing(root, name, raw / stem)
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+        data = f.read()
+    header_ok = len(data) >= 4 and data[:3] == b"\x00\x00\x08" and len(data) >= 4 + 4 * data[3]
+    dims = struct.unpack(f">{data[3]}I", data[4:4 + 4 * data[3]]) if header_ok else ()
+    if not header_ok or len(data) != 4 + 4 * len(dims) + math.prod(dims):
+        raise DataError(f"dataset.root: {path} is not an IDX file of unsigned bytes; replace it or use download: true")
+    return torch.frombuffer(bytearray(data[4 + 4 * len(dims):]), dtype=torch.uint8).view(dims)
+
+
+def _idx_loader(name: str, tv_class: type, stats: tuple) -> Callable[..., DataSplits]:
+    """MNIST-like sets: four IDX files in ROOT/<torchvision class name>/raw/."""
+
+    def load(root: Path, download: bool, val_fraction: float, seed: int, image_size: int | None) -> DataSplits:
+        raw = root / tv_class.__name__ / "raw"
+        if download and not any(raw.glob("t10k-labels-idx1-ubyte*")):
+            tv_class(str(root), train=False, download=True)  # fetches all four files
+
+        def part(prefix: str) -> TensorImages:
+            images = _read_idx(raw, f"{prefix}-images-idx3-ubyte", root, name).unsqueeze(1)
+            labels = _read_idx(raw, f"{prefix}-labels-idx1-ubyte", root, name).long()
+            return TensorImages(images, labels, stats, image_size or 28, pad=2, flip=False)
+
+        train, test = part("train"), part("t10k")
+        return _splits(name, 10, 1, train.image_size, train, test, val_fraction, seed)
+
+    return load
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """CIFAR batches are pickles: allow only what a dict of numpy arrays needs, so a crafted file cannot run code."""
+
+    _ALLOWED = {
+        # numpy pickles arrays through its private _reconstruct, whose module moved in numpy 2: take it from
+        # ndarray.__reduce__ instead of importing either path.
+        ("numpy.core.multiarray", "_reconstruct"): np.empty(0).__reduce__()[0],
+        ("numpy._core.multiarray", "_reconstruct"): np.empty(0).__reduce__()[0],
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): codecs.encode,  # protocol-2 pickles store bytes through it
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed")
+        return self._ALLOWED[module, name]
+
+
+def _cifar_loader(name: str, tv_class: type, train_files: list[str], test_files: list[str], label_key: str,
+                  num_classes: int, stats: tuple) -> Callable[..., DataSplits]:
+    """CIFAR-10/100: torchvision's python pickles in ROOT/cifar-10-batches-py/ or ROOT/cifar-100-python/."""
+
+    def load(root: Path, download: bool, val_fraction: float, seed: int, image_size: int | None) -> DataSplits:
+        base = root / tv_class.base_folder
+        if download and not all((base / f).exists() for f in train_files + test_files):
+            tv_class(str(root), download=True)
+
+        def part(files: list[str]) -> TensorImages:
+            images, labels = [], []
+            for file in files:
+                if not (base / file).exists():
+                    raise _missing(root, name, base / file)
+                try:
+                    with open(base / file, "rb") as f:
+                        entry = _ArrayUnpickler(f, encoding="latin1").load()
+                    images.append(torch.from_numpy(np.asarray(entry["data"], dtype=np.uint8)))
+                    labels += entry[label_key]
+                except (pickle.UnpicklingError, KeyError, TypeError, EOFError) as e:
+                    raise DataError(f"dataset.root: {base / file} is not a {name} batch ({e!r}); "
+                                    f"replace it or use download: true") from None
+            # Rows are 1024 red, then 1024 green, then 1024 blue values, each 32x32 row-major.
+            return TensorImages(torch.cat(images).view(-1, 3, 32, 32), torch.tensor(labels, dtype=torch.long),
+                                stats, image_size or 32, pad=4, flip=True)
+
+        train, test = part(train_files), part(test_files)
+        return _splits(name, num_classes, 3, train.image_size, train, test, val_fraction, seed)
+
+    return load
+
+
+def _folder(path: Path, transforms: tuple[Callable, Callable], classes: list[str] | None = None
+            ) -> tuple[FileImages, list[str]]:
+    try:
+        found = tvd.ImageFolder(str(path))
+    except FileNotFoundError as e:
+        raise DataError(f"dataset.root: {' '.join(str(e).split())}; put images in {path}/<class>/") from None
+    if classes is not None and found.classes != classes:
+        raise DataError(f"dataset.root: {path} has classes {found.classes} but train/ has {classes}; "
+                        f"use the same class folders in every split")
+    return FileImages(found.samples, *transforms), found.classes
+
+
+def _imagefolder(root: Path, download: bool, val_fraction: float, seed: int, image_size: int | None) -> DataSplits:
+    """Local images in root/train/<class>/ and root/test/<class>/ or root/val/<class>/ (or all three).
+
+    With only train/ and val/, val/ is the test split (as in hymenoptera) and validation is held out of train/.
+    """
+    test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
+    if not (root / "train").is_dir() or test_dir is None:
+        raise _missing(root, "imagefolder", root / ("train" if test_dir else "test"),
+                       fix="point dataset.root at a folder with train/<class>/ and test/<class>/ or val/<class>/")
+    size = image_size or 224
+    transforms = _photo_transforms(size, _IMAGENET_STATS)
+    train, classes = _folder(root / "train", transforms)
+    test, _ = _folder(test_dir, transforms, classes)
+    if test_dir.name == "test" and (root / "val").is_dir():
+        val, _ = _folder(root / "val", transforms, classes)
+        return DataSplits("imagefolder", len(classes), 3, size, train, val, test)
+    return _splits("imagefolder", len(classes), 3, size, train, test, val_fraction, seed)
+
+
+def _flowers102(root: Path, download: bool, val_fraction: float, seed: int, image_size: int | None) -> DataSplits:
+    """Oxford 102 Flowers in ROOT/flowers-102/ (jpg/, imagelabels.mat, setid.mat), torchvision's layout.
+
+    It ships its own validation split (10 images per class), used as is: val_fraction does not apply.
+    """
+    from scipy.io import loadmat
+
+    base = root / "flowers-102"
+    if download and not (base / "setid.mat").exists():
+        tvd.Flowers102(str(root), download=True)
+    for needed in ("jpg", "imagelabels.mat", "setid.mat"):
+        if not (base / needed).exists():
+            raise _missing(root, "flowers102", base / needed)
+    labels = np.atleast_1d(loadmat(str(base / "imagelabels.mat"), squeeze_me=True)["labels"]) - 1
+    ids = loadmat(str(base / "setid.mat"), squeeze_me=True)
+    size = image_size or 224
+    transforms = _photo_transforms(size, _IMAGENET_STATS)
+
+    def part(key: str) -> FileImages:
+        return FileImages([(str(base / "jpg" / f"image_{i:05d}.jpg"), int(labels[i - 1]))
+                           for i in np.atleast_1d(ids[key]).tolist()], *transforms)
+
+    return DataSplits("flowers102", 102, 3, size, part("trnid"), part("valid"), part("tstid"))
+
+
+def _oxford_pets(root: Path, download: bool, val_fraction: float, seed: int, image_size: int | None) -> DataSplits:
+    """Oxford-IIIT Pet in ROOT/oxford-iiit-pet/ (images/, annotations/trainval.txt and test.txt), 37 breeds."""
+    base = root / "oxford-iiit-pet"
+    if download and not (base / "annotations" / "test.txt").exists():
+        tvd.OxfordIIITPet(str(root), download=True)
+    size = image_size or 224
+    transforms = _photo_transforms(size, _IMAGENET_STATS)
+
+    def part(split: str) -> FileImages:
+        listing = base / "annotations" / f"{split}.txt"
+        if not listing.exists():
+            raise _missing(root, "oxford_pets", listing)
+        rows = [line.split() for line in listing.read_text().splitlines() if line.strip()]
+        # A row is "<image name> <class 1..37> <species> <breed id>".
+        return FileImages([(str(base / "images" / f"{row[0]}.jpg"), int(row[1]) - 1) for row in rows], *transforms)
+
+    return _splits("oxford_pets", 37, 3, size, part("trainval"), part("test"), val_fraction, seed)
+
+
+DATASETS: dict[str, Callable[..., DataSplits]] = {
+    "digits": _digits,
+    "mnist": _idx_loader("mnist", tvd.MNIST, _MNIST_STATS),
+    "fashion_mnist": _idx_loader("fashion_mnist", tvd.FashionMNIST, _FASHION_STATS),
+    "cifar10": _cifar_loader("cifar10", tvd.CIFAR10, [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+                             "labels", 10, _CIFAR10_STATS),
+    "cifar100": _cifar_loader("cifar100", tvd.CIFAR100, ["train"], ["test"], "fine_labels", 100, _CIFAR100_STATS),
+    "flowers102": _flowers102,
+    "oxford_pets": _oxford_pets,
+    "imagefolder": _imagefolder,
+}
+
+
+def dataset_names() -> list[str]:
+    return sorted(DATASETS)
+
+
+def load_dataset(name: str, root: str | None = None, download: bool = False, val_fraction: float = 0.1,
+                 seed: int = 0, image_size: int | None = None, limit: int | None = None) -> DataSplits:
+    """Load a registered dataset's train/val/test splits.
+
+    root defaults to $SWEEP_DATA, then ./data; nothing is downloaded unless `download`. image_size resizes the
+    model input (e.g. digits 8 -> 32, or 224 for ImageNet models); limit keeps at most `limit` examples per split,
+    drawn per class, deterministic in seed.
+    """
+    if name not in DATASETS:
+        raise DataError(f"dataset.name: {name!r} is not a dataset; use one of {', '.join(dataset_names())}")
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"dataset.val_fraction: {val_fraction} is outside [0, 1); use a fraction such as 0.1")
+    for field, value in (("image_size", image_size), ("limit", limit)):
+        if value is not None and value < 1:
+            raise DataError(f"dataset.{field}: {value} is less than 1; use a positive integer or null")
+    where = Path(root or os.environ.get("SWEEP_DATA") or "data").expanduser()
+    splits = DATASETS[name](root=where, download=download, val_fraction=val_fraction, seed=seed,
+                            image_size=image_size)
+    if limit is None:
+        return splits
+    return replace(splits, **{split: _take(getattr(splits, split), limit, seed) for split in ("train", "val", "test")})
+
+
+def _take(data: TensorImages | FileImages, limit: int, seed: int) -> TensorImages | FileImages:
+    if len(data) <= limit:
+        return data
+    return data.subset(_holdout(data.labels, limit / len(data), seed)[1])
+
+
+# ---------------------------------------------------------------------------------------------------- batches
+
+def _batch_count(n: int, batch_size: int, drop_last: bool) -> int:
+    return n // batch_size if drop_last else math.ceil(n / batch_size)
+
+
+class _TensorBatches:
+    """Batches of a TensorImages split: indexed, augmented and normalised on the device."""
+
+    def __init__(self, data: TensorImages, batch_size: int, train: bool, device: torch.device, seed: int,
+                 augment: bool):
+        self.data, self.batch_size, self.train, self.device = data, batch_size, train, device
+        self.seed, self.augment, self.epoch = seed, augment, 0
+        # Training drops a last partial batch (when there is a full one): equal steps, and BatchNorm never sees 1.
+        self.drop_last = train and len(data) >= batch_size
+        small = data.images.numel() * data.images.element_size() <= _DEVICE_BYTES
+        self.store = device if small else torch.device("cpu")
+
+    def __len__(self) -> int:
+        return _batch_count(len(self.data), self.batch_size, self.drop_last)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        images, labels = self.data.placed(self.store)
+        epoch_seed = self.seed * 100_003 + self.epoch
+        self.epoch += 1
+        n = len(self.data)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed)) if self.train \
+            else torch.arange(n)
+        order = order.to(self.store)
+        augment = torch.Generator(device=self.device).manual_seed(epoch_seed) if self.train and self.augment else None
+        for k in range(len(self)):
+            idx = order[k * self.batch_size:(k + 1) * self.batch_size]
+            x = images[idx].to(self.device, non_blocking=True)
+            yield self.data.prepare(x, augment), labels[idx].to(self.device, non_blocking=True)
+
+
+class _LoaderBatches:
+    """Batches of any other Dataset through a DataLoader; FileImages augment in its workers."""
+
+    def __init__(self, data: Dataset, batch_size: int, train: bool, device: torch.device, seed: int,
+                 augment: bool):
+        if isinstance(data, FileImages):
+            data = data.with_augment(train and augment)
+        workers = min(_MAX_WORKERS, os.cpu_count() or 1)
+        self.device = device
+        drop_last = train and len(data) >= batch_size  # as in _TensorBatches
+        self.loader = DataLoader(data, batch_size=batch_size, shuffle=train, drop_last=drop_last,
+                                 num_workers=workers, persistent_workers=workers > 0,
+                                 pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for x, y in self.loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def batches(data: Dataset, batch_size: int, train: bool, device: torch.device | str = "cpu", seed: int = 0,
+            augment: bool = True) -> Iterable[tuple[Tensor, Tensor]]:
+    """Re-iterable batches of a split: each `for` is one epoch; len() is the number of batches per epoch.
+
+    train: reshuffled every epoch (deterministic in seed and epoch), augmented unless augment=False, last partial
+    batch dropped. Otherwise: fixed order, no augmentation, every example once.
+    """
+    if batch_size < 1:
+        raise DataError(f"batch_size: {batch_size} is less than 1; use a positive batch size")
+    device = torch.device(device)
+    kind = _TensorBatches if isinstance(data, TensorImages) else _LoaderBatches
+    return kind(data, batch_size, train, device, seed, augment)
