@@ -297,6 +297,9 @@ def test_ignore_keeps_a_module():
     assert "layer2.0.conv1" not in plan.removed
     assert not any(n.startswith("layer3.") for n in plan.removed)
     assert "layer2.1.conv1" in plan.removed
+    # shell patterns: prune only the first conv of each block (Li et al.'s ResNet recipe)
+    plan = prune(model, torch.randn(1, 3, 64, 64), ratio=0.5, ignore=["conv1", "layer*.conv2", "layer*.downsample.*"]).plan
+    assert {n for n in plan.removed if "conv" in n} == {f"layer{i}.{j}.conv1" for i in range(1, 5) for j in (0, 1)}
 
 
 def test_local_ratio_removes_that_fraction_of_each_layer():

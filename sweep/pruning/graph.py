@@ -12,6 +12,7 @@ units sharing producers, ranked and rounded together.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import operator
 from dataclasses import dataclass, field
@@ -156,7 +157,7 @@ class _Analyser:
 
     # -- helpers -----------------------------------------------------------
     def _ignored(self, name: str) -> bool:
-        return any(name == i or name.startswith(i + ".") for i in self.ignore)
+        return any(name == i or name.startswith(i + ".") or fnmatch.fnmatchcase(name, i) for i in self.ignore)
 
     def _fixed_slots(self, node: fx.Node) -> list[int] | None:
         shape = _shape(node)
