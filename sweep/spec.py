@@ -264,7 +264,7 @@ TRIAL: dict = {
         "name": _registered(_dataset_names, "dataset"),
         "root": _Field(None, _nullable(_root)),
         "download": _flag(False),
-        "val_fraction": _real(0.1, 0, 1, hi_open=True),
+        "val_fraction": _real(0.1, 0, 1, lo_open=True, hi_open=True),  # the trial reports val accuracy each epoch
         "image_size": _integer(None, lo=1, example=32, optional=True),
         "limit": _integer(None, lo=1, example=1000, optional=True),
     },
