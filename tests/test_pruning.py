@@ -291,6 +291,15 @@ def test_min_channels_and_fraction_and_round_to():
     assert min(after.values()) >= 1
 
 
+def test_clamping_is_logged(caplog):
+    with caplog.at_level("WARNING", logger="sweep.pruning"):
+        prune(_pattern("residual"), torch.randn(1, 3, 8, 8), ratio=0.5)
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="sweep.pruning"):
+        prune(_pattern("residual"), torch.randn(1, 3, 8, 8), ratio=0.99, min_channels=4)
+    assert any("min_channels=4" in r.getMessage() for r in caplog.records)
+
+
 def test_ignore_keeps_a_module():
     model = _torchvision("resnet18")
     plan = prune(model, torch.randn(1, 3, 64, 64), ratio=0.5, ignore=["layer2.0.conv1", "layer3"]).plan

@@ -101,6 +101,7 @@ class ChannelGraph:
     module_flops: dict[str, int]  # conv/linear FLOPs of one forward of the example inputs
     num_units: int = 0
     unit_layer: list[int] = field(default_factory=list)
+    clamped: set[int] = field(default_factory=set)  # layers the guards stopped short of the asked ratio
 
     @property
     def layer_width(self) -> list[int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -15,6 +16,7 @@ from .graph import ChannelGraph, PruningError, analyse
 from .plan import PrunePlan
 from .surgery import remove_channels
 
+log = logging.getLogger("sweep.pruning")
 SCOPES = ("local", "global")
 TARGETS = ("channels", "flops")
 
@@ -51,7 +53,10 @@ def _select_local(graph, scores, ratio, limits, round_to) -> list[int]:
     removed = []
     for i, units in enumerate(graph.layers):
         width = graph.layer_width[i]
-        k = _round_removal(width, min(limits[i], int(ratio * width + 1e-9)), round_to)
+        wanted = int(ratio * width + 1e-9)
+        if wanted > limits[i]:
+            graph.clamped.add(i)
+        k = _round_removal(width, min(limits[i], wanted), round_to)
         order = sorted(units, key=lambda u: scores[u].item())
         removed += order[:k]
     return removed
@@ -76,6 +81,8 @@ def _select_global(graph, scores, ratio, limits, round_to) -> list[int]:
             taken[layer] += 1
             chosen[layer].append(u)
             budget -= 1
+        else:
+            graph.clamped.add(layer)
     removed = []
     for i, units in enumerate(chosen):  # drop the best of the chosen until the width is round
         removed += units[:_round_removal(graph.layer_width[i], len(units), round_to)]
@@ -121,7 +128,10 @@ def _one_step(model, graph, scores, ratio, scope, target, flops_goal, limits, ro
     lo, hi = 0.0, 1.0
     best = _plan_for(graph, select(graph, scores, hi, limits, round_to))
     if _estimated_flops(graph, model, best) > flops_goal:
-        return best  # cannot reach the goal: take as much as the guards allow
+        log.warning("target: FLOPs can fall only to %.0f, not %.0f, without emptying a layer or touching "
+                    "the output; pruning as far as the guards allow", _estimated_flops(graph, model, best), flops_goal)
+        return best
+    graph.clamped.clear()  # the search probes ratios beyond the answer: report only the answer's clamps
     for _ in range(24):
         mid = (lo + hi) / 2
         plan = _plan_for(graph, select(graph, scores, mid, limits, round_to))
@@ -190,6 +200,9 @@ def prune(
         scores = STRATEGIES[strategy](current, graph, calibration, generator)
         step_plan = _one_step(current, graph, scores, step_ratio, scope, target,
                               base_flops * (1 - goal), _limits(graph, min_channels), round_to)
+        if graph.clamped and target == "channels":
+            log.warning("ratio: %d layer(s) would be emptied or lose protected channels at ratio %.3g; "
+                        "kept at least min_channels=%s in each", len(graph.clamped), step_ratio, min_channels)
         remove_channels(current, step_plan.removed, step_plan.removed_in)
         plan = plan.then(step_plan, model)
         if callback is not None and step < steps:
