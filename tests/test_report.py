@@ -65,19 +65,10 @@ def log_trial(uri: str, parent: str, cfg: dict, values: dict, status: str = "FIN
     return run.run_id
 
 
-@pytest.fixture(scope="module")
-def template_db(tmp_path_factory):
-    # Creating the schema (alembic migrations) takes seconds: do it once, then give each test its own copy.
-    path = tmp_path_factory.mktemp("template") / "mlflow.db"
-    tracking.init_store(f"sqlite:///{path}")
-    return path
-
-
 @pytest.fixture
-def store(tmp_path, template_db):
+def store(sqlite_uri):
     """4 strategies x 3 ratios under one parent run; returns (uri, parent run id, {run_id: logged metrics})."""
-    shutil.copy(template_db, tmp_path / "mlflow.db")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_uri
     parent = tracking.start_parent_run(uri, EXPERIMENT, "space:\n  strategy: {grid: [random, l1, taylor, fpgm]}\n")
     MlflowClient(uri).log_metric(parent, "accuracy", 0.99)  # a parent with a metric must still not count as a trial
     logged = {}

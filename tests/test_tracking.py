@@ -3,7 +3,6 @@
 import copy
 import multiprocessing as mp
 import re
-import shutil
 import sqlite3
 import threading
 
@@ -38,18 +37,9 @@ def trial(**prune) -> dict:
     return cfg
 
 
-@pytest.fixture(scope="module")
-def template_db(tmp_path_factory):
-    # Creating the schema (alembic migrations) takes seconds: do it once, then give each test its own copy.
-    path = tmp_path_factory.mktemp("template") / "mlflow.db"
-    tracking.init_store(f"sqlite:///{path}")
-    return path
-
-
 @pytest.fixture
-def uri(tmp_path, template_db):
-    shutil.copy(template_db, tmp_path / "mlflow.db")
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+def uri(sqlite_uri):
+    return sqlite_uri
 
 
 def test_resolve_tracking_uri_order(tmp_path, monkeypatch):
