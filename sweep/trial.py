@@ -39,6 +39,7 @@ class SweepContext:
     experiment: str
     parent_run_id: str | None
     cache_dir: str  # shared by every trial (and node) of the sweep: base models live here
+    rerun: bool = False  # run even when this exact config already has a FINISHED run (`sweep run --force`)
 
 
 class InjectedFault(RuntimeError):
@@ -185,7 +186,7 @@ def run_trial(config: dict, context: SweepContext, report: Report | None = None,
         report, checkpoint_dir = _tune_reporter()
     state = _restore_state(checkpoint_dir)
     chash = tracking.config_hash(config)
-    if state is None:
+    if state is None and not context.rerun:
         existing = _existing_result(context, chash)
         if existing is not None:
             report(existing, None)
@@ -201,6 +202,9 @@ def run_trial(config: dict, context: SweepContext, report: Report | None = None,
     run = tracking.TrialRun.open(context.tracking_uri, context.experiment, context.parent_run_id, config, run_id)
     try:
         result = _pipeline(config, context, splits, device, run, state, report)
+    except SystemExit:  # Ray Tune stops a trial (ASHA) by exiting from inside tune.report
+        run.finish("KILLED")
+        raise
     except BaseException:
         run.finish("FAILED")
         raise

@@ -1,5 +1,6 @@
 """One trial end to end, standalone (no Ray): real data, real training, a real MLflow store."""
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -144,3 +145,11 @@ def test_failed_trial_resumes_from_its_checkpoint_in_the_same_run(store, configs
     assert run.info.status == "FINISHED"
     assert [h.step for h in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2]
     assert run.data.metrics["accuracy"] == final["accuracy"]
+
+
+def test_rerun_runs_a_finished_config_again(store, configs, l1_trial):
+    """`sweep run --force`: a finished config gets a second, new run."""
+    again = run_trial(configs[0], dataclasses.replace(store, rerun=True), report=lambda m, c: None)
+    assert "skipped" not in again
+    runs = tracking.child_runs(MlflowClient(store.tracking_uri), store.experiment, "params.strategy = 'l1'")
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)

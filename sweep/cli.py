@@ -1,0 +1,273 @@
+"""`sweep` command line: parse, call, print. Every user error is one `error: ...` line on stderr and exit code 2.
+
+    sweep run search_spaces/quickstart.yaml            # local Ray; `--address auto` joins a cluster
+    sweep validate search_spaces/*.yaml
+    sweep report quickstart --out reports
+    sweep trial search_spaces/quickstart.yaml          # one trial, no Ray
+    sweep prune --model resnet20 --strategy l1 --ratio 0.5 --out pruned.pt
+    sweep models | sweep strategies
+
+Exit codes: 0 done, 1 some trial failed, 2 bad input (nothing was run), 130 interrupted.
+Modules are imported inside the commands: listing names or validating a spec should not pay for starting Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+USER_ERROR = 2
+TRIAL_FAILED = 1
+INTERRUPTED = 130  # the shell's code for Ctrl-C
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give one such as 2") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is less than 1; give 1 or more")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a fraction such as 0.5") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{value:g} is outside (0, 1); give a fraction such as 0.5")
+    return value
+
+
+def _min_channels(text: str) -> int | float:
+    value = float(text)
+    return int(value) if value >= 1 and value.is_integer() else value  # 2 channels, or a fraction such as 0.1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sweep", description="Ray-distributed CNN pruning sweeps, tracked in MLflow.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run a sweep on Ray Tune (only the trials not finished yet)")
+    run.add_argument("space", metavar="SPACE.yaml")
+    run.add_argument("--address", help="Ray cluster to join: 'auto' or ray://HOST:PORT (default: local Ray)")
+    _tracking_option(run)
+    run.add_argument("--storage", help="folder for Tune state, checkpoints and base models (default ./sweep_results;"
+                                       " on a cluster a folder every node mounts)")
+    run.add_argument("--resume", action="store_true", help="restore the interrupted sweep from --storage")
+    run.add_argument("--force", action="store_true", help="rerun trials that already finished")
+    run.add_argument("--max-concurrent", type=_positive_int, metavar="N", help="at most N trials at once")
+    run.add_argument("--quiet", action="store_true", help="no progress table")
+
+    validate = commands.add_parser("validate", help="check search spaces; print every problem")
+    validate.add_argument("spaces", nargs="+", metavar="SPACE.yaml")
+
+    report = commands.add_parser("report", help="tables and plots of a sweep's finished trials")
+    report.add_argument("name", metavar="NAME", help="the sweep name (MLflow experiment)")
+    _tracking_option(report)
+    report.add_argument("--out", default="reports", metavar="DIR", help="output folder (default: reports)")
+
+    trial = commands.add_parser("trial", help="run one trial here, without Ray (the first config of the space)")
+    trial.add_argument("space", metavar="CONFIG.yaml")
+    _tracking_option(trial)
+    trial.add_argument("--storage", help="folder holding the shared base models (default ./sweep_results)")
+
+    prune = commands.add_parser("prune", help="prune one model and show what was removed (no training)")
+    prune.add_argument("--model", required=True, help="a name from `sweep models`")
+    prune.add_argument("--weights", help="torchvision weights name (such as DEFAULT) or checkpoint path")
+    prune.add_argument("--num-classes", type=_positive_int, default=10)
+    prune.add_argument("--in-channels", type=_positive_int, default=3)
+    prune.add_argument("--input-size", type=_positive_int, default=32, help="input height and width (default 32)")
+    prune.add_argument("--strategy", default="l1", help="a name from `sweep strategies` (default l1)")
+    prune.add_argument("--ratio", type=_fraction, default=0.5, help="fraction of channels or FLOPs to remove")
+    prune.add_argument("--scope", default="local", help="local (each layer) or global (ranked across layers)")
+    prune.add_argument("--target", default="channels", help="what --ratio counts: channels or flops")
+    prune.add_argument("--steps", type=_positive_int, default=1)
+    prune.add_argument("--min-channels", type=_min_channels, default=1, help="per layer: a count or a fraction")
+    prune.add_argument("--round-to", type=_positive_int, default=1)
+    prune.add_argument("--seed", type=int, default=0)
+    prune.add_argument("--out", metavar="PRUNED.pt", help="save the pruned model (plan + state_dict)")
+
+    commands.add_parser("models", help="list model names")
+    commands.add_parser("strategies", help="list pruning strategies")
+    return parser
+
+
+def _tracking_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tracking-uri", help="MLflow store (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+
+
+# --- commands -------------------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .orchestrate import run_sweep
+    from .spec import load_spec
+
+    spec = load_spec(args.space)
+    outcome = run_sweep(spec, address=args.address, tracking_uri=args.tracking_uri, storage=args.storage,
+                        resume=args.resume, force=args.force, max_concurrent=args.max_concurrent,
+                        verbose=0 if args.quiet else 1)
+    if outcome.interrupted:
+        return INTERRUPTED
+    return TRIAL_FAILED if outcome.failed else 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .spec import SpecError, load_spec
+
+    status = 0
+    for path in args.spaces:
+        try:
+            spec = load_spec(path)
+        except SpecError as error:
+            _print_errors(error.errors, path)
+            status = USER_ERROR
+            continue
+        count = len(spec.grid_configs()) if spec.search["algorithm"] == "grid" else spec.num_samples()
+        print(f"ok: {path} ({count} trials)")
+    return status
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    paths = write_report(args.name, args.tracking_uri, out_dir=args.out)
+    print(Path(paths["summary"]).read_text(encoding="utf-8"))
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_trial(args: argparse.Namespace) -> int:
+    from .orchestrate import run_one, single_config
+    from .spec import load_spec
+
+    spec = load_spec(args.space)
+    _, count = single_config(spec)
+    if count > 1:
+        print(f"note: the space holds {count} trials; running the first (use `sweep run` for all)", file=sys.stderr)
+
+    def on_report(metrics: dict, checkpoint: str | None) -> None:
+        if "epoch" in metrics and "flops" not in metrics:
+            print(f"epoch {metrics['epoch']}: " + ", ".join(f"{k} {_number(v)}" for k, v in metrics.items()
+                                                           if k != "epoch"))
+
+    metrics = run_one(spec, tracking_uri=args.tracking_uri, storage=args.storage, on_report=on_report)
+    if metrics.get("skipped"):
+        print("this config already has a FINISHED run; its recorded metrics:")
+    width = max(map(len, metrics), default=0)
+    for name, value in metrics.items():
+        if name != "skipped":
+            print(f"{name:<{width}}  {_number(value)}")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    import torch
+
+    from .measure import count_flops, count_params
+    from .models import build_model
+    from .pruning import NEEDS_CALIBRATION, prune, save_pruned
+
+    model = build_model(args.model, args.num_classes, args.weights, args.in_channels).eval()
+    example = torch.randn(1, args.in_channels, args.input_size, args.input_size)
+    calibration = None
+    if args.strategy in NEEDS_CALIBRATION:
+        # No dataset here: score on random inputs so the command still shows the mechanics. Sweeps use real data.
+        print(f"note: {args.strategy} scores channels with data; using random inputs (run `sweep trial` for "
+              "scores from a dataset)", file=sys.stderr)
+        g = torch.Generator().manual_seed(args.seed)
+        shape = (8, args.in_channels, args.input_size, args.input_size)
+        calibration = [(torch.randn(shape, generator=g), torch.randint(args.num_classes, (8,), generator=g))
+                       for _ in range(2)]
+    result = prune(model, example, strategy=args.strategy, ratio=args.ratio, scope=args.scope, target=args.target,
+                   calibration=calibration, min_channels=args.min_channels, round_to=args.round_to, steps=args.steps,
+                   seed=args.seed)
+
+    rows = result.plan.channel_counts(model)
+    width = max([len("layer"), *(len(r[0]) for r in rows)])
+    print(f"{'layer':<{width}}  {'type':<6}  {'before':>6}  {'after':>6}")
+    for name, kind, before, after in rows:
+        print(f"{name:<{width}}  {kind:<6}  {before:>6}  {after:>6}")
+    pruned = result.model.eval()
+    for what, count in (("FLOPs", count_flops), ("params", lambda m, x: count_params(m))):
+        before, after = count(model, example), count(pruned, example)
+        print(f"{what}: {before:,} -> {after:,} (-{100 * (1 - after / before):.1f}%)")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        save_pruned(args.out, pruned, result.plan)
+        print(f"saved: {args.out}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import model_names
+
+    print("\n".join(model_names()))
+    return 0
+
+
+def cmd_strategies(args: argparse.Namespace) -> int:
+    from .pruning import STRATEGIES
+
+    print("\n".join(STRATEGIES))
+    return 0
+
+
+COMMANDS = {
+    "run": cmd_run, "validate": cmd_validate, "report": cmd_report, "trial": cmd_trial, "prune": cmd_prune,
+    "models": cmd_models, "strategies": cmd_strategies,
+}
+
+
+# --- output and errors ---------------------------------------------------------------------------------------------
+
+
+def _number(value: Any) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _print_errors(lines: Sequence[str], source: str | None = None) -> None:
+    for line in lines:
+        # Problems inside a file name their field; say which file too, unless the line already starts with it.
+        where = f"{source}: " if source and not line.startswith(str(source)) else ""
+        print(f"error: {where}{_one_line(line)}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help (0) or a usage error, which argparse already printed as one line (2)
+        return int(done.code or 0)
+    from .spec import SpecError
+
+    try:
+        return COMMANDS[args.command](args)
+    except SpecError as error:
+        _print_errors(error.errors, getattr(args, "space", None))
+        return USER_ERROR
+    except BrokenPipeError:  # output piped into `head`: stop quietly, as other command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python docs: no error at exit flush
+        return 0
+    except (ValueError, OSError) as error:
+        # ModelError, DataError, PruningError and SpecError are ValueErrors with one-line messages naming the field;
+        # OSError covers missing files and an unreachable --address.
+        _print_errors([str(error) or type(error).__name__])
+        return USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

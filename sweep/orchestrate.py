@@ -1,0 +1,410 @@
+"""A validated spec -> a Ray Tune run: search algorithm, scheduler, resources, storage, resume, MLflow parent run.
+
+    outcome = run_sweep(load_spec("search_spaces/quickstart.yaml"))     # local Ray on loopback
+    outcome = run_sweep(spec, address="auto")                           # join a running cluster
+
+Grid sweeps are incremental: every grid point whose exact config (tracking.config_hash) already has a FINISHED run in
+the experiment is left out before Tune starts, so re-running a spec with one more strategy costs only the new trials.
+Random and optuna sweeps cannot be enumerated up front; there the trial itself returns the recorded result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from . import report, tracking
+from .spec import SHORTHAND, SpecError, SweepSpec
+from .trial import SweepContext, run_trial
+
+DEFAULT_STORAGE = "sweep_results"
+LOOPBACK = "127.0.0.1"
+# Ray reads this when `ray` is first imported: "0" makes a local Ray pick 127.0.0.1 as its node address, and every
+# Ray server then listens on loopback only (checked with `ss -ltn` on Ray 2.60: with "1", they listen on *).
+_LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# Space paths shown in the progress table under their shorthand names; anything else swept is shown by its path.
+_ALWAYS_SHOWN = ("model.name", "prune.strategy", "prune.ratio")
+_PROGRESS_METRICS = {"epoch": "epoch", "accuracy": "accuracy", "flops_reduction": "flops_red"}
+_SUMMARY_METRICS = ["accuracy", "accuracy_drop", "flops_reduction", "params_reduction", "speedup"]
+
+
+@dataclasses.dataclass
+class SweepOutcome:
+    experiment: str
+    parent_run_id: str | None   # None when there was nothing to run: no parent run is created for an empty launch
+    ran: int                    # trials that ran to their end (finished, failed or stopped early)
+    skipped: int                # trials whose config already had a FINISHED run
+    failed: int                 # trials that errored after all their retries
+    results: pd.DataFrame | None  # one row per Tune trial of this launch (see summary_frame), None if none ran
+    storage: str                # the Tune experiment directory (what `--resume` restores)
+    interrupted: int = 0        # trials left unfinished by an interrupted fit (Ctrl-C): `--resume` continues them
+
+
+# --- Ray ---------------------------------------------------------------------------------------------
+
+
+def start_ray(address: str | None = None) -> bool:
+    """Connect to Ray: a new local instance on loopback (address None) or a cluster; False if already connected."""
+    import ray
+
+    if ray.is_initialized():
+        return False  # the caller owns this connection (tests, notebooks): use it and leave it up
+    if address is not None:
+        ray.init(address=address)
+        return True
+    os.environ[_LOCAL_ONLY_ENV] = "0"  # for processes Ray starts from here; they import ray afresh
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report to the internet from a local run
+    from ray._private import ray_constants
+
+    # This process may have imported ray before the variable was set; Ray consults the constant when it picks
+    # the node address, so set it too (a private name, hence the check on the result below).
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(address="local", include_dashboard=False)
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip != LOOPBACK:
+        ray.shutdown()
+        raise RuntimeError(f"local Ray bound {node_ip}, not {LOOPBACK}; set {_LOCAL_ONLY_ENV}=0 before starting")
+    return True
+
+
+def check_resources(spec: SweepSpec) -> None:
+    """After connecting: a trial that asks for GPUs (or more CPUs than any node has) can never be scheduled."""
+    import ray
+
+    nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+    want = spec.resources
+    total_gpus = sum(node.get("GPU", 0) for node in nodes)
+    errors = []
+    if want["gpu"] > 0 and total_gpus == 0:
+        errors.append(f"resources.gpu: {want['gpu']:g} GPU per trial requested but the Ray cluster has no GPUs; "
+                      "set resources.gpu: 0 (with device: auto or cpu), or run on a cluster with GPUs (--address)")
+    elif want["gpu"] > max((node.get("GPU", 0) for node in nodes), default=0):
+        errors.append(f"resources.gpu: {want['gpu']:g} GPUs per trial but no node has that many; "
+                      "ask for at most the GPUs of one node")
+    most_cpus = max((node.get("CPU", 0) for node in nodes), default=0)
+    if want["cpu"] > most_cpus:
+        errors.append(f"resources.cpu: {want['cpu']:g} CPUs per trial but the largest node has {most_cpus:g}; "
+                      f"set resources.cpu to at most {most_cpus:g}")
+    if errors:
+        raise SpecError(errors)
+
+
+# --- the Tune run --------------------------------------------------------------------------------------
+
+
+def sweep_trial(config: dict, context: SweepContext) -> None:
+    """The Tune trainable: the trial dict sits under one key so a grid can be any list of configs."""
+    run_trial(config["trial"], context)  # reports to Tune itself; returning its dict would report it twice
+
+
+def _trial_dirname(trial: Any) -> str:
+    return f"trial_{trial.trial_id}"  # Tune's default puts the whole (nested, long) config into the folder name
+
+
+def _progress_reporter(spec: SweepSpec) -> Any:
+    from ray import tune
+
+    short = {path: name for name, path in SHORTHAND.items()}  # prune.ratio -> ratio, model.name -> model
+    swept = [f"{p}.name" if p in ("model", "dataset") else p for p in spec.space]  # a swept section: its name
+    columns = {"trial/" + p.replace(".", "/"): short.get(p, p) for p in dict.fromkeys([*_ALWAYS_SHOWN, *swept])}
+    # print_intermediate_tables explicitly: its default follows a process-wide verbosity that earlier fits leave set.
+    return tune.CLIReporter(parameter_columns=columns, metric_columns=_PROGRESS_METRICS, max_report_frequency=10,
+                            print_intermediate_tables=True)
+
+
+def _scheduler(spec: SweepSpec) -> Any:
+    if spec.scheduler["name"] == "fifo":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    epochs = spec.trial["finetune"]["epochs"]
+    if "finetune.epochs" in spec.space:
+        epochs = max(spec.space["finetune.epochs"].values)
+    # stop_last_trials=False: a trial that reaches max_t must still run its final measurement and report it.
+    return ASHAScheduler(time_attr="epoch", max_t=max(1, spec.scheduler["max_t"] or epochs),
+                         grace_period=spec.scheduler["grace_period"],
+                         reduction_factor=spec.scheduler["reduction_factor"], stop_last_trials=False)
+
+
+def _search(spec: SweepSpec) -> Any:
+    if spec.search["algorithm"] != "optuna":
+        return None
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(seed=spec.trial["seed"])
+
+
+def _new_tuner(spec: SweepSpec, param_space: dict, trainable: Any, storage: str, max_concurrent: int | None,
+               verbose: int) -> Any:
+    from ray import tune
+
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples(), search_alg=_search(spec),
+            scheduler=_scheduler(spec), max_concurrent_trials=max_concurrent or spec.max_concurrent,
+            trial_dirname_creator=_trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=spec.name, storage_path=storage, verbose=verbose, progress_reporter=_progress_reporter(spec),
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        ),
+    )
+
+
+# Tune's output settings during a fit. The new output engine ignores our CLIReporter, and its own columns would show
+# the whole nested trial dict instead of strategy, ratio and model. num_to_keep=1 forces an experiment snapshot per
+# checkpoint, by design here (a handful of trials, one checkpoint per epoch), so Tune's warning about it is noise.
+_TUNE_OUTPUT = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
+
+
+@contextmanager
+def _tune_output() -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in _TUNE_OUTPUT}
+    os.environ.update(_TUNE_OUTPUT)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+# --- storage and MLflow --------------------------------------------------------------------------------------
+
+
+def resolve_storage(storage: str | None) -> str:
+    """The absolute storage folder (default ./sweep_results); Ray needs it absolute."""
+    path = storage or DEFAULT_STORAGE
+    if "://" in path:
+        raise ValueError(f"--storage: {path!r} is a URI; base models are shared through a file lock, so give a "
+                         "folder (on a cluster, one that every node mounts, such as an NFS path)")
+    return str(Path(path).expanduser().resolve())
+
+
+def cache_dir(storage: str, name: str) -> str:
+    """Where a sweep's trials share their base models: <storage>/<name>/bases."""
+    return os.path.join(storage, name, "bases")
+
+
+def _pending_grid(spec: SweepSpec, uri: str, force: bool) -> tuple[list[dict], int]:
+    """The grid configs still to run and how many were skipped because they already finished."""
+    configs = spec.grid_configs()
+    if force:
+        return configs, 0
+    done = tracking.finished_trials(uri, spec.name)
+    pending = [c for c in configs if tracking.config_hash(c) not in done]
+    return pending, len(configs) - len(pending)
+
+
+def _parent_for_resume(uri: str, spec: SweepSpec, experiment_path: str) -> str | None:
+    """The interrupted launch's parent run, so a resumed sweep keeps all its trials under one parent."""
+    client = MlflowClient(uri)
+    parent = tracking.newest_parent_run(client, spec.name)
+    if parent is None:
+        return None
+    run = tracking.with_retry(client.get_run, parent)
+    if run.info.status == "FINISHED" or run.data.tags.get("sweep.tune_path") != experiment_path:
+        return None
+    tracking.with_retry(client.update_run, parent, status="RUNNING")
+    return parent
+
+
+def _context(uri: str, name: str, parent: str | None, cache: str, force: bool) -> SweepContext:
+    if force:  # the trial must not return a recorded result either
+        return SweepContext(uri, name, parent, cache, rerun=True)
+    return SweepContext(uri, name, parent, cache)
+
+
+def _close_orphans(uri: str, experiment: str, parent_run_id: str) -> None:
+    """Child runs still RUNNING after Tune returned were stopped from outside (ASHA, Ctrl-C): mark them KILLED."""
+    client = MlflowClient(uri)
+    orphans = tracking.child_runs(
+        client, experiment, f"attributes.status = 'RUNNING' and tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    for run in orphans:
+        tracking.with_retry(client.set_terminated, run.info.run_id, status="KILLED")
+
+
+# --- results ---------------------------------------------------------------------------------------------
+
+
+def _status(result: Any, early_stopping: bool) -> str:
+    metrics = result.metrics or {}
+    if result.error is not None:
+        return "FAILED"
+    if metrics.get("skipped"):
+        return "SKIPPED"
+    if "flops" in metrics:  # only the final report carries the measurements
+        return "FINISHED"
+    # Ended without its final report: a scheduler stops trials only on a reported result, so with FIFO, or with no
+    # result at all, the sweep was interrupted (Tune marks such trials TERMINATED too, so its status cannot tell).
+    return "STOPPED" if early_stopping and metrics else "INTERRUPTED"
+
+
+def summary_frame(result_grid: Any, early_stopping: bool = False) -> pd.DataFrame:
+    """One row per Tune trial: what it was (model, strategy, ratio, scope, target) and how it ended."""
+    rows = []
+    for result in result_grid:
+        config = (result.config or {}).get("trial", {})
+        prune, metrics = config.get("prune", {}), result.metrics or {}
+        row = {
+            "model": config.get("model", {}).get("name"), "strategy": prune.get("strategy"),
+            "ratio": prune.get("ratio"), "scope": prune.get("scope"), "target": prune.get("target"),
+            "status": _status(result, early_stopping),
+        }
+        row.update({name: metrics.get(name) for name in _SUMMARY_METRICS})
+        row["error"] = None if result.error is None else " ".join(str(result.error).split())[:200]
+        rows.append(row)
+    columns = ["model", "strategy", "ratio", "scope", "target", "status", *_SUMMARY_METRICS, "error"]
+    frame = pd.DataFrame(rows, columns=columns)
+    frame[_SUMMARY_METRICS] = frame[_SUMMARY_METRICS].astype(float)
+    return frame.sort_values(["model", "strategy", "ratio"], kind="stable").reset_index(drop=True)
+
+
+def _print_summary(frame: pd.DataFrame) -> None:
+    shown = frame.drop(columns=["error"] if frame["error"].isna().all() else [])
+    with pd.option_context("display.max_columns", None, "display.width", 200, "display.max_colwidth", 80):
+        print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+
+
+# --- the sweep -----------------------------------------------------------------------------------------------
+
+
+def run_sweep(
+    spec: SweepSpec,
+    address: str | None = None,
+    tracking_uri: str | None = None,
+    storage: str | None = None,
+    resume: bool = False,
+    force: bool = False,
+    max_concurrent: int | None = None,
+    verbose: int = 1,
+) -> SweepOutcome:
+    """Run the sweep's new trials on Ray Tune, recording them in MLflow under one parent run for this launch.
+
+    Bad input (resources the cluster cannot give) raises SpecError before any MLflow data is written.
+    `resume` restores the Tune experiment in `<storage>/<name>` if it can (errored trials restart from their
+    checkpoints, under the interrupted launch's parent run), and starts afresh otherwise.
+    """
+    storage = resolve_storage(storage)
+    experiment_path = os.path.join(storage, spec.name)
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    os.environ.pop("MLFLOW_RUN_ID", None)  # local workers inherit it, and it would re-parent every trial run
+
+    owns_ray = start_ray(address)
+    try:
+        check_resources(spec)
+        return _launch(spec, uri, storage, experiment_path, resume, force, max_concurrent, verbose)
+    finally:
+        if owns_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def _launch(spec: SweepSpec, uri: str, storage: str, experiment_path: str, resume: bool, force: bool,
+            max_concurrent: int | None, verbose: int) -> SweepOutcome:
+    from ray import tune
+
+    tracking.init_store(uri)  # here, in the driver: trial workers creating the schema in parallel would race
+    restoring = resume and tune.Tuner.can_restore(experiment_path)
+    if resume and not restoring:
+        print(f"nothing to resume at {experiment_path}: starting the sweep afresh")
+    pending, skipped = [], 0
+    if not restoring and spec.search["algorithm"] == "grid":
+        pending, skipped = _pending_grid(spec, uri, force)
+        if not pending:
+            print(f"nothing to run: all {skipped} trials already finished in experiment {spec.name} "
+                  "(use --force to rerun)")
+            return SweepOutcome(spec.name, None, 0, skipped, 0, None, experiment_path)
+        if skipped:
+            print(f"skipping {skipped} trials already finished in experiment {spec.name}; "
+                  f"running {len(pending)} new ones")
+
+    parent = _parent_for_resume(uri, spec, experiment_path) if restoring else None
+    if parent is None:
+        parent = tracking.start_parent_run(uri, spec.name, spec.source_text, tags={"sweep.tune_path": experiment_path})
+    try:
+        context = _context(uri, spec.name, parent, cache_dir(storage, spec.name), force)
+        trainable = tune.with_resources(tune.with_parameters(sweep_trial, context=context),
+                                        {"cpu": spec.resources["cpu"], "gpu": spec.resources["gpu"]})
+        if restoring:
+            print(f"resuming the sweep at {experiment_path}")
+            tuner = tune.Tuner.restore(experiment_path, trainable, resume_errored=True)
+        else:
+            grid = tune.grid_search(pending) if spec.search["algorithm"] == "grid" else spec.param_space()
+            tuner = _new_tuner(spec, {"trial": grid}, trainable, storage, max_concurrent, verbose)
+        with _tune_output():
+            result_grid = tuner.fit()
+    except BaseException:
+        _close_orphans(uri, spec.name, parent)
+        tracking.end_run(uri, parent, "KILLED")
+        raise
+    frame = summary_frame(result_grid, early_stopping=spec.scheduler["name"] != "fifo")
+    return _finish(spec, uri, storage, parent, frame, skipped, experiment_path)
+
+
+def _finish(spec: SweepSpec, uri: str, storage: str, parent: str, frame: pd.DataFrame, skipped: int,
+            experiment_path: str) -> SweepOutcome:
+    """Close the launch: orphaned trial runs, the report, the parent run's status, the summary table."""
+    _close_orphans(uri, spec.name, parent)
+    interrupted = int((frame["status"] == "INTERRUPTED").sum())
+    failed = int((frame["status"] == "FAILED").sum())
+    skipped += int((frame["status"] == "SKIPPED").sum())
+    ran = int(frame["status"].isin(["FINISHED", "FAILED", "STOPPED"]).sum())
+    _write_report(spec.name, uri, storage)
+    tracking.end_run(uri, parent, "KILLED" if interrupted else "FAILED" if failed else "FINISHED")
+    print(f"\nsweep {spec.name}: {ran} trials ran, {skipped} skipped (already finished), {failed} failed")
+    _print_summary(frame)
+    if interrupted:
+        print(f"interrupted with {interrupted} trials unfinished: `sweep run --resume` continues them")
+    elif (frame["status"] == "STOPPED").any():
+        print(f"{int((frame['status'] == 'STOPPED').sum())} trials were stopped early by {spec.scheduler['name']}")
+    return SweepOutcome(spec.name, parent, ran, skipped, failed, frame, experiment_path, interrupted)
+
+
+def _write_report(name: str, uri: str, storage: str) -> None:
+    try:
+        paths = report.write_report(name, uri, out_dir=os.path.join(storage, "reports"))
+    except ValueError as error:  # no finished trial yet: nothing to tabulate
+        print(f"no report: {error}", file=sys.stderr)
+        return
+    print(f"report: {paths['summary'].parent}")
+
+
+# --- one trial, without Ray ---------------------------------------------------------------------------------
+
+
+def single_config(spec: SweepSpec) -> tuple[dict, int]:
+    """The one trial `sweep trial` runs (the first value of every grid or choice) and how many the space holds."""
+    ranges = [f"space: {path} samples a range ({domain.kind}); a single trial needs fixed values, a grid or a choice"
+              for path, domain in spec.space.items() if domain.kind in ("uniform", "loguniform", "randint")]
+    if ranges:
+        raise SpecError(ranges)
+    configs = dataclasses.replace(spec, search={**spec.search, "algorithm": "grid"}).grid_configs()
+    return configs[0], len(configs)
+
+
+def run_one(spec: SweepSpec, tracking_uri: str | None = None, storage: str | None = None,
+            on_report: Callable[[dict, str | None], None] | None = None) -> dict:
+    """One trial in this process, without Ray, logged to MLflow like a sweep's trial (no parent run).
+
+    It shares the sweep's base-model cache, and returns the recorded metrics if this config already finished.
+    """
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    config, _ = single_config(spec)
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    tracking.init_store(uri)
+    context = SweepContext(uri, spec.name, None, cache_dir(resolve_storage(storage), spec.name))
+    return run_trial(config, context, report=on_report or (lambda metrics, checkpoint: None))

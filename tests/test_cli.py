@@ -1,0 +1,201 @@
+"""The `sweep` command line without Ray: validate, run on bad input, models, strategies, prune, trial, report.
+
+Commands run in-process through `sweep.cli.main([...])`; one test runs the installed entry point as a subprocess.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from sweep import tracking
+from sweep.cli import main
+from sweep.measure import count_params
+from sweep.models import build_model, model_names
+from sweep.pruning import STRATEGIES, load_pruned
+from sweep.spec import load_spec
+
+REPO = Path(__file__).resolve().parents[1]
+
+GOOD = """
+name: cli_good
+dataset: {name: digits, limit: 120}
+model: {name: small_cnn}
+base: {epochs: 1, batch_size: 32}
+finetune: {epochs: 1, batch_size: 32}
+measure: {batch_size: 1, warmup: 1, runs: 2}
+space:
+  strategy: {grid: [l1, fpgm, random]}
+  ratio: {grid: [0.3, 0.6]}
+resources: {cpu: 1}
+"""
+
+# Each bad spec with the fields its errors must name (every problem of a file is reported, not just the first).
+BAD = {
+    "many.yaml": ("""
+name: bad name
+model: {name: small_cn}
+dataset: {name: digits}
+finetune: {epochs: -1, lr: 0}
+space:
+  strategy: {grid: [l1, l3]}
+  ratio: {grid: [0.5, 1.5]}
+  bogus: 3
+resources: {cpu: 0, gpu: -1}
+""", ["name:", "model.name:", "finetune.epochs:", "finetune.lr:", "space.strategy.grid[1]:", "space.ratio.grid[1]:",
+      "space.bogus:", "resources.cpu:", "resources.gpu:"]),
+    "search.yaml": ("""
+name: bad_search
+model: {name: small_cnn}
+dataset: {name: mnist_typo}
+search: {algorithm: random}
+scheduler: {name: asha, grace_period: 5, max_t: 2}
+space:
+  finetune.lr: {loguniform: [0, 0.1]}
+""", ["dataset.name:", "search.num_samples:", "scheduler.grace_period:", "space.finetune.lr.loguniform[0]:"]),
+    "yaml.yaml": ("name: broken\nspace: [\n", ["line 3"]),
+}
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    # MLflow's default store is ./mlflow.db: run every command in an empty folder to see whether it writes one.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on a shared 2-core machine: extra threads only spin
+    yield tmp_path
+    torch.set_num_threads(before)
+
+
+def _write(folder: Path, name: str, text: str) -> str:
+    path = folder / name
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def _error_lines(err: str) -> list[str]:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines and all(line.startswith("error: ") for line in lines), err  # no traceback, nothing else
+    return lines
+
+
+def test_validate_good_spec_counts_its_trials(isolated, capsys):
+    path = _write(isolated, "good.yaml", GOOD)
+    quickstart = str(REPO / "search_spaces" / "quickstart.yaml")
+    assert main(["validate", path, quickstart]) == 0
+    out = capsys.readouterr().out.splitlines()
+    expected = len(load_spec(quickstart).grid_configs())
+    assert out == [f"ok: {path} (6 trials)", f"ok: {quickstart} ({expected} trials)"]
+
+
+def test_validate_reports_every_error_of_every_bad_spec(isolated, capsys):
+    good = _write(isolated, "good.yaml", GOOD)
+    paths = {name: _write(isolated, name, text) for name, (text, _) in BAD.items()}
+    missing = str(isolated / "missing.yaml")
+    assert main(["validate", good, *paths.values(), missing]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == [f"ok: {good} (6 trials)"]
+    lines = _error_lines(captured.err)
+    for name, (_, fields) in BAD.items():
+        mine = [line for line in lines if line.startswith(f"error: {paths[name]}: ")]
+        assert len(mine) == len(fields), mine
+        for field in fields:
+            assert any(field in line for line in mine), (field, mine)
+    assert any(line.startswith(f"error: {missing}: file not found") for line in lines)
+    assert sorted(p.name for p in isolated.iterdir()) == sorted(["good.yaml", *BAD])  # no mlflow.db, no mlruns
+
+
+def test_run_with_a_bad_spec_fails_before_touching_mlflow(isolated, capsys):
+    path = _write(isolated, "many.yaml", BAD["many.yaml"][0])
+    db = isolated / "store" / "mlflow.db"
+    assert main(["run", path, "--tracking-uri", f"sqlite:///{db}", "--storage", str(isolated / "results")]) == 2
+    lines = _error_lines(capsys.readouterr().err)
+    assert len(lines) == len(BAD["many.yaml"][1])
+    assert not db.parent.exists() and not (isolated / "results").exists() and not (isolated / "mlflow.db").exists()
+
+
+def test_usage_errors_exit_2(capsys):
+    assert main(["run"]) == 2
+    assert "SPACE.yaml" in capsys.readouterr().err
+    assert main(["prune", "--model", "small_cnn", "--ratio", "1.5"]) == 2
+    assert "--ratio: 1.5 is outside (0, 1)" in capsys.readouterr().err
+
+
+def test_models_and_strategies_are_listed(capsys):
+    assert main(["models"]) == 0
+    names = capsys.readouterr().out.split()
+    assert names == model_names() and {"small_cnn", "resnet20", "resnet18", "vgg16"} <= set(names)
+    assert main(["strategies"]) == 0
+    assert capsys.readouterr().out.split() == list(STRATEGIES)
+
+
+def test_prune_prints_the_table_and_writes_a_loadable_checkpoint(isolated, capsys):
+    out = isolated / "pruned" / "small.pt"
+    args = ["prune", "--model", "small_cnn", "--num-classes", "10", "--strategy", "l1", "--ratio", "0.5",
+            "--input-size", "32", "--out", str(out)]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    table = {parts[0]: (int(parts[2]), int(parts[3])) for parts in map(str.split, text.splitlines())
+             if len(parts) == 4 and parts[1] in ("Conv2d", "Linear")}
+    assert table, text
+    params = next(line for line in text.splitlines() if line.startswith("params:"))
+    before, after = (int(n.replace(",", "")) for n in params.split()[1:4:2])
+
+    model, plan = load_pruned(out, build_model("small_cnn", 10))
+    assert count_params(build_model("small_cnn", 10)) == before
+    assert count_params(model) == after < before
+    for name, (width_before, width_after) in table.items():
+        module = model.get_submodule(name)
+        assert (module.out_channels if isinstance(module, torch.nn.Conv2d) else module.out_features) == width_after
+        assert width_after <= width_before
+    assert any(b > a for b, a in table.values())  # something was removed
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_prune_user_errors_are_one_line(capsys):
+    assert main(["prune", "--model", "no_such_net"]) == 2
+    assert _error_lines(capsys.readouterr().err)[0].startswith("error: model.name: unknown model 'no_such_net'")
+    assert main(["prune", "--model", "small_cnn", "--strategy", "l3"]) == 2
+    assert _error_lines(capsys.readouterr().err)[0].startswith("error: strategy: unknown 'l3'")
+    assert main(["prune", "--model", "small_cnn", "--weights", "nothing/here.pt"]) == 2
+    assert len(_error_lines(capsys.readouterr().err)) == 1
+
+
+def test_trial_runs_one_config_without_ray_then_report(isolated, capsys):
+    path = _write(isolated, "good.yaml", GOOD)
+    uri = f"sqlite:///{isolated / 'mlflow.db'}"
+    storage = str(isolated / "results")
+    assert main(["trial", path, "--tracking-uri", uri, "--storage", storage]) == 0
+    captured = capsys.readouterr()
+    assert "running the first" in captured.err
+    printed = dict(line.split(maxsplit=1) for line in captured.out.splitlines() if not line.startswith("epoch"))
+    runs = tracking.child_runs(MlflowClient(uri), "cli_good")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run = runs[0]
+    assert run.data.params["strategy"] == "l1" and float(run.data.params["ratio"]) == 0.3  # the first grid point
+    assert "mlflow.parentRunId" not in run.data.tags
+    assert float(printed["accuracy"]) == pytest.approx(run.data.metrics["accuracy"], rel=1e-5)
+    assert len(list((isolated / "results" / "cli_good" / "bases").iterdir())) == 1  # the sweep's base cache
+
+    # The same config again: no new run, the recorded metrics are printed.
+    assert main(["trial", path, "--tracking-uri", uri, "--storage", storage]) == 0
+    assert "already has a FINISHED run" in capsys.readouterr().out
+    assert len(tracking.child_runs(MlflowClient(uri), "cli_good")) == 1
+
+    assert main(["report", "cli_good", "--tracking-uri", uri, "--out", str(isolated / "reports")]) == 0
+    assert "Sweep `cli_good`" in capsys.readouterr().out
+    assert (isolated / "reports" / "cli_good" / "trials.csv").read_text().count("\n") == 2  # header + 1 trial
+    assert main(["report", "no_such_sweep", "--tracking-uri", uri]) == 2
+    assert "not found" in _error_lines(capsys.readouterr().err)[0]
+
+
+def test_console_entry_point_exits_2_on_bad_input(isolated):
+    path = _write(isolated, "many.yaml", BAD["many.yaml"][0])
+    done = subprocess.run([sys.executable, "-m", "sweep.cli", "validate", path], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and len(_error_lines(done.stderr)) == len(BAD["many.yaml"][1])

@@ -1,0 +1,267 @@
+"""Sweeps end to end on real Ray (local on loopback, and a 2-node fake cluster), real MLflow (sqlite), real torch.
+
+Tiny trials (digits, small_cnn, one epoch each) keep the file to a couple of minutes on 2 cores.
+"""
+
+from pathlib import Path
+
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+
+from sweep import tracking
+from sweep.cli import main
+from sweep.orchestrate import cache_dir, run_sweep, start_ray
+from sweep.spec import SpecError, load_spec
+
+TINY = """
+name: {name}
+dataset: {{name: digits, limit: 120}}
+model: {{name: small_cnn}}
+base: {{epochs: 1, batch_size: 32}}
+finetune: {{epochs: {epochs}, batch_size: 32}}
+measure: {{batch_size: 1, warmup: 1, runs: 2}}
+space:
+  strategy: {{grid: {strategies}}}
+  ratio: {{grid: {ratios}}}
+resources: {{cpu: 1, gpu: {gpu}}}
+max_failures: {max_failures}
+{extra}
+"""
+
+
+def write_spec(folder: Path, name: str, strategies=("l1", "random"), ratios=(0.3, 0.6), gpu=0, epochs=1,
+               max_failures=2, extra="") -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(TINY.format(name=name, strategies=list(strategies), ratios=list(ratios), gpu=gpu, epochs=epochs,
+                                max_failures=max_failures, extra=extra), encoding="utf-8")
+    return path
+
+
+def listening_addresses() -> set[tuple[str, int]]:
+    """(hex address, port) of every listening TCP socket on this machine, from /proc/net."""
+    found = set()
+    for table in (Path("/proc/net/tcp"), Path("/proc/net/tcp6")):
+        for line in table.read_text().splitlines()[1:] if table.exists() else []:
+            fields = line.split()
+            if fields[3] == "0A":  # TCP_LISTEN
+                address, port = fields[1].split(":")
+                found.add((address, int(port, 16)))
+    return found
+
+
+def is_loopback(hex_address: str) -> bool:
+    """127.0.0.0/8, its IPv4-mapped IPv6 form, or ::1, as /proc/net writes them (little-endian words)."""
+    if hex_address == "00000000000000000000000001000000":  # ::1
+        return True
+    mapped = "0000000000000000FFFF0000"
+    ipv4 = hex_address[len(mapped):] if hex_address.startswith(mapped) else hex_address
+    return len(ipv4) == 8 and ipv4.endswith("7F")  # 127.x.x.x, byte-reversed
+
+
+def children(uri: str, experiment: str) -> list:
+    return tracking.child_runs(MlflowClient(uri), experiment)
+
+
+def parents(uri: str, experiment: str) -> list:
+    client = MlflowClient(uri)
+    experiment_id = tracking.find_experiment_id(client, experiment)
+    return tracking.all_runs(client, experiment_id, "tags.`sweep.role` = 'parent'")
+
+
+class TestLocalSweep:
+    @pytest.fixture(scope="class")
+    def local_ray(self):
+        before = listening_addresses()
+        assert start_ray(None)  # the CLI's own local start
+        opened = listening_addresses() - before
+        yield opened
+        ray.shutdown()
+
+    def test_local_ray_listens_on_loopback_only(self, local_ray):
+        if not Path("/proc/net/tcp").exists():
+            pytest.skip("no /proc/net/tcp on this system: cannot list listening sockets")
+        assert ray.util.get_node_ip_address() == "127.0.0.1"
+        assert local_ray, "Ray opened no listening socket?"
+        assert all(is_loopback(address) for address, _ in local_ray), sorted(local_ray)
+
+    @pytest.fixture(scope="class")
+    def store(self, tmp_path_factory):
+        root = tmp_path_factory.mktemp("sweep")
+        return {"root": root, "uri": f"sqlite:///{root / 'mlflow.db'}", "storage": str(root / "results")}
+
+    @pytest.fixture(scope="class")
+    def first(self, local_ray, store):
+        spec = load_spec(write_spec(store["root"], "local_sweep"))
+        return spec, run_sweep(spec, tracking_uri=store["uri"], storage=store["storage"], verbose=0)
+
+    @pytest.mark.timeout(240)
+    def test_grid_runs_every_trial_nested_under_one_parent(self, first, store):
+        spec, outcome = first
+        assert (outcome.ran, outcome.skipped, outcome.failed) == (4, 0, 0)
+        assert list(outcome.results["status"]) == ["FINISHED"] * 4
+
+        runs = children(store["uri"], "local_sweep")
+        assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
+        assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {outcome.parent_run_id}
+        assert {(r.data.params["strategy"], float(r.data.params["ratio"])) for r in runs} == {
+            ("l1", 0.3), ("l1", 0.6), ("random", 0.3), ("random", 0.6)}
+        assert {r.data.tags["config_hash"] for r in runs} == {tracking.config_hash(c) for c in spec.grid_configs()}
+        for run in runs:
+            metrics = run.data.metrics
+            assert 0 <= metrics["accuracy"] <= 1 and 0 < metrics["flops_reduction"] < 1
+            assert metrics["params"] < metrics["base_params"]
+        # Results as Tune saw them agree with what MLflow recorded.
+        assert sorted(outcome.results["accuracy"]) == pytest.approx(sorted(r.data.metrics["accuracy"] for r in runs))
+
+        # One base for the whole sweep, trained by exactly one trial.
+        assert len(list(Path(cache_dir(store["storage"], "local_sweep")).iterdir())) == 1
+        assert sorted(r.data.tags["base_cache"] for r in runs) == ["hit", "hit", "hit", "miss"]
+
+        client = MlflowClient(store["uri"])
+        parent = client.get_run(outcome.parent_run_id)
+        assert parent.info.status == "FINISHED" and parent.data.tags["sweep.role"] == "parent"
+        assert Path(client.download_artifacts(parent.info.run_id, "spec.yaml")).read_text() == spec.source_text
+        report = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "report")}
+        assert {"summary.md", "trials.csv", "pareto.png"} <= report
+
+    @pytest.mark.timeout(120)
+    def test_same_spec_again_runs_nothing(self, first, store, capsys):
+        spec_path = store["root"] / "local_sweep.yaml"
+        assert main(["run", str(spec_path), "--tracking-uri", store["uri"], "--storage", store["storage"]]) == 0
+        assert ("nothing to run: all 4 trials already finished in experiment local_sweep (use --force to rerun)"
+                in capsys.readouterr().out)
+        assert len(children(store["uri"], "local_sweep")) == 4
+        assert len(parents(store["uri"], "local_sweep")) == 1  # an empty launch leaves no parent run behind
+
+    @pytest.mark.timeout(240)
+    def test_added_strategy_runs_only_its_trials(self, first, store, capsys):
+        spec = load_spec(write_spec(store["root"], "local_sweep", strategies=("l1", "random", "l2")))
+        outcome = run_sweep(spec, tracking_uri=store["uri"], storage=store["storage"])
+        assert (outcome.ran, outcome.skipped, outcome.failed) == (2, 4, 0)
+        out = capsys.readouterr().out
+        assert "skipping 4 trials already finished" in out
+        header = next(line for line in out.splitlines() if line.startswith("| Trial name"))  # Tune's progress table
+        assert [cell.strip() for cell in header.strip("|").split("|")][:6] == [
+            "Trial name", "status", "loc", "model", "strategy", "ratio"]
+        assert "sweep local_sweep: 2 trials ran, 4 skipped" in out  # the summary
+
+        runs = children(store["uri"], "local_sweep")
+        new = [r for r in runs if r.data.tags["mlflow.parentRunId"] == outcome.parent_run_id]
+        assert len(runs) == 6 and len(new) == 2
+        assert {(r.data.params["strategy"], float(r.data.params["ratio"])) for r in new} == {("l2", 0.3), ("l2", 0.6)}
+        assert {r.data.tags["base_cache"] for r in new} == {"hit"}  # same base settings: the cached base
+        assert len(parents(store["uri"], "local_sweep")) == 2
+
+    @pytest.mark.timeout(120)
+    def test_gpu_on_a_cpu_only_cluster_is_refused_before_any_run(self, local_ray, tmp_path, capsys):
+        path = write_spec(tmp_path, "gpu_sweep", gpu=1)
+        db = tmp_path / "store" / "mlflow.db"
+        args = ["run", str(path), "--tracking-uri", f"sqlite:///{db}", "--storage", str(tmp_path / "results")]
+        assert main(args) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {path}: resources.gpu: 1 GPU per trial")
+        with pytest.raises(SpecError, match="resources.gpu"):
+            run_sweep(load_spec(path), tracking_uri=f"sqlite:///{db}", storage=str(tmp_path / "results"))
+        assert not db.parent.exists() and not (tmp_path / "results").exists()
+
+    @pytest.mark.timeout(240)
+    def test_failed_trial_fails_the_launch_and_resume_finishes_it(self, local_ray, tmp_path):
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        fault = "fault: {fail_at_epoch: 2}"  # fails in fine-tune epoch 2 on its first attempt only
+        failing = write_spec(tmp_path, "fails", strategies=["l1"], ratios=[0.5], epochs=2, max_failures=0,
+                             extra=fault)
+        args = ["run", str(failing), "--tracking-uri", uri, "--storage", str(tmp_path / "results")]
+        assert main(args) == 1
+        [run] = children(uri, "fails")
+        [parent] = parents(uri, "fails")
+        assert run.info.status == "FAILED" and parent.info.status == "FAILED"
+
+        # --resume restores the Tune experiment: the errored trial restarts from its epoch-1 checkpoint, continuing
+        # its own MLflow run under the same parent run.
+        assert main([*args, "--resume"]) == 0
+        [run] = children(uri, "fails")
+        assert run.info.status == "FINISHED" and "flops_reduction" in run.data.metrics
+        history = MlflowClient(uri).get_metric_history(run.info.run_id, "val_accuracy")
+        assert sorted(m.step for m in history) == [1, 2]
+        [parent] = parents(uri, "fails")
+        assert parent.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+
+    @pytest.mark.timeout(240)
+    def test_a_retried_trial_continues_its_run(self, local_ray, tmp_path):
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        retried = write_spec(tmp_path, "retried", strategies=["l1"], ratios=[0.5], epochs=2, max_failures=1,
+                             extra="fault: {fail_at_epoch: 2}")
+        outcome = run_sweep(load_spec(retried), tracking_uri=uri, storage=str(tmp_path / "results"), verbose=0)
+        assert (outcome.ran, outcome.failed) == (1, 0)
+        [run] = children(uri, "retried")  # Tune's retry resumed from the epoch-1 checkpoint: no duplicate run
+        assert run.info.status == "FINISHED"
+        history = MlflowClient(uri).get_metric_history(run.info.run_id, "val_accuracy")
+        assert sorted(m.step for m in history) == [1, 2]
+
+
+    @pytest.mark.timeout(240)
+    def test_optuna_with_asha(self, local_ray, tmp_path):
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        path = tmp_path / "optuna.yaml"
+        path.write_text("""
+name: optuna_sweep
+dataset: {name: digits, limit: 120}
+model: {name: small_cnn}
+base: {epochs: 1, batch_size: 32}
+finetune: {epochs: 2, batch_size: 32}
+measure: {batch_size: 1, warmup: 1, runs: 2}
+space:
+  strategy: {choice: [l1, l2]}
+  ratio: {uniform: [0.2, 0.7]}
+search: {algorithm: optuna, num_samples: 3}
+scheduler: {name: asha, grace_period: 1, reduction_factor: 2}
+resources: {cpu: 1}
+""")
+        outcome = run_sweep(load_spec(path), tracking_uri=uri, storage=str(tmp_path / "results"), verbose=0)
+        assert (outcome.ran, outcome.failed, outcome.interrupted) == (3, 0, 0)
+        statuses = list(outcome.results["status"])
+        assert set(statuses) <= {"FINISHED", "STOPPED"} and "FINISHED" in statuses
+
+        runs = children(uri, "optuna_sweep")
+        assert len(runs) == 3
+        for run in runs:
+            assert run.data.params["strategy"] in ("l1", "l2") and 0.2 <= float(run.data.params["ratio"]) <= 0.7
+        # Trials ASHA stopped never logged their end: the orchestrator closes their runs as KILLED.
+        ended = sorted(r.info.status for r in runs)
+        assert ended == sorted("FINISHED" if s == "FINISHED" else "KILLED" for s in statuses)
+        assert parents(uri, "optuna_sweep")[0].info.status == "FINISHED"
+
+
+class TestCluster:
+    @pytest.fixture
+    def cluster(self):
+        from ray.cluster_utils import Cluster
+
+        ray.shutdown()
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        yield cluster
+        ray.shutdown()
+        cluster.shutdown()
+
+    @pytest.mark.timeout(240)
+    def test_two_nodes_share_one_base(self, cluster, tmp_path):
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        storage = str(tmp_path / "results")  # one filesystem: stands in for the NFS mount a real cluster needs
+        spec = load_spec(write_spec(tmp_path, "two_nodes", strategies=["l1", "random"], ratios=[0.5]))
+        outcome = run_sweep(spec, address=cluster.address, tracking_uri=uri, storage=storage, verbose=0)
+        assert (outcome.ran, outcome.failed) == (2, 0)
+        assert not ray.is_initialized()  # run_sweep disconnects what it connected
+
+        ray.init(address=cluster.address)
+        nodes = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+        assert len(nodes) == 2
+        runs = children(uri, "two_nodes")
+        assert {r.info.status for r in runs} == {"FINISHED"}
+        # One CPU per node and per trial: the two trials ran at the same time, one on each node.
+        assert {r.data.tags["ray.node_id"] for r in runs} == nodes
+        # ...and the base was trained once, by one of them, the other waiting for it.
+        assert sorted(r.data.tags["base_cache"] for r in runs) == ["hit", "miss"]
+        assert len(list(Path(cache_dir(storage, "two_nodes")).iterdir())) == 1
