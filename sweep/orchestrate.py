@@ -142,7 +142,7 @@ def _search(spec: SweepSpec) -> Any:
 
 
 def _new_tuner(spec: SweepSpec, param_space: dict, trainable: Any, storage: str, max_concurrent: int | None,
-               verbose: int) -> Any:
+               verbose: int, reuse_workers: bool = True) -> Any:
     from ray import tune
 
     return tune.Tuner(
@@ -152,6 +152,9 @@ def _new_tuner(spec: SweepSpec, param_space: dict, trainable: Any, storage: str,
             metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples(), search_alg=_search(spec),
             scheduler=_scheduler(spec), max_concurrent_trials=max_concurrent or spec.max_concurrent,
             trial_dirname_creator=_trial_dirname,
+            # A new worker per trial costs seconds (process start, import torch and mlflow); every trial of a
+            # sweep asks for the same resources, so one worker can run trial after trial.
+            reuse_actors=reuse_workers,
         ),
         run_config=tune.RunConfig(
             name=spec.name, storage_path=storage, verbose=verbose, progress_reporter=_progress_reporter(spec),
@@ -290,6 +293,7 @@ def run_sweep(
     force: bool = False,
     max_concurrent: int | None = None,
     verbose: int = 1,
+    reuse_workers: bool = True,
 ) -> SweepOutcome:
     """Run the sweep's new trials on Ray Tune, recording them in MLflow under one parent run for this launch.
 
@@ -305,7 +309,7 @@ def run_sweep(
     owns_ray = start_ray(address)
     try:
         check_resources(spec)
-        return _launch(spec, uri, storage, experiment_path, resume, force, max_concurrent, verbose)
+        return _launch(spec, uri, storage, experiment_path, resume, force, max_concurrent, verbose, reuse_workers)
     finally:
         if owns_ray:
             import ray
@@ -314,7 +318,7 @@ def run_sweep(
 
 
 def _launch(spec: SweepSpec, uri: str, storage: str, experiment_path: str, resume: bool, force: bool,
-            max_concurrent: int | None, verbose: int) -> SweepOutcome:
+            max_concurrent: int | None, verbose: int, reuse_workers: bool) -> SweepOutcome:
     from ray import tune
 
     tracking.init_store(uri)  # here, in the driver: trial workers creating the schema in parallel would race
@@ -344,7 +348,7 @@ def _launch(spec: SweepSpec, uri: str, storage: str, experiment_path: str, resum
             tuner = tune.Tuner.restore(experiment_path, trainable, resume_errored=True)
         else:
             grid = tune.grid_search(pending) if spec.search["algorithm"] == "grid" else spec.param_space()
-            tuner = _new_tuner(spec, {"trial": grid}, trainable, storage, max_concurrent, verbose)
+            tuner = _new_tuner(spec, {"trial": grid}, trainable, storage, max_concurrent, verbose, reuse_workers)
         with _tune_output():
             result_grid = tuner.fit()
     except BaseException:
