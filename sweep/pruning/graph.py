@@ -105,7 +105,9 @@ class ChannelGraph:
 
     @property
     def layer_width(self) -> list[int]:
-        return [max(width for width, _ in sizes) for sizes in self.producer_sizes]
+        """Channels a ratio applies to: the narrowest producer's, so none loses more than the ratio
+        (a CIFAR ResNet's 16-wide stem is tied through zero padding to its 64-wide last stage)."""
+        return [min(width for width, _ in sizes) for sizes in self.producer_sizes]
 
     @property
     def total_flops(self) -> int:

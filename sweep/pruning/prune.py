@@ -201,8 +201,9 @@ def prune(
         step_plan = _one_step(current, graph, scores, step_ratio, scope, target,
                               base_flops * (1 - goal), _limits(graph, min_channels), round_to)
         if graph.clamped and target == "channels":
-            log.warning("ratio: %d layer(s) would be emptied or lose protected channels at ratio %.3g; "
-                        "kept at least min_channels=%s in each", len(graph.clamped), step_ratio, min_channels)
+            log.warning("ratio: %d layer(s) cannot lose a fraction %.3g of their channels without going below "
+                        "min_channels=%s or touching channels that must stay (output, padding, ignore); "
+                        "pruned them as far as allowed", len(graph.clamped), step_ratio, min_channels)
         remove_channels(current, step_plan.removed, step_plan.removed_in)
         plan = plan.then(step_plan, model)
         if callback is not None and step < steps:
