@@ -50,7 +50,8 @@ def _min_channels(text: str) -> int | float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sweep", description="Ray-distributed CNN pruning sweeps, tracked in MLflow.")
+    parser = argparse.ArgumentParser(prog="sweep", description="Ray-distributed CNN pruning sweeps, tracked in MLflow.",
+                                     allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="run a sweep on Ray Tune (only the trials not finished yet)")
@@ -119,12 +120,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from .preflight import preflight
     from .spec import SpecError, load_spec
 
     status = 0
     for path in args.spaces:
         try:
             spec = load_spec(path)
+            preflight(spec)
         except SpecError as error:
             _print_errors(error.errors, path)
             status = USER_ERROR

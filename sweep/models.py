@@ -9,6 +9,7 @@ Every zoo model traces with torch.fx, because the pruner works on the traced gra
 from __future__ import annotations
 
 import difflib
+import pickle
 from pathlib import Path
 from typing import Callable
 
@@ -250,9 +251,12 @@ def load_checkpoint_state(path: str | Path) -> dict[str, Tensor]:
         raise ModelError(f"model.weights: no checkpoint file at '{path}'; give an existing .pt/.pth/.th file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors are long and varied; the first line says what went wrong
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"model.weights: cannot load '{path}': {first}") from e
+    except Exception as e:  # never pass on torch's advice to retry with weights_only=False
+        if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
+            raise ModelError(f"model.weights: cannot load '{path}': it holds pickled objects, not only tensors, "
+                             "and is refused for safety; re-save it as a state_dict") from e
+        raise ModelError(f"model.weights: cannot load '{path}': not a PyTorch checkpoint (corrupt, or not "
+                         "written by torch.save)") from e
     while isinstance(obj, dict) and not all(isinstance(v, Tensor) for v in obj.values()):
         inner = obj.get("state_dict", obj.get("model"))
         if not isinstance(inner, dict):

@@ -11,6 +11,7 @@ Random and optuna sweeps cannot be enumerated up front; there the trial itself r
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from . import report, tracking
+from .preflight import preflight
 from .spec import SHORTHAND, SpecError, SweepSpec
 from .trial import SweepContext, run_trial
 
@@ -306,6 +308,7 @@ def run_sweep(
     uri = tracking.resolve_tracking_uri(tracking_uri)
     os.environ.pop("MLFLOW_RUN_ID", None)  # local workers inherit it, and it would re-parent every trial run
 
+    preflight(spec)  # models, checkpoints and data the trials will need: fail now, not in every trial
     owns_ray = start_ray(address)
     try:
         check_resources(spec)
@@ -317,12 +320,27 @@ def run_sweep(
             ray.shutdown()
 
 
+def _restorable(experiment_path: str) -> bool:
+    """Tune rewrites its experiment state in place after every checkpoint: a driver killed mid-write leaves a
+    truncated file that Tune cannot restore from (it would restart every trial without its config). Drop such
+    files; restore from an older intact one, or start afresh when none is left."""
+    states = sorted(Path(experiment_path).glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    for state in reversed(states):
+        try:
+            json.loads(state.read_text())
+            return True
+        except (OSError, ValueError):
+            print(f"ignoring a damaged Tune state file: {state}", file=sys.stderr)
+            state.unlink(missing_ok=True)
+    return False
+
+
 def _launch(spec: SweepSpec, uri: str, storage: str, experiment_path: str, resume: bool, force: bool,
             max_concurrent: int | None, verbose: int, reuse_workers: bool) -> SweepOutcome:
     from ray import tune
 
     tracking.init_store(uri)  # here, in the driver: trial workers creating the schema in parallel would race
-    restoring = resume and tune.Tuner.can_restore(experiment_path)
+    restoring = resume and _restorable(experiment_path) and tune.Tuner.can_restore(experiment_path)
     if resume and not restoring:
         print(f"nothing to resume at {experiment_path}: starting the sweep afresh")
     pending, skipped = [], 0

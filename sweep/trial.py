@@ -152,13 +152,17 @@ def _tune_reporter() -> tuple[Report, str | None]:
     return report, local
 
 
-def _existing_result(context: SweepContext, chash: str) -> dict | None:
-    run_id = tracking.finished_trials(context.tracking_uri, context.experiment).get(chash)
-    if run_id is None:
-        return None
+def _finished_run(context: SweepContext, run_id: str) -> dict | None:
+    """The recorded result of a FINISHED run (a trial that must not be redone), else None."""
     from mlflow.tracking import MlflowClient
 
-    return {**MlflowClient(context.tracking_uri).get_run(run_id).data.metrics, "skipped": 1.0}
+    run = tracking.with_retry(MlflowClient(context.tracking_uri).get_run, run_id)
+    return {**run.data.metrics, "skipped": 1.0} if run.info.status == "FINISHED" else None
+
+
+def _existing_result(context: SweepContext, chash: str) -> dict | None:
+    run_id = tracking.finished_trials(context.tracking_uri, context.experiment).get(chash)
+    return None if run_id is None else _finished_run(context, run_id)
 
 
 def _node_tags() -> dict[str, str]:
@@ -186,11 +190,13 @@ def run_trial(config: dict, context: SweepContext, report: Report | None = None,
         report, checkpoint_dir = _tune_reporter()
     state = _restore_state(checkpoint_dir)
     chash = tracking.config_hash(config)
-    if state is None and not context.rerun:
-        existing = _existing_result(context, chash)
-        if existing is not None:
-            report(existing, None)
-            return existing
+    if state is not None:  # the driver may have died after this run finished but before Tune recorded it
+        existing = _finished_run(context, state["run_id"])
+    else:
+        existing = None if context.rerun else _existing_result(context, chash)
+    if existing is not None:
+        report(existing, None)
+        return existing
 
     device = pick_device(config["device"])
     seed_everything(config["seed"])

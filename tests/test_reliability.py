@@ -1,0 +1,292 @@
+"""Failures for real: a trial that crashes mid-fine-tune, a driver killed with SIGKILL, a node lost mid-sweep, and a
+pruning config that would empty every layer. Each ends with exactly one FINISHED MLflow run per config.
+
+Real Ray (local on loopback; a 2-node `ray.cluster_utils.Cluster`), real MLflow (sqlite), real tiny trials (digits,
+small_cnn). Every wait is a bounded polling loop and every test has a timeout.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+
+from sweep import tracking
+from sweep.orchestrate import run_sweep, start_ray
+from sweep.spec import load_spec
+
+REPO = Path(__file__).resolve().parents[1]
+
+SPEC = """
+name: {name}
+dataset: {{name: digits, limit: {limit}}}
+model: {{name: small_cnn}}
+base: {{epochs: 1, batch_size: 32}}
+finetune: {{epochs: {epochs}, batch_size: {batch}}}
+measure: {{batch_size: 1, warmup: 1, runs: 2}}
+resources: {{cpu: 1}}
+max_failures: {max_failures}
+{extra}
+"""
+
+
+def write_spec(folder: Path, name: str, extra: str, epochs: int = 3, limit: int = 200, batch: int = 32,
+               max_failures: int = 1) -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(SPEC.format(name=name, epochs=epochs, limit=limit, batch=batch, max_failures=max_failures,
+                                extra=extra), encoding="utf-8")
+    return path
+
+
+def runs_by_config(uri: str, name: str) -> dict[str, list]:
+    """config_hash -> the experiment's trial runs of that config."""
+    grouped: dict[str, list] = {}
+    for run in tracking.child_runs(MlflowClient(uri), name):
+        grouped.setdefault(run.data.tags["config_hash"], []).append(run)
+    return grouped
+
+
+def steps(uri: str, run_id: str, metric: str = "val_accuracy") -> list[int]:
+    return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, metric))
+
+
+def assert_one_finished_run_per_config(uri: str, spec) -> dict[str, object]:
+    grouped = runs_by_config(uri, spec.name)
+    expected = {tracking.config_hash(c) for c in spec.grid_configs()}
+    assert set(grouped) == expected
+    assert {h: [r.info.status for r in runs] for h, runs in grouped.items()} == {h: ["FINISHED"] for h in expected}
+    return {h: runs[0] for h, runs in grouped.items()}
+
+
+def wait_for(condition, what: str, seconds: float, every: float = 0.5):
+    """Poll condition() until it returns something truthy; fail after `seconds` (a bounded loop, never a hang)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    pytest.fail(f"timed out after {seconds:.0f} s waiting for {what}")
+
+
+@pytest.fixture
+def local_ray():
+    ray.shutdown()
+    start_ray(None)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+# --- a trial fails -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(240)
+def test_failed_trial_is_retried_from_its_checkpoint_in_its_own_run(local_ray, tmp_path, sqlite_uri):
+    uri = sqlite_uri
+    # Both trials crash at the start of fine-tune epoch 2 on their first attempt (after epoch 1's checkpoint).
+    # One also asks to prune 99 % of every layer: the pruner keeps min_channels per layer and the head whole.
+    path = write_spec(tmp_path, "retried", max_failures=1, extra="""
+fault: {fail_at_epoch: 2}
+prune: {strategy: l1, min_channels: 2}
+space:
+  ratio: {grid: [0.5, 0.99]}
+""")
+    spec = load_spec(path)
+    outcome = run_sweep(spec, tracking_uri=uri, storage=str(tmp_path / "results"), verbose=0)
+    assert (outcome.ran, outcome.failed, outcome.interrupted) == (2, 0, 0)
+    assert list(outcome.results["status"]) == ["FINISHED", "FINISHED"]
+
+    client = MlflowClient(uri)
+    runs = assert_one_finished_run_per_config(uri, spec)
+    for run in runs.values():
+        # Epoch 1 from the first attempt, 2 and 3 from the retry, which resumed from the epoch-1 checkpoint:
+        # every epoch exactly once, nothing of the failed attempt counted twice.
+        assert steps(uri, run.info.run_id) == [1, 2, 3]
+        assert steps(uri, run.info.run_id, "train_loss") == [1, 2, 3]
+        assert run.data.tags["mlflow.parentRunId"] == outcome.parent_run_id
+
+    # Tune saw each trial fail once and restored it (its error file records the injected fault).
+    errors = sorted(Path(outcome.storage).glob("trial_*/error.txt"))
+    assert len(errors) == 2 and all("fault.fail_at_epoch" in e.read_text() for e in errors)
+
+    # ratio 0.99 with min_channels 2: clamped, not crashed; every layer keeps 2 channels, the head all 10 outputs.
+    [extreme] = [r for r in runs.values() if float(r.data.params["ratio"]) == 0.99]
+    table = Path(client.download_artifacts(extreme.info.run_id, "channels.csv", str(tmp_path))).read_text()
+    rows = [line.split(",") for line in table.strip().splitlines()[1:]]
+    after = {layer: int(count) for layer, _, _, count in rows}
+    assert after and min(after.values()) >= 2, after
+    assert 0 < extreme.data.metrics["flops_reduction"] < 1 and 0 <= extreme.data.metrics["accuracy"] <= 1
+
+
+# --- the driver is killed ---------------------------------------------------------------------------------------
+
+
+def _processes_with(marker: str) -> list[int]:
+    """Processes whose environment carries marker: the driver and everything it (and Ray) started."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if marker.encode() in (proc / "environ").read_bytes():
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
+
+
+def _kill_all(marker: str) -> None:
+    for _ in range(20):  # bounded: Ray's processes may still be starting workers
+        pids = _processes_with(marker)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.5)
+
+
+@pytest.fixture
+def driver_env(tmp_path):
+    """Environment for `sweep run` subprocesses, tagged so that every process they start can be found and killed."""
+    marker = f"SWEEP_TEST_DRIVER={uuid.uuid4().hex}"
+    ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # short: Ray's socket paths live under it
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_TMPDIR": ray_tmp,
+           "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO), marker.split("=")[0]: marker.split("=")[1]}
+    env.pop("MLFLOW_RUN_ID", None)
+    yield env
+    _kill_all(marker)
+    subprocess.run(["rm", "-rf", ray_tmp], check=False)
+
+
+def _sweep(args: list[str], env: dict, cwd: Path, log: Path) -> subprocess.Popen:
+    with open(log, "ab") as out:  # the child keeps its own descriptor
+        return subprocess.Popen([sys.executable, "-m", "sweep.cli", "run", *args], env=env, cwd=cwd, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@pytest.mark.timeout(300)
+def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, driver_env, sqlite_uri):
+    uri = sqlite_uri  # created beforehand: polling a store while the driver creates its schema would race it
+    # Short trials (1 epoch) finish while long ones (8 epochs on all of digits) are still running when the driver dies.
+    path = write_spec(tmp_path, "killed", limit=1000, batch=16, max_failures=1, extra="""
+space:
+  strategy: {grid: [l1, random]}
+  finetune.epochs: {grid: [1, 8]}
+""")
+    spec = load_spec(path)
+    args = [str(path), "--tracking-uri", uri, "--storage", str(tmp_path / "results"), "--quiet"]
+    log = tmp_path / "driver.log"
+    driver = _sweep(args, driver_env, tmp_path, log)
+
+    def mid_sweep():
+        if driver.poll() is not None:
+            pytest.fail(f"the sweep ended before it could be killed:\n{log.read_text()[-3000:]}")
+        runs = [r for rs in runs_by_config(uri, spec.name).values() for r in rs]
+        finished = [r for r in runs if r.info.status == "FINISHED"]
+        running = [r for r in runs if r.info.status == "RUNNING" and steps(uri, r.info.run_id)]
+        return (finished, running) if finished and running else None
+
+    finished, running = wait_for(mid_sweep, "one finished trial and one mid-fine-tune", seconds=150, every=0.3)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver's whole session: no cleanup, no `finally`
+    driver.wait(timeout=30)
+    _kill_all(next(k + "=" + v for k, v in driver_env.items() if k == "SWEEP_TEST_DRIVER"))
+    logged = {r.info.run_id: steps(uri, r.info.run_id) for r in tracking.child_runs(MlflowClient(uri), spec.name)}
+
+    resumed = _sweep([*args, "--resume"], driver_env, tmp_path, log)
+    assert resumed.wait(timeout=200) == 0, log.read_text()[-3000:]
+    assert "resuming the sweep" in log.read_text()
+
+    runs = assert_one_finished_run_per_config(uri, spec)
+    by_id = {r.info.run_id: r for r in runs.values()}
+    for run in finished:  # not re-run: the same run, untouched
+        assert run.info.run_id in by_id and by_id[run.info.run_id].info.end_time == run.info.end_time
+        assert steps(uri, run.info.run_id) == logged[run.info.run_id]
+    for run in running:  # resumed from its checkpoint in its own run
+        assert run.info.run_id in by_id, "an interrupted trial started a new MLflow run"
+        epochs = int(run.data.params["finetune.epochs"])
+        history = Counter(steps(uri, run.info.run_id))
+        assert set(history) == set(range(1, epochs + 1))
+        # Epochs checkpointed before the kill are not trained again; only the one in flight may be repeated.
+        repeated = [step for step, count in history.items() if count > 1]
+        assert repeated in ([], [max(logged[run.info.run_id])]), history
+    parents = tracking.all_runs(MlflowClient(uri), tracking.find_experiment_id(MlflowClient(uri), spec.name),
+                                "tags.`sweep.role` = 'parent'")
+    assert [p.info.status for p in parents] == ["FINISHED"]  # the resumed launch closed the interrupted parent
+
+
+# --- a node is lost ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def two_nodes():
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    # Fast node-death detection, so a removed node's trial is failed (and retried) within seconds.
+    system = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
+                                                            "_system_config": system})
+    worker = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    try:
+        yield cluster, worker
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.mark.timeout(300)
+def test_lost_node_trials_finish_on_the_remaining_node(two_nodes, tmp_path, sqlite_uri):
+    uri = sqlite_uri
+    cluster, worker = two_nodes
+    path = write_spec(tmp_path, "lost_node", epochs=6, limit=1000, batch=16, max_failures=2, extra="""
+space:
+  strategy: {grid: [l1, random]}
+""")
+    spec = load_spec(path)
+    outcome: dict = {}
+
+    def sweep():
+        try:
+            outcome["value"] = run_sweep(spec, tracking_uri=uri, storage=str(tmp_path / "results"), verbose=0)
+        except BaseException as error:  # surfaced by the assertions below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=sweep, daemon=True)
+    thread.start()
+
+    def on_worker():
+        if not thread.is_alive():
+            pytest.fail(f"the sweep ended before the node was removed: {outcome}")
+        runs = [r for rs in runs_by_config(uri, spec.name).values() for r in rs]
+        return [r for r in runs if r.data.tags.get("ray.node_id") == worker.node_id and steps(uri, r.info.run_id)]
+
+    [victim] = wait_for(on_worker, "a trial mid-fine-tune on the worker node", seconds=150)
+    cluster.remove_node(worker)
+    thread.join(timeout=240)
+    assert not thread.is_alive(), "the sweep did not finish after the node was removed"
+    assert "error" not in outcome, outcome.get("error")
+    result = outcome["value"]
+    assert (result.ran, result.failed) == (2, 0)
+
+    runs = assert_one_finished_run_per_config(uri, spec)
+    head = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    assert worker.node_id not in head
+    rerun = next(r for r in runs.values() if r.info.run_id == victim.info.run_id)  # its own run, continued
+    assert rerun.data.tags["ray.node_id"] in head  # ...on the node that is left
+    assert set(steps(uri, rerun.info.run_id)) == set(range(1, 7))
