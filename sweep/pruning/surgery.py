@@ -15,15 +15,16 @@ def _keep(n: int, removed: list[int] | None) -> torch.Tensor:
 
 def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
     old = getattr(module, name)
+    # `value` comes from indexing, which already copies: no clone needed
     if isinstance(old, nn.Parameter):
-        setattr(module, name, nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad))
+        setattr(module, name, nn.Parameter(value.detach(), requires_grad=old.requires_grad))
     else:
-        setattr(module, name, value.detach().clone())
+        setattr(module, name, value.detach())
 
 
 def _conv(m: nn.Conv2d, out: torch.Tensor, inp: torch.Tensor) -> None:
     depthwise = m.groups > 1 and m.groups == m.in_channels
-    weight = m.weight[out] if depthwise else m.weight[out][:, inp]
+    weight = m.weight.index_select(0, out) if depthwise else m.weight.index_select(0, out).index_select(1, inp)
     _set(m, "weight", weight)
     if m.bias is not None:
         _set(m, "bias", m.bias[out])
@@ -36,7 +37,7 @@ def _conv(m: nn.Conv2d, out: torch.Tensor, inp: torch.Tensor) -> None:
 
 
 def _linear(m: nn.Linear, out: torch.Tensor, inp: torch.Tensor) -> None:
-    _set(m, "weight", m.weight[out][:, inp])
+    _set(m, "weight", m.weight.index_select(0, out).index_select(1, inp))
     if m.bias is not None:
         _set(m, "bias", m.bias[out])
     m.out_features, m.in_features = len(out), len(inp)
