@@ -15,8 +15,8 @@ alternate ours/plain so a change in machine load hits both alike.
 On a GPU the script also runs 1, 2 and 4 copies of our loop at once on the one GPU (as a sweep with
 fractional GPU resources does) and samples nvidia-smi's utilisation while they run.
 
-    python bench/train_throughput.py                 # 3 timed epochs of 4,096 images per model (CPU)
-    python bench/train_throughput.py --quick         # 1 timed epoch of 2,048 images
+    python bench/train_throughput.py                 # 3 timed epochs of 2,048 images per model (CPU)
+    python bench/train_throughput.py --quick         # 1 timed epoch of 1,024 images
     python bench/train_throughput.py --threads 2 --workers 2 --models resnet20 small_cnn
 """
 
@@ -176,16 +176,17 @@ def shared_gpu(model_name: str, counts: tuple[int, ...], epochs: int, threads: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1 timed epoch of 2,048 images")
+    parser.add_argument("--quick", action="store_true", help="1 timed epoch of 1,024 images")
     parser.add_argument("--models", nargs="+", default=["resnet20", "small_cnn"])
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the plain loop")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    epochs, cpu_images = (1, 2048) if args.quick else (3, 4096)
+    epochs, cpu_images = (1, 1024) if args.quick else (3, 2048)
 
     print(f"synthetic CIFAR-size data (uint8 3x32x32), batch {BATCH}, {epochs} timed epoch(s) after one warm-up, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, plain loop: {args.workers} DataLoader workers")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"plain loop: {args.workers} DataLoader workers")
     targets = [("cpu", cpu_images)]
     if torch.cuda.is_available():
         targets.append(("cuda", GPU_IMAGES))
