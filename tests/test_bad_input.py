@@ -22,7 +22,7 @@ from sweep.preflight import preflight
 from sweep.spec import SpecError, load_spec
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-FOREIGN = DATA / "weights" / "resnet56-4bfd9763.th"  # a CIFAR ResNet-56 checkpoint: does not fit small_cnn
+FOREIGN = (DATA / "weights" / "resnet56-4bfd9763.th").resolve()  # ResNet-56: not small_cnn
 
 HEAD = "name: bad\ndataset: {name: digits, limit: 100}\nmodel: {name: small_cnn}\n"
 
