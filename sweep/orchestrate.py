@@ -226,12 +226,6 @@ def _parent_for_resume(uri: str, spec: SweepSpec, experiment_path: str) -> str |
     return parent
 
 
-def _context(uri: str, name: str, parent: str | None, cache: str, force: bool) -> SweepContext:
-    if force:  # the trial must not return a recorded result either
-        return SweepContext(uri, name, parent, cache, rerun=True)
-    return SweepContext(uri, name, parent, cache)
-
-
 def _close_orphans(uri: str, experiment: str, parent_run_id: str) -> None:
     """Child runs still RUNNING after Tune returned were stopped from outside (ASHA, Ctrl-C): mark them KILLED."""
     client = MlflowClient(uri)
@@ -358,7 +352,8 @@ def _launch(spec: SweepSpec, uri: str, storage: str, experiment_path: str, resum
     if parent is None:
         parent = tracking.start_parent_run(uri, spec.name, spec.source_text, tags={"sweep.tune_path": experiment_path})
     try:
-        context = _context(uri, spec.name, parent, cache_dir(storage, spec.name), force)
+        # with --force the trial must not return a recorded result either
+        context = SweepContext(uri, spec.name, parent, cache_dir(storage, spec.name), rerun=force)
         trainable = tune.with_resources(tune.with_parameters(sweep_trial, context=context),
                                         {"cpu": spec.resources["cpu"], "gpu": spec.resources["gpu"]})
         if restoring:
@@ -425,8 +420,7 @@ def run_one(spec: SweepSpec, tracking_uri: str | None = None, storage: str | Non
     It shares the sweep's base-model cache, and returns the recorded metrics if this config already finished.
     """
     uri = tracking.resolve_tracking_uri(tracking_uri)
-    config, _ = single_config(spec)
-    os.environ.pop("MLFLOW_RUN_ID", None)
+    config, _ = single_config(spec)  # run_trial itself keeps MLFLOW_RUN_ID from re-parenting the run
     tracking.init_store(uri)
     context = SweepContext(uri, spec.name, None, cache_dir(resolve_storage(storage), spec.name))
     return run_trial(config, context, report=on_report or (lambda metrics, checkpoint: None))
