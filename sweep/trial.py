@@ -8,16 +8,12 @@ from __future__ import annotations
 
 import copy
 import csv
-import fcntl
-import hashlib
-import json
 import os
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
@@ -25,9 +21,9 @@ from torch import nn
 from . import tracking
 from .data import DataSplits, batches, load_dataset
 from .measure import measure_model
-from .models import build_model
 from .pruning import PrunePlan, apply_plan, prune, save_pruned
-from .train import TrainConfig, evaluate, fit, make_optimizer, pick_device, prepare_model, seed_everything, train_epoch
+from .base import ensure_base, load_base
+from .train import TrainConfig, evaluate, make_optimizer, pick_device, prepare_model, seed_everything, train_epoch
 
 STATE_FILE = "trial.pt"
 Report = Callable[[dict, "str | None"], None]  # (metrics, checkpoint directory or None)
@@ -44,59 +40,6 @@ class SweepContext:
 
 class InjectedFault(RuntimeError):
     """Raised by the test-only ``fault.fail_at_epoch`` setting."""
-
-
-# --- the shared base --------------------------------------------------------------------------------
-
-def base_key(config: dict) -> str:
-    """What the base network depends on, and nothing else: trials that agree here share it."""
-    key = {k: config[k] for k in ("model", "dataset", "base", "seed")}
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # trials that start together wait for the first one's base
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _new_model(config: dict, splits: DataSplits) -> nn.Module:
-    return build_model(config["model"]["name"], splits.num_classes, config["model"]["weights"], splits.in_channels)
-
-
-def ensure_base(config: dict, cache_dir: str | Path, splits: DataSplits, device: torch.device) -> tuple[Path, bool]:
-    """Train (or fine-tune from source weights) the base once per key; returns (checkpoint, was cached)."""
-    path = Path(cache_dir) / base_key(config) / "base.pt"
-    with _locked(path.with_suffix(".lock")):
-        if path.exists():
-            return path, True
-        seed_everything(config["seed"])
-        model = _new_model(config, splits)
-        cfg = TrainConfig.from_dict(config["base"])
-        start = time.perf_counter()
-        if cfg.epochs > 0:
-            fit(model, batches(splits.train, cfg.batch_size, True, device, seed=config["seed"]), cfg, device)
-        train_time = time.perf_counter() - start
-        model = model.to(device)
-        test = evaluate(model, batches(splits.test, cfg.batch_size, False, device), device, splits.num_classes)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"state_dict": model.state_dict(), "accuracy": test["accuracy"], "train_time_s": train_time,
-                    "config": json.dumps({k: config[k] for k in ("model", "dataset", "base", "seed")}, default=str)},
-                   tmp)
-        os.replace(tmp, path)  # readers never see a half-written base
-        return path, False
-
-
-def load_base(config: dict, path: Path, splits: DataSplits) -> tuple[nn.Module, dict]:
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    model = _new_model(config, splits)
-    model.load_state_dict(saved["state_dict"])
-    return model, saved
 
 
 # --- checkpoints and artifacts -----------------------------------------------------------------------
@@ -303,8 +246,8 @@ def _measure(config, model, base_model, base, plan, splits, device, progress) ->
     after = measure_model(model, shape, device, m["batch_size"], m["warmup"], m["runs"])
     before = measure_model(base_model, shape, device, m["batch_size"], m["warmup"], m["runs"])
     final = {
-        "base_accuracy": base["accuracy"], "accuracy": test["accuracy"],
-        "accuracy_drop": base["accuracy"] - test["accuracy"],
+        "base_accuracy": base["base_test_accuracy"], "accuracy": test["accuracy"],
+        "accuracy_drop": base["base_test_accuracy"] - test["accuracy"],
         "flops": after["flops"], "base_flops": before["flops"],
         "flops_reduction": 1 - after["flops"] / before["flops"],
         "params": after["params"], "base_params": before["params"],
@@ -312,7 +255,7 @@ def _measure(config, model, base_model, base, plan, splits, device, progress) ->
         "size_mb": after["size_mb"], "latency_ms": after["latency_ms"], "base_latency_ms": before["latency_ms"],
         "speedup": before["latency_ms"] / after["latency_ms"],
         "prune_time_s": progress["prune_time_s"], "train_time_s": progress["train_time_s"],
-        "base_train_time_s": base["train_time_s"],
+        "base_train_time_s": base["base_train_time_s"],
     }
     if "top5" in test:
         final["top5"] = test["top5"]

@@ -13,7 +13,8 @@ from sweep.models import build_model
 from sweep.pruning import load_pruned
 from sweep.spec import parse_spec
 from sweep.train import evaluate
-from sweep.trial import InjectedFault, SweepContext, base_key, run_trial
+from sweep.base import base_key
+from sweep.trial import InjectedFault, SweepContext, run_trial
 
 SPACE = """
 name: trialtest
