@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+from .errors import InputError
 
 
-class SpecError(ValueError):
+class SpecError(InputError):
     """Every problem found in a spec; str() is one line per problem: '<field path>: <what is wrong>; <how to fix>'."""
 
     def __init__(self, errors: list[str] | str):
@@ -267,6 +268,7 @@ TRIAL: dict = {
         "val_fraction": _real(0.1, 0, 1, lo_open=True, hi_open=True),  # the trial reports val accuracy each epoch
         "image_size": _integer(None, lo=1, example=32, optional=True),
         "limit": _integer(None, lo=1, example=1000, optional=True),
+        "test_limit": _integer(None, lo=1, example=1000, optional=True),
     },
     "base": _training(epochs=5, lr=0.05),
     "prune": {
@@ -280,15 +282,18 @@ TRIAL: dict = {
         "round_to": _integer(1, lo=1, example=8),
         "ignore": _Field([], _module_names),
         "calibration_batches": _integer(4, lo=1),
+        "arm": _one_of("finetune", ("finetune", "scratch"), "arm"),
+        "scratch_epochs": _integer(None, lo=1, example=10, optional=True),
     },
     "finetune": _training(epochs=3, lr=0.01),
-    "measure": {"batch_size": _integer(1, lo=1), "warmup": _integer(5, lo=0), "runs": _integer(30, lo=1)},
+    "measure": {"batch_size": _integer(1, lo=1), "warmup": _integer(5, lo=0), "runs": _integer(30, lo=1),
+                "threads": _integer(1, lo=1)},
     "fault": {"fail_at_epoch": _integer(None, lo=0, example=1, optional=True)},
 }
 
-METRICS = ("accuracy", "accuracy_drop", "val_accuracy", "train_loss", "base_accuracy", "top5", "flops", "base_flops",
-           "flops_reduction", "params", "base_params", "params_reduction", "size_mb", "latency_ms", "base_latency_ms",
-           "speedup", "prune_time_s", "train_time_s", "base_train_time_s")
+from .names import PARAMS, selectable_metrics  # noqa: E402 - temporary until the schema rewrite lands
+
+METRICS = tuple(selectable_metrics())
 
 SETTINGS: dict = {
     "search": {
@@ -301,8 +306,9 @@ SETTINGS: dict = {
         "reduction_factor": _real(2.0, lo=2, fix="use 2 or more, such as 3"),
         "max_t": _integer(None, lo=1, example=10, optional=True),
     },
-    "resources": {"cpu": _real(1.0, lo=0, lo_open=True), "gpu": _Field(0.0, _gpus)},
-    "metric": _one_of("accuracy", METRICS, "metric"),
+    "resources": {"cpu": _real(1.0, lo=0, lo_open=True), "gpu": _Field(0.0, _gpus),
+                  "memory": _Field(None, _nullable(_real(1.0, lo=0, lo_open=True).check))},
+    "metric": _one_of("val_accuracy", METRICS, "metric"),
     "mode": _one_of("max", ("max", "min"), "mode"),
     "max_failures": _integer(2, lo=0),
     "max_concurrent": _integer(None, lo=1, example=2, optional=True),
@@ -311,11 +317,7 @@ SETTINGS: dict = {
 TOP: dict = {"name": _Field(None, _sweep_name), **TRIAL, **SETTINGS}
 
 # Space keys that stand for a trial path; any other key is a dotted path into the trial dict.
-SHORTHAND = {
-    "strategy": "prune.strategy", "ratio": "prune.ratio", "scope": "prune.scope", "target": "prune.target",
-    "schedule": "prune.schedule", "steps": "prune.steps", "model": "model.name", "weights": "model.weights",
-    "dataset": "dataset.name", "seed": "seed",
-}
+SHORTHAND = PARAMS
 _BUNDLED = {"digits"}  # ships inside scikit-learn: never reads a root
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 _DOMAIN_HELP = "write a fixed value or one of {grid: [...]}, {choice: [...]}, {uniform: [low, high]}, " \
