@@ -87,23 +87,3 @@ def latency_ms(
 ) -> float:
     """Median wall-clock milliseconds of one forward pass on `device`, after `warmup` untimed passes."""
     return statistics.median(latency_samples(model, example_input, device, warmup, runs))
-
-
-def measure_model(
-    model: nn.Module,
-    input_shape: tuple[int, ...],
-    device: torch.device | str,
-    batch_size: int = 1,
-    warmup: int = 5,
-    runs: int = 30,
-) -> dict[str, float]:
-    """FLOPs per sample, parameters, size in MB, and latency at `batch_size` on `device`; input_shape is (C, H, W)."""
-    if batch_size < 1:
-        raise ValueError(f"measure batch_size must be >= 1, got {batch_size}")
-    device = torch.device(device)
-    return {
-        "flops": float(count_flops(model, torch.randn(1, *input_shape, device=device))),
-        "params": float(count_params(model)),
-        "size_mb": size_mb(model),
-        "latency_ms": latency_ms(model, torch.randn(batch_size, *input_shape, device=device), device, warmup, runs),
-    }

@@ -288,7 +288,6 @@ TRIAL: dict = {
     "finetune": _training(epochs=3, lr=0.01),
     "measure": {"batch_size": _integer(1, lo=1), "warmup": _integer(5, lo=0), "runs": _integer(30, lo=1),
                 "threads": _integer(1, lo=1)},
-    "fault": {"fail_at_epoch": _integer(None, lo=0, example=1, optional=True)},
 }
 
 from .names import PARAMS, selectable_metrics  # noqa: E402 - temporary until the schema rewrite lands

@@ -37,8 +37,8 @@ T = TypeVar("T")
 PARENT_ROLE = "parent"
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 MAX_PARAM_CHARS = 500
-# Not result-defining: "name" is the experiment (tag sweep.name), "fault" is test-only fault injection.
-_NOT_PARAMS = {"name", "fault"}
+# Not a param: "name" is the experiment (tag sweep.name).
+_NOT_PARAMS = {"name"}
 
 # sqlite allows one writer at a time. MLflow already sets busy_timeout, but a deferred transaction that must upgrade
 # to a write lock fails at once with "database is locked" (sqlite refuses to wait to avoid a deadlock): retry those.
@@ -91,9 +91,8 @@ def init_store(uri: str) -> None:
 
 
 def config_hash(trial_config: dict) -> str:
-    """Identity of a trial: sha256 (first 16 hex chars) of its canonical JSON, ignoring test-only `fault`."""
-    body = {k: v for k, v in trial_config.items() if k != "fault"}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+    """Identity of a trial: sha256 (first 16 hex chars) of its canonical JSON."""
+    text = json.dumps(trial_config, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
