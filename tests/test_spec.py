@@ -46,20 +46,20 @@ def _needs_dataset(name: str):
 
 
 def _trial_shape() -> dict:
-    """The fully defaulted trial dict of trial_config.md for the quickstart's first trial."""
+    """The fully defaulted trial dict (sweep.schema.TrialConfig) of the quickstart's first trial."""
     train = {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4, "warmup_epochs": 0.0,
              "label_smoothing": 0.0, "amp": True, "channels_last": True}
     return {
         "name": "quickstart", "seed": 0, "device": "auto",
-        "model": {"name": "small_cnn", "weights": None},
+        "model": {"name": "small_cnn", "weights": None, "factory": None, "kwargs": {}},
         "dataset": {"name": "digits", "root": None, "download": False, "val_fraction": 0.1, "image_size": None,
-                    "limit": None},
+                    "limit": None, "test_limit": None, "factory": None, "kwargs": {}},
         "base": {"epochs": 5, "lr": 0.05, "batch_size": 64, **train},
-        "prune": {"strategy": "random", "ratio": 0.3, "scope": "local", "target": "channels", "schedule": "oneshot",
-                  "steps": 1, "min_channels": 1, "round_to": 1, "ignore": [], "calibration_batches": 4},
+        "prune": {"strategy": "random", "ratio": 0.3, "ratios": {}, "scope": "local", "target": "channels",
+                  "schedule": "oneshot", "steps": 1, "arm": "finetune", "scratch_epochs": None, "min_channels": 1,
+                  "round_to": 1, "ignore": [], "calibration_batches": 4},
         "finetune": {"epochs": 3, "lr": 0.01, "batch_size": 64, **train},
-        "measure": {"batch_size": 1, "warmup": 5, "runs": 30},
-        "fault": {"fail_at_epoch": None},
+        "measure": {"batch_size": 1, "warmup": 5, "runs": 30, "threads": 1},
     }
 
 
@@ -71,8 +71,9 @@ def test_quickstart_is_a_12_trial_grid_of_fully_defaulted_configs(registries):
     assert spec.name == "quickstart" and spec.source_text == QUICKSTART.read_text()
     assert spec.search == {"algorithm": "grid", "num_samples": 1} and spec.num_samples() == 1
     assert spec.scheduler == {"name": "fifo"}
-    assert spec.resources == {"cpu": 1.0, "gpu": 0.0}
-    assert (spec.metric, spec.mode, spec.max_failures, spec.max_concurrent) == ("accuracy", "max", 2, None)
+    assert spec.resources == {"cpu": 1.0, "gpu": 0.0, "memory": None}
+    assert (spec.metric, spec.mode, spec.max_failures, spec.max_concurrent) == ("val_accuracy", "max", 2, None)
+    assert spec.max_trials == 10000 and spec.num_trials() == 12
 
     configs = spec.grid_configs()
     assert len(configs) == 12
@@ -160,11 +161,13 @@ def test_model_sweep_items_may_be_whole_sections_with_their_own_weights(registri
         "space": {"model": {"grid": ["small_cnn", {"name": "resnet20", "weights": "r20.th"}]},
                   "ratio": {"grid": [0.25, 0.5]}},
     }, sort_keys=False))
-    assert spec.trial["model"] == {"name": None, "weights": None}
+    plain = {"factory": None, "kwargs": {}}
+    assert spec.trial["model"] == {"name": None, "weights": None, **plain}
     models = [c["model"] for c in spec.grid_configs()]
     weights = str((tmp_path / "r20.th").resolve())
-    assert models == [{"name": "small_cnn", "weights": None}] * 2 + [{"name": "resnet20", "weights": weights}] * 2
-    assert spec.param_space()["model"]["grid_search"][1] == {"name": "resnet20", "weights": weights}
+    small, r20 = {"name": "small_cnn", "weights": None, **plain}, {"name": "resnet20", "weights": weights, **plain}
+    assert models == [small] * 2 + [r20] * 2
+    assert spec.param_space()["model"]["grid_search"][1] == r20
 
 
 def test_settings_are_normalised_and_a_gpu_request_is_left_to_the_cluster(registries, tmp_path):
@@ -177,7 +180,7 @@ def test_settings_are_normalised_and_a_gpu_request_is_left_to_the_cluster(regist
     }))
     assert spec.trial["base"]["weight_decay"] == 1e-4 and spec.trial["base"]["epochs"] == 2
     assert type(spec.trial["base"]["epochs"]) is int
-    assert spec.resources == {"cpu": 0.5, "gpu": 1.0}  # no GPU here, but a cluster may have one
+    assert spec.resources == {"cpu": 0.5, "gpu": 1.0, "memory": None}  # no GPU here, but a cluster may have one
     assert spec.scheduler == {"name": "asha", "grace_period": 1, "reduction_factor": 2.0, "max_t": None}
     assert spec.max_concurrent == 2 and spec.grid_configs() == [spec.trial]
     for gpu in (0.25, 2):
@@ -296,7 +299,7 @@ MALFORMED = [
     ("fifo-with-grace-period", _spec(scheduler={"name": "fifo", "grace_period": 2}), "scheduler.grace_period",
      "only asha"),
     ("mode-up", _spec(mode="up"), "mode", "choose one of max, min"),
-    ("unknown-metric", _spec(metric="accuarcy"), "metric", "did you mean 'accuracy'"),
+    ("unknown-metric", _spec(metric="val_accuarcy"), "metric", "did you mean 'val_accuracy'"),
     ("max-failures-negative", _spec(max_failures=-1), "max_failures", ">= 0"),
     ("space-not-mapping", _spec(space=["ratio"]), "space", "not a mapping"),
     ("uniform-one-number", _spec(search=RANDOM, space={"ratio": {"uniform": [1]}}), "space.ratio.uniform",
