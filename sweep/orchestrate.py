@@ -22,8 +22,9 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from . import report, tracking
+from .names import PARAMS
 from .preflight import preflight
-from .spec import SHORTHAND, SpecError, SweepSpec
+from .spec import SpecError, SweepSpec
 from .trial import SweepContext, run_trial
 
 DEFAULT_STORAGE = "sweep_results"
@@ -113,7 +114,7 @@ def _trial_dirname(trial: Any) -> str:
 def _progress_reporter(spec: SweepSpec) -> Any:
     from ray import tune
 
-    short = {path: name for name, path in SHORTHAND.items()}  # prune.ratio -> ratio, model.name -> model
+    short = {path: name for name, path in PARAMS.items()}  # prune.ratio -> ratio, model.name -> model
     swept = [f"{p}.name" if p in ("model", "dataset") else p for p in spec.space]  # a swept section: its name
     columns = {"trial/" + p.replace(".", "/"): short.get(p, p) for p in dict.fromkeys([*_ALWAYS_SHOWN, *swept])}
     # print_intermediate_tables explicitly: its default follows a process-wide verbosity that earlier fits leave set.
