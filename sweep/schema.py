@@ -748,3 +748,19 @@ def metrics_markdown() -> str:
         rows.append(f"| `{name}` | {info.meaning} | {better} | {info.unit} | {info.when} | "
                     f"{'yes' if info.selectable else 'no'} |")
     return "\n".join(rows) + "\n"
+
+
+def write_readme_tables(path: str = "README.md") -> None:
+    """Replace the generated tables between README's marker comments (`python -m sweep.schema README.md`)."""
+    text = Path(path).read_text(encoding="utf-8")
+    for name, table in (("schema", reference_markdown()), ("metrics", metrics_markdown())):
+        begin, end = f"<!-- {name}:begin -->\n", f"<!-- {name}:end -->"
+        head, rest = text.split(begin)
+        text = head + begin + table + end + rest.split(end, 1)[1]
+    Path(path).write_text(text, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    import sys
+
+    write_readme_tables(*sys.argv[1:2])
