@@ -567,6 +567,10 @@ class View:
     def where(self, path: str) -> str:
         return self.origin.get(path, path)
 
+    def leaf(self, at: str, leaf: str) -> str:
+        """Where to report a leaf of a combination from `sections` (at: the section, or a swept item of it)."""
+        return self.where(f"{at}.{leaf}") if at in ("model", "dataset") else f"{at}.{leaf}"
+
     def _bad(self, path: str) -> bool:
         return any(path == p or path.startswith(p + ".") for p in self.invalid)
 
@@ -619,18 +623,25 @@ def rules(view: View) -> list[str]:
         errors.append(f"{where}: {message}")
 
     for section, example in (("model", "small_cnn"), ("dataset", "digits")):
-        for item, at in view.sections(section, ("name", "factory")):
-            whole = at != section  # an item of a swept whole section: report it there
-            if item["name"] is None and item["factory"] is None:
-                error(f"{at}.name" if whole else f"{section}.name", f"missing; name the {section}, such as "
-                      f"{section}: {{name: {example}}}, or give {section}.factory")
-            elif item["name"] is not None and item["factory"] is not None:
-                error(f"{at}.factory" if whole else view.where(f"{section}.factory"),
-                      f"given together with {section}.name; give one of {section}.name and {section}.factory")
+        leaves = ("name", "factory", "kwargs", "weights")[:4 if section == "model" else 3]
+        for item, at in view.sections(section, leaves):
+            name, factory = item["name"], item["factory"]
+            if name is None and factory is None:
+                error(f"{at}.name" if at != section else f"{section}.name", f"missing; name the {section}, such "
+                      f"as {section}: {{name: {example}}}, or give {section}.factory")
+            elif name is not None and factory is not None:
+                error(view.leaf(at, "factory"), f"given together with {section}.name; give one of {section}.name and "
+                                       f"{section}.factory")
+            elif factory is None and item["kwargs"]:
+                error(view.leaf(at, "kwargs"), f"only a {section}.factory takes kwargs; remove them or use {section}.factory")
+            weights = item.get("weights")
+            if factory is not None and weights is not None and not _looks_like_path(weights):
+                error(view.leaf(at, "weights"), f"{show(weights)} is not a checkpoint file; a model.factory loads only a "
+                                       "local checkpoint (.pt/.pth/.th/.ckpt), or null")
 
     for dataset, at in view.sections("dataset", ("name", "root", "download", "factory")):
         name, root, download = dataset["name"], dataset["root"], dataset["download"]
-        where = view.where("dataset.root") if at == "dataset" else f"{at}.root"
+        where = view.leaf(at, "root")
         if dataset["factory"] or name is None or name in _BUNDLED or (name != "imagefolder" and download):
             continue
         reads = f"{name}{'' if name == 'imagefolder' else ' with download: false'} reads local files"
