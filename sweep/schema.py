@@ -340,6 +340,11 @@ def Metric(value):
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _empty(cls, data: Any) -> Any:
+        return {} if data is None else data  # a YAML section with every line commented out
+
     @classmethod
     def from_dict(cls, data: dict, where: str = ""):
         """Validate a dict (numpy scalars allowed); SpecError lists every problem as '<where.field>: ...'."""

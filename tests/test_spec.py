@@ -422,6 +422,11 @@ def test_new_fields_default_and_parse(registries):
     json.dumps(spec.trial)  # plain data: it travels through Ray and is hashed
 
 
+def test_an_empty_section_takes_its_defaults(registries):
+    spec = parse_spec("name: e\nmodel: {name: small_cnn}\ndataset: {name: digits}\nprune:\n  # ratio: 0.3\n")
+    assert spec.trial["prune"]["ratio"] == 0.5
+
+
 def test_yaml_exponents_without_a_dot_are_numbers(registries):
     spec = parse_spec("name: e\nmodel: {name: small_cnn}\ndataset: {name: digits}\nfinetune: {lr: 1e-3}\n"
                       "base: {weight_decay: 5E-4}\n")
