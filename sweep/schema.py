@@ -33,10 +33,11 @@ from pydantic import (
     model_validator,
 )
 
+from .errors import InputError
 from .names import LEGACY_METRICS, METRICS, PARAMS, selectable_metrics
 
 
-class SpecError(ValueError):
+class SpecError(InputError):
     """Every problem found in a spec; str() is one line per problem: '<field path>: <what is wrong>; <how to fix>'."""
 
     def __init__(self, errors: "list[str] | str"):
