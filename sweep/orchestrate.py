@@ -27,7 +27,7 @@ from . import latency, report, tracking
 from .preflight import preflight
 from .names import PARAMS
 from .spec import SpecError, SweepSpec
-from .trial import SweepContext, run_trial
+from .trial import EpochHook, SweepContext, run_trial
 
 DEFAULT_STORAGE = "sweep_results"
 LOOPBACK = "127.0.0.1"
@@ -302,12 +302,14 @@ def run_sweep(
     max_concurrent: int | None = None,
     verbose: int = 1,
     reuse_workers: bool = True,
+    on_epoch: EpochHook | None = None,
 ) -> SweepOutcome:
     """Run the sweep's new trials on Ray Tune, recording them in MLflow under one parent run for this launch.
 
     Bad input (resources the cluster cannot give) raises SpecError before any MLflow data is written.
-    `resume` restores the Tune experiment in `<storage>/<name>` if it can (errored trials restart from their
-    checkpoints, under the interrupted launch's parent run), and starts afresh otherwise.
+    `resume` restores the newest interrupted launch if it can (errored trials restart from their checkpoints,
+    under that launch's parent run), and starts afresh otherwise. `on_epoch(config, epoch)` runs in the trial
+    workers before each training epoch (it must pickle).
     """
     storage = resolve_storage(storage)
     uri = tracking.resolve_tracking_uri(tracking_uri)
@@ -317,7 +319,7 @@ def run_sweep(
     owns_ray = start_ray(address)
     try:
         check_resources(spec)
-        return _launch(spec, uri, storage, resume, force, max_concurrent, verbose, reuse_workers)
+        return _launch(spec, uri, storage, resume, force, max_concurrent, verbose, reuse_workers, on_epoch)
     finally:
         if owns_ray:
             import ray
@@ -341,7 +343,7 @@ def _restorable(experiment_path: str) -> bool:
 
 
 def _launch(spec: SweepSpec, uri: str, storage: str, resume: bool, force: bool, max_concurrent: int | None,
-            verbose: int, reuse_workers: bool) -> SweepOutcome:
+            verbose: int, reuse_workers: bool, on_epoch: EpochHook | None) -> SweepOutcome:
     from ray import tune
 
     tracking.init_store(uri)  # here, in the driver: trial workers creating the schema in parallel would race
@@ -367,7 +369,7 @@ def _launch(spec: SweepSpec, uri: str, storage: str, resume: bool, force: bool, 
         parent = tracking.start_parent_run(uri, spec.name, spec.source_text, tags={"sweep.tune_path": experiment_path})
     try:
         # with --force the trial must not return a recorded result either
-        context = SweepContext(uri, spec.name, parent, cache_dir(storage, spec.name), rerun=force)
+        context = SweepContext(uri, spec.name, parent, cache_dir(storage, spec.name), rerun=force, on_epoch=on_epoch)
         trainable = tune.with_resources(tune.with_parameters(sweep_trial, context=context), _trial_resources(spec))
         if interrupted is not None:
             print(f"resuming the sweep at {experiment_path}")

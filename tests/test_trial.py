@@ -167,19 +167,6 @@ def test_scratch_arm_trains_the_pruned_architecture_from_new_weights(store, conf
     assert not torch.equal(weights[0]["features.0.weight"], weights[1]["features.0.weight"])
 
 
-class FailOnce:
-    """Raises in one epoch of a config's first attempt (a crash mid fine-tune), for the retry to recover from."""
-
-    def __init__(self, epoch: int, marker_dir: Path):
-        self.epoch, self.marker_dir = epoch, marker_dir
-
-    def __call__(self, config: dict, epoch: int) -> None:
-        marker = self.marker_dir / tracking.config_hash(config)
-        if epoch == self.epoch and not marker.exists():
-            marker.touch()
-            raise RuntimeError(f"injected failure in epoch {epoch}")
-
-
 def _keep_checkpoints(saved: list, folder: Path):
     def report(metrics, ckpt):
         if ckpt is not None:  # the directory is temporary: copy it as Ray Tune would persist it
@@ -187,9 +174,9 @@ def _keep_checkpoints(saved: list, folder: Path):
     return report
 
 
-def test_failed_trial_resumes_in_the_same_run_bit_identical(store, configs, tmp_path):
+def test_failed_trial_resumes_in_the_same_run_bit_identical(store, configs, tmp_path, fail_once):
     config = _with(configs[2], ratio=0.4)
-    failing = dataclasses.replace(store, on_epoch=FailOnce(2, tmp_path))
+    failing = dataclasses.replace(store, on_epoch=fail_once(2))
     saved = []
     with pytest.raises(RuntimeError, match="injected"):
         run_trial(config, failing, report=_keep_checkpoints(saved, tmp_path))
