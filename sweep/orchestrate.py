@@ -22,7 +22,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from . import report, tracking
-from .preflight import preflight
+from .preflight import check_writable, preflight
 from .spec import SHORTHAND, SpecError, SweepSpec
 from .trial import SweepContext, run_trial
 
@@ -302,6 +302,7 @@ def run_sweep(
     uri = tracking.resolve_tracking_uri(tracking_uri)
     os.environ.pop("MLFLOW_RUN_ID", None)  # local workers inherit it, and it would re-parent every trial run
 
+    check_writable(storage, uri)  # a read-only --storage or store folder: one line now, not a crash mid-sweep
     preflight(spec)  # models, checkpoints and data the trials will need: fail now, not in every trial
     owns_ray = start_ray(address)
     try:
