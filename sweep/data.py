@@ -27,7 +27,8 @@ import math
 import os
 import pickle
 import struct
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
+from dataclasses import field as _field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -58,7 +59,7 @@ class DataSplits:
     val: Dataset
     test: Dataset
     # Image files left out because they cannot be read (at most MAX_BAD_FRACTION of them): record their count.
-    skipped_files: list[str] = field(default_factory=list)
+    skipped_files: list[str] = _field(default_factory=list)
 
 
 # Per-dataset channel mean and std of the training images in [0, 1].
