@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from . import report, tracking
+from . import raycompat, report, tracking
 from .preflight import check_writable, preflight
 from .spec import SHORTHAND, SpecError, SweepSpec
 from .trial import SweepContext, run_trial
@@ -363,6 +363,7 @@ def _launch(spec: SweepSpec, uri: str, storage: str, experiment_path: str, resum
         else:
             grid = tune.grid_search(pending) if spec.search["algorithm"] == "grid" else spec.param_space()
             tuner = _new_tuner(spec, {"trial": grid}, trainable, storage, max_concurrent, verbose, reuse_workers)
+        raycompat.retry_oom_killed_trials()  # else one OOM-killed trial raises out of fit and ends the sweep
         with _tune_output():
             result_grid = tuner.fit()
     except BaseException:
