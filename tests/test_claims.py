@@ -247,6 +247,31 @@ def test_a_yielded_claim_retries_and_claims_once_the_rival_is_dead(sqlite_uri):
         a.lease.release("FINISHED")
 
 
+def test_two_resumers_of_one_run_never_both_proceed(sqlite_uri):
+    """B writes its adopt tag on R right after A's: A's re-check sees it and A yields; B then sees A's tag gone."""
+    uri = sqlite_uri
+    plain_client = MlflowClient(uri)
+    experiment_id = tracking.get_or_create_experiment(plain_client, "claims")
+    first = claims.claim_trial(plain_client, experiment_id, "cfgA", "old", claims.child_run_creator(
+        plain_client, experiment_id, None), lease_s=1.0)
+    first.lease.release("FAILED")  # the attempt crashed; two launches now resume R from its checkpoint
+
+    class Interleaved(MlflowClient):
+        def set_tag(self, run_id, key, value, *args, **kwargs):
+            super().set_tag(run_id, key, value, *args, **kwargs)
+            if key == claims.ADOPT_PREFIX + "A":  # B's registration lands between A's and A's re-check
+                plain_client.set_tag(run_id, claims.ADOPT_PREFIX + "B", f"{time.time() + 30:.3f}")
+
+    a = claims.claim_trial(Interleaved(uri), experiment_id, "cfgA", "A", None, lease_s=30,
+                           resume_run_id=first.run_id, backoff_s=0.01)
+    assert (a.kind, a.run_id, a.attempts) == ("held", first.run_id, 1)
+    run = plain_client.get_run(first.run_id)
+    assert claims.ADOPT_PREFIX + "A" not in run.data.tags and run.info.status == "FAILED"  # A withdrew
+    # B's re-check (after A withdrew) finds no rival: B proceeds and owns R.
+    b_outcome = claims._recheck(plain_client, experiment_id, "cfgA", "B", 30)
+    assert b_outcome is None
+
+
 # --- a holder dies -----------------------------------------------------------------------------------------------
 
 
