@@ -299,15 +299,19 @@ def _yield(client: MlflowClient, run_id: str, rival: str) -> None:
     tracking.with_retry(client.delete_run, run_id)
 
 
-def _rivals(runs: list[Run], owner: str, now: float, lease_s: float) -> tuple[list[Run], list[Run]]:
+def _rivals(runs: list[Run], owner: str, now: float, lease_s: float,
+            ignore_finished_before: float | None = None) -> tuple[list[Run], list[Run]]:
     """(FINISHED runs, other owners' live claims) among one config's runs.
 
-    Our own registrations carry our owner id (a new run's owner tag, our adopt tag), so they never count.
+    Our own registrations carry our owner id (a new run's owner tag, our adopt tag), so they never count. FINISHED
+    runs that ended before ignore_finished_before (unix seconds) do not count either (a forced rerun).
     """
     finished, live = [], []
     for run in runs:
         if run.info.status == "FINISHED":
-            finished.append(run)
+            ended = (run.info.end_time or 0) / 1000
+            if ignore_finished_before is None or ended >= ignore_finished_before:
+                finished.append(run)
         elif _live_adopters(run, now, except_owner=owner):
             live.append(run)
         elif _running_live(run, now, lease_s) and run.data.tags.get(OWNER_TAG) != owner:
@@ -318,13 +322,15 @@ def _rivals(runs: list[Run], owner: str, now: float, lease_s: float) -> tuple[li
 def claim_trial(client: MlflowClient, experiment_id: str, config_hash: str, owner: str,
                 create_run: Callable[[dict[str, str]], str], lease_s: float = DEFAULT_LEASE_S,
                 resume_run_id: str | None = None, wait_s: float = 0.0, max_attempts: int = MAX_ATTEMPTS,
-                backoff_s: float = BACKOFF_S) -> ClaimResult:
+                backoff_s: float = BACKOFF_S, ignore_finished_before: float | None = None) -> ClaimResult:
     """Claim config_hash for owner (see the module docstring for the protocol and its proof).
 
     create_run(tags) creates the trial's RUNNING child run with at least `tags` (config_hash, owner, lease) in the
     create request and returns its run id; `child_run_creator` makes one. resume_run_id: the run this caller
     continues (its checkpoint names it). wait_s: how long to wait for a live holder to finish or die before
     answering "held" (0: answer at once). At most max_attempts registrations; a yield sleeps a random, bounded time.
+    ignore_finished_before: `sweep run --force` passes its launch's start time, so runs that finished before it
+    are run again while one that another launch finishes meanwhile still counts.
     """
     if lease_s <= 0:
         raise ValueError(f"lease_s: {lease_s} must be positive")
@@ -336,7 +342,7 @@ def claim_trial(client: MlflowClient, experiment_id: str, config_hash: str, owne
     for _ in range(max_attempts * 4 + int(wait_s / poll) + 2):  # every path through the loop sleeps or returns
         now = time.time()
         runs = _runs_for(client, experiment_id, config_hash)
-        finished, live = _rivals(runs, owner, now, lease_s)
+        finished, live = _rivals(runs, owner, now, lease_s, ignore_finished_before)
         live_ids = {r.info.run_id for r in live}
         if finished:
             return ClaimResult("finished", finished[0].info.run_id, None, closed, attempts)
@@ -362,9 +368,9 @@ def claim_trial(client: MlflowClient, experiment_id: str, config_hash: str, owne
         attempts += 1
         resume = next((r for r in runs if r.info.run_id == resume_run_id), None)
         if resume is not None:
-            result = _adopt(client, experiment_id, config_hash, owner, resume, lease_s)
+            result = _adopt(client, experiment_id, config_hash, owner, resume, lease_s, ignore_finished_before)
         else:
-            result = _create(client, experiment_id, config_hash, owner, create_run, lease_s)
+            result = _create(client, experiment_id, config_hash, owner, create_run, lease_s, ignore_finished_before)
         if isinstance(result, ClaimResult):
             result.closed, result.attempts = closed, attempts
             return result
@@ -374,18 +380,20 @@ def claim_trial(client: MlflowClient, experiment_id: str, config_hash: str, owne
     return ClaimResult("held", last_rival, None, closed, attempts)
 
 
-def _recheck(client, experiment_id, config_hash, owner, lease_s) -> ClaimResult | str | None:
+def _recheck(client, experiment_id, config_hash, owner, lease_s, ignore_finished_before=None
+             ) -> ClaimResult | str | None:
     """After registering: a FINISHED run -> ClaimResult finished; a live rival -> its run id; none -> None."""
     runs = _runs_for(client, experiment_id, config_hash)
-    finished, live = _rivals(runs, owner, time.time(), lease_s)
+    finished, live = _rivals(runs, owner, time.time(), lease_s, ignore_finished_before)
     if finished:
         return ClaimResult("finished", finished[0].info.run_id)
     return live[0].info.run_id if live else None
 
 
-def _create(client, experiment_id, config_hash, owner, create_run, lease_s) -> ClaimResult | str:
+def _create(client, experiment_id, config_hash, owner, create_run, lease_s, ignore_finished_before
+            ) -> ClaimResult | str:
     run_id = create_run(claim_tags(config_hash, owner, lease_s))
-    outcome = _recheck(client, experiment_id, config_hash, owner, lease_s)
+    outcome = _recheck(client, experiment_id, config_hash, owner, lease_s, ignore_finished_before)
     if outcome is None:
         return ClaimResult("claimed", run_id, Lease(client, run_id, owner, lease_s).start())
     rival = outcome.run_id if isinstance(outcome, ClaimResult) else outcome
@@ -393,11 +401,12 @@ def _create(client, experiment_id, config_hash, owner, create_run, lease_s) -> C
     return outcome
 
 
-def _adopt(client, experiment_id, config_hash, owner, run: Run, lease_s) -> ClaimResult | str:
+def _adopt(client, experiment_id, config_hash, owner, run: Run, lease_s, ignore_finished_before
+           ) -> ClaimResult | str:
     run_id = run.info.run_id
     key = ADOPT_PREFIX + _key_part(owner)
     tracking.with_retry(client.set_tag, run_id, key, f"{time.time() + lease_s:.3f}")
-    outcome = _recheck(client, experiment_id, config_hash, owner, lease_s)
+    outcome = _recheck(client, experiment_id, config_hash, owner, lease_s, ignore_finished_before)
     if outcome is None:
         lease = Lease(client, run_id, owner, lease_s)
         lease._write()  # owner and lease first, RUNNING next, the adopt tag last: a claim is visible throughout

@@ -29,7 +29,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from sweep import claims, tracking  # noqa: E402
 
-HASHES = [f"cfg{i}" for i in range(5)]
+HASHES = [f"cfg{i}" for i in range(int(os.environ.get("CLAIMS_TEST_HASHES", "5")))]  # more: a longer race
 RACERS = 3
 
 
@@ -129,7 +129,7 @@ def race(uri: str, tmp_path: Path, lease_s: float = 5.0, hold_s: float = 0.3) ->
     assert all(r["kind"] in ("claimed", "held", "finished") for r in results)
     # The store shows one FINISHED run per config and nothing else: no RUNNING leftovers, no yielded claims.
     active = _runs(uri, experiment_id)
-    assert sorted((r.data.tags["config_hash"], r.info.status) for r in active) == [(h, "FINISHED") for h in HASHES]
+    assert sorted((r.data.tags["config_hash"], r.info.status) for r in active) == [(h, "FINISHED") for h in sorted(HASHES)]
     winners = {r["run_id"] for r in results if r["kind"] == "claimed"}
     assert {r.info.run_id for r in active} == winners
     # Yielded claims are deleted, ended KILLED with the reason first.
@@ -270,6 +270,24 @@ def test_two_resumers_of_one_run_never_both_proceed(sqlite_uri):
     # B's re-check (after A withdrew) finds no rival: B proceeds and owns R.
     b_outcome = claims._recheck(plain_client, experiment_id, "cfgA", "B", 30)
     assert b_outcome is None
+
+
+def test_a_forced_rerun_ignores_only_runs_finished_before_it(sqlite_uri):
+    client = MlflowClient(sqlite_uri)
+    experiment_id = tracking.get_or_create_experiment(client, "claims")
+    creator = claims.child_run_creator(client, experiment_id, None)
+    old = claims.claim_trial(client, experiment_id, "cfgF", "earlier", creator, lease_s=5)
+    old.lease.release("FINISHED")
+    time.sleep(0.05)
+    launch_start = time.time()
+    forced = claims.claim_trial(client, experiment_id, "cfgF", "forced", creator, lease_s=5,
+                                ignore_finished_before=launch_start)
+    assert forced.kind == "claimed" and forced.run_id != old.run_id
+    forced.lease.release("FINISHED")
+    # A second forced launch that started before that rerun finished sees it: done meanwhile, not again.
+    again = claims.claim_trial(client, experiment_id, "cfgF", "forced2", creator, lease_s=5,
+                               ignore_finished_before=launch_start)
+    assert (again.kind, again.run_id) == ("finished", forced.run_id)
 
 
 # --- a holder dies -----------------------------------------------------------------------------------------------
