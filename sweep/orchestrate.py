@@ -23,9 +23,9 @@ from typing import Any, Callable, Iterator
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from . import latency, report, tracking
-from .preflight import preflight
+from . import latency, raycompat, report, tracking
 from .names import PARAMS
+from .preflight import check_writable, preflight
 from .spec import SpecError, SweepSpec
 from .trial import EpochHook, SweepContext, run_trial
 
@@ -315,6 +315,7 @@ def run_sweep(
     uri = tracking.resolve_tracking_uri(tracking_uri)
     os.environ.pop("MLFLOW_RUN_ID", None)  # local workers inherit it, and it would re-parent every trial run
 
+    check_writable(storage, uri)  # a read-only --storage or store folder: one line now, not a crash mid-sweep
     preflight(spec)  # models, checkpoints and data the trials will need: fail now, not in every trial
     owns_ray = start_ray(address)
     try:
@@ -378,6 +379,7 @@ def _launch(spec: SweepSpec, uri: str, storage: str, resume: bool, force: bool, 
             grid = tune.grid_search(pending) if spec.search["algorithm"] == "grid" else spec.param_space()
             tuner = _new_tuner(spec, {"trial": grid}, trainable, experiment_path, max_concurrent, verbose,
                                reuse_workers)
+        raycompat.retry_oom_killed_trials()  # else one OOM-killed trial raises out of fit and ends the sweep
         with _tune_output():
             result_grid = tuner.fit()
         _measure_latency(spec, uri)

@@ -15,9 +15,12 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import uuid
+from pathlib import Path
 
 import torch
 
+from .errors import InputError
 from .data import DataError, load_dataset
 from .models import MODELS, ModelError, build_model
 from .pruning import PruningError, analyse
@@ -121,3 +124,59 @@ def _factory_unsupported(config: dict) -> bool:
 
     return any(config[section].get("factory") and "factory" not in inspect.signature(load).parameters
                for section, load in (("model", build_model), ("dataset", load_dataset)))
+
+
+# --- folders the sweep writes to ---------------------------------------------------------------------------------
+
+
+class StorageError(InputError):
+    """A folder the sweep must write to cannot be written; the one-line message names the option and the fix."""
+
+
+def _probe(folder: Path) -> str | None:
+    """Create and delete a file in folder (the only test that holds for root, ACLs and read-only mounts alike)."""
+    probe = folder / f".sweep-write-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        return f"{type(error).__name__}: {error.strerror or error}"
+    return None
+
+
+def _nearest_existing(path: Path) -> Path:
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return Path("/")
+
+
+def check_writable(storage: str, tracking_uri: str) -> None:
+    """Fail before Ray starts, and before the MLflow store is opened, if the sweep could not write its results.
+
+    storage: the resolved --storage folder (it may not exist yet: then the nearest existing folder above it must
+    take the new folder). tracking_uri: the resolved MLflow URI; for a sqlite store its folder must exist and take
+    new files (sqlite writes a journal beside the database). Server URIs are not checked here. Raises StorageError,
+    one line per problem, naming --storage or --tracking-uri and the fix.
+    """
+    errors = []
+    folder = Path(storage)
+    target = _nearest_existing(folder)
+    why = "is not a folder" if not target.is_dir() else _probe(target)
+    if why:
+        where = str(folder) if target == folder else f"{folder} (its nearest existing folder {target})"
+        errors.append(f"--storage: {where} is not writable ({why}); give --storage a folder you can write to, "
+                      "or fix its permissions")
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):])
+        if not db.parent.is_dir():
+            errors.append(f"--tracking-uri: {tracking_uri}: folder {db.parent} does not exist; create it or pass "
+                          "--tracking-uri sqlite:///<writable folder>/mlflow.db")
+        else:
+            why = _probe(db.parent) or (None if not db.exists() or os.access(db, os.W_OK)
+                                        else "the database file is read-only")
+            if why:
+                errors.append(f"--tracking-uri: {tracking_uri}: folder {db.parent} is not writable ({why}); pass "
+                              "--tracking-uri sqlite:///<writable folder>/mlflow.db or fix its permissions")
+    if errors:
+        raise StorageError(" | ".join(errors) if len(errors) > 1 else errors[0])

@@ -85,9 +85,33 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
 
 
+STORE_LOCK_SECONDS = 300.0
+
+
 def init_store(uri: str) -> None:
-    """Create the database and its schema now, in the driver: parallel first use by trial workers races."""
-    with_retry(MlflowClient(uri).search_experiments, max_results=1)
+    """Create the database and its schema now, in the driver: parallel first use by trial workers races.
+
+    Two launches on one fresh sqlite file race too (alembic: "expected to match one row when updating ... in
+    'alembic_version'; 0 found"): a file lock beside the database (`<db>.lock`) lets the first create the schema
+    while the second waits, then finds it there. A server URI needs nothing: the server created its schema.
+    """
+    db = _sqlite_path(uri)
+    if db is None or not db.parent.is_dir():
+        with_retry(MlflowClient(uri).search_experiments, max_results=1)  # a missing folder fails here, as before
+        return
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(db) + ".lock", timeout=STORE_LOCK_SECONDS)
+    try:
+        lock.acquire()
+    except (Timeout, OSError) as error:  # a read-only folder (the store exists) or a stuck lock holder: go on unlocked
+        log.warning("could not lock %s.lock (%s); opening the store without it", db, error)
+        with_retry(MlflowClient(uri).search_experiments, max_results=1)
+        return
+    try:
+        with_retry(MlflowClient(uri).search_experiments, max_results=1)
+    finally:
+        lock.release()
 
 
 def config_hash(trial_config: dict) -> str:
