@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from . import latency, raycompat, report, tracking
+from . import claims, latency, raycompat, report, tracking
 from .names import PARAMS
 from .preflight import check_writable, preflight
 from .spec import SpecError, SweepSpec
@@ -51,6 +51,7 @@ class SweepOutcome:
     results: pd.DataFrame | None  # one row per Tune trial of this launch (see summary_frame), None if none ran
     storage: str                # this launch's Tune experiment directory (what `--resume` restores)
     interrupted: int = 0        # trials left unfinished by an interrupted fit (Ctrl-C): `--resume` continues them
+    held: int = 0               # trials another live launch was running (its claim held): not run twice
 
 
 # --- Ray ---------------------------------------------------------------------------------------------
@@ -256,7 +257,7 @@ def _status(result: Any, early_stopping: bool) -> str:
     metrics = result.metrics or {}
     if result.error is not None:
         return "FAILED"
-    if metrics.get("trial_status") in ("SKIPPED", "FINISHED"):  # the trial's final report says how it ended
+    if metrics.get("trial_status") in ("SKIPPED", "HELD", "FINISHED"):  # the trial's final report says how it ended
         return metrics["trial_status"]
     # Ended without its final report: a scheduler stops trials only on a reported result, so with FIFO, or with no
     # result at all, the sweep was interrupted (Tune marks such trials TERMINATED too, so its status cannot tell).
@@ -348,6 +349,12 @@ def _launch(spec: SweepSpec, uri: str, storage: str, resume: bool, force: bool, 
     from ray import tune
 
     tracking.init_store(uri)  # here, in the driver: trial workers creating the schema in parallel would race
+    client, launch_id, lease_s = MlflowClient(uri), claims.new_owner_id("launch"), lease_seconds()
+    experiment_id = tracking.find_experiment_id(client, spec.name)
+    if experiment_id is not None:  # runs left RUNNING by launches that died: close them, saying why
+        closed = claims.close_dead_runs(client, experiment_id, closer=launch_id, lease_s=lease_s)
+        if closed:
+            print(f"closed {len(closed)} runs left RUNNING by a launch that died (tag sweep.closed_reason)")
     interrupted = _interrupted_launch(uri, spec) if resume else None
     if resume and interrupted is None:
         print(f"nothing to resume for sweep {spec.name}: starting it afresh")
@@ -364,13 +371,15 @@ def _launch(spec: SweepSpec, uri: str, storage: str, resume: bool, force: bool, 
 
     if interrupted is not None:
         parent, experiment_path = interrupted
-        tracking.with_retry(MlflowClient(uri).update_run, parent, status="RUNNING")
+        tracking.with_retry(client.update_run, parent, status="RUNNING")
     else:
         experiment_path = new_launch_path(storage, spec.name)
         parent = tracking.start_parent_run(uri, spec.name, spec.source_text, tags={"sweep.tune_path": experiment_path})
+    parent_lease = claims.Lease.acquire(client, parent, launch_id, lease_s)  # a dead driver's parent gets closed
     try:
         # with --force the trial must not return a recorded result either
-        context = SweepContext(uri, spec.name, parent, cache_dir(storage, spec.name), rerun=force, on_epoch=on_epoch)
+        context = SweepContext(uri, spec.name, parent, cache_dir(storage, spec.name), rerun=force, on_epoch=on_epoch,
+                               launch_id=launch_id, lease_s=lease_s)
         trainable = tune.with_resources(tune.with_parameters(sweep_trial, context=context), _trial_resources(spec))
         if interrupted is not None:
             print(f"resuming the sweep at {experiment_path}")
@@ -384,11 +393,19 @@ def _launch(spec: SweepSpec, uri: str, storage: str, resume: bool, force: bool, 
             result_grid = tuner.fit()
         _measure_latency(spec, uri)
     except BaseException:
+        parent_lease.release()
         _close_orphans(uri, spec.name, parent)
         tracking.end_run(uri, parent, "KILLED")
         raise
+    parent_lease.release()
     frame = summary_frame(result_grid, early_stopping=spec.scheduler["name"] != "fifo")
     return _finish(spec, uri, storage, parent, frame, skipped, experiment_path)
+
+
+def lease_seconds() -> float:
+    """How long a claim outlives its holder's last renewal: $SWEEP_LEASE_SECONDS, else 60 s. Shorter leases let a
+    resumed or overlapping launch take over a dead launch's trials sooner, at the cost of more renewal writes."""
+    return float(os.environ.get("SWEEP_LEASE_SECONDS", claims.DEFAULT_LEASE_S))
 
 
 def _trial_resources(spec: SweepSpec) -> dict[str, float]:
@@ -418,16 +435,18 @@ def _finish(spec: SweepSpec, uri: str, storage: str, parent: str, frame: pd.Data
     interrupted = int((frame["status"] == "INTERRUPTED").sum())
     failed = int((frame["status"] == "FAILED").sum())
     skipped += int((frame["status"] == "SKIPPED").sum())
+    held = int((frame["status"] == "HELD").sum())
     ran = int(frame["status"].isin(["FINISHED", "FAILED", "STOPPED"]).sum())
     _write_report(spec.name, uri, storage)
     tracking.end_run(uri, parent, "KILLED" if interrupted else "FAILED" if failed else "FINISHED")
-    print(f"\nsweep {spec.name}: {ran} trials ran, {skipped} skipped (already finished), {failed} failed")
+    print(f"\nsweep {spec.name}: {ran} trials ran, {skipped} skipped (already finished), {failed} failed"
+          + (f", {held} left to another launch that is running them" if held else ""))
     _print_summary(frame)
     if interrupted:
         print(f"interrupted with {interrupted} trials unfinished: `sweep run --resume` continues them")
     elif (frame["status"] == "STOPPED").any():
         print(f"{int((frame['status'] == 'STOPPED').sum())} trials were stopped early by {spec.scheduler['name']}")
-    return SweepOutcome(spec.name, parent, ran, skipped, failed, frame, experiment_path, interrupted)
+    return SweepOutcome(spec.name, parent, ran, skipped, failed, frame, experiment_path, interrupted, held)
 
 
 def _write_report(name: str, uri: str, storage: str) -> None:
@@ -461,7 +480,7 @@ def run_one(spec: SweepSpec, tracking_uri: str | None = None, storage: str | Non
     uri = tracking.resolve_tracking_uri(tracking_uri)
     config, _ = single_config(spec)  # run_trial itself keeps MLFLOW_RUN_ID from re-parenting the run
     tracking.init_store(uri)
-    context = SweepContext(uri, spec.name, None, cache_dir(resolve_storage(storage), spec.name))
+    context = SweepContext(uri, spec.name, None, cache_dir(resolve_storage(storage), spec.name), lease_s=lease_seconds())
     result = run_trial(config, context, report=on_report or (lambda metrics, checkpoint: None))
     if result.get("skipped"):
         return result

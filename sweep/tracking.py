@@ -325,29 +325,32 @@ class TrialRun:
         self.present = present or set()
 
     @classmethod
-    def open(
-        cls, uri: str, experiment: str, parent_run_id: str | None, trial_config: dict, run_id: str | None = None
-    ) -> "TrialRun":
-        """Continue run_id or this parent's unfinished run of the config, else create a new child run."""
+    def create(cls, uri: str, experiment: str, parent_run_id: str | None, trial_config: dict,
+               tags: dict[str, str] | None = None) -> "TrialRun":
+        """A new child run of parent_run_id with the trial's tags (plus `tags`, such as a claim's) and params."""
         client = MlflowClient(uri)
-        run_id = run_id or find_trial_run(uri, experiment, config_hash(trial_config), parent_run_id)
-        if run_id is not None:
-            with_retry(client.update_run, run_id, status="RUNNING")
-            return cls(client, run_id, _present_points(client, run_id))
-        tags = {
+        run_tags = {
             **_base_tags(),
             "config_hash": config_hash(trial_config),
             "sweep.name": experiment,
             "mlflow.runName": _run_name(trial_config),
+            **(tags or {}),
         }
         if parent_run_id is not None:
-            tags["mlflow.parentRunId"] = parent_run_id
+            run_tags["mlflow.parentRunId"] = parent_run_id
         experiment_id = get_or_create_experiment(client, experiment)
-        run = with_retry(client.create_run, experiment_id, tags=tags, run_name=tags["mlflow.runName"])
+        run = with_retry(client.create_run, experiment_id, tags=run_tags, run_name=run_tags["mlflow.runName"])
         params = [Param(k, v) for k, v in flat_params(trial_config).items()]
         for i in range(0, len(params), 100):  # MLflow accepts at most 100 params per batch
             with_retry(client.log_batch, run.info.run_id, params=params[i : i + 100])
         return cls(client, run.info.run_id)
+
+    @classmethod
+    def resume(cls, uri: str, run_id: str) -> "TrialRun":
+        """An existing run continued (a retry, a resume), knowing every point it already holds."""
+        client = MlflowClient(uri)
+        with_retry(client.update_run, run_id, status="RUNNING")
+        return cls(client, run_id, _present_points(client, run_id))
 
     def log_points(self, points: list[tuple[str, int, float]]) -> None:
         """(metric, step, value) points the run does not hold yet, in one request (one sqlite transaction)."""

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+from mlflow.tracking import MlflowClient
 from torch import nn
 
-from . import tracking
+from . import claims, tracking
 from .base import ensure_base, example_input, load_base, new_model
 from .data import DataSplits, batches, load_dataset
 from .measure import count_flops, count_params, size_mb
@@ -31,7 +32,14 @@ from .models import weights_stats
 from .names import METRICS
 from .pruning import NEEDS_CALIBRATION, PrunePlan, apply_plan, prune, save_pruned
 from .schema import TrainConfig, TrialConfig, trial_config
-from .train import evaluate, make_optimizer, pick_device, prepare_model, seed_everything, train_epoch
+from .train import (
+    evaluate,
+    make_optimizer,
+    pick_device,
+    prepare_model,
+    seed_everything,
+    train_epoch,
+)
 
 STATE_FILE = "trial.pt"
 Report = Callable[[dict, "str | None"], None]  # (metrics, checkpoint directory or None)
@@ -49,6 +57,9 @@ class SweepContext:
     cache_dir: str  # shared by every trial (and node) of the sweep: base models live here
     rerun: bool = False  # run even when this exact config already has a FINISHED run (`sweep run --force`)
     on_epoch: EpochHook | None = None  # must pickle: it travels to the trial workers
+    launch_id: str = field(default_factory=lambda: claims.new_owner_id("launch"))  # owner of this launch's claims
+    launch_started: float = field(default_factory=time.time)
+    lease_s: float = claims.DEFAULT_LEASE_S
 
 
 @dataclass
@@ -143,28 +154,53 @@ def run_trial(config: dict, context: SweepContext, report: Report | None = None,
     if report is None:
         report, checkpoint_dir = _tune_reporter()
     saved = _read_checkpoint(checkpoint_dir)
-    recorded = tracking.recorded_result(context.tracking_uri, context.experiment, tracking.config_hash(config),
-                                        run_id=saved["run_id"] if saved else None, rerun=context.rerun)
-    if recorded is not None:  # finished already (maybe by a launch whose driver died before Tune heard of it)
-        report(selection_view({**recorded, "trial_status": "SKIPPED"}), None)
-        return {**recorded, "skipped": 1.0}
+    claim, resumed = _claim(config, context, saved["run_id"] if saved else None)
+    if claim.kind != "claimed":  # finished already (perhaps by a launch that died before Tune heard), or running
+        recorded = tracking.recorded_result(context.tracking_uri, context.experiment, tracking.config_hash(config),
+                                            run_id=claim.run_id) if claim.kind == "finished" else None
+        status = "SKIPPED" if recorded is not None else "HELD"
+        report(selection_view({**(recorded or {}), "trial_status": status}), None)
+        return {**(recorded or {}), "skipped": 1.0} if recorded is not None else {"held": 1.0}
 
-    cfg = trial_config(config)  # typed access; `config` itself stays the identity that is hashed and logged
-    device = pick_device(cfg.device)
-    seed_everything(cfg.seed)
-    splits = _load_splits(cfg)
-    run = tracking.TrialRun.open(context.tracking_uri, context.experiment, context.parent_run_id, config,
-                                 saved["run_id"] if saved else None)
+    lease = claim.lease
     try:
+        cfg = trial_config(config)  # typed access; `config` itself stays the identity that is hashed and logged
+        device = pick_device(cfg.device)
+        seed_everything(cfg.seed)
+        splits = _load_splits(cfg)
+        continued = claim.run_id == resumed
+        run = tracking.TrialRun.resume(context.tracking_uri, claim.run_id) if continued else \
+            tracking.TrialRun(MlflowClient(context.tracking_uri), claim.run_id)
+        if splits.skipped_files:
+            run.set_tags({"data.skipped_files": f"{len(splits.skipped_files)}: " + ", ".join(splits.skipped_files)})
         result = _pipeline(config, cfg, context, splits, device, run, saved, report)
+        lease.check()  # someone closed our run after our lease lapsed: do not call it FINISHED
     except SystemExit:  # Ray Tune stops a trial (ASHA) by exiting from inside tune.report
-        run.finish("KILLED")
+        lease.release("KILLED")
         raise
     except BaseException:
-        run.finish("FAILED")
+        lease.release("FAILED")
         raise
-    run.finish("FINISHED")
+    lease.release("FINISHED")
     return result
+
+
+def _claim(config: dict, context: SweepContext, checkpoint_run: str | None) -> tuple[claims.ClaimResult, str | None]:
+    """Claim this config in the tracking store (sweep.claims): a new run, the continued one, or someone else's.
+    Returns the claim and the run this trial set out to continue (its checkpoint's, or its parent's unfinished)."""
+    uri, experiment, parent = context.tracking_uri, context.experiment, context.parent_run_id
+    client = MlflowClient(uri)
+    chash = tracking.config_hash(config)
+    resume = checkpoint_run or tracking.find_trial_run(uri, experiment, chash, parent)
+    owner = f"{context.launch_id}/{os.environ.get('TUNE_TRIAL_ID', 'standalone')}"
+    result = claims.claim_trial(
+        client, tracking.get_or_create_experiment(client, experiment), chash, owner,
+        create_run=lambda tags: tracking.TrialRun.create(uri, experiment, parent, config, tags).run_id,
+        lease_s=context.lease_s, resume_run_id=resume,
+        # a run left by a dead launch keeps its lease until it lapses: wait that long rather than skip it
+        wait_s=1.5 * context.lease_s if resume else 0.0,
+        ignore_finished_before=context.launch_started if context.rerun else None)
+    return result, resume
 
 
 def _load_splits(cfg: TrialConfig) -> DataSplits:

@@ -6,6 +6,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.pop("MLFLOW_RUN_ID", None)
 # MLflow otherwise tries to reach its telemetry host from every process (offline here: slow timeouts).
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# Short claim leases: a test that kills a launch need not wait a minute for its trials' leases to lapse.
+os.environ.setdefault("SWEEP_LEASE_SECONDS", "6")
 
 import shutil  # noqa: E402
 import sys  # noqa: E402

@@ -102,7 +102,7 @@ def world(tmp_path_factory):
     (root / "store").mkdir()
     tracking.init_store(uri)
     config = load_spec_text(root, HEAD).trial
-    run = tracking.TrialRun.open(uri, "bad", None, config)
+    run = tracking.TrialRun.create(uri, "bad", None, config)
     for epoch in (1, 2):
         run.log_points([("val_accuracy", epoch, 0.5 + epoch / 10)])
     run.log_points([("test_accuracy", 0, 0.7)])

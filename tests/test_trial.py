@@ -5,6 +5,7 @@ Every test builds what it needs from the module's fixtures, so each passes alone
 
 import dataclasses
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -136,7 +137,7 @@ def test_finished_config_is_not_rerun(store, configs, l1_trial):
 
 def test_rerun_runs_a_finished_config_again(store, configs, l1_trial):
     """`sweep run --force`: a finished config gets a second, new run."""
-    again = run_trial(configs[0], dataclasses.replace(store, rerun=True), report=lambda m, c: None)
+    again = run_trial(configs[0], dataclasses.replace(store, rerun=True, launch_started=time.time()), report=lambda m, c: None)
     assert "skipped" not in again
     runs = _runs(store, configs[0])
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
@@ -192,7 +193,7 @@ def test_failed_trial_resumes_in_the_same_run_bit_identical(store, configs, tmp_
         assert steps == sorted(set(steps)), f"{name} logged twice: {steps}"
 
     # An uninterrupted run of the same config (--force) ends with the same weights and metrics, bit for bit.
-    whole = run_trial(config, dataclasses.replace(store, rerun=True), report=_keep_checkpoints(saved, tmp_path / "w"))
+    whole = run_trial(config, dataclasses.replace(store, rerun=True, launch_started=time.time()), report=_keep_checkpoints(saved, tmp_path / "w"))
     assert whole["test_accuracy"] == resumed["test_accuracy"] and whole["val_loss"] == resumed["val_loss"]
     runs = sorted(_runs(store, config), key=lambda r: r.info.start_time)
     assert _history(store, runs[0].info.run_id, "val_loss") == _history(store, runs[1].info.run_id, "val_loss")
