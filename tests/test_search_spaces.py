@@ -3,11 +3,11 @@
 import os
 from pathlib import Path
 
+import pandas as pd
 import pytest
-import ray
 from mlflow.tracking import MlflowClient
 
-from sweep import tracking
+from sweep import report, tracking
 from sweep.orchestrate import run_sweep
 from sweep.spec import load_spec
 
@@ -18,7 +18,7 @@ SMOKE = sorted((ROOT / "search_spaces" / "smoke").glob("*.yaml"))
 
 
 def test_every_paper_space_has_a_smoke_form():
-    papers = {"alexnet_levels", "transfer_vgg16_flowers", "cifar10_resnet56", "models_training_time"}
+    papers = {"alexnet_levels", "transfer_vgg16_flowers", "cifar10_resnet56", "models_training_time", "digits_arms"}
     assert papers <= {p.stem for p in FULL}
     assert papers == {p.stem for p in SMOKE}
 
@@ -49,3 +49,20 @@ def test_smoke_forms_run(path, tmp_path, local_ray):
     for run in runs:
         m = run.data.metrics
         assert 0 < m["flops_reduction"] < 1 and 0 <= m["test_accuracy"] <= 1
+        assert {"val_accuracy", "pruned_val_accuracy", "pruned_test_accuracy", "base_val_accuracy",
+                "base_test_accuracy", "macs", "channels_removed", "params_reduction", "latency_ms"} <= set(m)
+    if spec.name == "smoke_digits_arms":
+        _check_the_report(uri, spec, tmp_path)
+
+
+def _check_the_report(uri, spec, tmp_path):
+    """The published-comparison sweep: 12 groups of 3 seeds, intervals, and a verdict per setting."""
+    paths = report.write_report(spec.name, uri, out_dir=tmp_path / "reports")
+    table = pd.read_csv(paths["summary_csv"])
+    assert len(table) == 12 and (table["n"] == 3).all()
+    assert set(table["arm"]) == {"finetune", "scratch"} and table["test_accuracy_ci95"].notna().all()
+    pairs = pd.read_csv(paths["paired"])
+    assert len(pairs) == 8 and (pairs["pairs"] == 3).all() and set(pairs["reference"]) == {"random"}
+    assert set(pairs["verdict"]) <= {"better", "worse", "tied"}
+    summary = paths["summary"].read_text()
+    assert summary.count("beat random") + summary.count("tied with random") + summary.count("lose to") >= 4
