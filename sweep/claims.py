@@ -75,8 +75,9 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
@@ -195,13 +196,13 @@ class Lease:
         self._thread = threading.Thread(target=self._loop, name=f"lease-{run_id[:8]}", daemon=True)
 
     @classmethod
-    def acquire(cls, client: MlflowClient, run_id: str, owner: str, lease_s: float = DEFAULT_LEASE_S) -> "Lease":
+    def acquire(cls, client: MlflowClient, run_id: str, owner: str, lease_s: float = DEFAULT_LEASE_S) -> Lease:
         """Put a lease on a run we own outright (the driver's parent run) and start renewing it."""
         lease = cls(client, run_id, owner, lease_s)
         lease._write()
         return lease.start()
 
-    def start(self) -> "Lease":
+    def start(self) -> Lease:
         self._thread.start()
         return self
 
@@ -247,7 +248,7 @@ class Lease:
         if status is not None:
             tracking.with_retry(self.client.set_terminated, self.run_id, status=status)
 
-    def __enter__(self) -> "Lease":
+    def __enter__(self) -> Lease:
         return self
 
     def __exit__(self, kind, value, tb) -> None:

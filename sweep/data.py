@@ -27,10 +27,10 @@ import math
 import os
 import pickle
 import struct
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from dataclasses import field as _field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -42,7 +42,6 @@ from torchvision import datasets as tvd
 from torchvision import transforms as T
 
 from .errors import InputError
-
 
 log = logging.getLogger(__name__)
 

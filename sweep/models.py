@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import difflib
 import pickle
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
+
 from .errors import InputError
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".th", ".ckpt")

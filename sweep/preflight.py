@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError
 from .data import DataError, load_dataset
+from .errors import InputError
 from .models import MODELS, ModelError, build_model
 from .pruning import PruningError, analyse
 from .spec import SpecError, SweepSpec

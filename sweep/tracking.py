@@ -15,8 +15,9 @@ import random
 import re
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
@@ -326,7 +327,7 @@ class TrialRun:
 
     @classmethod
     def create(cls, uri: str, experiment: str, parent_run_id: str | None, trial_config: dict,
-               tags: dict[str, str] | None = None) -> "TrialRun":
+               tags: dict[str, str] | None = None) -> TrialRun:
         """A new child run of parent_run_id with the trial's tags (plus `tags`, such as a claim's) and params."""
         client = MlflowClient(uri)
         run_tags = {
@@ -346,7 +347,7 @@ class TrialRun:
         return cls(client, run.info.run_id)
 
     @classmethod
-    def resume(cls, uri: str, run_id: str) -> "TrialRun":
+    def resume(cls, uri: str, run_id: str) -> TrialRun:
         """An existing run continued (a retry, a resume), knowing every point it already holds."""
         client = MlflowClient(uri)
         with_retry(client.update_run, run_id, status="RUNNING")

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from sweep import tracking
 from sweep.cli import main
-from sweep.orchestrate import cache_dir, run_sweep, start_ray
+from sweep.orchestrate import cache_dir, run_sweep
 from sweep.spec import SpecError, load_spec
 
 TINY = """
