@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="restore the interrupted sweep from --storage")
     run.add_argument("--force", action="store_true", help="rerun trials that already finished")
     run.add_argument("--max-concurrent", type=_positive_int, metavar="N", help="at most N trials at once")
-    run.add_argument("--quiet", action="store_true", help="no progress table")
+    run.add_argument("--quiet", action="store_true", help="no progress line")
+    run.add_argument("--verbose", action="store_true", help="Ray Tune's table of every trial instead of one line")
 
     validate = command("validate", help="check search spaces; print every problem")
     validate.add_argument("spaces", nargs="+", metavar="SPACE.yaml")
@@ -124,7 +125,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = load_spec(args.space)
     outcome = run_sweep(spec, address=args.address, tracking_uri=args.tracking_uri, storage=args.storage,
                         resume=args.resume, force=args.force, max_concurrent=args.max_concurrent,
-                        verbose=0 if args.quiet else 1)
+                        verbose=0 if args.quiet else 2 if args.verbose else 1)
     if outcome.interrupted:
         return INTERRUPTED
     return FAILED if outcome.failed else 0

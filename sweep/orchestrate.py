@@ -27,6 +27,7 @@ from mlflow.tracking import MlflowClient
 from . import claims, latency, raycompat, report, tracking
 from .names import PARAMS
 from .preflight import check_writable, preflight
+from .progress import CompactProgress, quiet_ray_logs
 from .spec import SpecError, SweepSpec
 from .trial import EpochHook, SweepContext, run_trial
 
@@ -74,6 +75,7 @@ def start_ray(address: str | None = None) -> bool:
     # This process may have imported ray before the variable was set; Ray consults the constant when it picks
     # the node address, so set it too (a private name, hence the check on the result below).
     ray_constants.ENABLE_RAY_CLUSTER = False
+    quiet_ray_logs()
     ray.init(address="local", include_dashboard=False)
     node_ip = ray.util.get_node_ip_address()
     if node_ip != LOOPBACK:
@@ -116,12 +118,25 @@ def _trial_dirname(trial: Any) -> str:
     return f"trial_{trial.trial_id}"  # Tune's default puts the whole (nested, long) config into the folder name
 
 
-def _progress_reporter(spec: SweepSpec) -> Any:
+def _progress_reporter(spec: SweepSpec, verbose: int) -> Any:
+    """One compact line (sweep.progress); with --verbose, Tune's table of every trial."""
     from ray import tune
 
     short = {path: name for name, path in PARAMS.items()}  # prune.ratio -> ratio, model.name -> model
     swept = [f"{p}.name" if p in ("model", "dataset") else p for p in spec.space]  # a swept section: its name
-    columns = {"trial/" + p.replace(".", "/"): short.get(p, p) for p in dict.fromkeys([*_ALWAYS_SHOWN, *swept])}
+    shown = list(dict.fromkeys([*_ALWAYS_SHOWN, *swept]))
+    if verbose < 2:
+        def describe(config: dict) -> str:
+            trial = config.get("trial", {})
+            values = []
+            for path in shown:
+                value = trial
+                for part in path.split("."):
+                    value = value.get(part, {}) if isinstance(value, dict) else {}
+                values.append(f"{short.get(path, path)} {value}")
+            return ", ".join(values)
+        return CompactProgress(spec.metric, spec.mode, describe)
+    columns = {"trial/" + p.replace(".", "/"): short.get(p, p) for p in shown}
     # print_intermediate_tables explicitly: its default follows a process-wide verbosity that earlier fits leave set.
     return tune.CLIReporter(parameter_columns=columns, metric_columns=_PROGRESS_METRICS, max_report_frequency=10,
                             print_intermediate_tables=True)
@@ -165,8 +180,8 @@ def _new_tuner(spec: SweepSpec, param_space: dict, trainable: Any, experiment_pa
             reuse_actors=reuse_workers,
         ),
         run_config=tune.RunConfig(
-            name=os.path.basename(experiment_path), storage_path=os.path.dirname(experiment_path), verbose=verbose,
-            progress_reporter=_progress_reporter(spec),
+            name=os.path.basename(experiment_path), storage_path=os.path.dirname(experiment_path),
+            verbose=min(verbose, 1), progress_reporter=_progress_reporter(spec, verbose),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         ),
@@ -242,15 +257,6 @@ def _interrupted_launch(uri: str, spec: SweepSpec) -> tuple[str, str] | None:
     return (parent, path) if tune.Tuner.can_restore(path) else None
 
 
-def _close_orphans(uri: str, experiment: str, parent_run_id: str) -> None:
-    """Child runs still RUNNING after Tune returned were stopped from outside (ASHA, Ctrl-C): mark them KILLED."""
-    client = MlflowClient(uri)
-    orphans = tracking.child_runs(
-        client, experiment, f"attributes.status = 'RUNNING' and tags.`mlflow.parentRunId` = '{parent_run_id}'")
-    for run in orphans:
-        tracking.with_retry(client.set_terminated, run.info.run_id, status="KILLED")
-
-
 # --- results ---------------------------------------------------------------------------------------------
 
 
@@ -318,6 +324,12 @@ def run_sweep(
     os.environ.pop("MLFLOW_RUN_ID", None)  # local workers inherit it, and it would re-parent every trial run
 
     check_writable(storage, uri)  # a read-only --storage or store folder: one line now, not a crash mid-sweep
+    if not (resume or force) and spec.search["algorithm"] == "grid" and tracking.store_exists(uri):
+        pending, skipped = _pending_grid(spec, uri, force)
+        if not pending:  # answered from the store alone: no data to load, no Ray to start
+            print(f"nothing to run: all {skipped} trials already finished in experiment {spec.name} "
+                  "(use --force to rerun)")
+            return SweepOutcome(spec.name, None, 0, skipped, 0, None, "")
     preflight(spec)  # models, checkpoints and data the trials will need: fail now, not in every trial
     owns_ray = start_ray(address)
     try:
@@ -390,12 +402,16 @@ def _launch(spec: SweepSpec, uri: str, storage: str, resume: bool, force: bool, 
             tuner = _new_tuner(spec, {"trial": grid}, trainable, experiment_path, max_concurrent, verbose,
                                reuse_workers)
         raycompat.retry_oom_killed_trials()  # else one OOM-killed trial raises out of fit and ends the sweep
+        if verbose:
+            count = len(pending) or spec.num_trials()
+            print(f"{count} trials on Ray; the first one to start trains the shared base network, the others wait "
+                  f"for it (trial workers take a few seconds to start)")
         with _tune_output():
             result_grid = tuner.fit()
         _measure_latency(spec, uri)
     except BaseException:
         parent_lease.release()
-        _close_orphans(uri, spec.name, parent)
+        tracking.close_children(uri, spec.name, parent)
         tracking.end_run(uri, parent, "KILLED")
         raise
     parent_lease.release()
@@ -432,7 +448,7 @@ def _measure_latency(spec: SweepSpec, uri: str) -> None:
 def _finish(spec: SweepSpec, uri: str, storage: str, parent: str, frame: pd.DataFrame, skipped: int,
             experiment_path: str) -> SweepOutcome:
     """Close the launch: orphaned trial runs, the report, the parent run's status, the summary table."""
-    _close_orphans(uri, spec.name, parent)
+    tracking.close_children(uri, spec.name, parent)
     interrupted = int((frame["status"] == "INTERRUPTED").sum())
     failed = int((frame["status"] == "FAILED").sum())
     skipped += int((frame["status"] == "SKIPPED").sum())

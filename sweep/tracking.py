@@ -89,6 +89,12 @@ def _sqlite_path(uri: str) -> Path | None:
 STORE_LOCK_SECONDS = 300.0
 
 
+def store_exists(uri: str) -> bool:
+    """Whether there is a store to read: a sqlite file that exists, or any server or database URI."""
+    db = _sqlite_path(uri)
+    return db is None or db.exists()
+
+
 def init_store(uri: str) -> None:
     """Create the database and its schema now, in the driver: parallel first use by trial workers races.
 
@@ -276,6 +282,16 @@ def finished_trials(uri: str, experiment: str) -> dict[str, str]:
     for run in child_runs(MlflowClient(uri), experiment, "attributes.status = 'FINISHED'"):
         done.setdefault(run.data.tags["config_hash"], run.info.run_id)  # runs come newest first
     return done
+
+
+def close_children(uri: str, experiment: str, parent_run_id: str, status: str = "KILLED") -> None:
+    """End the parent's child runs still RUNNING: stopped from outside (ASHA, Ctrl-C) when its launch ends."""
+    _check_status(status)
+    client = MlflowClient(uri)
+    running = child_runs(client, experiment,
+                         f"attributes.status = 'RUNNING' and tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    for run in running:
+        with_retry(client.set_terminated, run.info.run_id, status=status)
 
 
 def find_trial_run(uri: str, experiment: str, config_hash: str, parent_run_id: str | None) -> str | None:

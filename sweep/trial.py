@@ -111,6 +111,9 @@ def _read_checkpoint(directory: str | None) -> dict | None:
 def _tune_reporter() -> tuple[Report, str | None]:
     from ray import tune
 
+    from .progress import quiet_ray_logs
+
+    quiet_ray_logs()  # this worker's checkpoint chatter
     def report(metrics: dict, checkpoint_dir: str | None) -> None:
         checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         tune.report(metrics, checkpoint=checkpoint)
