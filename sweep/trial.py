@@ -144,8 +144,9 @@ def run_trial(config: dict, context: SweepContext, report: Report | None = None,
     device = pick_device(config["device"])
     seed_everything(config["seed"])
     data = config["dataset"]
-    splits = load_dataset(data["name"], root=data["root"], download=data["download"], val_fraction=data["val_fraction"],
-                          seed=config["seed"], image_size=data["image_size"], limit=data["limit"])
+    splits = load_dataset(data.get("name"), root=data["root"], download=data["download"],
+                          val_fraction=data["val_fraction"], seed=config["seed"], image_size=data["image_size"],
+                          limit=data["limit"], factory=data.get("factory"), kwargs=data.get("kwargs"))
     run_id = state["run_id"] if state else tracking.find_trial_run(
         context.tracking_uri, context.experiment, chash, context.parent_run_id)
     run = tracking.TrialRun.open(context.tracking_uri, context.experiment, context.parent_run_id, config, run_id)

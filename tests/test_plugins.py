@@ -1,0 +1,191 @@
+"""Your own model and dataset by import path (`model.factory`, `dataset.factory`): the loaders, their errors, and a
+real trial of a model and a dataset defined in a file outside the package, imported from the working directory."""
+
+import sys
+import textwrap
+import uuid
+
+import pytest
+import torch
+from torch import nn
+
+from sweep.data import DataError, DataSplits, batches, load_dataset
+from sweep.models import ModelError, build_model
+
+PLUGIN = '''
+import torch
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+
+class TinyNet(nn.Module):
+    def __init__(self, num_classes, in_channels, width=8):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.conv2(x))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def build(num_classes, in_channels, width=8):
+    return TinyNet(num_classes, in_channels, width)
+
+
+def not_a_module(num_classes, in_channels):
+    return "a string"
+
+
+class Stripes(Dataset):
+    """Horizontal stripes (class 0) or vertical stripes (class 1), with noise: easy, and made on the fly."""
+
+    classes = ["horizontal", "vertical"]
+
+    def __init__(self, n, seed, size=8, channels=3):
+        g = torch.Generator().manual_seed(seed)
+        self.targets = [i % 2 for i in range(n)]
+        base = (torch.arange(size) % 2).float()
+        self.images = []
+        for y in self.targets:
+            img = base.view(size, 1).expand(size, size) if y == 0 else base.view(1, size).expand(size, size)
+            self.images.append(img.expand(channels, size, size) + 0.3 * torch.randn(channels, size, size, generator=g))
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return self.images[i], self.targets[i]
+
+
+def load(n=40, size=8, with_val=True):
+    out = {"train": Stripes(n, 0, size), "test": Stripes(n // 2, 2, size)}
+    if with_val:
+        out["val"] = Stripes(n // 2, 1, size)
+    return out
+
+
+def load_tuple(n=40):
+    return Stripes(n, 0), Stripes(n // 2, 2)
+
+
+def load_plain(n=30):
+    # no targets attribute: labels come from one pass over the items
+    x = torch.randn(n, 1, 6, 6)
+    y = torch.arange(n) % 3
+    return TensorDataset(x, y), None, TensorDataset(x[:9], y[:9])
+
+
+def load_root(root):
+    return {"train": Stripes(20, 0), "test": Stripes(10, 1), "name": "stripes@" + root}
+
+
+def load_broken():
+    raise RuntimeError("disk on fire")
+'''
+
+
+@pytest.fixture
+def plugin(tmp_path, monkeypatch):
+    """A module with a unique name in a folder outside the package, made the working directory (not on sys.path)."""
+    name = f"myplugin_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(PLUGIN), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    yield name
+    sys.modules.pop(name, None)
+
+
+def test_model_factory_from_the_working_directory(plugin):
+    model = build_model(None, 5, in_channels=2, factory=f"{plugin}:build", kwargs={"width": 4})
+    assert isinstance(model, nn.Module) and model.conv1.in_channels == 2 and model.fc.out_features == 5
+    assert model.conv1.out_channels == 4
+    assert model(torch.zeros(3, 2, 8, 8)).shape == (3, 5)
+
+
+def test_model_factory_loads_a_local_checkpoint(plugin, tmp_path):
+    source = build_model(None, 3, factory=f"{plugin}:build")
+    torch.save({"state_dict": source.state_dict()}, tmp_path / "mine.pt")
+    loaded = build_model(None, 3, weights=str(tmp_path / "mine.pt"), factory=f"{plugin}:build")
+    for key, value in source.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+    with pytest.raises(ModelError, match=r"model.weights: .* wrong shape .*; check model.factory and model.kwargs"):
+        build_model(None, 3, weights=str(tmp_path / "mine.pt"), factory=f"{plugin}:build", kwargs={"width": 6})
+    with pytest.raises(ModelError, match="model.weights: 'DEFAULT' is not a checkpoint file"):
+        build_model(None, 3, weights="DEFAULT", factory=f"{plugin}:build")
+
+
+@pytest.mark.parametrize("factory, kwargs, expected", [
+    ("{p}.build", None, "model.factory: '{p}.build' is not an import path; write 'package.module:function'"),
+    ("no_such_module_xyz:build", None, "model.factory: cannot import module 'no_such_module_xyz'"),
+    ("{p}:nope", None, "model.factory: module '{p}' has no attribute 'nope'"),
+    ("{p}:not_a_module", None, "model.factory: {p}:not_a_module returned str, not a torch.nn.Module"),
+    ("{p}:build", {"depth": 3}, "unexpected keyword argument 'depth'"),
+    ("{p}:build", {"num_classes": 3}, "model.kwargs: num_classes come from the dataset"),
+])
+def test_model_factory_errors_name_the_field(plugin, factory, kwargs, expected):
+    with pytest.raises(ModelError) as caught:
+        build_model(None, 3, factory=factory.replace("{p}", plugin), kwargs=kwargs)
+    assert expected.replace("{p}", plugin) in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_name_and_factory_exclude_each_other(plugin):
+    with pytest.raises(ModelError, match="either name or factory"):
+        build_model("small_cnn", 3, factory=f"{plugin}:build")
+    with pytest.raises(ModelError, match="model.kwargs: only a model.factory"):
+        build_model("small_cnn", 3, kwargs={"width": 2})
+    with pytest.raises(ModelError, match="model.factory: 'pkg.module:function'"):  # the hint on an unknown name
+        build_model("mynet.MyNet", 3)
+
+
+def test_dataset_factory_dict_infers_shape_and_classes(plugin):
+    splits = load_dataset(None, factory=f"{plugin}:load", kwargs={"n": 40, "size": 6})
+    assert isinstance(splits, DataSplits)
+    assert (splits.num_classes, splits.in_channels, splits.image_size) == (2, 3, 6)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (40, 20, 20)
+    assert splits.name == f"{plugin}:load"
+    seen = 0
+    for x, y in batches(splits.train, 16, train=True):  # through a DataLoader, shuffled, last partial batch dropped
+        assert x.shape == (16, 3, 6, 6) and y.dtype == torch.long
+        seen += len(y)
+    assert seen == 32
+    assert sum(len(y) for _, y in batches(splits.test, 16, train=False)) == 20
+
+
+def test_dataset_factory_without_val_holds_out_val_fraction_and_limit_works(plugin):
+    splits = load_dataset(None, val_fraction=0.25, factory=f"{plugin}:load", kwargs={"with_val": False})
+    assert (len(splits.train), len(splits.val)) == (30, 10)
+    assert set(splits.val.labels.tolist()) == {0, 1}  # held out per class
+    small = load_dataset(None, limit=6, factory=f"{plugin}:load_tuple")
+    assert max(len(small.train), len(small.val), len(small.test)) <= 6
+    assert len(small.val) >= 1
+
+
+def test_dataset_factory_tuple_of_plain_datasets(plugin):
+    splits = load_dataset(None, factory=f"{plugin}:load_plain")  # (train, None, test); labels read from the items
+    assert (splits.num_classes, splits.in_channels, splits.image_size) == (3, 1, 6)
+    assert len(splits.train) + len(splits.val) == 30 and len(splits.test) == 9
+
+
+def test_dataset_factory_receives_root(plugin, tmp_path):
+    splits = load_dataset(None, root=str(tmp_path), factory=f"{plugin}:load_root")
+    assert splits.name == f"stripes@{tmp_path}"
+
+
+@pytest.mark.parametrize("factory, kwargs, expected", [
+    ("{p}:load_broken", None, "dataset.factory: {p}:load_broken raised RuntimeError: disk on fire"),
+    ("{p}:build", None, "dataset.factory: {p}:build(**dataset.kwargs) failed"),
+    ("{p}:nothing", None, "dataset.factory: module '{p}' has no attribute 'nothing'"),
+    ("{p}", None, "dataset.factory: '{p}' is not an import path"),
+    ("{p}:load", {"size": 0}, "dataset.factory: train images are 3x0x0; they hold no pixels"),
+])
+def test_dataset_factory_errors_name_the_field(plugin, factory, kwargs, expected):
+    with pytest.raises(DataError) as caught:
+        load_dataset(None, factory=factory.replace("{p}", plugin), kwargs=kwargs)
+    assert expected.replace("{p}", plugin) in str(caught.value)
+    assert "\n" not in str(caught.value)
