@@ -189,3 +189,53 @@ def test_dataset_factory_errors_name_the_field(plugin, factory, kwargs, expected
         load_dataset(None, factory=factory.replace("{p}", plugin), kwargs=kwargs)
     assert expected.replace("{p}", plugin) in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_a_real_trial_of_a_plugin_model_on_plugin_data(plugin, tmp_path, sqlite_uri, one_thread):
+    """The trial pipeline (base, prune, fine-tune, measure, MLflow) on a network and a dataset from a user file."""
+    from mlflow.tracking import MlflowClient
+
+    from sweep import tracking
+    from sweep.spec import load_spec
+    from sweep.trial import SweepContext, run_trial
+
+    (tmp_path / "space.yaml").write_text(
+        "name: plug\ndataset: {name: digits}\nmodel: {name: small_cnn}\nbase: {epochs: 1, batch_size: 16}\n"
+        "finetune: {epochs: 1, batch_size: 16}\nmeasure: {batch_size: 1, warmup: 1, runs: 2}\n"
+        "prune: {strategy: l1, ratio: 0.5}\n", encoding="utf-8")
+    config = load_spec(tmp_path / "space.yaml").trial
+    # what the spec will write for `model: {factory: ..., kwargs: ...}` and `dataset: {factory: ...}`
+    config["model"].update(name=None, factory=f"{plugin}:build", kwargs={"width": 8})
+    config["dataset"].update(name=None, factory=f"{plugin}:load", kwargs={"n": 48, "size": 8})
+    context = SweepContext(sqlite_uri, "plug", None, str(tmp_path / "cache"))
+    result = run_trial(config, context, report=lambda metrics, checkpoint: None)
+    assert 0.4 < result["flops_reduction"] < 0.9
+    [run] = tracking.child_runs(MlflowClient(sqlite_uri), "plug")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.factory"] == f"{plugin}:build"
+    assert run.data.params["dataset.factory"] == f"{plugin}:load"
+
+
+def test_ray_workers_import_the_plugin_from_the_drivers_directory(plugin, tmp_path):
+    """As under `sweep run`: the driver resolves the factory (preflight), then starts Ray; a worker, whose working
+    directory Tune changes to the trial's, still imports the module from the driver's directory."""
+    import os
+
+    import ray
+
+    from sweep.models import resolve_factory
+    from sweep.orchestrate import start_ray
+
+    resolve_factory(f"{plugin}:build", "model.factory")
+    assert start_ray(None)
+    try:
+        @ray.remote
+        def build_elsewhere():
+            os.chdir("/")  # Tune runs a trial in its own directory
+            from sweep.models import build_model
+
+            return type(build_model(None, 3, factory=f"{plugin}:build")).__name__
+
+        assert ray.get(build_elsewhere.remote(), timeout=120) == "TinyNet"
+    finally:
+        ray.shutdown()
