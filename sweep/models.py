@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
+from .errors import InputError
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".th", ".ckpt")
 
 
-class ModelError(ValueError):
+class ModelError(InputError):
     """Bad model configuration; the message names the field and the fix."""
 
 
@@ -341,8 +342,10 @@ def resolve_factory(path: str, field: str, error: type[ValueError] = ModelError)
 
     The working directory is put on sys.path first, when absent: `sweep` is a console script, and a console script's
     sys.path holds its own bin/ folder, not the directory it was started from, so `mynets.py` beside the search space
-    would not import though `python -c "import mynets"` works there. Ray workers start in the driver's working
-    directory for a local cluster (and in runtime_env's `working_dir` on a remote one), so the same rule holds there.
+    would not import though `python -c "import mynets"` works there. Ray gives its workers the driver's sys.path as it
+    was when Ray started (`sweep run` resolves factories before, in its preflight) and starts them in the driver's
+    working directory (a cluster: runtime_env's `working_dir`, or `py_modules` for a package); Tune then moves each
+    trial into a folder of its own and records where it started in $TUNE_ORIG_WORKING_DIR, also put on the path.
     """
     import importlib
     import os
@@ -353,9 +356,10 @@ def resolve_factory(path: str, field: str, error: type[ValueError] = ModelError)
                                                             [*module_name.split("."), *attribute.split(".")]):
         raise error(f"{field}: '{path}' is not an import path; write 'package.module:function' (a function "
                     f"in a .py file importable from the working directory or an installed package)")
-    cwd = os.getcwd()
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
+    # the working directory, and in a Ray Tune trial (which runs in a directory of its own) the one it started in
+    for folder in (os.getcwd(), os.environ.get("TUNE_ORIG_WORKING_DIR")):
+        if folder and folder not in sys.path:
+            sys.path.insert(0, folder)
     try:
         obj = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
@@ -425,3 +429,35 @@ def build_model(name: str | None, num_classes: int, weights: str | None = None, 
     if _is_path(weights):
         return _from_checkpoint(name, weights, num_classes, in_channels)
     return _from_torchvision(name, weights, num_classes, in_channels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation: pretrained weights expect inputs normalised as in their own training.
+
+_IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+# The public CIFAR ResNet checkpoints of He et al.'s architecture (Yerlan Idelbayev's) were trained on inputs
+# normalised with ImageNet's mean and std, not CIFAR's: feeding them CIFAR-normalised images costs accuracy.
+KNOWN_CHECKPOINT_STATS = {
+    f"{stem}.th": _IMAGENET_STATS
+    for stem in ("resnet20-12fca82f", "resnet32-d509ac18", "resnet44-014dd654", "resnet56-4bfd9763",
+                 "resnet110-1d1ed7c2", "resnet1202-f3b1deed")
+}
+
+
+def weights_stats(name: str, weights: str | None) -> tuple | None:
+    """(mean, std) the weights were trained with, when known; None means: use the dataset's own statistics.
+
+    torchvision weights say it in their transforms; a checkpoint may carry {"normalization": {"mean", "std"}};
+    known public checkpoints are recognised by file name.
+    """
+    if weights is None:
+        return None
+    if not _is_path(str(weights)):
+        preset = _torchvision_weights(name, str(weights)).transforms()
+        return tuple(preset.mean), tuple(preset.std)
+    path = Path(weights).expanduser()
+    if path.name in KNOWN_CHECKPOINT_STATS:
+        return KNOWN_CHECKPOINT_STATS[path.name]
+    saved = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+    stats = saved.get("normalization") if isinstance(saved, dict) else None
+    return (tuple(stats["mean"]), tuple(stats["std"])) if isinstance(stats, dict) else None

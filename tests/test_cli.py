@@ -178,7 +178,7 @@ def test_trial_runs_one_config_without_ray_then_report(isolated, capsys):
     run = runs[0]
     assert run.data.params["strategy"] == "l1" and float(run.data.params["ratio"]) == 0.3  # the first grid point
     assert "mlflow.parentRunId" not in run.data.tags
-    assert float(printed["accuracy"]) == pytest.approx(run.data.metrics["accuracy"], rel=1e-5)
+    assert float(printed["test_accuracy"]) == pytest.approx(run.data.metrics["test_accuracy"], rel=1e-5)
     assert len(list((isolated / "results" / "cli_good" / "bases").iterdir())) == 1  # the sweep's base cache
 
     # The same config again: no new run, the recorded metrics are printed.

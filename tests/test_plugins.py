@@ -161,8 +161,8 @@ def test_dataset_factory_without_val_holds_out_val_fraction_and_limit_works(plug
     splits = load_dataset(None, val_fraction=0.25, factory=f"{plugin}:load", kwargs={"with_val": False})
     assert (len(splits.train), len(splits.val)) == (30, 10)
     assert set(splits.val.labels.tolist()) == {0, 1}  # held out per class
-    small = load_dataset(None, limit=6, factory=f"{plugin}:load_tuple")
-    assert max(len(small.train), len(small.val), len(small.test)) <= 6
+    small = load_dataset(None, limit=6, test_limit=5, factory=f"{plugin}:load_tuple")
+    assert len(small.train) + len(small.val) <= 6 and len(small.test) <= 5
     assert len(small.val) >= 1
 
 
@@ -239,3 +239,28 @@ def test_ray_workers_import_the_plugin_from_the_drivers_directory(plugin, tmp_pa
         assert ray.get(build_elsewhere.remote(), timeout=120) == "TinyNet"
     finally:
         ray.shutdown()
+
+
+def test_sweep_run_of_a_plugin_model_and_dataset(plugin, tmp_path, own_ray, capsys):
+    """`sweep run` as a user runs it: a spec beside their own file, the working directory not on sys.path (as for a
+    console script), Ray started by the command itself."""
+    from mlflow.tracking import MlflowClient
+
+    from sweep import tracking
+    from sweep.cli import main
+
+    (tmp_path / "space.yaml").write_text(f"""
+name: plugged
+model: {{factory: "{plugin}:build", kwargs: {{width: 8}}}}
+dataset: {{factory: "{plugin}:load", kwargs: {{n: 48, size: 8}}}}
+base: {{epochs: 1, batch_size: 16}}
+finetune: {{epochs: 1, batch_size: 16}}
+space:
+  strategy: {{grid: [l1, random]}}
+  ratio: 0.5
+""", encoding="utf-8")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["run", "space.yaml", "--tracking-uri", uri, "--storage", str(tmp_path / "results"), "--quiet"]) == 0
+    runs = tracking.child_runs(MlflowClient(uri), "plugged")
+    assert sorted(r.data.params["strategy"] for r in runs) == ["l1", "random"]
+    assert all(r.info.status == "FINISHED" and r.data.params["model.factory"] == f"{plugin}:build" for r in runs)
