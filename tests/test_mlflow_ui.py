@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-import ray
 from mlflow.tracking import MlflowClient
 
 from sweep import mlflow_ui, tracking
@@ -93,8 +92,8 @@ def swept(tmp_path_factory):
     root = tmp_path_factory.mktemp("ui")
     (root / "space.yaml").write_text(SPACE, encoding="utf-8")
     uri = f"sqlite:///{root / 'mlflow.db'}"
+    # run_sweep stops the Ray it starts, and leaves one that was already running (the session's) alone
     outcome = run_sweep(load_spec(root / "space.yaml"), tracking_uri=uri, storage=str(root / "results"), verbose=0)
-    ray.shutdown()
     assert not outcome.failed
     return root, uri
 
