@@ -84,11 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("name", metavar="NAME", help="the sweep name (MLflow experiment)")
     _tracking_option(report)
     report.add_argument("--out", default="reports", metavar="DIR", help="output folder (default: reports)")
+    report.add_argument("--register", metavar="MODEL_NAME",
+                        help="register the best trial's pruned network in the MLflow Model Registry under this name")
+    report.add_argument("--by", default="val_accuracy", metavar="METRIC",
+                        help="what --register picks the best trial by (default val_accuracy; never a test metric)")
 
     trial = command("trial", help="run one trial here, without Ray (the first config of the space)")
     trial.add_argument("space", metavar="CONFIG.yaml")
     _tracking_option(trial)
     trial.add_argument("--storage", help="folder holding the shared base models (default ./sweep_results)")
+    trial.add_argument("--force", action="store_true", help="run even if this config already has a FINISHED run")
 
     prune = command("prune", help="prune one model and show what was removed (no training)")
     prune.add_argument("--model", required=True, help="a name from `sweep models`")
@@ -106,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--seed", type=int, default=0)
     prune.add_argument("--out", metavar="PRUNED.pt", help="save the pruned model (plan + state_dict)")
 
-    command("models", help="list model names")
+    models = command("models", help="list model names and whether the pruner handles each")
+    models.add_argument("--names", action="store_true", help="names only, one a line (no pruner check)")
     command("strategies", help="list pruning strategies")
     return parser
 
@@ -152,11 +158,34 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
+    if args.register:  # refuse a test metric before writing anything
+        from .registry import _check_by
+
+        _check_by(args.by)
     paths = write_report(args.name, args.tracking_uri, out_dir=args.out)
     print(Path(paths["summary"]).read_text(encoding="utf-8"))
     for name, path in paths.items():
         print(f"{name}: {path}")
+    _print_ui_links(args.name, args.tracking_uri)
+    if args.register:
+        from .registry import register_best
+
+        version = register_best(args.name, args.register, by=args.by, tracking_uri=args.tracking_uri)
+        print(f"registered: {version.name} version {version.version} (run {version.run_id}, best {args.by}); "
+              f"load it with mlflow.pyfunc.load_model('models:/{version.name}/{version.version}')")
     return 0
+
+
+def _print_ui_links(name: str, tracking_uri: str | None) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from . import tracking
+    from .mlflow_ui import how_to_open
+
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    experiment_id = tracking.find_experiment_id(MlflowClient(uri), name)
+    if experiment_id is not None:
+        print("\n".join(how_to_open(uri, experiment_id)))
 
 
 def cmd_trial(args: argparse.Namespace) -> int:
@@ -173,9 +202,10 @@ def cmd_trial(args: argparse.Namespace) -> int:
             print(f"epoch {metrics['epoch']}: " + ", ".join(f"{k} {_number(v)}" for k, v in metrics.items()
                                                            if k != "epoch"))
 
-    metrics = run_one(spec, tracking_uri=args.tracking_uri, storage=args.storage, on_report=on_report)
+    metrics = run_one(spec, tracking_uri=args.tracking_uri, storage=args.storage, on_report=on_report,
+                      force=args.force)
     if metrics.get("skipped"):
-        print("this config already has a FINISHED run; its recorded metrics:")
+        print("this config already has a FINISHED run (--force runs it again); its recorded metrics:")
     width = max(map(len, metrics), default=0)
     for name, value in metrics.items():
         if name != "skipped":
@@ -224,7 +254,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from .models import model_names
 
-    print("\n".join(model_names()))
+    if args.names:
+        print("\n".join(model_names()))
+        return 0
+    from .model_check import pruner_support
+
+    rows = pruner_support()
+    width = max(len(name) for name, _, _ in rows)
+    print(f"{'model':<{width}}  pruner")
+    for name, ok, reason in rows:
+        print(f"{name:<{width}}  {'yes' if ok else 'no'}" + (f" ({reason})" if reason else ""))
+    handled = sum(ok for _, ok, _ in rows)
+    print(f"\n{handled} of {len(rows)} models can be pruned (traced for the pruner at 3x224x224, 32x32 for the CIFAR "
+          "zoo; one per family).\nYour own network: model: {factory: 'my_module:build'} in the spec.")
     return 0
 
 

@@ -499,27 +499,160 @@ def dataset_names() -> list[str]:
     return sorted(DATASETS)
 
 
-def load_dataset(name: str, root: str | None = None, download: bool = False, val_fraction: float = 0.1,
+# ---------------------------------------------------------------------------------------------------- your own data
+
+class UserImages(Dataset):
+    """A split from a dataset factory: any map-style Dataset whose items are (CxHxW float tensor, class index).
+
+    Adds what the sweep needs of a split: `labels` (a tensor, for held-out validation and `limit`) and `subset`.
+    Items are returned as the user's dataset gives them: augmentation is the dataset's own (its transforms).
+    """
+
+    def __init__(self, data: Dataset, labels: Tensor | None = None, field: str = "dataset.factory"):
+        self.data = data
+        self.labels = labels if labels is not None else _labels_of(data, field)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        x, y = self.data[i]
+        return x, int(y)
+
+    def subset(self, idx: Tensor) -> UserImages:
+        return UserImages(torch.utils.data.Subset(self.data, idx.tolist()), self.labels[idx])
+
+
+def _labels_of(data: Dataset, field: str) -> Tensor:
+    """Class indices of every item: torchvision's `targets` / a `labels` attribute, else one pass over the items."""
+    try:
+        n = len(data)
+    except TypeError:
+        raise DataError(f"{field}: a split is a {type(data).__name__} without len(); return a map-style "
+                        f"torch Dataset (with __len__ and __getitem__)") from None
+    for attribute in ("targets", "labels"):
+        values = getattr(data, attribute, None)
+        if values is not None and not callable(values):
+            try:
+                labels = torch.as_tensor(values, dtype=torch.long).flatten()
+            except (TypeError, ValueError, RuntimeError):
+                continue
+            if len(labels) == n:
+                return labels
+    return torch.tensor([int(data[i][1]) for i in range(n)], dtype=torch.long)
+
+
+_SPLIT_KEYS = ("train", "val", "test")
+_INFO_KEYS = ("num_classes", "in_channels", "image_size", "name")
+
+
+def _from_factory(factory: str, kwargs: dict | None, root: str | None, val_fraction: float, seed: int
+                  ) -> DataSplits:
+    """Call a dataset factory and make its result a DataSplits (see `load_dataset`)."""
+    from .models import resolve_factory
+
+    field = "dataset.factory"
+    load = resolve_factory(factory, field, DataError)
+    kwargs = dict(kwargs or {})
+    if root is not None:
+        kwargs.setdefault("root", root)
+    try:
+        result = load(**kwargs)
+    except DataError:
+        raise
+    except TypeError as e:
+        raise DataError(f"{field}: {factory}(**dataset.kwargs) failed: {e}") from e
+    except Exception as e:  # the user's loader: one line naming it, the traceback stays in the chain
+        raise DataError(f"{field}: {factory} raised {type(e).__name__}: {' '.join(str(e).split())}") from e
+    if isinstance(result, DataSplits):
+        return result
+    if isinstance(result, (tuple, list)):
+        if len(result) not in (2, 3):
+            raise DataError(f"{field}: {factory} returned {len(result)} items; return (train, val, test), "
+                            f"(train, test) or a dict with train/val/test")
+        result = dict(zip(("train", "test") if len(result) == 2 else _SPLIT_KEYS, result))
+    if not isinstance(result, dict):
+        raise DataError(f"{field}: {factory} returned {type(result).__name__}; return a DataSplits, a dict "
+                        f"with train/val/test Datasets, or a (train, val, test) tuple")
+    unknown = sorted(set(result) - set(_SPLIT_KEYS) - set(_INFO_KEYS))
+    if unknown or result.get("train") is None or result.get("test") is None:
+        raise DataError(f"{field}: {factory} returned keys {sorted(result)}; it needs train and test (val "
+                        f"optional), and may add {', '.join(_INFO_KEYS)}")
+    train, test = UserImages(result["train"]), UserImages(result["test"])
+    if result.get("val") is not None:
+        val = UserImages(result["val"])
+    else:  # no validation split: hold val_fraction of train out, as for the built-in sets
+        kept, held = _holdout(train.labels, val_fraction, seed)
+        if len(held) == 0:
+            raise DataError(f"{field}: no val split and dataset.val_fraction {val_fraction} of {len(train)} "
+                            f"training examples holds out none; return a val split or raise val_fraction")
+        train, val = train.subset(kept), train.subset(held)
+    x, y = result["train"][0]
+    if not isinstance(x, Tensor) or x.dim() != 3:
+        raise DataError(f"{field}: train items must be (image, label) with a CxHxW tensor image, got "
+                        f"{type(x).__name__}{tuple(x.shape) if isinstance(x, Tensor) else ''}; add "
+                        f"transforms.ToTensor() to the dataset")
+    channels, height, width = x.shape
+    if min(x.shape) < 1:
+        raise DataError(f"{field}: train images are {channels}x{height}x{width}; they hold no pixels")
+    image_size = result.get("image_size")
+    if image_size is None:
+        if height != width:
+            raise DataError(f"{field}: images are {height}x{width}; resize them to a square or return "
+                            f"image_size (the side the network's cost is measured at)")
+        image_size = height
+    labels = torch.cat([train.labels, val.labels, test.labels])
+    if labels.min() < 0:
+        raise DataError(f"{field}: labels must be class indices 0..num_classes-1, found {int(labels.min())}")
+    num_classes = result.get("num_classes")
+    if num_classes is None:
+        classes = getattr(result["train"], "classes", None)
+        num_classes = len(classes) if classes is not None else int(labels.max()) + 1
+    if int(labels.max()) >= num_classes:
+        raise DataError(f"{field}: label {int(labels.max())} is not below num_classes {num_classes}")
+    name = result.get("name") or factory
+    return DataSplits(str(name), int(num_classes), int(result.get("in_channels") or channels), int(image_size),
+                      train, val, test)
+
+
+def load_dataset(name: str | None, root: str | None = None, download: bool = False, val_fraction: float = 0.1,
                  seed: int = 0, image_size: int | None = None, limit: int | None = None,
-                 test_limit: int | None = None, stats: tuple | None = None) -> DataSplits:
-    """Load a registered dataset's train/val/test splits.
+                 test_limit: int | None = None, stats: tuple | None = None, *,
+                 factory: str | None = None, kwargs: dict | None = None) -> DataSplits:
+    """Load a registered dataset's train/val/test splits, or your own through `factory`.
 
     root defaults to $SWEEP_DATA, then ./data; nothing is downloaded unless `download`. image_size resizes the
     model input (e.g. digits 8 -> 32, or 224 for ImageNet models). limit keeps at most `limit` examples of the
     official training split (validation is carved from those, val_fraction of them); test_limit cuts the test
     split. Both are drawn per class, deterministic in seed. stats (mean, std) replaces the dataset's own
     normalisation, for weights that were trained with another one.
+
+    factory="my_pkg.data:load" imports `load` and calls `load(**kwargs)` (plus `root=` when a root is given). It
+    returns a DataSplits, or a dict {"train", "val", "test"} of map-style torch Datasets (val may be missing or
+    None: val_fraction of train is then held out), or a tuple (train, val, test) / (train, test). Items are
+    (CxHxW float tensor, int class); num_classes (else len(train.classes) or the largest label + 1), in_channels and
+    image_size (else from the first train item, which must be square) may be given as dict keys. image_size,
+    download and stats do not apply: the factory's own transforms decide the input.
     """
-    if name not in DATASETS:
-        raise DataError(f"dataset.name: {name!r} is not a dataset; use one of {', '.join(dataset_names())}")
     if not 0 <= val_fraction < 1:
         raise DataError(f"dataset.val_fraction: {val_fraction} is outside [0, 1); use a fraction such as 0.1")
     for field, value in (("image_size", image_size), ("limit", limit), ("test_limit", test_limit)):
         if value is not None and value < 1:
             raise DataError(f"dataset.{field}: {value} is less than 1; use a positive integer or null")
-    where = Path(root or os.environ.get("SWEEP_DATA") or "data").expanduser()
-    splits = DATASETS[name](root=where, download=download, val_fraction=val_fraction, seed=seed,
-                            image_size=image_size)
+    if factory is not None:
+        if name is not None:
+            raise DataError("dataset: give either name or factory, not both")
+        splits = _from_factory(factory, kwargs, root, val_fraction, seed)
+        stats = None
+    else:
+        if kwargs:
+            raise DataError("dataset.kwargs: only a dataset.factory takes kwargs; remove them or use factory")
+        if name not in DATASETS:
+            raise DataError(f"dataset.name: {name!r} is not a dataset; use one of {', '.join(dataset_names())}, "
+                            f"or dataset.factory: 'pkg.module:function' for your own")
+        where = Path(root or os.environ.get("SWEEP_DATA") or "data").expanduser()
+        splits = DATASETS[name](root=where, download=download, val_fraction=val_fraction, seed=seed,
+                                image_size=image_size)
     if limit is not None:
         held = min(len(splits.val), max(1, round(limit * val_fraction))) if len(splits.val) else 0
         splits = replace(splits, train=_take(splits.train, limit - held, seed), val=_take(splits.val, held, seed))
@@ -530,7 +663,7 @@ def load_dataset(name: str, root: str | None = None, download: bool = False, val
     return splits
 
 
-def _take(data: TensorImages | FileImages, limit: int, seed: int) -> TensorImages | FileImages:
+def _take(data: Dataset, limit: int, seed: int) -> Dataset:
     if len(data) <= limit:
         return data
     return data.subset(_holdout(data.labels, limit / len(data), seed)[1])

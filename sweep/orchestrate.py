@@ -489,7 +489,7 @@ def single_config(spec: SweepSpec) -> tuple[dict, int]:
 
 
 def run_one(spec: SweepSpec, tracking_uri: str | None = None, storage: str | None = None,
-            on_report: Callable[[dict, str | None], None] | None = None) -> dict:
+            on_report: Callable[[dict, str | None], None] | None = None, force: bool = False) -> dict:
     """One trial in this process, without Ray, logged to MLflow like a sweep's trial (no parent run).
 
     It shares the sweep's base-model cache, and returns the recorded metrics if this config already finished.
@@ -497,7 +497,8 @@ def run_one(spec: SweepSpec, tracking_uri: str | None = None, storage: str | Non
     uri = tracking.resolve_tracking_uri(tracking_uri)
     config, _ = single_config(spec)  # run_trial itself keeps MLFLOW_RUN_ID from re-parenting the run
     tracking.init_store(uri)
-    context = SweepContext(uri, spec.name, None, cache_dir(resolve_storage(storage), spec.name), lease_s=lease_seconds())
+    context = SweepContext(uri, spec.name, None, cache_dir(resolve_storage(storage), spec.name), rerun=force,
+                           lease_s=lease_seconds())
     result = run_trial(config, context, report=on_report or (lambda metrics, checkpoint: None))
     if result.get("skipped"):
         return result

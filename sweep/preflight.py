@@ -55,9 +55,9 @@ def _combinations(spec: SweepSpec) -> list[dict]:
 def _dataset_shape(dataset: dict, seed: int) -> tuple[int, int, int] | None:
     """(classes, channels, side) of the model input, or None when the trials will download the data first."""
     try:
-        splits = load_dataset(dataset["name"], root=dataset["root"], download=False,
+        splits = load_dataset(dataset.get("name"), root=dataset["root"], download=False,
                               val_fraction=dataset["val_fraction"], seed=seed, image_size=dataset["image_size"],
-                              limit=dataset["limit"])
+                              limit=dataset["limit"], factory=dataset.get("factory"), kwargs=dataset.get("kwargs"))
     except DataError:
         if dataset["download"]:
             return None  # not here yet; each trial downloads it (and reports a failure itself)
@@ -80,12 +80,16 @@ def _weights_to_load(name: str, weights: str | None) -> str | None:
 
 def _check_model(model: dict, shape: tuple[int, int, int], ignore: list[str], dataset: str) -> None:
     classes, channels, side = shape
-    net = build_model(model["name"], classes, _weights_to_load(model["name"], model["weights"]), channels).eval()
+    factory = model.get("factory")
+    weights = model["weights"] if factory else _weights_to_load(model["name"], model["weights"])
+    net = build_model(model.get("name"), classes, weights, channels, factory=factory,
+                      kwargs=model.get("kwargs")).eval()
     try:
         analyse(net, (torch.zeros(1, channels, side, side),), ignore=tuple(ignore))
     except PruningError as error:
         text = " ".join(str(error).split())
-        raise SpecError(f"model.name: {model['name']} on {dataset} ({channels}x{side}x{side} inputs) cannot be "
+        field, what = ("model.factory", factory) if factory else ("model.name", model["name"])
+        raise SpecError(f"{field}: {what} on {dataset} ({channels}x{side}x{side} inputs) cannot be "
                         f"pruned: {text}") from None
 
 
@@ -95,8 +99,6 @@ def preflight(spec: SweepSpec) -> None:
     shapes: dict[str, tuple | None] = {}
     checked: set[str] = set()
     for config in _combinations(spec):
-        if _factory_unsupported(config):
-            continue
         dataset_key = json.dumps(config["dataset"], sort_keys=True)
         if dataset_key not in shapes:
             try:
@@ -110,20 +112,12 @@ def preflight(spec: SweepSpec) -> None:
             continue
         checked.add(model_key)
         try:
-            _check_model(config["model"], shape, config["prune"]["ignore"], config["dataset"]["name"])
+            _check_model(config["model"], shape, config["prune"]["ignore"],
+                         config["dataset"].get("name") or config["dataset"].get("factory"))
         except (ModelError, SpecError) as error:
             errors.append(str(error))
     if errors:
         raise SpecError(list(dict.fromkeys(" ".join(e.split()) for e in errors)))
-
-
-def _factory_unsupported(config: dict) -> bool:
-    """Whether the trial names a model.factory or dataset.factory that build_model / load_dataset cannot take yet
-    (they gain `factory=` and `kwargs=` on the `ui` branch): such a config is left for its trials to load."""
-    import inspect
-
-    return any(config[section].get("factory") and "factory" not in inspect.signature(load).parameters
-               for section, load in (("model", build_model), ("dataset", load_dataset)))
 
 
 # --- folders the sweep writes to ---------------------------------------------------------------------------------

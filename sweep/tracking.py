@@ -23,6 +23,7 @@ from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from .mlflow_ui import experiment_tags, mark_experiment
 from .names import PARAMS
 
 try:
@@ -189,7 +190,8 @@ def get_or_create_experiment(client: MlflowClient, name: str) -> str:
     if experiment is None:
         try:
             location = _artifact_location(client.tracking_uri, name)
-            return with_retry(client.create_experiment, name, artifact_location=location)
+            # the UI opens on the trials: experiment kind and a saved comparison view (sweep.mlflow_ui)
+            return with_retry(client.create_experiment, name, artifact_location=location, tags=experiment_tags())
         except MlflowException as exc:
             if "already exists" not in str(exc).lower() and exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -199,6 +201,7 @@ def get_or_create_experiment(client: MlflowClient, name: str) -> str:
             f"MLflow experiment {name!r} is deleted: restore it (MlflowClient().restore_experiment"
             f"({experiment.experiment_id!r})) or choose another sweep name"
         )
+    mark_experiment(client, experiment.experiment_id, experiment.tags)  # an older experiment: writes what it lacks
     return experiment.experiment_id
 
 

@@ -208,9 +208,10 @@ def _claim(config: dict, context: SweepContext, checkpoint_run: str | None) -> t
 
 def _load_splits(cfg: TrialConfig) -> DataSplits:
     data, model = cfg.dataset, cfg.model
+    stats = None if model.factory else weights_stats(model.name, model.weights)  # a plug-in normalises itself
     return load_dataset(data.name, root=data.root, download=data.download, val_fraction=data.val_fraction,
                         seed=cfg.seed, image_size=data.image_size, limit=data.limit, test_limit=data.test_limit,
-                        stats=weights_stats(model.name, model.weights))
+                        stats=stats, factory=data.factory, kwargs=data.kwargs)
 
 
 def _pipeline(config, cfg: TrialConfig, context, splits, device, run, saved, report) -> dict:

@@ -18,11 +18,10 @@ from mlflow.tracking import MlflowClient
 
 from sweep import tracking
 from sweep.cli import main
+from sweep.models import build_model
 from sweep.preflight import preflight
 from sweep.spec import SpecError, load_spec
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-FOREIGN = (DATA / "weights" / "resnet56-4bfd9763.th").resolve()  # ResNet-56: not small_cnn
 
 HEAD = "name: bad\ndataset: {name: digits, limit: 100}\nmodel: {name: small_cnn}\n"
 
@@ -83,8 +82,8 @@ PREFLIGHT_CASES = [
      "model.name: shufflenet_v2_x0_5 on digits (1x8x8 inputs) cannot be pruned: cannot prune through reshape"),
     ("corrupt_weights_file", HEAD.replace("{name: small_cnn}", "{name: small_cnn, weights: {tmp}/corrupt.pt}"),
      "model.weights: cannot load '{tmp}/corrupt.pt'"),
-    ("foreign_checkpoint", HEAD.replace("{name: small_cnn}", f"{{name: small_cnn, weights: {FOREIGN}}}"),
-     f"model.weights: '{FOREIGN}' does not fit SmallCNN"),
+    ("foreign_checkpoint", HEAD.replace("{name: small_cnn}", "{name: small_cnn, weights: {tmp}/resnet20.pt}"),
+     "model.weights: '{tmp}/resnet20.pt' does not fit SmallCNN"),
     ("empty_dataset_folder", "name: bad\nmodel: {name: small_cnn}\ndataset: {name: cifar10, root: {tmp}/empty}\n",
      "dataset.root: {tmp}/empty has no cifar10 files"),
     ("unknown_torchvision_weights", "name: bad\ndataset: {name: digits}\nmodel: {name: resnet18, weights: IMAGENET9}\n",
@@ -98,6 +97,8 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad_input")
     (root / "empty").mkdir()
     (root / "corrupt.pt").write_bytes(os.urandom(4096))  # not a torch.save file at all
+    # a real checkpoint of another architecture, made here: the tests need no data from outside the repository
+    torch.save(build_model("resnet20", 10).state_dict(), root / "resnet20.pt")
     uri = f"sqlite:///{root / 'store' / 'mlflow.db'}"
     (root / "store").mkdir()
     tracking.init_store(uri)

@@ -126,7 +126,7 @@ def test_usage_errors_exit_2(capsys):
 
 
 def test_models_and_strategies_are_listed(capsys):
-    assert main(["models"]) == 0
+    assert main(["models", "--names"]) == 0
     names = capsys.readouterr().out.split()
     assert names == model_names() and {"small_cnn", "resnet20", "resnet18", "vgg16"} <= set(names)
     assert main(["strategies"]) == 0
