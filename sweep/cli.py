@@ -132,6 +132,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     outcome = run_sweep(spec, address=args.address, tracking_uri=args.tracking_uri, storage=args.storage,
                         resume=args.resume, force=args.force, max_concurrent=args.max_concurrent,
                         verbose=0 if args.quiet else 2 if args.verbose else 1)
+    if outcome.parent_run_id is not None:
+        _print_ui_links(spec.name, args.tracking_uri)
     if outcome.interrupted:
         return INTERRUPTED
     return FAILED if outcome.failed else 0
@@ -218,7 +220,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     from .measure import count_flops, count_params
     from .models import build_model
-    from .pruning import NEEDS_CALIBRATION, prune, save_pruned
+    from .pruning import NEEDS_CALIBRATION, PruningError, prune, save_pruned
 
     model = build_model(args.model, args.num_classes, args.weights, args.in_channels).eval()
     example = torch.randn(1, args.in_channels, args.input_size, args.input_size)
@@ -231,9 +233,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         shape = (8, args.in_channels, args.input_size, args.input_size)
         calibration = [(torch.randn(shape, generator=g), torch.randint(args.num_classes, (8,), generator=g))
                        for _ in range(2)]
-    result = prune(model, example, strategy=args.strategy, ratio=args.ratio, scope=args.scope, target=args.target,
-                   calibration=calibration, min_channels=args.min_channels, round_to=args.round_to, steps=args.steps,
-                   seed=args.seed)
+    try:  # here the pruner's arguments and the model are the user's input
+        result = prune(model, example, strategy=args.strategy, ratio=args.ratio, scope=args.scope, target=args.target,
+                       calibration=calibration, min_channels=args.min_channels, round_to=args.round_to, steps=args.steps,
+                       seed=args.seed)
+    except PruningError as error:
+        raise InputError(str(error)) from None
 
     rows = result.plan.channel_counts(model)
     width = max([len("layer"), *(len(r[0]) for r in rows)])

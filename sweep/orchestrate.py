@@ -25,6 +25,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from . import claims, latency, raycompat, report, tracking
+from .errors import InputError
 from .names import PARAMS
 from .preflight import check_writable, preflight
 from .progress import CompactProgress, quiet_ray_logs
@@ -215,7 +216,7 @@ def resolve_storage(storage: str | None) -> str:
     """The absolute storage folder (default ./sweep_results); Ray needs it absolute."""
     path = storage or DEFAULT_STORAGE
     if "://" in path:
-        raise ValueError(f"--storage: {path!r} is a URI; base models are shared through a file lock, so give a "
+        raise InputError(f"--storage: {path!r} is a URI; base models are shared through a file lock, so give a "
                          "folder (on a cluster, one that every node mounts, such as an NFS path)")
     return str(Path(path).expanduser().resolve())
 

@@ -200,7 +200,8 @@ def test_what_only_loading_finds_is_refused_before_any_trial(world, before, caps
 def test_gpu_requested_where_none_exists(world, before, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the case needs a CPU-only Ray cluster")
-    path = write_case(world, "gpu", spec("resources: {gpu: 1}\n"))
+    # a config the store has not finished: with nothing to run, a launch would not ask Ray for anything
+    path = write_case(world, "gpu", spec("resources: {gpu: 1}\nprune: {ratio: 0.4}\n"))
     assert main(run_args(world, path)) == 2  # starts a local Ray to see its resources, then stops it
     [line] = error_lines(capsys.readouterr().err)
     assert line.startswith(f"error: {path}: resources.gpu: 1 GPU per trial requested but the Ray cluster has no GPUs")

@@ -188,7 +188,7 @@ def test_trial_runs_one_config_without_ray_then_report(isolated, capsys):
 
     assert main(["report", "cli_good", "--tracking-uri", uri, "--out", str(isolated / "reports")]) == 0
     assert "Sweep `cli_good`" in capsys.readouterr().out
-    assert (isolated / "reports" / "cli_good" / "trials.csv").read_text().count("\n") == 2  # header + 1 trial
+    assert (isolated / "reports" / "cli_good" / "runs.csv").read_text().count("\n") == 2  # header + 1 trial
     assert main(["report", "no_such_sweep", "--tracking-uri", uri]) == 2
     assert "not found" in _error_lines(capsys.readouterr().err)[0]
 
