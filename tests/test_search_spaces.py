@@ -20,7 +20,8 @@ SMOKE = sorted((ROOT / "search_spaces" / "smoke").glob("*.yaml"))
 
 
 def test_every_paper_space_has_a_smoke_form():
-    papers = {"alexnet_levels", "transfer_vgg16_flowers", "cifar10_resnet56", "models_training_time", "digits_arms"}
+    papers = {"alexnet_levels", "transfer_vgg16_flowers", "cifar10_resnet56", "models_training_time", "digits_arms",
+              "cifar10_resnet20_pruned"}
     assert papers <= {p.stem for p in FULL}
     assert papers == {p.stem for p in SMOKE}
 
@@ -28,14 +29,16 @@ def test_every_paper_space_has_a_smoke_form():
 @pytest.mark.parametrize("path", FULL, ids=[p.stem for p in FULL])
 def test_full_spaces_validate(path, tmp_path, monkeypatch):
     """Relative data paths resolve against the working directory, as for a user with ./data."""
-    weights = SHARED / "weights" / "resnet56-4bfd9763.th"
     (tmp_path / "data" / "weights").mkdir(parents=True)
-    if weights.exists():
-        os.symlink(weights, tmp_path / "data" / "weights" / weights.name)
-    else:  # a fresh clone: a real ResNet-56 checkpoint of our own stands in for the published one
-        torch.save(build_model("resnet56", 10).state_dict(), tmp_path / "data" / "weights" / weights.name)
-    for split in ("train", "val"):  # the folder the AlexNet space reads; validation only checks it exists
-        (tmp_path / "data" / "hymenoptera" / split).mkdir(parents=True)
+    for name, file in (("resnet20", "resnet20-12fca82f.th"), ("resnet56", "resnet56-4bfd9763.th")):
+        weights = SHARED / "weights" / file
+        if weights.exists():
+            os.symlink(weights, tmp_path / "data" / "weights" / file)
+        else:  # a fresh clone: a real checkpoint of our own stands in for the published one
+            torch.save(build_model(name, 10).state_dict(), tmp_path / "data" / "weights" / file)
+    # the folders the image-folder spaces read; validation only checks that they exist
+    for folder in ("hymenoptera/train", "hymenoptera/val", "cifar10_jpg/train", "cifar10_jpg/test"):
+        (tmp_path / "data" / folder).mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     spec = load_spec(path)
     assert len(spec.grid_configs()) >= 2
