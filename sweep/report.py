@@ -261,6 +261,11 @@ def write_report(
 ) -> dict[str, Path]:
     """Write trials.csv, pareto.png, levels.png, train_time.png and summary.md; log them to the newest parent run."""
     uri = tracking.resolve_tracking_uri(tracking_uri)
+    from sweep.analysis.report import write_analysis_report  # `sweep sensitivity` and `sweep criteria` parents
+
+    analysis = write_analysis_report(experiment, uri, out_dir)
+    if analysis is not None:
+        return analysis
     df = load_runs(experiment, uri)
     if df.empty:
         raise ValueError(f"MLflow experiment {experiment!r} has no finished trials yet: run the sweep first")
