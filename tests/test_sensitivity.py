@@ -5,9 +5,6 @@ CIFAR ResNet-20 on real CIFAR-10 images where ../shared/data holds them.
 """
 
 import copy
-import os
-import tarfile
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,11 +12,13 @@ import pytest
 import ray
 import torch
 import yaml
+from analysis_data import DIGITS_SPEC
+from analysis_data import resnet20_spec as _resnet20_spec
 from mlflow.tracking import MlflowClient
 
 from sweep import tracking
 from sweep.analysis.common import prepare
-from sweep.analysis.groups import layer_groups, prune_group, prune_per_layer
+from sweep.analysis.groups import layer_groups, prune_per_layer
 from sweep.analysis.sensitivity import run_sensitivity, suggest
 from sweep.cli import main
 from sweep.models import build_model
@@ -28,33 +27,18 @@ from sweep.report import write_report
 from sweep.spec import load_spec
 from sweep.train import evaluate
 
-# ../shared/data beside the checkout (as the other tests read it); SWEEP_SHARED_DATA points elsewhere (a worktree).
-DATA = Path(os.environ.get("SWEEP_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
-RESNET20 = DATA / "weights" / "resnet20-12fca82f.th"
-CIFAR_JPG = DATA / "cifar10" / "cifar10_jpg.tar.gz"
-
-DIGITS_SPEC = """
-name: t_layers_digits
-dataset: {name: digits, val_fraction: 0.2}
-model: {name: small_cnn, weights: null}
-base: {epochs: 3, lr: 0.05}
-finetune: {batch_size: 64}
-prune: {strategy: l1}
-resources: {cpu: 1, gpu: 0}
-"""
-
-
-def needs(*paths):
-    for path in paths:
-        if not path.exists():
-            pytest.skip(f"real data absent: {path} (see ../shared/data/README.md)")
-
 
 @pytest.fixture(scope="module")
 def local_ray(one_thread):
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # never another user's Ray
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory):
+    """One base-model cache per module: each spec's base is trained once, as in a sweep."""
+    return str(tmp_path_factory.mktemp("store"))
 
 
 @pytest.fixture(scope="module")
@@ -64,37 +48,9 @@ def digits_spec(tmp_path_factory):
     return path
 
 
-def cifar_subset(root: Path, train_per_class: int, test_per_class: int) -> Path:
-    """The first images of each class of the JPEG CIFAR-10, in ImageFolder layout under root."""
-    with tarfile.open(CIFAR_JPG) as tar:
-        for member in tar:
-            parts = member.name.split("/")
-            if not member.isfile() or len(parts) != 3:
-                continue
-            limit = train_per_class if parts[0] == "train" else test_per_class
-            if int(Path(parts[2]).stem) < limit:
-                out = root / parts[0] / parts[1] / parts[2]
-                out.parent.mkdir(parents=True, exist_ok=True)
-                out.write_bytes(tar.extractfile(member).read())
-    return root
-
-
 @pytest.fixture(scope="module")
 def resnet20_spec(tmp_path_factory):
-    needs(RESNET20, CIFAR_JPG)
-    tmp = tmp_path_factory.mktemp("cifar")
-    root = cifar_subset(tmp / "cifar10", train_per_class=20, test_per_class=5)
-    path = tmp / "resnet20.yaml"
-    path.write_text(f"""
-name: t_layers_resnet20
-model: {{name: resnet20, weights: {RESNET20}}}
-dataset: {{name: imagefolder, root: {root}, image_size: 32, val_fraction: 0.5}}
-base: {{epochs: 0}}
-finetune: {{batch_size: 50}}
-prune: {{strategy: l1}}
-resources: {{cpu: 1, gpu: 0}}
-""")
-    return path
+    return _resnet20_spec(tmp_path_factory.mktemp("cifar"))
 
 
 def _direct(setup, groups, layer, ratio, strategy="l1"):
@@ -129,9 +85,8 @@ def _check_sweep_equals_direct(spec_path, outcome, storage, uri, ratios, layers=
 # --- digits small_cnn ---------------------------------------------------------------------------------------------
 
 
-def test_digits_sensitivity_equals_direct_prune_and_is_tracked(local_ray, digits_spec, tmp_path, sqlite_uri):
+def test_digits_sensitivity_equals_direct_prune_and_is_tracked(local_ray, digits_spec, tmp_path, sqlite_uri, storage):
     ratios = [0.25, 0.5, 0.75]
-    storage = str(tmp_path / "store")
     outcome = run_sensitivity(load_spec(digits_spec), ratios=ratios, tolerance=0.02, tracking_uri=sqlite_uri,
                               storage=storage, out_dir=tmp_path / "reports", spec_path=digits_spec)
     setup, groups = _check_sweep_equals_direct(digits_spec, outcome, storage, sqlite_uri, ratios)
@@ -181,9 +136,9 @@ def test_suggest_keeps_the_prefix_within_tolerance_and_ignores_fragile_layers():
     assert ratios == {"a": 0.5, "c": 0.1} and ignore == ["b"]
 
 
-def test_cli_sensitivity_runs_and_reports(local_ray, digits_spec, tmp_path, sqlite_uri, capsys):
+def test_cli_sensitivity_runs_and_reports(local_ray, digits_spec, tmp_path, sqlite_uri, capsys, storage):
     code = main(["sensitivity", str(digits_spec), "--ratios", "0.5", "--tracking-uri", sqlite_uri,
-                 "--storage", str(tmp_path / "store"), "--out", str(tmp_path / "reports")])
+                 "--storage", storage, "--out", str(tmp_path / "reports")])
     assert code == 0
     out = capsys.readouterr().out
     assert "features.7" in out and "suggested" in out
@@ -234,9 +189,8 @@ def test_per_layer_ratios_remove_exactly_what_was_asked_and_stay_equivalent():
 # --- ResNet-20, pretrained, real CIFAR-10 images ----------------------------------------------------------------
 
 
-def test_resnet20_sensitivity_equals_direct_prune(local_ray, resnet20_spec, tmp_path, sqlite_uri):
+def test_resnet20_sensitivity_equals_direct_prune(local_ray, resnet20_spec, tmp_path, sqlite_uri, storage):
     ratios = [0.25, 0.75]
-    storage = str(tmp_path / "store")
     outcome = run_sensitivity(load_spec(resnet20_spec), ratios=ratios, tracking_uri=sqlite_uri, storage=storage,
                               out_dir=tmp_path / "reports")
     setup, groups = _check_sweep_equals_direct(resnet20_spec, outcome, storage, sqlite_uri, ratios,

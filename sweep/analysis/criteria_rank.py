@@ -18,9 +18,9 @@ correlation is with |delta loss| (Molchanov's oracle-abs, their Table 1); `spear
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -32,8 +32,17 @@ from torch import nn
 from .. import tracking
 from ..pruning import NEEDS_CALIBRATION, STRATEGIES, ChannelGraph, analyse
 from ..train import evaluate, pick_device
-from .common import Setup, base_metrics, experiment_name, in_task, open_child, prepare, spec_text, start_parent, \
-    task_options
+from .common import (
+    Setup,
+    base_metrics,
+    experiment_name,
+    in_task,
+    open_child,
+    prepare,
+    spec_text,
+    start_parent,
+    task_options,
+)
 from .groups import LayerGroup, groups_of
 
 KIND = "criteria"

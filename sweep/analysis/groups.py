@@ -12,8 +12,8 @@ listed in `modules` ("conv1 +9 tied" for a CIFAR ResNet's stream, whose 16 chann
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -64,7 +64,7 @@ def layer_groups(model: nn.Module, example: torch.Tensor, ignore: Sequence[str] 
 
 def prune_group(model: nn.Module, example: torch.Tensor, groups: Sequence[LayerGroup], group: LayerGroup,
                 ratio: float, strategy: str = "l1", calibration: Calibration | None = None,
-                ignore: Sequence[str] = (), min_channels: int | float = 1, round_to: int = 1,
+                ignore: Sequence[str] = (), min_channels: float = 1, round_to: int = 1,
                 seed: int = 0) -> PruneResult:
     """``prune()`` of ``group`` alone at ``ratio``: every other group is passed to the pruner as ignored.
 

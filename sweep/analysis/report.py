@@ -142,9 +142,9 @@ def sensitivity_markdown(name: str, table: pd.DataFrame, info: dict, suggestion:
     base = float(info.get("base_val_accuracy", np.nan))
     parts = [
         f"# Sensitivity `{name}`", "",
-        f"{info.get('model', '')} on {info.get('dataset', '')}, strategy {info.get('strategy', '')}: each layer group "
+        (f"{info.get('model', '')} on {info.get('dataset', '')}, strategy {info.get('strategy', '')}: each layer group "
         f"pruned alone, no fine-tune; validation accuracy (%) on {int(float(info.get('val_examples', 0)))} held-out "
-        f"examples. Unpruned base: {100 * base:.2f} %.", "",
+        f"examples. Unpruned base: {100 * base:.2f} %."), "",
         _markdown(shown), "",
         f"## Suggested block (tolerated drop {100 * float(info.get('tolerance', 0)):g} point(s))", "",
         "```yaml", suggestion.rstrip(), "```", "",
@@ -189,8 +189,6 @@ def write_analysis_report(experiment: str, uri: str, out_dir: str | Path = "repo
     parent, kind = found
     if kind == "sensitivity":
         return write_sensitivity_report(experiment, uri, out_dir, parent)[0]
-    from .criteria_rank import write_criteria_report
-
     return write_criteria_report(experiment, uri, out_dir, parent)[0]
 
 
@@ -266,9 +264,9 @@ def criteria_markdown(name: str, table: pd.DataFrame, info: dict) -> str:
     examples = int(float(info.get("val_examples", 0)))
     return "\n".join([
         f"# Criteria vs oracle `{name}`", "",
-        f"{info.get('model', '')} on {info.get('dataset', '')}: Spearman's rank correlation between each strategy's "
+        (f"{info.get('model', '')} on {info.get('dataset', '')}: Spearman's rank correlation between each strategy's "
         f"per-filter scores and the oracle |Δ loss| (the held-out loss change when that filter alone is removed, "
-        f"on {examples} validation examples), per layer group; the last row is the mean over layers.", "",
+        f"on {examples} validation examples), per layer group; the last row is the mean over layers."), "",
         _markdown(shown), "",
     ])
 

@@ -12,9 +12,9 @@ What a layer does alone tells which layers to keep whole (`prune.ignore`) and ho
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import pandas as pd
 import torch
@@ -25,8 +25,17 @@ from .. import tracking
 from ..measure import count_flops
 from ..pruning import NEEDS_CALIBRATION, STRATEGIES
 from ..train import evaluate, pick_device
-from .common import Setup, base_metrics, experiment_name, in_task, open_child, prepare, spec_text, start_parent, \
-    task_options
+from .common import (
+    Setup,
+    base_metrics,
+    experiment_name,
+    in_task,
+    open_child,
+    prepare,
+    spec_text,
+    start_parent,
+    task_options,
+)
 from .groups import LayerGroup, layer_groups, prune_group
 
 KIND = "sensitivity"
