@@ -34,11 +34,11 @@ def base_key(config: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def new_model(config: dict, splits: DataSplits, source_weights: bool = True) -> nn.Module:
+def new_model(config: dict, num_classes: int, in_channels: int, source_weights: bool = True) -> nn.Module:
     """The trial's architecture headed for the dataset's classes, with its source weights or random ones."""
     model = config["model"]
     weights = model["weights"] if source_weights else None
-    return build_model(model["name"], splits.num_classes, weights, splits.in_channels)
+    return build_model(model["name"], num_classes, weights, in_channels)
 
 
 def example_input(splits: DataSplits, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -61,7 +61,7 @@ def ensure_base(config: dict, cache_dir: str | Path, splits: DataSplits, device:
         if path.exists():
             return path, True
         seed_everything(config["seed"])
-        model = new_model(config, splits).to(device)
+        model = new_model(config, splits.num_classes, splits.in_channels).to(device)
         cfg = TrainConfig.from_dict(config["base"])
         start = time.perf_counter()
         if cfg.epochs > 0:
@@ -78,6 +78,6 @@ def ensure_base(config: dict, cache_dir: str | Path, splits: DataSplits, device:
 def load_base(config: dict, path: Path, splits: DataSplits) -> tuple[nn.Module, dict]:
     """The base network (on the CPU) and what was measured of it when it was trained."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    model = new_model(config, splits, source_weights=False)  # the state_dict replaces every value anyway
+    model = new_model(config, splits.num_classes, splits.in_channels, source_weights=False)  # the state_dict replaces every value anyway
     model.load_state_dict(saved["state_dict"])
     return model, saved["info"]

@@ -1,4 +1,4 @@
-"""`sweep` command line: parse, call, print. Every user error is one `error: ...` line on stderr and exit code 2.
+"""`sweep` command line: parse, call, print. Bad input is one `error: ...` line on stderr and exit code 2.
 
     sweep run search_spaces/quickstart.yaml            # local Ray; `--address auto` joins a cluster
     sweep validate search_spaces/*.yaml
@@ -9,20 +9,27 @@
     sweep sensitivity search_spaces/layers_digits.yaml --ratios 0.1,0.3,0.5   # each layer pruned alone
     sweep criteria search_spaces/layers_digits.yaml                          # criteria vs the oracle
 
-Exit codes: 0 done, 1 some trial failed, 2 bad input (nothing was run), 130 interrupted.
+Exit codes: 0 done, 1 a trial failed or something failed while running (first line on screen, traceback in a log
+file), 2 bad input found before anything ran, 130 interrupted.
 Modules are imported inside the commands: listing names or validating a spec should not pay for starting Ray.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
+import tempfile
+import time
+import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
+from .errors import InputError
+
 USER_ERROR = 2
-TRIAL_FAILED = 1
+FAILED = 1  # some trial failed after its retries, or something failed while running
 INTERRUPTED = 130  # the shell's code for Ctrl-C
 
 
@@ -54,9 +61,12 @@ def _min_channels(text: str) -> int | float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sweep", description="Ray-distributed CNN pruning sweeps, tracked in MLflow.",
                                      allow_abbrev=False)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="print tracebacks instead of one-line errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    command = functools.partial(commands.add_parser, parents=[common])  # every command takes --debug
 
-    run = commands.add_parser("run", help="run a sweep on Ray Tune (only the trials not finished yet)")
+    run = command("run", help="run a sweep on Ray Tune (only the trials not finished yet)")
     run.add_argument("space", metavar="SPACE.yaml")
     run.add_argument("--address", help="Ray cluster to join: 'auto' or ray://HOST:PORT (default: local Ray)")
     _tracking_option(run)
@@ -67,20 +77,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-concurrent", type=_positive_int, metavar="N", help="at most N trials at once")
     run.add_argument("--quiet", action="store_true", help="no progress table")
 
-    validate = commands.add_parser("validate", help="check search spaces; print every problem")
+    validate = command("validate", help="check search spaces; print every problem")
     validate.add_argument("spaces", nargs="+", metavar="SPACE.yaml")
 
-    report = commands.add_parser("report", help="tables and plots of a sweep's finished trials")
+    report = command("report", help="tables and plots of a sweep's finished trials")
     report.add_argument("name", metavar="NAME", help="the sweep name (MLflow experiment)")
     _tracking_option(report)
     report.add_argument("--out", default="reports", metavar="DIR", help="output folder (default: reports)")
 
-    trial = commands.add_parser("trial", help="run one trial here, without Ray (the first config of the space)")
+    trial = command("trial", help="run one trial here, without Ray (the first config of the space)")
     trial.add_argument("space", metavar="CONFIG.yaml")
     _tracking_option(trial)
     trial.add_argument("--storage", help="folder holding the shared base models (default ./sweep_results)")
 
-    prune = commands.add_parser("prune", help="prune one model and show what was removed (no training)")
+    prune = command("prune", help="prune one model and show what was removed (no training)")
     prune.add_argument("--model", required=True, help="a name from `sweep models`")
     prune.add_argument("--weights", help="torchvision weights name (such as DEFAULT) or checkpoint path")
     prune.add_argument("--num-classes", type=_positive_int, default=10)
@@ -96,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--seed", type=int, default=0)
     prune.add_argument("--out", metavar="PRUNED.pt", help="save the pruned model (plan + state_dict)")
 
-    sensitivity = commands.add_parser("sensitivity", help="prune each layer group alone at several ratios (no "
-                                      "fine-tune): accuracy per layer and ratio, and a suggested prune block")
+    sensitivity = command("sensitivity", help="prune each layer group alone at several ratios (no "
+                          "fine-tune): accuracy per layer and ratio, and a suggested prune block")
     sensitivity.add_argument("space", metavar="SPACE.yaml", help="its model, dataset, base and prune settings")
     sensitivity.add_argument("--ratios", type=_fractions, metavar="R,R,...",
                              help="fractions of each group's filters (default 0.1,0.2,...,0.9)")
@@ -106,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                              help="accuracy drop the suggested block tolerates, a fraction (default 0.01)")
     _analysis_options(sensitivity)
 
-    criteria = commands.add_parser("criteria", help="rank correlation of each strategy's filter scores with the "
-                                   "oracle (the loss change when each filter is removed), per layer")
+    criteria = command("criteria", help="rank correlation of each strategy's filter scores with the "
+                       "oracle (the loss change when each filter is removed), per layer")
     criteria.add_argument("space", metavar="SPACE.yaml", help="its model, dataset, base and prune settings")
     criteria.add_argument("--strategies", type=lambda t: [s for s in t.split(",") if s], metavar="S,S,...",
                           help="strategies to judge (default: all)")
@@ -115,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="how many layer groups (evenly spread), or their names (default: all)")
     _analysis_options(criteria)
 
-    commands.add_parser("models", help="list model names")
-    commands.add_parser("strategies", help="list pruning strategies")
+    command("models", help="list model names")
+    command("strategies", help="list pruning strategies")
     return parser
 
 
@@ -165,7 +175,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                         verbose=0 if args.quiet else 1)
     if outcome.interrupted:
         return INTERRUPTED
-    return TRIAL_FAILED if outcome.failed else 0
+    return FAILED if outcome.failed else 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -329,6 +339,14 @@ def _print_errors(lines: Sequence[str], source: str | None = None) -> None:
         print(f"error: {where}{_one_line(line)}", file=sys.stderr)
 
 
+def _log_traceback(error: BaseException) -> str:
+    """Write the traceback to a log file and return its path: the screen gets one line, the file the details."""
+    handle, path = tempfile.mkstemp(prefix=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".log")
+    with os.fdopen(handle, "w", encoding="utf-8") as log:
+        traceback.print_exception(error, file=log)
+    return path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -341,17 +359,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SpecError as error:
         _print_errors(error.errors, getattr(args, "space", None))
         return USER_ERROR
+    except InputError as error:  # ModelError, DataError, ReportError: one line naming the field, nothing ran
+        _print_errors([str(error) or type(error).__name__])
+        return USER_ERROR
     except BrokenPipeError:  # output piped into `head`: stop quietly, as other command-line tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python docs: no error at exit flush
         return 0
-    except (ValueError, OSError) as error:
-        # ModelError, DataError, PruningError and SpecError are ValueErrors with one-line messages naming the field;
-        # OSError covers missing files and an unreachable --address.
-        _print_errors([str(error) or type(error).__name__])
-        return USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return INTERRUPTED
+    except Exception as error:  # not bad input: a failure while running, or a bug. Keep its traceback.
+        if args.debug:
+            raise
+        first = _one_line(str(error).splitlines()[0] if str(error) else "")
+        print(f"error: {type(error).__name__}: {first} (traceback in {_log_traceback(error)}; "
+              "--debug prints it here)", file=sys.stderr)
+        return FAILED
 
 
 if __name__ == "__main__":

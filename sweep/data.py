@@ -38,9 +38,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets as tvd
 from torchvision import transforms as T
+from .errors import InputError
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Bad dataset settings or missing files; the one-line message names the spec field and the fix."""
 
 
@@ -97,6 +98,12 @@ class TensorImages(Dataset):
             self._placed[key] = (self.images.to(device), self.labels.to(device))
         return self._placed[key]
 
+    def normalised(self, stats: tuple) -> TensorImages:
+        """The same images, normalised with other (mean, std)."""
+        view = copy.copy(self)
+        view.mean, view.std = stats
+        return view
+
     def prepare(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """uint8 batch -> float batch at image_size, normalised; augmented when a generator is given."""
         x = x.float().div_(255)
@@ -146,6 +153,16 @@ class FileImages(Dataset):
 
     def subset(self, idx: Tensor) -> FileImages:
         return FileImages([self.samples[i] for i in idx.tolist()], self.train_tf, self.eval_tf)
+
+    def normalised(self, stats: tuple) -> FileImages:
+        """The same files, normalised with other (mean, std): the Normalize step of both transforms is replaced."""
+        def swap(tf: Callable) -> Callable:
+            steps = [T.Normalize(*stats) if isinstance(s, T.Normalize) else s for s in tf.transforms]
+            return T.Compose(steps)
+
+        view = copy.copy(self)
+        view.train_tf, view.eval_tf = swap(self.train_tf), swap(self.eval_tf)
+        return view
 
     def with_augment(self, augment: bool) -> FileImages:
         view = copy.copy(self)
@@ -389,26 +406,34 @@ def dataset_names() -> list[str]:
 
 
 def load_dataset(name: str, root: str | None = None, download: bool = False, val_fraction: float = 0.1,
-                 seed: int = 0, image_size: int | None = None, limit: int | None = None) -> DataSplits:
+                 seed: int = 0, image_size: int | None = None, limit: int | None = None,
+                 test_limit: int | None = None, stats: tuple | None = None) -> DataSplits:
     """Load a registered dataset's train/val/test splits.
 
     root defaults to $SWEEP_DATA, then ./data; nothing is downloaded unless `download`. image_size resizes the
-    model input (e.g. digits 8 -> 32, or 224 for ImageNet models); limit keeps at most `limit` examples per split,
-    drawn per class, deterministic in seed.
+    model input (e.g. digits 8 -> 32, or 224 for ImageNet models). limit keeps at most `limit` examples of the
+    official training split (validation is carved from those, val_fraction of them); test_limit cuts the test
+    split. Both are drawn per class, deterministic in seed. stats (mean, std) replaces the dataset's own
+    normalisation, for weights that were trained with another one.
     """
     if name not in DATASETS:
         raise DataError(f"dataset.name: {name!r} is not a dataset; use one of {', '.join(dataset_names())}")
     if not 0 <= val_fraction < 1:
         raise DataError(f"dataset.val_fraction: {val_fraction} is outside [0, 1); use a fraction such as 0.1")
-    for field, value in (("image_size", image_size), ("limit", limit)):
+    for field, value in (("image_size", image_size), ("limit", limit), ("test_limit", test_limit)):
         if value is not None and value < 1:
             raise DataError(f"dataset.{field}: {value} is less than 1; use a positive integer or null")
     where = Path(root or os.environ.get("SWEEP_DATA") or "data").expanduser()
     splits = DATASETS[name](root=where, download=download, val_fraction=val_fraction, seed=seed,
                             image_size=image_size)
-    if limit is None:
-        return splits
-    return replace(splits, **{split: _take(getattr(splits, split), limit, seed) for split in ("train", "val", "test")})
+    if limit is not None:
+        held = min(len(splits.val), max(1, round(limit * val_fraction))) if len(splits.val) else 0
+        splits = replace(splits, train=_take(splits.train, limit - held, seed), val=_take(splits.val, held, seed))
+    if test_limit is not None:
+        splits = replace(splits, test=_take(splits.test, test_limit, seed))
+    if stats is not None:
+        splits = replace(splits, **{s: getattr(splits, s).normalised(stats) for s in ("train", "val", "test")})
+    return splits
 
 
 def _take(data: TensorImages | FileImages, limit: int, seed: int) -> TensorImages | FileImages:
@@ -438,6 +463,10 @@ class _TensorBatches:
     def __len__(self) -> int:
         return _batch_count(len(self.data), self.batch_size, self.drop_last)
 
+    def set_epoch(self, epoch: int) -> None:
+        """The next pass is this epoch: its shuffle and augmentation depend on (seed, epoch) alone."""
+        self.epoch = epoch
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         images, labels = self.data.placed(self.store)
         epoch_seed = self.seed * 100_003 + self.epoch
@@ -461,14 +490,20 @@ class _LoaderBatches:
         if isinstance(data, FileImages):
             data = data.with_augment(train and augment)
         workers = min(_MAX_WORKERS, os.cpu_count() or 1)
-        self.device = device
+        self.device, self.seed = device, seed
         drop_last = train and len(data) >= batch_size  # as in _TensorBatches
+        # Workers are not persistent: each pass seeds its workers' augmentation from the generator, so a pass is
+        # fully determined by (seed, epoch) once set_epoch has been called.
         self.loader = DataLoader(data, batch_size=batch_size, shuffle=train, drop_last=drop_last,
-                                 num_workers=workers, persistent_workers=workers > 0,
-                                 pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed))
+                                 num_workers=workers, pin_memory=device.type == "cuda",
+                                 generator=torch.Generator().manual_seed(seed))
 
     def __len__(self) -> int:
         return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The next pass is this epoch: its shuffle and augmentation depend on (seed, epoch) alone."""
+        self.loader.generator.manual_seed(self.seed * 100_003 + epoch)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         for x, y in self.loader:

@@ -49,10 +49,10 @@ def size_mb(model: nn.Module) -> float:
     return buffer.getbuffer().nbytes / 1e6
 
 
-def latency_ms(
+def latency_samples(
     model: nn.Module, example_input: Tensor, device: torch.device | str, warmup: int = 5, runs: int = 30
-) -> float:
-    """Median wall-clock milliseconds of one forward pass on `device`, after `warmup` untimed passes."""
+) -> list[float]:
+    """Wall-clock milliseconds of `runs` forward passes on `device`, after `warmup` untimed passes."""
     if warmup < 0 or runs < 1:
         raise ValueError(f"latency needs warmup >= 0 and runs >= 1, got warmup={warmup}, runs={runs}")
     device = torch.device(device)
@@ -79,24 +79,11 @@ def latency_ms(
                 times.append((time.perf_counter() - start) * 1e3)
     finally:
         model.train(was_training)
-    return statistics.median(times)
+    return times
 
 
-def measure_model(
-    model: nn.Module,
-    input_shape: tuple[int, ...],
-    device: torch.device | str,
-    batch_size: int = 1,
-    warmup: int = 5,
-    runs: int = 30,
-) -> dict[str, float]:
-    """FLOPs per sample, parameters, size in MB, and latency at `batch_size` on `device`; input_shape is (C, H, W)."""
-    if batch_size < 1:
-        raise ValueError(f"measure batch_size must be >= 1, got {batch_size}")
-    device = torch.device(device)
-    return {
-        "flops": float(count_flops(model, torch.randn(1, *input_shape, device=device))),
-        "params": float(count_params(model)),
-        "size_mb": size_mb(model),
-        "latency_ms": latency_ms(model, torch.randn(batch_size, *input_shape, device=device), device, warmup, runs),
-    }
+def latency_ms(
+    model: nn.Module, example_input: Tensor, device: torch.device | str, warmup: int = 5, runs: int = 30
+) -> float:
+    """Median wall-clock milliseconds of one forward pass on `device`, after `warmup` untimed passes."""
+    return statistics.median(latency_samples(model, example_input, device, warmup, runs))

@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
+from .errors import InputError
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".th", ".ckpt")
 
 
-class ModelError(ValueError):
+class ModelError(InputError):
     """Bad model configuration; the message names the field and the fix."""
 
 
@@ -352,3 +353,35 @@ def build_model(name: str, num_classes: int, weights: str | None = None, in_chan
     if _is_path(weights):
         return _from_checkpoint(name, weights, num_classes, in_channels)
     return _from_torchvision(name, weights, num_classes, in_channels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation: pretrained weights expect inputs normalised as in their own training.
+
+_IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+# The public CIFAR ResNet checkpoints of He et al.'s architecture (Yerlan Idelbayev's) were trained on inputs
+# normalised with ImageNet's mean and std, not CIFAR's: feeding them CIFAR-normalised images costs accuracy.
+KNOWN_CHECKPOINT_STATS = {
+    f"{stem}.th": _IMAGENET_STATS
+    for stem in ("resnet20-12fca82f", "resnet32-d509ac18", "resnet44-014dd654", "resnet56-4bfd9763",
+                 "resnet110-1d1ed7c2", "resnet1202-f3b1deed")
+}
+
+
+def weights_stats(name: str, weights: str | None) -> tuple | None:
+    """(mean, std) the weights were trained with, when known; None means: use the dataset's own statistics.
+
+    torchvision weights say it in their transforms; a checkpoint may carry {"normalization": {"mean", "std"}};
+    known public checkpoints are recognised by file name.
+    """
+    if weights is None:
+        return None
+    if not _is_path(str(weights)):
+        preset = _torchvision_weights(name, str(weights)).transforms()
+        return tuple(preset.mean), tuple(preset.std)
+    path = Path(weights).expanduser()
+    if path.name in KNOWN_CHECKPOINT_STATS:
+        return KNOWN_CHECKPOINT_STATS[path.name]
+    saved = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+    stats = saved.get("normalization") if isinstance(saved, dict) else None
+    return (tuple(stats["mean"]), tuple(stats["std"])) if isinstance(stats, dict) else None

@@ -14,6 +14,8 @@ import dataclasses
 import json
 import os
 import sys
+import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -21,9 +23,10 @@ from typing import Any, Callable, Iterator
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from . import report, tracking
+from . import latency, report, tracking
 from .preflight import preflight
-from .spec import SHORTHAND, SpecError, SweepSpec
+from .names import PARAMS
+from .spec import SpecError, SweepSpec
 from .trial import SweepContext, run_trial
 
 DEFAULT_STORAGE = "sweep_results"
@@ -33,8 +36,9 @@ LOOPBACK = "127.0.0.1"
 _LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # Space paths shown in the progress table under their shorthand names; anything else swept is shown by its path.
 _ALWAYS_SHOWN = ("model.name", "prune.strategy", "prune.ratio")
-_PROGRESS_METRICS = {"epoch": "epoch", "accuracy": "accuracy", "flops_reduction": "flops_red"}
-_SUMMARY_METRICS = ["accuracy", "accuracy_drop", "flops_reduction", "params_reduction", "speedup"]
+_PROGRESS_METRICS = {"epoch": "epoch", "val_accuracy": "val_acc", "flops_reduction": "flops_red"}
+# What Tune holds of a trial's end (never a test metric: those are in MLflow and the report).
+_SUMMARY_METRICS = ["val_accuracy", "pruned_val_accuracy", "flops_reduction", "params_reduction", "channels_removed"]
 
 
 @dataclasses.dataclass
@@ -45,7 +49,7 @@ class SweepOutcome:
     skipped: int                # trials whose config already had a FINISHED run
     failed: int                 # trials that errored after all their retries
     results: pd.DataFrame | None  # one row per Tune trial of this launch (see summary_frame), None if none ran
-    storage: str                # the Tune experiment directory (what `--resume` restores)
+    storage: str                # this launch's Tune experiment directory (what `--resume` restores)
     interrupted: int = 0        # trials left unfinished by an interrupted fit (Ctrl-C): `--resume` continues them
 
 
@@ -113,7 +117,7 @@ def _trial_dirname(trial: Any) -> str:
 def _progress_reporter(spec: SweepSpec) -> Any:
     from ray import tune
 
-    short = {path: name for name, path in SHORTHAND.items()}  # prune.ratio -> ratio, model.name -> model
+    short = {path: name for name, path in PARAMS.items()}  # prune.ratio -> ratio, model.name -> model
     swept = [f"{p}.name" if p in ("model", "dataset") else p for p in spec.space]  # a swept section: its name
     columns = {"trial/" + p.replace(".", "/"): short.get(p, p) for p in dict.fromkeys([*_ALWAYS_SHOWN, *swept])}
     # print_intermediate_tables explicitly: its default follows a process-wide verbosity that earlier fits leave set.
@@ -143,8 +147,8 @@ def _search(spec: SweepSpec) -> Any:
     return OptunaSearch(seed=spec.trial["seed"])
 
 
-def _new_tuner(spec: SweepSpec, param_space: dict, trainable: Any, storage: str, max_concurrent: int | None,
-               verbose: int, reuse_workers: bool = True) -> Any:
+def _new_tuner(spec: SweepSpec, param_space: dict, trainable: Any, experiment_path: str,
+               max_concurrent: int | None, verbose: int, reuse_workers: bool = True) -> Any:
     from ray import tune
 
     return tune.Tuner(
@@ -159,7 +163,8 @@ def _new_tuner(spec: SweepSpec, param_space: dict, trainable: Any, storage: str,
             reuse_actors=reuse_workers,
         ),
         run_config=tune.RunConfig(
-            name=spec.name, storage_path=storage, verbose=verbose, progress_reporter=_progress_reporter(spec),
+            name=os.path.basename(experiment_path), storage_path=os.path.dirname(experiment_path), verbose=verbose,
+            progress_reporter=_progress_reporter(spec),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         ),
@@ -203,6 +208,13 @@ def cache_dir(storage: str, name: str) -> str:
     return os.path.join(storage, name, "bases")
 
 
+def new_launch_path(storage: str, name: str) -> str:
+    """Each launch has its own Tune folder, <storage>/<name>/launches/<time>-<random>: overlapping launches of one
+    spec never write into each other's Tune state."""
+    launch = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    return os.path.join(storage, name, "launches", launch)
+
+
 def _pending_grid(spec: SweepSpec, uri: str, force: bool) -> tuple[list[dict], int]:
     """The grid configs still to run and how many were skipped because they already finished."""
     configs = spec.grid_configs()
@@ -213,17 +225,19 @@ def _pending_grid(spec: SweepSpec, uri: str, force: bool) -> tuple[list[dict], i
     return pending, len(configs) - len(pending)
 
 
-def _parent_for_resume(uri: str, spec: SweepSpec, experiment_path: str) -> str | None:
-    """The interrupted launch's parent run, so a resumed sweep keeps all its trials under one parent."""
+def _interrupted_launch(uri: str, spec: SweepSpec) -> tuple[str, str] | None:
+    """The newest unfinished launch of this sweep whose Tune state can be restored: (parent run id, Tune folder)."""
     client = MlflowClient(uri)
     parent = tracking.newest_parent_run(client, spec.name)
     if parent is None:
         return None
     run = tracking.with_retry(client.get_run, parent)
-    if run.info.status == "FINISHED" or run.data.tags.get("sweep.tune_path") != experiment_path:
+    path = run.data.tags.get("sweep.tune_path")
+    if run.info.status == "FINISHED" or path is None or not _restorable(path):
         return None
-    tracking.with_retry(client.update_run, parent, status="RUNNING")
-    return parent
+    from ray import tune
+
+    return (parent, path) if tune.Tuner.can_restore(path) else None
 
 
 def _close_orphans(uri: str, experiment: str, parent_run_id: str) -> None:
@@ -242,10 +256,8 @@ def _status(result: Any, early_stopping: bool) -> str:
     metrics = result.metrics or {}
     if result.error is not None:
         return "FAILED"
-    if metrics.get("skipped"):
-        return "SKIPPED"
-    if "flops" in metrics:  # only the final report carries the measurements
-        return "FINISHED"
+    if metrics.get("trial_status") in ("SKIPPED", "FINISHED"):  # the trial's final report says how it ended
+        return metrics["trial_status"]
     # Ended without its final report: a scheduler stops trials only on a reported result, so with FIFO, or with no
     # result at all, the sweep was interrupted (Tune marks such trials TERMINATED too, so its status cannot tell).
     return "STOPPED" if early_stopping and metrics else "INTERRUPTED"
@@ -298,7 +310,6 @@ def run_sweep(
     checkpoints, under the interrupted launch's parent run), and starts afresh otherwise.
     """
     storage = resolve_storage(storage)
-    experiment_path = os.path.join(storage, spec.name)
     uri = tracking.resolve_tracking_uri(tracking_uri)
     os.environ.pop("MLFLOW_RUN_ID", None)  # local workers inherit it, and it would re-parent every trial run
 
@@ -306,7 +317,7 @@ def run_sweep(
     owns_ray = start_ray(address)
     try:
         check_resources(spec)
-        return _launch(spec, uri, storage, experiment_path, resume, force, max_concurrent, verbose, reuse_workers)
+        return _launch(spec, uri, storage, resume, force, max_concurrent, verbose, reuse_workers)
     finally:
         if owns_ray:
             import ray
@@ -329,47 +340,71 @@ def _restorable(experiment_path: str) -> bool:
     return False
 
 
-def _launch(spec: SweepSpec, uri: str, storage: str, experiment_path: str, resume: bool, force: bool,
-            max_concurrent: int | None, verbose: int, reuse_workers: bool) -> SweepOutcome:
+def _launch(spec: SweepSpec, uri: str, storage: str, resume: bool, force: bool, max_concurrent: int | None,
+            verbose: int, reuse_workers: bool) -> SweepOutcome:
     from ray import tune
 
     tracking.init_store(uri)  # here, in the driver: trial workers creating the schema in parallel would race
-    restoring = resume and _restorable(experiment_path) and tune.Tuner.can_restore(experiment_path)
-    if resume and not restoring:
-        print(f"nothing to resume at {experiment_path}: starting the sweep afresh")
+    interrupted = _interrupted_launch(uri, spec) if resume else None
+    if resume and interrupted is None:
+        print(f"nothing to resume for sweep {spec.name}: starting it afresh")
     pending, skipped = [], 0
-    if not restoring and spec.search["algorithm"] == "grid":
+    if interrupted is None and spec.search["algorithm"] == "grid":
         pending, skipped = _pending_grid(spec, uri, force)
         if not pending:
             print(f"nothing to run: all {skipped} trials already finished in experiment {spec.name} "
                   "(use --force to rerun)")
-            return SweepOutcome(spec.name, None, 0, skipped, 0, None, experiment_path)
+            return SweepOutcome(spec.name, None, 0, skipped, 0, None, "")
         if skipped:
             print(f"skipping {skipped} trials already finished in experiment {spec.name}; "
                   f"running {len(pending)} new ones")
 
-    parent = _parent_for_resume(uri, spec, experiment_path) if restoring else None
-    if parent is None:
+    if interrupted is not None:
+        parent, experiment_path = interrupted
+        tracking.with_retry(MlflowClient(uri).update_run, parent, status="RUNNING")
+    else:
+        experiment_path = new_launch_path(storage, spec.name)
         parent = tracking.start_parent_run(uri, spec.name, spec.source_text, tags={"sweep.tune_path": experiment_path})
     try:
         # with --force the trial must not return a recorded result either
         context = SweepContext(uri, spec.name, parent, cache_dir(storage, spec.name), rerun=force)
-        trainable = tune.with_resources(tune.with_parameters(sweep_trial, context=context),
-                                        {"cpu": spec.resources["cpu"], "gpu": spec.resources["gpu"]})
-        if restoring:
+        trainable = tune.with_resources(tune.with_parameters(sweep_trial, context=context), _trial_resources(spec))
+        if interrupted is not None:
             print(f"resuming the sweep at {experiment_path}")
             tuner = tune.Tuner.restore(experiment_path, trainable, resume_errored=True)
         else:
             grid = tune.grid_search(pending) if spec.search["algorithm"] == "grid" else spec.param_space()
-            tuner = _new_tuner(spec, {"trial": grid}, trainable, storage, max_concurrent, verbose, reuse_workers)
+            tuner = _new_tuner(spec, {"trial": grid}, trainable, experiment_path, max_concurrent, verbose,
+                               reuse_workers)
         with _tune_output():
             result_grid = tuner.fit()
+        _measure_latency(spec, uri)
     except BaseException:
         _close_orphans(uri, spec.name, parent)
         tracking.end_run(uri, parent, "KILLED")
         raise
     frame = summary_frame(result_grid, early_stopping=spec.scheduler["name"] != "fifo")
     return _finish(spec, uri, storage, parent, frame, skipped, experiment_path)
+
+
+def _trial_resources(spec: SweepSpec) -> dict[str, float]:
+    resources = {"cpu": spec.resources["cpu"], "gpu": spec.resources["gpu"]}
+    if spec.resources.get("memory"):
+        resources["memory"] = spec.resources["memory"] * 2**30  # GiB in the spec, bytes for Ray
+    return resources
+
+
+def _measure_latency(spec: SweepSpec, uri: str) -> None:
+    """The measurement phase: every finished trial without latency, one model at a time, on a quiet worker."""
+    import ray
+
+    run_ids = latency.runs_to_measure(uri, spec.name)
+    if not run_ids:
+        return
+    print(f"measuring latency of {len(run_ids)} pruned networks, one at a time")
+    threads = spec.trial["measure"]["threads"]
+    task = ray.remote(latency.measure_runs).options(num_cpus=threads, num_gpus=1 if spec.resources["gpu"] else 0)
+    ray.get(task.remote(uri, run_ids))
 
 
 def _finish(spec: SweepSpec, uri: str, storage: str, parent: str, frame: pd.DataFrame, skipped: int,
@@ -394,7 +429,7 @@ def _finish(spec: SweepSpec, uri: str, storage: str, parent: str, frame: pd.Data
 def _write_report(name: str, uri: str, storage: str) -> None:
     try:
         paths = report.write_report(name, uri, out_dir=os.path.join(storage, "reports"))
-    except ValueError as error:  # no finished trial yet: nothing to tabulate
+    except report.ReportError as error:  # no finished trial yet: nothing to tabulate
         print(f"no report: {error}", file=sys.stderr)
         return
     print(f"report: {paths['summary'].parent}")
@@ -423,4 +458,8 @@ def run_one(spec: SweepSpec, tracking_uri: str | None = None, storage: str | Non
     config, _ = single_config(spec)  # run_trial itself keeps MLFLOW_RUN_ID from re-parenting the run
     tracking.init_store(uri)
     context = SweepContext(uri, spec.name, None, cache_dir(resolve_storage(storage), spec.name))
-    return run_trial(config, context, report=on_report or (lambda metrics, checkpoint: None))
+    result = run_trial(config, context, report=on_report or (lambda metrics, checkpoint: None))
+    if result.get("skipped"):
+        return result
+    latency.measure_runs(uri, latency.runs_to_measure(uri, spec.name))  # nothing else runs here: measure now
+    return tracking.recorded_result(uri, spec.name, tracking.config_hash(config)) or result

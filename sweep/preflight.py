@@ -92,6 +92,8 @@ def preflight(spec: SweepSpec) -> None:
     shapes: dict[str, tuple | None] = {}
     checked: set[str] = set()
     for config in _combinations(spec):
+        if _factory_unsupported(config):
+            continue
         dataset_key = json.dumps(config["dataset"], sort_keys=True)
         if dataset_key not in shapes:
             try:
@@ -110,3 +112,12 @@ def preflight(spec: SweepSpec) -> None:
             errors.append(str(error))
     if errors:
         raise SpecError(list(dict.fromkeys(" ".join(e.split()) for e in errors)))
+
+
+def _factory_unsupported(config: dict) -> bool:
+    """Whether the trial names a model.factory or dataset.factory that build_model / load_dataset cannot take yet
+    (they gain `factory=` and `kwargs=` on the `ui` branch): such a config is left for its trials to load."""
+    import inspect
+
+    return any(config[section].get("factory") and "factory" not in inspect.signature(load).parameters
+               for section, load in (("model", build_model), ("dataset", load_dataset)))

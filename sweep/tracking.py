@@ -18,9 +18,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from mlflow.entities import Metric, Param, Run
+from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+
+from .names import PARAMS
 
 try:
     from sqlalchemy.exc import OperationalError as _SqlOperationalError
@@ -28,26 +30,15 @@ except ImportError:  # mlflow-skinny against a server: no sqlalchemy, no sqlite 
     _SqlOperationalError = MlflowException
 
 log = logging.getLogger(__name__)
+# Artifact downloads (latency phase, report) would draw a progress bar per file into the sweep's output.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 T = TypeVar("T")
 
 PARENT_ROLE = "parent"
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 MAX_PARAM_CHARS = 500
-# The names users filter on in the MLflow UI, mapped to where they live in the trial config.
-USER_PARAMS = {
-    "model": ("model", "name"),
-    "weights": ("model", "weights"),
-    "dataset": ("dataset", "name"),
-    "strategy": ("prune", "strategy"),
-    "ratio": ("prune", "ratio"),
-    "target": ("prune", "target"),
-    "scope": ("prune", "scope"),
-    "schedule": ("prune", "schedule"),
-    "steps": ("prune", "steps"),
-    "seed": ("seed",),
-}
-# Not result-defining: "name" is the experiment (tag sweep.name), "fault" is test-only fault injection.
-_NOT_PARAMS = {"name", "fault"}
+# Not a param: "name" is the experiment (tag sweep.name).
+_NOT_PARAMS = {"name"}
 
 # sqlite allows one writer at a time. MLflow already sets busy_timeout, but a deferred transaction that must upgrade
 # to a write lock fails at once with "database is locked" (sqlite refuses to wait to avoid a deadlock): retry those.
@@ -100,9 +91,8 @@ def init_store(uri: str) -> None:
 
 
 def config_hash(trial_config: dict) -> str:
-    """Identity of a trial: sha256 (first 16 hex chars) of its canonical JSON, ignoring test-only `fault`."""
-    body = {k: v for k, v in trial_config.items() if k != "fault"}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+    """Identity of a trial: sha256 (first 16 hex chars) of its canonical JSON."""
+    text = json.dumps(trial_config, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -126,8 +116,7 @@ def flat_params(trial_config: dict) -> dict[str, str]:
     """MLflow params: the user-facing names first, then every other setting as a dotted key (`finetune.lr`)."""
     flat = _flatten({k: v for k, v in trial_config.items() if k not in _NOT_PARAMS})
     params: dict[str, str] = {}
-    for name, path in USER_PARAMS.items():
-        dotted = ".".join(path)
+    for name, dotted in PARAMS.items():
         if dotted in flat:
             params[name] = _param_value(flat.pop(dotted))
     params.update({key: _param_value(value) for key, value in flat.items()})
@@ -282,22 +271,45 @@ def _run_name(trial_config: dict) -> str:
     return "-".join(str(p) for p in parts if p is not None)
 
 
-class TrialRun:
-    """One trial's MLflow child run, created by the trial worker."""
+def recorded_result(uri: str, experiment: str, config_hash: str, run_id: str | None = None,
+                    rerun: bool = False) -> dict[str, float] | None:
+    """The metrics of a FINISHED run that makes running this trial unnecessary, else None.
 
-    def __init__(self, client: MlflowClient, run_id: str):
+    With run_id (a trial restored from its checkpoint): that run, if it finished (the driver may have died after
+    it finished but before Tune heard). Otherwise the config's newest FINISHED run, unless rerun.
+    """
+    client = MlflowClient(uri)
+    if run_id is not None:
+        run = with_retry(client.get_run, run_id)
+        return dict(run.data.metrics) if run.info.status == "FINISHED" else None
+    if rerun:
+        return None
+    runs = child_runs(client, experiment, f"tags.config_hash = '{config_hash}' and attributes.status = 'FINISHED'")
+    return dict(runs[0].data.metrics) if runs else None
+
+
+class TrialRun:
+    """One trial's MLflow child run, created by the trial worker.
+
+    `present` holds the (metric, step) points the run already has when it was continued (a retry, a resume), so
+    nothing is logged twice: `log_points` sends only what the run lacks.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, present: set[tuple[str, int]] | None = None):
         self.client = client
         self.run_id = run_id
+        self.present = present or set()
 
     @classmethod
     def open(
         cls, uri: str, experiment: str, parent_run_id: str | None, trial_config: dict, run_id: str | None = None
     ) -> "TrialRun":
-        """Continue run_id (a retried trial) or create a new child run of parent_run_id with tags and params."""
+        """Continue run_id or this parent's unfinished run of the config, else create a new child run."""
         client = MlflowClient(uri)
+        run_id = run_id or find_trial_run(uri, experiment, config_hash(trial_config), parent_run_id)
         if run_id is not None:
             with_retry(client.update_run, run_id, status="RUNNING")
-            return cls(client, run_id)
+            return cls(client, run_id, _present_points(client, run_id))
         tags = {
             **_base_tags(),
             "config_hash": config_hash(trial_config),
@@ -313,19 +325,26 @@ class TrialRun:
             with_retry(client.log_batch, run.info.run_id, params=params[i : i + 100])
         return cls(client, run.info.run_id)
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        """All of one report's metrics in one request (one sqlite write transaction)."""
+    def log_points(self, points: list[tuple[str, int, float]]) -> None:
+        """(metric, step, value) points the run does not hold yet, in one request (one sqlite transaction)."""
         ts = _now_ms()
-        batch = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if v is not None]
-        if batch:
+        new = [(name, step, value) for name, step, value in points if (name, step) not in self.present]
+        for i in range(0, len(new), 1000):  # MLflow's limit per batch
+            batch = [Metric(name, value, ts, step) for name, step, value in new[i : i + 1000]]
             with_retry(self.client.log_batch, self.run_id, metrics=batch)
+        self.present.update((name, step) for name, step, _ in new)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        with_retry(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
 
     def log_artifact(self, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
         with_retry(self.client.log_artifact, self.run_id, str(local_path), artifact_path)
 
-    def log_dict_json(self, obj: Any, artifact_file: str) -> None:
-        with_retry(self.client.log_text, self.run_id, json.dumps(obj, indent=2, default=str), artifact_file)
-
     def finish(self, status: str = "FINISHED") -> None:
         _check_status(status)
         with_retry(self.client.set_terminated, self.run_id, status=status)
+
+
+def _present_points(client: MlflowClient, run_id: str) -> set[tuple[str, int]]:
+    run = with_retry(client.get_run, run_id)
+    return {(key, m.step) for key in run.data.metrics for m in with_retry(client.get_metric_history, run_id, key)}

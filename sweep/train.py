@@ -6,10 +6,8 @@ No Ray and no MLflow here: a trial wires these loops to its reporting through th
 from __future__ import annotations
 
 import math
-import numbers
 import random
-from dataclasses import dataclass, fields
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -18,65 +16,10 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
-OPTIMIZERS = ("sgd", "adamw")
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 1
-    lr: float = 0.01
-    batch_size: int = 64
-    optimizer: str = "sgd"  # "sgd" | "adamw"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_epochs: float = 0.0
-    label_smoothing: float = 0.0
-    amp: bool = True  # bf16 autocast, only takes effect on cuda
-    channels_last: bool = True  # only takes effect on cuda
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), _KINDS[f.type]))
-        checks = [
-            ("epochs", self.epochs >= 0, "must be >= 0"),
-            ("lr", self.lr > 0, "must be > 0"),
-            ("batch_size", self.batch_size >= 1, "must be >= 1"),
-            ("optimizer", self.optimizer in OPTIMIZERS, f"must be one of {', '.join(OPTIMIZERS)}"),
-            ("momentum", 0 <= self.momentum < 1, "must be in [0, 1)"),
-            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
-            ("warmup_epochs", self.warmup_epochs >= 0, "must be >= 0"),
-            ("label_smoothing", 0 <= self.label_smoothing < 1, "must be in [0, 1)"),
-        ]
-        for name, ok, rule in checks:
-            if not ok:
-                raise ValueError(f"train.{name} {rule}, got {getattr(self, name)!r}")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            keys = ", ".join(map(repr, unknown))
-            raise ValueError(f"train: unknown key(s) {keys}; valid keys: {', '.join(sorted(known))}")
-        return cls(**d)
-
-
-_KINDS = {"int": int, "float": float, "bool": bool, "str": str}  # field annotations are strings (PEP 563)
-
-
-def _coerce(name: str, value: Any, kind: type) -> Any:
-    """Accept numpy scalars (Ray Tune samples them) but reject the wrong kind of value, naming the field."""
-    if kind is bool:
-        ok = isinstance(value, (bool, np.bool_))
-    elif kind is int:
-        ok = isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-    elif kind is float:
-        ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-    else:
-        ok = isinstance(value, kind)
-    if not ok:
-        raise ValueError(f"train.{name} must be of type {kind.__name__}, got {value!r} ({type(value).__name__})")
-    return kind(value)
+# The training settings (fields, defaults, checks) live once, in the schema: TrainConfig is the `finetune` section
+# (`base` is a subclass with two other defaults). TrainConfig(epochs=2, lr=0.1) validates; TrainConfig.from_dict(d,
+# where="finetune") raises SpecError (a ValueError) with one line per problem.
+from .schema import TrainConfig
 
 
 def seed_everything(seed: int) -> None:

@@ -1,32 +1,43 @@
-"""One trial: base model -> prune -> fine-tune -> measure -> report to Ray Tune and MLflow.
+"""One trial: base model -> prune -> fine-tune (or train from scratch) -> measure -> report to Ray Tune and MLflow.
 
-``run_trial`` is a Ray Tune function trainable (``tune.with_parameters(run_trial, context=ctx)``)
-and also runs standalone, without Ray. Its config is the resolved trial dict of ``sweep.spec``.
+``run_trial`` is a Ray Tune function trainable (``tune.with_parameters(run_trial, context=ctx)``) and also runs
+standalone, without Ray. Its config is the resolved trial dict of ``sweep.spec``.
+
+Exactly once: every metric point is first kept in the trial's state, the state is persisted as a checkpoint (Tune
+copies it to storage inside ``report``), and only then are the new points logged to MLflow. A retried, resumed or
+restored trial continues its own run and logs only the points that run does not hold yet, so each epoch appears
+once in a run's history whatever was killed when.
 """
 
 from __future__ import annotations
 
-import copy
-import csv
+import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from . import tracking
+from .base import ensure_base, example_input, load_base, new_model
 from .data import DataSplits, batches, load_dataset
-from .measure import measure_model
-from .pruning import PrunePlan, apply_plan, prune, save_pruned
-from .base import ensure_base, load_base
+from .measure import count_flops, count_params, size_mb
+from .models import weights_stats
+from .names import METRICS
+from .pruning import NEEDS_CALIBRATION, PrunePlan, apply_plan, prune, save_pruned
 from .train import TrainConfig, evaluate, make_optimizer, pick_device, prepare_model, seed_everything, train_epoch
 
 STATE_FILE = "trial.pt"
 Report = Callable[[dict, "str | None"], None]  # (metrics, checkpoint directory or None)
+EpochHook = Callable[[dict, int], None]  # (trial config, epoch) before each training epoch: progress, fault tests
+# Each data stream of a trial has its own seed, so a strategy that scores channels on data (taylor, apoz) does not
+# change the order in which the fine-tune sees the training set.
+_CALIBRATION_STREAM, _BETWEEN_STEPS_STREAM = 1_000_003, 2_000_003
 
 
 @dataclass(frozen=True)
@@ -36,49 +47,54 @@ class SweepContext:
     parent_run_id: str | None
     cache_dir: str  # shared by every trial (and node) of the sweep: base models live here
     rerun: bool = False  # run even when this exact config already has a FINISHED run (`sweep run --force`)
+    on_epoch: EpochHook | None = None  # must pickle: it travels to the trial workers
 
 
-class InjectedFault(RuntimeError):
-    """Raised by the test-only ``fault.fail_at_epoch`` setting."""
+@dataclass
+class TrialState:
+    """Everything a trial needs to continue where it stopped; all of it is in the checkpoint."""
+
+    model: nn.Module
+    plan: PrunePlan
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train: TrainConfig  # the fine-tune settings, or the base's for the scratch arm
+    epoch: int = 0  # epochs done
+    train_time_s: float = 0.0
+    points: list[tuple[str, int, float]] = field(default_factory=list)  # every metric point so far
+    logged: int = 0  # points[:logged] are in MLflow
+
+    def record(self, metrics: dict[str, float], step: int = 0) -> None:
+        self.points += [(name, step, float(value)) for name, value in metrics.items() if value is not None]
+
+    def save(self, directory: Path, run_id: str) -> None:
+        torch.save({"plan": self.plan.to_dict(), "state_dict": self.model.state_dict(),
+                    "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "epoch": self.epoch, "train_time_s": self.train_time_s, "points": self.points,
+                    "run_id": run_id, "rng": torch.get_rng_state()}, directory / STATE_FILE)
 
 
-# --- checkpoints and artifacts -----------------------------------------------------------------------
+@contextmanager
+def _captured_warnings(logger: str) -> Iterator[list[str]]:
+    """The warnings a library logs while the block runs (the pruner's clamps), to keep them on the run's record."""
+    messages: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    target = logging.getLogger(logger)
+    target.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        target.removeHandler(handler)
 
-def _save_state(directory: Path, model, plan, optimizer, scheduler, epoch: int, run_id: str, progress: dict) -> None:
-    torch.save({"plan": plan.to_dict(), "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch, "run_id": run_id, "progress": progress},
-               directory / STATE_FILE)
 
-
-def _restore_state(directory: str | None) -> dict | None:
+def _read_checkpoint(directory: str | None) -> dict | None:
     if directory is None or not (Path(directory) / STATE_FILE).exists():
         return None
     return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def _channel_artifacts(out: Path, plan: PrunePlan, base_model: nn.Module) -> list[Path]:
-    rows = plan.channel_counts(base_model)
-    table = out / "channels.csv"
-    with open(table, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["layer", "type", "channels_before", "channels_after"])
-        writer.writerows(rows)
-    from matplotlib.figure import Figure  # only the trial's end needs plotting
-
-    fig = Figure(figsize=(max(6, 0.25 * len(rows)), 4), layout="constrained")
-    ax = fig.subplots()
-    x = range(len(rows))
-    ax.bar(x, [r[2] for r in rows], color="#c7c7c7", label="before")
-    ax.bar(x, [r[3] for r in rows], color="#1f77b4", label="after")
-    ax.set_xticks(list(x), [r[0] for r in rows], rotation=90, fontsize=6)
-    ax.set_ylabel("output channels")
-    ax.set_title(f"Channels per layer: {plan.info.get('strategy')} {plan.info.get('ratio')} {plan.info.get('scope')}")
-    ax.legend()
-    fig.savefig(out / "channels.png", dpi=120)
-    return [table, out / "channels.png"]
-
-
-# --- the trial ---------------------------------------------------------------------------------------
+# --- the Tune adapter ---------------------------------------------------------------------------------------------
 
 def _tune_reporter() -> tuple[Report, str | None]:
     from ray import tune
@@ -95,17 +111,9 @@ def _tune_reporter() -> tuple[Report, str | None]:
     return report, local
 
 
-def _finished_run(context: SweepContext, run_id: str) -> dict | None:
-    """The recorded result of a FINISHED run (a trial that must not be redone), else None."""
-    from mlflow.tracking import MlflowClient
-
-    run = tracking.with_retry(MlflowClient(context.tracking_uri).get_run, run_id)
-    return {**run.data.metrics, "skipped": 1.0} if run.info.status == "FINISHED" else None
-
-
-def _existing_result(context: SweepContext, chash: str) -> dict | None:
-    run_id = tracking.finished_trials(context.tracking_uri, context.experiment).get(chash)
-    return None if run_id is None else _finished_run(context, run_id)
+def selection_view(metrics: dict) -> dict:
+    """What Ray Tune may see of a trial's metrics: schedulers and searchers never read a test metric."""
+    return {k: v for k, v in metrics.items() if k not in METRICS or METRICS[k].selectable}
 
 
 def _node_tags() -> dict[str, str]:
@@ -120,37 +128,33 @@ def _node_tags() -> dict[str, str]:
     return {}
 
 
+# --- the trial ----------------------------------------------------------------------------------------------------
+
 def run_trial(config: dict, context: SweepContext, report: Report | None = None,
               checkpoint_dir: str | None = None) -> dict:
-    """Base -> prune -> fine-tune -> measure; reports each epoch and logs one MLflow child run.
+    """Base -> prune -> train -> measure; reports each epoch and logs one MLflow child run.
 
-    Under Ray Tune (``report=None``) it reports to Tune and resumes from ``tune.get_checkpoint()``;
-    standalone, ``report(metrics, checkpoint_dir)`` receives each epoch and ``checkpoint_dir``
-    resumes from one of those checkpoints.
+    Under Ray Tune (``report=None``) it reports to Tune and resumes from ``tune.get_checkpoint()``; standalone,
+    ``report(metrics, checkpoint_dir)`` receives each epoch and ``checkpoint_dir`` resumes from one of those
+    checkpoints. Returns every metric the run recorded (test metrics included); Tune sees only `selection_view`.
     """
     os.environ.pop("MLFLOW_RUN_ID", None)  # would hijack the parent of our run (mlflow issue 15713)
     if report is None:
         report, checkpoint_dir = _tune_reporter()
-    state = _restore_state(checkpoint_dir)
-    chash = tracking.config_hash(config)
-    if state is not None:  # the driver may have died after this run finished but before Tune recorded it
-        existing = _finished_run(context, state["run_id"])
-    else:
-        existing = None if context.rerun else _existing_result(context, chash)
-    if existing is not None:
-        report(existing, None)
-        return existing
+    saved = _read_checkpoint(checkpoint_dir)
+    recorded = tracking.recorded_result(context.tracking_uri, context.experiment, tracking.config_hash(config),
+                                        run_id=saved["run_id"] if saved else None, rerun=context.rerun)
+    if recorded is not None:  # finished already (maybe by a launch whose driver died before Tune heard of it)
+        report(selection_view({**recorded, "trial_status": "SKIPPED"}), None)
+        return {**recorded, "skipped": 1.0}
 
     device = pick_device(config["device"])
     seed_everything(config["seed"])
-    data = config["dataset"]
-    splits = load_dataset(data["name"], root=data["root"], download=data["download"], val_fraction=data["val_fraction"],
-                          seed=config["seed"], image_size=data["image_size"], limit=data["limit"])
-    run_id = state["run_id"] if state else tracking.find_trial_run(
-        context.tracking_uri, context.experiment, chash, context.parent_run_id)
-    run = tracking.TrialRun.open(context.tracking_uri, context.experiment, context.parent_run_id, config, run_id)
+    splits = _load_splits(config)
+    run = tracking.TrialRun.open(context.tracking_uri, context.experiment, context.parent_run_id, config,
+                                 saved["run_id"] if saved else None)
     try:
-        result = _pipeline(config, context, splits, device, run, state, report)
+        result = _pipeline(config, context, splits, device, run, saved, report)
     except SystemExit:  # Ray Tune stops a trial (ASHA) by exiting from inside tune.report
         run.finish("KILLED")
         raise
@@ -161,102 +165,167 @@ def run_trial(config: dict, context: SweepContext, report: Report | None = None,
     return result
 
 
-def _pipeline(config, context, splits, device, run, state, report) -> dict:
+def _load_splits(config: dict) -> DataSplits:
+    data, model = config["dataset"], config["model"]
+    return load_dataset(data["name"], root=data["root"], download=data["download"], val_fraction=data["val_fraction"],
+                        seed=config["seed"], image_size=data["image_size"], limit=data["limit"],
+                        test_limit=data.get("test_limit"), stats=weights_stats(model["name"], model["weights"]))
+
+
+def _pipeline(config, context, splits, device, run, saved, report) -> dict:
     base_path, cached = ensure_base(config, context.cache_dir, splits, device)
-    base_model, base = load_base(config, base_path, splits)
-    run.client.set_tag(run.run_id, "base_cache", "hit" if cached else "miss")
-    for key, value in _node_tags().items():
-        run.client.set_tag(run.run_id, key, value)
-    ft = TrainConfig.from_dict(config["finetune"])
-    train_batches = batches(splits.train, ft.batch_size, True, device, seed=config["seed"])
-    val_batches = batches(splits.val, ft.batch_size, False, device)
-    example = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size, device=device)
+    base_model, base_info = load_base(config, base_path, splits)
+    run.set_tags({"base_cache": "hit" if cached else "miss", "base_key": base_path.parent.name, **_node_tags()})
+    state = _resume(config, base_model, saved, splits, device) if saved else \
+        _start(config, base_model, base_info, splits, device, run)
+    _log_new(run, state)  # a continued run gets only what it lacks (a dead worker may have logged some of it)
 
-    if state is None:
-        model, plan, prune_time = _prune(config, base_model.to(device), example, train_batches, ft, device)
-        progress = {"prune_time_s": prune_time, "train_time_s": 0.0}
-        start_epoch = 0
-    else:
-        plan = PrunePlan.from_dict(state["plan"])
-        model = apply_plan(base_model, plan)
-        model.load_state_dict(state["state_dict"])
-        progress, start_epoch = state["progress"], state["epoch"]
-    model = prepare_model(model, device, ft)
-    optimizer, scheduler = make_optimizer(model, ft, len(train_batches))
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-
-    fault = config.get("fault", {}).get("fail_at_epoch")
-    for epoch in range(start_epoch + 1, ft.epochs + 1):
-        if fault == epoch and state is None:
-            raise InjectedFault(f"fault.fail_at_epoch: injected failure in fine-tune epoch {epoch}")
+    train_batches = batches(splits.train, state.train.batch_size, True, device, seed=config["seed"])
+    val_batches = batches(splits.val, state.train.batch_size, False, device)
+    for epoch in range(state.epoch + 1, state.train.epochs + 1):
+        if context.on_epoch is not None:
+            context.on_epoch(config, epoch)
+        train_batches.set_epoch(epoch)  # the shuffle depends on (seed, epoch): a resumed trial sees the same order
         start = time.perf_counter()
-        loss = train_epoch(model, train_batches, optimizer, scheduler, ft, device)
-        progress["train_time_s"] += time.perf_counter() - start
-        val = evaluate(model, val_batches, device, splits.num_classes)
-        run.log_metrics({"train_loss": loss, "val_accuracy": val["accuracy"]}, step=epoch)
+        loss = train_epoch(state.model, train_batches, state.optimizer, state.scheduler, state.train, device)
+        state.train_time_s += time.perf_counter() - start
+        val = evaluate(state.model, val_batches, device, splits.num_classes)
+        state.epoch = epoch
+        epoch_metrics = {"val_accuracy": val["accuracy"], "val_loss": val["loss"], "train_loss": loss}
+        state.record(epoch_metrics, step=epoch)
         with tempfile.TemporaryDirectory(prefix="sweep-ckpt-") as tmp:
-            _save_state(Path(tmp), model, plan, optimizer, scheduler, epoch, run.run_id, progress)
-            report({"accuracy": val["accuracy"], "val_accuracy": val["accuracy"], "train_loss": loss,
-                    "epoch": epoch}, tmp)
+            state.save(Path(tmp), run.run_id)
+            try:
+                report({**epoch_metrics, "epoch": epoch}, tmp)  # persists the checkpoint before it returns
+            finally:  # also when Tune stops the trial inside report: the checkpoint holds this epoch already
+                _log_new(run, state)
 
-    final = _measure(config, model, base_model.to(device), base, plan, splits, device, progress)
-    run.log_metrics(final)
-    with tempfile.TemporaryDirectory(prefix="sweep-art-") as tmp:
-        out = Path(tmp)
-        (out / "checkpoint").mkdir()
-        save_pruned(out / "checkpoint" / "pruned.pt", model.cpu(), plan)
-        run.log_artifact(out / "checkpoint" / "pruned.pt", "checkpoint")
-        for path in _channel_artifacts(out, plan, base_model.cpu()):
-            run.log_artifact(path)
-    report({**final, "epoch": ft.epochs}, None)
+    final = _finish(config, state, base_model, base_info, splits, device, run)
+    report(selection_view({**final, "epoch": state.epoch, "trial_status": "FINISHED"}), None)
     return final
 
 
-def _prune(config, model, example, train_batches, ft: TrainConfig, device):
-    p = config["prune"]
+def _log_new(run: tracking.TrialRun, state: TrialState) -> None:
+    run.log_points(state.points[state.logged:])
+    state.logged = len(state.points)
+
+
+def _train_config(config: dict) -> TrainConfig:
+    """The scratch arm trains the pruned architecture with the base's recipe (Liu et al. 2019), by default for as
+    many epochs as the base had; the finetune arm uses the finetune section."""
+    if config["prune"]["arm"] != "scratch":
+        return TrainConfig.from_dict(config["finetune"])
+    epochs = config["prune"]["scratch_epochs"] or config["base"]["epochs"]
+    return TrainConfig.from_dict({**config["base"], "epochs": epochs})
+
+
+def _start(config, base_model, base_info, splits, device, run) -> TrialState:
+    cfg = _train_config(config)
+    points: dict[str, float] = {}
+    with _captured_warnings("sweep.pruning") as warnings:
+        model, plan, prune_time, step_accuracy = _prune(config, base_model.to(device), splits, device)
+    if warnings:
+        run.set_tags({"prune.warnings": " | ".join(warnings)})
+    pruned_val = step_accuracy[-1] if step_accuracy else _accuracy(model, splits.val, cfg, splits, device)
+    pruned_test = _accuracy(model, splits.test, cfg, splits, device)
+    flops = count_flops(model, example_input(splits, device))
+    points.update(base_info)
+    points.update({
+        "pruned_val_accuracy": pruned_val, "pruned_test_accuracy": pruned_test, "prune_time_s": prune_time,
+        "flops": float(flops), "macs": float(flops // 2), "flops_reduction": 1 - flops / base_info["base_flops"],
+        "params": float(count_params(model)), "size_mb": size_mb(model),
+        "channels_removed": _channels_removed(plan, base_model),
+    })
+    points["params_reduction"] = 1 - points["params"] / base_info["base_params"]
+    if config["prune"]["arm"] == "scratch":  # the pruned architecture, re-initialised
+        seed_everything(config["seed"])
+        model = apply_plan(new_model(config, splits.num_classes, splits.in_channels, source_weights=False), plan)
+    model = prepare_model(model, device, cfg)
+    optimizer, scheduler = make_optimizer(model, cfg, len(batches(splits.train, cfg.batch_size, True)))
+    state = TrialState(model, plan, optimizer, scheduler, cfg)
+    # pruned_val_accuracy: per pruning step for iterative schedules (step = pruning step), else once at step 0
+    for step, accuracy in enumerate(step_accuracy, start=1):
+        state.record({"pruned_val_accuracy": accuracy}, step=step)
+    state.record({k: v for k, v in points.items() if not (step_accuracy and k == "pruned_val_accuracy")})
+    return state
+
+
+def _resume(config, base_model, saved, splits, device) -> TrialState:
+    cfg = _train_config(config)
+    plan = PrunePlan.from_dict(saved["plan"])
+    model = apply_plan(base_model, plan)
+    model.load_state_dict(saved["state_dict"])
+    model = prepare_model(model, device, cfg)
+    optimizer, scheduler = make_optimizer(model, cfg, len(batches(splits.train, cfg.batch_size, True)))
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["rng"])  # dropout draws continue as if the trial had never stopped
+    return TrialState(model, plan, optimizer, scheduler, cfg, saved["epoch"], saved["train_time_s"],
+                      [tuple(p) for p in saved["points"]])
+
+
+def _accuracy(model, split, cfg: TrainConfig, splits: DataSplits, device) -> float:
+    return evaluate(model, batches(split, cfg.batch_size, False, device), device, splits.num_classes)["accuracy"]
+
+
+def _channels_removed(plan: PrunePlan, base_model: nn.Module) -> float:
+    """Fraction of conv/linear output channels removed, the output layer (never pruned) left out."""
+    rows = plan.channel_counts(base_model)[:-1]
+    before = sum(r[2] for r in rows)
+    return (before - sum(r[3] for r in rows)) / before if before else 0.0
+
+
+def _prune(config, model, splits, device) -> tuple[nn.Module, PrunePlan, float, list[float]]:
+    p, ft = config["prune"], TrainConfig.from_dict(config["finetune"])
     calibration = None
-    if p["strategy"] in ("taylor", "apoz"):
-        calibration = []
-        for x, y in train_batches:
-            calibration.append((x.to(device), y.to(device)))
-            if len(calibration) >= p["calibration_batches"]:
-                break
+    if p["strategy"] in NEEDS_CALIBRATION:
+        stream = batches(splits.train, ft.batch_size, True, device, seed=config["seed"] + _CALIBRATION_STREAM,
+                         augment=False)
+        calibration = [batch for batch, _ in zip(stream, range(p["calibration_batches"]))]
+    between = batches(splits.train, ft.batch_size, True, device, seed=config["seed"] + _BETWEEN_STEPS_STREAM)
+    step_accuracy: list[float] = []
 
     def fine_tune_between_steps(m: nn.Module, step: int) -> None:  # Molchanov et al.: prune, fine-tune, repeat
-        cfg = copy.copy(ft)
-        cfg.epochs = 1
-        opt, sched = make_optimizer(m, cfg, len(train_batches))
-        train_epoch(m, train_batches, opt, sched, cfg, device)
+        step_accuracy.append(_accuracy(m, splits.val, ft, splits, device))
+        cfg = TrainConfig.from_dict({**config["finetune"], "epochs": 1})
+        between.set_epoch(step)
+        opt, sched = make_optimizer(m, cfg, len(between))
+        train_epoch(m, between, opt, sched, cfg, device)
 
-    steps = p["steps"] if p["schedule"] == "iterative" else 1
+    iterative = p["schedule"] == "iterative"
     start = time.perf_counter()
-    result = prune(model, example, strategy=p["strategy"], ratio=p["ratio"], scope=p["scope"], target=p["target"],
-                   calibration=calibration, min_channels=p["min_channels"], round_to=p["round_to"],
-                   ignore=tuple(p["ignore"]), steps=steps, callback=fine_tune_between_steps, seed=config["seed"])
-    return result.model, result.plan, time.perf_counter() - start
+    result = prune(model, example_input(splits, device), strategy=p["strategy"], ratio=p["ratio"], scope=p["scope"],
+                   target=p["target"], calibration=calibration, min_channels=p["min_channels"],
+                   round_to=p["round_to"], ignore=tuple(p["ignore"]), steps=p["steps"] if iterative else 1,
+                   callback=fine_tune_between_steps, seed=config["seed"])
+    prune_time = time.perf_counter() - start
+    if iterative:  # the last step's accuracy, measured like the others
+        step_accuracy.append(_accuracy(result.model, splits.val, ft, splits, device))
+    result.plan.info["arch"] = {"model": config["model"], "num_classes": splits.num_classes,
+                                "in_channels": splits.in_channels, "image_size": splits.image_size}
+    return result.model, result.plan, prune_time, step_accuracy
 
 
-def _measure(config, model, base_model, base, plan, splits, device, progress) -> dict:
-    m = config["measure"]
-    shape = (splits.in_channels, splits.image_size, splits.image_size)
-    test = evaluate(model, batches(splits.test, config["finetune"]["batch_size"], False, device), device,
+def _finish(config, state: TrialState, base_model, base_info, splits, device, run) -> dict:
+    """Test once, after the last epoch; save the pruned network and its per-layer channel table."""
+    test = evaluate(state.model, batches(splits.test, state.train.batch_size, False, device), device,
                     splits.num_classes)
-    after = measure_model(model, shape, device, m["batch_size"], m["warmup"], m["runs"])
-    before = measure_model(base_model, shape, device, m["batch_size"], m["warmup"], m["runs"])
-    final = {
-        "base_accuracy": base["base_test_accuracy"], "accuracy": test["accuracy"],
-        "accuracy_drop": base["base_test_accuracy"] - test["accuracy"],
-        "flops": after["flops"], "base_flops": before["flops"],
-        "flops_reduction": 1 - after["flops"] / before["flops"],
-        "params": after["params"], "base_params": before["params"],
-        "params_reduction": 1 - after["params"] / before["params"],
-        "size_mb": after["size_mb"], "latency_ms": after["latency_ms"], "base_latency_ms": before["latency_ms"],
-        "speedup": before["latency_ms"] / after["latency_ms"],
-        "prune_time_s": progress["prune_time_s"], "train_time_s": progress["train_time_s"],
-        "base_train_time_s": base["base_train_time_s"],
-    }
+    final = {"test_accuracy": test["accuracy"], "test_accuracy_drop": base_info["base_test_accuracy"] -
+             test["accuracy"], "train_time_s": state.train_time_s}
     if "top5" in test:
-        final["top5"] = test["top5"]
-    return final
+        final["test_top5"] = test["top5"]
+    state.record(final)
+    with tempfile.TemporaryDirectory(prefix="sweep-art-") as tmp:
+        out = Path(tmp)
+        save_pruned(out / "pruned.pt", state.model.cpu(), state.plan)
+        run.log_artifact(out / "pruned.pt", "checkpoint")
+        (out / "channels.csv").write_text(_channel_table(state.plan, base_model), encoding="utf-8")
+        run.log_artifact(out / "channels.csv")
+    _log_new(run, state)
+    return {name: value for name, _, value in state.points}  # each metric's latest value
+
+
+def _channel_table(plan: PrunePlan, base_model: nn.Module) -> str:
+    rows = ["layer,type,channels_before,channels_after"]
+    rows += [",".join(map(str, row)) for row in plan.channel_counts(base_model)]
+    return "\n".join(rows) + "\n"

@@ -104,8 +104,8 @@ def world(tmp_path_factory):
     config = load_spec_text(root, HEAD).trial
     run = tracking.TrialRun.open(uri, "bad", None, config)
     for epoch in (1, 2):
-        run.log_metrics({"val_accuracy": 0.5 + epoch / 10}, step=epoch)
-    run.log_metrics({"accuracy": 0.7})
+        run.log_points([("val_accuracy", epoch, 0.5 + epoch / 10)])
+    run.log_points([("test_accuracy", 0, 0.7)])
     run.finish("FINISHED")
     return {"root": root, "uri": uri, "db": root / "store" / "mlflow.db", "storage": root / "results"}
 

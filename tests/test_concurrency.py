@@ -48,7 +48,7 @@ def writer(uri: str, index: int, barrier, results) -> None:
             loss = sum(e * e for e, _ in errors) / len(batch)
             weight -= 0.1 * sum(2 * e * x for e, x in errors) / len(batch)
             bias -= 0.1 * sum(2 * e for e, _ in errors) / len(batch)
-            run.log_metrics({"batch_loss": loss, "batch": step}, step=step)
+            run.log_points([("batch_loss", step, loss), ("batch", step, step)])
         run.finish("FINISHED")
         results.put((index, run.run_id, None))
     except BaseException as error:  # reported to the test, which fails on it

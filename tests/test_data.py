@@ -153,7 +153,9 @@ def test_digits_splits_are_stratified_disjoint_and_deterministic():
 def test_digits_resize_and_limit():
     splits = load_dataset("digits", image_size=32, limit=50, seed=3)
     assert splits.image_size == 32 and splits.train[0][0].shape == (1, 32, 32)
-    assert (len(splits.train), len(splits.val), len(splits.test)) == (50, 50, 50)
+    # limit cuts the official training split (validation is carved from it), never the test split
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (45, 5, 359)
+    assert len(load_dataset("digits", limit=50, test_limit=40, seed=3).test) == 40
     assert set(splits.train.labels.tolist()) == set(range(10))
     assert torch.equal(load_dataset("digits", limit=50, seed=3).train.images, splits.train.images)
     assert not torch.equal(load_dataset("digits", limit=50, seed=4).train.images, splits.train.images)
@@ -190,8 +192,8 @@ def test_mnist_uncompressed_subset_with_limit(tmp_path):
     for f in MNIST.glob("t10k-*.gz"):
         (raw / f.name[:-3]).write_bytes(gzip.decompress(f.read_bytes()))
         (raw / f.name.replace("t10k", "train")[:-3]).write_bytes(gzip.decompress(f.read_bytes()))
-    splits = load_dataset("mnist", root=str(tmp_path), limit=200, image_size=32)
-    assert (len(splits.train), len(splits.val), len(splits.test)) == (200, 200, 200)
+    splits = load_dataset("mnist", root=str(tmp_path), limit=200, test_limit=200, image_size=32)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (180, 20, 200)
     assert splits.train[0][0].shape == (1, 32, 32)
 
 
@@ -316,9 +318,9 @@ def test_train_augmentation_is_a_padded_shift_plus_flips_only_for_cifar(tmp_path
 
 
 def test_tensor_batches_count_shapes_reshuffle_and_fixed_eval():
-    data = load_dataset("digits", image_size=16, limit=100, seed=0).train
+    data = load_dataset("digits", image_size=16, limit=110, seed=0).train
     train = batches(data, 32, train=True, seed=1)
-    assert len(train) == 3  # 100 // 32: the partial batch is dropped in training
+    assert len(train) == 3  # 99 // 32: the partial batch is dropped in training
     epochs = [list(train), list(train)]
     for epoch in epochs:
         assert len(epoch) == 3
@@ -331,9 +333,9 @@ def test_tensor_batches_count_shapes_reshuffle_and_fixed_eval():
         == [True] * 3  # and deterministic given seed
 
     evaluation = batches(data, 32, train=False)
-    assert len(evaluation) == math.ceil(100 / 32) == 4
+    assert len(evaluation) == math.ceil(99 / 32) == 4
     first, second = list(evaluation), list(evaluation)
-    assert [x.shape[0] for x, _ in first] == [32, 32, 32, 4]
+    assert [x.shape[0] for x, _ in first] == [32, 32, 32, 3]
     for (x1, y1), (x2, y2) in zip(first, second):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)  # fixed order, no augmentation
     items = torch.stack([data[i][0] for i in range(len(data))])
@@ -494,3 +496,22 @@ def test_oxford_pets_fake_in_torchvision_layout(tmp_path):
     assert sorted(splits.val.labels.tolist()) == [0, 12, 36]  # 1-based file labels, one per class held out
     assert splits.test.labels.tolist() == [0, 12]
     assert splits.test[1][0].shape == (3, 64, 64)
+
+
+def test_an_epoch_depends_on_seed_and_epoch_alone():
+    """A resumed trial must see the same data order as an uninterrupted one: set_epoch, not a hidden counter."""
+    data = load_dataset("digits", limit=200, seed=0).train
+    used, fresh = batches(data, 32, train=True, seed=7), batches(data, 32, train=True, seed=7)
+    list(used), list(used)  # two epochs already consumed
+    used.set_epoch(5)
+    fresh.set_epoch(5)
+    for (x1, y1), (x2, y2) in zip(used, fresh):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+def test_stats_replace_the_dataset_normalisation():
+    own = load_dataset("digits", limit=100, seed=0)
+    other = load_dataset("digits", limit=100, seed=0, stats=((0.5,), (0.25,)))
+    raw = own.test.images[:4].float() / 255
+    assert torch.allclose(other.test.prepare(own.test.images[:4]), (raw - 0.5) / 0.25)
+    assert not torch.allclose(own.test.prepare(own.test.images[:4]), (raw - 0.5) / 0.25)

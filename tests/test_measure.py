@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from sweep.measure import count_flops, count_params, latency_ms, measure_model, size_mb
+from sweep.latency import latency_stats
+from sweep.measure import count_flops, count_params, latency_ms, size_mb
 
 CPU = torch.device("cpu")
 
@@ -76,22 +77,18 @@ def test_latency_rejects_bad_run_counts():
         latency_ms(small_cnn(), torch.randn(1, 3, 8, 8), CPU, runs=0)
 
 
-def test_measure_model_counts_flops_for_one_sample():
+def test_latency_stats_pin_threads_and_give_median_and_spread():
     model = small_cnn()
-    out = measure_model(model, (3, 8, 8), CPU, batch_size=4, warmup=1, runs=3)
-    assert set(out) == {"flops", "params", "size_mb", "latency_ms"}
-    assert out["flops"] == count_flops(model, torch.randn(1, 3, 8, 8))
-    assert out["flops"] * 4 == count_flops(model, torch.randn(4, 3, 8, 8))
-    assert out["params"] == count_params(model)
-    assert out["size_mb"] == size_mb(model)
-    assert out["latency_ms"] > 0
+    before = torch.get_num_threads()
+    out = latency_stats(model, (3, 8, 8), torch.device("cpu"), threads=1, batch_size=2, warmup=1, runs=5)
+    assert set(out) == {"latency_ms", "latency_iqr_ms"} and out["latency_ms"] > 0 and out["latency_iqr_ms"] >= 0
+    assert torch.get_num_threads() == before
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_measure_on_gpu_channels_last():
+def test_latency_on_gpu_channels_last():
     model = small_cnn().cuda().to(memory_format=torch.channels_last)
-    out = measure_model(model, (3, 32, 32), "cuda", batch_size=8, warmup=2, runs=5)
-    assert out["flops"] == count_flops(small_cnn(), torch.randn(1, 3, 32, 32))
+    out = latency_stats(model, (3, 32, 32), torch.device("cuda"), threads=1, batch_size=8, warmup=2, runs=5)
     assert out["latency_ms"] > 0
 
 

@@ -1,5 +1,6 @@
-"""sweep.report on a real MLflow sqlite store filled through sweep.tracking."""
+"""sweep.report on a real MLflow sqlite store filled through sweep.tracking: groups, intervals, paired verdicts."""
 
+import math
 import shutil
 import struct
 import time
@@ -8,58 +9,46 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
+from scipy import stats
 
 from sweep import report, tracking
 from sweep.tracking import TrialRun
 
 EXPERIMENT = "report-test"
-STRATEGIES = ["random", "l1", "taylor", "fpgm"]
-RATIOS = [0.3, 0.5, 0.7]
-QUALITY = {"random": 0.30, "l1": 0.15, "taylor": 0.08, "fpgm": 0.12}  # accuracy lost per unit ratio^2
-BASE = {"accuracy": 0.95, "flops": 2.0e8, "params": 1.1e6, "latency_ms": 4.0}
+STRATEGIES = ["random", "l1", "fpgm"]
+RATIOS = [0.3, 0.6]
+SEEDS = [0, 1, 2]
+BASE = {"test": 0.95, "flops": 2.0e8, "params": 1.1e6}
+# accuracy lost per unit ratio; seed noise is added on top. l1 and fpgm differ by less than the noise.
+QUALITY = {"random": 0.40, "l1": 0.10, "fpgm": 0.11}
+NOISE = {0: -0.01, 1: 0.0, 2: 0.012}
 
 
-def trial(strategy: str, ratio: float, model: str = "resnet20", seed: int = 0) -> dict:
+def trial(strategy: str, ratio: float, seed: int = 0, model: str = "resnet20", arm: str = "finetune",
+          epochs: int = 3) -> dict:
     return {
-        "name": EXPERIMENT,
-        "seed": seed,
-        "model": {"name": model, "weights": None},
+        "name": EXPERIMENT, "seed": seed, "model": {"name": model, "weights": None},
         "dataset": {"name": "cifar10", "root": None},
-        "prune": {"strategy": strategy, "ratio": ratio, "scope": "local", "target": "channels", "schedule": "oneshot",
-                  "steps": 1},
-        "finetune": {"epochs": 3, "lr": 0.01},
-        "fault": {"fail_at_epoch": None},
+        "prune": {"strategy": strategy, "ratio": ratio, "scope": "local", "target": "channels", "arm": arm},
+        "finetune": {"epochs": epochs, "lr": 0.01},
     }
 
 
-def metrics(strategy: str, ratio: float, shift: float = 0.0) -> dict[str, float]:
-    """What a trial reports: accuracy falls with the ratio, FLOPs fall roughly with the square of the kept width."""
-    accuracy = BASE["accuracy"] - QUALITY[strategy] * ratio**2 + shift
-    flops_kept = (1 - ratio) ** 2 * (1.05 if strategy == "random" else 1.0)
-    latency = BASE["latency_ms"] * (0.4 + 0.6 * flops_kept)
+def values(strategy: str, ratio: float, seed: int = 0, shift: float = 0.0) -> dict[str, float]:
+    accuracy = BASE["test"] - QUALITY[strategy] * ratio + NOISE[seed] + shift
+    kept = (1 - ratio) ** 2
     return {
-        "base_accuracy": BASE["accuracy"],
-        "accuracy": accuracy,
-        "accuracy_drop": BASE["accuracy"] - accuracy,
-        "flops": BASE["flops"] * flops_kept,
-        "base_flops": BASE["flops"],
-        "flops_reduction": 1 - flops_kept,
-        "params": BASE["params"] * flops_kept,
-        "params_reduction": 1 - flops_kept,
-        "size_mb": 4 * BASE["params"] * flops_kept / 1e6,
-        "latency_ms": latency,
-        "speedup": BASE["latency_ms"] / latency,
-        "train_time_s": 30 + 10 * ratio + STRATEGIES.index(strategy),
-        "prune_time_s": 0.5 + STRATEGIES.index(strategy),
+        "base_test_accuracy": BASE["test"], "test_accuracy": accuracy, "test_accuracy_drop": BASE["test"] - accuracy,
+        "pruned_test_accuracy": accuracy - 0.3 * ratio, "flops": BASE["flops"] * kept, "macs": BASE["flops"] * kept / 2,
+        "flops_reduction": 1 - kept, "params_reduction": 1 - kept, "channels_removed": ratio,
+        "train_time_s": 30 + 10 * ratio + seed, "speedup": 1 / (0.4 + 0.6 * kept),
     }
 
 
-def log_trial(uri: str, parent: str, cfg: dict, values: dict, status: str = "FINISHED") -> str:
+def log_trial(uri: str, parent: str, cfg: dict, metrics: dict, status: str = "FINISHED") -> str:
     run = TrialRun.open(uri, EXPERIMENT, parent, cfg)
-    for epoch in range(3):
-        val_accuracy = values["accuracy"] - 0.01 * (2 - epoch)
-        run.log_metrics({"train_loss": 1 / (epoch + 1), "val_accuracy": val_accuracy}, step=epoch)
-    run.log_metrics(values)
+    run.log_points([("val_accuracy", epoch, metrics["test_accuracy"]) for epoch in (1, 2, 3)])
+    run.log_points([(name, 0, value) for name, value in metrics.items()])
     if status != "RUNNING":
         run.finish(status)
     return run.run_id
@@ -67,95 +56,108 @@ def log_trial(uri: str, parent: str, cfg: dict, values: dict, status: str = "FIN
 
 @pytest.fixture
 def store(sqlite_uri):
-    """4 strategies x 3 ratios under one parent run; returns (uri, parent run id, {run_id: logged metrics})."""
+    """3 strategies x 2 ratios x 3 seeds under one parent run: (uri, parent run id, {run_id: logged metrics})."""
     uri = sqlite_uri
-    parent = tracking.start_parent_run(uri, EXPERIMENT, "space:\n  strategy: {grid: [random, l1, taylor, fpgm]}\n")
-    MlflowClient(uri).log_metric(parent, "accuracy", 0.99)  # a parent with a metric must still not count as a trial
+    parent = tracking.start_parent_run(uri, EXPERIMENT, "space: {}\n")
+    MlflowClient(uri).log_metric(parent, "test_accuracy", 0.99)  # a parent with a metric is still not a trial
     logged = {}
     for strategy in STRATEGIES:
         for ratio in RATIOS:
-            values = metrics(strategy, ratio)
-            logged[log_trial(uri, parent, trial(strategy, ratio), values)] = values
+            for seed in SEEDS:
+                metrics = values(strategy, ratio, seed)
+                logged[log_trial(uri, parent, trial(strategy, ratio, seed), metrics)] = metrics
     tracking.end_run(uri, parent)
     return uri, parent, logged
 
 
-def test_load_runs_one_row_per_trial(store):
+def test_load_runs_one_row_per_trial_with_every_param(store):
     uri, parent, logged = store
     df = report.load_runs(EXPERIMENT, uri)
-    assert list(df.columns) == report.COLUMNS
-    assert len(df) == 12 and set(df["run_id"]) == set(logged) and parent not in set(df["run_id"])
-    for column in ["ratio", *report.METRIC_COLUMNS]:
-        assert df[column].dtype == np.float64, column
-    assert (df["status"] == "FINISHED").all()
-    assert (df["model"] == "resnet20").all() and (df["dataset"] == "cifar10").all()
+    assert len(df) == 18 and set(df["run_id"]) == set(logged) and parent not in set(df["run_id"])
+    assert {"strategy", "ratio", "seed", "arm", "finetune.epochs", "finetune.lr"} <= set(df.columns)
+    assert df["ratio"].dtype == np.float64 and df["seed"].dtype == np.float64  # numeric params compare as numbers
     for row in df.itertuples():
-        values = logged[row.run_id]
-        for name in report.METRIC_COLUMNS:
-            assert getattr(row, name) == pytest.approx(values[name]), name
-    assert list(df["strategy"]) == sorted(df["strategy"])
-    assert list(df[df["strategy"] == "l1"]["ratio"]) == RATIOS
-    # accuracy falls with the ratio for every strategy, as logged
-    assert (df.groupby("strategy")["accuracy"].apply(lambda s: s.is_monotonic_decreasing)).all()
-    assert report.load_runs(EXPERIMENT, uri, parent_run_id=parent).equals(df)
+        assert row.test_accuracy == pytest.approx(logged[row.run_id]["test_accuracy"])
     assert report.load_runs(EXPERIMENT, uri, parent_run_id="0" * 32).empty
     with pytest.raises(ValueError, match="status 'DONE' is invalid"):
         report.load_runs(EXPERIMENT, uri, status="DONE")
 
 
-def test_unfinished_runs_and_reruns(store):
-    uri, parent, logged = store
-    failed = log_trial(uri, parent, trial("l2", 0.5), metrics("l1", 0.5), status="FAILED")
-    running = log_trial(uri, parent, trial("l2", 0.7), metrics("l1", 0.7), status="RUNNING")
-    time.sleep(0.01)  # the re-run must start at a later millisecond
-    rerun = log_trial(uri, parent, trial("taylor", 0.5), metrics("taylor", 0.5, shift=0.01))
-
+def test_groups_split_on_every_differing_setting_but_the_seed(store):
+    uri, parent, _ = store
+    log_trial(uri, parent, trial("l1", 0.3, 0, epochs=10), values("l1", 0.3, 0, shift=0.05))
+    log_trial(uri, parent, trial("l1", 0.3, 0, arm="scratch"), values("l1", 0.3, 0, shift=0.02))
     df = report.load_runs(EXPERIMENT, uri)
-    assert len(df) == 12 and failed not in set(df["run_id"]) and running not in set(df["run_id"])
-    row = df[(df["strategy"] == "taylor") & (df["ratio"] == 0.5)]
-    assert list(row["run_id"]) == [rerun]  # the newest of the two finished runs of this config
-    assert row["accuracy"].iloc[0] == pytest.approx(metrics("taylor", 0.5)["accuracy"] + 0.01)
+    assert report.settings(df) == ["model", "strategy", "arm", "finetune.epochs", "ratio"]
+    table = report.summary_table(df)
+    assert len(table) == 6 + 2  # the other budget and the other arm are rows of their own, never merged
+    assert sorted(table["n"]) == [1, 1] + [3] * 6
 
-    everything = report.load_runs(EXPERIMENT, uri, status=None)
-    assert {failed, running} <= set(everything["run_id"]) and len(everything) == 14
-    assert set(everything["status"]) == {"FINISHED", "FAILED", "RUNNING"}
+
+def test_intervals_are_t_intervals_over_seeds(store):
+    uri, _, logged = store
+    table = report.summary_table(report.load_runs(EXPERIMENT, uri))
+    row = table[(table["strategy"] == "l1") & (table["ratio"] == 0.6)].iloc[0]
+    accuracies = np.array([values("l1", 0.6, s)["test_accuracy"] for s in SEEDS])
+    half = stats.t.ppf(0.975, 2) * accuracies.std(ddof=1) / math.sqrt(3)
+    assert row["n"] == 3
+    assert row["test_accuracy"] == pytest.approx(accuracies.mean())
+    assert row["test_accuracy_std"] == pytest.approx(accuracies.std(ddof=1))
+    assert row["test_accuracy_ci95"] == pytest.approx(half)
+    assert row["flops_reduction"] == pytest.approx(1 - 0.4**2) and row["channels_removed"] == pytest.approx(0.6)
+    assert report.interval(pd.Series([0.5]))[2] != report.interval(pd.Series([0.5]))[2]  # n = 1: no interval (NaN)
+
+
+def test_paired_verdicts_call_a_difference_inside_the_noise_a_tie(store):
+    uri, _, _ = store
+    df = report.load_runs(EXPERIMENT, uri)
+    pairs = report.paired_table(df, "random")
+    assert set(pairs["strategy"]) == {"l1", "fpgm"} and (pairs["pairs"] == 3).all()
+    l1 = pairs[(pairs["strategy"] == "l1") & (pairs["ratio"] == 0.6)].iloc[0]
+    assert l1["difference"] == pytest.approx((QUALITY["random"] - QUALITY["l1"]) * 0.6)
+    assert l1["verdict"] == "better"  # the seed noise cancels in pairs: a constant difference, a zero-width CI
+    # l1 against fpgm: 0.01 x ratio apart, well inside the seed noise once the seeds are shuffled
+    shuffled = df.copy()
+    fpgm = shuffled["strategy"] == "fpgm"
+    shuffled.loc[fpgm, "test_accuracy"] += np.tile([0.02, -0.03, 0.015], 2)
+    tied = report.paired_table(shuffled, "l1")
+    assert set(tied[tied["strategy"] == "fpgm"]["verdict"]) == {"tied"}
+    lines = report.verdicts(pairs)
+    assert len(lines) == 2 and "l1" in lines[1] and "beat random" in lines[1] and "ratio 0.6" in lines[1]
+    assert "± " in lines[1] and "% FLOPs removed" in lines[1]
+
+
+def test_unfinished_runs_and_reruns(store):
+    uri, parent, _ = store
+    failed = log_trial(uri, parent, trial("l1", 0.9), values("l1", 0.6), status="FAILED")
+    running = log_trial(uri, parent, trial("l1", 0.8), values("l1", 0.6), status="RUNNING")
+    time.sleep(0.01)  # the re-run must start at a later millisecond
+    rerun = log_trial(uri, parent, trial("fpgm", 0.3, 1), values("fpgm", 0.3, 1, shift=0.01))
+    df = report.load_runs(EXPERIMENT, uri)
+    assert len(df) == 18 and not {failed, running} & set(df["run_id"])
+    row = df[(df["strategy"] == "fpgm") & (df["ratio"] == 0.3) & (df["seed"] == 1)]
+    assert list(row["run_id"]) == [rerun]  # the newest of the two finished runs of this config
+    assert set(report.load_runs(EXPERIMENT, uri, status=None)["status"]) == {"FINISHED", "FAILED", "RUNNING"}
+
+
+def test_runs_of_older_releases_load_through_the_legacy_names(sqlite_uri):
+    parent = tracking.start_parent_run(sqlite_uri, EXPERIMENT, "")
+    run = TrialRun.open(sqlite_uri, EXPERIMENT, parent, trial("l1", 0.5))
+    run.log_points([("accuracy", 0, 0.81), ("base_accuracy", 0, 0.9), ("accuracy_drop", 0, 0.09)])
+    run.finish()
+    row = report.load_runs(EXPERIMENT, sqlite_uri).iloc[0]
+    assert (row["test_accuracy"], row["base_test_accuracy"], row["test_accuracy_drop"]) == (0.81, 0.9, 0.09)
 
 
 def test_pareto_front_matches_hand_computed():
     points = {  # name: (flops_reduction, accuracy, on the front?)
-        "a": (0.10, 0.90, True),
-        "b": (0.30, 0.85, True),
-        "c": (0.30, 0.80, False),  # b has the same FLOPs and more accuracy
-        "d": (0.20, 0.85, False),  # b has the same accuracy and fewer FLOPs
-        "e": (0.60, 0.70, True),
-        "f": (0.60, 0.70, True),  # a tie with e: neither beats the other
-        "g": (0.50, 0.60, False),  # e beats it on both
-        "h": (np.nan, 0.99, False),  # unmeasured: never on the front, and beats nobody
+        "a": (0.10, 0.90, True), "b": (0.30, 0.85, True), "c": (0.30, 0.80, False), "d": (0.20, 0.85, False),
+        "e": (0.60, 0.70, True), "f": (0.60, 0.70, True), "g": (0.50, 0.60, False), "h": (np.nan, 0.99, False),
         "i": (0.05, 0.95, True),
     }
-    df = pd.DataFrame({"flops_reduction": [p[0] for p in points.values()], "accuracy": [p[1] for p in points.values()]},
-                      index=list(points))  # fmt: skip
-    mask = report.pareto_front(df)
-    assert mask.dtype == bool and list(mask.index) == list(points)
-    assert mask.to_dict() == {name: p[2] for name, p in points.items()}
-    swapped = report.pareto_front(df.rename(columns={"flops_reduction": "speedup"}), x="speedup")
-    assert swapped.equals(mask)
-
-
-def test_summary_table_best_per_strategy_and_ratio(store):
-    uri, parent, logged = store
-    df = report.load_runs(EXPERIMENT, uri)
-    table = report.summary_table(df)
-    assert len(table) == 12 and (table["trials"] == 1).all()
-    for ratio, sub in table.groupby("ratio"):
-        assert list(sub["strategy"]) == ["taylor", "fpgm", "l1", "random"]  # best first, by the logged quality
-        assert sub["accuracy"].is_monotonic_decreasing
-    # Two seeds of one config: one row, the better run, with the mean fine-tune time.
-    extra = df[(df["strategy"] == "l1") & (df["ratio"] == 0.3)].assign(run_id="x", accuracy=0.99, train_time_s=40.0)
-    table = report.summary_table(pd.concat([df, extra], ignore_index=True))
-    row = table[(table["strategy"] == "l1") & (table["ratio"] == 0.3)].iloc[0]
-    assert row["trials"] == 2 and row["run_id"] == "x" and row["accuracy"] == 0.99
-    assert row["train_time_s"] == pytest.approx((metrics("l1", 0.3)["train_time_s"] + 40.0) / 2)
+    df = pd.DataFrame({"flops_reduction": [p[0] for p in points.values()],
+                       "test_accuracy": [p[1] for p in points.values()]}, index=list(points))
+    assert report.pareto_front(df).to_dict() == {name: p[2] for name, p in points.items()}
 
 
 def png_size(path) -> tuple[int, int]:
@@ -165,65 +167,45 @@ def png_size(path) -> tuple[int, int]:
 
 
 def test_write_report_files_and_parent_artifacts(store, tmp_path):
-    uri, first_parent, logged = store
+    uri, first_parent, _ = store
     newest = tracking.start_parent_run(uri, EXPERIMENT, "relaunch: true\n")
     tracking.end_run(uri, newest)
     paths = report.write_report(EXPERIMENT, uri, out_dir=tmp_path / "reports")
-
-    assert set(paths) == {"trials", "pareto", "levels", "train_time", "summary"}
-    assert all(p.parent == tmp_path / "reports" / EXPERIMENT and p.stat().st_size > 0 for p in paths.values())
-    for name in ("pareto", "levels", "train_time"):
+    assert set(paths) == {"runs", "summary_csv", "paired", "summary", "pareto", "levels", "finetune", "train_time"}
+    for name in ("pareto", "levels", "finetune", "train_time"):
         width, height = png_size(paths[name])
         assert width >= 600 and height >= 400
-
-    df = report.load_runs(EXPERIMENT, uri)
-    pd.testing.assert_frame_equal(pd.read_csv(paths["trials"]), df, check_dtype=False)
-
+    table = pd.read_csv(paths["summary_csv"])
+    assert len(table) == 6 and (table["n"] == 3).all()
     summary = paths["summary"].read_text()
-    assert summary.startswith(f"# Sweep `{EXPERIMENT}`") and "12 finished trials" in summary
-    assert "| strategy | ratio 0.3 | ratio 0.5 | ratio 0.7 |" in summary
-    best = df.loc[df["accuracy"].idxmax()]
-    assert f"{100 * best['accuracy']:.1f}" in summary
-    assert all(s in summary for s in STRATEGIES)
-
+    assert summary.startswith(f"# Sweep `{EXPERIMENT}`") and "18 finished trials in 6 groups" in summary
+    assert "groups differ in: model, strategy, ratio" in summary and "## Paired against `random`" in summary
+    l1 = table[(table["strategy"] == "l1") & (table["ratio"] == 0.6)].iloc[0]
+    assert f"{100 * l1['test_accuracy']:.1f} ± {100 * l1['test_accuracy_ci95']:.1f}" in summary
     client = MlflowClient(uri)
-    logged_files = {a.path for a in client.list_artifacts(newest, "report")}
-    assert logged_files == {f"report/{p.name}" for p in paths.values()}
+    assert {a.path for a in client.list_artifacts(newest, "report")} == {f"report/{p.name}" for p in paths.values()}
     assert client.list_artifacts(first_parent, "report") == []  # only the newest launch gets the report
-    pareto_copy = client.download_artifacts(newest, "report/pareto.png", str(tmp_path))
-    assert open(pareto_copy, "rb").read() == paths["pareto"].read_bytes()
 
 
 def test_write_report_without_trials_is_a_clear_error(tmp_path, template_db):
     shutil.copy(template_db, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    with pytest.raises(ValueError, match="'nope' not found"):
+    with pytest.raises(report.ReportError, match="'nope' not found"):
         report.write_report("nope", uri, out_dir=tmp_path)
     parent = tracking.start_parent_run(uri, EXPERIMENT, "")
-    log_trial(uri, parent, trial("l1", 0.5), metrics("l1", 0.5), status="FAILED")
-    with pytest.raises(ValueError, match="no finished trials"):
+    log_trial(uri, parent, trial("l1", 0.5), values("l1", 0.5), status="FAILED")
+    with pytest.raises(report.ReportError, match="no finished trials"):
         report.write_report(EXPERIMENT, uri, out_dir=tmp_path)
 
 
-def test_plots_with_two_models_and_repeats(store, tmp_path):
-    uri, parent, logged = store
-    for seed in (1, 2):  # repeats with other seeds: error bars in the levels plot
-        for strategy in STRATEGIES:
-            log_trial(uri, parent, trial(strategy, 0.5, seed=seed), metrics(strategy, 0.5, shift=0.004 * seed))
+def test_plots_with_two_models(store, tmp_path):
+    uri, parent, _ = store
     for strategy in ("l1", "fpgm"):
         for ratio in RATIOS:
-            values = metrics(strategy, ratio, shift=-0.05)
-            if (strategy, ratio) == ("fpgm", 0.7):  # e.g. latency not measured: NaN in the table, a dash in summary.md
-                del values["latency_ms"], values["speedup"]
-            log_trial(uri, parent, trial(strategy, ratio, model="vgg11"), values)
-    df = report.load_runs(EXPERIMENT, uri)
-    assert len(df) == 12 + 8 + 6 and set(df["model"]) == {"resnet20", "vgg11"}
-    assert df["latency_ms"].isna().sum() == 1
-    summary = report.summary_markdown(EXPERIMENT, df)
-    assert "## vgg11: best top-1 accuracy" in summary and "| – |" in summary and "nan" not in summary
-
-    one_model = report.plot_levels(df[df["model"] == "vgg11"], tmp_path / "levels1.png")
-    two_models = report.plot_levels(df, tmp_path / "levels2.png")
-    assert png_size(two_models)[0] > 1.8 * png_size(one_model)[0]  # one panel per model
-    assert png_size(report.plot_pareto(df, tmp_path / "pareto2.png"))[0] > 1.8 * png_size(one_model)[0]
-    assert png_size(report.plot_train_time(df, tmp_path / "time.png"))[0] > 0
+            log_trial(uri, parent, trial(strategy, ratio, model="vgg11"), values(strategy, ratio, shift=-0.05))
+    runs = report.load_runs(EXPERIMENT, uri)
+    table = report.summary_table(runs)
+    one = report.plot_levels(runs, table[table["model"] == "vgg11"], tmp_path / "one.png")
+    two = report.plot_levels(runs, table, tmp_path / "two.png")
+    assert png_size(two)[0] > 1.8 * png_size(one)[0]  # one panel per model: accuracies do not share a scale
+    assert "nan" not in report.summary_markdown(EXPERIMENT, runs, table, report.paired_table(runs), "random")

@@ -46,20 +46,20 @@ def _needs_dataset(name: str):
 
 
 def _trial_shape() -> dict:
-    """The fully defaulted trial dict of trial_config.md for the quickstart's first trial."""
+    """The fully defaulted trial dict (sweep.schema.TrialConfig) of the quickstart's first trial."""
     train = {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4, "warmup_epochs": 0.0,
              "label_smoothing": 0.0, "amp": True, "channels_last": True}
     return {
         "name": "quickstart", "seed": 0, "device": "auto",
-        "model": {"name": "small_cnn", "weights": None},
+        "model": {"name": "small_cnn", "weights": None, "factory": None, "kwargs": {}},
         "dataset": {"name": "digits", "root": None, "download": False, "val_fraction": 0.1, "image_size": None,
-                    "limit": None},
+                    "limit": None, "test_limit": None, "factory": None, "kwargs": {}},
         "base": {"epochs": 5, "lr": 0.05, "batch_size": 64, **train},
-        "prune": {"strategy": "random", "ratio": 0.3, "scope": "local", "target": "channels", "schedule": "oneshot",
-                  "steps": 1, "min_channels": 1, "round_to": 1, "ignore": [], "calibration_batches": 4},
+        "prune": {"strategy": "random", "ratio": 0.3, "ratios": {}, "scope": "local", "target": "channels",
+                  "schedule": "oneshot", "steps": 1, "arm": "finetune", "scratch_epochs": None, "min_channels": 1,
+                  "round_to": 1, "ignore": [], "calibration_batches": 4},
         "finetune": {"epochs": 3, "lr": 0.01, "batch_size": 64, **train},
-        "measure": {"batch_size": 1, "warmup": 5, "runs": 30},
-        "fault": {"fail_at_epoch": None},
+        "measure": {"batch_size": 1, "warmup": 5, "runs": 30, "threads": 1},
     }
 
 
@@ -71,8 +71,9 @@ def test_quickstart_is_a_12_trial_grid_of_fully_defaulted_configs(registries):
     assert spec.name == "quickstart" and spec.source_text == QUICKSTART.read_text()
     assert spec.search == {"algorithm": "grid", "num_samples": 1} and spec.num_samples() == 1
     assert spec.scheduler == {"name": "fifo"}
-    assert spec.resources == {"cpu": 1.0, "gpu": 0.0}
-    assert (spec.metric, spec.mode, spec.max_failures, spec.max_concurrent) == ("accuracy", "max", 2, None)
+    assert spec.resources == {"cpu": 1.0, "gpu": 0.0, "memory": None}
+    assert (spec.metric, spec.mode, spec.max_failures, spec.max_concurrent) == ("val_accuracy", "max", 2, None)
+    assert spec.max_trials == 10000 and spec.num_trials() == 12
 
     configs = spec.grid_configs()
     assert len(configs) == 12
@@ -160,11 +161,13 @@ def test_model_sweep_items_may_be_whole_sections_with_their_own_weights(registri
         "space": {"model": {"grid": ["small_cnn", {"name": "resnet20", "weights": "r20.th"}]},
                   "ratio": {"grid": [0.25, 0.5]}},
     }, sort_keys=False))
-    assert spec.trial["model"] == {"name": None, "weights": None}
+    plain = {"factory": None, "kwargs": {}}
+    assert spec.trial["model"] == {"name": None, "weights": None, **plain}
     models = [c["model"] for c in spec.grid_configs()]
     weights = str((tmp_path / "r20.th").resolve())
-    assert models == [{"name": "small_cnn", "weights": None}] * 2 + [{"name": "resnet20", "weights": weights}] * 2
-    assert spec.param_space()["model"]["grid_search"][1] == {"name": "resnet20", "weights": weights}
+    small, r20 = {"name": "small_cnn", "weights": None, **plain}, {"name": "resnet20", "weights": weights, **plain}
+    assert models == [small] * 2 + [r20] * 2
+    assert spec.param_space()["model"]["grid_search"][1] == r20
 
 
 def test_settings_are_normalised_and_a_gpu_request_is_left_to_the_cluster(registries, tmp_path):
@@ -177,7 +180,7 @@ def test_settings_are_normalised_and_a_gpu_request_is_left_to_the_cluster(regist
     }))
     assert spec.trial["base"]["weight_decay"] == 1e-4 and spec.trial["base"]["epochs"] == 2
     assert type(spec.trial["base"]["epochs"]) is int
-    assert spec.resources == {"cpu": 0.5, "gpu": 1.0}  # no GPU here, but a cluster may have one
+    assert spec.resources == {"cpu": 0.5, "gpu": 1.0, "memory": None}  # no GPU here, but a cluster may have one
     assert spec.scheduler == {"name": "asha", "grace_period": 1, "reduction_factor": 2.0, "max_t": None}
     assert spec.max_concurrent == 2 and spec.grid_configs() == [spec.trial]
     for gpu in (0.25, 2):
@@ -296,7 +299,7 @@ MALFORMED = [
     ("fifo-with-grace-period", _spec(scheduler={"name": "fifo", "grace_period": 2}), "scheduler.grace_period",
      "only asha"),
     ("mode-up", _spec(mode="up"), "mode", "choose one of max, min"),
-    ("unknown-metric", _spec(metric="accuarcy"), "metric", "did you mean 'accuracy'"),
+    ("unknown-metric", _spec(metric="val_accuarcy"), "metric", "did you mean 'val_accuracy'"),
     ("max-failures-negative", _spec(max_failures=-1), "max_failures", ">= 0"),
     ("space-not-mapping", _spec(space=["ratio"]), "space", "not a mapping"),
     ("uniform-one-number", _spec(search=RANDOM, space={"ratio": {"uniform": [1]}}), "space.ratio.uniform",
@@ -327,6 +330,49 @@ MALFORMED = [
      "space.model.choice[0]", "optuna chooses only"),
     ("model-item-unknown-key", _spec(space={"model": {"grid": ["small_cnn", {"name": "resnet20", "wieghts": "x"}]}}),
      "space.model.grid[1].wieghts", "did you mean 'weights'"),
+    # new fields, the metric table and the removed test-only section
+    ("arm-unknown", _spec(prune={"arm": "scrach"}), "prune.arm", "did you mean 'scratch'"),
+    ("swept-arm-unknown", _spec(space={"arm": {"grid": ["finetune", "retrain"]}}), "space.arm.grid[1]",
+     "unknown arm 'retrain'"),
+    ("scratch-epochs-zero", _spec(prune={"arm": "scratch", "scratch_epochs": 0}), "prune.scratch_epochs", ">= 1"),
+    ("ratios-not-mapping", _spec(prune={"ratios": ["fc"]}), "prune.ratios", "not a mapping"),
+    ("ratios-entry-one", _spec(prune={"ratios": {"layer1.*": 1.0}}), "prune.ratios",
+     "1.0 for 'layer1.*' is outside [0, 1)"),
+    ("ratios-entry-text", _spec(prune={"ratios": {"fc": "half"}}), "prune.ratios", "'half' for 'fc' is not a number"),
+    ("ratios-with-global", _spec(prune={"ratios": {"fc": 0.5}, "scope": "global"}), "prune.ratios",
+     "prune.scope: global"),
+    ("ratios-with-flops", _spec(prune={"ratios": {"fc": 0.5}, "target": "flops"}), "prune.ratios",
+     "prune.target: flops"),
+    ("ratios-with-swept-global", _spec(prune={"ratios": {"fc": 0.5}}, space={"scope": {"grid": ["local", "global"]}}),
+     "prune.ratios", "use prune.scope: local, or remove prune.ratios"),
+    ("ratio-zero-in-grid", _spec(space={"ratio": {"grid": [0, 0.5]}}), "space.ratio.grid[0]", "0 is outside (0, 1)"),
+    ("test-limit-zero", _spec(dataset={"name": "digits", "test_limit": 0}), "dataset.test_limit", "not >= 1"),
+    ("memory-zero", _spec(resources={"memory": 0}), "resources.memory", "0 is not > 0"),
+    ("memory-text", _spec(resources={"memory": "4GB"}), "resources.memory", "'4GB' is not a number"),
+    ("threads-zero", _spec(measure={"threads": 0}), "measure.threads", "0 is not >= 1"),
+    ("max-trials-zero", _spec(max_trials=0), "max_trials", "0 is not >= 1"),
+    ("grid-above-max-trials", _spec(max_trials=3), "space",
+     "4 trials exceed max_trials (3); shrink the grid or raise max_trials"),
+    ("samples-above-max-trials", _spec(search={"algorithm": "random", "num_samples": 5}, max_trials=10),
+     "search.num_samples", "20 trials exceed max_trials (10)"),
+    ("factory-syntax", _spec(model={"factory": "mypkg.nets.build"}), "model.factory", "package.module:function"),
+    ("factory-and-name", _spec(model={"name": "small_cnn", "factory": "mypkg.nets:build"}), "model.factory",
+     "give one of model.name and model.factory"),
+    ("dataset-factory-and-name", _spec(dataset={"name": "digits", "factory": "mypkg.data:load"}), "dataset.factory",
+     "give one of dataset.name and dataset.factory"),
+    ("kwargs-without-factory", _spec(model={"name": "small_cnn", "kwargs": {"width": 2}}), "model.kwargs",
+     "only a model.factory takes kwargs"),
+    ("factory-with-torchvision-weights", _spec(model={"factory": "a.b:c", "weights": "DEFAULT"}), "model.weights",
+     "a model.factory loads only a local checkpoint"),
+    ("kwargs-not-mapping", _spec(model={"factory": "a.b:c", "kwargs": [1]}), "model.kwargs", "not a mapping"),
+    ("swept-item-factory-and-name", _spec(space={"model": {"grid": ["small_cnn", {"name": "resnet20",
+                                                                                  "factory": "a.b:c"}]}}),
+     "space.model.grid[1].factory", "give one of model.name and model.factory"),
+    ("metric-test", _spec(metric="test_accuracy"), "metric",
+     "not selectable: test metrics are never used for selection; use val_accuracy"),
+    ("metric-legacy", _spec(metric="accuracy"), "metric", "old name of test_accuracy"),
+    ("mode-against-metric", _spec(metric="val_loss", mode="max"), "mode", "use mode: min, or leave mode out"),
+    ("fault-removed", _spec(fault={"fail_at_epoch": 1}), "fault", "unknown key"),
 ]
 NEEDS_NO_REGISTRY = {"bad-yaml", "yaml-tab-indent", "duplicate-yaml-key", "top-level-list", "top-level-text",
                      "empty-file", "only-comments"}
@@ -352,3 +398,125 @@ def test_malformed_spec_gives_one_line_naming_the_field(request, text, field, de
     named = [e for e in errors if e.startswith(f"{field}: ")]
     assert named, f"no error starts with '{field}: ' in {errors}"
     assert detail in named[0] and "; " in named[0], named[0]  # what is wrong; how to fix it
+
+
+# --- new fields, typed access, the grid count, README --------------------------------------------------------------
+
+def test_new_fields_default_and_parse(registries):
+    spec = parse_spec(yaml.safe_dump({
+        "name": "new", "dataset": {"name": "digits", "limit": 100, "test_limit": 50},
+        "model": {"factory": "mypkg.nets:build", "kwargs": {"width": 2, "blocks": [1, 2]}},
+        "prune": {"ratio": 0, "ratios": {"layer1.*": 0.3, "fc": 0}, "arm": "scratch", "scratch_epochs": 7},
+        "measure": {"threads": 2}, "resources": {"memory": 2.5}, "metric": "val_loss", "max_trials": 2,
+        "space": {"arm": {"grid": ["finetune", "scratch"]}},
+    }))
+    # A factory skips the registry: the name stays null and nothing is imported yet.
+    assert spec.trial["model"] == {"name": None, "weights": None, "factory": "mypkg.nets:build",
+                                   "kwargs": {"width": 2, "blocks": [1, 2]}}
+    assert (spec.trial["dataset"]["limit"], spec.trial["dataset"]["test_limit"]) == (100, 50)
+    assert spec.trial["prune"]["ratios"] == {"layer1.*": 0.3, "fc": 0.0} and spec.trial["prune"]["ratio"] == 0.0
+    assert spec.trial["measure"]["threads"] == 2 and spec.resources["memory"] == 2.5
+    assert (spec.metric, spec.mode) == ("val_loss", "min")  # mode follows the metric's direction
+    assert [c["prune"]["arm"] for c in spec.grid_configs()] == ["finetune", "scratch"]
+    assert spec.num_trials() == 2 == spec.max_trials
+    json.dumps(spec.trial)  # plain data: it travels through Ray and is hashed
+
+
+def test_an_empty_section_takes_its_defaults(registries):
+    spec = parse_spec("name: e\nmodel: {name: small_cnn}\ndataset: {name: digits}\nprune:\n  # ratio: 0.3\n")
+    assert spec.trial["prune"]["ratio"] == 0.5
+
+
+def test_yaml_exponents_without_a_dot_are_numbers(registries):
+    spec = parse_spec("name: e\nmodel: {name: small_cnn}\ndataset: {name: digits}\nfinetune: {lr: 1e-3}\n"
+                      "base: {weight_decay: 5E-4}\n")
+    assert spec.trial["finetune"]["lr"] == 1e-3 and spec.trial["base"]["weight_decay"] == 5e-4
+    with pytest.raises(SpecError, match="finetune.lr: '1e-3' is not a number"):
+        parse_spec("name: e\nmodel: {name: small_cnn}\ndataset: {name: digits}\nfinetune: {lr: '1e-3'}\n")
+
+
+def test_a_huge_grid_is_counted_not_built(registries, monkeypatch):
+    import time
+    import tracemalloc
+
+    from sweep import spec as spec_module
+
+    def never(self):
+        raise AssertionError("validation enumerated the grid")
+
+    monkeypatch.setattr(spec_module.SweepSpec, "grid_configs", never)
+    raw = {"name": "huge", "model": {"name": "small_cnn"}, "dataset": {"name": "digits"},
+           "space": {"seed": {"grid": list(range(1000))}, "finetune.lr": {"grid": [(i + 1) / 1e4 for i in range(1000)]}}}
+    spec_module._Builder("").build(copy.deepcopy(raw | {"space": {"seed": 1}}))  # registries imported, caches warm
+    start = time.perf_counter()
+    with pytest.raises(SpecError) as caught:
+        spec_module._Builder("").build(copy.deepcopy(raw))
+    elapsed = time.perf_counter() - start
+    assert caught.value.errors == [
+        "space: 1,000,000 trials exceed max_trials (10,000); shrink the grid or raise max_trials"]
+    assert elapsed < 0.5, f"validating a 1000 x 1000 grid took {elapsed:.2f} s"
+    tracemalloc.start()
+    try:
+        spec = spec_module._Builder("").build(copy.deepcopy(raw | {"max_trials": 10**6}))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert spec.num_trials() == 10**6 and peak < 20e6, f"peak {peak / 1e6:.1f} MB"
+
+
+def test_typed_access_to_a_trial_config(registries):
+    from sweep.spec import TrialConfig, trial_config
+    from sweep.train import TrainConfig
+
+    spec = load_spec(QUICKSTART)
+    config = spec.grid_configs()[0]
+    cfg = trial_config(config)
+    assert isinstance(cfg, TrialConfig) and isinstance(cfg.finetune, TrainConfig)
+    assert (cfg.prune.strategy, cfg.prune.ratio, cfg.finetune.lr, cfg.base.epochs) == ("random", 0.3, 0.01, 5)
+    assert cfg.model_dump() == config  # the dict and the typed view hold the same values
+    assert TrainConfig().model_dump() == TrainConfig.from_dict({}).model_dump() == config["finetune"]
+
+    # Ray Tune hands numpy scalars: accepted and converted to Python types.
+    tuned = copy.deepcopy(config)
+    tuned["seed"], tuned["prune"]["ratio"], tuned["finetune"]["amp"] = np.int64(3), np.float64(0.5), np.bool_(False)
+    cfg = trial_config(tuned)
+    assert (cfg.seed, cfg.prune.ratio, cfg.finetune.amp) == (3, 0.5, False)
+    assert (type(cfg.seed), type(cfg.prune.ratio), type(cfg.finetune.amp)) == (int, float, bool)
+
+    bad = copy.deepcopy(config)
+    bad["prune"].update(schedule="iterative", steps=1, ratio=1.5)
+    bad["finetune"]["lrr"] = 0.1
+    with pytest.raises(SpecError) as caught:
+        trial_config(bad)
+    assert caught.value.errors[0] == "prune.ratio: 1.5 is outside (0, 1); use a fraction such as 0.5"
+    assert caught.value.errors[1].startswith("finetune.lrr: unknown key; did you mean 'lr'?")
+    bad["prune"]["ratio"] = 0.5
+    del bad["finetune"]["lrr"]
+    with pytest.raises(SpecError, match=r"^prune.steps: an iterative schedule needs steps >= 2"):
+        trial_config(bad)  # rules across fields hold for one trial too
+    with pytest.raises(SpecError, match="finetune.epochs: -1 is not >= 0"):
+        TrainConfig.from_dict({"epochs": -1}, where="finetune")
+
+
+def _between(text: str, name: str) -> str:
+    begin, end = f"<!-- {name}:begin -->\n", f"<!-- {name}:end -->"
+    assert text.count(begin) == 1 and text.count(end) == 1, f"README.md needs one {begin.strip()} ... {end}"
+    return text.split(begin)[1].split(end)[0]
+
+
+def test_readme_tables_are_generated_from_the_schema_and_the_metric_table():
+    from sweep.names import METRICS, PARAMS
+    from sweep.spec import metrics_markdown, reference_markdown
+
+    readme = (QUICKSTART.parents[1] / "README.md").read_text(encoding="utf-8")
+    fix = "README.md is out of date: regenerate its tables with `python -m sweep.schema README.md`"
+    assert _between(readme, "schema") == reference_markdown(), fix
+    assert _between(readme, "metrics") == metrics_markdown(), fix
+    table = reference_markdown()
+    for path in ("prune.arm", "prune.scratch_epochs", "prune.ratios", "dataset.test_limit", "resources.memory",
+                 "max_trials", "measure.threads", "model.factory", "dataset.kwargs"):
+        assert f"| `{path}` |" in table, path
+    assert "`fault" not in table and all(f"`{short}`" in table for short in PARAMS)
+    assert all(f"| `{name}` |" in metrics_markdown() for name in METRICS)
+    comparing = readme.split("## Comparing results")[1]
+    assert "<!-- metrics:begin -->" in comparing.split("\n## ")[0]

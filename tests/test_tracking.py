@@ -11,6 +11,7 @@ import sqlalchemy
 from mlflow.tracking import MlflowClient
 
 from sweep import tracking
+from sweep.names import PARAMS
 from sweep.tracking import TrialRun
 
 EXPERIMENT = "tracking-test"
@@ -24,10 +25,9 @@ TRIAL = {
                 "limit": None},
     "base": {"epochs": 5, "lr": 0.05, "batch_size": 64, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4},
     "prune": {"strategy": "l1", "ratio": 0.5, "scope": "local", "target": "channels", "schedule": "oneshot", "steps": 1,
-              "min_channels": 1, "round_to": 1, "ignore": [], "calibration_batches": 4},
+              "min_channels": 1, "round_to": 1, "ignore": [], "calibration_batches": 4, "arm": "finetune"},
     "finetune": {"epochs": 3, "lr": 0.01, "batch_size": 64, "optimizer": "sgd"},
     "measure": {"batch_size": 1, "warmup": 5, "runs": 30},
-    "fault": {"fail_at_epoch": None},
 }
 
 
@@ -54,15 +54,12 @@ def test_resolve_tracking_uri_order(tmp_path, monkeypatch):
     assert tracking.resolve_tracking_uri("sqlite:////abs/x.db") == "sqlite:////abs/x.db"
 
 
-def test_config_hash_ignores_fault_and_key_order():
+def test_config_hash_ignores_key_order():
     reordered = {key: TRIAL[key] for key in reversed(list(TRIAL))}
     reordered["prune"] = {key: TRIAL["prune"][key] for key in reversed(list(TRIAL["prune"]))}
-    faulty = copy.deepcopy(TRIAL)
-    faulty["fault"]["fail_at_epoch"] = 1
     h = tracking.config_hash(TRIAL)
     assert re.fullmatch(r"[0-9a-f]{16}", h)
     assert tracking.config_hash(reordered) == h
-    assert tracking.config_hash(faulty) == h
     assert tracking.config_hash(trial(ratio=0.6)) != h
     assert tracking.config_hash(trial(scope="global")) != h
 
@@ -70,18 +67,14 @@ def test_config_hash_ignores_fault_and_key_order():
 def test_flat_params_names_and_values():
     cfg = trial(ignore=["x" * 600])
     params = tracking.flat_params(cfg)
-    assert list(params)[:10] == list(tracking.USER_PARAMS)
-    assert list(tracking.USER_PARAMS) == [
-        "model", "weights", "dataset", "strategy", "ratio", "target", "scope", "schedule", "steps", "seed"
-    ]  # fmt: skip
+    assert list(params)[:11] == list(PARAMS)  # the names users filter on come first
     assert params["model"] == "small_cnn" and params["weights"] == "None" and params["ratio"] == "0.5"
     assert params["finetune.lr"] == "0.01" and params["base.weight_decay"] == "0.0005"
     assert params["dataset.val_fraction"] == "0.1" and params["dataset.limit"] == "None"
     assert all(isinstance(v, str) and len(v) <= 500 for v in params.values())
     assert params["prune.ignore"].startswith('["xxx')
-    # No duplicates of the short names, no test-only or experiment-level keys.
-    assert "prune.strategy" not in params and "model.name" not in params
-    assert not any(k.startswith("fault") for k in params) and "name" not in params
+    # No duplicates of the short names, no experiment-level keys.
+    assert "prune.strategy" not in params and "model.name" not in params and "name" not in params
 
 
 def test_code_version_is_a_commit_or_none():
@@ -121,22 +114,29 @@ def test_parent_and_child_runs(uri, monkeypatch):
 def test_metrics_and_artifacts(uri, tmp_path):
     client = MlflowClient(uri)
     run = TrialRun.open(uri, EXPERIMENT, None, TRIAL)
-    for epoch in range(3):
-        run.log_metrics({"train_loss": 1.0 / (epoch + 1), "val_accuracy": 0.5 + 0.1 * epoch}, step=epoch)
-    run.log_metrics({"accuracy": 0.8, "flops": 12345, "top5": None})
+    points = [(name, epoch, value) for epoch in range(3)
+              for name, value in (("train_loss", 1.0 / (epoch + 1)), ("val_accuracy", 0.5 + 0.1 * epoch))]
+    run.log_points(points[:4])
+    run.log_points(points)  # what is already there is not sent again
+    run.log_points([("test_accuracy", 0, 0.8), ("flops", 0, 12345)])
     csv = tmp_path / "channels.csv"
     csv.write_text("layer,before,after\nconv1,16,8\n")
     run.log_artifact(csv)
-    run.log_dict_json({"plan": {"conv1": [0, 2]}}, "checkpoint/plan.json")
-    run.finish()
+    run.log_artifact(csv, "checkpoint")
+    run.set_tags({"prune.warnings": "clamped"})
+
+    # A retry opens the same run and knows every point it holds: logging them all again adds nothing.
+    again = TrialRun.open(uri, EXPERIMENT, None, TRIAL, run.run_id)
+    assert again.present == {(n, s) for n, s, _ in points} | {("test_accuracy", 0), ("flops", 0)}
+    again.log_points([*points, ("val_accuracy", 3, 0.9)])
+    again.finish()
 
     history = client.get_metric_history(run.run_id, "val_accuracy")
-    assert [(m.step, round(m.value, 6)) for m in history] == [(0, 0.5), (1, 0.6), (2, 0.7)]
+    assert [(m.step, round(m.value, 6)) for m in history] == [(0, 0.5), (1, 0.6), (2, 0.7), (3, 0.9)]
     data = client.get_run(run.run_id).data
-    assert data.metrics["accuracy"] == 0.8 and data.metrics["flops"] == 12345.0 and "top5" not in data.metrics
+    assert data.metrics["test_accuracy"] == 0.8 and data.metrics["flops"] == 12345.0
+    assert data.tags["prune.warnings"] == "clamped"
     assert {a.path for a in client.list_artifacts(run.run_id)} == {"channels.csv", "checkpoint"}
-    plan = client.download_artifacts(run.run_id, "checkpoint/plan.json")
-    assert open(plan).read().replace(" ", "").replace("\n", "") == '{"plan":{"conv1":[0,2]}}'
     # Artifacts live beside the sqlite file, not in the process's working directory.
     assert (tmp_path / "mlruns").is_dir()
 
@@ -145,8 +145,7 @@ def test_resume_continues_the_same_run(uri):
     client = MlflowClient(uri)
     parent = tracking.start_parent_run(uri, EXPERIMENT, "")
     first = TrialRun.open(uri, EXPERIMENT, parent, TRIAL)
-    first.log_metrics({"val_accuracy": 0.5}, step=0)
-    first.log_metrics({"val_accuracy": 0.6}, step=1)
+    first.log_points([("val_accuracy", 0, 0.5), ("val_accuracy", 1, 0.6)])
     first.finish("FAILED")  # the worker died; Ray retries the trial
 
     h = tracking.config_hash(TRIAL)
@@ -158,7 +157,7 @@ def test_resume_continues_the_same_run(uri):
     again = TrialRun.open(uri, EXPERIMENT, parent, TRIAL, run_id=first.run_id)
     assert again.run_id == first.run_id
     assert client.get_run(first.run_id).info.status == "RUNNING"
-    again.log_metrics({"val_accuracy": 0.7}, step=2)
+    again.log_points([("val_accuracy", 2, 0.7)])
     again.finish()
 
     experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
@@ -237,7 +236,7 @@ def _log_steps(uri: str, parent: str, index: int, barrier) -> None:
     run = TrialRun.open(uri, EXPERIMENT, parent, trial(ratio=round(0.1 + 0.1 * index, 1)))
     barrier.wait()  # all writers hit the sqlite file at the same moment
     for step in range(STEPS):
-        run.log_metrics({"train_loss": 1.0 / (step + 1), "val_accuracy": step / STEPS}, step=step)
+        run.log_points([("train_loss", step, 1.0 / (step + 1)), ("val_accuracy", step, step / STEPS)])
     run.finish()
 
 

@@ -1,20 +1,25 @@
-"""One trial end to end, standalone (no Ray): real data, real training, a real MLflow store."""
+"""One trial end to end, standalone (no Ray): real data, real training, a real MLflow store.
+
+Every test builds what it needs from the module's fixtures, so each passes alone and in any order.
+"""
 
 import dataclasses
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from sweep import tracking
+from sweep.base import base_key
 from sweep.data import batches, load_dataset
 from sweep.models import build_model
+from sweep.names import METRICS
 from sweep.pruning import load_pruned
 from sweep.spec import parse_spec
 from sweep.train import evaluate
-from sweep.base import base_key
-from sweep.trial import InjectedFault, SweepContext, run_trial
+from sweep.trial import SweepContext, run_trial, selection_view
 
 SPACE = """
 name: trialtest
@@ -28,15 +33,15 @@ space:
   ratio: 0.5
 """
 
-PARAMS = ["model", "weights", "dataset", "strategy", "ratio", "target", "scope", "schedule", "seed",
+PARAMS = ["model", "weights", "dataset", "strategy", "ratio", "target", "scope", "schedule", "arm", "seed",
           "base.lr", "finetune.epochs", "finetune.lr"]
-METRICS = ["base_accuracy", "accuracy", "accuracy_drop", "flops", "base_flops", "flops_reduction", "params",
-           "params_reduction", "size_mb", "latency_ms", "speedup", "prune_time_s", "train_time_s",
-           "base_train_time_s"]
+# Everything a trial records itself; latency comes later, from the sweep's measurement phase.
+TRIAL_METRICS = [name for name in METRICS if name not in ("latency_ms", "latency_iqr_ms", "base_latency_ms",
+                                                          "speedup", "epoch", "test_top5")]
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("trial")
     uri = tracking.resolve_tracking_uri(f"sqlite:///{root}/mlflow.db")
     tracking.init_store(uri)
@@ -49,6 +54,10 @@ def configs():
     return parse_spec(SPACE).grid_configs()
 
 
+def _with(config: dict, **prune) -> dict:
+    return {**config, "prune": {**config["prune"], **prune}}
+
+
 @pytest.fixture(scope="module")
 def l1_trial(store, configs):
     reports = []
@@ -56,101 +65,151 @@ def l1_trial(store, configs):
     return final, reports
 
 
-def _child(store, strategy):
-    runs = tracking.child_runs(MlflowClient(store.tracking_uri), store.experiment,
-                               f"params.strategy = '{strategy}'")
-    assert len(runs) == 1
-    return runs[0]
+def _runs(store, config):
+    return tracking.child_runs(MlflowClient(store.tracking_uri), store.experiment,
+                               f"tags.config_hash = '{tracking.config_hash(config)}'")
 
 
-def test_trial_records_everything(store, l1_trial):
-    final, reports = l1_trial
-    run = _child(store, "l1")
+def _history(store, run_id, metric):
+    return [(m.step, m.value) for m in MlflowClient(store.tracking_uri).get_metric_history(run_id, metric)]
+
+
+def test_trial_records_every_metric_once(store, configs, l1_trial):
+    final, _ = l1_trial
+    [run] = _runs(store, configs[0])
     assert run.info.status == "FINISHED"
-    assert run.data.tags["mlflow.parentRunId"] == store.parent_run_id
-    assert run.data.tags["base_cache"] == "miss"
+    assert run.data.tags["mlflow.parentRunId"] == store.parent_run_id and run.data.tags["base_cache"] == "miss"
     for name in PARAMS:
         assert name in run.data.params, name
-    assert run.data.params["strategy"] == "l1" and float(run.data.params["ratio"]) == 0.5
-    for name in METRICS:
-        assert name in run.data.metrics, name
+    assert run.data.params["strategy"] == "l1" and run.data.params["arm"] == "finetune"
     m = run.data.metrics
-    assert m["flops"] < m["base_flops"] and 0 < m["flops_reduction"] < 1
+    assert sorted(TRIAL_METRICS) == sorted(k for k in m if k in TRIAL_METRICS)
+    assert m["flops"] < m["base_flops"] and m["macs"] * 2 == m["flops"] and 0 < m["flops_reduction"] < 1
+    assert m["channels_removed"] == pytest.approx(0.5, abs=0.02)  # local scope: half of every layer
     assert m["params"] < m["base_params"]
-    assert 0 <= m["accuracy"] <= 1 and 0.5 < m["base_accuracy"] <= 1  # digits are easy
-    assert m["accuracy_drop"] == pytest.approx(m["base_accuracy"] - m["accuracy"])
-    client = MlflowClient(store.tracking_uri)
-    history = client.get_metric_history(run.info.run_id, "val_accuracy")
-    assert [h.step for h in history] == [1, 2]
-    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 2
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"checkpoint", "channels.csv", "channels.png"} <= artifacts
-    # one report per fine-tune epoch (with a checkpoint), then the final one
-    assert [r[0]["epoch"] for r in reports] == [1, 2, 2]
+    assert 0.5 < m["base_test_accuracy"] <= 1 and 0.5 < m["base_val_accuracy"] <= 1  # digits are easy
+    assert m["test_accuracy_drop"] == pytest.approx(m["base_test_accuracy"] - m["test_accuracy"])
+    assert m["pruned_test_accuracy"] < m["base_test_accuracy"]  # pruning hurts before the fine-tune mends it
+    for name in ("val_accuracy", "val_loss", "train_loss"):
+        assert [s for s, _ in _history(store, run.info.run_id, name)] == [1, 2], name
+    for name in ("test_accuracy", "pruned_val_accuracy", "pruned_test_accuracy", "flops"):
+        assert len(_history(store, run.info.run_id, name)) == 1, name
+    artifacts = {a.path for a in MlflowClient(store.tracking_uri).list_artifacts(run.info.run_id)}
+    assert {"checkpoint", "channels.csv"} <= artifacts
+    assert final["test_accuracy"] == m["test_accuracy"]
+
+
+def test_tune_never_sees_a_test_metric(l1_trial):
+    _, reports = l1_trial
+    assert [r[0]["epoch"] for r in reports] == [1, 2, 2]  # one report per epoch with a checkpoint, then the end
     assert all(ckpt is not None for _, ckpt in reports[:2]) and reports[-1][1] is None
-    assert reports[-1][0]["accuracy"] == final["accuracy"] == m["accuracy"]
+    seen = {name for metrics, _ in reports for name in metrics}
+    assert "val_accuracy" in seen and not {n for n in seen if n.startswith(("test_", "pruned_test", "base_test"))}
+    assert selection_view({"test_accuracy": 1.0, "val_accuracy": 0.5, "custom": 2}) == {"val_accuracy": 0.5,
+                                                                                       "custom": 2}
 
 
 def test_logged_checkpoint_reproduces_logged_accuracy(store, configs, l1_trial, tmp_path):
-    run = _child(store, "l1")
+    [run] = _runs(store, configs[0])
     local = MlflowClient(store.tracking_uri).download_artifacts(run.info.run_id, "checkpoint/pruned.pt", str(tmp_path))
-    config = configs[0]
-    splits = load_dataset("digits", seed=config["seed"])
-    base = build_model("small_cnn", splits.num_classes, None, splits.in_channels)
-    model, plan = load_pruned(local, base)
+    splits = load_dataset("digits", seed=configs[0]["seed"])
+    model, plan = load_pruned(local, build_model("small_cnn", splits.num_classes, None, splits.in_channels))
     test = evaluate(model, batches(splits.test, 64, False, "cpu"), "cpu", splits.num_classes)
-    assert test["accuracy"] == run.data.metrics["accuracy"]
-    assert plan.info["strategy"] == "l1"
+    assert test["accuracy"] == run.data.metrics["test_accuracy"]
+    assert plan.info["strategy"] == "l1" and plan.info["arch"]["num_classes"] == 10
 
 
 def test_second_trial_shares_the_base(store, configs, l1_trial):
     run_trial(configs[1], store, report=lambda m, c: None)  # taylor: needs calibration batches too
-    run = _child(store, "taylor")
+    [run] = _runs(store, configs[1])
     assert run.data.tags["base_cache"] == "hit"
-    assert run.data.metrics["base_accuracy"] == _child(store, "l1").data.metrics["base_accuracy"]
-    bases = list(Path(store.cache_dir).glob("*/base.pt"))
-    assert [p.parent.name for p in bases] == [base_key(configs[1])]
+    [first] = _runs(store, configs[0])
+    assert run.data.metrics["base_test_accuracy"] == first.data.metrics["base_test_accuracy"]
+    assert [p.parent.name for p in Path(store.cache_dir).glob("*/base.pt")] == [base_key(configs[1])]
 
 
 def test_finished_config_is_not_rerun(store, configs, l1_trial):
     again = run_trial(configs[0], store, report=lambda m, c: None)
-    assert again["skipped"] == 1.0
-    assert again["accuracy"] == l1_trial[0]["accuracy"]
-    _child(store, "l1")  # still exactly one run
-
-
-def test_iterative_flops_trial(store, configs):
-    config = {**configs[2], "prune": {**configs[2]["prune"], "schedule": "iterative", "steps": 2,
-                                      "target": "flops", "strategy": "fpgm"}}
-    final = run_trial(config, store, report=lambda m, c: None)
-    assert final["flops_reduction"] == pytest.approx(0.5, abs=0.05)
-
-
-def test_failed_trial_resumes_from_its_checkpoint_in_the_same_run(store, configs, tmp_path):
-    config = {**configs[2], "fault": {"fail_at_epoch": 2}}
-    saved = []
-
-    def keep_checkpoints(metrics, ckpt):
-        if ckpt is not None:  # the directory is temporary: copy it as Ray Tune would persist it
-            saved.append(shutil.copytree(ckpt, tmp_path / f"ckpt{len(saved)}"))
-
-    with pytest.raises(InjectedFault):
-        run_trial(config, store, report=keep_checkpoints)
-    run = _child(store, "random")
-    assert run.info.status == "FAILED"
-    client = MlflowClient(store.tracking_uri)
-    assert [h.step for h in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1]
-
-    final = run_trial(config, store, report=lambda m, c: None, checkpoint_dir=str(saved[-1]))
-    run = _child(store, "random")  # the same run, continued: no duplicate
-    assert run.info.status == "FINISHED"
-    assert [h.step for h in client.get_metric_history(run.info.run_id, "val_accuracy")] == [1, 2]
-    assert run.data.metrics["accuracy"] == final["accuracy"]
+    assert again["skipped"] == 1.0 and again["test_accuracy"] == l1_trial[0]["test_accuracy"]
+    assert len(_runs(store, configs[0])) == 1
 
 
 def test_rerun_runs_a_finished_config_again(store, configs, l1_trial):
     """`sweep run --force`: a finished config gets a second, new run."""
     again = run_trial(configs[0], dataclasses.replace(store, rerun=True), report=lambda m, c: None)
     assert "skipped" not in again
-    runs = tracking.child_runs(MlflowClient(store.tracking_uri), store.experiment, "params.strategy = 'l1'")
+    runs = _runs(store, configs[0])
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_iterative_flops_trial_records_accuracy_after_each_step(store, configs):
+    config = _with(configs[2], schedule="iterative", steps=2, target="flops", strategy="fpgm")
+    final = run_trial(config, store, report=lambda m, c: None)
+    assert final["flops_reduction"] == pytest.approx(0.5, abs=0.05)
+    [run] = _runs(store, config)
+    steps = _history(store, run.info.run_id, "pruned_val_accuracy")
+    assert [s for s, _ in steps] == [1, 2] and run.data.metrics["pruned_val_accuracy"] == steps[-1][1]
+
+
+def test_scratch_arm_trains_the_pruned_architecture_from_new_weights(store, configs, tmp_path):
+    finetune, scratch = _with(configs[0], ratio=0.3), _with(configs[0], ratio=0.3, arm="scratch")
+    run_trial(finetune, store, report=lambda m, c: None)
+    run_trial(scratch, store, report=lambda m, c: None)
+    [ft_run], [sc_run] = _runs(store, finetune), _runs(store, scratch)
+    # the same architecture (same pruned channels), trained for the base's 2 epochs at the base's settings
+    assert sc_run.data.metrics["params"] == ft_run.data.metrics["params"]
+    assert sc_run.data.metrics["pruned_test_accuracy"] == ft_run.data.metrics["pruned_test_accuracy"]
+    assert [s for s, _ in _history(store, sc_run.info.run_id, "val_accuracy")] == [1, 2]
+    client = MlflowClient(store.tracking_uri)
+    weights = [torch.load(client.download_artifacts(r.info.run_id, "checkpoint/pruned.pt", str(tmp_path / r.info.run_id)),
+                          weights_only=True)["state_dict"] for r in (ft_run, sc_run)]
+    assert weights[0].keys() == weights[1].keys()
+    assert not torch.equal(weights[0]["features.0.weight"], weights[1]["features.0.weight"])
+
+
+class FailOnce:
+    """Raises in one epoch of a config's first attempt (a crash mid fine-tune), for the retry to recover from."""
+
+    def __init__(self, epoch: int, marker_dir: Path):
+        self.epoch, self.marker_dir = epoch, marker_dir
+
+    def __call__(self, config: dict, epoch: int) -> None:
+        marker = self.marker_dir / tracking.config_hash(config)
+        if epoch == self.epoch and not marker.exists():
+            marker.touch()
+            raise RuntimeError(f"injected failure in epoch {epoch}")
+
+
+def _keep_checkpoints(saved: list, folder: Path):
+    def report(metrics, ckpt):
+        if ckpt is not None:  # the directory is temporary: copy it as Ray Tune would persist it
+            saved.append(shutil.copytree(ckpt, folder / f"ckpt{len(saved)}"))
+    return report
+
+
+def test_failed_trial_resumes_in_the_same_run_bit_identical(store, configs, tmp_path):
+    config = _with(configs[2], ratio=0.4)
+    failing = dataclasses.replace(store, on_epoch=FailOnce(2, tmp_path))
+    saved = []
+    with pytest.raises(RuntimeError, match="injected"):
+        run_trial(config, failing, report=_keep_checkpoints(saved, tmp_path))
+    [run] = _runs(store, config)
+    assert run.info.status == "FAILED"
+    assert [s for s, _ in _history(store, run.info.run_id, "val_accuracy")] == [1]
+
+    resumed = run_trial(config, failing, report=lambda m, c: None, checkpoint_dir=str(saved[-1]))
+    [run] = _runs(store, config)  # the same run, continued: no duplicate
+    assert run.info.status == "FINISHED"
+    for name in ("val_accuracy", "train_loss", "pruned_val_accuracy", "test_accuracy", "flops"):
+        steps = [s for s, _ in _history(store, run.info.run_id, name)]
+        assert steps == sorted(set(steps)), f"{name} logged twice: {steps}"
+
+    # An uninterrupted run of the same config (--force) ends with the same weights and metrics, bit for bit.
+    whole = run_trial(config, dataclasses.replace(store, rerun=True), report=_keep_checkpoints(saved, tmp_path / "w"))
+    assert whole["test_accuracy"] == resumed["test_accuracy"] and whole["val_loss"] == resumed["val_loss"]
+    runs = sorted(_runs(store, config), key=lambda r: r.info.start_time)
+    assert _history(store, runs[0].info.run_id, "val_loss") == _history(store, runs[1].info.run_id, "val_loss")
+    client = MlflowClient(store.tracking_uri)
+    states = [torch.load(client.download_artifacts(r.info.run_id, "checkpoint/pruned.pt", str(tmp_path / r.info.run_id)),
+                         weights_only=True)["state_dict"] for r in runs]
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from mlflow.entities import Param
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from torch import nn
 
 from .. import tracking
 from ..base import ensure_base, example_input, load_base
-from ..data import batches, load_dataset
+from ..data import batches
 from ..spec import SweepSpec
 from ..train import evaluate, pick_device, seed_everything
 
@@ -57,13 +57,11 @@ def prepare(spec: SweepSpec, storage: str | None = None, max_batches: int | None
             calibration: bool = True) -> Setup:
     """Load the spec's dataset, and train (or find) its shared base under ``<storage>/<name>/bases``."""
     from ..orchestrate import cache_dir, resolve_storage
+    from ..trial import _load_splits  # the data exactly as a trial of this spec loads it
 
     config = spec.trial
     seed_everything(config["seed"])
-    data = config["dataset"]
-    splits = load_dataset(data["name"], root=data["root"], download=data["download"],
-                          val_fraction=data["val_fraction"], seed=config["seed"], image_size=data["image_size"],
-                          limit=data["limit"])
+    splits = _load_splits(config)
     device = pick_device(config["device"])
     path, cached = ensure_base(config, cache_dir(resolve_storage(storage), spec.name), splits, device)
     model, info = load_base(config, path, splits)
@@ -108,8 +106,32 @@ def start_parent(uri: str, experiment: str, spec_text: str, kind: str, params: d
     return run_id
 
 
+class ChildRun:
+    """One layer's MLflow child run (written from a Ray task)."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client, self.run_id = client, run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        """All of one step's metrics in one request (one sqlite write)."""
+        ts = tracking._now_ms()
+        batch = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        if batch:
+            tracking.with_retry(self.client.log_batch, self.run_id, metrics=batch)
+
+    def log_artifact(self, path: str | Path) -> None:
+        tracking.with_retry(self.client.log_artifact, self.run_id, str(path))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        tracking.with_retry(self.client.set_terminated, self.run_id, status=status)
+
+
+def log_parent_metrics(uri: str, run_id: str, metrics: dict[str, float]) -> None:
+    ChildRun(MlflowClient(uri), run_id).log_metrics(metrics)
+
+
 def open_child(uri: str, experiment: str, parent_run_id: str, kind: str, run_name: str,
-               params: dict[str, Any]) -> tracking.TrialRun:
+               params: dict[str, Any]) -> ChildRun:
     """A child run of one layer. It has no `config_hash` tag: the pruning report and the incremental grid of
     `sweep run` never mistake it for a trial."""
     client = MlflowClient(uri)
@@ -120,7 +142,7 @@ def open_child(uri: str, experiment: str, parent_run_id: str, kind: str, run_nam
     batch = [Param(k, tracking._param_value(v)) for k, v in params.items()]
     for i in range(0, len(batch), 100):
         tracking.with_retry(client.log_batch, run.info.run_id, params=batch[i:i + 100])
-    return tracking.TrialRun(client, run.info.run_id)
+    return ChildRun(client, run.info.run_id)
 
 
 def experiment_name(spec: SweepSpec, kind: str, experiment: str | None = None) -> str:

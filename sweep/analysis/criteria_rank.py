@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from torch import nn
 
 from .. import tracking
+from ..errors import InputError
 from ..pruning import NEEDS_CALIBRATION, STRATEGIES, ChannelGraph, analyse
 from ..train import evaluate, pick_device
 from .common import (
@@ -37,6 +37,7 @@ from .common import (
     base_metrics,
     experiment_name,
     in_task,
+    log_parent_metrics,
     open_child,
     prepare,
     spec_text,
@@ -152,14 +153,14 @@ def _pick(groups: list[LayerGroup], layers: int | Sequence[str] | None) -> list[
         return groups
     if isinstance(layers, int):
         if layers < 1:
-            raise ValueError(f"--layers: {layers} is less than 1; give a count or layer names")
+            raise InputError(f"--layers: {layers} is less than 1; give a count or layer names")
         if layers >= len(groups):
             return groups
         return [groups[int(i)] for i in np.unique(np.linspace(0, len(groups) - 1, layers).round())]
     names = {g.name: g for g in groups}
     missing = [n for n in layers if n not in names]
     if missing:
-        raise ValueError(f"--layers: {missing} are not layer groups; choose from {', '.join(names)}")
+        raise InputError(f"--layers: {missing} are not layer groups; choose from {', '.join(names)}")
     return [names[n] for n in layers]
 
 
@@ -223,7 +224,7 @@ def run_criteria(spec, strategies: Sequence[str] | None = None, layers: int | Se
     strategies = list(strategies or STRATEGIES)
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
-        raise ValueError(f"--strategies: unknown {unknown}; choose from {', '.join(STRATEGIES)}")
+        raise InputError(f"--strategies: unknown {unknown}; choose from {', '.join(STRATEGIES)}")
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.init_store(uri)
     setup: Setup = prepare(spec, storage, max_batches,
@@ -240,9 +241,7 @@ def run_criteria(spec, strategies: Sequence[str] | None = None, layers: int | Se
         "strategies": ",".join(scores), "layers": len(chosen), "layer_groups": len(groups), "spec": spec.name,
         "oracle": "loss change on held-out batches when the unit's channel is zeroed at every consumer",
     })
-    client = MlflowClient(uri)
-    tracking.with_retry(client.log_batch, parent, metrics=[
-        Metric(k, float(v), tracking._now_ms(), 0) for k, v in base.items()])
+    log_parent_metrics(uri, parent, base)
     started = start_ray(address)
     try:
         job = ray.put({
@@ -267,10 +266,9 @@ def run_criteria(spec, strategies: Sequence[str] | None = None, layers: int | Se
             values = [r["metrics"][key] for r in results if not np.isnan(r["metrics"][key])]
             if values:
                 means[f"mean_{key}"] = float(np.mean(values))
-    tracking.with_retry(client.log_batch, parent, metrics=[
-        Metric(k, v, tracking._now_ms(), 0) for k, v in {**means, "wall_time_s": seconds}.items()])
+    log_parent_metrics(uri, parent, {**means, "wall_time_s": seconds})
     with _tmp_csv(units, "oracle_units.csv") as path:
-        tracking.with_retry(client.log_artifact, parent, str(path))
+        tracking.with_retry(MlflowClient(uri).log_artifact, parent, str(path))
     paths, table = write_criteria_report(name, uri, out_dir, parent)
     tracking.end_run(uri, parent, "FINISHED")
     return CriteriaOutcome(name, parent, table, units, paths, seconds)

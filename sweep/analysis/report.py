@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
 from .. import tracking
+from ..errors import InputError
 from .common import KIND_TAG, KINDS
 
 SENSITIVITY_METRICS = {"val_accuracy": "accuracy", "val_loss": "loss", "ratio": "ratio", "removed": "removed",
@@ -159,7 +160,7 @@ def write_sensitivity_report(experiment: str, uri: str, out_dir: str | Path, par
 
     table, info = load_sensitivity(uri, parent_run_id)
     if table.empty:
-        raise ValueError(f"sensitivity run {parent_run_id} of {experiment!r} has no finished layers")
+        raise InputError(f"sensitivity run {parent_run_id} of {experiment!r} has no finished layers")
     tolerance = float(info.get("tolerance", 0.01)) if tolerance is None else tolerance
     info["tolerance"] = tolerance
     out = Path(out_dir) / tracking.safe_name(experiment)
@@ -275,7 +276,7 @@ def write_criteria_report(experiment: str, uri: str, out_dir: str | Path, parent
                           log_to_parent: bool = True) -> tuple[dict[str, Path], pd.DataFrame]:
     table, info = load_criteria(uri, parent_run_id)
     if table.empty:
-        raise ValueError(f"criteria run {parent_run_id} of {experiment!r} has no finished layers")
+        raise InputError(f"criteria run {parent_run_id} of {experiment!r} has no finished layers")
     out = Path(out_dir) / tracking.safe_name(experiment)
     out.mkdir(parents=True, exist_ok=True)
     with_mean(table).to_csv(out / "criteria.csv", index=False)

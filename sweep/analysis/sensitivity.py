@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from mlflow.entities import Metric
-from mlflow.tracking import MlflowClient
 
 from .. import tracking
+from ..errors import InputError
 from ..measure import count_flops
 from ..pruning import NEEDS_CALIBRATION, STRATEGIES
 from ..train import evaluate, pick_device
@@ -30,6 +29,7 @@ from .common import (
     base_metrics,
     experiment_name,
     in_task,
+    log_parent_metrics,
     open_child,
     prepare,
     spec_text,
@@ -117,12 +117,12 @@ def run_sensitivity(spec, ratios: Sequence[float] | None = None, strategy: str |
     start = time.perf_counter()
     ratios = sorted({float(r) for r in (ratios or DEFAULT_RATIOS)})
     if any(not 0 < r < 1 for r in ratios):
-        raise ValueError(f"--ratios: {ratios} must all lie in (0, 1); use fractions such as 0.1,0.3,0.5")
+        raise InputError(f"--ratios: {ratios} must all lie in (0, 1); use fractions such as 0.1,0.3,0.5")
     strategy = strategy or spec.trial["prune"]["strategy"]
     if strategy not in STRATEGIES:
-        raise ValueError(f"--strategy: unknown '{strategy}'; choose one of {', '.join(STRATEGIES)}")
+        raise InputError(f"--strategy: unknown '{strategy}'; choose one of {', '.join(STRATEGIES)}")
     if not 0 <= tolerance < 1:
-        raise ValueError(f"--tolerance: {tolerance:g} is outside [0, 1); give a fraction such as 0.01 (one point)")
+        raise InputError(f"--tolerance: {tolerance:g} is outside [0, 1); give a fraction such as 0.01 (one point)")
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.init_store(uri)
     setup: Setup = prepare(spec, storage, max_batches, calibration=strategy in NEEDS_CALIBRATION)
@@ -137,9 +137,7 @@ def run_sensitivity(spec, ratios: Sequence[float] | None = None, strategy: str |
         "ratios": ",".join(f"{r:g}" for r in ratios), "tolerance": tolerance, "layers": len(groups),
         "spec": spec.name,
     })
-    client = MlflowClient(uri)
-    tracking.with_retry(client.log_batch, parent, metrics=[
-        Metric(k, float(v), tracking._now_ms(), 0) for k, v in base.items()])
+    log_parent_metrics(uri, parent, base)
     started = start_ray(address)
     try:
         job = ray.put({
@@ -158,8 +156,7 @@ def run_sensitivity(spec, ratios: Sequence[float] | None = None, strategy: str |
         if started:
             ray.shutdown()
     seconds = time.perf_counter() - start
-    tracking.with_retry(client.log_batch, parent, metrics=[
-        Metric("wall_time_s", seconds, tracking._now_ms(), 0)])
+    log_parent_metrics(uri, parent, {"wall_time_s": seconds})
     paths, table = write_sensitivity_report(name, uri, out_dir, parent)
     tracking.end_run(uri, parent, "FINISHED")
     assert len(table) == len(rows)

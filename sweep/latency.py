@@ -1,0 +1,75 @@
+"""Latency that means something: measured after the trials, one model at a time, with a pinned thread count.
+
+Trials share a node's CPUs while they train, so a latency timed inside a trial measures its neighbours as much as
+the network (identical pruned networks measured 3 to 48 ms in one sweep). The sweep therefore measures every
+finished trial of a launch in one measurement phase, after Tune returns: one task, one model at a time, warm-up,
+median and interquartile range, the thread count pinned, and the conditions recorded as tags (latency.*) on each
+run. A launch that dies before the phase leaves runs without latency; the next launch's phase measures them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import tempfile
+
+import torch
+from mlflow.tracking import MlflowClient
+
+from . import tracking
+from .base import new_model
+from .measure import latency_samples
+from .pruning import load_pruned
+from .train import pick_device
+
+
+def latency_stats(model: torch.nn.Module, input_shape: tuple[int, int, int], device: torch.device, threads: int,
+                  batch_size: int, warmup: int, runs: int) -> dict[str, float]:
+    """Median and interquartile range of `runs` timed forward passes, with torch pinned to `threads` threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.randn(batch_size, *input_shape, device=device)
+        samples = latency_samples(model.to(device), x, device, warmup, runs)
+    finally:
+        torch.set_num_threads(before)
+    q1, _, q3 = statistics.quantiles(samples, n=4) if len(samples) > 1 else (samples[0],) * 3
+    return {"latency_ms": statistics.median(samples), "latency_iqr_ms": q3 - q1}
+
+
+def runs_to_measure(uri: str, experiment: str) -> list[str]:
+    """FINISHED trial runs of the experiment that have no latency yet (this launch's, or a dead launch's)."""
+    runs = tracking.child_runs(MlflowClient(uri), experiment, "attributes.status = 'FINISHED'")
+    return [run.info.run_id for run in runs if "latency_ms" not in run.data.metrics]
+
+
+def measure_runs(uri: str, run_ids: list[str]) -> int:
+    """Measure each run's pruned network and its base architecture; log latency, speed-up and how it was taken."""
+    client = MlflowClient(uri)
+    base_latency: dict[str, float] = {}  # per base architecture: many trials share one
+    for run_id in run_ids:
+        run = tracking.with_retry(client.get_run, run_id)
+        params = run.data.params
+        settings = {key: int(params[f"measure.{key}"]) for key in ("threads", "batch_size", "warmup", "runs")}
+        device = pick_device(params.get("device", "auto"))
+        with tempfile.TemporaryDirectory(prefix="sweep-latency-") as tmp:
+            path = tracking.with_retry(client.download_artifacts, run_id, "checkpoint/pruned.pt", tmp)
+            plan_info = torch.load(path, map_location="cpu", weights_only=True)["plan"]["info"]
+            arch = plan_info["arch"]
+            base = new_model({"model": arch["model"]}, arch["num_classes"], arch["in_channels"], source_weights=False)
+            pruned, _ = load_pruned(path, base)
+        shape = (arch["in_channels"], arch["image_size"], arch["image_size"])
+        after = latency_stats(pruned.eval(), shape, device, **settings)
+        key = json.dumps([arch, settings, str(device)], sort_keys=True, default=str)
+        if key not in base_latency:  # weights do not change the time: the base architecture stands for the base
+            base_latency[key] = latency_stats(base.eval(), shape, device, **settings)["latency_ms"]
+        metrics = {**after, "base_latency_ms": base_latency[key], "speedup": base_latency[key] / after["latency_ms"]}
+        trial_run = tracking.TrialRun(client, run_id)
+        trial_run.log_points([(name, 0, value) for name, value in metrics.items()])
+        trial_run.set_tags({"latency.device": str(device), "latency.threads": settings["threads"],
+                            "latency.batch_size": settings["batch_size"], "latency.runs": settings["runs"],
+                            "latency.warmup": settings["warmup"], "latency.host": socket.gethostname(),
+                            "latency.load_1min": f"{os.getloadavg()[0]:.2f}"})
+    return len(run_ids)

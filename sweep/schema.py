@@ -1,0 +1,783 @@
+"""The schema of a trial and of a sweep: one pydantic model per section, the single source of every setting's type,
+default, check, error message and README row.
+
+    cfg = trial_config(config)          # a resolved trial dict (from Ray Tune, numpy scalars allowed) -> TrialConfig
+    cfg.prune.strategy, cfg.finetune.lr # typed access; SpecError lists every problem, one line each
+    ft = TrainConfig.from_dict(config["finetune"], where="finetune")
+
+Each field's check is a plain function that returns the normalised value or raises ValueError("<what is wrong>;
+<how to fix>"); `error_lines` turns pydantic's errors into "<field path>: <what is wrong>; <how to fix>" lines. The
+same checks validate the items of a sweep domain (sweep.spec). Rules across fields (an iterative schedule needs
+steps >= 2, ...) are written once in `rules`, over a `View` that holds every value a sweep may give each path, and
+run for one trial too. Only this module and sweep.names define names and defaults; README's tables are generated
+from them (`reference_markdown`, `metrics_markdown`; tests/test_spec.py compares).
+"""
+
+import difflib
+import itertools
+import math
+import numbers
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
+
+from .errors import InputError
+from .names import LEGACY_METRICS, METRICS, PARAMS, selectable_metrics
+
+
+class SpecError(InputError):
+    """Every problem found in a spec; str() is one line per problem: '<field path>: <what is wrong>; <how to fix>'."""
+
+    def __init__(self, errors: "list[str] | str"):
+        lines = [errors] if isinstance(errors, str) else list(errors)
+        self.errors = [" ".join(line.splitlines()) for line in lines]
+        super().__init__("\n".join(self.errors))
+
+
+# --- messages ---------------------------------------------------------------------------------------------------
+
+def show(value: Any) -> str:
+    """A value as the user wrote it in YAML, on one short line."""
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):
+        value = value.item()
+    if value is None or isinstance(value, bool):
+        text = {None: "null", True: "true", False: "false"}[value]
+    else:
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def listing(names) -> str:
+    names = [str(n) for n in names]
+    return ", ".join(names) if len(names) <= 25 else ", ".join(names[:25]) + f", ... ({len(names)} in all)"
+
+
+def close(word: Any, candidates) -> str:
+    # cutoff 0.5 rather than difflib's 0.6, so short names such as 'l3' still get a suggestion ('l2')
+    match = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.5)
+    return f"did you mean '{match[0]}'? " if match else ""
+
+
+def unknown_key(key: Any, known) -> str:
+    return f"unknown key; {close(key, known)}known keys: {listing(known)}"
+
+
+def _unknown_name(value, names, what: str) -> str:
+    if not isinstance(value, str):
+        return f"{show(value)} is not a {what} name; choose one of {listing(names)}"
+    return f"unknown {what} {show(value)}; {close(value, names)}choose one of {listing(names)}"
+
+
+# --- checks (each raises ValueError, never TypeError: pydantic reports only ValueErrors) ------------------------
+
+@dataclass(frozen=True)
+class Check:
+    """A field's check (normalised value, or ValueError('<what>; <fix>')), what README says it takes, and which
+    ranges may sweep it: "int" (randint), "float" (uniform, loguniform) or None (grid and choice only)."""
+
+    fn: Callable[[Any], Any]
+    doc: str
+    numeric: str | None = None
+
+
+def _typed(kind: Any, fn: Callable[[Any], Any], doc: str, numeric: str | None = None, optional: bool = False):
+    if optional:
+        fn, kind, doc = _nullable(fn), kind | None, f"null or {doc}"
+    return Annotated[kind, PlainValidator(fn), Check(fn, doc, numeric)]
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"))
+
+
+def _nullable(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def nullable(value):
+        if value is None:
+            return None
+        if value in ("None", "none", "Null", "NULL"):
+            raise ValueError(f"{show(value)} is text in YAML; write null (or leave the key out)")
+        return check(value)
+    return nullable
+
+
+def Int(lo: int, hi: int | None = None, example: int = 1, optional: bool = False):
+    bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+
+    def check(value):
+        if isinstance(value, numbers.Real) and not _is_bool(value) and not isinstance(value, numbers.Integral) \
+                and math.isfinite(value) and float(value).is_integer():
+            value = int(value)
+        if _is_bool(value) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"{show(value)} is not a whole number; write an integer such as {example}")
+        value = int(value)
+        if value < lo or (hi is not None and value > hi):
+            raise ValueError(f"{value} is not {bounds}; use a whole number {bounds} such as {example}")
+        return value
+    return _typed(int, check, f"integer {bounds}", "int", optional)
+
+
+def as_real(value: Any) -> float:
+    if isinstance(value, str):
+        raise ValueError(f"{show(value)} is not a number; write a number such as 0.5")  # noqa: TRY004
+    if _is_bool(value) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{show(value)} is not a finite number; write a number such as 0.5")
+    return float(value)
+
+
+def Real(lo: float, hi: float | None = None, lo_open=False, hi_open=False, example: float = 0.5,
+         fix: str | None = None, optional: bool = False, doc: str | None = None, then=None, shown: str = ""):
+    """A number in a range; `shown` is the range messages give when it differs (a ratio may be 0 in one case)."""
+    if shown:
+        bounds = shown
+    elif hi is None:
+        bounds = f"{'>' if lo_open else '>='} {lo:g}"
+    else:
+        bounds = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    fix = fix or f"use a number {'in ' if hi is not None else ''}{bounds} such as {example:g}"
+
+    def check(value):
+        number = as_real(value)
+        below = number <= lo if lo_open else number < lo
+        above = hi is not None and (number >= hi if hi_open else number > hi)
+        if below or above:
+            raise ValueError(f"{show(value)} is {'outside' if hi is not None else 'not'} {bounds}; {fix}")
+        return then(value, number) if then else number
+    return _typed(float, check, doc or f"number {'in ' if hi is not None else ''}{bounds}", "float", optional)
+
+
+def OneOf(choices: tuple, what: str, optional: bool = False):
+    def check(value):
+        if value not in choices:
+            raise ValueError(_unknown_name(value, choices, what))
+        return str(value)
+    return _typed(str, check, " \\| ".join(f"`{c}`" for c in choices), optional=optional)
+
+
+def Flag():
+    def check(value):
+        if not _is_bool(value):
+            raise ValueError(f"{show(value)} is not true or false; write true or false")
+        return bool(value)
+    return _typed(bool, check, "true \\| false")
+
+
+def Registered(names: Callable[[], list], what: str, doc: str, optional: bool = False):
+    def check(value):
+        known = names()
+        if value not in known:
+            raise ValueError(_unknown_name(value, known, what))
+        return str(value)
+    return _typed(str, check, doc, optional=optional)
+
+
+def Custom(kind: Any, doc: str, optional: bool = False):
+    """A decorator: the function below is the check of a field of type `kind`."""
+    return lambda fn: _typed(kind, fn, doc, optional=optional)
+
+
+# Registries are imported when a name is checked, not at import time: validating needs only the names, and the
+# registries live in modules that import torch.
+def _strategy_names() -> list:
+    from sweep.pruning import STRATEGIES
+    return list(STRATEGIES)
+
+
+def _model_names() -> list:
+    from sweep.models import model_names
+    return list(model_names())
+
+
+def _dataset_names() -> list:
+    from sweep.data import dataset_names
+    return list(dataset_names())
+
+
+def _looks_like_path(text: str) -> bool:
+    # Same reading as sweep.models: anything else is a torchvision weights name such as DEFAULT.
+    suffixes = (".pt", ".pth", ".th", ".ckpt")
+    return "/" in text or "\\" in text or text.endswith(suffixes) or Path(text).expanduser().exists()
+
+
+@Custom(str, "torchvision weights name (`DEFAULT`) or checkpoint path", optional=True)
+def Weights(value):
+    if not isinstance(value, str):
+        raise ValueError(f"{show(value)} is not text; "  # noqa: TRY004
+                         "give a torchvision weights name such as DEFAULT, a checkpoint path, or null")
+    if not _looks_like_path(value):
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ValueError(f"file {show(value)} does not exist; give an existing checkpoint file, "
+                         "a torchvision weights name such as DEFAULT, or null")
+    return str(path.resolve())  # absolute, because Ray runs each trial in its own working directory
+
+
+@Custom(str, "folder", optional=True)
+def Root(value):
+    if not isinstance(value, str):
+        raise ValueError(  # noqa: TRY004
+            f"{show(value)} is not a folder path; write a path such as data/cifar10, or null")
+    return str(Path(value).expanduser().resolve())  # whether it must exist depends on the dataset: see rules
+
+
+_IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+@Custom(str, "`package.module:function`", optional=True)
+def Factory(value):
+    if not isinstance(value, str) or not _IMPORT_PATH.fullmatch(value):
+        raise ValueError(f"{show(value)} is not an import path; write package.module:function, such as "
+                         "mypkg.nets:build")
+    return value
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (str, bool, int, float))
+
+
+@Custom(dict[str, Any], "mapping")
+def Kwargs(value):
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ValueError(f"{show(value)} is not a mapping of argument names to values; "
+                         "write e.g. kwargs: {width: 2}")
+    if not _plain(value):
+        raise ValueError(f"{show(value)} holds something other than text, numbers, true/false, null, lists and "
+                         "mappings; quote it or pass it another way")
+    return dict(value)
+
+
+Ratio = Real(0, 1, hi_open=True, shown="(0, 1)", fix="use a fraction such as 0.5",
+             doc="fraction in (0, 1); 0 only with `ratios`")
+
+
+@Custom(dict[str, float], "mapping of module name or pattern to a fraction in [0, 1)")
+def Ratios(value):
+    if not isinstance(value, dict):
+        raise ValueError(f"{show(value)} is not a mapping; write e.g. ratios: {{layer4.*: 0.7, fc: 0}}")  # noqa: TRY004
+    out, problems = {}, []
+    for key, ratio in value.items():
+        if not isinstance(key, str):
+            problems.append(f"{show(key)} is not a module name; write module names or patterns such as layer4.*")
+            continue
+        try:
+            out[key] = as_real(ratio)
+        except ValueError:
+            problems.append(f"{show(ratio)} for {show(key)} is not a number; write a fraction such as 0.5")
+            continue
+        if not 0 <= out[key] < 1:
+            problems.append(f"{show(ratio)} for {show(key)} is outside [0, 1); use a fraction such as 0.5")
+    if problems:
+        raise ValueError("\n".join(problems))
+    return out
+
+
+@Custom(int | float, "integer >= 1, or a fraction in (0, 1)")
+def MinChannels(value):
+    if isinstance(value, numbers.Real) and not _is_bool(value) and float(value).is_integer():
+        value = int(value)
+    channels = isinstance(value, numbers.Integral) and not _is_bool(value) and value >= 1
+    if not (channels or (isinstance(value, numbers.Real) and not _is_bool(value) and 0 < value < 1)):
+        raise ValueError(f"{show(value)} is neither a whole number >= 1 nor a fraction in (0, 1); "
+                         "use e.g. 1 (channels per layer) or 0.1 (of each layer)")
+    return int(value) if channels else float(value)
+
+
+@Custom(list[str], "list of module names or shell patterns")
+def ModuleNames(value):
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{show(value)} is not a list of module names; write e.g. [fc, features.0]")
+    return list(value)
+
+
+def _gpus(value, number):
+    if number > 1 and not number.is_integer():
+        raise ValueError(f"{show(value)} GPUs cannot be scheduled (only fractions of one GPU are shared); "
+                         "use a fraction up to 1 such as 0.25, or a whole number")
+    return number
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+@Custom(str, "letters, digits, `-` `_` `.`")
+def SafeName(value):
+    if not isinstance(value, str) or not _SAFE_NAME.fullmatch(value):
+        raise ValueError(f"{show(value)} is not a safe name (it becomes an MLflow experiment and a folder); "
+                         "use letters, digits, - _ . such as my_sweep")
+    return value
+
+
+@Custom(str, "a selectable metric (table below)")
+def Metric(value):
+    info = METRICS.get(value) if isinstance(value, str) else None
+    why = "test metrics are never used for selection; use val_accuracy"
+    if info is not None and not info.selectable:
+        raise ValueError(f"{show(value)} is not selectable: {why}")
+    if info is None and value in LEGACY_METRICS:
+        raise ValueError(f"{show(value)} is the old name of {LEGACY_METRICS[value]}, a test metric: {why}")
+    if info is None:
+        raise ValueError(_unknown_name(value, selectable_metrics(), "metric"))
+    return value
+
+
+# --- the models -------------------------------------------------------------------------------------------------
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty(cls, data: Any) -> Any:
+        return {} if data is None else data  # a YAML section with every line commented out
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = ""):
+        """Validate a dict (numpy scalars allowed); SpecError lists every problem as '<where.field>: ...'."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as error:
+            raise SpecError(error_lines(error, where)[0]) from None
+
+
+def _f(default: Any, text: str) -> Any:
+    """A field's default and its README description."""
+    if isinstance(default, (list, dict)):
+        return Field(default_factory=type(default), description=text)
+    if isinstance(default, type) and issubclass(default, BaseModel):
+        return Field(default_factory=default, description=text)
+    return Field(default, description=text)
+
+
+class ModelConfig(Section):
+    name: Registered(_model_names, "model", "a name from `sweep models`", optional=True) = _f(
+        None, "our zoo (`small_cnn`, `resnet20/32/56/110`, `vgg16_bn_cifar`) or any torchvision classifier; the "
+              "head is replaced for the dataset's classes")
+    weights: Weights = _f(None, "`null` (random init), a torchvision weights name (`DEFAULT`, `IMAGENET1K_V1`) or "
+                                "a local checkpoint (`.pt/.pth/.th`, loaded with `weights_only=True`)")
+    factory: Factory = _f(None, "a plug-in instead of `name`: a function returning the `nn.Module`, imported when "
+                                "the trial runs")
+    kwargs: Kwargs = _f({}, "keyword arguments for the model")
+
+
+class DatasetConfig(Section):
+    name: Registered(_dataset_names, "dataset", "a name from `sweep.data.dataset_names()`", optional=True) = _f(
+        None, "`digits` (offline), `mnist`, `fashion_mnist`, `cifar10`, `cifar100`, `flowers102`, `oxford_pets`, "
+              "`imagefolder`")
+    root: Root = _f(None, "where the data lives (null: `$SWEEP_DATA`, then `./data`); must exist unless `download`")
+    download: Flag() = _f(False, "download the data when it is missing")
+    val_fraction: Real(0, 1, lo_open=True, hi_open=True, example=0.1) = _f(
+        0.1, "share of the training data held out for validation (what selection reads)")
+    image_size: Int(1, example=32, optional=True) = _f(None, "resize the model input (null: native)")
+    limit: Int(1, example=1000, optional=True) = _f(None, "keep at most this many training examples, drawn per "
+                                                          "class (smoke runs)")
+    test_limit: Int(1, example=1000, optional=True) = _f(None, "keep at most this many test examples")
+    factory: Factory = _f(None, "a plug-in instead of `name`: a function returning the splits, imported when the "
+                                "trial runs")
+    kwargs: Kwargs = _f({}, "keyword arguments for the dataset")
+
+
+class TrainConfig(Section):
+    """One training run's settings: the `finetune` section (and, with other defaults, `base`)."""
+
+    epochs: Int(0, example=3) = _f(3, "epochs (0: none)")
+    lr: Real(0, lo_open=True, example=0.01) = _f(0.01, "peak learning rate")
+    batch_size: Int(1, example=64) = _f(64, "batch size")
+    optimizer: OneOf(("sgd", "adamw"), "optimizer") = _f("sgd", "optimizer")
+    momentum: Real(0, 1, hi_open=True, example=0.9) = _f(0.9, "SGD momentum")
+    weight_decay: Real(0, example=5e-4) = _f(5e-4, "on weights only, not on BN scales or biases")
+    warmup_epochs: Real(0, example=0.5) = _f(0.0, "linear warm-up, then cosine decay to 0 per step")
+    label_smoothing: Real(0, 1, hi_open=True, example=0.1) = _f(0.0, "label smoothing")
+    amp: Flag() = _f(True, "bf16 autocast (GPU only)")
+    channels_last: Flag() = _f(True, "channels-last memory layout (GPU only)")
+
+
+class BaseTrainConfig(TrainConfig):
+    """The `base` section: training of the shared base network; only two defaults differ from `finetune`."""
+
+    epochs: Int(0, example=5) = _f(5, "epochs (0: none)")
+    lr: Real(0, lo_open=True, example=0.05) = _f(0.05, "peak learning rate")
+
+
+class PruneConfig(Section):
+    strategy: Registered(_strategy_names, "strategy", "a name from `sweep strategies`") = _f(
+        "l1", "how filters are ranked")
+    ratio: Ratio = _f(0.5, "share of channels (or FLOPs) to remove")
+    ratios: Ratios = _f({}, "per-module ratios by name or shell pattern (`layer4.*`), overriding `ratio`; needs "
+                            "scope `local` and target `channels`")
+    scope: OneOf(("local", "global"), "scope") = _f(
+        "local", "`local`: each layer loses `ratio`; `global`: channels ranked across layers")
+    target: OneOf(("channels", "flops"), "target") = _f(
+        "channels", "what `ratio` counts; `flops`: remove until FLOPs fall by `ratio`")
+    schedule: OneOf(("oneshot", "iterative"), "schedule") = _f(
+        "oneshot", "`iterative`: `steps` rounds with one fine-tune epoch between them")
+    steps: Int(1, example=3) = _f(1, "pruning rounds (>= 2 with `iterative`)")
+    arm: OneOf(("finetune", "scratch"), "arm") = _f(
+        "finetune", "`finetune` the pruned network, or `scratch`: re-initialise the pruned architecture and train "
+                    "it from scratch (Liu et al. 2019)")
+    scratch_epochs: Int(1, example=30, optional=True) = _f(None, "epochs of the `scratch` arm (null: `base.epochs`)")
+    min_channels: MinChannels = _f(1, "channels every layer keeps: a count or a fraction")
+    round_to: Int(1, example=8) = _f(1, "round kept widths to a multiple (8 for tensor cores)")
+    ignore: ModuleNames = _f([], "modules never pruned (names or shell patterns such as `layer*.conv2`)")
+    calibration_batches: Int(1, example=4) = _f(4, "batches scored by `taylor` and `apoz`")
+
+
+class MeasureConfig(Section):
+    batch_size: Int(1, example=1) = _f(1, "batch size of the latency measurement")
+    warmup: Int(0, example=5) = _f(5, "untimed forward passes first")
+    runs: Int(1, example=30) = _f(30, "timed forward passes; latency is their median")
+    threads: Int(1, example=1) = _f(1, "CPU threads latency is measured with (pinned)")
+
+
+class TrialConfig(Section):
+    """One trial's settings: what `spec.trial`, `spec.grid_configs()` and Ray Tune's configs hold, as a dict."""
+
+    name: SafeName | None = _f(None, "the sweep: MLflow experiment and folder name")
+    seed: Int(0, 2**32 - 1, example=0) = _f(0, "seeds data splits, init, shuffling and pruning")
+    device: OneOf(("auto", "cpu", "cuda"), "device") = _f("auto", "`auto`: cuda when available")
+    model: ModelConfig = _f(ModelConfig, "the network")
+    dataset: DatasetConfig = _f(DatasetConfig, "the data")
+    base: BaseTrainConfig = _f(BaseTrainConfig, "training of the shared base network")
+    prune: PruneConfig = _f(PruneConfig, "pruning")
+    finetune: TrainConfig = _f(TrainConfig, "fine-tune after pruning")
+    measure: MeasureConfig = _f(MeasureConfig, "latency measurement")
+
+    @model_validator(mode="after")
+    def _across_fields(self, info: ValidationInfo):
+        if not (info.context or {}).get("spec"):  # a sweep checks these over every value its space can give
+            problems = rules(View(self.model_dump()))
+            if problems:
+                raise ValueError("\n".join(problems))
+        return self
+
+
+def trial_config(config: dict) -> TrialConfig:
+    """A resolved trial dict (spec.grid_configs(), or a Ray Tune config) as a typed TrialConfig; SpecError if bad."""
+    return TrialConfig.from_dict(config)
+
+
+class SearchConfig(Section):
+    algorithm: OneOf(("grid", "random", "optuna"), "search algorithm") = _f(
+        "grid", "`grid`: every combination once; `random`, `optuna`: `num_samples` draws")
+    num_samples: Int(1, example=20, optional=True) = _f(None, "trials drawn by `random` and `optuna`")
+
+
+class SchedulerConfig(Section):
+    name: OneOf(("fifo", "asha"), "scheduler") = _f("fifo", "`asha` stops weak trials early")
+    grace_period: Int(1, example=1) = _f(1, "asha: epochs before a trial may be stopped")
+    reduction_factor: Real(2, fix="use 2 or more, such as 3") = _f(2.0, "asha: keeps 1/factor of the trials")
+    max_t: Int(1, example=10, optional=True) = _f(None, "asha: the epoch budget (null: the largest `finetune.epochs`)")
+
+
+class ResourcesConfig(Section):
+    cpu: Real(0, lo_open=True, example=1) = _f(1.0, "CPUs per trial")
+    gpu: Real(0, example=1, then=_gpus, doc="number >= 0: a fraction up to 1, or whole") = _f(
+        0.0, "GPUs per trial; fractions share a card (`0.25`)")
+    memory: Real(0, lo_open=True, example=4, optional=True) = _f(None, "GiB of memory per trial; Ray schedules by it")
+
+
+class SweepConfig(TrialConfig):
+    """A search-space file: the trial's fixed settings, the space and how the sweep runs."""
+
+    name: SafeName = Field(description="the sweep: MLflow experiment and folder name")
+    space: Any = _f(None, "what varies between trials (below)")
+    search: SearchConfig = _f(SearchConfig, "the search algorithm")
+    scheduler: SchedulerConfig = _f(SchedulerConfig, "the trial scheduler")
+    resources: ResourcesConfig = _f(ResourcesConfig, "per trial")
+    metric: Metric = _f("val_accuracy", "what the scheduler, the search and `best` read")
+    mode: OneOf(("max", "min"), "mode", optional=True) = _f(None, "`max` or `min` (null: the metric's direction)")
+    max_failures: Int(0, example=2) = _f(2, "retries per trial, each from its last checkpoint")
+    max_concurrent: Int(1, example=2, optional=True) = _f(None, "trials at once (null: as resources allow)")
+    max_trials: Int(1, example=10000) = _f(10000, "refuse a space with more trials than this")
+
+
+# --- pydantic's errors as our lines ------------------------------------------------------------------------------
+
+def dotted(loc) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part == "[key]":
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _model_at(cls: type, loc) -> type | None:
+    for part in loc:
+        field = cls.model_fields.get(part) if isinstance(part, str) else None
+        cls = field.annotation if field else None
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+            return None
+    return cls
+
+
+_MISSING = {"name": "missing; add a sweep name such as name: my_sweep"}
+
+
+def error_lines(error: ValidationError, prefix: str = "") -> tuple[list[str], list[tuple]]:
+    """Our one-line messages for pydantic's errors, and the location of each (a tuple of keys)."""
+    root = error.title and {c.__name__: c for c in _MODELS}.get(error.title)
+    lines, locs = [], []
+    for item in error.errors():
+        loc, kind = tuple(item["loc"]), item["type"]
+        path = ".".join(p for p in (prefix, dotted(loc)) if p)
+        if kind == "value_error":
+            messages = str(item["ctx"]["error"]).split("\n")
+        elif kind == "extra_forbidden":
+            model = root and _model_at(root, loc[:-1])
+            messages = [unknown_key(loc[-1], list(model.model_fields) if model else [])]
+        elif kind in ("model_type", "model_attributes_type", "dict_type"):
+            model = root and _model_at(root, loc)
+            first = next(iter(model.model_fields)) if model else "key"
+            messages = [f"{show(item['input'])} is not a mapping; write {path}: {{{first}: ..., ...}}"]
+        elif kind == "missing":
+            messages = [_MISSING.get(dotted(loc), "missing; add it")]
+        else:
+            messages = [f"{item['msg']}; check this setting"]
+        for message in messages:
+            # Rules (raised by a whole model, at loc ()) write their own paths.
+            lines.append(message if not loc and kind == "value_error" else f"{path or 'trial'}: {message}")
+            locs.append(loc)
+    return list(dict.fromkeys(lines)), locs
+
+
+# --- rules across fields -----------------------------------------------------------------------------------------
+
+class View:
+    """The values a sweep can give each trial path, and where each comes from (for messages). With only a trial
+    dict it is that one trial. `space` maps paths to sweep domains (see sweep.spec.Domain); `invalid` holds paths
+    that already failed their check, which the rules then skip."""
+
+    def __init__(self, trial: dict, space: dict | None = None, origin: dict | None = None,
+                 invalid: frozenset = frozenset()):
+        self.trial, self.space, self.origin, self.invalid = trial, space or {}, origin or {}, invalid
+
+    def where(self, path: str) -> str:
+        return self.origin.get(path, path)
+
+    def leaf(self, at: str, leaf: str) -> str:
+        """Where to report a leaf of a combination from `sections` (at: the section, or a swept item of it)."""
+        return self.where(f"{at}.{leaf}") if at in ("model", "dataset") else f"{at}.{leaf}"
+
+    def _bad(self, path: str) -> bool:
+        return any(path == p or path.startswith(p + ".") for p in self.invalid)
+
+    def _items(self, path: str) -> list[tuple[Any, str]]:
+        domain, at = self.space[path], self.origin[path]
+        if domain.kind == "fixed":
+            return [(domain.values[0], at)]
+        return [(v, f"{at}.{domain.kind}[{i}]") for i, v in enumerate(domain.values)]
+
+    def values(self, path: str) -> list[tuple[Any, str]]:
+        """(value, where) for each value a trial may take at path; a range gives its two ends."""
+        if self._bad(path):
+            return []
+        section, _, leaf = path.partition(".")
+        if path in self.space:
+            items = self._items(path)
+        elif leaf and section in self.space:
+            items = [(v[leaf], f"{at}.{leaf}") for v, at in self._items(section) if isinstance(v, dict)]
+        else:
+            node = self.trial
+            for part in path.split("."):
+                node = node[part]
+            items = [(node, path)]
+        return [(v, at) for v, at in items if v is not INVALID]
+
+    def options(self, path: str) -> list:
+        return [v for v, _ in self.values(path)]
+
+    def sections(self, section: str, leaves: tuple) -> Iterator[tuple[dict, str]]:
+        """Each combination of a section's leaves a trial may have, and where a problem with it is reported."""
+        if self._bad(section):
+            return
+        if section in self.space:
+            yield from ((v, at) for v, at in self._items(section) if isinstance(v, dict))
+            return
+        for combo in itertools.product(*(self.options(f"{section}.{leaf}") for leaf in leaves)):
+            yield dict(zip(leaves, combo)), section
+
+
+INVALID = object()  # stands in for a value that failed its check, so rules skip it instead of re-reporting
+
+_BUNDLED = {"digits"}  # ships inside scikit-learn: never reads a root
+
+
+def rules(view: View) -> list[str]:
+    """Problems across fields, one line each, for every combination the sweep (or the one trial) can have."""
+    errors: list[str] = []
+
+    def error(where: str, message: str) -> None:
+        errors.append(f"{where}: {message}")
+
+    for section, example in (("model", "small_cnn"), ("dataset", "digits")):
+        leaves = ("name", "factory", "kwargs", "weights")[:4 if section == "model" else 3]
+        for item, at in view.sections(section, leaves):
+            name, factory = item["name"], item["factory"]
+            if name is None and factory is None:
+                error(f"{at}.name" if at != section else f"{section}.name", f"missing; name the {section}, such "
+                      f"as {section}: {{name: {example}}}, or give {section}.factory")
+            elif name is not None and factory is not None:
+                error(view.leaf(at, "factory"), f"given together with {section}.name; give one of {section}.name and "
+                                       f"{section}.factory")
+            elif factory is None and item["kwargs"]:
+                error(view.leaf(at, "kwargs"), f"only a {section}.factory takes kwargs; remove them or use {section}.factory")
+            weights = item.get("weights")
+            if factory is not None and weights is not None and not _looks_like_path(weights):
+                error(view.leaf(at, "weights"), f"{show(weights)} is not a checkpoint file; a model.factory loads only a "
+                                       "local checkpoint (.pt/.pth/.th/.ckpt), or null")
+
+    for dataset, at in view.sections("dataset", ("name", "root", "download", "factory")):
+        name, root, download = dataset["name"], dataset["root"], dataset["download"]
+        where = view.leaf(at, "root")
+        if dataset["factory"] or name is None or name in _BUNDLED or (name != "imagefolder" and download):
+            continue
+        reads = f"{name}{'' if name == 'imagefolder' else ' with download: false'} reads local files"
+        if root is None and name == "imagefolder":
+            error(where, "imagefolder needs a root folder; set dataset.root to a folder of images")
+        elif root is not None and not Path(root).is_dir():
+            error(where, f"{show(root)} does not exist ({reads}); point it at an existing folder"
+                         + ("" if name == "imagefolder" else ", or set download: true"))
+
+    if "iterative" in view.options("prune.schedule"):
+        too_few = [s for s in view.options("prune.steps") if s < 2]
+        if too_few:
+            error(view.where("prune.steps"), f"an iterative schedule needs steps >= 2, got {too_few[0]:g}; "
+                                             "set prune.steps such as 3, or use schedule: oneshot")
+
+    ratios = view.options("prune.ratios")
+    if not ratios or not all(ratios):
+        for ratio, at in view.values("prune.ratio"):
+            if ratio == 0:
+                error(at, "0 is outside (0, 1); use a fraction such as 0.5 (0 only with per-module prune.ratios)")
+    if any(ratios):
+        for path, bad, fix in (("prune.scope", "global", "local"), ("prune.target", "flops", "channels")):
+            if bad in view.options(path):
+                error(view.where("prune.ratios"), f"per-module ratios cannot be combined with {path}: {bad} (the "
+                                                  f"pruner does not support it); use {path}: {fix}, or remove "
+                                                  "prune.ratios")
+    return errors
+
+
+# --- README ------------------------------------------------------------------------------------------------------
+
+_MODELS = (SweepConfig, TrialConfig, ModelConfig, DatasetConfig, TrainConfig, BaseTrainConfig, PruneConfig,
+           MeasureConfig, SearchConfig, SchedulerConfig, ResourcesConfig)
+
+
+def check_at(path: str) -> "Check | type | None":
+    """The Check of a trial path's field, the model class of a section path, or None when there is no such path."""
+    node: Any = TrialConfig
+    for part in path.split("."):
+        field = node.model_fields.get(part) if isinstance(node, type) else None
+        if field is None:
+            return None
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            node = field.annotation
+        else:
+            node = next((m for m in field.metadata if isinstance(m, Check)), None)
+    return node
+
+
+def leaf_paths(cls: type = TrialConfig, prefix: str = "") -> list[str]:
+    paths = []
+    for name, field in cls.model_fields.items():
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            paths += leaf_paths(sub, f"{prefix}{name}.")
+        elif name != "name" or prefix:
+            paths.append(prefix + name)
+    return paths
+
+
+def _yaml(value: Any) -> str:
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, dict)):
+        return "[]" if isinstance(value, list) and not value else "{}" if not value else str(value)
+    return str(value)
+
+
+def _default(field) -> str:
+    if field.is_required():
+        return "required"
+    return _yaml(field.default_factory() if field.default_factory else field.default)
+
+
+def reference_markdown() -> str:
+    """README's table of every search-space setting: path, default, what it takes, what it means."""
+    rows = ["| setting | default | takes | meaning |", "|---|---|---|---|"]
+    done = set()
+
+    def walk(cls: type, prefix: str) -> None:
+        for name, field in cls.model_fields.items():
+            sub, path = field.annotation, prefix + name
+            if isinstance(sub, type) and issubclass(sub, BaseModel):
+                walk(sub, path + ".")
+                continue
+            if path in done:
+                continue
+            check = next((m for m in field.metadata if isinstance(m, Check)), None)
+            takes = check.doc if check else ("see below" if name == "space" else "")
+            default, paths = _default(field), f"`{path}`"
+            if prefix == "base.":  # base and finetune share their fields; only two defaults differ
+                other = TrainConfig.model_fields[name]
+                done.add(f"finetune.{name}")
+                paths += f", `finetune.{name}`"
+                if _default(other) != default:
+                    default += f" (base), {_default(other)} (finetune)"
+            rows.append(f"| {paths} | {default} | {takes} | {field.description or ''} |")
+
+    walk(SweepConfig, "")
+    keys = ", ".join(f"`{k}`" for k in PARAMS)
+    return "\n".join(rows) + (
+        "\n\n`space` values: a fixed value, `{grid: [...]}`, `{choice: [...]}`, `{uniform: [a, b]}`, "
+        "`{loguniform: [a, b]}`, `{randint: [a, b]}` (both ends included). Keys: the shorthands " + keys +
+        ", or any dotted path such as `finetune.lr`. Sweeping `model` or `dataset` with whole sections as items "
+        "(`{grid: [small_cnn, {name: resnet20, weights: r20.th}]}`) compares architectures or tasks.\n")
+
+
+def metrics_markdown() -> str:
+    """README's table of sweep.names.METRICS."""
+    rows = ["| metric | meaning | better | unit | recorded | selectable |", "|---|---|---|---|---|---|"]
+    for name, info in METRICS.items():
+        better = "higher" if info.direction == "max" else "lower"
+        rows.append(f"| `{name}` | {info.meaning} | {better} | {info.unit} | {info.when} | "
+                    f"{'yes' if info.selectable else 'no'} |")
+    return "\n".join(rows) + "\n"
+
+
+def write_readme_tables(path: str = "README.md") -> None:
+    """Replace the generated tables between README's marker comments (`python -m sweep.schema README.md`)."""
+    text = Path(path).read_text(encoding="utf-8")
+    for name, table in (("schema", reference_markdown()), ("metrics", metrics_markdown())):
+        begin, end = f"<!-- {name}:begin -->\n", f"<!-- {name}:end -->"
+        head, rest = text.split(begin)
+        text = head + begin + table + end + rest.split(end, 1)[1]
+    Path(path).write_text(text, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    import sys
+
+    write_readme_tables(*sys.argv[1:2])
