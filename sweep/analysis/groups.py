@@ -12,6 +12,7 @@ listed in `modules` ("conv1 +9 tied" for a CIFAR ResNet's stream, whose 16 chann
 from __future__ import annotations
 
 import fnmatch
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -80,22 +81,30 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern or fnmatch.fnmatchcase(name, pattern)
 
 
+def _pruner_takes_ratios() -> bool:
+    return "ratios" in inspect.signature(prune).parameters
+
+
 def prune_per_layer(model: nn.Module, example: torch.Tensor, ratios: dict[str, float], strategy: str = "l1",
                     ignore: Sequence[str] = (), calibration: Calibration | None = None, seed: int = 0
                     ) -> tuple[nn.Module, PrunePlan]:
-    """Prune each group whose first producer matches a pattern of ``ratios`` at that pattern's ratio (the first
-    matching pattern wins); groups that match none, or match ``ignore``, keep every filter.
+    """Prune each layer group at the ratio of the first pattern of ``ratios`` that matches one of its convs (0: keep
+    it whole); groups that match no pattern, or match ``ignore``, keep every filter. This is a spec's
+    ``prune: {ratio: 0, ratios: {...}}``.
 
-    One ``prune()`` call per distinct ratio, each with every other group ignored; the plans compose to one plan on
-    the original model. With the magnitude criteria (l1, l2, fpgm, bn_scale) this equals pruning all groups at once,
-    because a group's filters do not change when another group loses filters. (A stand-in for the pruner's own
-    ``ratios=`` argument, which lands on another branch.)
+    With a pruner that takes ``ratios=`` (branch `pruner`) this is one ``prune()`` call. Before it, the stand-in
+    makes one call per distinct ratio, each with every other group ignored, and composes the plans; with the
+    magnitude criteria (l1, l2, fpgm, bn_scale) that equals pruning all groups at once, because a group's filters do
+    not change when another group loses filters. (The stand-in matches a tied group by its first conv only.)
     """
-    base_groups = layer_groups(model, example, ignore)
+    if _pruner_takes_ratios():
+        result = prune(model, example, strategy=strategy, ratio=0, ratios=dict(ratios), calibration=calibration,
+                       ignore=list(ignore), seed=seed)
+        return result.model, result.plan
     wanted: dict[float, list[str]] = {}
-    for g in base_groups:
+    for g in layer_groups(model, example, ignore):
         ratio = next((r for p, r in ratios.items() if _matches(g.name, p)), None)
-        if ratio is not None:
+        if ratio:  # None (no pattern) and 0 keep the group whole
             wanted.setdefault(float(ratio), []).append(g.name)
     current, plan = model, PrunePlan()
     for ratio, names in wanted.items():
