@@ -24,7 +24,7 @@ from sweep.cli import main
 from sweep.models import build_model
 from sweep.pruning import prune
 from sweep.report import write_report
-from sweep.spec import load_spec
+from sweep.spec import load_spec, parse_spec
 from sweep.train import evaluate
 
 
@@ -116,6 +116,9 @@ def test_digits_sensitivity_equals_direct_prune_and_is_tracked(local_ray, digits
         rows = outcome.table[(outcome.table["layer"] == layer) & (outcome.table["ratio"] <= ratio)]
         assert (base["accuracy"] - rows["accuracy"] <= 0.02 + 1e-12).all()
     assert set(block["ratios"]) | set(block["ignore"]) == {g.name for g in groups}
+    taken_over = yaml.safe_load(DIGITS_SPEC)  # a later sweep takes the block over as its prune section
+    taken_over["prune"] = {**taken_over["prune"], **block}
+    assert parse_spec(yaml.safe_dump(taken_over)).trial["prune"]["ratios"] == block["ratios"]
 
     # `sweep report NAME` recognises the parent and redraws the same table from MLflow alone
     paths = write_report(outcome.experiment, sqlite_uri, out_dir=tmp_path / "again")

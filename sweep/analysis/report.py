@@ -99,14 +99,13 @@ def _panels(layers: list[str]) -> list[tuple[str, list[str]]]:
         stages.setdefault(layer.split(".")[0], []).append(layer)
     panels = [(stage, members) for stage, members in stages.items() if len(members) > 1]
     rest = [m for members in stages.values() if len(members) == 1 for m in members]
-    return panels + ([("other", rest)] if rest else [])
+    return panels + ([("other" if len(rest) > 1 else rest[0], rest)] if rest else [])
 
 
 def plot_sensitivity(table: pd.DataFrame, info: dict, path: str | Path) -> Path:
     """Accuracy vs fraction of filters pruned, one line per layer group (Li et al. 2017, Fig. 2)."""
     layers = list(dict.fromkeys(table["layer"]))
-    labels = {r.layer: r.layer + (f" +{str(r.modules).count(',')} tied" if "," in str(r.modules) else "")
-              for r in table.drop_duplicates("layer").itertuples()}
+    labels = _labels(table)
     panels = _panels(layers)
     fig = Figure(figsize=(5.2 * len(panels), 4.6), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
@@ -127,6 +126,12 @@ def plot_sensitivity(table: pd.DataFrame, info: dict, path: str | Path) -> Path:
     return _save(fig, Path(path))
 
 
+def _labels(table: pd.DataFrame) -> dict[str, str]:
+    """Layer group -> its name, with the number of convs tied to it (a residual stream)."""
+    return {r.layer: r.layer + (f" +{str(r.modules).count(',')} tied" if "," in str(r.modules) else "")
+            for r in table.drop_duplicates("layer").itertuples()}
+
+
 def _colours(n: int) -> list:
     from matplotlib import colormaps
 
@@ -137,7 +142,9 @@ def _colours(n: int) -> list:
 def sensitivity_markdown(name: str, table: pd.DataFrame, info: dict, suggestion: str) -> str:
     grid = table.pivot_table(index="layer", columns="ratio", values="accuracy", sort=False)
     widths = table.drop_duplicates("layer").set_index("layer")["width"]
-    shown = pd.DataFrame({"layer": grid.index, "filters": widths.reindex(grid.index).to_numpy()})
+    labels = _labels(table)
+    shown = pd.DataFrame({"layer": [labels[layer] for layer in grid.index],
+                          "filters": widths.reindex(grid.index).to_numpy()})
     for ratio in grid.columns:
         shown[f"{100 * ratio:g}%"] = grid[ratio].map(lambda v: "–" if pd.isna(v) else f"{100 * v:.1f}").to_numpy()
     base = float(info.get("base_val_accuracy", np.nan))
@@ -204,7 +211,8 @@ def load_criteria(uri: str, parent_run_id: str) -> tuple[pd.DataFrame, dict]:
     rows = []
     for run in runs:
         p, m = run.data.params, run.data.metrics
-        row = {"layer": p["layer"], "units": int(p["units"]), "_order": int(p.get("layer_index", 0))}
+        row = {"layer": p["layer"], "modules": p.get("modules", p["layer"]), "units": int(p["units"]),
+               "_order": int(p.get("layer_index", 0))}
         for s in strategies:
             row[f"spearman_{s}"] = m.get(f"spearman_{s}", np.nan)
         for s in strategies:
@@ -220,7 +228,7 @@ def with_mean(table: pd.DataFrame) -> pd.DataFrame:
     """The table plus a last row 'mean' (over the layers whose correlation is defined)."""
     numeric = table.select_dtypes("number")
     mean = numeric.mean(skipna=True).to_dict()
-    mean.update(layer="mean", units=int(table["units"].sum()), run_id="")
+    mean.update(layer="mean", modules="", units=int(table["units"].sum()), run_id="")
     return pd.concat([table, pd.DataFrame([mean])], ignore_index=True)
 
 
@@ -233,7 +241,8 @@ def plot_criteria(table: pd.DataFrame, info: dict, path: str | Path) -> Path:
     heat, bars = fig.subplots(1, 2, width_ratios=[0.9 * len(strategies) + 2.5, 4.2])
     image = heat.imshow(values, cmap="RdBu", vmin=-1, vmax=1, aspect="auto")
     heat.set_xticks(range(len(strategies)), strategies, rotation=30, ha="right")
-    heat.set_yticks(range(len(table)), [f"{layer} ({n})" for layer, n in zip(table["layer"], table["units"])],
+    labels = _labels(table)
+    heat.set_yticks(range(len(table)), [f"{labels[layer]} ({n})" for layer, n in zip(table["layer"], table["units"])],
                     fontsize="small")
     if len(table) * len(strategies) <= 400:
         for (i, j), v in np.ndenumerate(values):
@@ -259,7 +268,8 @@ def plot_criteria(table: pd.DataFrame, info: dict, path: str | Path) -> Path:
 def criteria_markdown(name: str, table: pd.DataFrame, info: dict) -> str:
     strategies = info["strategy_list"]
     full = with_mean(table)
-    shown = pd.DataFrame({"layer": full["layer"], "units": full["units"].astype(int)})
+    labels = {**_labels(table), "mean": "mean"}
+    shown = pd.DataFrame({"layer": full["layer"].map(labels), "units": full["units"].astype(int)})
     for s in strategies:
         shown[s] = full[f"spearman_{s}"].map(lambda v: "–" if pd.isna(v) else f"{v:.2f}")
     examples = int(float(info.get("val_examples", 0)))

@@ -189,12 +189,14 @@ def suggestion_yaml(table: pd.DataFrame, base_accuracy: float, tolerance: float,
     ratios, ignore = suggest(table, base_accuracy, tolerance)
     tied = {r.layer: r.modules for r in table.drop_duplicates("layer").itertuples() if "," in str(r.modules)}
     lines = [
-        f"# Suggested by `sweep sensitivity` ({source}): for each layer group, the largest tested ratio whose",
-        f"# validation accuracy, with that group pruned alone and no fine-tune, stays within {100 * tolerance:g}",
-        f"# point(s) of the base ({100 * base_accuracy:.2f} %); groups that lose more at the smallest ratio are",
-        "# ignored. A group is named by its first conv; the convs tied to it (a residual stream) go with it.",
-        "# Effects add up when several groups are pruned together: fine-tune, or tolerate less.",
+        f"# Suggested by `sweep sensitivity` ({source}):",
+        "# for each layer group, the largest tested ratio up to which its validation accuracy, pruned alone",
+        f"# without fine-tune, stays within {100 * tolerance:g} point(s) of the base ({100 * base_accuracy:.2f} %);",
+        "# groups that lose more already at the smallest ratio are ignored. A group is named by its first conv;",
+        "# the convs tied to it (a residual stream) go with it. Effects add up when several groups are pruned",
+        "# together: fine-tune, or tolerate less. `ratio: 0` prunes only the listed groups.",
         "prune:",
+        *(["  ratio: 0"] if ratios else []),
         "  ratios:" + ("" if ratios else " {}"),
     ]
     for layer, ratio in ratios.items():
