@@ -29,7 +29,7 @@ import os
 import shutil
 import subprocess
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -38,7 +38,8 @@ def new_model(config: dict, num_classes: int, in_channels: int, source_weights: 
     """The trial's architecture headed for the dataset's classes, with its source weights or random ones."""
     model = config["model"]
     weights = model["weights"] if source_weights else None
-    return build_model(model["name"], num_classes, weights, in_channels)
+    return build_model(model.get("name"), num_classes, weights, in_channels, factory=model.get("factory"),
+                       kwargs=model.get("kwargs"))
 
 
 def example_input(splits: DataSplits, device: torch.device | str = "cpu") -> torch.Tensor:

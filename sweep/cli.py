@@ -23,8 +23,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .errors import InputError
 
@@ -75,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="restore the interrupted sweep from --storage")
     run.add_argument("--force", action="store_true", help="rerun trials that already finished")
     run.add_argument("--max-concurrent", type=_positive_int, metavar="N", help="at most N trials at once")
-    run.add_argument("--quiet", action="store_true", help="no progress table")
+    run.add_argument("--quiet", action="store_true", help="no progress line")
+    run.add_argument("--verbose", action="store_true", help="Ray Tune's table of every trial instead of one line")
 
     validate = command("validate", help="check search spaces; print every problem")
     validate.add_argument("spaces", nargs="+", metavar="SPACE.yaml")
@@ -84,11 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("name", metavar="NAME", help="the sweep name (MLflow experiment)")
     _tracking_option(report)
     report.add_argument("--out", default="reports", metavar="DIR", help="output folder (default: reports)")
+    report.add_argument("--register", metavar="MODEL_NAME",
+                        help="register the best trial's pruned network in the MLflow Model Registry under this name")
+    report.add_argument("--by", default="val_accuracy", metavar="METRIC",
+                        help="what --register picks the best trial by (default val_accuracy; never a test metric)")
 
     trial = command("trial", help="run one trial here, without Ray (the first config of the space)")
     trial.add_argument("space", metavar="CONFIG.yaml")
     _tracking_option(trial)
     trial.add_argument("--storage", help="folder holding the shared base models (default ./sweep_results)")
+    trial.add_argument("--force", action="store_true", help="run even if this config already has a FINISHED run")
 
     prune = command("prune", help="prune one model and show what was removed (no training)")
     prune.add_argument("--model", required=True, help="a name from `sweep models`")
@@ -125,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="how many layer groups (evenly spread), or their names (default: all)")
     _analysis_options(criteria)
 
-    command("models", help="list model names")
+    models = command("models", help="list model names and whether the pruner handles each")
+    models.add_argument("--names", action="store_true", help="names only, one a line (no pruner check)")
     command("strategies", help="list pruning strategies")
     return parser
 
@@ -172,7 +180,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = load_spec(args.space)
     outcome = run_sweep(spec, address=args.address, tracking_uri=args.tracking_uri, storage=args.storage,
                         resume=args.resume, force=args.force, max_concurrent=args.max_concurrent,
-                        verbose=0 if args.quiet else 1)
+                        verbose=0 if args.quiet else 2 if args.verbose else 1)
+    if outcome.parent_run_id is not None:
+        _print_ui_links(spec.name, args.tracking_uri)
     if outcome.interrupted:
         return INTERRUPTED
     return FAILED if outcome.failed else 0
@@ -199,11 +209,34 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
+    if args.register:  # refuse a test metric before writing anything
+        from .registry import _check_by
+
+        _check_by(args.by)
     paths = write_report(args.name, args.tracking_uri, out_dir=args.out)
     print(Path(paths["summary"]).read_text(encoding="utf-8"))
     for name, path in paths.items():
         print(f"{name}: {path}")
+    _print_ui_links(args.name, args.tracking_uri)
+    if args.register:
+        from .registry import register_best
+
+        version = register_best(args.name, args.register, by=args.by, tracking_uri=args.tracking_uri)
+        print(f"registered: {version.name} version {version.version} (run {version.run_id}, best {args.by}); "
+              f"load it with mlflow.pyfunc.load_model('models:/{version.name}/{version.version}')")
     return 0
+
+
+def _print_ui_links(name: str, tracking_uri: str | None) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from . import tracking
+    from .mlflow_ui import how_to_open
+
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    experiment_id = tracking.find_experiment_id(MlflowClient(uri), name)
+    if experiment_id is not None:
+        print("\n".join(how_to_open(uri, experiment_id)))
 
 
 def cmd_trial(args: argparse.Namespace) -> int:
@@ -220,9 +253,10 @@ def cmd_trial(args: argparse.Namespace) -> int:
             print(f"epoch {metrics['epoch']}: " + ", ".join(f"{k} {_number(v)}" for k, v in metrics.items()
                                                            if k != "epoch"))
 
-    metrics = run_one(spec, tracking_uri=args.tracking_uri, storage=args.storage, on_report=on_report)
+    metrics = run_one(spec, tracking_uri=args.tracking_uri, storage=args.storage, on_report=on_report,
+                      force=args.force)
     if metrics.get("skipped"):
-        print("this config already has a FINISHED run; its recorded metrics:")
+        print("this config already has a FINISHED run (--force runs it again); its recorded metrics:")
     width = max(map(len, metrics), default=0)
     for name, value in metrics.items():
         if name != "skipped":
@@ -235,7 +269,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     from .measure import count_flops, count_params
     from .models import build_model
-    from .pruning import NEEDS_CALIBRATION, prune, save_pruned
+    from .pruning import NEEDS_CALIBRATION, PruningError, prune, save_pruned
 
     model = build_model(args.model, args.num_classes, args.weights, args.in_channels).eval()
     example = torch.randn(1, args.in_channels, args.input_size, args.input_size)
@@ -248,9 +282,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         shape = (8, args.in_channels, args.input_size, args.input_size)
         calibration = [(torch.randn(shape, generator=g), torch.randint(args.num_classes, (8,), generator=g))
                        for _ in range(2)]
-    result = prune(model, example, strategy=args.strategy, ratio=args.ratio, scope=args.scope, target=args.target,
-                   calibration=calibration, min_channels=args.min_channels, round_to=args.round_to, steps=args.steps,
-                   seed=args.seed)
+    try:  # here the pruner's arguments and the model are the user's input
+        result = prune(model, example, strategy=args.strategy, ratio=args.ratio, scope=args.scope, target=args.target,
+                       calibration=calibration, min_channels=args.min_channels, round_to=args.round_to, steps=args.steps,
+                       seed=args.seed)
+    except PruningError as error:
+        raise InputError(str(error)) from None
 
     rows = result.plan.channel_counts(model)
     width = max([len("layer"), *(len(r[0]) for r in rows)])
@@ -304,7 +341,19 @@ def cmd_criteria(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from .models import model_names
 
-    print("\n".join(model_names()))
+    if args.names:
+        print("\n".join(model_names()))
+        return 0
+    from .model_check import pruner_support
+
+    rows = pruner_support()
+    width = max(len(name) for name, _, _ in rows)
+    print(f"{'model':<{width}}  pruner")
+    for name, ok, reason in rows:
+        print(f"{name:<{width}}  {'yes' if ok else 'no'}" + (f" ({reason})" if reason else ""))
+    handled = sum(ok for _, ok, _ in rows)
+    print(f"\n{handled} of {len(rows)} models can be pruned (traced for the pruner at 3x224x224, 32x32 for the CIFAR "
+          "zoo; one per family).\nYour own network: model: {factory: 'my_module:build'} in the spec.")
     return 0
 
 

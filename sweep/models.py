@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import difflib
 import pickle
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
+
 from .errors import InputError
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".th", ".ckpt")
@@ -286,19 +287,19 @@ def _torchvision_weights(name: str, weights: str) -> torchvision.models.WeightsE
     return enum[key]
 
 
-def _load_strict(model: nn.Module, state: dict[str, Tensor], path: str) -> None:
+def _load_strict(model: nn.Module, state: dict[str, Tensor], path: str, check: str = "model.name") -> None:
     expected = model.state_dict()
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
         raise ModelError(f"model.weights: '{path}' does not fit {type(model).__name__}: {len(missing)} missing keys "
                          f"(e.g. {missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]}); "
-                         f"check model.name")
+                         f"check {check}")
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state.items()
              if v.shape != expected[k].shape]
     if wrong:
         raise ModelError(f"model.weights: '{path}' has {len(wrong)} tensors of the wrong shape "
-                         f"(e.g. {wrong[0]}); check model.name")
+                         f"(e.g. {wrong[0]}); check {check}")
     model.load_state_dict(state, strict=True)
 
 
@@ -337,16 +338,92 @@ def _from_torchvision(name: str, weights: str, num_classes: int, in_channels: in
     return model
 
 
-def build_model(name: str, num_classes: int, weights: str | None = None, in_channels: int = 3) -> nn.Module:
-    """A model by registry name; `weights` is None, a torchvision weights name, or a checkpoint path."""
-    if name not in MODELS and name not in _torchvision_names():
-        names = model_names()
-        close = difflib.get_close_matches(name, names, n=5, cutoff=0.5) or list(MODELS)
-        raise ModelError(f"model.name: unknown model '{name}'; choose one of {', '.join(close)}, ... "
-                         f"(see `sweep models` for all {len(names)})")
+def resolve_factory(path: str, field: str, error: type[ValueError] = ModelError) -> Callable:
+    """The callable named by "package.module:function" (a dotted attribute path after the colon is allowed).
+
+    The working directory is put on sys.path first, when absent: `sweep` is a console script, and a console script's
+    sys.path holds its own bin/ folder, not the directory it was started from, so `mynets.py` beside the search space
+    would not import though `python -c "import mynets"` works there. Ray gives its workers the driver's sys.path as it
+    was when Ray started (`sweep run` resolves factories before, in its preflight) and starts them in the driver's
+    working directory (a cluster: runtime_env's `working_dir`, or `py_modules` for a package); Tune then moves each
+    trial into a folder of its own and records where it started in $TUNE_ORIG_WORKING_DIR, also put on the path.
+    """
+    import importlib
+    import os
+    import sys
+
+    module_name, colon, attribute = str(path).partition(":")
+    if not colon or not module_name or not attribute or any(not part.isidentifier() for part in
+                                                            [*module_name.split("."), *attribute.split(".")]):
+        raise error(f"{field}: '{path}' is not an import path; write 'package.module:function' (a function "
+                    f"in a .py file importable from the working directory or an installed package)")
+    # the working directory, and in a Ray Tune trial (which runs in a directory of its own) the one it started in
+    for folder in (os.getcwd(), os.environ.get("TUNE_ORIG_WORKING_DIR")):
+        if folder and folder not in sys.path:
+            sys.path.insert(0, folder)
+    try:
+        obj = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name is not None and module_name.startswith(e.name):  # the module itself, not one it imports
+            raise error(f"{field}: cannot import module '{module_name}' (from '{path}'): no such module on the path; "
+                        f"run from the folder holding it, install its package, or on a cluster ship it with "
+                        f"runtime_env working_dir/py_modules") from None
+        raise error(f"{field}: importing '{module_name}' failed: {e}") from e
+    except Exception as e:  # the user's module raised while importing: say so, in one line
+        raise error(f"{field}: importing '{module_name}' failed: {type(e).__name__}: {' '.join(str(e).split())}") from e
+    for part in attribute.split("."):
+        if not hasattr(obj, part):
+            raise error(f"{field}: module '{module_name}' has no attribute '{attribute}'")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise error(f"{field}: '{path}' is not callable; name a function or class")
+    return obj
+
+
+def _from_factory(factory: str, num_classes: int, in_channels: int, kwargs: dict | None) -> nn.Module:
+    build = resolve_factory(factory, "model.factory")
+    kwargs = dict(kwargs or {})
+    clash = sorted({"num_classes", "in_channels"} & set(kwargs))
+    if clash:
+        raise ModelError(f"model.kwargs: {', '.join(clash)} come from the dataset; remove them from model.kwargs")
+    try:
+        model = build(num_classes=num_classes, in_channels=in_channels, **kwargs)
+    except TypeError as e:
+        raise ModelError(f"model.factory: {factory}(num_classes=..., in_channels=..., **model.kwargs) failed: {e}; "
+                         f"the factory must accept num_classes and in_channels as keywords") from e
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model.factory: {factory} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def build_model(name: str | None, num_classes: int, weights: str | None = None, in_channels: int = 3, *,
+                factory: str | None = None, kwargs: dict | None = None) -> nn.Module:
+    """A model by registry name or by factory; `weights` is None, a torchvision weights name, or a checkpoint path.
+
+    `factory="my_pkg.nets:build"` imports `build` and calls `build(num_classes=..., in_channels=..., **kwargs)`; it
+    must return an nn.Module built for those classes and channels. `weights` may then be a local checkpoint of it.
+    """
     for field, value in (("num_classes", num_classes), ("in_channels", in_channels)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ModelError(f"{field}: must be a positive integer, got {value!r}")
+    if factory is not None:
+        if name is not None:
+            raise ModelError("model: give either name or factory, not both")
+        model = _from_factory(factory, num_classes, in_channels, kwargs)
+        if weights is not None:
+            if not _is_path(str(weights)):
+                raise ModelError(f"model.weights: '{weights}' is not a checkpoint file; a factory model loads only a "
+                                 f"local checkpoint ({'/'.join(CHECKPOINT_SUFFIXES)})")
+            _load_strict(model, load_checkpoint_state(weights), str(weights), check="model.factory and model.kwargs")
+        return model
+    if kwargs:
+        raise ModelError("model.kwargs: only a model.factory takes kwargs; remove them or use factory")
+    if name not in MODELS and name not in _torchvision_names():
+        names = model_names()
+        close = difflib.get_close_matches(str(name), names, n=5, cutoff=0.5) or list(MODELS)
+        raise ModelError(f"model.name: unknown model '{name}'; choose one of {', '.join(close)}, ... "
+                         f"(see `sweep models` for all {len(names)}, or give model.factory: 'pkg.module:function' "
+                         f"for your own network)")
     if weights is None:
         return _random(name, num_classes, in_channels)
     weights = str(weights)

@@ -16,18 +16,21 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from . import latency, report, tracking
-from .preflight import preflight
+from . import claims, latency, raycompat, report, tracking
+from .errors import InputError
 from .names import PARAMS
+from .preflight import check_writable, preflight
+from .progress import CompactProgress, quiet_ray_logs
 from .spec import SpecError, SweepSpec
-from .trial import SweepContext, run_trial
+from .trial import EpochHook, SweepContext, run_trial
 
 DEFAULT_STORAGE = "sweep_results"
 LOOPBACK = "127.0.0.1"
@@ -51,6 +54,7 @@ class SweepOutcome:
     results: pd.DataFrame | None  # one row per Tune trial of this launch (see summary_frame), None if none ran
     storage: str                # this launch's Tune experiment directory (what `--resume` restores)
     interrupted: int = 0        # trials left unfinished by an interrupted fit (Ctrl-C): `--resume` continues them
+    held: int = 0               # trials another live launch was running (its claim held): not run twice
 
 
 # --- Ray ---------------------------------------------------------------------------------------------
@@ -72,6 +76,7 @@ def start_ray(address: str | None = None) -> bool:
     # This process may have imported ray before the variable was set; Ray consults the constant when it picks
     # the node address, so set it too (a private name, hence the check on the result below).
     ray_constants.ENABLE_RAY_CLUSTER = False
+    quiet_ray_logs()
     ray.init(address="local", include_dashboard=False)
     node_ip = ray.util.get_node_ip_address()
     if node_ip != LOOPBACK:
@@ -114,12 +119,25 @@ def _trial_dirname(trial: Any) -> str:
     return f"trial_{trial.trial_id}"  # Tune's default puts the whole (nested, long) config into the folder name
 
 
-def _progress_reporter(spec: SweepSpec) -> Any:
+def _progress_reporter(spec: SweepSpec, verbose: int) -> Any:
+    """One compact line (sweep.progress); with --verbose, Tune's table of every trial."""
     from ray import tune
 
     short = {path: name for name, path in PARAMS.items()}  # prune.ratio -> ratio, model.name -> model
     swept = [f"{p}.name" if p in ("model", "dataset") else p for p in spec.space]  # a swept section: its name
-    columns = {"trial/" + p.replace(".", "/"): short.get(p, p) for p in dict.fromkeys([*_ALWAYS_SHOWN, *swept])}
+    shown = list(dict.fromkeys([*_ALWAYS_SHOWN, *swept]))
+    if verbose < 2:
+        def describe(config: dict) -> str:
+            trial = config.get("trial", {})
+            values = []
+            for path in shown:
+                value = trial
+                for part in path.split("."):
+                    value = value.get(part, {}) if isinstance(value, dict) else {}
+                values.append(f"{short.get(path, path)} {value}")
+            return ", ".join(values)
+        return CompactProgress(spec.metric, spec.mode, describe)
+    columns = {"trial/" + p.replace(".", "/"): short.get(p, p) for p in shown}
     # print_intermediate_tables explicitly: its default follows a process-wide verbosity that earlier fits leave set.
     return tune.CLIReporter(parameter_columns=columns, metric_columns=_PROGRESS_METRICS, max_report_frequency=10,
                             print_intermediate_tables=True)
@@ -163,8 +181,8 @@ def _new_tuner(spec: SweepSpec, param_space: dict, trainable: Any, experiment_pa
             reuse_actors=reuse_workers,
         ),
         run_config=tune.RunConfig(
-            name=os.path.basename(experiment_path), storage_path=os.path.dirname(experiment_path), verbose=verbose,
-            progress_reporter=_progress_reporter(spec),
+            name=os.path.basename(experiment_path), storage_path=os.path.dirname(experiment_path),
+            verbose=min(verbose, 1), progress_reporter=_progress_reporter(spec, verbose),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         ),
@@ -198,7 +216,7 @@ def resolve_storage(storage: str | None) -> str:
     """The absolute storage folder (default ./sweep_results); Ray needs it absolute."""
     path = storage or DEFAULT_STORAGE
     if "://" in path:
-        raise ValueError(f"--storage: {path!r} is a URI; base models are shared through a file lock, so give a "
+        raise InputError(f"--storage: {path!r} is a URI; base models are shared through a file lock, so give a "
                          "folder (on a cluster, one that every node mounts, such as an NFS path)")
     return str(Path(path).expanduser().resolve())
 
@@ -240,15 +258,6 @@ def _interrupted_launch(uri: str, spec: SweepSpec) -> tuple[str, str] | None:
     return (parent, path) if tune.Tuner.can_restore(path) else None
 
 
-def _close_orphans(uri: str, experiment: str, parent_run_id: str) -> None:
-    """Child runs still RUNNING after Tune returned were stopped from outside (ASHA, Ctrl-C): mark them KILLED."""
-    client = MlflowClient(uri)
-    orphans = tracking.child_runs(
-        client, experiment, f"attributes.status = 'RUNNING' and tags.`mlflow.parentRunId` = '{parent_run_id}'")
-    for run in orphans:
-        tracking.with_retry(client.set_terminated, run.info.run_id, status="KILLED")
-
-
 # --- results ---------------------------------------------------------------------------------------------
 
 
@@ -256,7 +265,7 @@ def _status(result: Any, early_stopping: bool) -> str:
     metrics = result.metrics or {}
     if result.error is not None:
         return "FAILED"
-    if metrics.get("trial_status") in ("SKIPPED", "FINISHED"):  # the trial's final report says how it ended
+    if metrics.get("trial_status") in ("SKIPPED", "HELD", "FINISHED"):  # the trial's final report says how it ended
         return metrics["trial_status"]
     # Ended without its final report: a scheduler stops trials only on a reported result, so with FIFO, or with no
     # result at all, the sweep was interrupted (Tune marks such trials TERMINATED too, so its status cannot tell).
@@ -302,22 +311,31 @@ def run_sweep(
     max_concurrent: int | None = None,
     verbose: int = 1,
     reuse_workers: bool = True,
+    on_epoch: EpochHook | None = None,
 ) -> SweepOutcome:
     """Run the sweep's new trials on Ray Tune, recording them in MLflow under one parent run for this launch.
 
     Bad input (resources the cluster cannot give) raises SpecError before any MLflow data is written.
-    `resume` restores the Tune experiment in `<storage>/<name>` if it can (errored trials restart from their
-    checkpoints, under the interrupted launch's parent run), and starts afresh otherwise.
+    `resume` restores the newest interrupted launch if it can (errored trials restart from their checkpoints,
+    under that launch's parent run), and starts afresh otherwise. `on_epoch(config, epoch)` runs in the trial
+    workers before each training epoch (it must pickle).
     """
     storage = resolve_storage(storage)
     uri = tracking.resolve_tracking_uri(tracking_uri)
     os.environ.pop("MLFLOW_RUN_ID", None)  # local workers inherit it, and it would re-parent every trial run
 
+    check_writable(storage, uri)  # a read-only --storage or store folder: one line now, not a crash mid-sweep
+    if not (resume or force) and spec.search["algorithm"] == "grid" and tracking.store_exists(uri):
+        pending, skipped = _pending_grid(spec, uri, force)
+        if not pending:  # answered from the store alone: no data to load, no Ray to start
+            print(f"nothing to run: all {skipped} trials already finished in experiment {spec.name} "
+                  "(use --force to rerun)")
+            return SweepOutcome(spec.name, None, 0, skipped, 0, None, "")
     preflight(spec)  # models, checkpoints and data the trials will need: fail now, not in every trial
     owns_ray = start_ray(address)
     try:
         check_resources(spec)
-        return _launch(spec, uri, storage, resume, force, max_concurrent, verbose, reuse_workers)
+        return _launch(spec, uri, storage, resume, force, max_concurrent, verbose, reuse_workers, on_epoch)
     finally:
         if owns_ray:
             import ray
@@ -341,10 +359,16 @@ def _restorable(experiment_path: str) -> bool:
 
 
 def _launch(spec: SweepSpec, uri: str, storage: str, resume: bool, force: bool, max_concurrent: int | None,
-            verbose: int, reuse_workers: bool) -> SweepOutcome:
+            verbose: int, reuse_workers: bool, on_epoch: EpochHook | None) -> SweepOutcome:
     from ray import tune
 
     tracking.init_store(uri)  # here, in the driver: trial workers creating the schema in parallel would race
+    client, launch_id, lease_s = MlflowClient(uri), claims.new_owner_id("launch"), lease_seconds()
+    experiment_id = tracking.find_experiment_id(client, spec.name)
+    if experiment_id is not None:  # runs left RUNNING by launches that died: close them, saying why
+        closed = claims.close_dead_runs(client, experiment_id, closer=launch_id, lease_s=lease_s)
+        if closed:
+            print(f"closed {len(closed)} runs left RUNNING by a launch that died (tag sweep.closed_reason)")
     interrupted = _interrupted_launch(uri, spec) if resume else None
     if resume and interrupted is None:
         print(f"nothing to resume for sweep {spec.name}: starting it afresh")
@@ -361,13 +385,15 @@ def _launch(spec: SweepSpec, uri: str, storage: str, resume: bool, force: bool, 
 
     if interrupted is not None:
         parent, experiment_path = interrupted
-        tracking.with_retry(MlflowClient(uri).update_run, parent, status="RUNNING")
+        tracking.with_retry(client.update_run, parent, status="RUNNING")
     else:
         experiment_path = new_launch_path(storage, spec.name)
         parent = tracking.start_parent_run(uri, spec.name, spec.source_text, tags={"sweep.tune_path": experiment_path})
+    parent_lease = claims.Lease.acquire(client, parent, launch_id, lease_s)  # a dead driver's parent gets closed
     try:
         # with --force the trial must not return a recorded result either
-        context = SweepContext(uri, spec.name, parent, cache_dir(storage, spec.name), rerun=force)
+        context = SweepContext(uri, spec.name, parent, cache_dir(storage, spec.name), rerun=force, on_epoch=on_epoch,
+                               launch_id=launch_id, lease_s=lease_s)
         trainable = tune.with_resources(tune.with_parameters(sweep_trial, context=context), _trial_resources(spec))
         if interrupted is not None:
             print(f"resuming the sweep at {experiment_path}")
@@ -376,15 +402,28 @@ def _launch(spec: SweepSpec, uri: str, storage: str, resume: bool, force: bool, 
             grid = tune.grid_search(pending) if spec.search["algorithm"] == "grid" else spec.param_space()
             tuner = _new_tuner(spec, {"trial": grid}, trainable, experiment_path, max_concurrent, verbose,
                                reuse_workers)
+        raycompat.retry_oom_killed_trials()  # else one OOM-killed trial raises out of fit and ends the sweep
+        if verbose:
+            count = len(pending) or spec.num_trials()
+            print(f"{count} trials on Ray; the first one to start trains the shared base network, the others wait "
+                  f"for it (trial workers take a few seconds to start)")
         with _tune_output():
             result_grid = tuner.fit()
         _measure_latency(spec, uri)
     except BaseException:
-        _close_orphans(uri, spec.name, parent)
+        parent_lease.release()
+        tracking.close_children(uri, spec.name, parent)
         tracking.end_run(uri, parent, "KILLED")
         raise
+    parent_lease.release()
     frame = summary_frame(result_grid, early_stopping=spec.scheduler["name"] != "fifo")
     return _finish(spec, uri, storage, parent, frame, skipped, experiment_path)
+
+
+def lease_seconds() -> float:
+    """How long a claim outlives its holder's last renewal: $SWEEP_LEASE_SECONDS, else 60 s. Shorter leases let a
+    resumed or overlapping launch take over a dead launch's trials sooner, at the cost of more renewal writes."""
+    return float(os.environ.get("SWEEP_LEASE_SECONDS", claims.DEFAULT_LEASE_S))
 
 
 def _trial_resources(spec: SweepSpec) -> dict[str, float]:
@@ -410,20 +449,22 @@ def _measure_latency(spec: SweepSpec, uri: str) -> None:
 def _finish(spec: SweepSpec, uri: str, storage: str, parent: str, frame: pd.DataFrame, skipped: int,
             experiment_path: str) -> SweepOutcome:
     """Close the launch: orphaned trial runs, the report, the parent run's status, the summary table."""
-    _close_orphans(uri, spec.name, parent)
+    tracking.close_children(uri, spec.name, parent)
     interrupted = int((frame["status"] == "INTERRUPTED").sum())
     failed = int((frame["status"] == "FAILED").sum())
     skipped += int((frame["status"] == "SKIPPED").sum())
+    held = int((frame["status"] == "HELD").sum())
     ran = int(frame["status"].isin(["FINISHED", "FAILED", "STOPPED"]).sum())
     _write_report(spec.name, uri, storage)
     tracking.end_run(uri, parent, "KILLED" if interrupted else "FAILED" if failed else "FINISHED")
-    print(f"\nsweep {spec.name}: {ran} trials ran, {skipped} skipped (already finished), {failed} failed")
+    print(f"\nsweep {spec.name}: {ran} trials ran, {skipped} skipped (already finished), {failed} failed"
+          + (f", {held} left to another launch that is running them" if held else ""))
     _print_summary(frame)
     if interrupted:
         print(f"interrupted with {interrupted} trials unfinished: `sweep run --resume` continues them")
     elif (frame["status"] == "STOPPED").any():
         print(f"{int((frame['status'] == 'STOPPED').sum())} trials were stopped early by {spec.scheduler['name']}")
-    return SweepOutcome(spec.name, parent, ran, skipped, failed, frame, experiment_path, interrupted)
+    return SweepOutcome(spec.name, parent, ran, skipped, failed, frame, experiment_path, interrupted, held)
 
 
 def _write_report(name: str, uri: str, storage: str) -> None:
@@ -449,7 +490,7 @@ def single_config(spec: SweepSpec) -> tuple[dict, int]:
 
 
 def run_one(spec: SweepSpec, tracking_uri: str | None = None, storage: str | None = None,
-            on_report: Callable[[dict, str | None], None] | None = None) -> dict:
+            on_report: Callable[[dict, str | None], None] | None = None, force: bool = False) -> dict:
     """One trial in this process, without Ray, logged to MLflow like a sweep's trial (no parent run).
 
     It shares the sweep's base-model cache, and returns the recorded metrics if this config already finished.
@@ -457,7 +498,8 @@ def run_one(spec: SweepSpec, tracking_uri: str | None = None, storage: str | Non
     uri = tracking.resolve_tracking_uri(tracking_uri)
     config, _ = single_config(spec)  # run_trial itself keeps MLFLOW_RUN_ID from re-parenting the run
     tracking.init_store(uri)
-    context = SweepContext(uri, spec.name, None, cache_dir(resolve_storage(storage), spec.name))
+    context = SweepContext(uri, spec.name, None, cache_dir(resolve_storage(storage), spec.name), rerun=force,
+                           lease_s=lease_seconds())
     result = run_trial(config, context, report=on_report or (lambda metrics, checkpoint: None))
     if result.get("skipped"):
         return result

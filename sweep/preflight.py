@@ -15,10 +15,13 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import uuid
+from pathlib import Path
 
 import torch
 
 from .data import DataError, load_dataset
+from .errors import InputError
 from .models import MODELS, ModelError, build_model
 from .pruning import PruningError, analyse
 from .spec import SpecError, SweepSpec
@@ -52,9 +55,9 @@ def _combinations(spec: SweepSpec) -> list[dict]:
 def _dataset_shape(dataset: dict, seed: int) -> tuple[int, int, int] | None:
     """(classes, channels, side) of the model input, or None when the trials will download the data first."""
     try:
-        splits = load_dataset(dataset["name"], root=dataset["root"], download=False,
+        splits = load_dataset(dataset.get("name"), root=dataset["root"], download=False,
                               val_fraction=dataset["val_fraction"], seed=seed, image_size=dataset["image_size"],
-                              limit=dataset["limit"])
+                              limit=dataset["limit"], factory=dataset.get("factory"), kwargs=dataset.get("kwargs"))
     except DataError:
         if dataset["download"]:
             return None  # not here yet; each trial downloads it (and reports a failure itself)
@@ -77,12 +80,16 @@ def _weights_to_load(name: str, weights: str | None) -> str | None:
 
 def _check_model(model: dict, shape: tuple[int, int, int], ignore: list[str], dataset: str) -> None:
     classes, channels, side = shape
-    net = build_model(model["name"], classes, _weights_to_load(model["name"], model["weights"]), channels).eval()
+    factory = model.get("factory")
+    weights = model["weights"] if factory else _weights_to_load(model["name"], model["weights"])
+    net = build_model(model.get("name"), classes, weights, channels, factory=factory,
+                      kwargs=model.get("kwargs")).eval()
     try:
         analyse(net, (torch.zeros(1, channels, side, side),), ignore=tuple(ignore))
     except PruningError as error:
         text = " ".join(str(error).split())
-        raise SpecError(f"model.name: {model['name']} on {dataset} ({channels}x{side}x{side} inputs) cannot be "
+        field, what = ("model.factory", factory) if factory else ("model.name", model["name"])
+        raise SpecError(f"{field}: {what} on {dataset} ({channels}x{side}x{side} inputs) cannot be "
                         f"pruned: {text}") from None
 
 
@@ -92,8 +99,6 @@ def preflight(spec: SweepSpec) -> None:
     shapes: dict[str, tuple | None] = {}
     checked: set[str] = set()
     for config in _combinations(spec):
-        if _factory_unsupported(config):
-            continue
         dataset_key = json.dumps(config["dataset"], sort_keys=True)
         if dataset_key not in shapes:
             try:
@@ -107,17 +112,65 @@ def preflight(spec: SweepSpec) -> None:
             continue
         checked.add(model_key)
         try:
-            _check_model(config["model"], shape, config["prune"]["ignore"], config["dataset"]["name"])
+            _check_model(config["model"], shape, config["prune"]["ignore"],
+                         config["dataset"].get("name") or config["dataset"].get("factory"))
         except (ModelError, SpecError) as error:
             errors.append(str(error))
     if errors:
         raise SpecError(list(dict.fromkeys(" ".join(e.split()) for e in errors)))
 
 
-def _factory_unsupported(config: dict) -> bool:
-    """Whether the trial names a model.factory or dataset.factory that build_model / load_dataset cannot take yet
-    (they gain `factory=` and `kwargs=` on the `ui` branch): such a config is left for its trials to load."""
-    import inspect
+# --- folders the sweep writes to ---------------------------------------------------------------------------------
 
-    return any(config[section].get("factory") and "factory" not in inspect.signature(load).parameters
-               for section, load in (("model", build_model), ("dataset", load_dataset)))
+
+class StorageError(InputError):
+    """A folder the sweep must write to cannot be written; the one-line message names the option and the fix."""
+
+
+def _probe(folder: Path) -> str | None:
+    """Create and delete a file in folder (the only test that holds for root, ACLs and read-only mounts alike)."""
+    probe = folder / f".sweep-write-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        return f"{type(error).__name__}: {error.strerror or error}"
+    return None
+
+
+def _nearest_existing(path: Path) -> Path:
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return Path("/")
+
+
+def check_writable(storage: str, tracking_uri: str) -> None:
+    """Fail before Ray starts, and before the MLflow store is opened, if the sweep could not write its results.
+
+    storage: the resolved --storage folder (it may not exist yet: then the nearest existing folder above it must
+    take the new folder). tracking_uri: the resolved MLflow URI; for a sqlite store its folder must exist and take
+    new files (sqlite writes a journal beside the database). Server URIs are not checked here. Raises StorageError,
+    one line per problem, naming --storage or --tracking-uri and the fix.
+    """
+    errors = []
+    folder = Path(storage)
+    target = _nearest_existing(folder)
+    why = "is not a folder" if not target.is_dir() else _probe(target)
+    if why:
+        where = str(folder) if target == folder else f"{folder} (its nearest existing folder {target})"
+        errors.append(f"--storage: {where} is not writable ({why}); give --storage a folder you can write to, "
+                      "or fix its permissions")
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):])
+        if not db.parent.is_dir():
+            errors.append(f"--tracking-uri: {tracking_uri}: folder {db.parent} does not exist; create it or pass "
+                          "--tracking-uri sqlite:///<writable folder>/mlflow.db")
+        else:
+            why = _probe(db.parent) or (None if not db.exists() or os.access(db, os.W_OK)
+                                        else "the database file is read-only")
+            if why:
+                errors.append(f"--tracking-uri: {tracking_uri}: folder {db.parent} is not writable ({why}); pass "
+                              "--tracking-uri sqlite:///<writable folder>/mlflow.db or fix its permissions")
+    if errors:
+        raise StorageError(" | ".join(errors) if len(errors) > 1 else errors[0])

@@ -25,8 +25,8 @@ from mlflow.tracking import MlflowClient
 from scipy import stats
 
 from sweep import tracking
-from sweep.names import LEGACY_METRICS, METRICS
 from sweep.errors import InputError
+from sweep.names import LEGACY_METRICS, METRICS
 
 STATUSES = ("RUNNING", "SCHEDULED", "FINISHED", "FAILED", "KILLED")
 # Params that say nothing about the result: where things live, not what was computed.

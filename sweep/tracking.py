@@ -15,13 +15,15 @@ import random
 import re
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from .mlflow_ui import experiment_tags, mark_experiment
 from .names import PARAMS
 
 try:
@@ -85,9 +87,39 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
 
 
+STORE_LOCK_SECONDS = 300.0
+
+
+def store_exists(uri: str) -> bool:
+    """Whether there is a store to read: a sqlite file that exists, or any server or database URI."""
+    db = _sqlite_path(uri)
+    return db is None or db.exists()
+
+
 def init_store(uri: str) -> None:
-    """Create the database and its schema now, in the driver: parallel first use by trial workers races."""
-    with_retry(MlflowClient(uri).search_experiments, max_results=1)
+    """Create the database and its schema now, in the driver: parallel first use by trial workers races.
+
+    Two launches on one fresh sqlite file race too (alembic: "expected to match one row when updating ... in
+    'alembic_version'; 0 found"): a file lock beside the database (`<db>.lock`) lets the first create the schema
+    while the second waits, then finds it there. A server URI needs nothing: the server created its schema.
+    """
+    db = _sqlite_path(uri)
+    if db is None or not db.parent.is_dir():
+        with_retry(MlflowClient(uri).search_experiments, max_results=1)  # a missing folder fails here, as before
+        return
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(db) + ".lock", timeout=STORE_LOCK_SECONDS)
+    try:
+        lock.acquire()
+    except (Timeout, OSError) as error:  # a read-only folder (the store exists) or a stuck lock holder: go on unlocked
+        log.warning("could not lock %s.lock (%s); opening the store without it", db, error)
+        with_retry(MlflowClient(uri).search_experiments, max_results=1)
+        return
+    try:
+        with_retry(MlflowClient(uri).search_experiments, max_results=1)
+    finally:
+        lock.release()
 
 
 def config_hash(trial_config: dict) -> str:
@@ -158,7 +190,8 @@ def get_or_create_experiment(client: MlflowClient, name: str) -> str:
     if experiment is None:
         try:
             location = _artifact_location(client.tracking_uri, name)
-            return with_retry(client.create_experiment, name, artifact_location=location)
+            # the UI opens on the trials: experiment kind and a saved comparison view (sweep.mlflow_ui)
+            return with_retry(client.create_experiment, name, artifact_location=location, tags=experiment_tags())
         except MlflowException as exc:
             if "already exists" not in str(exc).lower() and exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -168,6 +201,7 @@ def get_or_create_experiment(client: MlflowClient, name: str) -> str:
             f"MLflow experiment {name!r} is deleted: restore it (MlflowClient().restore_experiment"
             f"({experiment.experiment_id!r})) or choose another sweep name"
         )
+    mark_experiment(client, experiment.experiment_id, experiment.tags)  # an older experiment: writes what it lacks
     return experiment.experiment_id
 
 
@@ -253,6 +287,16 @@ def finished_trials(uri: str, experiment: str) -> dict[str, str]:
     return done
 
 
+def close_children(uri: str, experiment: str, parent_run_id: str, status: str = "KILLED") -> None:
+    """End the parent's child runs still RUNNING: stopped from outside (ASHA, Ctrl-C) when its launch ends."""
+    _check_status(status)
+    client = MlflowClient(uri)
+    running = child_runs(client, experiment,
+                         f"attributes.status = 'RUNNING' and tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    for run in running:
+        with_retry(client.set_terminated, run.info.run_id, status=status)
+
+
 def find_trial_run(uri: str, experiment: str, config_hash: str, parent_run_id: str | None) -> str | None:
     """The newest unfinished child run of this parent for this config: a retried trial continues it."""
     for run in child_runs(MlflowClient(uri), experiment, f"tags.config_hash = '{config_hash}'"):
@@ -301,29 +345,32 @@ class TrialRun:
         self.present = present or set()
 
     @classmethod
-    def open(
-        cls, uri: str, experiment: str, parent_run_id: str | None, trial_config: dict, run_id: str | None = None
-    ) -> "TrialRun":
-        """Continue run_id or this parent's unfinished run of the config, else create a new child run."""
+    def create(cls, uri: str, experiment: str, parent_run_id: str | None, trial_config: dict,
+               tags: dict[str, str] | None = None) -> TrialRun:
+        """A new child run of parent_run_id with the trial's tags (plus `tags`, such as a claim's) and params."""
         client = MlflowClient(uri)
-        run_id = run_id or find_trial_run(uri, experiment, config_hash(trial_config), parent_run_id)
-        if run_id is not None:
-            with_retry(client.update_run, run_id, status="RUNNING")
-            return cls(client, run_id, _present_points(client, run_id))
-        tags = {
+        run_tags = {
             **_base_tags(),
             "config_hash": config_hash(trial_config),
             "sweep.name": experiment,
             "mlflow.runName": _run_name(trial_config),
+            **(tags or {}),
         }
         if parent_run_id is not None:
-            tags["mlflow.parentRunId"] = parent_run_id
+            run_tags["mlflow.parentRunId"] = parent_run_id
         experiment_id = get_or_create_experiment(client, experiment)
-        run = with_retry(client.create_run, experiment_id, tags=tags, run_name=tags["mlflow.runName"])
+        run = with_retry(client.create_run, experiment_id, tags=run_tags, run_name=run_tags["mlflow.runName"])
         params = [Param(k, v) for k, v in flat_params(trial_config).items()]
         for i in range(0, len(params), 100):  # MLflow accepts at most 100 params per batch
             with_retry(client.log_batch, run.info.run_id, params=params[i : i + 100])
         return cls(client, run.info.run_id)
+
+    @classmethod
+    def resume(cls, uri: str, run_id: str) -> TrialRun:
+        """An existing run continued (a retry, a resume), knowing every point it already holds."""
+        client = MlflowClient(uri)
+        with_retry(client.update_run, run_id, status="RUNNING")
+        return cls(client, run_id, _present_points(client, run_id))
 
     def log_points(self, points: list[tuple[str, int, float]]) -> None:
         """(metric, step, value) points the run does not hold yet, in one request (one sqlite transaction)."""

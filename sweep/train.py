@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -96,7 +96,6 @@ def train_epoch(
     scheduler: LRScheduler,
     cfg: TrainConfig,
     device: torch.device | str,
-    on_batch: Callable[[int, float], None] | None = None,
 ) -> float:
     """One pass over `batches`, one optimizer and scheduler step per batch; returns the mean per-sample loss."""
     device = torch.device(device)
@@ -105,7 +104,7 @@ def train_epoch(
     # Summed on the device so the loop only syncs with the GPU when a callback wants each loss.
     loss_sum = torch.zeros((), device=device)
     seen = 0
-    for i, (x, y) in enumerate(batches):
+    for x, y in batches:
         x, y = _to_device(x, y, device, on_gpu and cfg.channels_last)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on_gpu and cfg.amp):
             loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
@@ -115,8 +114,6 @@ def train_epoch(
         scheduler.step()
         loss_sum += loss.detach().float() * len(y)
         seen += len(y)
-        if on_batch is not None:
-            on_batch(i, loss.item())
     if seen == 0:
         raise ValueError("train_epoch got no batches: the training set is empty or smaller than one batch with drop_last")
     return loss_sum.item() / seen
@@ -153,26 +150,14 @@ def evaluate(
     return metrics
 
 
-def fit(
-    model: nn.Module,
-    train_batches: Iterable[tuple[Tensor, Tensor]],
-    cfg: TrainConfig,
-    device: torch.device | str,
-    val_batches: Iterable[tuple[Tensor, Tensor]] | None = None,
-    on_epoch: Callable[[int, dict], None] | None = None,
-) -> list[dict]:
-    """Train cfg.epochs epochs; each epoch's metrics go to on_epoch(epoch, metrics), epoch counted from 1."""
+def fit(model: nn.Module, train_batches: Iterable[tuple[Tensor, Tensor]], cfg: TrainConfig,
+        device: torch.device | str) -> list[float]:
+    """Train cfg.epochs epochs with one schedule across them (the shared base's training); returns each epoch's
+    mean training loss."""
     device = torch.device(device)
     prepare_model(model, device, cfg)
     optimizer, scheduler = make_optimizer(model, cfg, len(train_batches))
-    history = []
-    for epoch in range(1, cfg.epochs + 1):
-        metrics: dict[str, float] = {"epoch": epoch}
-        metrics["train_loss"] = train_epoch(model, train_batches, optimizer, scheduler, cfg, device)
-        if val_batches is not None:
-            metrics.update({f"val_{k}": v for k, v in evaluate(model, val_batches, device).items()})
-        metrics["lr"] = scheduler.get_last_lr()[0]  # the rate the next step would use
-        history.append(metrics)
-        if on_epoch is not None:
-            on_epoch(epoch, metrics)
-    return history
+    losses = []
+    for _ in range(cfg.epochs):
+        losses.append(train_epoch(model, train_batches, optimizer, scheduler, cfg, device))
+    return losses

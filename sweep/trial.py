@@ -15,22 +15,31 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
+from mlflow.tracking import MlflowClient
 from torch import nn
 
-from . import tracking
+from . import claims, tracking
 from .base import ensure_base, example_input, load_base, new_model
 from .data import DataSplits, batches, load_dataset
 from .measure import count_flops, count_params, size_mb
 from .models import weights_stats
 from .names import METRICS
 from .pruning import NEEDS_CALIBRATION, PrunePlan, apply_plan, prune, save_pruned
-from .train import TrainConfig, evaluate, make_optimizer, pick_device, prepare_model, seed_everything, train_epoch
+from .schema import TrainConfig, TrialConfig, trial_config
+from .train import (
+    evaluate,
+    make_optimizer,
+    pick_device,
+    prepare_model,
+    seed_everything,
+    train_epoch,
+)
 
 STATE_FILE = "trial.pt"
 Report = Callable[[dict, "str | None"], None]  # (metrics, checkpoint directory or None)
@@ -48,6 +57,9 @@ class SweepContext:
     cache_dir: str  # shared by every trial (and node) of the sweep: base models live here
     rerun: bool = False  # run even when this exact config already has a FINISHED run (`sweep run --force`)
     on_epoch: EpochHook | None = None  # must pickle: it travels to the trial workers
+    launch_id: str = field(default_factory=lambda: claims.new_owner_id("launch"))  # owner of this launch's claims
+    launch_started: float = field(default_factory=time.time)
+    lease_s: float = claims.DEFAULT_LEASE_S
 
 
 @dataclass
@@ -99,6 +111,9 @@ def _read_checkpoint(directory: str | None) -> dict | None:
 def _tune_reporter() -> tuple[Report, str | None]:
     from ray import tune
 
+    from .progress import quiet_ray_logs
+
+    quiet_ray_logs()  # this worker's checkpoint chatter
     def report(metrics: dict, checkpoint_dir: str | None) -> None:
         checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         tune.report(metrics, checkpoint=checkpoint)
@@ -142,45 +157,72 @@ def run_trial(config: dict, context: SweepContext, report: Report | None = None,
     if report is None:
         report, checkpoint_dir = _tune_reporter()
     saved = _read_checkpoint(checkpoint_dir)
-    recorded = tracking.recorded_result(context.tracking_uri, context.experiment, tracking.config_hash(config),
-                                        run_id=saved["run_id"] if saved else None, rerun=context.rerun)
-    if recorded is not None:  # finished already (maybe by a launch whose driver died before Tune heard of it)
-        report(selection_view({**recorded, "trial_status": "SKIPPED"}), None)
-        return {**recorded, "skipped": 1.0}
+    claim, resumed = _claim(config, context, saved["run_id"] if saved else None)
+    if claim.kind != "claimed":  # finished already (perhaps by a launch that died before Tune heard), or running
+        recorded = tracking.recorded_result(context.tracking_uri, context.experiment, tracking.config_hash(config),
+                                            run_id=claim.run_id) if claim.kind == "finished" else None
+        status = "SKIPPED" if recorded is not None else "HELD"
+        report(selection_view({**(recorded or {}), "trial_status": status}), None)
+        return {**(recorded or {}), "skipped": 1.0} if recorded is not None else {"held": 1.0}
 
-    device = pick_device(config["device"])
-    seed_everything(config["seed"])
-    splits = _load_splits(config)
-    run = tracking.TrialRun.open(context.tracking_uri, context.experiment, context.parent_run_id, config,
-                                 saved["run_id"] if saved else None)
+    lease = claim.lease
     try:
-        result = _pipeline(config, context, splits, device, run, saved, report)
+        cfg = trial_config(config)  # typed access; `config` itself stays the identity that is hashed and logged
+        device = pick_device(cfg.device)
+        seed_everything(cfg.seed)
+        splits = _load_splits(cfg)
+        continued = claim.run_id == resumed
+        run = tracking.TrialRun.resume(context.tracking_uri, claim.run_id) if continued else \
+            tracking.TrialRun(MlflowClient(context.tracking_uri), claim.run_id)
+        if splits.skipped_files:
+            run.set_tags({"data.skipped_files": f"{len(splits.skipped_files)}: " + ", ".join(splits.skipped_files)})
+        result = _pipeline(config, cfg, context, splits, device, run, saved, report)
+        lease.check()  # someone closed our run after our lease lapsed: do not call it FINISHED
     except SystemExit:  # Ray Tune stops a trial (ASHA) by exiting from inside tune.report
-        run.finish("KILLED")
+        lease.release("KILLED")
         raise
     except BaseException:
-        run.finish("FAILED")
+        lease.release("FAILED")
         raise
-    run.finish("FINISHED")
+    lease.release("FINISHED")
     return result
 
 
-def _load_splits(config: dict) -> DataSplits:
-    data, model = config["dataset"], config["model"]
-    return load_dataset(data["name"], root=data["root"], download=data["download"], val_fraction=data["val_fraction"],
-                        seed=config["seed"], image_size=data["image_size"], limit=data["limit"],
-                        test_limit=data.get("test_limit"), stats=weights_stats(model["name"], model["weights"]))
+def _claim(config: dict, context: SweepContext, checkpoint_run: str | None) -> tuple[claims.ClaimResult, str | None]:
+    """Claim this config in the tracking store (sweep.claims): a new run, the continued one, or someone else's.
+    Returns the claim and the run this trial set out to continue (its checkpoint's, or its parent's unfinished)."""
+    uri, experiment, parent = context.tracking_uri, context.experiment, context.parent_run_id
+    client = MlflowClient(uri)
+    chash = tracking.config_hash(config)
+    resume = checkpoint_run or tracking.find_trial_run(uri, experiment, chash, parent)
+    owner = f"{context.launch_id}/{os.environ.get('TUNE_TRIAL_ID', 'standalone')}"
+    result = claims.claim_trial(
+        client, tracking.get_or_create_experiment(client, experiment), chash, owner,
+        create_run=lambda tags: tracking.TrialRun.create(uri, experiment, parent, config, tags).run_id,
+        lease_s=context.lease_s, resume_run_id=resume,
+        # a run left by a dead launch keeps its lease until it lapses: wait that long rather than skip it
+        wait_s=1.5 * context.lease_s if resume else 0.0,
+        ignore_finished_before=context.launch_started if context.rerun else None)
+    return result, resume
 
 
-def _pipeline(config, context, splits, device, run, saved, report) -> dict:
+def _load_splits(cfg: TrialConfig) -> DataSplits:
+    data, model = cfg.dataset, cfg.model
+    stats = None if model.factory else weights_stats(model.name, model.weights)  # a plug-in normalises itself
+    return load_dataset(data.name, root=data.root, download=data.download, val_fraction=data.val_fraction,
+                        seed=cfg.seed, image_size=data.image_size, limit=data.limit, test_limit=data.test_limit,
+                        stats=stats, factory=data.factory, kwargs=data.kwargs)
+
+
+def _pipeline(config, cfg: TrialConfig, context, splits, device, run, saved, report) -> dict:
     base_path, cached = ensure_base(config, context.cache_dir, splits, device)
     base_model, base_info = load_base(config, base_path, splits)
     run.set_tags({"base_cache": "hit" if cached else "miss", "base_key": base_path.parent.name, **_node_tags()})
-    state = _resume(config, base_model, saved, splits, device) if saved else \
-        _start(config, base_model, base_info, splits, device, run)
+    state = _resume(cfg, base_model, saved, splits, device) if saved else \
+        _start(config, cfg, base_model, base_info, splits, device, run)
     _log_new(run, state)  # a continued run gets only what it lacks (a dead worker may have logged some of it)
 
-    train_batches = batches(splits.train, state.train.batch_size, True, device, seed=config["seed"])
+    train_batches = batches(splits.train, state.train.batch_size, True, device, seed=cfg.seed)
     val_batches = batches(splits.val, state.train.batch_size, False, device)
     for epoch in range(state.epoch + 1, state.train.epochs + 1):
         if context.on_epoch is not None:
@@ -200,7 +242,7 @@ def _pipeline(config, context, splits, device, run, saved, report) -> dict:
             finally:  # also when Tune stops the trial inside report: the checkpoint holds this epoch already
                 _log_new(run, state)
 
-    final = _finish(config, state, base_model, base_info, splits, device, run)
+    final = _finish(state, base_model, base_info, splits, device, run)
     report(selection_view({**final, "epoch": state.epoch, "trial_status": "FINISHED"}), None)
     return final
 
@@ -210,24 +252,23 @@ def _log_new(run: tracking.TrialRun, state: TrialState) -> None:
     state.logged = len(state.points)
 
 
-def _train_config(config: dict) -> TrainConfig:
+def _train_config(cfg: TrialConfig) -> TrainConfig:
     """The scratch arm trains the pruned architecture with the base's recipe (Liu et al. 2019), by default for as
     many epochs as the base had; the finetune arm uses the finetune section."""
-    if config["prune"]["arm"] != "scratch":
-        return TrainConfig.from_dict(config["finetune"])
-    epochs = config["prune"]["scratch_epochs"] or config["base"]["epochs"]
-    return TrainConfig.from_dict({**config["base"], "epochs": epochs})
+    if cfg.prune.arm != "scratch":
+        return cfg.finetune
+    return TrainConfig(**{**cfg.base.model_dump(), "epochs": cfg.prune.scratch_epochs or cfg.base.epochs})
 
 
-def _start(config, base_model, base_info, splits, device, run) -> TrialState:
-    cfg = _train_config(config)
+def _start(config, cfg: TrialConfig, base_model, base_info, splits, device, run) -> TrialState:
+    train = _train_config(cfg)
     points: dict[str, float] = {}
     with _captured_warnings("sweep.pruning") as warnings:
-        model, plan, prune_time, step_accuracy = _prune(config, base_model.to(device), splits, device)
+        model, plan, prune_time, step_accuracy = _prune(config, cfg, base_model.to(device), splits, device)
     if warnings:
         run.set_tags({"prune.warnings": " | ".join(warnings)})
-    pruned_val = step_accuracy[-1] if step_accuracy else _accuracy(model, splits.val, cfg, splits, device)
-    pruned_test = _accuracy(model, splits.test, cfg, splits, device)
+    pruned_val = step_accuracy[-1] if step_accuracy else _accuracy(model, splits.val, train, splits, device)
+    pruned_test = _accuracy(model, splits.test, train, splits, device)
     flops = count_flops(model, example_input(splits, device))
     points.update(base_info)
     points.update({
@@ -237,12 +278,12 @@ def _start(config, base_model, base_info, splits, device, run) -> TrialState:
         "channels_removed": _channels_removed(plan, base_model),
     })
     points["params_reduction"] = 1 - points["params"] / base_info["base_params"]
-    if config["prune"]["arm"] == "scratch":  # the pruned architecture, re-initialised
-        seed_everything(config["seed"])
+    if cfg.prune.arm == "scratch":  # the pruned architecture, re-initialised
+        seed_everything(cfg.seed)
         model = apply_plan(new_model(config, splits.num_classes, splits.in_channels, source_weights=False), plan)
-    model = prepare_model(model, device, cfg)
-    optimizer, scheduler = make_optimizer(model, cfg, len(batches(splits.train, cfg.batch_size, True)))
-    state = TrialState(model, plan, optimizer, scheduler, cfg)
+    model = prepare_model(model, device, train)
+    optimizer, scheduler = make_optimizer(model, train, len(batches(splits.train, train.batch_size, True)))
+    state = TrialState(model, plan, optimizer, scheduler, train)
     # pruned_val_accuracy: per pruning step for iterative schedules (step = pruning step), else once at step 0
     for step, accuracy in enumerate(step_accuracy, start=1):
         state.record({"pruned_val_accuracy": accuracy}, step=step)
@@ -250,17 +291,17 @@ def _start(config, base_model, base_info, splits, device, run) -> TrialState:
     return state
 
 
-def _resume(config, base_model, saved, splits, device) -> TrialState:
-    cfg = _train_config(config)
+def _resume(cfg: TrialConfig, base_model, saved, splits, device) -> TrialState:
+    train = _train_config(cfg)
     plan = PrunePlan.from_dict(saved["plan"])
     model = apply_plan(base_model, plan)
     model.load_state_dict(saved["state_dict"])
-    model = prepare_model(model, device, cfg)
-    optimizer, scheduler = make_optimizer(model, cfg, len(batches(splits.train, cfg.batch_size, True)))
+    model = prepare_model(model, device, train)
+    optimizer, scheduler = make_optimizer(model, train, len(batches(splits.train, train.batch_size, True)))
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["rng"])  # dropout draws continue as if the trial had never stopped
-    return TrialState(model, plan, optimizer, scheduler, cfg, saved["epoch"], saved["train_time_s"],
+    return TrialState(model, plan, optimizer, scheduler, train, saved["epoch"], saved["train_time_s"],
                       [tuple(p) for p in saved["points"]])
 
 
@@ -275,29 +316,28 @@ def _channels_removed(plan: PrunePlan, base_model: nn.Module) -> float:
     return (before - sum(r[3] for r in rows)) / before if before else 0.0
 
 
-def _prune(config, model, splits, device) -> tuple[nn.Module, PrunePlan, float, list[float]]:
-    p, ft = config["prune"], TrainConfig.from_dict(config["finetune"])
+def _prune(config, cfg: TrialConfig, model, splits, device) -> tuple[nn.Module, PrunePlan, float, list[float]]:
+    p, ft = cfg.prune, cfg.finetune
     calibration = None
-    if p["strategy"] in NEEDS_CALIBRATION:
-        stream = batches(splits.train, ft.batch_size, True, device, seed=config["seed"] + _CALIBRATION_STREAM,
-                         augment=False)
-        calibration = [batch for batch, _ in zip(stream, range(p["calibration_batches"]))]
-    between = batches(splits.train, ft.batch_size, True, device, seed=config["seed"] + _BETWEEN_STEPS_STREAM)
+    if p.strategy in NEEDS_CALIBRATION:
+        stream = batches(splits.train, ft.batch_size, True, device, seed=cfg.seed + _CALIBRATION_STREAM, augment=False)
+        calibration = [batch for batch, _ in zip(stream, range(p.calibration_batches))]
+    between = batches(splits.train, ft.batch_size, True, device, seed=cfg.seed + _BETWEEN_STEPS_STREAM)
     step_accuracy: list[float] = []
 
     def fine_tune_between_steps(m: nn.Module, step: int) -> None:  # Molchanov et al.: prune, fine-tune, repeat
         step_accuracy.append(_accuracy(m, splits.val, ft, splits, device))
-        cfg = TrainConfig.from_dict({**config["finetune"], "epochs": 1})
+        one_epoch = ft.model_copy(update={"epochs": 1})
         between.set_epoch(step)
-        opt, sched = make_optimizer(m, cfg, len(between))
-        train_epoch(m, between, opt, sched, cfg, device)
+        opt, sched = make_optimizer(m, one_epoch, len(between))
+        train_epoch(m, between, opt, sched, one_epoch, device)
 
-    iterative = p["schedule"] == "iterative"
+    iterative = p.schedule == "iterative"
     start = time.perf_counter()
-    result = prune(model, example_input(splits, device), strategy=p["strategy"], ratio=p["ratio"], scope=p["scope"],
-                   target=p["target"], calibration=calibration, min_channels=p["min_channels"],
-                   round_to=p["round_to"], ignore=tuple(p["ignore"]), steps=p["steps"] if iterative else 1,
-                   callback=fine_tune_between_steps, seed=config["seed"])
+    result = prune(model, example_input(splits, device), strategy=p.strategy, ratio=p.ratio, scope=p.scope,
+                   target=p.target, calibration=calibration, min_channels=p.min_channels, round_to=p.round_to,
+                   ignore=tuple(p.ignore), steps=p.steps if iterative else 1, callback=fine_tune_between_steps,
+                   seed=cfg.seed)
     prune_time = time.perf_counter() - start
     if iterative:  # the last step's accuracy, measured like the others
         step_accuracy.append(_accuracy(result.model, splits.val, ft, splits, device))
@@ -306,7 +346,7 @@ def _prune(config, model, splits, device) -> tuple[nn.Module, PrunePlan, float, 
     return result.model, result.plan, prune_time, step_accuracy
 
 
-def _finish(config, state: TrialState, base_model, base_info, splits, device, run) -> dict:
+def _finish(state: TrialState, base_model, base_info, splits, device, run) -> dict:
     """Test once, after the last epoch; save the pruned network and its per-layer channel table."""
     test = evaluate(state.model, batches(splits.test, state.train.batch_size, False, device), device,
                     splits.num_classes)

@@ -6,8 +6,12 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.pop("MLFLOW_RUN_ID", None)
 # MLflow otherwise tries to reach its telemetry host from every process (offline here: slow timeouts).
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# Short claim leases: a test that kills a launch need not wait a minute for its trials' leases to lapse.
+os.environ.setdefault("SWEEP_LEASE_SECONDS", "6")
 
 import shutil  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -37,3 +41,60 @@ def sqlite_uri(tmp_path, template_db):
     """A fresh copy of the empty store for one test."""
     shutil.copy(template_db, tmp_path / "mlflow.db")
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """The local Ray that `sweep run` starts (loopback only), started once for the whole session: Ray takes
+    seconds to start. A test that needs a cluster of its own uses `own_ray`, which gives this one back after."""
+    import ray
+
+    from sweep.orchestrate import start_ray
+
+    if not ray.is_initialized():
+        start_ray(None)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def own_ray():
+    """For a test that starts its own Ray (a ray.cluster_utils.Cluster): the shared local Ray is stopped before
+    and, if it was running, started again after."""
+    import ray
+
+    from sweep.orchestrate import start_ray
+
+    was_running = ray.is_initialized()
+    ray.shutdown()
+    yield
+    ray.shutdown()
+    if was_running:
+        start_ray(None)
+
+
+class FailOnce:
+    """A trial hook (SweepContext.on_epoch) that raises in one epoch of each config's first attempt: a crash mid
+    fine-tune, after the previous epoch's checkpoint. A marker file per config remembers the first attempt, so the
+    retry (another process, under Ray) runs through."""
+
+    def __init__(self, epoch: int, marker_dir: Path):
+        self.epoch, self.marker_dir = epoch, marker_dir
+
+    def __call__(self, config: dict, epoch: int) -> None:
+        from sweep.tracking import config_hash
+
+        marker = self.marker_dir / config_hash(config)
+        if epoch == self.epoch and not marker.exists():
+            self.marker_dir.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+            raise RuntimeError(f"injected failure in epoch {epoch}")
+
+
+@pytest.fixture
+def fail_once(tmp_path):
+    """fail_once(epoch) -> a FailOnce hook; pickled by value, so Ray workers need not import this file."""
+    from ray import cloudpickle  # Ray's own copy serialises what travels to its workers
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    return lambda epoch: FailOnce(epoch, tmp_path / "faults")

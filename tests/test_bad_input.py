@@ -18,11 +18,10 @@ from mlflow.tracking import MlflowClient
 
 from sweep import tracking
 from sweep.cli import main
+from sweep.models import build_model
 from sweep.preflight import preflight
 from sweep.spec import SpecError, load_spec
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-FOREIGN = (DATA / "weights" / "resnet56-4bfd9763.th").resolve()  # ResNet-56: not small_cnn
 
 HEAD = "name: bad\ndataset: {name: digits, limit: 100}\nmodel: {name: small_cnn}\n"
 
@@ -83,8 +82,8 @@ PREFLIGHT_CASES = [
      "model.name: shufflenet_v2_x0_5 on digits (1x8x8 inputs) cannot be pruned: cannot prune through reshape"),
     ("corrupt_weights_file", HEAD.replace("{name: small_cnn}", "{name: small_cnn, weights: {tmp}/corrupt.pt}"),
      "model.weights: cannot load '{tmp}/corrupt.pt'"),
-    ("foreign_checkpoint", HEAD.replace("{name: small_cnn}", f"{{name: small_cnn, weights: {FOREIGN}}}"),
-     f"model.weights: '{FOREIGN}' does not fit SmallCNN"),
+    ("foreign_checkpoint", HEAD.replace("{name: small_cnn}", "{name: small_cnn, weights: {tmp}/resnet20.pt}"),
+     "model.weights: '{tmp}/resnet20.pt' does not fit SmallCNN"),
     ("empty_dataset_folder", "name: bad\nmodel: {name: small_cnn}\ndataset: {name: cifar10, root: {tmp}/empty}\n",
      "dataset.root: {tmp}/empty has no cifar10 files"),
     ("unknown_torchvision_weights", "name: bad\ndataset: {name: digits}\nmodel: {name: resnet18, weights: IMAGENET9}\n",
@@ -98,11 +97,13 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad_input")
     (root / "empty").mkdir()
     (root / "corrupt.pt").write_bytes(os.urandom(4096))  # not a torch.save file at all
+    # a real checkpoint of another architecture, made here: the tests need no data from outside the repository
+    torch.save(build_model("resnet20", 10).state_dict(), root / "resnet20.pt")
     uri = f"sqlite:///{root / 'store' / 'mlflow.db'}"
     (root / "store").mkdir()
     tracking.init_store(uri)
     config = load_spec_text(root, HEAD).trial
-    run = tracking.TrialRun.open(uri, "bad", None, config)
+    run = tracking.TrialRun.create(uri, "bad", None, config)
     for epoch in (1, 2):
         run.log_points([("val_accuracy", epoch, 0.5 + epoch / 10)])
     run.log_points([("test_accuracy", 0, 0.7)])
@@ -199,7 +200,8 @@ def test_what_only_loading_finds_is_refused_before_any_trial(world, before, caps
 def test_gpu_requested_where_none_exists(world, before, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the case needs a CPU-only Ray cluster")
-    path = write_case(world, "gpu", spec("resources: {gpu: 1}\n"))
+    # a config the store has not finished: with nothing to run, a launch would not ask Ray for anything
+    path = write_case(world, "gpu", spec("resources: {gpu: 1}\nprune: {ratio: 0.4}\n"))
     assert main(run_args(world, path)) == 2  # starts a local Ray to see its resources, then stops it
     [line] = error_lines(capsys.readouterr().err)
     assert line.startswith(f"error: {path}: resources.gpu: 1 GPU per trial requested but the Ray cluster has no GPUs")

@@ -126,7 +126,7 @@ def test_usage_errors_exit_2(capsys):
 
 
 def test_models_and_strategies_are_listed(capsys):
-    assert main(["models"]) == 0
+    assert main(["models", "--names"]) == 0
     names = capsys.readouterr().out.split()
     assert names == model_names() and {"small_cnn", "resnet20", "resnet18", "vgg16"} <= set(names)
     assert main(["strategies"]) == 0
@@ -178,7 +178,7 @@ def test_trial_runs_one_config_without_ray_then_report(isolated, capsys):
     run = runs[0]
     assert run.data.params["strategy"] == "l1" and float(run.data.params["ratio"]) == 0.3  # the first grid point
     assert "mlflow.parentRunId" not in run.data.tags
-    assert float(printed["accuracy"]) == pytest.approx(run.data.metrics["accuracy"], rel=1e-5)
+    assert float(printed["test_accuracy"]) == pytest.approx(run.data.metrics["test_accuracy"], rel=1e-5)
     assert len(list((isolated / "results" / "cli_good" / "bases").iterdir())) == 1  # the sweep's base cache
 
     # The same config again: no new run, the recorded metrics are printed.
@@ -188,7 +188,7 @@ def test_trial_runs_one_config_without_ray_then_report(isolated, capsys):
 
     assert main(["report", "cli_good", "--tracking-uri", uri, "--out", str(isolated / "reports")]) == 0
     assert "Sweep `cli_good`" in capsys.readouterr().out
-    assert (isolated / "reports" / "cli_good" / "trials.csv").read_text().count("\n") == 2  # header + 1 trial
+    assert (isolated / "reports" / "cli_good" / "runs.csv").read_text().count("\n") == 2  # header + 1 trial
     assert main(["report", "no_such_sweep", "--tracking-uri", uri]) == 2
     assert "not found" in _error_lines(capsys.readouterr().err)[0]
 

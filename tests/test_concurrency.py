@@ -1,7 +1,7 @@
 """Eight trials logging every batch at once lose no metric point and raise no 'database is locked', on the embedded
 sqlite store and on an MLflow tracking server backed by PostgreSQL (what a cluster uses).
 
-Each writer is a separate process (spawned, like a Ray worker) that opens its trial run with `tracking.TrialRun.open`
+Each writer is a separate process (spawned, like a Ray worker) that creates its trial run with `tracking.TrialRun.create`
 and logs the loss of every batch of a real (tiny) training loop. All eight start logging together, behind a barrier.
 The PostgreSQL server and the MLflow server are throwaway processes on 127.0.0.1 started by the test; the server
 case is skipped, saying why, where PostgreSQL is not installed (`.ci/run` installs Debian's postgresql).
@@ -38,7 +38,7 @@ def writer(uri: str, index: int, barrier, results) -> None:
     """
     try:
         config = {"name": EXPERIMENT, "seed": index, "model": {"name": "line"}, "prune": {"ratio": 0.5}}
-        run = tracking.TrialRun.open(uri, EXPERIMENT, None, config)
+        run = tracking.TrialRun.create(uri, EXPERIMENT, None, config)
         rng = random.Random(index)
         weight, bias = 0.0, 0.0
         barrier.wait(timeout=120)  # everyone writes at the same moment

@@ -9,7 +9,6 @@ import copy
 import numpy as np
 import pandas as pd
 import pytest
-import ray
 import torch
 from analysis_data import DIGITS_SPEC
 from analysis_data import resnet20_spec as _resnet20_spec
@@ -27,15 +26,9 @@ from sweep.train import evaluate
 
 
 @pytest.fixture(scope="module")
-def local_ray(one_thread):
-    ray.init(address="local", num_cpus=2, include_dashboard=False)  # never another user's Ray
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def storage(tmp_path_factory):
-    """One base-model cache per module: each spec's base is trained once, as in a sweep."""
+    """One base-model cache per module: each spec's base is trained once, as in a sweep. (`local_ray` is
+    conftest's session-wide Ray on loopback.)"""
     return str(tmp_path_factory.mktemp("store"))
 
 

@@ -15,8 +15,7 @@ import torch
 from PIL import Image
 from scipy.io import savemat
 
-from sweep.data import (DATASETS, DataError, DataSplits, FileImages, TensorImages, batches, dataset_names,
-                        load_dataset)
+from sweep.data import DATASETS, DataError, DataSplits, FileImages, TensorImages, batches, dataset_names, load_dataset
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MNIST = DATA / "mnist"

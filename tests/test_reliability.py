@@ -21,7 +21,7 @@ import ray
 from mlflow.tracking import MlflowClient
 
 from sweep import tracking
-from sweep.orchestrate import run_sweep, start_ray
+from sweep.orchestrate import run_sweep
 from sweep.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,32 +78,22 @@ def wait_for(condition, what: str, seconds: float, every: float = 0.5):
     pytest.fail(f"timed out after {seconds:.0f} s waiting for {what}")
 
 
-@pytest.fixture
-def local_ray():
-    ray.shutdown()
-    start_ray(None)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
 # --- a trial fails -------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(240)
-def test_failed_trial_is_retried_from_its_checkpoint_in_its_own_run(local_ray, tmp_path, sqlite_uri):
+def test_failed_trial_is_retried_from_its_checkpoint_in_its_own_run(local_ray, tmp_path, sqlite_uri, fail_once):
     uri = sqlite_uri
     # Both trials crash at the start of fine-tune epoch 2 on their first attempt (after epoch 1's checkpoint).
     # One also asks to prune 99 % of every layer: the pruner keeps min_channels per layer and the head whole.
     path = write_spec(tmp_path, "retried", max_failures=1, extra="""
-fault: {fail_at_epoch: 2}
 prune: {strategy: l1, min_channels: 2}
 space:
   ratio: {grid: [0.5, 0.99]}
 """)
     spec = load_spec(path)
-    outcome = run_sweep(spec, tracking_uri=uri, storage=str(tmp_path / "results"), verbose=0)
+    outcome = run_sweep(spec, tracking_uri=uri, storage=str(tmp_path / "results"), verbose=0,
+                        on_epoch=fail_once(2))
     assert (outcome.ran, outcome.failed, outcome.interrupted) == (2, 0, 0)
     assert list(outcome.results["status"]) == ["FINISHED", "FINISHED"]
 
@@ -118,7 +108,7 @@ space:
 
     # Tune saw each trial fail once and restored it (its error file records the injected fault).
     errors = sorted(Path(outcome.storage).glob("trial_*/error.txt"))
-    assert len(errors) == 2 and all("fault.fail_at_epoch" in e.read_text() for e in errors)
+    assert len(errors) == 2 and all("injected failure in epoch 2" in e.read_text() for e in errors)
 
     # ratio 0.99 with min_channels 2: clamped, not crashed; every layer keeps 2 channels, the head all 10 outputs.
     [extreme] = [r for r in runs.values() if float(r.data.params["ratio"]) == 0.99]
@@ -126,7 +116,7 @@ space:
     rows = [line.split(",") for line in table.strip().splitlines()[1:]]
     after = {layer: int(count) for layer, _, _, count in rows}
     assert after and min(after.values()) >= 2, after
-    assert 0 < extreme.data.metrics["flops_reduction"] < 1 and 0 <= extreme.data.metrics["accuracy"] <= 1
+    assert 0 < extreme.data.metrics["flops_reduction"] < 1 and 0 <= extreme.data.metrics["test_accuracy"] <= 1
 
 
 # --- the driver is killed ---------------------------------------------------------------------------------------
@@ -232,10 +222,9 @@ space:
 
 
 @pytest.fixture
-def two_nodes():
+def two_nodes(own_ray):
     from ray.cluster_utils import Cluster
 
-    ray.shutdown()
     # Fast node-death detection, so a removed node's trial is failed (and retried) within seconds.
     system = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,

@@ -46,7 +46,7 @@ def values(strategy: str, ratio: float, seed: int = 0, shift: float = 0.0) -> di
 
 
 def log_trial(uri: str, parent: str, cfg: dict, metrics: dict, status: str = "FINISHED") -> str:
-    run = TrialRun.open(uri, EXPERIMENT, parent, cfg)
+    run = TrialRun.create(uri, EXPERIMENT, parent, cfg)
     run.log_points([("val_accuracy", epoch, metrics["test_accuracy"]) for epoch in (1, 2, 3)])
     run.log_points([(name, 0, value) for name, value in metrics.items()])
     if status != "RUNNING":
@@ -142,7 +142,7 @@ def test_unfinished_runs_and_reruns(store):
 
 def test_runs_of_older_releases_load_through_the_legacy_names(sqlite_uri):
     parent = tracking.start_parent_run(sqlite_uri, EXPERIMENT, "")
-    run = TrialRun.open(sqlite_uri, EXPERIMENT, parent, trial("l1", 0.5))
+    run = TrialRun.create(sqlite_uri, EXPERIMENT, parent, trial("l1", 0.5))
     run.log_points([("accuracy", 0, 0.81), ("base_accuracy", 0, 0.9), ("accuracy_drop", 0, 0.09)])
     run.finish()
     row = report.load_runs(EXPERIMENT, sqlite_uri).iloc[0]

@@ -86,20 +86,10 @@ def is_loopback(address) -> bool:
     return (mapped or address).is_loopback
 
 
-@pytest.fixture
-def local_ray():
-    if not Path("/proc/net/tcp").exists():
-        pytest.skip("no /proc/net/tcp on this system: cannot list listening sockets")
-    ray.shutdown()
-    assert orchestrate.start_ray(None)  # exactly what `sweep run` does without --address
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
 @pytest.mark.timeout(120)
 def test_local_ray_listens_on_loopback_only(local_ray):
+    if not Path("/proc/net/tcp").exists():
+        pytest.skip("no /proc/net/tcp on this system: cannot list listening sockets")
     # One trial-like task, so a worker process exists and its sockets are counted too.
     assert ray.get(ray.remote(lambda: os.getpid()).remote()) != os.getpid()
     listening = listening_sockets()

@@ -88,7 +88,7 @@ def test_parent_and_child_runs(uri, monkeypatch):
     decoy = tracking.start_parent_run(uri, EXPERIMENT, "decoy: true\n")
     # mlflow issue 15713: a set MLFLOW_RUN_ID overrides parent_run_id in the fluent API. It must not reach our runs.
     monkeypatch.setenv("MLFLOW_RUN_ID", decoy)
-    run = TrialRun.open(uri, EXPERIMENT, parent, TRIAL)
+    run = TrialRun.create(uri, EXPERIMENT, parent, TRIAL)
 
     parent_run = client.get_run(parent)
     assert parent_run.data.tags["sweep.role"] == "parent" and parent_run.data.tags["launch"] == "1"
@@ -113,7 +113,7 @@ def test_parent_and_child_runs(uri, monkeypatch):
 
 def test_metrics_and_artifacts(uri, tmp_path):
     client = MlflowClient(uri)
-    run = TrialRun.open(uri, EXPERIMENT, None, TRIAL)
+    run = TrialRun.create(uri, EXPERIMENT, None, TRIAL)
     points = [(name, epoch, value) for epoch in range(3)
               for name, value in (("train_loss", 1.0 / (epoch + 1)), ("val_accuracy", 0.5 + 0.1 * epoch))]
     run.log_points(points[:4])
@@ -126,7 +126,7 @@ def test_metrics_and_artifacts(uri, tmp_path):
     run.set_tags({"prune.warnings": "clamped"})
 
     # A retry opens the same run and knows every point it holds: logging them all again adds nothing.
-    again = TrialRun.open(uri, EXPERIMENT, None, TRIAL, run.run_id)
+    again = TrialRun.resume(uri, run.run_id)
     assert again.present == {(n, s) for n, s, _ in points} | {("test_accuracy", 0), ("flops", 0)}
     again.log_points([*points, ("val_accuracy", 3, 0.9)])
     again.finish()
@@ -144,7 +144,7 @@ def test_metrics_and_artifacts(uri, tmp_path):
 def test_resume_continues_the_same_run(uri):
     client = MlflowClient(uri)
     parent = tracking.start_parent_run(uri, EXPERIMENT, "")
-    first = TrialRun.open(uri, EXPERIMENT, parent, TRIAL)
+    first = TrialRun.create(uri, EXPERIMENT, parent, TRIAL)
     first.log_points([("val_accuracy", 0, 0.5), ("val_accuracy", 1, 0.6)])
     first.finish("FAILED")  # the worker died; Ray retries the trial
 
@@ -154,7 +154,7 @@ def test_resume_continues_the_same_run(uri):
     assert tracking.find_trial_run(uri, EXPERIMENT, h, other_parent) is None
     assert tracking.find_trial_run(uri, EXPERIMENT, tracking.config_hash(trial(ratio=0.7)), parent) is None
 
-    again = TrialRun.open(uri, EXPERIMENT, parent, TRIAL, run_id=first.run_id)
+    again = TrialRun.resume(uri, first.run_id)
     assert again.run_id == first.run_id
     assert client.get_run(first.run_id).info.status == "RUNNING"
     again.log_points([("val_accuracy", 2, 0.7)])
@@ -174,14 +174,14 @@ def test_finished_trials_only_finished_children(uri):
     expected = {}
     for ratio, status in [(0.2, "FINISHED"), (0.4, "FAILED"), (0.6, "KILLED"), (0.8, None), (0.9, "FINISHED")]:
         cfg = trial(ratio=ratio)
-        run = TrialRun.open(uri, EXPERIMENT, parent, cfg)
+        run = TrialRun.create(uri, EXPERIMENT, parent, cfg)
         if status:
             run.finish(status)
         if status == "FINISHED":
             expected[tracking.config_hash(cfg)] = run.run_id
     tracking.end_run(uri, parent)  # a FINISHED parent is not a trial
     # A forced re-run of ratio 0.2 finishes later: the newest run represents the config.
-    rerun = TrialRun.open(uri, EXPERIMENT, parent, trial(ratio=0.2))
+    rerun = TrialRun.create(uri, EXPERIMENT, parent, trial(ratio=0.2))
     rerun.finish()
     expected[tracking.config_hash(trial(ratio=0.2))] = rerun.run_id
     assert tracking.finished_trials(uri, EXPERIMENT) == expected
@@ -233,7 +233,7 @@ WRITERS = 8
 
 
 def _log_steps(uri: str, parent: str, index: int, barrier) -> None:
-    run = TrialRun.open(uri, EXPERIMENT, parent, trial(ratio=round(0.1 + 0.1 * index, 1)))
+    run = TrialRun.create(uri, EXPERIMENT, parent, trial(ratio=round(0.1 + 0.1 * index, 1)))
     barrier.wait()  # all writers hit the sqlite file at the same moment
     for step in range(STEPS):
         run.log_points([("train_loss", step, 1.0 / (step + 1)), ("val_accuracy", step, step / STEPS)])

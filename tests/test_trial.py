@@ -5,6 +5,7 @@ Every test builds what it needs from the module's fixtures, so each passes alone
 
 import dataclasses
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -136,7 +137,7 @@ def test_finished_config_is_not_rerun(store, configs, l1_trial):
 
 def test_rerun_runs_a_finished_config_again(store, configs, l1_trial):
     """`sweep run --force`: a finished config gets a second, new run."""
-    again = run_trial(configs[0], dataclasses.replace(store, rerun=True), report=lambda m, c: None)
+    again = run_trial(configs[0], dataclasses.replace(store, rerun=True, launch_started=time.time()), report=lambda m, c: None)
     assert "skipped" not in again
     runs = _runs(store, configs[0])
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
@@ -167,19 +168,6 @@ def test_scratch_arm_trains_the_pruned_architecture_from_new_weights(store, conf
     assert not torch.equal(weights[0]["features.0.weight"], weights[1]["features.0.weight"])
 
 
-class FailOnce:
-    """Raises in one epoch of a config's first attempt (a crash mid fine-tune), for the retry to recover from."""
-
-    def __init__(self, epoch: int, marker_dir: Path):
-        self.epoch, self.marker_dir = epoch, marker_dir
-
-    def __call__(self, config: dict, epoch: int) -> None:
-        marker = self.marker_dir / tracking.config_hash(config)
-        if epoch == self.epoch and not marker.exists():
-            marker.touch()
-            raise RuntimeError(f"injected failure in epoch {epoch}")
-
-
 def _keep_checkpoints(saved: list, folder: Path):
     def report(metrics, ckpt):
         if ckpt is not None:  # the directory is temporary: copy it as Ray Tune would persist it
@@ -187,9 +175,9 @@ def _keep_checkpoints(saved: list, folder: Path):
     return report
 
 
-def test_failed_trial_resumes_in_the_same_run_bit_identical(store, configs, tmp_path):
+def test_failed_trial_resumes_in_the_same_run_bit_identical(store, configs, tmp_path, fail_once):
     config = _with(configs[2], ratio=0.4)
-    failing = dataclasses.replace(store, on_epoch=FailOnce(2, tmp_path))
+    failing = dataclasses.replace(store, on_epoch=fail_once(2))
     saved = []
     with pytest.raises(RuntimeError, match="injected"):
         run_trial(config, failing, report=_keep_checkpoints(saved, tmp_path))
@@ -205,7 +193,7 @@ def test_failed_trial_resumes_in_the_same_run_bit_identical(store, configs, tmp_
         assert steps == sorted(set(steps)), f"{name} logged twice: {steps}"
 
     # An uninterrupted run of the same config (--force) ends with the same weights and metrics, bit for bit.
-    whole = run_trial(config, dataclasses.replace(store, rerun=True), report=_keep_checkpoints(saved, tmp_path / "w"))
+    whole = run_trial(config, dataclasses.replace(store, rerun=True, launch_started=time.time()), report=_keep_checkpoints(saved, tmp_path / "w"))
     assert whole["test_accuracy"] == resumed["test_accuracy"] and whole["val_loss"] == resumed["val_loss"]
     runs = sorted(_runs(store, config), key=lambda r: r.info.start_time)
     assert _history(store, runs[0].info.run_id, "val_loss") == _history(store, runs[1].info.run_id, "val_loss")

@@ -57,11 +57,12 @@ def prepare(spec: SweepSpec, storage: str | None = None, max_batches: int | None
             calibration: bool = True) -> Setup:
     """Load the spec's dataset, and train (or find) its shared base under ``<storage>/<name>/bases``."""
     from ..orchestrate import cache_dir, resolve_storage
+    from ..schema import trial_config
     from ..trial import _load_splits  # the data exactly as a trial of this spec loads it
 
     config = spec.trial
     seed_everything(config["seed"])
-    splits = _load_splits(config)
+    splits = _load_splits(trial_config(config))
     device = pick_device(config["device"])
     path, cached = ensure_base(config, cache_dir(resolve_storage(storage), spec.name), splits, device)
     model, info = load_base(config, path, splits)

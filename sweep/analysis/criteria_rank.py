@@ -88,7 +88,8 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 # --- the oracle --------------------------------------------------------------------------------------------------
 
 
-def _reads(model: nn.Module, graph: ChannelGraph, units: Sequence[int]) -> dict[int, list[tuple[nn.Parameter, torch.Tensor]]]:
+def _reads(model: nn.Module, graph: ChannelGraph, units: Sequence[int]
+           ) -> dict[int, list[tuple[nn.Parameter, torch.Tensor]]]:
     """Per unit: (weight of a consumer, the input positions that carry the unit)."""
     wanted = set(units)
     reads: dict[int, list] = {u: [] for u in units}
@@ -111,7 +112,7 @@ def oracle(model: nn.Module, graph: ChannelGraph, units: Sequence[int], batches,
     model = model.to(device).eval()
     base = evaluate(model, batches, device, num_classes)["loss"]
     changes = np.empty(len(units))
-    for i, (unit, reads) in enumerate(_reads(model, graph, units).items()):
+    for i, reads in enumerate(_reads(model, graph, units).values()):  # in the order of `units`
         saved = [(w, pos, w[:, pos].clone()) for w, pos in reads]
         try:
             for w, pos, _ in saved:

@@ -7,7 +7,7 @@ so tied channels of a residual stream are judged together.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn

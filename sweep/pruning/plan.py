@@ -32,7 +32,7 @@ class PrunePlan:
         return {"removed": self.removed, "removed_in": self.removed_in, "info": self.info}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PrunePlan":
+    def from_dict(cls, d: dict[str, Any]) -> PrunePlan:
         try:
             return cls(
                 removed={k: [int(i) for i in v] for k, v in d["removed"].items()},
@@ -46,7 +46,7 @@ class PrunePlan:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "PrunePlan":
+    def from_json(cls, text: str) -> PrunePlan:
         return cls.from_dict(json.loads(text))
 
     def channel_counts(self, base_model: nn.Module) -> list[tuple[str, str, int, int]]:
@@ -58,7 +58,7 @@ class PrunePlan:
                 rows.append((name, type(m).__name__, before, before - len(self.removed.get(name, ()))))
         return rows
 
-    def then(self, later: "PrunePlan", original: nn.Module) -> "PrunePlan":
+    def then(self, later: PrunePlan, original: nn.Module) -> PrunePlan:
         """This plan followed by ``later`` (whose indices refer to the model this plan produced)."""
         def compose(first: dict[str, list[int]], second: dict[str, list[int]], axis: int) -> dict[str, list[int]]:
             out = {}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import nn

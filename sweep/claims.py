@@ -1,0 +1,444 @@
+"""Trial claims in the MLflow tracking store: two launches (or two machines) never run the same config at once.
+
+The claim IS the trial's MLflow child run: a RUNNING run tagged ``config_hash=H`` whose lease tag
+``sweep.lease_until`` (unix seconds) lies in the future. Its holder renews the lease from a daemon thread
+(:class:`Lease`); a holder that dies (SIGKILL, OOM kill, lost node) stops renewing, and whoever next looks at H
+closes its run FAILED with the tags ``sweep.closed_by`` and ``sweep.closed_reason``. Everything goes through an
+``MlflowClient``, so it works the same on ``sqlite:///...`` and on ``http://`` tracking servers: no local file lock.
+
+    owner = f"{launch_id}/{tune_trial_id}"                     # the same for every retry of one Tune trial
+    result = claim_trial(client, experiment_id, chash, owner, create_run=make_run, resume_run_id=run_id)
+    if result.kind == "finished": ...                        # report the recorded result, do not train
+    elif result.kind == "held": ...                          # another launch runs it right now: skip (or wait_s=...)
+    else:
+        try: train(run_id=result.run_id); result.lease.check()
+        finally: result.lease.release("FINISHED" or "FAILED")
+
+The protocol (MLflow has no compare-and-swap; runs and tags are the only registers)
+-----------------------------------------------------------------------------------
+To claim H, repeat (bounded by ``max_attempts`` and by ``wait_s``):
+
+(a) Search the runs tagged config_hash=H (one filtered query). A FINISHED one: result ``finished``.
+(b) A *live claim* of another owner: result ``held`` (or poll until ``wait_s`` is spent). A live claim is a RUNNING
+    run whose lease is in the future (a RUNNING run without a lease tag, from an older release, is live for
+    ``lease_s`` after its start), or any run carrying a live ``sweep.adopt.*`` tag (see resuming below).
+(c) RUNNING runs of H whose lease expired are closed FAILED with the reason tags: their owner stopped renewing.
+    If such a run is ``resume_run_id`` (the caller is the retry of that very run and holds its checkpoint), it is
+    continued instead of closed (see resuming).
+(d) Register our claim: create a new RUNNING child run with tags config_hash, ``sweep.lease_until = now + lease_s``
+    and ``sweep.owner`` in the same request, THEN search again. If any other live claim of H, or a FINISHED run of
+    H, is now visible, yield: tag ours ``sweep.closed_reason = yielded to <run_id>``, end it KILLED and delete it
+    (MLflow's soft delete), sleep a random, bounded time and start again at (a). Otherwise the claim is ours.
+
+Why yielded runs are deleted rather than left KILLED: a yielded run never ran anything (no params beyond what the
+creator logged, no metrics, no artifacts); it is a lock-acquisition artefact, and leaving it visible would make the
+store show a non-FINISHED run per collision, breaking "every config has one run" in the UI and in reports. The soft
+delete keeps its row (``ViewType.DELETED_ONLY`` still shows it, with its reason tag) but every default search, the UI
+and ``sweep report`` skip it. It is ended KILLED before it is deleted, so a crash between the two leaves a closed run,
+never a RUNNING one; a crash before either leaves a RUNNING run whose lease expires.
+
+Safety (never two owners proceed on H at the same time). The store is linearisable: every request is one SQL
+transaction on one database (sqlite, or the database behind a tracking server), so each search sees every write
+that completed before it began. Suppose A and B both proceed. Each proceeded after its re-check in (d), and each
+re-check ran after its own registration. Order the two re-checks; say A's came first. B's registration either came
+before A's re-check, so A's re-check saw B's live claim and A would have yielded, contradiction; or it came after A's
+re-check, hence after A's registration, so B's re-check (later still) saw A's run, RUNNING with a live lease or
+already FINISHED, and B would have yielded, contradiction. So at most one proceeds. Both may yield (then both retry
+after a random backoff, and the next round usually finds one of them held or finished): a possible delay, never a
+duplicate. No tie-break (say, "the older run wins") is used on purpose: start times come from client clocks, and a
+winner that checked before the loser registered cannot know it was supposed to lose.
+
+The argument needs the lease to stand for a live holder: the holder renews every ``lease_s / 3`` (two renewals may
+fail before the lease lapses), and clocks of the machines agree to well within ``lease_s`` (the lease is a
+wall-clock time written by one machine and read by another). A holder that is paused longer than ``lease_s`` (a
+stopped VM, a swap storm) can come back after someone else closed its run and claimed H: its :class:`Lease` notices
+on the next renewal (the run is no longer RUNNING or no longer its own) and sets ``lost``; the trial must call
+``lease.check()`` before it records a result, which bounds the overlap to one renewal period. Leases cannot do
+better without fencing tokens, which MLflow cannot check.
+
+Resuming (``resume_run_id``: a Tune retry, or ``--resume``, continuing the run whose checkpoint it holds). That run
+R cannot be re-created, so "register" means writing our own tag ``sweep.adopt.<owner> = now + lease_s`` on R; the
+re-check then also treats another owner's live adopt tag on R as a rival. Distinct owners write distinct tag keys,
+so no write overwrites another, and the proof above applies unchanged with "adopt tag" in place of "new run". R
+itself is a rival while another owner's lease on it is live (its holder may still be alive: wait for the lease or
+report ``held``); a lease of our own owner id (the same Tune trial, so the previous attempt is known to be gone) or
+an expired one is taken over. The winner sets owner and lease on R, marks it RUNNING and removes its adopt tag.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from . import tracking
+
+log = logging.getLogger(__name__)
+
+LEASE_TAG = "sweep.lease_until"
+OWNER_TAG = "sweep.owner"
+CLOSED_BY_TAG = "sweep.closed_by"
+CLOSED_REASON_TAG = "sweep.closed_reason"
+ADOPT_PREFIX = "sweep.adopt."
+HASH_TAG = "config_hash"
+DEFAULT_LEASE_S = 60.0
+MAX_ATTEMPTS = 20
+BACKOFF_S = 0.5  # a yielded claim sleeps uniform(0, BACKOFF_S * 2**k), k = yields so far (at most 4)
+
+ClaimKind = Literal["claimed", "finished", "held"]
+
+
+class LeaseLost(RuntimeError):
+    """Our claim was closed by someone else (our lease lapsed): stop and record nothing as a result."""
+
+
+def new_owner_id(prefix: str = "") -> str:
+    """A launch/worker id unique across machines: host, pid and a random suffix (tag-key safe)."""
+    base = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return f"{prefix}-{base}" if prefix else base
+
+
+def _key_part(owner: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.\-/ ]", "_", owner)[:200]
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _lease_until(run: Run) -> float | None:
+    try:
+        return float(run.data.tags[LEASE_TAG])
+    except (KeyError, ValueError):
+        return None
+
+
+def _running_live(run: Run, now: float, lease_s: float) -> bool:
+    """A RUNNING run whose holder counts as alive: a future lease, or (no lease tag: an older release) a recent start."""
+    if run.info.status != "RUNNING":
+        return False
+    until = _lease_until(run)
+    if until is None:
+        return (run.info.start_time or 0) / 1000 + lease_s > now
+    return until > now
+
+
+def _live_adopters(run: Run, now: float, except_owner: str | None = None) -> list[str]:
+    skip = None if except_owner is None else ADOPT_PREFIX + _key_part(except_owner)
+    out = []
+    for key, value in run.data.tags.items():
+        if key.startswith(ADOPT_PREFIX) and key != skip:
+            try:
+                if float(value) > now:
+                    out.append(key[len(ADOPT_PREFIX):])
+            except ValueError:
+                continue
+    return out
+
+
+def _runs_for(client: MlflowClient, experiment_id: str, config_hash: str) -> list[Run]:
+    """Active runs tagged config_hash=H: one query filtered on the tag (MLflow joins the tags table), never a scan."""
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", config_hash):
+        raise ValueError(f"config_hash {config_hash!r}: expected letters, digits, '_', '.', '-'")
+    return tracking.all_runs(client, experiment_id, f"tags.{HASH_TAG} = '{config_hash}'")
+
+
+def _close(client: MlflowClient, run: Run, status: str, closer: str, reason: str) -> bool:
+    """End a dead run with the reason tags; re-read first so a holder that just finished or renewed is left alone."""
+    fresh = tracking.with_retry(client.get_run, run.info.run_id)
+    if fresh.info.status != "RUNNING" or _lease_until(fresh) != _lease_until(run):
+        return False
+    run_id = run.info.run_id
+    tracking.with_retry(client.set_tag, run_id, CLOSED_BY_TAG, closer)
+    tracking.with_retry(client.set_tag, run_id, CLOSED_REASON_TAG, reason)
+    tracking.with_retry(client.set_terminated, run_id, status=status)
+    log.warning("closed run %s as %s: %s", run_id, status, reason)
+    return True
+
+
+def _dead_reason(run: Run, lease_s: float) -> str:
+    owner = run.data.tags.get(OWNER_TAG, "unknown")
+    until = _lease_until(run)
+    if until is None:
+        started = (run.info.start_time or 0) / 1000
+        return (f"no lease (started {_iso(started)} by an older release) and not finished after {lease_s:g} s; "
+                f"presumed dead")
+    return f"lease expired at {_iso(until)}; owner {owner} stopped renewing"
+
+
+# --- the lease ---------------------------------------------------------------------------------------------------
+
+
+class Lease:
+    """Keeps a claim alive: rewrites ``sweep.lease_until = now + lease_s`` every ``lease_s / 3`` from a daemon thread.
+
+    Before each renewal it re-reads the run; if the run is no longer RUNNING or no longer ours (someone closed it
+    after our lease lapsed), ``lost`` is set and renewal stops. ``check()`` raises LeaseLost then.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, owner: str, lease_s: float = DEFAULT_LEASE_S):
+        self.client, self.run_id, self.owner, self.lease_s = client, run_id, owner, float(lease_s)
+        self.until = time.time() + self.lease_s
+        self.lost = threading.Event()
+        self.renewals = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"lease-{run_id[:8]}", daemon=True)
+
+    @classmethod
+    def acquire(cls, client: MlflowClient, run_id: str, owner: str, lease_s: float = DEFAULT_LEASE_S) -> Lease:
+        """Put a lease on a run we own outright (the driver's parent run) and start renewing it."""
+        lease = cls(client, run_id, owner, lease_s)
+        lease._write()
+        return lease.start()
+
+    def start(self) -> Lease:
+        self._thread.start()
+        return self
+
+    def _write(self) -> None:
+        until = time.time() + self.lease_s
+        tracking.with_retry(self.client.log_batch, self.run_id,
+                            tags=[_tag(OWNER_TAG, self.owner), _tag(LEASE_TAG, f"{until:.3f}")],
+                            attempts=3, seconds=self.lease_s / 3)
+        self.until = until
+
+    def _renew_once(self) -> None:
+        run = tracking.with_retry(self.client.get_run, self.run_id, attempts=3, seconds=self.lease_s / 6)
+        if run.info.status != "RUNNING" or run.data.tags.get(OWNER_TAG) != self.owner:
+            reason = run.data.tags.get(CLOSED_REASON_TAG, f"status {run.info.status}")
+            log.error("lease on run %s lost: %s", self.run_id, reason)
+            self.lost.set()
+            return
+        self._write()
+        self.renewals += 1
+
+    def _loop(self) -> None:
+        period = self.lease_s / 3
+        while not self._stop.wait(period):
+            try:
+                self._renew_once()
+            except Exception as error:  # a store hiccup: try again next period; lapse only when the lease runs out
+                log.warning("renewing the lease on run %s failed: %s", self.run_id, error)
+                if time.time() > self.until:
+                    self.lost.set()
+            if self.lost.is_set():
+                return
+
+    def check(self) -> None:
+        """Raise LeaseLost if the claim was taken from us: call before recording a result."""
+        if self.lost.is_set():
+            raise LeaseLost(f"run {self.run_id}: the claim was closed by another process after its lease lapsed")
+
+    def release(self, status: str | None = None) -> None:
+        """Stop renewing; with a status (FINISHED, FAILED, KILLED) also end the run with it."""
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=self.lease_s)
+        if status is not None:
+            tracking.with_retry(self.client.set_terminated, self.run_id, status=status)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        self.release("FINISHED" if kind is None else "KILLED" if issubclass(kind, (KeyboardInterrupt, SystemExit))
+                     else "FAILED")
+
+
+def _tag(key: str, value: str):
+    from mlflow.entities import RunTag
+
+    return RunTag(key, value)
+
+
+# --- claiming ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ClaimResult:
+    kind: ClaimKind
+    run_id: str | None          # claimed: our run; finished: the FINISHED run; held: the live rival's run
+    lease: Lease | None = None  # claimed only: renewing; release it when the trial ends
+    closed: list[str] = field(default_factory=list)  # dead runs of this config closed on the way
+    attempts: int = 0           # registrations made (1 when there was no race)
+
+
+def claim_tags(config_hash: str, owner: str, lease_s: float, now: float | None = None) -> dict[str, str]:
+    """The tags a new claim run must be created with (in the create request itself, so rivals see a live lease)."""
+    now = time.time() if now is None else now
+    return {HASH_TAG: config_hash, OWNER_TAG: owner, LEASE_TAG: f"{now + lease_s:.3f}"}
+
+
+def child_run_creator(client: MlflowClient, experiment_id: str, parent_run_id: str | None,
+                      tags: dict[str, str] | None = None, run_name: str | None = None) -> Callable[[dict], str]:
+    """A create_run for claim_trial: a child run of parent_run_id with our tags plus the claim's; returns its id."""
+
+    def create(claim: dict[str, str]) -> str:
+        all_tags = {**(tags or {}), **claim}
+        if parent_run_id is not None:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = tracking.with_retry(client.create_run, experiment_id, tags=all_tags, run_name=run_name)
+        return run.info.run_id
+
+    return create
+
+
+def _yield(client: MlflowClient, run_id: str, rival: str) -> None:
+    tracking.with_retry(client.set_tag, run_id, CLOSED_REASON_TAG, f"yielded to {rival}")
+    tracking.with_retry(client.set_terminated, run_id, status="KILLED")
+    tracking.with_retry(client.delete_run, run_id)
+
+
+def _rivals(runs: list[Run], owner: str, now: float, lease_s: float,
+            ignore_finished_before: float | None = None) -> tuple[list[Run], list[Run]]:
+    """(FINISHED runs, other owners' live claims) among one config's runs.
+
+    Our own registrations carry our owner id (a new run's owner tag, our adopt tag), so they never count. FINISHED
+    runs that ended before ignore_finished_before (unix seconds) do not count either (a forced rerun).
+    """
+    finished, live = [], []
+    for run in runs:
+        if run.info.status == "FINISHED":
+            ended = (run.info.end_time or 0) / 1000
+            if ignore_finished_before is None or ended >= ignore_finished_before:
+                finished.append(run)
+        elif _live_adopters(run, now, except_owner=owner):
+            live.append(run)
+        elif _running_live(run, now, lease_s) and run.data.tags.get(OWNER_TAG) != owner:
+            live.append(run)
+    return finished, live
+
+
+def claim_trial(client: MlflowClient, experiment_id: str, config_hash: str, owner: str,
+                create_run: Callable[[dict[str, str]], str], lease_s: float = DEFAULT_LEASE_S,
+                resume_run_id: str | None = None, wait_s: float = 0.0, max_attempts: int = MAX_ATTEMPTS,
+                backoff_s: float = BACKOFF_S, ignore_finished_before: float | None = None) -> ClaimResult:
+    """Claim config_hash for owner (see the module docstring for the protocol and its proof).
+
+    create_run(tags) creates the trial's RUNNING child run with at least `tags` (config_hash, owner, lease) in the
+    create request and returns its run id; `child_run_creator` makes one. resume_run_id: the run this caller
+    continues (its checkpoint names it). wait_s: how long to wait for a live holder to finish or die before
+    answering "held" (0: answer at once). At most max_attempts registrations; a yield sleeps a random, bounded time.
+    ignore_finished_before: `sweep run --force` passes its launch's start time, so runs that finished before it
+    are run again while one that another launch finishes meanwhile still counts.
+    """
+    if lease_s <= 0:
+        raise ValueError(f"lease_s: {lease_s} must be positive")
+    deadline = time.monotonic() + max(0.0, wait_s)
+    poll = min(max(lease_s / 6, 0.2), 5.0)
+    closed: list[str] = []
+    attempts, yields = 0, 0
+    last_rival: str | None = None
+    for _ in range(max_attempts * 4 + int(wait_s / poll) + 2):  # every path through the loop sleeps or returns
+        now = time.time()
+        runs = _runs_for(client, experiment_id, config_hash)
+        finished, live = _rivals(runs, owner, now, lease_s, ignore_finished_before)
+        live_ids = {r.info.run_id for r in live}
+        if finished:
+            return ClaimResult("finished", finished[0].info.run_id, None, closed, attempts)
+        # (c) close the dead: RUNNING, lease lapsed; ours from an earlier attempt when it is not the run we resume
+        for run in runs:
+            rid = run.info.run_id
+            if rid == resume_run_id or run.info.status != "RUNNING" or rid in live_ids:
+                continue
+            if not _running_live(run, now, lease_s):
+                if _close(client, run, "FAILED", owner, _dead_reason(run, lease_s)):
+                    closed.append(rid)
+            elif run.data.tags.get(OWNER_TAG) == owner:
+                if _close(client, run, "FAILED", owner, f"superseded: owner {owner} started this config again"):
+                    closed.append(rid)
+        if live:
+            last_rival = live[0].info.run_id
+            if time.monotonic() + poll > deadline:
+                return ClaimResult("held", last_rival, None, closed, attempts)
+            time.sleep(poll)
+            continue
+        if attempts >= max_attempts:
+            break
+        attempts += 1
+        resume = next((r for r in runs if r.info.run_id == resume_run_id), None)
+        if resume is not None:
+            result = _adopt(client, experiment_id, config_hash, owner, resume, lease_s, ignore_finished_before)
+        else:
+            result = _create(client, experiment_id, config_hash, owner, create_run, lease_s, ignore_finished_before)
+        if isinstance(result, ClaimResult):
+            result.closed, result.attempts = closed, attempts
+            return result
+        last_rival = result
+        yields += 1
+        time.sleep(random.uniform(0, backoff_s * 2 ** min(yields, 4)))
+    return ClaimResult("held", last_rival, None, closed, attempts)
+
+
+def _recheck(client, experiment_id, config_hash, owner, lease_s, ignore_finished_before=None
+             ) -> ClaimResult | str | None:
+    """After registering: a FINISHED run -> ClaimResult finished; a live rival -> its run id; none -> None."""
+    runs = _runs_for(client, experiment_id, config_hash)
+    finished, live = _rivals(runs, owner, time.time(), lease_s, ignore_finished_before)
+    if finished:
+        return ClaimResult("finished", finished[0].info.run_id)
+    return live[0].info.run_id if live else None
+
+
+def _create(client, experiment_id, config_hash, owner, create_run, lease_s, ignore_finished_before
+            ) -> ClaimResult | str:
+    run_id = create_run(claim_tags(config_hash, owner, lease_s))
+    outcome = _recheck(client, experiment_id, config_hash, owner, lease_s, ignore_finished_before)
+    if outcome is None:
+        return ClaimResult("claimed", run_id, Lease(client, run_id, owner, lease_s).start())
+    rival = outcome.run_id if isinstance(outcome, ClaimResult) else outcome
+    _yield(client, run_id, rival)
+    return outcome
+
+
+def _adopt(client, experiment_id, config_hash, owner, run: Run, lease_s, ignore_finished_before
+           ) -> ClaimResult | str:
+    run_id = run.info.run_id
+    key = ADOPT_PREFIX + _key_part(owner)
+    tracking.with_retry(client.set_tag, run_id, key, f"{time.time() + lease_s:.3f}")
+    outcome = _recheck(client, experiment_id, config_hash, owner, lease_s, ignore_finished_before)
+    if outcome is None:
+        lease = Lease(client, run_id, owner, lease_s)
+        lease._write()  # owner and lease first, RUNNING next, the adopt tag last: a claim is visible throughout
+        tracking.with_retry(client.update_run, run_id, status="RUNNING")
+        for stale in (CLOSED_BY_TAG, CLOSED_REASON_TAG):  # it was closed as dead; it lives again
+            if stale in run.data.tags:
+                tracking.with_retry(client.delete_tag, run_id, stale)
+        tracking.with_retry(client.delete_tag, run_id, key)
+        return ClaimResult("claimed", run_id, lease.start())
+    tracking.with_retry(client.delete_tag, run_id, key)
+    return outcome
+
+
+# --- closing what dead owners left -------------------------------------------------------------------------------
+
+
+def close_dead_runs(client: MlflowClient, experiment_id: str, now: float | None = None, closer: str | None = None,
+                    lease_s: float = DEFAULT_LEASE_S) -> list[str]:
+    """Close every RUNNING run of the experiment whose holder is dead; return their ids.
+
+    Dead: its lease expired, or it has no lease tag (an older release) and started more than lease_s ago. Trial runs
+    are ended FAILED (a later launch reruns the config), parent runs KILLED (as an interrupted launch is), each with
+    ``sweep.closed_by`` and ``sweep.closed_reason``. One query filtered on status, not a scan of all runs.
+    """
+    now = time.time() if now is None else now
+    closer = closer or new_owner_id("closer")
+    closed = []
+    for run in tracking.all_runs(client, experiment_id, "attributes.status = 'RUNNING'"):
+        if _running_live(run, now, lease_s) or _live_adopters(run, now):
+            continue
+        status = "KILLED" if run.data.tags.get("sweep.role") == tracking.PARENT_ROLE else "FAILED"
+        if _close(client, run, status, closer, _dead_reason(run, lease_s)):
+            closed.append(run.info.run_id)
+    return closed

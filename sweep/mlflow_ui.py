@@ -1,0 +1,158 @@
+"""The MLflow UI, opened on what a sweep is for: its trials side by side.
+
+    mark_experiment(client, experiment_id)            # once per experiment: its kind and a saved comparison view
+    view_url("http://127.0.0.1:5000", experiment_id)  # the runs table of that view; chart=True for the chart
+
+Why each piece (checked against the MLflow 3.17 UI bundle, `mlflow/server/js/build`):
+- An MLflow 3 experiment without the tag `mlflow.experimentKind` may open on the GenAI overview (traces, tokens:
+  "No data"), and a child run's breadcrumb then says "Evaluations". `custom_model_development` is the value the
+  UI's own "experiment type" selector writes for classical training runs.
+- The runs table nests child runs under collapsed parent rows, and the charts compare only the rows shown, so a sweep
+  shows two parents and "Model metrics (0)". Which columns, filter, sort and charts the page shows lives in the
+  browser (local storage), not in the URL; the one way to hand a page its state is a *saved view*: an experiment tag
+  `mlflow.sharedViewState.<key>` holding the state, opened by `?viewStateShareKey=<key>` (what the UI's Share button
+  makes). The view here filters to trial runs (they carry tag `config_hash`, parents do not), so they are the rows
+  and what the charts compare; shows the parameters and metrics a pruning comparison needs as columns; sorts by
+  validation accuracy; and adds scatter charts of accuracy against FLOPs reduction.
+- What a URL cannot do: a sqlite store has no web server, so the URL assumes `mlflow ui` started as printed by
+  `ui_command`. The browser keeps the user's own layout once they change it ("Exit shared view" returns to it).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from urllib.parse import quote, urlencode
+
+
+KIND_TAG = "mlflow.experimentKind"
+KIND = "custom_model_development"  # the UI's value for training runs (others: genai_development, ...)
+VIEW_KEY = "sweep-compare"
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+VIEW_TAG = VIEW_TAG_PREFIX + VIEW_KEY
+VIEW_NAME = "sweep: compare trials"
+VIEW_VERSION = "1"  # bump when the view below changes: experiments marked before get the new one
+VERSION_TAG = "sweep.view_version"
+
+DEFAULT_SERVER = "http://127.0.0.1:5000"
+# Only trial runs: each carries tag config_hash (tracking.TrialRun), a parent never does.
+TRIAL_FILTER = "tags.config_hash LIKE '%'"
+PARAM_COLUMNS = ["model", "dataset", "strategy", "ratio", "scope", "target", "schedule"]
+METRIC_COLUMNS = ["val_accuracy", "test_accuracy", "flops_reduction", "params_reduction", "speedup", "latency_ms",
+                  "train_time_s"]
+SCATTERS = [("flops_reduction", "val_accuracy"), ("flops_reduction", "test_accuracy")]
+SORT_METRIC = "val_accuracy"
+
+
+def _column(kind: str, name: str) -> str:
+    return f"{kind}.`{name}`"  # the UI's canonical column key
+
+
+def view_state() -> dict:
+    """The runs-page state of the saved view: search facets plus the table and chart layout."""
+    section = "sweep-section"
+    charts = [{
+        "uuid": f"sweep-scatter-{x}-{y}", "type": "SCATTER", "runsCountToCompare": 1000, "metricSectionId": section,
+        "deleted": False, "isGenerated": False, "displayName": f"{y} vs {x}",
+        "xaxis": {"key": x, "type": "METRIC"}, "yaxis": {"key": y, "type": "METRIC"},
+    } for x, y in SCATTERS]
+    columns = [_column("params", p) for p in PARAM_COLUMNS] + [_column("metrics", m) for m in METRIC_COLUMNS]
+    return {
+        # search facets
+        "searchFilter": TRIAL_FILTER,
+        "orderByKey": _column("metrics", SORT_METRIC),
+        "orderByAsc": False,
+        "startTime": "ALL",
+        "lifecycleFilter": "Active",
+        "modelVersionFilter": "All Runs",
+        "datasetsFilter": [],
+        # layout
+        "selectedColumns": columns,
+        "columnOrder": columns,  # what was swept first, then the results
+        "runsHiddenMode": "SHOW_ALL",  # the charts' default shows only the first 10 rows
+        "compareRunCharts": charts,
+        "compareRunSections": [{"uuid": section, "name": "Pruning trade-off", "display": True, "isReordered": False,
+                                "deleted": False, "isGenerated": False}],
+        "isAccordionReordered": True,  # keep our section first, above the generated per-metric ones
+        "hideEmptyCharts": True,
+        "viewMaximized": False,
+        "runListHidden": False,
+        "groupBy": None,
+    }
+
+
+def _view_tag_value() -> str:
+    now = int(time.time() * 1000)
+    return json.dumps({"name": VIEW_NAME, "createdAt": now, "updatedAt": now, "state": json.dumps(view_state())})
+
+
+def experiment_tags() -> dict[str, str]:
+    """Tags a sweep's experiment is created with: its kind, the saved comparison view and that view's version."""
+    return {KIND_TAG: KIND, VIEW_TAG: _view_tag_value(), VERSION_TAG: VIEW_VERSION}
+
+
+def mark_experiment(client, experiment_id: str, tags: dict | None = None) -> None:
+    """Set the experiment's kind and saved view where missing or outdated; `tags`: the experiment's, if known.
+
+    Writes nothing when both are current, so calling it on every get_or_create costs no database write.
+    """
+    from .tracking import with_retry  # tracking imports this module
+
+    if tags is None:
+        tags = with_retry(client.get_experiment, experiment_id).tags
+    for key, value in experiment_tags().items():
+        current = tags.get(key)
+        outdated = current is None or (key != VIEW_TAG and current != value) or (
+            key == VIEW_TAG and tags.get(VERSION_TAG) != VIEW_VERSION)
+        if outdated:
+            with_retry(client.set_experiment_tag, experiment_id, key, value)
+
+
+def _resolve(tracking_uri: str | None) -> str:
+    from .tracking import resolve_tracking_uri
+
+    return resolve_tracking_uri(tracking_uri)
+
+
+def server_url(tracking_uri: str | None) -> str:
+    """The web address of the UI for a store: the server itself, or where `mlflow ui` serves a database store."""
+    uri = _resolve(tracking_uri)
+    if uri.startswith(("http://", "https://")):
+        return uri.rstrip("/")
+    return DEFAULT_SERVER
+
+
+def ui_command(tracking_uri: str | None) -> str | None:
+    """The command that serves the UI for a database store (loopback only); None for a tracking server."""
+    uri = _resolve(tracking_uri)
+    if uri.startswith(("http://", "https://")):
+        return None
+    return f"mlflow ui --backend-store-uri {shlex.quote(uri)} --host 127.0.0.1 --port 5000"
+
+
+def view_url(server: str | None, experiment_id: str, chart: bool = False) -> str:
+    """URL of the saved comparison view: the runs table, or with chart=True the chart of accuracy against FLOPs.
+
+    `server` is the UI's base address or a tracking URI (a database URI maps to the `mlflow ui` default address).
+    """
+    query = {"viewStateShareKey": VIEW_KEY, "workflowType": "machine_learning"}
+    if chart:
+        query["compareRunsMode"] = "CHART"
+    return f"{server_url(server)}/#/experiments/{quote(str(experiment_id))}/runs?{urlencode(query)}"
+
+
+def run_url(server: str | None, experiment_id: str, run_id: str) -> str:
+    return (f"{server_url(server)}/#/experiments/{quote(str(experiment_id))}/runs/{quote(run_id)}"
+            f"?workflowType=machine_learning")
+
+
+def how_to_open(tracking_uri: str | None, experiment_id: str) -> list[str]:
+    """Lines to print after a sweep or a report: how to start the UI if needed, and the views to open."""
+    lines = []
+    command = ui_command(tracking_uri)
+    if command:
+        lines.append(f"MLflow UI: {command}")
+    lines.append(f"  trials table: {view_url(tracking_uri, experiment_id)}")
+    lines.append(f"  trade-off chart: {view_url(tracking_uri, experiment_id, chart=True)}")
+    return lines

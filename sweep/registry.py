@@ -1,0 +1,152 @@
+"""Register a sweep's winner in the MLflow Model Registry, as a pyfunc model with no pickled network.
+
+    version = register_best("quickstart", "digits-pruned", by="val_accuracy")   # a ModelVersion
+    model = mlflow.pyfunc.load_model("models:/digits-pruned/1")                  # predict(N x C x H x W float32)
+
+The winner is the FINISHED trial run with the best value of `by`, a metric a selection may read (never a test
+metric: choosing on test data would make its test number optimistic). The registered model holds the run's
+`checkpoint/pruned.pt` (plan + state_dict, as `sweep.pruning.save_pruned` writes it), `architecture.json` (the base
+network: model name or factory and kwargs, classes, input channels) and this package's model code; loading rebuilds
+the base network with `build_model`, applies the plan and loads the weights (`sweep.pruning.load_pruned`). Loading
+needs `sweep` installed, and for a `model.factory` network the factory's module importable.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from . import tracking
+from .names import LEGACY_METRICS, METRICS, selectable_metrics
+
+MODEL_DIR = "registered_model"  # artifact folder of the trial run that holds the pyfunc model
+CHECKPOINT = "checkpoint/pruned.pt"
+
+
+class RegistryError(ValueError):
+    """A winner cannot be chosen or registered; the message names the option and the fix."""
+
+
+class PrunedNetwork(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper: logits (N x classes, float32) of a batch of images (N x C x H x W, float32, normalised)."""
+
+    def load_context(self, context) -> None:
+        self.model = load_network(context.artifacts["architecture"], context.artifacts["checkpoint"])
+
+    def predict(self, context, model_input, params=None):
+        x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
+        with torch.no_grad():
+            return self.model(x).numpy()
+
+
+def load_network(architecture: str | Path, checkpoint: str | Path) -> torch.nn.Module:
+    """The pruned network from an architecture.json and a pruned.pt, in eval mode, on the CPU."""
+    from .models import build_model
+    from .pruning import load_pruned
+
+    arch = json.loads(Path(architecture).read_text(encoding="utf-8"))
+    base = build_model(arch.get("model"), arch["num_classes"], None, arch["in_channels"],
+                       factory=arch.get("factory"), kwargs=arch.get("kwargs"))
+    model, _ = load_pruned(str(checkpoint), base)
+    return model.eval()
+
+
+def _check_by(by: str) -> str:
+    """`by` as a metric a selection may read, and its direction."""
+    if by in LEGACY_METRICS or by.startswith("test_") or (by in METRICS and not METRICS[by].selectable):
+        raise RegistryError(f"--by: {by} is measured on the test split, which must never choose a model (its number "
+                            f"would be optimistic); choose by one of {', '.join(selectable_metrics())}")
+    if by not in METRICS:
+        raise RegistryError(f"--by: unknown metric '{by}'; choose one of {', '.join(selectable_metrics())}")
+    return METRICS[by].direction
+
+
+def best_run(experiment: str, by: str = "val_accuracy", tracking_uri: str | None = None):
+    """The FINISHED trial run with the best `by` (ties: the newest run)."""
+    direction = _check_by(by)
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    client = MlflowClient(uri)
+    if tracking.find_experiment_id(client, experiment) is None:
+        raise RegistryError(f"NAME: no sweep '{experiment}' in {uri}; check the name or --tracking-uri")
+    runs = [r for r in tracking.child_runs(client, experiment, "attributes.status = 'FINISHED'")
+            if by in r.data.metrics]
+    if not runs:
+        raise RegistryError(f"--by: no FINISHED trial of '{experiment}' has metric {by}; run the sweep first or "
+                            f"choose another metric")
+    sign = 1 if direction == "max" else -1
+    return max(runs, key=lambda r: (sign * r.data.metrics[by], r.info.start_time))
+
+
+def _param(params: dict, key: str):
+    value = params.get(key)
+    return None if value in (None, "None", "null") else value
+
+
+def _architecture(client: MlflowClient, run, checkpoint: Path) -> dict:
+    """What rebuilds the base network: the run's model params, and classes/channels from its params or weights."""
+    params = run.data.params
+    kwargs = _param(params, "model.kwargs")
+    arch = {"model": _param(params, "model"), "factory": _param(params, "model.factory"),
+            "kwargs": json.loads(kwargs) if kwargs else None}
+    for key in ("num_classes", "in_channels"):
+        value = _param(params, key) or _param(params, f"dataset.{key}")
+        if value is not None:
+            arch[key] = int(value)
+    if "num_classes" not in arch or "in_channels" not in arch:
+        # Not logged as params: read them off the weights. Pruning never touches the stem's inputs nor the head's
+        # outputs, so the first conv's input channels and the last layer's outputs are the base network's.
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+        weights = [v for k, v in state.items() if k.endswith("weight") and v.dim() >= 2]
+        arch.setdefault("in_channels", int(next(v for v in weights if v.dim() == 4).shape[1]))
+        arch.setdefault("num_classes", int(weights[-1].shape[0]))
+    return arch
+
+
+def register_best(experiment: str, model_name: str, by: str = "val_accuracy",
+                  tracking_uri: str | None = None) -> ModelVersion:
+    """Register the best trial's pruned network as a new version of `model_name`; returns the version."""
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    run = best_run(experiment, by, uri)
+    client = MlflowClient(uri)
+    with tempfile.TemporaryDirectory(prefix="sweep-register-") as tmp:
+        tmp = Path(tmp)
+        try:
+            checkpoint = Path(tracking.with_retry(client.download_artifacts, run.info.run_id, CHECKPOINT, str(tmp)))
+        except Exception as e:
+            raise RegistryError(f"run {run.info.run_id} has no {CHECKPOINT} artifact ({type(e).__name__}); "
+                                f"it cannot be registered") from e
+        arch = _architecture(client, run, checkpoint)
+        (tmp / "architecture.json").write_text(json.dumps(arch, indent=2), encoding="utf-8")
+        network = load_network(tmp / "architecture.json", checkpoint)  # fails here, not at load time, if it cannot
+        tensor = mlflow.types.TensorSpec
+        signature = mlflow.models.ModelSignature(  # any image size: the network's pooling decides what fits
+            inputs=mlflow.types.Schema([tensor(np.dtype(np.float32), (-1, arch["in_channels"], -1, -1))]),
+            outputs=mlflow.types.Schema([tensor(np.dtype(np.float32), (-1, arch["num_classes"]))]))
+        del network
+        local = tmp / MODEL_DIR
+        mlflow.pyfunc.save_model(
+            str(local), python_model=str(Path(__file__).with_name("_pyfunc_model.py")),
+            artifacts={"architecture": str(tmp / "architecture.json"), "checkpoint": str(checkpoint)},
+            signature=signature,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
+            metadata={"sweep.experiment": experiment, "sweep.run_id": run.info.run_id, "sweep.by": by,
+                      f"sweep.{by}": run.data.metrics[by]})
+        # Artifacts only: the FINISHED trial run keeps its status, metrics and end time.
+        tracking.with_retry(client.log_artifacts, run.info.run_id, str(local), MODEL_DIR)
+    try:
+        tracking.with_retry(client.create_registered_model, model_name,
+                            description="Pruned networks chosen from sweeps by `sweep report --register`")
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise RegistryError(f"--register: cannot create registered model '{model_name}': {e.message}") from e
+    tags = {"sweep.experiment": experiment, "sweep.by": by, f"sweep.{by}": str(run.data.metrics[by])}
+    return tracking.with_retry(client.create_model_version, model_name, f"{run.info.artifact_uri}/{MODEL_DIR}",
+                               run_id=run.info.run_id, tags=tags)

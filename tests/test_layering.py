@@ -1,0 +1,40 @@
+"""The dependency rule of DESIGN.md, checked: `sweep.pruning` is a library of its own that needs only torch."""
+
+import subprocess
+import sys
+
+CODE = """
+import sys, importlib.metadata as md, re
+import torch
+import torch.fx
+torch.fx.symbolic_trace(torch.nn.Conv2d(3, 8, 3))  # what torch itself loads, lazily, to trace a model
+with_torch = set(sys.modules)
+from sweep.pruning import prune
+prune(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3)),
+      torch.randn(1, 3, 8, 8), strategy="l1", ratio=0.5)
+loaded = {m.split(".")[0] for m in set(sys.modules) - with_torch} - set(sys.stdlib_module_names)
+
+def requirements(dist):  # torch and what it requires, transitively (sympy, networkx, ...): torch's own business
+    seen, todo = set(), [dist]
+    while todo:
+        name = re.split(r"[^A-Za-z0-9_.-]", todo.pop())[0].lower().replace("_", "-")
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            todo += [r for r in (md.requires(name) or []) if "extra ==" not in r]
+        except md.PackageNotFoundError:
+            pass
+    return seen
+
+allowed = requirements("torch")
+providers = md.packages_distributions()
+foreign = [m for m in loaded if not any(d.lower().replace("_", "-") in allowed for d in providers.get(m, []))]
+print(sorted(foreign))
+"""
+
+
+def test_the_pruner_imports_nothing_but_torch():
+    # A fresh interpreter, so what other tests imported does not count.
+    out = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "['sweep']", out.stdout + out.stderr
