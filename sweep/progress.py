@@ -11,7 +11,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import Any
 
 from ray.tune import ProgressReporter
 
@@ -42,10 +42,9 @@ def _span(seconds: float) -> str:
 class CompactProgress(ProgressReporter):
     """Counts, elapsed time, a time-left estimate and the best trial so far by the spec's (validation) metric."""
 
-    def __init__(self, metric: str, mode: str, describe: Callable[[dict], str], every_s: float = 10.0,
-                 stream: TextIO | None = None):
+    # No stream attribute: Tune pickles its reporter with the Tuner, and sys.stdout is looked up when written to.
+    def __init__(self, metric: str, mode: str, describe: Callable[[dict], str], every_s: float = 10.0):
         self.metric, self.mode, self.describe, self.every_s = metric, mode, describe, every_s
-        self.stream = stream or sys.stdout
         self.start = time.time()
         self.last_time, self.last_state = 0.0, ""
 
@@ -80,14 +79,14 @@ class CompactProgress(ProgressReporter):
         return line, " · ".join(state)
 
     def should_report(self, trials: list, done: bool = False) -> bool:
-        every = 1.0 if self.stream.isatty() else self.every_s
+        every = 1.0 if sys.stdout.isatty() else self.every_s
         return done or time.time() - self.last_time >= every or self.line(trials)[1] != self.last_state
 
     def report(self, trials: list, done: bool, *sys_info: str) -> None:
         line, self.last_state = self.line(trials)
         self.last_time = time.time()
-        if self.stream.isatty():  # in place: one line that updates
-            self.stream.write("\r\033[K" + line + ("\n" if done else ""))
+        if sys.stdout.isatty():  # in place: one line that updates
+            sys.stdout.write("\r\033[K" + line + ("\n" if done else ""))
         else:  # a log file: a line per change, at most one per `every_s` while nothing changes
-            self.stream.write(line + "\n")
-        self.stream.flush()
+            sys.stdout.write(line + "\n")
+        sys.stdout.flush()

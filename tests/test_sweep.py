@@ -123,13 +123,14 @@ class TestLocalSweep:
     def test_gpu_on_a_cpu_only_cluster_is_refused_before_any_run(self, local_ray, tmp_path, capsys):
         path = write_spec(tmp_path, "gpu_sweep", gpu=1)
         db = tmp_path / "store" / "mlflow.db"
+        db.parent.mkdir()  # sqlite makes the file, not its folder: a missing folder is an error of its own
         args = ["run", str(path), "--tracking-uri", f"sqlite:///{db}", "--storage", str(tmp_path / "results")]
         assert main(args) == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"error: {path}: resources.gpu: 1 GPU per trial")
         with pytest.raises(SpecError, match="resources.gpu"):
             run_sweep(load_spec(path), tracking_uri=f"sqlite:///{db}", storage=str(tmp_path / "results"))
-        assert not db.parent.exists() and not (tmp_path / "results").exists()
+        assert not db.exists() and not (tmp_path / "results").exists()
 
     @pytest.mark.timeout(240)
     def test_failed_trial_fails_the_launch_and_resume_finishes_it(self, local_ray, tmp_path, fail_once):
