@@ -6,6 +6,8 @@
     sweep trial search_spaces/quickstart.yaml          # one trial, no Ray
     sweep prune --model resnet20 --strategy l1 --ratio 0.5 --out pruned.pt
     sweep models | sweep strategies
+    sweep sensitivity search_spaces/layers_digits.yaml --ratios 0.1,0.3,0.5   # each layer pruned alone
+    sweep criteria search_spaces/layers_digits.yaml                          # criteria vs the oracle
 
 Exit codes: 0 done, 1 a trial failed or something failed while running (first line on screen, traceback in a log
 file), 2 bad input found before anything ran, 130 interrupted.
@@ -111,10 +113,57 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--seed", type=int, default=0)
     prune.add_argument("--out", metavar="PRUNED.pt", help="save the pruned model (plan + state_dict)")
 
+    sensitivity = command("sensitivity", help="prune each layer group alone at several ratios (no "
+                          "fine-tune): accuracy per layer and ratio, and a suggested prune block")
+    sensitivity.add_argument("space", metavar="SPACE.yaml", help="its model, dataset, base and prune settings")
+    sensitivity.add_argument("--ratios", type=_fractions, metavar="R,R,...",
+                             help="fractions of each group's filters (default 0.1,0.2,...,0.9)")
+    sensitivity.add_argument("--strategy", help="which filters go (default: the spec's prune.strategy)")
+    sensitivity.add_argument("--tolerance", type=_tolerance, default=0.01,
+                             help="accuracy drop the suggested block tolerates, a fraction (default 0.01)")
+    _analysis_options(sensitivity)
+
+    criteria = command("criteria", help="rank correlation of each strategy's filter scores with the "
+                       "oracle (the loss change when each filter is removed), per layer")
+    criteria.add_argument("space", metavar="SPACE.yaml", help="its model, dataset, base and prune settings")
+    criteria.add_argument("--strategies", type=lambda t: [s for s in t.split(",") if s], metavar="S,S,...",
+                          help="strategies to judge (default: all)")
+    criteria.add_argument("--layers", type=_layers, metavar="N|NAME,...",
+                          help="how many layer groups (evenly spread), or their names (default: all)")
+    _analysis_options(criteria)
+
     models = command("models", help="list model names and whether the pruner handles each")
     models.add_argument("--names", action="store_true", help="names only, one a line (no pruner check)")
     command("strategies", help="list pruning strategies")
     return parser
+
+
+def _fractions(text: str) -> list[float]:
+    return [_fraction(part) for part in text.split(",") if part.strip()]
+
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a fraction such as 0.01") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{value:g} is outside [0, 1); give a fraction such as 0.01 (one point)")
+    return value
+
+
+def _layers(text: str) -> int | list[str]:
+    return _positive_int(text) if text.strip().isdigit() else [s for s in text.split(",") if s]
+
+
+def _analysis_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batches", type=_positive_int, metavar="N",
+                        help="held-out batches to measure on (default: the whole validation split)")
+    parser.add_argument("--experiment", help="MLflow experiment (default: <spec name>.<command>)")
+    parser.add_argument("--address", help="Ray cluster to join: 'auto' or ray://HOST:PORT (default: local Ray)")
+    _tracking_option(parser)
+    parser.add_argument("--storage", help="folder holding the spec's shared base models (default ./sweep_results)")
+    parser.add_argument("--out", default="reports", metavar="DIR", help="output folder (default: reports)")
 
 
 def _tracking_option(parser: argparse.ArgumentParser) -> None:
@@ -256,6 +305,39 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_analysis(paths: dict) -> None:
+    print(Path(paths["summary"]).read_text(encoding="utf-8"))
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from .analysis.sensitivity import run_sensitivity
+    from .spec import load_spec
+
+    outcome = run_sensitivity(load_spec(args.space), ratios=args.ratios, strategy=args.strategy,
+                              tolerance=args.tolerance, tracking_uri=args.tracking_uri, storage=args.storage,
+                              address=args.address, out_dir=args.out, max_batches=args.batches,
+                              experiment=args.experiment, spec_path=args.space)
+    _print_analysis(outcome.paths)
+    print(f"{len(outcome.table)} prunes in {outcome.seconds:.1f} s; MLflow experiment {outcome.experiment}")
+    return 0
+
+
+def cmd_criteria(args: argparse.Namespace) -> int:
+    from .analysis.criteria_rank import run_criteria
+    from .spec import load_spec
+
+    outcome = run_criteria(load_spec(args.space), strategies=args.strategies, layers=args.layers,
+                           tracking_uri=args.tracking_uri, storage=args.storage, address=args.address,
+                           out_dir=args.out, max_batches=args.batches, experiment=args.experiment,
+                           spec_path=args.space)
+    _print_analysis(outcome.paths)
+    print(f"{len(outcome.units)} filters removed one at a time in {outcome.seconds:.1f} s; "
+          f"MLflow experiment {outcome.experiment}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .models import model_names
 
@@ -284,7 +366,7 @@ def cmd_strategies(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "run": cmd_run, "validate": cmd_validate, "report": cmd_report, "trial": cmd_trial, "prune": cmd_prune,
-    "models": cmd_models, "strategies": cmd_strategies,
+    "models": cmd_models, "strategies": cmd_strategies, "sensitivity": cmd_sensitivity, "criteria": cmd_criteria,
 }
 
 

@@ -404,6 +404,11 @@ def write_report(experiment: str, tracking_uri: str | None = None, out_dir: str 
                  reference: str = "random", log_to_parent: bool = True) -> dict[str, Path]:
     """Write runs.csv, summary.csv, paired.csv, summary.md and the plots; log them to the newest parent run."""
     uri = tracking.resolve_tracking_uri(tracking_uri)
+    from sweep.analysis.report import write_analysis_report  # `sweep sensitivity` and `sweep criteria` parents
+
+    analysis = write_analysis_report(experiment, uri, out_dir)
+    if analysis is not None:
+        return analysis
     runs = load_runs(experiment, uri)
     if runs.empty:
         raise ReportError(f"MLflow experiment {experiment!r} has no finished trials yet: run the sweep first")

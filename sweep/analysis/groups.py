@@ -1,0 +1,118 @@
+"""Layer groups of a network, and pruning one of them (or several, each at its own ratio) with the real pruner.
+
+A *layer group* is what the pruner ranks and rounds together (a `ChannelGraph.layers` entry): the filters of one
+conv, or every conv tied to one residual stream. Its name is its first producer in module order; the others are
+listed in `modules` ("conv1 +9 tied" for a CIFAR ResNet's stream, whose 16 channels run through every stage).
+
+    groups = layer_groups(model, example)
+    one = prune_group(model, example, groups, groups[3], 0.5, "l1")        # that group alone, 50 % of its filters
+    per = prune_per_layer(model, example, {"layer1.*.conv1": 0.625}, "l1")  # prune.ratios before the pruner has it
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..pruning import ChannelGraph, PruneResult, analyse, prune
+from ..pruning.criteria import Calibration
+from ..pruning.plan import PrunePlan
+
+
+@dataclass
+class LayerGroup:
+    index: int  # position in ChannelGraph.layers (of the graph analysed with the same ignore list)
+    name: str  # first producer module in model order
+    modules: list[str]  # every producer module whose filters are these units
+    width: int  # the channels a ratio applies to (the pruner's layer_width: the narrowest producer)
+    units: list[int] = field(default_factory=list)  # unit indices in the graph
+
+    @property
+    def label(self) -> str:
+        return self.name if len(self.modules) == 1 else f"{self.name} +{len(self.modules) - 1} tied"
+
+
+def _producers_by_layer(graph: ChannelGraph) -> list[set[str]]:
+    found: list[set[str]] = [set() for _ in graph.layers]
+    for label, (module, _) in graph.producer.items():
+        unit = graph.unit_of_label[label]
+        if unit >= 0:
+            found[graph.unit_layer[unit]].add(module)
+    return found
+
+
+def groups_of(model: nn.Module, graph: ChannelGraph) -> list[LayerGroup]:
+    """The layer groups of an analysed model, in the order of their first producer in the model."""
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    widths = graph.layer_width
+    groups = []
+    for i, modules in enumerate(_producers_by_layer(graph)):
+        ranked = sorted(modules, key=lambda m: order.get(m, len(order)))
+        groups.append(LayerGroup(i, ranked[0], ranked, widths[i], list(graph.layers[i])))
+    return sorted(groups, key=lambda g: order.get(g.name, len(order)))
+
+
+def layer_groups(model: nn.Module, example: torch.Tensor, ignore: Sequence[str] = ()) -> list[LayerGroup]:
+    """Every group of filters the pruner can remove from ``model`` (apart from ``ignore``)."""
+    graph = analyse(model, (example,), tuple(ignore))
+    return groups_of(model, graph)
+
+
+def prune_group(model: nn.Module, example: torch.Tensor, groups: Sequence[LayerGroup], group: LayerGroup,
+                ratio: float, strategy: str = "l1", calibration: Calibration | None = None,
+                ignore: Sequence[str] = (), min_channels: float = 1, round_to: int = 1,
+                seed: int = 0) -> PruneResult:
+    """``prune()`` of ``group`` alone at ``ratio``: every other group is passed to the pruner as ignored.
+
+    The pruner scores the group on the whole network as usual, so this is exactly what a sweep with that ratio and
+    every other layer in ``prune.ignore`` removes.
+    """
+    others = [m for g in groups if g.index != group.index for m in g.modules]
+    return prune(model, example, strategy=strategy, ratio=ratio, scope="local", calibration=calibration,
+                 min_channels=min_channels, round_to=round_to, ignore=[*ignore, *others], seed=seed)
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return name == pattern or fnmatch.fnmatchcase(name, pattern)
+
+
+def _pruner_takes_ratios() -> bool:
+    return "ratios" in inspect.signature(prune).parameters
+
+
+def prune_per_layer(model: nn.Module, example: torch.Tensor, ratios: dict[str, float], strategy: str = "l1",
+                    ignore: Sequence[str] = (), calibration: Calibration | None = None, seed: int = 0
+                    ) -> tuple[nn.Module, PrunePlan]:
+    """Prune each layer group at the ratio of the first pattern of ``ratios`` that matches one of its convs (0: keep
+    it whole); groups that match no pattern, or match ``ignore``, keep every filter. This is a spec's
+    ``prune: {ratio: 0, ratios: {...}}``.
+
+    With a pruner that takes ``ratios=`` (branch `pruner`) this is one ``prune()`` call. Before it, the stand-in
+    makes one call per distinct ratio, each with every other group ignored, and composes the plans; with the
+    magnitude criteria (l1, l2, fpgm, bn_scale) that equals pruning all groups at once, because a group's filters do
+    not change when another group loses filters. (The stand-in matches a tied group by its first conv only.)
+    """
+    if _pruner_takes_ratios():
+        result = prune(model, example, strategy=strategy, ratio=0, ratios=dict(ratios), calibration=calibration,
+                       ignore=list(ignore), seed=seed)
+        return result.model, result.plan
+    wanted: dict[float, list[str]] = {}
+    for g in layer_groups(model, example, ignore):
+        ratio = next((r for p, r in ratios.items() if _matches(g.name, p)), None)
+        if ratio:  # None (no pattern) and 0 keep the group whole
+            wanted.setdefault(float(ratio), []).append(g.name)
+    current, plan = model, PrunePlan()
+    for ratio, names in wanted.items():
+        groups = layer_groups(current, example, ignore)
+        keep = [m for g in groups if g.name not in names for m in g.modules]
+        step = prune(current, example, strategy=strategy, ratio=ratio, calibration=calibration,
+                     ignore=[*ignore, *keep], seed=seed)
+        plan = plan.then(step.plan, model)
+        current = step.model
+    plan.info = {"strategy": strategy, "ratios": dict(ratios), "ignore": list(ignore)}
+    return current, plan

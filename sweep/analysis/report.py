@@ -1,0 +1,300 @@
+"""Tables and plots of `sweep sensitivity` and `sweep criteria`, from the MLflow store alone.
+
+`sweep report NAME` comes here when the experiment's newest parent run carries the tag `sweep.kind`
+(sensitivity or criteria); the commands themselves end by calling the same functions, so what they print and what a
+later report shows are the same numbers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from mlflow.tracking import MlflowClient
+
+from .. import tracking
+from ..errors import InputError
+from .common import KIND_TAG, KINDS
+
+SENSITIVITY_METRICS = {"val_accuracy": "accuracy", "val_loss": "loss", "ratio": "ratio", "removed": "removed",
+                       "accuracy_drop": "accuracy_drop", "flops_reduction": "flops_reduction"}
+
+
+def analysis_parent(uri: str, experiment: str) -> tuple[str, str] | None:
+    """(parent run id, kind) of the experiment's newest parent run when it is an analysis, else None."""
+    client = MlflowClient(uri)
+    experiment_id = tracking.find_experiment_id(client, experiment)
+    if experiment_id is None:
+        return None
+    parents = tracking.all_runs(client, experiment_id, f"tags.`sweep.role` = '{tracking.PARENT_ROLE}'")
+    if not parents:
+        return None
+    kind = parents[0].data.tags.get(KIND_TAG)
+    return (parents[0].info.run_id, kind) if kind in KINDS else None
+
+
+def _children(client: MlflowClient, parent_run_id: str):
+    parent = tracking.with_retry(client.get_run, parent_run_id)
+    runs = tracking.all_runs(client, parent.info.experiment_id,
+                             f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'FINISHED'")
+    return parent, runs
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _markdown(table: pd.DataFrame) -> str:
+    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+# --- sensitivity -------------------------------------------------------------------------------------------------
+
+
+def load_sensitivity(uri: str, parent_run_id: str) -> tuple[pd.DataFrame, dict]:
+    """One row per (layer, ratio) as the child runs recorded them, layers in model order; and the parent's
+    params and metrics (base_val_accuracy, strategy, tolerance, ...)."""
+    client = MlflowClient(uri)
+    parent, runs = _children(client, parent_run_id)
+    rows = []
+    for run in runs:
+        p = run.data.params
+        history = {}
+        for metric, column in SENSITIVITY_METRICS.items():
+            for m in tracking.with_retry(client.get_metric_history, run.info.run_id, metric):
+                history.setdefault(m.step, {})[column] = m.value
+        for step, values in history.items():
+            rows.append({"layer": p["layer"], "modules": p["modules"], "width": int(p["width"]), "step": step,
+                         **values, "run_id": run.info.run_id})
+    columns = ["layer", "modules", "width", "step", *SENSITIVITY_METRICS.values(), "run_id"]
+    table = pd.DataFrame(rows, columns=columns)
+    table["removed"] = table["removed"].astype("Int64")
+    order = _model_order(runs)
+    table["_order"] = table["layer"].map(order)
+    table = table.sort_values(["_order", "ratio"]).drop(columns="_order").reset_index(drop=True)
+    info = {**parent.data.params, **parent.data.metrics}
+    return table, info
+
+
+def _model_order(runs) -> dict[str, int]:
+    """Layers in the order the tasks were submitted (model order), read from the child runs' layer_index."""
+    order = {}
+    for run in runs:
+        order[run.data.params["layer"]] = int(run.data.params.get("layer_index", len(order)))
+    return order
+
+
+def _panels(layers: list[str]) -> list[tuple[str, list[str]]]:
+    """Li et al. draw one panel per stage; a small network gets one panel."""
+    if len(layers) <= 8:
+        return [("all layers", layers)]
+    stages: dict[str, list[str]] = {}
+    for layer in layers:
+        stages.setdefault(layer.split(".")[0], []).append(layer)
+    panels = [(stage, members) for stage, members in stages.items() if len(members) > 1]
+    rest = [m for members in stages.values() if len(members) == 1 for m in members]
+    return panels + ([("other" if len(rest) > 1 else rest[0], rest)] if rest else [])
+
+
+def plot_sensitivity(table: pd.DataFrame, info: dict, path: str | Path) -> Path:
+    """Accuracy vs fraction of filters pruned, one line per layer group (Li et al. 2017, Fig. 2)."""
+    layers = list(dict.fromkeys(table["layer"]))
+    labels = _labels(table)
+    panels = _panels(layers)
+    fig = Figure(figsize=(5.2 * len(panels), 4.6), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
+    base = float(info.get("base_val_accuracy", np.nan))
+    for (title, members), ax in zip(panels, axes):
+        for layer, colour in zip(members, _colours(len(members))):
+            rows = table[table["layer"] == layer].sort_values("ratio")
+            ax.plot(100 * rows["ratio"], 100 * rows["accuracy"], marker="o", markersize=3.5, color=colour,
+                    label=labels[layer])
+        if not np.isnan(base):
+            ax.axhline(100 * base, color="black", linestyle="--", linewidth=1, label=f"base ({100 * base:.1f}%)")
+        ax.set(title=title if len(panels) > 1 else "", xlabel="Filters pruned away (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="x-small", ncol=2 if len(members) > 10 else 1)
+    axes[0].set_ylabel("Validation accuracy (%), no fine-tune")
+    model = info.get("model", "")
+    fig.suptitle(f"{model}: each layer group pruned alone ({info.get('strategy', '')})")
+    return _save(fig, Path(path))
+
+
+def _labels(table: pd.DataFrame) -> dict[str, str]:
+    """Layer group -> its name, with the number of convs tied to it (a residual stream)."""
+    return {r.layer: r.layer + (f" +{str(r.modules).count(',')} tied" if "," in str(r.modules) else "")
+            for r in table.drop_duplicates("layer").itertuples()}
+
+
+def _colours(n: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "viridis"]
+    return [cmap(i) for i in range(n)] if n <= 10 else [cmap(x) for x in np.linspace(0, 0.95, n)]
+
+
+def sensitivity_markdown(name: str, table: pd.DataFrame, info: dict, suggestion: str) -> str:
+    grid = table.pivot_table(index="layer", columns="ratio", values="accuracy", sort=False)
+    widths = table.drop_duplicates("layer").set_index("layer")["width"]
+    labels = _labels(table)
+    shown = pd.DataFrame({"layer": [labels[layer] for layer in grid.index],
+                          "filters": widths.reindex(grid.index).to_numpy()})
+    for ratio in grid.columns:
+        shown[f"{100 * ratio:g}%"] = grid[ratio].map(lambda v: "–" if pd.isna(v) else f"{100 * v:.1f}").to_numpy()
+    base = float(info.get("base_val_accuracy", np.nan))
+    parts = [
+        f"# Sensitivity `{name}`", "",
+        (f"{info.get('model', '')} on {info.get('dataset', '')}, strategy {info.get('strategy', '')}: each layer group "
+        f"pruned alone, no fine-tune; validation accuracy (%) on {int(float(info.get('val_examples', 0)))} held-out "
+        f"examples. Unpruned base: {100 * base:.2f} %."), "",
+        _markdown(shown), "",
+        f"## Suggested block (tolerated drop {100 * float(info.get('tolerance', 0)):g} point(s))", "",
+        "```yaml", suggestion.rstrip(), "```", "",
+    ]
+    return "\n".join(parts)
+
+
+def write_sensitivity_report(experiment: str, uri: str, out_dir: str | Path, parent_run_id: str,
+                             tolerance: float | None = None, log_to_parent: bool = True
+                             ) -> tuple[dict[str, Path], pd.DataFrame]:
+    from .sensitivity import suggestion_yaml
+
+    table, info = load_sensitivity(uri, parent_run_id)
+    if table.empty:
+        raise InputError(f"sensitivity run {parent_run_id} of {experiment!r} has no finished layers")
+    tolerance = float(info.get("tolerance", 0.01)) if tolerance is None else tolerance
+    info["tolerance"] = tolerance
+    out = Path(out_dir) / tracking.safe_name(experiment)
+    out.mkdir(parents=True, exist_ok=True)
+    base = float(info["base_val_accuracy"])
+    suggestion = suggestion_yaml(table, base, tolerance, f"{experiment}, strategy {info.get('strategy')}")
+    table.to_csv(out / "sensitivity.csv", index=False)
+    (out / "suggested.yaml").write_text(suggestion, encoding="utf-8")
+    (out / "summary.md").write_text(sensitivity_markdown(experiment, table, info, suggestion), encoding="utf-8")
+    paths = {"sensitivity": plot_sensitivity(table, info, out / "sensitivity.png"),
+             "table": out / "sensitivity.csv", "suggested": out / "suggested.yaml", "summary": out / "summary.md"}
+    if log_to_parent:
+        client = MlflowClient(uri)
+        for path in paths.values():
+            tracking.with_retry(client.log_artifact, parent_run_id, str(path))
+    return paths, table
+
+
+# --- both --------------------------------------------------------------------------------------------------------
+
+
+def write_analysis_report(experiment: str, uri: str, out_dir: str | Path = "reports") -> dict[str, Path] | None:
+    """The report of the experiment's newest analysis parent, or None when its newest parent is a pruning sweep."""
+    found = analysis_parent(uri, experiment)
+    if found is None:
+        return None
+    parent, kind = found
+    if kind == "sensitivity":
+        return write_sensitivity_report(experiment, uri, out_dir, parent)[0]
+    return write_criteria_report(experiment, uri, out_dir, parent)[0]
+
+
+# --- criteria ----------------------------------------------------------------------------------------------------
+
+
+def load_criteria(uri: str, parent_run_id: str) -> tuple[pd.DataFrame, dict]:
+    """One row per layer group (model order): units, spearman_<strategy> and spearman_signed_<strategy>."""
+    client = MlflowClient(uri)
+    parent, runs = _children(client, parent_run_id)
+    strategies = parent.data.params.get("strategies", "").split(",")
+    rows = []
+    for run in runs:
+        p, m = run.data.params, run.data.metrics
+        row = {"layer": p["layer"], "modules": p.get("modules", p["layer"]), "units": int(p["units"]),
+               "_order": int(p.get("layer_index", 0))}
+        for s in strategies:
+            row[f"spearman_{s}"] = m.get(f"spearman_{s}", np.nan)
+        for s in strategies:
+            row[f"spearman_signed_{s}"] = m.get(f"spearman_signed_{s}", np.nan)
+        row.update(oracle_mean_abs=m.get("oracle_mean_abs", np.nan), run_id=run.info.run_id)
+        rows.append(row)
+    table = pd.DataFrame(rows).sort_values("_order").drop(columns="_order").reset_index(drop=True)
+    info = {**parent.data.params, **parent.data.metrics, "strategy_list": strategies}
+    return table, info
+
+
+def with_mean(table: pd.DataFrame) -> pd.DataFrame:
+    """The table plus a last row 'mean' (over the layers whose correlation is defined)."""
+    numeric = table.select_dtypes("number")
+    mean = numeric.mean(skipna=True).to_dict()
+    mean.update(layer="mean", modules="", units=int(table["units"].sum()), run_id="")
+    return pd.concat([table, pd.DataFrame([mean])], ignore_index=True)
+
+
+def plot_criteria(table: pd.DataFrame, info: dict, path: str | Path) -> Path:
+    """Spearman rho of each strategy against the oracle: per layer (heatmap) and the mean over layers (bars)."""
+    strategies = info["strategy_list"]
+    values = table[[f"spearman_{s}" for s in strategies]].to_numpy(float)
+    height = max(3.5, 0.32 * len(table) + 1.6)
+    fig = Figure(figsize=(4.0 + 0.9 * len(strategies) + 4.2, height), layout="constrained")
+    heat, bars = fig.subplots(1, 2, width_ratios=[0.9 * len(strategies) + 2.5, 4.2])
+    image = heat.imshow(values, cmap="RdBu", vmin=-1, vmax=1, aspect="auto")
+    heat.set_xticks(range(len(strategies)), strategies, rotation=30, ha="right")
+    labels = _labels(table)
+    heat.set_yticks(range(len(table)), [f"{labels[layer]} ({n})" for layer, n in zip(table["layer"], table["units"])],
+                    fontsize="small")
+    if len(table) * len(strategies) <= 400:
+        for (i, j), v in np.ndenumerate(values):
+            heat.text(j, i, "–" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize="x-small",
+                      color="white" if abs(v) > 0.6 else "black")
+    heat.set_title("per layer group (units)")
+    fig.colorbar(image, ax=heat, shrink=0.8, label="Spearman ρ vs oracle |Δloss|")
+    means = np.nanmean(values, axis=0) if len(table) else np.full(len(strategies), np.nan)
+    order = np.argsort(-np.nan_to_num(means, nan=-2))
+    colours = ["tab:blue" if m >= 0 else "tab:red" for m in means[order]]
+    drawn = bars.barh([strategies[i] for i in order][::-1], means[order][::-1], color=colours[::-1])
+    bars.bar_label(drawn, fmt="%.2f", fontsize="small", padding=2)
+    low = np.nanmin(means) if np.isfinite(means).any() else 0.0
+    bars.set(xlim=(min(-0.15, low - 0.3), 1.15), title="mean over layers",
+             xlabel="Spearman ρ")
+    bars.axvline(0, color="black", linewidth=0.8)
+    bars.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"{info.get('model', '')} on {info.get('dataset', '')}: criteria vs the oracle "
+                 f"(Molchanov et al. 2017, Table 1)")
+    return _save(fig, Path(path))
+
+
+def criteria_markdown(name: str, table: pd.DataFrame, info: dict) -> str:
+    strategies = info["strategy_list"]
+    full = with_mean(table)
+    labels = {**_labels(table), "mean": "mean"}
+    shown = pd.DataFrame({"layer": full["layer"].map(labels), "units": full["units"].astype(int)})
+    for s in strategies:
+        shown[s] = full[f"spearman_{s}"].map(lambda v: "–" if pd.isna(v) else f"{v:.2f}")
+    examples = int(float(info.get("val_examples", 0)))
+    return "\n".join([
+        f"# Criteria vs oracle `{name}`", "",
+        (f"{info.get('model', '')} on {info.get('dataset', '')}: Spearman's rank correlation between each strategy's "
+        f"per-filter scores and the oracle |Δ loss| (the held-out loss change when that filter alone is removed, "
+        f"on {examples} validation examples), per layer group; the last row is the mean over layers."), "",
+        _markdown(shown), "",
+    ])
+
+
+def write_criteria_report(experiment: str, uri: str, out_dir: str | Path, parent_run_id: str,
+                          log_to_parent: bool = True) -> tuple[dict[str, Path], pd.DataFrame]:
+    table, info = load_criteria(uri, parent_run_id)
+    if table.empty:
+        raise InputError(f"criteria run {parent_run_id} of {experiment!r} has no finished layers")
+    out = Path(out_dir) / tracking.safe_name(experiment)
+    out.mkdir(parents=True, exist_ok=True)
+    with_mean(table).to_csv(out / "criteria.csv", index=False)
+    (out / "summary.md").write_text(criteria_markdown(experiment, table, info), encoding="utf-8")
+    paths = {"criteria": plot_criteria(table, info, out / "criteria.png"), "table": out / "criteria.csv",
+             "summary": out / "summary.md"}
+    if log_to_parent:
+        client = MlflowClient(uri)
+        for path in paths.values():
+            tracking.with_retry(client.log_artifact, parent_run_id, str(path))
+    return paths, table
