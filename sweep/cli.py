@@ -420,7 +420,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:  # not bad input: a failure while running, or a bug. Keep its traceback.
         if args.debug:
             raise
-        first = _one_line(str(error).splitlines()[0] if str(error) else "")
+        lines = [line for line in str(error).splitlines() if line.strip()]
+        # Ray wraps a remote error's whole traceback in its message: its last line says what went wrong.
+        first = _one_line(lines[-1] if lines and lines[0].startswith("Traceback") else lines[0] if lines else "")
         print(f"error: {type(error).__name__}: {first} (traceback in {_log_traceback(error)}; "
               "--debug prints it here)", file=sys.stderr)
         return FAILED

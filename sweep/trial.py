@@ -352,6 +352,8 @@ def _finish(state: TrialState, base_model, base_info, splits, device, run) -> di
                     splits.num_classes)
     final = {"test_accuracy": test["accuracy"], "test_accuracy_drop": base_info["base_test_accuracy"] -
              test["accuracy"], "train_time_s": state.train_time_s}
+    if state.train.epochs == 0:  # no training: the final network is the pruned one, and so is its val accuracy
+        final["val_accuracy"] = next(v for name, _, v in reversed(state.points) if name == "pruned_val_accuracy")
     if "top5" in test:
         final["test_top5"] = test["top5"]
     state.record(final)

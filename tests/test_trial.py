@@ -201,3 +201,13 @@ def test_failed_trial_resumes_in_the_same_run_bit_identical(store, configs, tmp_
     states = [torch.load(client.download_artifacts(r.info.run_id, "checkpoint/pruned.pt", str(tmp_path / r.info.run_id)),
                          weights_only=True)["state_dict"] for r in runs]
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_no_fine_tune_reports_the_pruned_network(store, configs):
+    """finetune.epochs 0 (accuracy right after pruning, Li et al.'s comparison): the final network is the pruned
+    one, and Tune still gets the validation metric it selects on."""
+    config = {**_with(configs[0], ratio=0.6), "finetune": {**configs[0]["finetune"], "epochs": 0}}
+    reports = []
+    final = run_trial(config, store, report=lambda metrics, ckpt: reports.append(metrics))
+    assert final["test_accuracy"] == final["pruned_test_accuracy"]
+    assert reports[-1]["val_accuracy"] == final["pruned_val_accuracy"] and "test_accuracy" not in reports[-1]
