@@ -338,6 +338,42 @@ def test_flops_target_lands_within_5_percent(name, scope):
         assert abs(reduction - ratio) <= 0.05 * ratio, (ratio, reduction)
 
 
+def test_per_layer_ratios_remove_exactly_what_is_asked():
+    model = _cached("resnet56", _cifar).double()
+    x = torch.randn(2, 3, 32, 32).double()
+    # Li et al.'s ResNet-56-B: the first conv of each block by stage, some blocks skipped, the rest kept
+    ratios = {"layer1.3.conv1": 0.0, "layer1.*.conv1": 0.6, "layer2.*.conv1": 0.3, "layer3.*.conv1": 0.1}
+    result = assert_equivalent(model, x, ratio=0.0, ratios=ratios)
+    removed = {n: len(v) for n, v in result.plan.removed.items() if n.endswith("conv1") and n != "conv1"}
+    expected = {f"layer{s}.{b}.conv1": n for s, n in ((1, 9), (2, 9), (3, 6)) for b in range(9)}
+    del expected["layer1.3.conv1"]
+    assert removed == expected  # 60 % of 16, 30 % of 32, 10 % of 64, rounded down; layer1.3 kept whole
+    assert all(n.endswith("conv1") or n.endswith("bn1") for n in result.plan.removed)
+    assert result.plan.info["ratios"] == ratios
+    assert widths(apply_plan(model, PrunePlan.from_json(result.plan.to_json()))) == widths(result.model)
+    # the rest take `ratio`; the residual stream reaches layer3 through zero padding, so it stays whole
+    plan = prune(model, x, ratio=0.5, ratios={"layer3.*": 0.0}).plan
+    assert not any(n.startswith("layer3.") for n in plan.removed) and len(plan.removed["layer2.0.conv1"]) == 16
+    assert "conv1" not in plan.removed
+    # a coupled group with several matching producers takes its narrowest one's pattern (16 wide: 0.5 of 16)
+    plan = prune(model, x, ratio=0.0, ratios={"layer3.*.conv2": 0.1, "conv1": 0.5}).plan
+    assert len(plan.removed["conv1"]) == 8 and len(plan.removed["layer3.0.conv2"]) == 8
+
+
+def test_per_layer_ratios_refuse_what_they_cannot_do():
+    model = _pattern("residual")
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"ratios: \['nope\*'\] match no module"):
+        prune(model, x, ratios={"a1": 0.5, "nope*": 0.3})
+    for kwargs in ({"scope": "global"}, {"target": "flops"}):
+        with pytest.raises(PruningError, match="^ratios: per-layer ratios need scope='local' and target='channels'"):
+            prune(model, x, ratios={"a1": 0.5}, **kwargs)
+    with pytest.raises(PruningError, match="^ratios: 'a1': 1.0"):
+        prune(model, x, ratios={"a1": 1.0})
+    with pytest.raises(PruningError, match="^ratio:"):
+        prune(model, x, ratio=0.0)
+
+
 # --- the criteria rank what they should -----------------------------------------------------------
 
 def _two_layer():

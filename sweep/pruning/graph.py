@@ -97,6 +97,7 @@ class ChannelGraph:
     unit_of_label: list[int]  # label -> unit index, -1 when the label is fixed
     layers: list[list[int]]  # unit indices ranked and rounded together
     producer_sizes: list[list[tuple[int, int]]]  # per layer, per producer: (channels, removable units)
+    layer_producers: list[list[str]]  # per layer, its producer modules in the order of producer_sizes
     producer: dict[int, tuple[str, int]]  # label -> (module, output channel)
     module_flops: dict[str, int]  # conv/linear FLOPs of one forward of the example inputs
     num_units: int = 0
@@ -112,6 +113,11 @@ class ChannelGraph:
     @property
     def total_flops(self) -> int:
         return sum(self.module_flops.values())
+
+
+def matches(name: str, pattern: str) -> bool:
+    """How ``ignore`` and ``ratios`` name modules: exactly, by a parent module, or by a shell pattern."""
+    return name == pattern or name.startswith(pattern + ".") or fnmatch.fnmatchcase(name, pattern)
 
 
 def _module_path(node: fx.Node) -> str:
@@ -160,7 +166,7 @@ class _Analyser:
 
     # -- helpers -----------------------------------------------------------
     def _ignored(self, name: str) -> bool:
-        return any(name == i or name.startswith(i + ".") or fnmatch.fnmatchcase(name, i) for i in self.ignore)
+        return any(matches(name, i) for i in self.ignore)
 
     def _fixed_slots(self, node: fx.Node) -> list[int] | None:
         shape = _shape(node)
@@ -468,8 +474,10 @@ def _finish(a: _Analyser) -> ChannelGraph:
         units = len({unit_of_label[x] for x in labels if unit_of_label[x] >= 0})
         return units + sum(unit_of_label[x] < 0 for x in labels), units
 
-    producer_sizes = [[sizes(m) for m in sorted(modules)] for modules in layer_modules]
+    layer_producers = [sorted(modules) for modules in layer_modules]
+    producer_sizes = [[sizes(m) for m in modules] for modules in layer_producers]
     return ChannelGraph(
         members=members, unit_of_label=unit_of_label, layers=layers, producer_sizes=producer_sizes,
+        layer_producers=layer_producers,
         producer=a.producer, module_flops=a.flops, num_units=num_units, unit_layer=unit_layer,
     )
