@@ -176,7 +176,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     from .measure import count_flops, count_params
     from .models import build_model
-    from .pruning import NEEDS_CALIBRATION, prune, save_pruned
+    from .pruning import NEEDS_CALIBRATION, PruningError, prune, save_pruned
 
     model = build_model(args.model, args.num_classes, args.weights, args.in_channels).eval()
     example = torch.randn(1, args.in_channels, args.input_size, args.input_size)
@@ -189,9 +189,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
         shape = (8, args.in_channels, args.input_size, args.input_size)
         calibration = [(torch.randn(shape, generator=g), torch.randint(args.num_classes, (8,), generator=g))
                        for _ in range(2)]
-    result = prune(model, example, strategy=args.strategy, ratio=args.ratio, scope=args.scope, target=args.target,
-                   calibration=calibration, min_channels=args.min_channels, round_to=args.round_to, steps=args.steps,
-                   seed=args.seed)
+    try:
+        result = prune(model, example, strategy=args.strategy, ratio=args.ratio, scope=args.scope,
+                       target=args.target, calibration=calibration, min_channels=args.min_channels,
+                       round_to=args.round_to, steps=args.steps, seed=args.seed)
+    except PruningError as exc:
+        if not str(exc).startswith("example_inputs:"):
+            raise
+        why = str(exc).partition(f"{tuple(example.shape)} (")[2].rpartition("); pass")[0]
+        raise PruningError(f"--input-size: {args.model} does not run at {args.input_size}x{args.input_size} "
+                           f"({why}); pass the size it expects, e.g. --input-size 224") from None
 
     rows = result.plan.channel_counts(model)
     width = max([len("layer"), *(len(r[0]) for r in rows)])

@@ -14,7 +14,7 @@ from torch import nn
 from .criteria import NEEDS_CALIBRATION, STRATEGIES, Calibration
 from .graph import ChannelGraph, PruningError, analyse, matches
 from .plan import PrunePlan
-from .surgery import remove_channels
+from .surgery import in_out_sizes, remove_channels
 
 log = logging.getLogger("sweep.pruning")
 SCOPES = ("local", "global")
@@ -113,10 +113,10 @@ def _estimated_flops(graph: ChannelGraph, model: nn.Module, plan: PrunePlan) -> 
     total = 0.0
     for name, flops in graph.module_flops.items():
         m = model.get_submodule(name)
-        n_in, n_out = (m.in_channels, m.out_channels) if isinstance(m, nn.Conv2d) else (m.in_features, m.out_features)
+        n_in, n_out = in_out_sizes(m)
         keep_out = 1 - len(plan.removed.get(name, ())) / n_out
         keep_in = 1 - len(plan.removed_in.get(name, ())) / n_in
-        depthwise = isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
+        depthwise = isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and m.groups == m.in_channels
         total += flops * (keep_out if depthwise else keep_out * keep_in)
     return total
 
@@ -190,6 +190,19 @@ def _check_args(strategy, ratio, scope, target, calibration, min_channels, round
         raise PruningError(f"steps: {steps!r} must be an int >= 1")
 
 
+def _check_prunable(model: nn.Module, graph: ChannelGraph) -> None:
+    """Never a silent no-op: say why nothing can be removed, and which layers the pruner does not know."""
+    unknown = ", ".join(f"'{n}' ({t})" for n, t in graph.kept_whole.items())
+    if not graph.producer:
+        raise PruningError(f"model: {type(model).__name__} has no conv or Linear layer the pruner can shrink"
+                           + (f"; layers of types it does not know: {unknown}" if unknown else ""))
+    if graph.kept_whole:
+        log.warning("model: layers of types the pruner does not know keep all their channels: %s", unknown)
+    if graph.num_units == 0:
+        log.warning("model: no channel of %s can be removed: every conv and Linear feeds the output, a layer "
+                    "the pruner keeps whole, or an ignored module", type(model).__name__)
+
+
 def _step_ratio(ratio: float, step: int, steps: int) -> float:
     """The fraction of what is left to remove at ``step`` so that ``ratio`` is reached evenly by ``steps``."""
     done, goal = ratio * (step - 1) / steps, ratio * step / steps
@@ -244,6 +257,8 @@ def prune(
     base_flops = None
     for step in range(1, steps + 1):
         graph = analyse(current, inputs, ignore)
+        if base_flops is None:
+            _check_prunable(model, graph)
         base_flops = graph.total_flops if base_flops is None else base_flops
         goal = ratio * step / steps
         step_ratio = _step_ratio(ratio, step, steps)
@@ -261,4 +276,7 @@ def prune(
         plan = plan.then(step_plan, model)
         if callback is not None and step < steps:
             callback(current, step)
+    if not plan.removed and graph.num_units:
+        log.warning("ratio: nothing was removed from %s: %s of each layer rounds down to 0 channels",
+                    type(model).__name__, ratio if ratios is None else "the ratio asked")
     return PruneResult(current, plan)
