@@ -12,8 +12,8 @@ import torchvision
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from sweep.pruning import (STRATEGIES, PrunePlan, PruningError, apply_plan, load_pruned, prune, save_pruned,
-                           zeroed_reference)
+from sweep.pruning import (STRATEGIES, PrunePlan, PruningError, apply_plan, load_pruned, prune, relative_error,
+                           save_pruned, zeroed_reference)
 
 RATIOS = (0.3, 0.5, 0.7)
 SCOPES = ("local", "global")
@@ -325,6 +325,30 @@ def test_torchvision_models_equivalent(name, strategy, ratio, scope):
 def test_torchvision_models_equivalent_full(name, strategy, ratio, scope):
     assert_equivalent(_cached(name, _torchvision), torch.randn(2, 3, 64, 64),
                       strategy=strategy, ratio=ratio, scope=scope)
+
+
+def _input_size(name):
+    if name.startswith(("vit", "maxvit", "swin")):
+        return 224  # fixed image or window sizes
+    return 96 if name == "inception_v3" else 64
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", torchvision.models.list_models(module=torchvision.models))
+def test_every_torchvision_model_is_pruned_equivalent_or_refused_cleanly(name, one_thread):
+    CACHE.clear()
+    model = _torchvision(name).eval()
+    big = sum(p.numel() for p in model.parameters()) > 300_000_000  # float64 copies would not fit
+    dtype = torch.float32 if big else torch.float64
+    model = model.to(dtype)
+    x = torch.randn(1, 3, _input_size(name), _input_size(name), dtype=dtype)
+    try:
+        result = prune(model, x, strategy="l1", ratio=0.5)
+    except PruningError as exc:
+        assert "\n" not in str(exc) and "ignore=" in str(exc), str(exc)
+        pytest.skip(f"refused: {exc}")
+    assert result.plan.removed
+    assert relative_error(model, result.model, result.plan, x) < (1e-4 if big else 1e-6)
 
 
 def _cifar(name):
