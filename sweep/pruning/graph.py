@@ -1,8 +1,9 @@
 """Trace a network with torch.fx and find which channels must be removed together.
 
-Every channel that a Conv2d or Linear produces gets an integer *label*. Walking the traced
-graph, each tensor carries the label of each of its channels (dim 1), so wherever a label
-goes — BatchNorm, depthwise convs, concat offsets, flatten into a Linear — is recorded as a
+Every channel that a conv or Linear produces gets an integer *label*. Walking the traced
+graph, each tensor carries the label of each of its channels and the dim they sit on (1, or
+the last one in channels-last code), so wherever a label goes — norm layers, depthwise and
+grouped convs, concat offsets, flatten into a Linear, a permute — is recorded as a
 *member*: (module, role, label per position). Ops that force channels to be equal
 (residual add, squeeze-excitation mul) *tie* labels with a union-find; ties to label 0,
 ``FIXED``, mean "never remove" (network inputs and outputs, zero padding, unknown
@@ -392,6 +393,9 @@ class _Analyser:
         labels = self.slots[live[0]]
         for a in live[1:]:
             self._tie(labels, self.slots[a])
+        if _op_name(node).strip("i").rstrip("_") in ("add", "sub") and any(
+                isinstance(a, (int, float)) and a != 0 for a in node.args):
+            self._fix(labels)  # a zeroed channel plus a constant is no longer zero
         for a in operands:
             shape = _shape(a)
             if a in live or shape is None:
@@ -589,14 +593,14 @@ class _Analyser:
         first = node.args[0] if node.args else None
         if name in ("cat", "concat", "concatenate"):
             return self._cat(node)
+        if name in _ELEMENTWISE_BINARY:  # `1 - x` too: the tensor need not come first
+            return self._binary(node)
         if first not in self.slots:
             return self._unknown(node, "op")
         if name in _POINTWISE_FUNCTIONS:
             return self.slots[first], self.axis[first]
         if name in _SPATIAL_FUNCTIONS:
             return self._spatial(node)
-        if name in _ELEMENTWISE_BINARY:
-            return self._binary(node)
         if name == "flatten":
             return self._flatten(node, self._arg(node, 1, "start_dim", 0), self._arg(node, 2, "end_dim", -1))
         if name in ("view", "reshape"):
