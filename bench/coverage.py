@@ -44,6 +44,8 @@ def build(name: str) -> tuple[torch.nn.Module, torch.Tensor, float]:
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and not m.weight.any():  # ViT's zero head: outputs all 0
+                m.weight.normal_(0, 0.02, generator=g)
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
                 m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)

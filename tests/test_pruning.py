@@ -246,6 +246,8 @@ def _randomise_bn(model):
     """Non-trivial BN statistics and biases, so no channel is an identity or dead by construction."""
     g = torch.Generator().manual_seed(1)
     for m in model.modules():
+        if isinstance(m, nn.Linear) and not m.weight.any():  # ViT's zero-initialised head: outputs all 0
+            m.weight.data.normal_(0, 0.02, generator=g)
         if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and m.bias is not None:
             m.bias.data.copy_(0.1 * torch.rand(m.bias.shape, generator=g))
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
