@@ -72,6 +72,7 @@ def torch_pruning(model: torch.nn.Module, x: torch.Tensor):
     import torch_pruning as tp
 
     from sweep.pruning import PrunePlan
+    from sweep.pruning.surgery import sizes_of
 
     pruned = copy.deepcopy(model)
     names = {id(m): n for n, m in pruned.named_modules()} | {id(p): n for n, p in pruned.named_parameters()}
@@ -79,10 +80,21 @@ def torch_pruning(model: torch.nn.Module, x: torch.Tensor):
     pruner = tp.pruner.MetaPruner(pruned, x, importance=tp.importance.MagnitudeImportance(p=1),
                                   pruning_ratio=0.5, ignored_layers=[head], global_pruning=False)
     plan = PrunePlan()
-    for group in pruner.step(interactive=True):
+    alive: dict[str, list[int]] = {}  # original channel of each current one: a module several groups touch
+    for group in pruner.step(interactive=True):  # (DenseNet's norms after a cat) is indexed as it is now
+        now: dict[str, set[int]] = {}
         for dep, idxs in group:
             if dep.handler.__name__ == "prune_out_channels" and id(dep.target.module) in names:
-                plan.removed.setdefault(names[id(dep.target.module)], []).extend(int(i) for i in idxs)
+                now.setdefault(names[id(dep.target.module)], set()).update(int(i) for i in idxs)
+        for name, idxs in now.items():
+            if name not in alive:
+                try:
+                    alive[name] = list(range(sizes_of(model, name)[1]))
+                except TypeError:  # a module type we do not prune: take its indices as they are
+                    alive[name] = list(range(max(idxs) + 1))
+            gone = {alive[name][i] for i in idxs}
+            plan.removed.setdefault(name, []).extend(sorted(gone))
+            alive[name] = [c for c in alive[name] if c not in gone]
         group.prune()
     return pruned, plan
 
