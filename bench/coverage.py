@@ -148,7 +148,7 @@ def main() -> None:
             start = time.perf_counter()
             try:
                 proc = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--one", name, side],
-                                      capture_output=True, text=True, timeout=args.timeout, env=os.environ)
+                                      capture_output=True, text=True, timeout=args.timeout, env=os.environ, check=False)
                 lines = proc.stdout.strip().splitlines()
                 results[name][side] = json.loads(lines[-1]) if proc.returncode == 0 and lines else {
                     "status": "crashed", "note": (proc.stderr.strip().splitlines() or ["killed"])[-1][:200]}

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .plan import PrunePlan
-from .surgery import _target
+from .surgery import _channel_dim, _target
 
 
 class _Reference(nn.Module):
@@ -49,7 +49,7 @@ def zeroed_reference(model: nn.Module, plan: PrunePlan) -> nn.Module:
         for name, idx in plan.removed.items():
             m = _target(ref, name)
             if isinstance(m, torch.Tensor):
-                m.index_fill_([d for d, s in enumerate(m.shape) if s > 1][0], torch.as_tensor(idx), 0)
+                m.index_fill_(_channel_dim(m), torch.as_tensor(idx), 0)
                 continue
             if isinstance(m, nn.modules.conv._ConvNd) and m.transposed:  # (in, out / groups, *k)
                 g = m.groups
