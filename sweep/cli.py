@@ -283,11 +283,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
         calibration = [(torch.randn(shape, generator=g), torch.randint(args.num_classes, (8,), generator=g))
                        for _ in range(2)]
     try:  # here the pruner's arguments and the model are the user's input
-        result = prune(model, example, strategy=args.strategy, ratio=args.ratio, scope=args.scope, target=args.target,
-                       calibration=calibration, min_channels=args.min_channels, round_to=args.round_to, steps=args.steps,
-                       seed=args.seed)
-    except PruningError as error:
-        raise InputError(str(error)) from None
+        result = prune(model, example, strategy=args.strategy, ratio=args.ratio, scope=args.scope,
+                       target=args.target, calibration=calibration, min_channels=args.min_channels,
+                       round_to=args.round_to, steps=args.steps, seed=args.seed)
+    except PruningError as exc:
+        if not str(exc).startswith("example_inputs:"):
+            raise InputError(str(exc)) from None
+        why = str(exc).partition(f"{tuple(example.shape)} (")[2].rpartition("); pass")[0]
+        raise InputError(f"--input-size: {args.model} does not run at {args.input_size}x{args.input_size} "
+                         f"({why}); pass the size it expects, e.g. --input-size 224") from None
 
     rows = result.plan.channel_counts(model)
     width = max([len("layer"), *(len(r[0]) for r in rows)])

@@ -336,8 +336,8 @@ def _prune(config, cfg: TrialConfig, model, splits, device) -> tuple[nn.Module, 
     start = time.perf_counter()
     result = prune(model, example_input(splits, device), strategy=p.strategy, ratio=p.ratio, scope=p.scope,
                    target=p.target, calibration=calibration, min_channels=p.min_channels, round_to=p.round_to,
-                   ignore=tuple(p.ignore), steps=p.steps if iterative else 1, callback=fine_tune_between_steps,
-                   seed=cfg.seed)
+                   ignore=tuple(p.ignore), ratios=p.ratios or None, steps=p.steps if iterative else 1,
+                   callback=fine_tune_between_steps, seed=cfg.seed)
     prune_time = time.perf_counter() - start
     if iterative:  # the last step's accuracy, measured like the others
         step_accuracy.append(_accuracy(result.model, splits.val, ft, splits, device))

@@ -163,6 +163,10 @@ def test_prune_user_errors_are_one_line(capsys):
     assert _error_lines(capsys.readouterr().err)[0].startswith("error: strategy: unknown 'l3'")
     assert main(["prune", "--model", "small_cnn", "--weights", "nothing/here.pt"]) == 2
     assert len(_error_lines(capsys.readouterr().err)) == 1
+    # ViT takes 224x224 only: the whole of stderr is one line naming the flag (no traceback first)
+    assert main(["prune", "--model", "vit_b_32"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --input-size: vit_b_32 does not run at 32x32"), err
 
 
 def test_trial_runs_one_config_without_ray_then_report(isolated, capsys):

@@ -9,8 +9,10 @@ from .criteria import NEEDS_CALIBRATION, STRATEGIES
 from .graph import ChannelGraph, PruningError, analyse
 from .plan import PrunePlan, apply_plan, load_pruned, save_pruned
 from .prune import SCOPES, TARGETS, PruneResult, prune
+from .verify import relative_error, zeroed_reference
 
 __all__ = [
     "STRATEGIES", "NEEDS_CALIBRATION", "SCOPES", "TARGETS", "ChannelGraph", "PruningError", "analyse",
-    "PrunePlan", "apply_plan", "load_pruned", "save_pruned", "PruneResult", "prune",
+    "PrunePlan", "apply_plan", "load_pruned", "save_pruned", "PruneResult", "prune", "relative_error",
+    "zeroed_reference",
 ]

@@ -34,11 +34,20 @@ def _mean_per_unit(graph: ChannelGraph, parts) -> torch.Tensor:
     return (total / count.clamp(min=1))[:-1]
 
 
+def _filter_rows(module: nn.Module) -> torch.Tensor:
+    """One row per output channel: the weights that compute it."""
+    w = module.weight.detach()
+    if isinstance(module, nn.modules.conv._ConvNd) and module.transposed:  # (in, out / groups, *k)
+        g = module.groups
+        return w.reshape(g, w.shape[0] // g, w.shape[1], -1).transpose(1, 2).reshape(module.out_channels, -1)
+    return w.flatten(1)
+
+
 def _filters(model: nn.Module, graph: ChannelGraph, score: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Score each producer's filters (rows of its weight) and average them per unit."""
+    """Score each producer's filters and average them per unit."""
     # Reduce in the weights' own precision: a float64 copy of VGG's 4096x25088 Linear alone costs a second.
     return _mean_per_unit(graph, (
-        (m, score(model.get_submodule(m.module).weight.detach().flatten(1)).double())
+        (m, score(_filter_rows(model.get_submodule(m.module))).double())
         for m in graph.members if m.role == "out"
     ))
 
@@ -56,10 +65,19 @@ def l2(model, graph, calibration, generator) -> torch.Tensor:
     return _filters(model, graph, lambda w: w.norm(dim=1))
 
 
+def _distance_sums(w: torch.Tensor) -> torch.Tensor:
+    """Sum of Euclidean distances from each row to all rows, from one Gram matrix product."""
+    # Centred rows: distances are unchanged and |a|^2 + |b|^2 - 2ab cancels far less; float32 because a
+    # 4096-wide Linear is 4096^2 x in_features of work.
+    w = w.float()
+    w = w - w.mean(0)
+    sq = (w * w).sum(1)
+    return (sq[:, None] + sq[None, :] - 2 * (w @ w.T)).clamp_min_(0).sqrt_().sum(1)
+
+
 def fpgm(model, graph, calibration, generator) -> torch.Tensor:
     """Distance to the layer's other filters (He et al. 2019): filters near the geometric median are redundant."""
-    # float32 distances: a 4096-wide Linear is 4096^2 x in_features of work, too slow in float64
-    return _filters(model, graph, lambda w: torch.cdist(w.float(), w.float()).sum(1))
+    return _filters(model, graph, _distance_sums)
 
 
 def bn_scale(model, graph, calibration, generator) -> torch.Tensor:
@@ -88,9 +106,11 @@ def _consumers(model: nn.Module, graph: ChannelGraph):
     return out
 
 
-def _per_sample(x: torch.Tensor) -> torch.Tensor:
-    """(N, C, ...) -> (N, C): mean over spatial positions."""
-    return x.double().flatten(2).mean(2) if x.dim() > 2 else x.double()
+def _per_sample(x: torch.Tensor, linear: bool) -> torch.Tensor:
+    """(N, C, ...) -> (N, C): mean over spatial positions; a Linear's (N, ..., C) input has them in the middle."""
+    if x.dim() <= 2:
+        return x.double()
+    return x.double().flatten(1, -2).mean(1) if linear else x.double().flatten(2).mean(2)
 
 
 def _run_calibration(model: nn.Module, graph: ChannelGraph, calibration, pre_hook, backward: bool) -> None:
@@ -99,7 +119,7 @@ def _run_calibration(model: nn.Module, graph: ChannelGraph, calibration, pre_hoo
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    handles = [mod.register_forward_pre_hook(pre_hook(units, weights))
+    handles = [mod.register_forward_pre_hook(pre_hook(units, weights, isinstance(mod, nn.Linear)))
                for mod, units, weights in _consumers(model, graph)]
     seen = 0
     try:
@@ -130,14 +150,14 @@ def taylor(model, graph, calibration, generator) -> torch.Tensor:
     total = torch.zeros(n_bins, dtype=torch.float64)
     samples = 0
 
-    def pre_hook(units, weights):
+    def pre_hook(units, weights, linear):
         def hook(module, args):
             x = args[0]
             if not x.requires_grad:
                 return
 
             def on_grad(grad, x=x.detach()):
-                contrib = _per_sample(x * grad) * weights.to(x.device)
+                contrib = _per_sample(x * grad, linear) * weights.to(x.device)
                 acc = torch.zeros(x.shape[0], n_bins, dtype=torch.float64, device=x.device)
                 batch_sums.append(acc.index_add_(1, units.to(x.device), contrib).cpu())
             x.register_hook(on_grad)
@@ -163,9 +183,9 @@ def apoz(model, graph, calibration, generator) -> torch.Tensor:
     zeros = torch.zeros(graph.num_units + 1, dtype=torch.float64)
     count = torch.zeros(graph.num_units + 1, dtype=torch.float64)
 
-    def pre_hook(units, weights):
+    def pre_hook(units, weights, linear):
         def hook(module, args):
-            z = _per_sample((args[0] == 0).double()).cpu()
+            z = _per_sample((args[0] == 0).double(), linear).cpu()
             zeros.index_add_(0, units, (z * weights).sum(0))
             count.index_add_(0, units, weights * z.shape[0])
         return hook

@@ -12,15 +12,16 @@ from typing import Any, BinaryIO
 import torch
 from torch import nn
 
-from .surgery import in_out_sizes, remove_channels
+from .surgery import in_out_sizes, remove_channels, sizes_of
 
 
 @dataclass
 class PrunePlan:
     """Channels removed from the ORIGINAL model, by qualified module name.
 
-    ``removed``: output channels of every Conv2d, Linear and BatchNorm that lost some.
-    ``removed_in``: input channels of every Conv2d and Linear that lost some (after a
+    ``removed``: output channels of every conv, Linear and norm layer that lost some, and of
+    per-channel parameters (e.g. ConvNeXt's ``layer_scale``), named by their qualified name.
+    ``removed_in``: input channels of every conv and Linear that lost some (after a
     flatten, a channel is several consecutive Linear inputs).
     """
 
@@ -53,7 +54,7 @@ class PrunePlan:
         """(module, type, channels before, after) for every conv and linear of ``base_model``."""
         rows = []
         for name, m in base_model.named_modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
+            if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
                 before = in_out_sizes(m)[1]
                 rows.append((name, type(m).__name__, before, before - len(self.removed.get(name, ()))))
         return rows
@@ -63,7 +64,7 @@ class PrunePlan:
         def compose(first: dict[str, list[int]], second: dict[str, list[int]], axis: int) -> dict[str, list[int]]:
             out = {}
             for name in set(first) | set(second):
-                size = in_out_sizes(original.get_submodule(name))[axis]
+                size = sizes_of(original, name)[axis]
                 gone = set(first.get(name, ()))
                 kept = [i for i in range(size) if i not in gone]
                 gone |= {kept[i] for i in second.get(name, ())}

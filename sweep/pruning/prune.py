@@ -5,16 +5,16 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .criteria import NEEDS_CALIBRATION, STRATEGIES, Calibration
-from .graph import ChannelGraph, PruningError, analyse
+from .graph import ChannelGraph, PruningError, analyse, matches
 from .plan import PrunePlan
-from .surgery import remove_channels
+from .surgery import in_out_sizes, remove_channels
 
 log = logging.getLogger("sweep.pruning")
 SCOPES = ("local", "global")
@@ -50,10 +50,11 @@ def _limits(graph: ChannelGraph, min_channels: float) -> list[int]:
 
 
 def _select_local(graph, scores, ratio, limits, round_to) -> list[int]:
+    """``ratio``: one fraction for every layer, or one per layer."""
     removed = []
     for i, units in enumerate(graph.layers):
         width = graph.layer_width[i]
-        wanted = int(ratio * width + 1e-9)
+        wanted = int((ratio[i] if isinstance(ratio, list) else ratio) * width + 1e-9)
         if wanted > limits[i]:
             graph.clamped.add(i)
         k = _round_removal(width, min(limits[i], wanted), round_to)
@@ -112,10 +113,10 @@ def _estimated_flops(graph: ChannelGraph, model: nn.Module, plan: PrunePlan) -> 
     total = 0.0
     for name, flops in graph.module_flops.items():
         m = model.get_submodule(name)
-        n_in, n_out = (m.in_channels, m.out_channels) if isinstance(m, nn.Conv2d) else (m.in_features, m.out_features)
+        n_in, n_out = in_out_sizes(m)
         keep_out = 1 - len(plan.removed.get(name, ())) / n_out
         keep_in = 1 - len(plan.removed_in.get(name, ())) / n_in
-        depthwise = isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
+        depthwise = isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and m.groups == m.in_channels
         total += flops * (keep_out if depthwise else keep_out * keep_in)
     return total
 
@@ -142,11 +143,38 @@ def _one_step(model, graph, scores, ratio, scope, target, flops_goal, limits, ro
     return best
 
 
-def _check_args(strategy, ratio, scope, target, calibration, min_channels, round_to, steps) -> None:
+def _layer_ratios(graph: ChannelGraph, ratio: float, ratios: Mapping[str, float]) -> list[float]:
+    """Each layer's ratio: that of the first pattern matching its narrowest producer (ties by name);
+    if that producer matches none, the next narrowest that does; else ``ratio``."""
+    out = []
+    for producers, sizes in zip(graph.layer_producers, graph.producer_sizes):
+        found = {}
+        for width, name in sorted((width, name) for name, (width, _) in zip(producers, sizes)):
+            pattern = next((p for p in ratios if matches(name, p)), None)
+            if pattern is not None:
+                found.setdefault(ratios[pattern], (name, pattern))
+        if len(found) > 1:
+            log.warning("ratios: coupled layers %s must lose the same channels but match patterns with different "
+                        "ratios; using %r from its narrowest matching producer %s",
+                        sorted(producers), next(iter(found.values()))[1], next(iter(found.values()))[0])
+        out.append(next(iter(found), ratio))
+    return out
+
+
+def _check_args(strategy, ratio, scope, target, calibration, min_channels, round_to, steps, ratios) -> None:
     if strategy not in STRATEGIES:
         raise PruningError(f"strategy: unknown '{strategy}'; choose one of {', '.join(STRATEGIES)}")
-    if not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+    low_ok = ratios is not None and ratio == 0  # ratio=0 with ratios: prune only the listed layers
+    if not isinstance(ratio, (int, float)) or not (0 < ratio < 1 or low_ok):
         raise PruningError(f"ratio: {ratio!r} is outside (0, 1); use a fraction such as 0.5")
+    if ratios is not None:
+        if scope != "local" or target != "channels":
+            raise PruningError(f"ratios: per-layer ratios need scope='local' and target='channels', not "
+                               f"scope={scope!r}, target={target!r}; drop ratios or use the defaults")
+        for pattern, value in ratios.items():
+            if not isinstance(pattern, str) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise PruningError(f"ratios: {pattern!r}: {value!r} must be a fraction in [0, 1) keyed by a "
+                                   "module name or shell pattern")
     if scope not in SCOPES:
         raise PruningError(f"scope: unknown '{scope}'; choose 'local' or 'global'")
     if target not in TARGETS:
@@ -160,6 +188,25 @@ def _check_args(strategy, ratio, scope, target, calibration, min_channels, round
         raise PruningError(f"round_to: {round_to!r} must be an int >= 1")
     if not isinstance(steps, int) or steps < 1:
         raise PruningError(f"steps: {steps!r} must be an int >= 1")
+
+
+def _check_prunable(model: nn.Module, graph: ChannelGraph) -> None:
+    """Never a silent no-op: say why nothing can be removed, and which layers the pruner does not know."""
+    unknown = ", ".join(f"'{n}' ({t})" for n, t in graph.kept_whole.items())
+    if not graph.producer:
+        raise PruningError(f"model: {type(model).__name__} has no conv or Linear layer the pruner can shrink"
+                           + (f"; layers of types it does not know: {unknown}" if unknown else ""))
+    if graph.kept_whole:
+        log.warning("model: layers of types the pruner does not know keep all their channels: %s", unknown)
+    if graph.num_units == 0:
+        log.warning("model: no channel of %s can be removed: every conv and Linear feeds the output, a layer "
+                    "the pruner keeps whole, or an ignored module", type(model).__name__)
+
+
+def _step_ratio(ratio: float, step: int, steps: int) -> float:
+    """The fraction of what is left to remove at ``step`` so that ``ratio`` is reached evenly by ``steps``."""
+    done, goal = ratio * (step - 1) / steps, ratio * step / steps
+    return 1 - (1 - goal) / (1 - done)
 
 
 def prune(
@@ -176,6 +223,7 @@ def prune(
     steps: int = 1,
     callback: Callable[[nn.Module, int], None] | None = None,
     seed: int = 0,
+    ratios: Mapping[str, float] | None = None,
 ) -> PruneResult:
     """Remove conv filters (and everything that depends on them) from a copy of ``model``.
 
@@ -184,28 +232,51 @@ def prune(
     ``callback(model, step)`` may fine-tune the partly pruned model in place; scores are
     recomputed on the updated weights. ``calibration`` (an iterable of (inputs, targets),
     re-iterated each step) feeds taylor and apoz.
+
+    ``ratios`` sets per-layer channel ratios in [0, 1) (0 keeps the layer whole), keyed by module
+    names or shell patterns matched like ``ignore``; the first matching pattern in dict order wins;
+    other layers take ``ratio``, which may then be 0 (prune only the listed layers). Channels that
+    must be removed together (a residual stream, say) form one group with several producers: the
+    group takes the ratio of its narrowest producer that matches a pattern (ties by name), the same
+    producer whose width the ratio is counted in. Only with scope="local" and target="channels".
     """
-    _check_args(strategy, ratio, scope, target, calibration, min_channels, round_to, steps)
+    _check_args(strategy, ratio, scope, target, calibration, min_channels, round_to, steps, ratios)
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    if ratios is not None:
+        names = [n for n, _ in model.named_modules()]
+        unknown = [p for p in ratios if not any(matches(n, p) for n in names)]
+        if unknown:
+            raise PruningError(f"ratios: {unknown} match no module of {type(model).__name__}; "
+                               "use module names as in model.named_modules() or shell patterns such as 'layer*.conv1'")
     current = copy.deepcopy(model)
     plan = PrunePlan(info={"strategy": strategy, "ratio": ratio, "scope": scope, "target": target,
                            "steps": steps, "min_channels": min_channels, "round_to": round_to})
+    if ratios is not None:
+        plan.info["ratios"] = dict(ratios)
     generator = torch.Generator().manual_seed(seed)
     base_flops = None
     for step in range(1, steps + 1):
         graph = analyse(current, inputs, ignore)
+        if base_flops is None:
+            _check_prunable(model, graph)
         base_flops = graph.total_flops if base_flops is None else base_flops
-        done, goal = ratio * (step - 1) / steps, ratio * step / steps
-        step_ratio = 1 - (1 - goal) / (1 - done)  # fraction of what is left now
+        goal = ratio * step / steps
+        step_ratio = _step_ratio(ratio, step, steps)
+        if ratios is not None:
+            step_ratio = [_step_ratio(r, step, steps) for r in _layer_ratios(graph, ratio, ratios)]
         scores = STRATEGIES[strategy](current, graph, calibration, generator)
         step_plan = _one_step(current, graph, scores, step_ratio, scope, target,
                               base_flops * (1 - goal), _limits(graph, min_channels), round_to)
         if graph.clamped and target == "channels":
             log.warning("ratio: %d layer(s) cannot lose a fraction %.3g of their channels without going below "
                         "min_channels=%s or touching channels that must stay (output, padding, ignore); "
-                        "pruned them as far as allowed", len(graph.clamped), step_ratio, min_channels)
+                        "pruned them as far as allowed", len(graph.clamped),
+                        max(step_ratio) if isinstance(step_ratio, list) else step_ratio, min_channels)
         remove_channels(current, step_plan.removed, step_plan.removed_in)
         plan = plan.then(step_plan, model)
         if callback is not None and step < steps:
             callback(current, step)
+    if not plan.removed and graph.num_units:
+        log.warning("ratio: nothing was removed from %s: %s of each layer rounds down to 0 channels",
+                    type(model).__name__, ratio if ratios is None else "the ratio asked")
     return PruneResult(current, plan)
