@@ -79,6 +79,7 @@ def ensure_base(config: dict, cache_dir: str | Path, splits: DataSplits, device:
 def load_base(config: dict, path: Path, splits: DataSplits) -> tuple[nn.Module, dict]:
     """The base network (on the CPU) and what was measured of it when it was trained."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    model = new_model(config, splits.num_classes, splits.in_channels, source_weights=False)  # the state_dict replaces every value anyway
+    # no source weights: the state_dict replaces every value anyway
+    model = new_model(config, splits.num_classes, splits.in_channels, source_weights=False)
     model.load_state_dict(saved["state_dict"])
     return model, saved["info"]

@@ -125,7 +125,8 @@ def _lease_until(run: Run) -> float | None:
 
 
 def _running_live(run: Run, now: float, lease_s: float) -> bool:
-    """A RUNNING run whose holder counts as alive: a future lease, or (no lease tag: an older release) a recent start."""
+    """A RUNNING run whose holder counts as alive: a future lease, or (no lease tag: an older release) a recent
+    start."""
     if run.info.status != "RUNNING":
         return False
     until = _lease_until(run)

@@ -201,7 +201,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             _print_errors(error.errors, path)
             status = USER_ERROR
             continue
-        count = len(spec.grid_configs()) if spec.search["algorithm"] == "grid" else spec.num_samples()
+        count = spec.num_trials()  # counted, not built
         print(f"ok: {path} ({count} trials)")
     return status
 

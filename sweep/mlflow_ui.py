@@ -25,7 +25,6 @@ import shlex
 import time
 from urllib.parse import quote, urlencode
 
-
 KIND_TAG = "mlflow.experimentKind"
 KIND = "custom_model_development"  # the UI's value for training runs (others: genai_development, ...)
 VIEW_KEY = "sweep-compare"

@@ -93,7 +93,8 @@ def settings(df: pd.DataFrame) -> list[str]:
     """The params that differ between runs (the seed and where-things-live excepted): what tells groups apart."""
     params = [c for c in df.columns if c not in METRICS and c not in ("run_id", "status", "config_hash")]
     varying = [c for c in params if c not in NOT_SETTINGS and df[c].astype(str).nunique(dropna=False) > 1]
-    return [c for c in ("model", "strategy") if c in df.columns] + [c for c in varying if c not in ("model", "strategy")]
+    first = [c for c in ("model", "strategy") if c in df.columns]
+    return first + [c for c in varying if c not in first]
 
 
 # --- statistics -------------------------------------------------------------------------------------------------

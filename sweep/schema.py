@@ -639,11 +639,12 @@ def rules(view: View) -> list[str]:
                 error(view.leaf(at, "factory"), f"given together with {section}.name; give one of {section}.name and "
                                        f"{section}.factory")
             elif factory is None and item["kwargs"]:
-                error(view.leaf(at, "kwargs"), f"only a {section}.factory takes kwargs; remove them or use {section}.factory")
+                error(view.leaf(at, "kwargs"),
+                      f"only a {section}.factory takes kwargs; remove them or use {section}.factory")
             weights = item.get("weights")
             if factory is not None and weights is not None and not _looks_like_path(weights):
-                error(view.leaf(at, "weights"), f"{show(weights)} is not a checkpoint file; a model.factory loads only a "
-                                       "local checkpoint (.pt/.pth/.th/.ckpt), or null")
+                error(view.leaf(at, "weights"), f"{show(weights)} is not a checkpoint file; a model.factory loads "
+                                                "only a local checkpoint (.pt/.pth/.th/.ckpt), or null")
 
     for dataset, at in view.sections("dataset", ("name", "root", "download", "factory")):
         name, root, download = dataset["name"], dataset["root"], dataset["download"]

@@ -115,14 +115,14 @@ def train_epoch(
         loss_sum += loss.detach().float() * len(y)
         seen += len(y)
     if seen == 0:
-        raise ValueError("train_epoch got no batches: the training set is empty or smaller than one batch with drop_last")
+        raise ValueError("train_epoch got no batches: the training set is empty or smaller than one batch with "
+                         "drop_last")
     return loss_sum.item() / seen
 
 
 @torch.no_grad()
-def evaluate(
-    model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device | str, num_classes: int | None = None
-) -> dict[str, float]:
+def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device | str,
+             num_classes: int | None = None) -> dict[str, float]:
     """Top-1 accuracy and mean cross-entropy (plus top-5 when there are more than 10 classes), in fp32."""
     device = torch.device(device)
     was_training = model.training

@@ -22,7 +22,6 @@ from sweep.models import build_model
 from sweep.preflight import preflight
 from sweep.spec import SpecError, load_spec
 
-
 HEAD = "name: bad\ndataset: {name: digits, limit: 100}\nmodel: {name: small_cnn}\n"
 
 
@@ -63,7 +62,8 @@ SPEC_CASES = [
     ("min_channels_zero", spec("prune: {min_channels: 0}\n"), "prune.min_channels: 0 is neither"),
     ("optimizer_unknown", spec("finetune: {optimizer: adam}\n"), "finetune.optimizer: unknown optimizer 'adam'"),
     ("max_failures_negative", spec("max_failures: -1\n"), "max_failures: -1 is not >= 0"),
-    ("val_fraction_zero", spec("dataset: {name: digits, val_fraction: 0}\n", head="name: bad\nmodel: {name: small_cnn}\n"),
+    ("val_fraction_zero",
+     spec("dataset: {name: digits, val_fraction: 0}\n", head="name: bad\nmodel: {name: small_cnn}\n"),
      "dataset.val_fraction: 0 is outside (0, 1)"),
     ("weights_none_as_text", spec(head=HEAD.replace("{name: small_cnn}", "{name: small_cnn, weights: None}")),
      "model.weights: 'None' is text in YAML"),

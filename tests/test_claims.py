@@ -119,7 +119,7 @@ def race(uri: str, tmp_path: Path, lease_s: float = 5.0, hold_s: float = 0.3) ->
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
-    for p, (out, err) in zip(procs, outputs):
+    for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
     results = [row for out, _ in outputs for row in json.loads(out.strip().splitlines()[-1])]
 
@@ -129,7 +129,8 @@ def race(uri: str, tmp_path: Path, lease_s: float = 5.0, hold_s: float = 0.3) ->
     assert all(r["kind"] in ("claimed", "held", "finished") for r in results)
     # The store shows one FINISHED run per config and nothing else: no RUNNING leftovers, no yielded claims.
     active = _runs(uri, experiment_id)
-    assert sorted((r.data.tags["config_hash"], r.info.status) for r in active) == [(h, "FINISHED") for h in sorted(HASHES)]
+    finished = sorted((r.data.tags["config_hash"], r.info.status) for r in active)
+    assert finished == [(h, "FINISHED") for h in sorted(HASHES)]
     winners = {r["run_id"] for r in results if r["kind"] == "claimed"}
     assert {r.info.run_id for r in active} == winners
     # Yielded claims are deleted, ended KILLED with the reason first.

@@ -1,7 +1,8 @@
 """Eight trials logging every batch at once lose no metric point and raise no 'database is locked', on the embedded
 sqlite store and on an MLflow tracking server backed by PostgreSQL (what a cluster uses).
 
-Each writer is a separate process (spawned, like a Ray worker) that creates its trial run with `tracking.TrialRun.create`
+Each writer is a separate process (spawned, like a Ray worker) that creates its trial run with
+`tracking.TrialRun.create`
 and logs the loss of every batch of a real (tiny) training loop. All eight start logging together, behind a barrier.
 The PostgreSQL server and the MLflow server are throwaway processes on 127.0.0.1 started by the test; the server
 case is skipped, saying why, where PostgreSQL is not installed (`.ci/run` installs Debian's postgresql).

@@ -10,13 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+from browser import find_chromium, mlflow_server, render, runs_table
 from mlflow.tracking import MlflowClient
 
 from sweep import mlflow_ui, tracking
 from sweep.orchestrate import run_sweep
 from sweep.spec import load_spec
-
-from browser import find_chromium, mlflow_server, render, runs_table
 
 
 def test_new_experiment_has_kind_and_saved_view(sqlite_uri):

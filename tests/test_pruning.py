@@ -11,8 +11,17 @@ import torchvision
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from sweep.pruning import (STRATEGIES, PrunePlan, PruningError, apply_plan, load_pruned, prune, relative_error,
-                           save_pruned, zeroed_reference)
+from sweep.pruning import (
+    STRATEGIES,
+    PrunePlan,
+    PruningError,
+    apply_plan,
+    load_pruned,
+    prune,
+    relative_error,
+    save_pruned,
+    zeroed_reference,
+)
 
 RATIOS = (0.3, 0.5, 0.7)
 SCOPES = ("local", "global")
@@ -456,7 +465,8 @@ def test_ignore_keeps_a_module():
     assert not any(n.startswith("layer3.") for n in plan.removed)
     assert "layer2.1.conv1" in plan.removed
     # shell patterns: prune only the first conv of each block (Li et al.'s ResNet recipe)
-    plan = prune(model, torch.randn(1, 3, 64, 64), ratio=0.5, ignore=["conv1", "layer*.conv2", "layer*.downsample.*"]).plan
+    ignore = ["conv1", "layer*.conv2", "layer*.downsample.*"]
+    plan = prune(model, torch.randn(1, 3, 64, 64), ratio=0.5, ignore=ignore).plan
     assert {n for n in plan.removed if "conv" in n} == {f"layer{i}.{j}.conv1" for i in range(1, 5) for j in (0, 1)}
 
 

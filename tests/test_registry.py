@@ -73,7 +73,8 @@ def test_register_best_then_load_both_ways(store, tmp_path):
     checkpoint = mlflow.artifacts.download_artifacts(run_id=best.info.run_id, artifact_path="checkpoint/pruned.pt",
                                                      dst_path=str(tmp_path / "c"), tracking_uri=uri)
     config = load_spec(root / "r0.3.yaml").trial
-    model, plan = load_pruned(checkpoint, new_model(config, splits.num_classes, splits.in_channels, source_weights=False))
+    architecture = new_model(config, splits.num_classes, splits.in_channels, source_weights=False)
+    model, plan = load_pruned(checkpoint, architecture)
     with torch.no_grad():
         expected = model.eval()(x).numpy()
     np.testing.assert_allclose(predicted, expected, rtol=1e-5, atol=1e-6)

@@ -259,7 +259,8 @@ MALFORMED = [
     ("ratio-zero", _spec(space={"ratio": 0}), "space.ratio", "outside (0, 1)"),
     ("ratio-one", _spec(prune={"ratio": 1}), "prune.ratio", "outside (0, 1)"),
     ("ratio-1.5-fixed", _spec(prune={"ratio": 1.5}), "prune.ratio", "outside (0, 1)"),
-    ("val-fraction-zero", _spec(dataset={"name": "digits", "val_fraction": 0}), "dataset.val_fraction", "outside (0, 1)"),
+    ("val-fraction-zero", _spec(dataset={"name": "digits", "val_fraction": 0}), "dataset.val_fraction",
+     "outside (0, 1)"),
     ("ratio-1.5-in-grid", _spec(space={"ratio": {"grid": [0.3, 1.5]}}), "space.ratio.grid[1]", "outside (0, 1)"),
     ("min-channels-zero", _spec(prune={"min_channels": 0}), "prune.min_channels", "fraction"),
     ("unknown-strategy", _spec(space={"strategy": {"grid": ["l1", "l2", "l3"]}}), "space.strategy.grid[2]",
@@ -446,7 +447,8 @@ def test_a_huge_grid_is_counted_not_built(registries, monkeypatch):
 
     monkeypatch.setattr(spec_module.SweepSpec, "grid_configs", never)
     raw = {"name": "huge", "model": {"name": "small_cnn"}, "dataset": {"name": "digits"},
-           "space": {"seed": {"grid": list(range(1000))}, "finetune.lr": {"grid": [(i + 1) / 1e4 for i in range(1000)]}}}
+           "space": {"seed": {"grid": list(range(1000))},
+                     "finetune.lr": {"grid": [(i + 1) / 1e4 for i in range(1000)]}}}
     spec_module._Builder("").build(copy.deepcopy(raw | {"space": {"seed": 1}}))  # registries imported, caches warm
     start = time.perf_counter()
     with pytest.raises(SpecError) as caught:

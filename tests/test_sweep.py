@@ -76,7 +76,8 @@ class TestLocalSweep:
             assert 0 <= metrics["test_accuracy"] <= 1 and 0 < metrics["flops_reduction"] < 1
             assert metrics["params"] < metrics["base_params"]
         # Results as Tune saw them agree with what MLflow recorded.
-        assert sorted(outcome.results["val_accuracy"]) == pytest.approx(sorted(r.data.metrics["val_accuracy"] for r in runs))
+        recorded = sorted(r.data.metrics["val_accuracy"] for r in runs)
+        assert sorted(outcome.results["val_accuracy"]) == pytest.approx(recorded)
 
         # One base for the whole sweep, trained by exactly one trial.
         assert len(list(Path(cache_dir(store["storage"], "local_sweep")).iterdir())) == 1
@@ -89,7 +90,8 @@ class TestLocalSweep:
         report = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "report")}
         assert {"summary.md", "summary.csv", "runs.csv", "paired.csv", "pareto.png"} <= report
         # the measurement phase timed every trial after Tune returned, and said how
-        assert all("latency_ms" in r.data.metrics and r.data.tags["latency.threads"] == "1" for r in children(store["uri"], "local_sweep"))
+        assert all("latency_ms" in r.data.metrics and r.data.tags["latency.threads"] == "1"
+                   for r in children(store["uri"], "local_sweep"))
 
     @pytest.mark.timeout(120)
     def test_same_spec_again_runs_nothing(self, first, store, capsys):

@@ -71,6 +71,16 @@ def _runs(store, config):
                                f"tags.config_hash = '{tracking.config_hash(config)}'")
 
 
+def _forced(store: SweepContext) -> SweepContext:
+    """The context of a `sweep run --force` launch starting now."""
+    return dataclasses.replace(store, rerun=True, launch_started=time.time())
+
+
+def _pruned_state(client, run_id: str, folder: Path) -> dict:
+    path = client.download_artifacts(run_id, "checkpoint/pruned.pt", str(folder / run_id))
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
 def _history(store, run_id, metric):
     return [(m.step, m.value) for m in MlflowClient(store.tracking_uri).get_metric_history(run_id, metric)]
 
@@ -137,7 +147,7 @@ def test_finished_config_is_not_rerun(store, configs, l1_trial):
 
 def test_rerun_runs_a_finished_config_again(store, configs, l1_trial):
     """`sweep run --force`: a finished config gets a second, new run."""
-    again = run_trial(configs[0], dataclasses.replace(store, rerun=True, launch_started=time.time()), report=lambda m, c: None)
+    again = run_trial(configs[0], _forced(store), report=lambda m, c: None)
     assert "skipped" not in again
     runs = _runs(store, configs[0])
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
@@ -162,8 +172,7 @@ def test_scratch_arm_trains_the_pruned_architecture_from_new_weights(store, conf
     assert sc_run.data.metrics["pruned_test_accuracy"] == ft_run.data.metrics["pruned_test_accuracy"]
     assert [s for s, _ in _history(store, sc_run.info.run_id, "val_accuracy")] == [1, 2]
     client = MlflowClient(store.tracking_uri)
-    weights = [torch.load(client.download_artifacts(r.info.run_id, "checkpoint/pruned.pt", str(tmp_path / r.info.run_id)),
-                          weights_only=True)["state_dict"] for r in (ft_run, sc_run)]
+    weights = [_pruned_state(client, r.info.run_id, tmp_path) for r in (ft_run, sc_run)]
     assert weights[0].keys() == weights[1].keys()
     assert not torch.equal(weights[0]["features.0.weight"], weights[1]["features.0.weight"])
 
@@ -193,13 +202,12 @@ def test_failed_trial_resumes_in_the_same_run_bit_identical(store, configs, tmp_
         assert steps == sorted(set(steps)), f"{name} logged twice: {steps}"
 
     # An uninterrupted run of the same config (--force) ends with the same weights and metrics, bit for bit.
-    whole = run_trial(config, dataclasses.replace(store, rerun=True, launch_started=time.time()), report=_keep_checkpoints(saved, tmp_path / "w"))
+    whole = run_trial(config, _forced(store), report=_keep_checkpoints(saved, tmp_path / "w"))
     assert whole["test_accuracy"] == resumed["test_accuracy"] and whole["val_loss"] == resumed["val_loss"]
     runs = sorted(_runs(store, config), key=lambda r: r.info.start_time)
     assert _history(store, runs[0].info.run_id, "val_loss") == _history(store, runs[1].info.run_id, "val_loss")
     client = MlflowClient(store.tracking_uri)
-    states = [torch.load(client.download_artifacts(r.info.run_id, "checkpoint/pruned.pt", str(tmp_path / r.info.run_id)),
-                         weights_only=True)["state_dict"] for r in runs]
+    states = [_pruned_state(client, r.info.run_id, tmp_path) for r in runs]
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 

@@ -82,7 +82,8 @@ def fpgm(model, graph, calibration, generator) -> torch.Tensor:
 
 def bn_scale(model, graph, calibration, generator) -> torch.Tensor:
     """|gamma| of the batch norms over the channel (Liu et al. 2017); units with no BN fall back to L1."""
-    bns = [m for m in graph.members if m.role == "bn" and getattr(model.get_submodule(m.module), "weight", None) is not None]
+    bns = [m for m in graph.members
+           if m.role == "bn" and getattr(model.get_submodule(m.module), "weight", None) is not None]
     scores = _mean_per_unit(graph, ((m, model.get_submodule(m.module).weight.abs()) for m in bns))
     covered = torch.zeros(graph.num_units + 1, dtype=torch.bool)
     for m in bns:
@@ -156,7 +157,7 @@ def taylor(model, graph, calibration, generator) -> torch.Tensor:
             if not x.requires_grad:
                 return
 
-            def on_grad(grad, x=x.detach()):
+            def on_grad(grad, x=x.detach()):  # noqa: B008 - binds this layer's input now, as the loop moves on
                 contrib = _per_sample(x * grad, linear) * weights.to(x.device)
                 acc = torch.zeros(x.shape[0], n_bins, dtype=torch.float64, device=x.device)
                 batch_sums.append(acc.index_add_(1, units.to(x.device), contrib).cpu())

@@ -149,7 +149,7 @@ def _layer_ratios(graph: ChannelGraph, ratio: float, ratios: Mapping[str, float]
     out = []
     for producers, sizes in zip(graph.layer_producers, graph.producer_sizes):
         found = {}
-        for width, name in sorted((width, name) for name, (width, _) in zip(producers, sizes)):
+        for _, name in sorted((width, name) for name, (width, _) in zip(producers, sizes)):
             pattern = next((p for p in ratios if matches(name, p)), None)
             if pattern is not None:
                 found.setdefault(ratios[pattern], (name, pattern))
