@@ -38,3 +38,13 @@ def test_the_pruner_imports_nothing_but_torch():
     # A fresh interpreter, so what other tests imported does not count.
     out = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "['sweep']", out.stdout + out.stderr
+
+
+def test_ruff_is_clean():
+    """The lint configuration in pyproject.toml holds for the whole tree (ruff comes with the test extra)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "ruff", "check", "sweep", "tests", "bench"], cwd=root,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
