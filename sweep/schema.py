@@ -401,7 +401,9 @@ class TrainConfig(Section):
     optimizer: OneOf(("sgd", "adamw"), "optimizer") = _f("sgd", "optimizer")
     momentum: Real(0, 1, hi_open=True, example=0.9) = _f(0.9, "SGD momentum")
     weight_decay: Real(0, example=5e-4) = _f(5e-4, "on weights only, not on BN scales or biases")
-    warmup_epochs: Real(0, example=0.5) = _f(0.0, "linear warm-up, then cosine decay to 0 per step")
+    warmup_epochs: Real(0, example=0.5) = _f(0.0, "linear warm-up, then the schedule below, per step")
+    lr_schedule: OneOf(("cosine", "constant"), "learning-rate schedule") = _f(
+        "cosine", "`cosine`: decay to 0 at the last step; `constant`: hold `lr` (Li et al. 2017 retrain so)")
     label_smoothing: Real(0, 1, hi_open=True, example=0.1) = _f(0.0, "label smoothing")
     amp: Flag() = _f(True, "bf16 autocast (GPU only)")
     channels_last: Flag() = _f(True, "channels-last memory layout (GPU only)")

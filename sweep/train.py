@@ -53,10 +53,12 @@ def prepare_model(model: nn.Module, device: torch.device | str, cfg: TrainConfig
     return model
 
 
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up to 1 over `warmup` steps, then cosine to 0 at `total` steps."""
+def _lr_factor(step: int, warmup: int, total: int, schedule: str = "cosine") -> float:
+    """Linear warm-up to 1 over `warmup` steps, then cosine to 0 at `total` steps (or 1 throughout: constant)."""
     if step < warmup:
         return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
@@ -77,7 +79,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int) -> 
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
     total = cfg.epochs * steps_per_epoch
     warmup = min(total, round(cfg.warmup_epochs * steps_per_epoch))
-    scheduler = LambdaLR(optimizer, lambda step: _lr_factor(step, warmup, total))
+    scheduler = LambdaLR(optimizer, lambda step: _lr_factor(step, warmup, total, cfg.lr_schedule))
     return optimizer, scheduler
 
 

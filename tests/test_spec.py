@@ -48,7 +48,7 @@ def _needs_dataset(name: str):
 def _trial_shape() -> dict:
     """The fully defaulted trial dict (sweep.schema.TrialConfig) of the quickstart's first trial."""
     train = {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4, "warmup_epochs": 0.0,
-             "label_smoothing": 0.0, "amp": True, "channels_last": True}
+             "label_smoothing": 0.0, "lr_schedule": "cosine", "amp": True, "channels_last": True}
     return {
         "name": "quickstart", "seed": 0, "device": "auto",
         "model": {"name": "small_cnn", "weights": None, "factory": None, "kwargs": {}},

@@ -266,3 +266,18 @@ def test_gpu_bf16_channels_last_learns(digits):
     history = fit(model, train, TrainConfig(epochs=3, lr=0.1), device, val_batches=test)
     assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert history[-1]["val_accuracy"] > 0.85
+
+
+def test_constant_schedule_holds_the_rate_after_warm_up():
+    model = tiny_cnn()
+    for schedule, last in (("constant", 0.1), ("cosine", None)):
+        cfg = TrainConfig(lr=0.1, epochs=2, warmup_epochs=0.5, lr_schedule=schedule)
+        opt, sched = make_optimizer(model, cfg, steps_per_epoch=4)
+        rates = []
+        for _ in range(8):
+            rates.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        assert rates[:2] == pytest.approx([0.05, 0.1])  # warm-up over 2 steps, for both
+        cosine = 0.1 * 0.5 * (1 + math.cos(math.pi * 5 / 6))  # step 7 of 8, 2 of them warm-up
+        assert rates[-1] == pytest.approx(last if schedule == "constant" else cosine)
