@@ -1,0 +1,67 @@
+"""Latency repeatability: identical pruned networks, measured as the sweep's measurement phase does (one model at a
+time, threads pinned, warm-up, median) against measured while another process trains on the same cores (what an
+in-trial measurement used to see). Goal: identical networks within 10 % of each other on a quiet machine.
+
+    python bench/latency_repeatability.py             # ResNet-20 and small_cnn at 50 %, 8 repetitions each
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import time
+
+import torch
+
+from sweep.latency import latency_stats
+from sweep.models import build_model
+from sweep.pruning import prune
+
+
+def _train_forever(stop) -> None:  # a neighbouring trial: training steps on the same cores
+    torch.set_num_threads(1)
+    model = build_model("resnet20", 10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(64, 3, 32, 32), torch.randint(10, (64,))
+    while not stop.is_set():
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+
+def spread(model, shape, repeats: int) -> list[float]:
+    return [latency_stats(model, shape, torch.device("cpu"), threads=1, batch_size=1, warmup=5, runs=30)["latency_ms"]
+            for _ in range(repeats)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=8)
+    args = parser.parse_args()
+    print(f"load average before: {os.getloadavg()[0]:.2f}; torch {torch.__version__}; {os.cpu_count()} CPUs")
+    rows = []
+    for name, shape, classes in (("resnet20", (3, 32, 32), 10), ("small_cnn", (1, 8, 8), 10)):
+        base = build_model(name, classes, in_channels=shape[0]).eval()
+        pruned = prune(base, torch.randn(1, *shape), strategy="l1", ratio=0.5).model.eval()
+        quiet = spread(pruned, shape, args.repeats)
+        stop = mp.Event()
+        neighbours = [mp.Process(target=_train_forever, args=(stop,)) for _ in range(2)]
+        for process in neighbours:
+            process.start()
+        time.sleep(2)
+        loaded = spread(pruned, shape, args.repeats)
+        stop.set()
+        for process in neighbours:
+            process.join(timeout=30)
+        for label, values in (("measurement phase", quiet), ("beside 2 training processes", loaded)):
+            rows.append((name, label, statistics.median(values), min(values), max(values), max(values) / min(values)))
+    print("\n| model (l1, 50 %) | measured | median ms | min | max | max/min |\n|---|---|---|---|---|---|")
+    for name, label, median, low, high, ratio in rows:
+        print(f"| {name} | {label} | {median:.3f} | {low:.3f} | {high:.3f} | {ratio:.2f} |")
+    print(f"\nload average after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
