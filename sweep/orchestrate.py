@@ -221,8 +221,9 @@ def _pending_grid(spec: SweepSpec, uri: str, force: bool) -> tuple[list[dict], i
     configs = spec.grid_configs()
     if force:
         return configs, 0
-    done = tracking.finished_trials(uri, spec.name)
-    pending = [c for c in configs if tracking.config_hash(c) not in done]
+    hashes = [tracking.config_hash(c) for c in configs]
+    done = tracking.finished_trials(uri, spec.name, hashes)  # a small grid: one indexed query per config, no scan
+    pending = [c for c, h in zip(configs, hashes) if h not in done]
     return pending, len(configs) - len(pending)
 
 
