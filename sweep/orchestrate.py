@@ -226,7 +226,7 @@ def _pending_grid(spec: SweepSpec, uri: str, force: bool) -> tuple[list[dict], i
     if force:
         return configs, 0
     hashes = [tracking.config_hash(c) for c in configs]
-    done = tracking.finished_trials(uri, spec.name, hashes)  # a small grid: one indexed query per config, no scan
+    done = tracking.finished_trials(uri, spec.name, hashes)  # a small grid: one tag-filtered query per config, no scan
     pending = [c for c, h in zip(configs, hashes) if h not in done]
     return pending, len(configs) - len(pending)
 
