@@ -272,7 +272,7 @@ def sweep_run(uri: str, storage: str) -> dict[str, float]:
     return phases
 
 
-def measure(full_db: Path, work: Path, skip_sweep: bool) -> None:
+def measure(full_db: Path, work: Path, skip_sweep: bool, full_first: bool = False) -> None:
     from mlflow.tracking import MlflowClient
 
     from sweep import orchestrate, report, tracking
@@ -305,7 +305,7 @@ def measure(full_db: Path, work: Path, skip_sweep: bool) -> None:
         context = SweepContext(uris["empty"], "warm", None, orchestrate.cache_dir(storage, EXPERIMENT))
         run_trial(spec.grid_configs()[0], context, report=lambda m, c: None)
         phases = {}
-        for arm in ("empty", "full"):
+        for arm in (("full", "empty") if full_first else ("empty", "full")):  # the order: see --full-first
             phases[arm] = sweep_run(uris[arm], storage)
         print(f"\nrun_sweep of a new 2-trial spec (starting its own Ray, base cached), 0 vs {n_full} runs; load "
               f"{os.getloadavg()[0]:.1f}")
@@ -337,6 +337,8 @@ def main() -> None:
                         help="api: MlflowClient calls (about 340 ms a run under load here); bulk: executemany")
     parser.add_argument("--full-db", type=Path, help="a seeded store to measure against an empty one")
     parser.add_argument("--skip-sweep", action="store_true", help="lookups and report only, no run_sweep")
+    parser.add_argument("--full-first", action="store_true",
+                        help="launch into the full store first (the second launch may pay for the first's Ray exit)")
     args = parser.parse_args()
     if args.seed_db:
         if args.seed_db.exists():
@@ -345,7 +347,7 @@ def main() -> None:
         return
     if not args.full_db:
         parser.error("give --seed-db or --full-db")
-    measure(args.full_db, Path(tempfile.mkdtemp(prefix="store-scale-")), args.skip_sweep)
+    measure(args.full_db, Path(tempfile.mkdtemp(prefix="store-scale-")), args.skip_sweep, args.full_first)
 
 
 if __name__ == "__main__":
