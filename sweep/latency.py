@@ -41,7 +41,10 @@ def latency_stats(model: torch.nn.Module, input_shape: tuple[int, int, int], dev
 
 def runs_to_measure(uri: str, experiment: str) -> list[str]:
     """FINISHED trial runs of the experiment that have no latency yet (this launch's, or a dead launch's)."""
-    runs = tracking.child_runs(MlflowClient(uri), experiment, "attributes.status = 'FINISHED'")
+    # Only runs without the latency.device tag (measure_runs writes it): a filtered query, not a read of every
+    # FINISHED run. A run killed between its latency metrics and its tags has latency_ms: the check below skips it.
+    runs = tracking.child_runs(MlflowClient(uri), experiment,
+                               "attributes.status = 'FINISHED' and tags.`latency.device` IS NULL")
     return [run.info.run_id for run in runs if "latency_ms" not in run.data.metrics]
 
 

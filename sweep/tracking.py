@@ -7,6 +7,7 @@ code is safe in Ray workers and threads, and a leaked `MLFLOW_RUN_ID` (mlflow is
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import json
 import logging
@@ -15,7 +16,8 @@ import random
 import re
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -210,22 +212,40 @@ def find_experiment_id(client: MlflowClient, name: str) -> str | None:
     return None if experiment is None or experiment.lifecycle_stage == "deleted" else experiment.experiment_id
 
 
-def all_runs(client: MlflowClient, experiment_id: str, filter_string: str = "") -> list[Run]:
-    """Every active run of an experiment matching filter_string, newest first (follows MLflow's pagination)."""
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Python's cyclic GC off for the block. A search page of 1000 runs makes ~100,000 SQLAlchemy objects, and the
+    collections they trigger (each scanning every live object) took 60 % of a 2,000-run search here (16.4 s -> 6.4 s
+    with it off). Reference counting still frees everything; cycles are collected when it is back on."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def all_runs(client: MlflowClient, experiment_id: str, filter_string: str = "", max_results: int | None = None
+             ) -> list[Run]:
+    """Every active run of an experiment matching filter_string, newest first (follows MLflow's pagination);
+    max_results: only the newest that many."""
     runs: list[Run] = []
     token = None
-    while True:
-        page = with_retry(
-            client.search_runs,
-            [experiment_id],
-            filter_string=filter_string,
-            order_by=["attributes.start_time DESC"],
-            page_token=token,
-        )
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
+    with _gc_paused():
+        while True:
+            page = with_retry(
+                client.search_runs,
+                [experiment_id],
+                filter_string=filter_string,
+                order_by=["attributes.start_time DESC"],
+                page_token=token,
+                **({"max_results": max_results} if max_results else {}),
+            )
+            runs.extend(page)
+            token = page.token
+            if not token or (max_results and len(runs) >= max_results):
+                return runs[:max_results] if max_results else runs
 
 
 def _now_ms() -> int:
@@ -279,10 +299,32 @@ def newest_parent_run(client: MlflowClient, experiment: str) -> str | None:
     return parents[0].info.run_id if parents else None
 
 
-def finished_trials(uri: str, experiment: str) -> dict[str, str]:
-    """config_hash -> run_id of the newest FINISHED child run per config: what a re-run can skip."""
+# Up to this many configs, finished_trials asks for each config's runs (one query filtered on its tag, ~60 ms under
+# load here whatever the store holds) instead of reading every FINISHED run of the experiment (~6 ms a run).
+FINISHED_LOOKUP_MAX = 200
+
+
+def finished_trials(uri: str, experiment: str, hashes: list[str] | None = None) -> dict[str, str]:
+    """config_hash -> run_id of the newest FINISHED child run per config: what a re-run can skip.
+
+    With `hashes` (at most FINISHED_LOOKUP_MAX), only those configs are looked up, one filtered query each, so a
+    small launch into an experiment of 10,000 runs does not read them all; otherwise (or without) one full scan."""
+    client = MlflowClient(uri)
+    if hashes is not None and len(hashes) <= FINISHED_LOOKUP_MAX:
+        experiment_id = find_experiment_id(client, experiment)
+        if experiment_id is None:
+            return {}
+        done = {}
+        for chash in dict.fromkeys(hashes):
+            if not re.fullmatch(r"[A-Za-z0-9_.\-]+", chash):
+                raise ValueError(f"config_hash {chash!r}: expected letters, digits, '_', '.', '-'")
+            runs = all_runs(client, experiment_id, f"tags.config_hash = '{chash}' and attributes.status = 'FINISHED'",
+                            max_results=1)
+            if runs:
+                done[chash] = runs[0].info.run_id
+        return done
     done: dict[str, str] = {}
-    for run in child_runs(MlflowClient(uri), experiment, "attributes.status = 'FINISHED'"):
+    for run in child_runs(client, experiment, "attributes.status = 'FINISHED'"):
         done.setdefault(run.data.tags["config_hash"], run.info.run_id)  # runs come newest first
     return done
 

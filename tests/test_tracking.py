@@ -187,6 +187,57 @@ def test_finished_trials_only_finished_children(uri):
     assert tracking.finished_trials(uri, EXPERIMENT) == expected
 
 
+@pytest.mark.parametrize("lookup_max", [200, 0], ids=["per-hash-queries", "full-scan"])
+def test_pending_grid_skips_finished_configs_and_runs_the_rest(uri, monkeypatch, lookup_max):
+    """_pending_grid looks configs up one filtered query each (small grids) or scans every FINISHED run (large
+    ones): both skip exactly the configs with a FINISHED child run, the newest one standing for the config."""
+    from sweep.orchestrate import _pending_grid
+    from sweep.spec import parse_spec
+
+    monkeypatch.setattr(tracking, "FINISHED_LOOKUP_MAX", lookup_max)
+    spec = parse_spec(f"name: {EXPERIMENT}\ndataset: {{name: digits}}\nmodel: {{name: small_cnn}}\n"
+                      "space: {strategy: {grid: [l1, l2, random]}, ratio: {grid: [0.3, 0.6]}}\n")
+    configs = spec.grid_configs()
+    assert _pending_grid(spec, uri, force=False) == (configs, 0)  # no experiment yet: everything runs
+    parent = tracking.start_parent_run(uri, EXPERIMENT, "")
+    statuses = ["FINISHED", "FAILED", "KILLED", None, "FINISHED", None]  # None: still RUNNING
+    newest = {}
+    for cfg, status in zip(configs, statuses):
+        run = TrialRun.create(uri, EXPERIMENT, parent, cfg)
+        if status:
+            run.finish(status)
+        if status == "FINISHED":
+            newest[tracking.config_hash(cfg)] = run.run_id
+    other = TrialRun.create(uri, EXPERIMENT, parent, trial(ratio=0.11))  # a FINISHED config outside this grid
+    other.finish()
+    tracking.end_run(uri, parent)
+    pending, skipped = _pending_grid(spec, uri, force=False)
+    assert pending == [c for c, status in zip(configs, statuses) if status != "FINISHED"] and skipped == 2
+    assert _pending_grid(spec, uri, force=True) == (configs, 0)
+    hashes = [tracking.config_hash(c) for c in configs] + ["0123456789abcdef"]
+    found = tracking.finished_trials(uri, EXPERIMENT, hashes)
+    # the scan returns every finished config of the experiment; the per-hash lookup only those asked for
+    assert {h: found[h] for h in hashes if h in found} == newest
+    if lookup_max:
+        assert found == newest
+        with pytest.raises(ValueError, match="config_hash"):  # a hash is spliced into a filter string: checked
+            tracking.finished_trials(uri, EXPERIMENT, ["x' or tags.a = 'b"])
+
+
+def test_runs_to_measure_reads_only_unmeasured_finished_runs(uri):
+    from sweep import latency
+
+    parent = tracking.start_parent_run(uri, EXPERIMENT, "")
+    runs = [TrialRun.create(uri, EXPERIMENT, parent, trial(ratio=r)) for r in (0.1, 0.2, 0.3, 0.4, 0.5)]
+    for run in runs[:4]:
+        run.finish()
+    runs[1].log_points([("latency_ms", 0, 1.0)])
+    runs[1].set_tags({"latency.device": "cpu"})  # measured
+    runs[2].log_points([("latency_ms", 0, 1.0)])  # measured, killed before its tags: never measured twice
+    tracking.end_run(uri, parent)  # runs[4] is still RUNNING: not yet
+    assert sorted(latency.runs_to_measure(uri, EXPERIMENT)) == sorted([runs[0].run_id, runs[3].run_id])
+
+
 def test_deleted_experiment_is_a_clear_error(uri):
     client = MlflowClient(uri)
     client.delete_experiment(tracking.get_or_create_experiment(client, EXPERIMENT))
