@@ -79,7 +79,8 @@ def _run_data(config: dict, parent: str, rng: random.Random):
         "sweep.name": EXPERIMENT, "mlflow.runName": tracking._run_name(config), "mlflow.parentRunId": parent,
         "sweep.owner": f"launch-seed-{os.getpid()}/trial_{rng.randrange(10**8):08x}",
         "sweep.lease_until": f"{now - 3600:.3f}", "base_cache": "hit", "base_key": "1714cec18e4b3a8c",
-        "ray.node_id": "%056x" % rng.randrange(16**56), "ray.trial": f"{rng.randrange(16**5):05x}_{rng.randrange(99999):05d}",
+        "ray.node_id": f"{rng.randrange(16**56):056x}",
+        "ray.trial": f"{rng.randrange(16**5):05x}_{rng.randrange(99999):05d}",
         "latency.device": "cpu", "latency.threads": "1", "latency.batch_size": "1", "latency.runs": "2",
         "latency.warmup": "1", "latency.host": "vm", "latency.load_1min": f"{rng.uniform(1, 20):.2f}",
     }

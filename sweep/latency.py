@@ -10,12 +10,14 @@ run. A launch that dies before the phase leaves runs without latency; the next l
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import statistics
 import tempfile
 
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from . import tracking
@@ -23,6 +25,8 @@ from .base import new_model
 from .measure import latency_samples
 from .pruning import load_pruned
 from .train import pick_device
+
+log = logging.getLogger(__name__)
 
 
 def latency_stats(model: torch.nn.Module, input_shape: tuple[int, int, int], device: torch.device, threads: int,
@@ -48,6 +52,16 @@ def runs_to_measure(uri: str, experiment: str) -> list[str]:
     return [run.info.run_id for run in runs if "latency_ms" not in run.data.metrics]
 
 
+def _networks(client: MlflowClient, run_id: str) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
+    """(base architecture, pruned network, architecture info) rebuilt from the run's checkpoint/pruned.pt."""
+    with tempfile.TemporaryDirectory(prefix="sweep-latency-") as tmp:
+        path = tracking.with_retry(client.download_artifacts, run_id, "checkpoint/pruned.pt", tmp)
+        arch = torch.load(path, map_location="cpu", weights_only=True)["plan"]["info"]["arch"]
+        base = new_model({"model": arch["model"]}, arch["num_classes"], arch["in_channels"], source_weights=False)
+        pruned, _ = load_pruned(path, base)
+    return base, pruned, arch
+
+
 def measure_runs(uri: str, run_ids: list[str]) -> int:
     """Measure each run's pruned network and its base architecture; log latency, speed-up and how it was taken."""
     client = MlflowClient(uri)
@@ -55,14 +69,16 @@ def measure_runs(uri: str, run_ids: list[str]) -> int:
     for run_id in run_ids:
         run = tracking.with_retry(client.get_run, run_id)
         params = run.data.params
-        settings = {key: int(params[f"measure.{key}"]) for key in ("threads", "batch_size", "warmup", "runs")}
         device = pick_device(params.get("device", "auto"))
-        with tempfile.TemporaryDirectory(prefix="sweep-latency-") as tmp:
-            path = tracking.with_retry(client.download_artifacts, run_id, "checkpoint/pruned.pt", tmp)
-            plan_info = torch.load(path, map_location="cpu", weights_only=True)["plan"]["info"]
-            arch = plan_info["arch"]
-            base = new_model({"model": arch["model"]}, arch["num_classes"], arch["in_channels"], source_weights=False)
-            pruned, _ = load_pruned(path, base)
+        try:
+            settings = {key: int(params[f"measure.{key}"]) for key in ("threads", "batch_size", "warmup", "runs")}
+            base, pruned, arch = _networks(client, run_id)
+        except (MlflowException, OSError, KeyError, ValueError) as error:  # an older release's run, or none
+            log.warning("latency of run %s not measured: %s", run_id, error)
+            # latency.device marks it as handled, so later launches do not try again; the reason says why
+            tracking.TrialRun(client, run_id).set_tags({"latency.device": "not measured",
+                                                        "latency.skipped": " ".join(str(error).split())[:500]})
+            continue
         shape = (arch["in_channels"], arch["image_size"], arch["image_size"])
         after = latency_stats(pruned.eval(), shape, device, **settings)
         key = json.dumps([arch, settings, str(device)], sort_keys=True, default=str)

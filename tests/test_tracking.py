@@ -315,3 +315,17 @@ def test_eight_processes_write_one_sqlite_store(uri, monkeypatch):
         assert len(points) == WRITERS * STEPS
     for run_id in done.values():
         assert client.get_run(run_id).data.tags["mlflow.parentRunId"] == parent
+
+
+def test_latency_phase_skips_a_run_it_cannot_rebuild_and_says_why(uri):
+    """A FINISHED run without its pruned checkpoint (an older release, a hand-made run) must not end the launch's
+    measurement phase; it is marked, so the next launch does not try again."""
+    from sweep import latency
+
+    run = TrialRun.create(uri, EXPERIMENT, None, {**TRIAL, "measure": {**TRIAL["measure"], "threads": 1}})
+    run.finish()
+    assert latency.runs_to_measure(uri, EXPERIMENT) == [run.run_id]
+    assert latency.measure_runs(uri, [run.run_id]) == 1
+    tags = MlflowClient(uri).get_run(run.run_id).data.tags
+    assert tags["latency.device"] == "not measured" and "checkpoint/pruned.pt" in tags["latency.skipped"]
+    assert latency.runs_to_measure(uri, EXPERIMENT) == []
