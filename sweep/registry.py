@@ -25,13 +25,14 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from . import tracking
+from .errors import InputError
 from .names import LEGACY_METRICS, METRICS, selectable_metrics
 
 MODEL_DIR = "registered_model"  # artifact folder of the trial run that holds the pyfunc model
 CHECKPOINT = "checkpoint/pruned.pt"
 
 
-class RegistryError(ValueError):
+class RegistryError(InputError):
     """A winner cannot be chosen or registered; the message names the option and the fix."""
 
 

@@ -78,8 +78,9 @@ SPEC_CASES = [
 
 # Cases only loading can find (sweep.preflight): the spec parses, the sweep could not run a single trial.
 PREFLIGHT_CASES = [
-    ("model_the_pruner_refuses", HEAD.replace("small_cnn", "shufflenet_v2_x0_5"),
-     "model.name: shufflenet_v2_x0_5 on digits (1x8x8 inputs) cannot be pruned: cannot prune through reshape"),
+    ("model_the_pruner_refuses", HEAD.replace("small_cnn", "swin_t"),
+     "model.name: swin_t on digits (1x8x8 inputs) cannot be pruned: cannot prune through op "
+     "'shifted_window_attention'"),
     ("corrupt_weights_file", HEAD.replace("{name: small_cnn}", "{name: small_cnn, weights: {tmp}/corrupt.pt}"),
      "model.weights: cannot load '{tmp}/corrupt.pt'"),
     ("foreign_checkpoint", HEAD.replace("{name: small_cnn}", "{name: small_cnn, weights: {tmp}/resnet20.pt}"),

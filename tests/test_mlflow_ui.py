@@ -36,7 +36,7 @@ def test_new_experiment_has_kind_and_saved_view(sqlite_uri):
 def test_the_view_filter_selects_trials_not_parents(sqlite_uri):
     parent = tracking.start_parent_run(sqlite_uri, "ui_filter", "name: ui_filter\n")
     config = {"model": {"name": "small_cnn"}, "prune": {"strategy": "l1", "ratio": 0.5}, "seed": 0}
-    child = tracking.TrialRun.open(sqlite_uri, "ui_filter", parent, config)
+    child = tracking.TrialRun.create(sqlite_uri, "ui_filter", parent, config)
     client = MlflowClient(sqlite_uri)
     experiment_id = tracking.find_experiment_id(client, "ui_filter")
     found = client.search_runs([experiment_id], mlflow_ui.TRIAL_FILTER)
