@@ -182,6 +182,7 @@ def test_cli_criteria(local_ray, digits_spec, tmp_path, sqlite_uri, capsys, stor
 # --- ResNet-20, pretrained, real CIFAR-10 images ----------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~40 s; the digits criteria sweep covers the same code in the default run
 def test_resnet20_criteria_on_sampled_layers(local_ray, resnet20_spec, tmp_path, sqlite_uri, storage):
     spec = load_spec(resnet20_spec)
     setup = prepare(spec, storage, calibration=False)
