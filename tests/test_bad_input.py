@@ -161,12 +161,6 @@ def assert_untouched(world, before) -> None:
     assert not world["storage"].exists(), "a trial or Tune experiment was started"
 
 
-def test_the_table_is_big_enough():
-    assert len(SPEC_CASES) + len(PREFLIGHT_CASES) + len(CLI_CASES) + 1 >= 30  # + the GPU case below
-    assert len({case for case, *_ in SPEC_CASES + PREFLIGHT_CASES + CLI_CASES}) == \
-        len(SPEC_CASES) + len(PREFLIGHT_CASES) + len(CLI_CASES)
-
-
 @pytest.mark.parametrize("case, text, expected", SPEC_CASES, ids=[c[0] for c in SPEC_CASES])
 def test_bad_spec_is_refused_by_run_and_validate(world, before, capsys, case, text, expected):
     path = write_case(world, case, text)

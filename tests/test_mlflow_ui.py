@@ -17,6 +17,8 @@ from sweep import mlflow_ui, tracking
 from sweep.orchestrate import run_sweep
 from sweep.spec import load_spec
 
+pytestmark = pytest.mark.e2e  # starts Ray and runs real sweeps (`-m 'not e2e'` leaves them out)
+
 
 def test_new_experiment_has_kind_and_saved_view(sqlite_uri):
     client = MlflowClient(sqlite_uri)

@@ -30,6 +30,8 @@ if __name__ == "__main__":
 
 import pytest  # noqa: E402
 
+pytestmark = pytest.mark.e2e  # starts Ray and runs real sweeps (`-m 'not e2e'` leaves them out)
+
 MARGIN = 2.5 * 2**30
 
 

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
+pytestmark = pytest.mark.e2e  # starts Ray and runs real sweeps (`-m 'not e2e'` leaves them out)
+
 
 class TinyNet(nn.Module):
     def __init__(self, num_classes, in_channels, width=8):

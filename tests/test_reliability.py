@@ -25,6 +25,8 @@ from sweep import tracking
 from sweep.orchestrate import run_sweep
 from sweep.spec import load_spec
 
+pytestmark = pytest.mark.e2e  # starts Ray and runs real sweeps (`-m 'not e2e'` leaves them out)
+
 REPO = Path(__file__).resolve().parents[1]
 
 SPEC = """

@@ -13,6 +13,8 @@ from sweep.models import build_model
 from sweep.orchestrate import run_sweep
 from sweep.spec import load_spec
 
+pytestmark = pytest.mark.e2e  # starts Ray and runs real sweeps (`-m 'not e2e'` leaves them out)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 FULL = sorted((ROOT / "search_spaces").glob("*.yaml"))

@@ -14,6 +14,8 @@ from sweep.cli import main
 from sweep.orchestrate import cache_dir, run_sweep
 from sweep.spec import SpecError, load_spec
 
+pytestmark = pytest.mark.e2e  # starts Ray and runs real sweeps (`-m 'not e2e'` leaves them out)
+
 TINY = """
 name: {name}
 dataset: {{name: digits, limit: 120}}

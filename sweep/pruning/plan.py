@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -42,13 +41,6 @@ class PrunePlan:
             )
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise ValueError(f"plan: not a PrunePlan dict ({exc!r}); expected keys 'removed', 'removed_in'") from exc
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> PrunePlan:
-        return cls.from_dict(json.loads(text))
 
     def channel_counts(self, base_model: nn.Module) -> list[tuple[str, str, int, int]]:
         """(module, type, channels before, after) for every conv and linear of ``base_model``."""
