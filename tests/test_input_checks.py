@@ -22,9 +22,9 @@ from sweep.data import DataError, batches, load_dataset
 from sweep.preflight import StorageError, check_writable
 
 REPO = Path(__file__).resolve().parents[1]
-HYMENOPTERA = Path("/work/shared/data/hymenoptera/hymenoptera.tar.gz")
-if not HYMENOPTERA.exists():
-    HYMENOPTERA = REPO.parent / "shared" / "data" / "hymenoptera" / "hymenoptera.tar.gz"
+# ../shared/data beside the checkout, or $SWEEP_SHARED_DATA (a worktree elsewhere); absent in a user's clone: skip
+HYMENOPTERA = Path(os.environ.get("SWEEP_SHARED_DATA") or REPO.parent / "shared" / "data") / "hymenoptera" / \
+    "hymenoptera.tar.gz"
 
 
 @pytest.fixture(scope="module")
