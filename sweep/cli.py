@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("name", metavar="NAME", help="the sweep name (MLflow experiment)")
     _tracking_option(report)
     report.add_argument("--out", default="reports", metavar="DIR", help="output folder (default: reports)")
+    report.add_argument("--reference", default="random", metavar="STRATEGY",
+                        help="the strategy every other one is paired with, seed by seed (default: random)")
     report.add_argument("--register", metavar="MODEL_NAME",
                         help="register the best trial's pruned network in the MLflow Model Registry under this name")
     report.add_argument("--by", default="val_accuracy", metavar="METRIC",
@@ -213,7 +215,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         from .registry import _check_by
 
         _check_by(args.by)
-    paths = write_report(args.name, args.tracking_uri, out_dir=args.out)
+    paths = write_report(args.name, args.tracking_uri, out_dir=args.out, reference=args.reference)
     print(Path(paths["summary"]).read_text(encoding="utf-8"))
     for name, path in paths.items():
         print(f"{name}: {path}")
