@@ -1,5 +1,5 @@
-"""Data for the analysis tests (test_sensitivity.py, test_criteria_rank.py): a digits spec, and a small real
-CIFAR-10 subset for the pretrained ResNet-20 where ../shared/data holds it."""
+"""Data and fixtures for the analysis tests (test_sensitivity.py, test_criteria_rank.py): a digits spec, and a
+small real CIFAR-10 subset for the pretrained ResNet-20 where ../shared/data holds it."""
 
 import os
 import tarfile
@@ -44,7 +44,7 @@ def cifar_subset(root: Path, train_per_class: int, test_per_class: int) -> Path:
     return root
 
 
-def resnet20_spec(tmp: Path) -> Path:
+def write_resnet20_spec(tmp: Path) -> Path:
     """ResNet-20 with the published CIFAR-10 weights (base epochs 0: the base is the pretrained network), on 200
     real training images (half held out for validation) and 50 test images."""
     needs(RESNET20, CIFAR_JPG)
@@ -60,3 +60,21 @@ prune: {{strategy: l1, calibration_batches: 2}}
 resources: {{cpu: 1, gpu: 0}}
 """)
     return path
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory):
+    """One base-model cache per module: each spec's base is trained once, as in a sweep."""
+    return str(tmp_path_factory.mktemp("store"))
+
+
+@pytest.fixture(scope="module")
+def digits_spec(tmp_path_factory):
+    path = tmp_path_factory.mktemp("spec") / "layers.yaml"
+    path.write_text(DIGITS_SPEC)
+    return path
+
+
+@pytest.fixture(scope="module")
+def resnet20_spec(tmp_path_factory):
+    return write_resnet20_spec(tmp_path_factory.mktemp("cifar"))

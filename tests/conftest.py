@@ -9,6 +9,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # Short claim leases: a test that kills a launch need not wait a minute for its trials' leases to lapse.
 os.environ.setdefault("SWEEP_LEASE_SECONDS", "6")
 
+pytest_plugins = ["analysis_data"]  # the analysis tests' specs and fixtures (storage, digits_spec, resnet20_spec)
+
 import shutil  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -12,7 +12,6 @@ import pytest
 import torch
 import yaml
 from analysis_data import DIGITS_SPEC
-from analysis_data import resnet20_spec as _resnet20_spec
 from mlflow.tracking import MlflowClient
 
 from sweep import tracking
@@ -25,25 +24,6 @@ from sweep.pruning import prune
 from sweep.report import write_report
 from sweep.spec import load_spec, parse_spec
 from sweep.train import evaluate
-
-
-@pytest.fixture(scope="module")
-def storage(tmp_path_factory):
-    """One base-model cache per module: each spec's base is trained once, as in a sweep. (`local_ray` is
-    conftest's session-wide Ray on loopback.)"""
-    return str(tmp_path_factory.mktemp("store"))
-
-
-@pytest.fixture(scope="module")
-def digits_spec(tmp_path_factory):
-    path = tmp_path_factory.mktemp("spec") / "layers.yaml"
-    path.write_text(DIGITS_SPEC)
-    return path
-
-
-@pytest.fixture(scope="module")
-def resnet20_spec(tmp_path_factory):
-    return _resnet20_spec(tmp_path_factory.mktemp("cifar"))
 
 
 def _direct(setup, groups, layer, ratio, strategy="l1"):
