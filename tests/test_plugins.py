@@ -218,7 +218,7 @@ def test_a_real_trial_of_a_plugin_model_on_plugin_data(plugin, tmp_path, sqlite_
     assert run.data.params["dataset.factory"] == f"{plugin}:load"
 
 
-def test_ray_workers_import_the_plugin_from_the_drivers_directory(plugin, tmp_path):
+def test_ray_workers_import_the_plugin_from_the_drivers_directory(plugin, tmp_path, own_ray):
     """As under `sweep run`: the driver resolves the factory (preflight), then starts Ray; a worker, whose working
     directory Tune changes to the trial's, still imports the module from the driver's directory."""
     import os
