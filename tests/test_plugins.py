@@ -12,12 +12,12 @@ from torch import nn
 from sweep.data import DataError, DataSplits, batches, load_dataset
 from sweep.models import ModelError, build_model
 
+pytestmark = pytest.mark.e2e  # starts Ray and runs real sweeps (`-m 'not e2e'` leaves them out)
+
 PLUGIN = '''
 import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
-
-pytestmark = pytest.mark.e2e  # starts Ray and runs real sweeps (`-m 'not e2e'` leaves them out)
 
 
 class TinyNet(nn.Module):
