@@ -333,9 +333,7 @@ def run_sweep(
     if not (resume or force) and spec.search["algorithm"] == "grid" and tracking.store_exists(uri):
         pending, skipped = _pending_grid(spec, uri, force)
         if not pending:  # answered from the store alone: no data to load, no Ray to start
-            print(f"nothing to run: all {skipped} trials already finished in experiment {spec.name} "
-                  "(use --force to rerun)")
-            return SweepOutcome(spec.name, None, 0, skipped, 0, None, "")
+            return _nothing_to_run(spec, skipped)
     preflight(spec)  # models, checkpoints and data the trials will need: fail now, not in every trial
     owns_ray = start_ray(address)
     try:
@@ -346,6 +344,12 @@ def run_sweep(
             import ray
 
             ray.shutdown()
+
+
+def _nothing_to_run(spec: SweepSpec, skipped: int) -> SweepOutcome:
+    """An empty launch: said in one line, and no parent run is created for it."""
+    print(f"nothing to run: all {skipped} trials already finished in experiment {spec.name} (use --force to rerun)")
+    return SweepOutcome(spec.name, None, 0, skipped, 0, None, "")
 
 
 def _restorable(experiment_path: str) -> bool:
@@ -380,10 +384,8 @@ def _launch(spec: SweepSpec, uri: str, storage: str, resume: bool, force: bool, 
     pending, skipped = [], 0
     if interrupted is None and spec.search["algorithm"] == "grid":
         pending, skipped = _pending_grid(spec, uri, force)
-        if not pending:
-            print(f"nothing to run: all {skipped} trials already finished in experiment {spec.name} "
-                  "(use --force to rerun)")
-            return SweepOutcome(spec.name, None, 0, skipped, 0, None, "")
+        if not pending:  # finished meanwhile (another launch), or a store this launch just created
+            return _nothing_to_run(spec, skipped)
         if skipped:
             print(f"skipping {skipped} trials already finished in experiment {spec.name}; "
                   f"running {len(pending)} new ones")
