@@ -73,9 +73,10 @@ def l2(model, graph, calibration, generator) -> torch.Tensor:
 # (BENCHMARKS.md, "FPGM cost"). Over the limit, and with at least 4 x _SKETCH_DIM rows (with fewer a sketch saves
 # little), the inner products come from a Gaussian random projection of the centred rows to k = _SKETCH_DIM dims
 # (Johnson-Lindenstrauss): rows x dim x k + rows^2 x k of work. The squared norms stay exact (rows x dim): a sketch
-# distorts each norm by about sqrt(2/k), 9 % at k = 256, far more than the distance sums of a randomly initialised
-# layer differ, and with sketched norms the ranking of VGG-16's first Linear was unrelated to the exact one
-# (Spearman 0.07); with exact norms it is 0.9995, and the errors of the sketched inner products cancel to first order
+# distorts each squared norm by about sqrt(2/k), 9 % at k = 256, far more than those of a randomly initialised
+# layer's rows differ (about sqrt(2/dim), 1 % at dim = 25088), and the norms drive the distance sums there: with
+# sketched norms the ranking of VGG-16's first Linear was unrelated to the exact one
+# (Spearman 0.09); with exact norms it is 0.9995, and the errors of the sketched inner products cancel to first order
 # in each sum because the rows are centred. k = 256, not 128: 0.9995 against 0.9975 there and 0.99 against 0.98 on
 # a 512 x 20000 layer, for about 0.3 s more on VGG-16. The projection's generator has a fixed seed: the same weights
 # always get the same scores, whatever the pruning seed.
