@@ -28,6 +28,7 @@ import os
 import pickle
 import struct
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from dataclasses import field as _field
 from pathlib import Path
@@ -57,7 +58,7 @@ class DataSplits:
     in_channels: int
     image_size: int  # side of the square model input
     train: Dataset
-    val: Dataset
+    val: Dataset | None  # None only in a loader's official splits: validation is then held out of train
     test: Dataset
     # Image files left out because they cannot be read (at most MAX_BAD_FRACTION of them): record their count.
     skipped_files: list[str] = _field(default_factory=list)
@@ -81,29 +82,41 @@ _MAX_WORKERS = 8
 class TensorImages(Dataset):
     """A split held as one uint8 tensor N x C x H x W at native resolution, with int64 labels.
 
+    A subset is an index into the same tensor, never a copy: every trial on a node can read one shared copy of the
+    official split (sweep.shared_data) and still carve its own seed's validation split out of it.
     `pad` is the random-shift range of training augmentation in native pixels, `flip` adds horizontal flips.
     """
 
-    def __init__(self, images: Tensor, labels: Tensor, stats: tuple, image_size: int, pad: int, flip: bool):
-        self.images, self.labels = images, labels
+    def __init__(self, images: Tensor, labels: Tensor, stats: tuple, image_size: int, pad: int, flip: bool,
+                 index: Tensor | None = None):
+        self.base, self.index, self.labels = images, index, labels  # labels are this view's, one per example
         self.mean, self.std = stats
         self.image_size, self.pad, self.flip = image_size, pad, flip
-        self._placed: dict[str, tuple[Tensor, Tensor]] = {}  # storage device -> (images, labels) copied there once
+        self._placed: dict[str, tuple[Tensor, Tensor, Tensor | None]] = {}  # storage device -> tensors there
+
+    @property
+    def images(self) -> Tensor:
+        """This view's images as one tensor (a copy for a subset)."""
+        return self.base if self.index is None else self.base[self.index]
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        return self.prepare(self.images[i][None])[0], int(self.labels[i])
+        row = i if self.index is None else int(self.index[i])
+        return self.prepare(self.base[row][None])[0], int(self.labels[i])
 
     def subset(self, idx: Tensor) -> TensorImages:
-        return TensorImages(self.images[idx], self.labels[idx], (self.mean, self.std), self.image_size,
-                            self.pad, self.flip)
+        index = idx if self.index is None else self.index[idx]
+        return TensorImages(self.base, self.labels[idx], (self.mean, self.std), self.image_size, self.pad,
+                            self.flip, index)
 
-    def placed(self, device: torch.device) -> tuple[Tensor, Tensor]:
+    def placed(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(all images, this view's labels, this view's rows of the images or None) on the device, copied once."""
         key = str(device)
         if key not in self._placed:
-            self._placed[key] = (self.images.to(device), self.labels.to(device))
+            index = None if self.index is None else self.index.to(device)
+            self._placed[key] = (self.base.to(device), self.labels.to(device), index)
         return self._placed[key]
 
     def normalised(self, stats: tuple) -> TensorImages:
@@ -205,14 +218,17 @@ def _holdout(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor
     return (~held).nonzero().flatten(), held.nonzero().flatten()
 
 
-def _splits(name: str, num_classes: int, in_channels: int, image_size: int, train: TensorImages | FileImages,
-            test: TensorImages | FileImages, val_fraction: float, seed: int) -> DataSplits:
-    """Hold out val_fraction of the official train split as validation; the official test split stays whole."""
+def _with_validation(official: DataSplits, val_fraction: float, seed: int) -> DataSplits:
+    """Official splits without a validation split get one: val_fraction of train held out, deterministic in seed.
+    The official test split stays whole, and a dataset's own validation split is used as it is."""
+    if official.val is not None:
+        return official
+    train = official.train
     kept, held = _holdout(train.labels, val_fraction, seed)
     if val_fraction > 0 and len(held) == 0:
         raise DataError(f"dataset.val_fraction: {val_fraction} of {len(train)} training examples holds out none; "
                         f"raise val_fraction or use more data")
-    return DataSplits(name, num_classes, in_channels, image_size, train.subset(kept), train.subset(held), test)
+    return replace(official, train=train.subset(kept), val=train.subset(held))
 
 
 # ---------------------------------------------------------------------------------------------------- file checks
@@ -277,7 +293,7 @@ def _missing(root: Path, name: str, expected: Path, fix: str = "pass dataset.roo
     return DataError(f"dataset.root: {root} has no {name} files (missing {expected}); {fix}")
 
 
-def _digits(root: Path, download: bool, val_fraction: float, seed: int, image_size: int | None) -> DataSplits:
+def _digits(root: Path, download: bool, image_size: int | None) -> DataSplits:
     """scikit-learn's 1,797 8x8 digits: bundled, so it works offline everywhere."""
     from sklearn.datasets import load_digits
 
@@ -287,7 +303,7 @@ def _digits(root: Path, download: bool, val_fraction: float, seed: int, image_si
     whole = TensorImages(images, labels, _DIGITS_STATS, image_size or 8, pad=1, flip=False)
     # No official test split: hold out 20% with a fixed seed, so every seed's final number is on the same images.
     rest, test = _holdout(labels, 0.2, seed=0)
-    return _splits("digits", 10, 1, whole.image_size, whole.subset(rest), whole.subset(test), val_fraction, seed)
+    return DataSplits("digits", 10, 1, whole.image_size, whole.subset(rest), None, whole.subset(test))
 
 
 def _read_idx(raw: Path, stem: str, root: Path, name: str) -> Tensor:
@@ -307,7 +323,7 @@ def _read_idx(raw: Path, stem: str, root: Path, name: str) -> Tensor:
 def _idx_loader(name: str, tv_class: type, stats: tuple) -> Callable[..., DataSplits]:
     """MNIST-like sets: four IDX files in ROOT/<torchvision class name>/raw/."""
 
-    def load(root: Path, download: bool, val_fraction: float, seed: int, image_size: int | None) -> DataSplits:
+    def load(root: Path, download: bool, image_size: int | None) -> DataSplits:
         raw = root / tv_class.__name__ / "raw"
         if download and not any(raw.glob("t10k-labels-idx1-ubyte*")):
             tv_class(str(root), train=False, download=True)  # fetches all four files
@@ -318,7 +334,7 @@ def _idx_loader(name: str, tv_class: type, stats: tuple) -> Callable[..., DataSp
             return TensorImages(images, labels, stats, image_size or 28, pad=2, flip=False)
 
         train, test = part("train"), part("t10k")
-        return _splits(name, 10, 1, train.image_size, train, test, val_fraction, seed)
+        return DataSplits(name, 10, 1, train.image_size, train, None, test)
 
     return load
 
@@ -346,7 +362,7 @@ def _cifar_loader(name: str, tv_class: type, train_files: list[str], test_files:
                   num_classes: int, stats: tuple) -> Callable[..., DataSplits]:
     """CIFAR-10/100: torchvision's python pickles in ROOT/cifar-10-batches-py/ or ROOT/cifar-100-python/."""
 
-    def load(root: Path, download: bool, val_fraction: float, seed: int, image_size: int | None) -> DataSplits:
+    def load(root: Path, download: bool, image_size: int | None) -> DataSplits:
         base = root / tv_class.base_folder
         if download and not all((base / f).exists() for f in train_files + test_files):
             tv_class(str(root), download=True)
@@ -369,7 +385,7 @@ def _cifar_loader(name: str, tv_class: type, train_files: list[str], test_files:
                                 stats, image_size or 32, pad=4, flip=True)
 
         train, test = part(train_files), part(test_files)
-        return _splits(name, num_classes, 3, train.image_size, train, test, val_fraction, seed)
+        return DataSplits(name, num_classes, 3, train.image_size, train, None, test)
 
     return load
 
@@ -389,7 +405,7 @@ def _folder(path: Path, transforms: tuple[Callable, Callable], bad: list[tuple[s
     return FileImages(good, *transforms), found.classes, len(found.samples)
 
 
-def _imagefolder(root: Path, download: bool, val_fraction: float, seed: int, image_size: int | None,
+def _imagefolder(root: Path, download: bool, image_size: int | None,
                  max_bad_fraction: float = MAX_BAD_FRACTION) -> DataSplits:
     """Local images in root/train/<class>/ and root/test/<class>/ or root/val/<class>/ (or all three).
 
@@ -407,16 +423,56 @@ def _imagefolder(root: Path, download: bool, val_fraction: float, seed: int, ima
     train, classes, total = _folder(root / "train", transforms, bad)
     test, _, count = _folder(test_dir, transforms, bad, classes)
     total += count
+    val = None
     if test_dir.name == "test" and (root / "val").is_dir():
         val, _, count = _folder(root / "val", transforms, bad, classes)
-        skipped = _allow_bad("imagefolder", total + count, bad, max_bad_fraction)
-        return DataSplits("imagefolder", len(classes), 3, size, train, val, test, skipped)
+        total += count
     skipped = _allow_bad("imagefolder", total, bad, max_bad_fraction)
-    splits = _splits("imagefolder", len(classes), 3, size, train, test, val_fraction, seed)
-    return replace(splits, skipped_files=skipped)
+    parts = [train, val, test] if val is not None else [train, test]
+    decoded = _decoded(parts, size)
+    if decoded is not None:
+        train, val, test = decoded if val is not None else (decoded[0], None, decoded[1])
+    return DataSplits("imagefolder", len(classes), 3, size, train, val, test, skipped)
 
 
-def _flowers102(root: Path, download: bool, val_fraction: float, seed: int, image_size: int | None,
+_DECODE_MAX_SIDE = 64  # small photos (CIFAR as JPEG files) are decoded once into uint8 tensors
+
+
+def _decoded(parts: list[FileImages], size: int) -> list[TensorImages] | None:
+    """Splits of small photos, all square and of one side, decoded once into TensorImages; else None.
+
+    Decoding 60,000 CIFAR JPEGs takes seconds, once, where a DataLoader decodes every image again in every epoch;
+    the uint8 tensor (184 MB) is what nodes share (sweep.shared_data). Augmentation is the same as for such files
+    (a shift of an eighth of the side, and flips); only photos above 64 pixels get RandomResizedCrop.
+    """
+    first = next((p.samples[0][0] for p in parts if p.samples), None)
+    if first is None or size > _DECODE_MAX_SIDE:
+        return None
+    with Image.open(first) as image:
+        side = image.size[0]
+    if image.size != (side, side) or side > _DECODE_MAX_SIDE:
+        return None
+
+    def pixels(path: str) -> np.ndarray | None:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB")) if image.size == (side, side) else None
+
+    paths = [path for p in parts for path, _ in p.samples]
+    # PIL decodes without the GIL: threads use every core.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        arrays = list(pool.map(pixels, paths, chunksize=256))
+    if any(a is None for a in arrays):  # mixed sizes: keep decoding per item, with the file transforms
+        return None
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    out, start = [], 0
+    for p in parts:
+        out.append(TensorImages(images[start:start + len(p)], p.labels, _IMAGENET_STATS, size, pad=side // 8,
+                                flip=True))
+        start += len(p)
+    return out
+
+
+def _flowers102(root: Path, download: bool, image_size: int | None,
                 max_bad_fraction: float = MAX_BAD_FRACTION) -> DataSplits:
     """Oxford 102 Flowers in ROOT/flowers-102/ (jpg/, imagelabels.mat, setid.mat), torchvision's layout.
 
@@ -452,7 +508,7 @@ def _flowers102(root: Path, download: bool, val_fraction: float, seed: int, imag
     return DataSplits("flowers102", 102, 3, size, train, val, test, skipped)
 
 
-def _oxford_pets(root: Path, download: bool, val_fraction: float, seed: int, image_size: int | None,
+def _oxford_pets(root: Path, download: bool, image_size: int | None,
                  max_bad_fraction: float = MAX_BAD_FRACTION) -> DataSplits:
     """Oxford-IIIT Pet in ROOT/oxford-iiit-pet/ (images/, annotations/trainval.txt and test.txt), 37 breeds."""
     base = root / "oxford-iiit-pet"
@@ -479,7 +535,7 @@ def _oxford_pets(root: Path, download: bool, val_fraction: float, seed: int, ima
 
     trainval, test = part("trainval"), part("test")
     skipped = _allow_bad("oxford_pets", total, bad, max_bad_fraction)
-    return replace(_splits("oxford_pets", 37, 3, size, trainval, test, val_fraction, seed), skipped_files=skipped)
+    return DataSplits("oxford_pets", 37, 3, size, trainval, None, test, skipped)
 
 
 DATASETS: dict[str, Callable[..., DataSplits]] = {
@@ -618,7 +674,8 @@ def _from_factory(factory: str, kwargs: dict | None, root: str | None, val_fract
 def load_dataset(name: str | None, root: str | None = None, download: bool = False, val_fraction: float = 0.1,
                  seed: int = 0, image_size: int | None = None, limit: int | None = None,
                  test_limit: int | None = None, stats: tuple | None = None, *,
-                 factory: str | None = None, kwargs: dict | None = None) -> DataSplits:
+                 factory: str | None = None, kwargs: dict | None = None, official: DataSplits | None = None
+                 ) -> DataSplits:
     """Load a registered dataset's train/val/test splits, or your own through `factory`.
 
     root defaults to $SWEEP_DATA, then ./data; nothing is downloaded unless `download`. image_size resizes the
@@ -633,6 +690,9 @@ def load_dataset(name: str | None, root: str | None = None, download: bool = Fal
     (CxHxW float tensor, int class); num_classes (else len(train.classes) or the largest label + 1), in_channels and
     image_size (else from the first train item, which must be square) may be given as dict keys. image_size,
     download and stats do not apply: the factory's own transforms decide the input.
+
+    official: the splits `load_official(name, root, download, image_size)` returned (perhaps in another process,
+    through sweep.shared_data), to carve this seed's splits out of without loading them again.
     """
     if not 0 <= val_fraction < 1:
         raise DataError(f"dataset.val_fraction: {val_fraction} is outside [0, 1); use a fraction such as 0.1")
@@ -647,12 +707,9 @@ def load_dataset(name: str | None, root: str | None = None, download: bool = Fal
     else:
         if kwargs:
             raise DataError("dataset.kwargs: only a dataset.factory takes kwargs; remove them or use factory")
-        if name not in DATASETS:
-            raise DataError(f"dataset.name: {name!r} is not a dataset; use one of {', '.join(dataset_names())}, "
-                            f"or dataset.factory: 'pkg.module:function' for your own")
-        where = Path(root or os.environ.get("SWEEP_DATA") or "data").expanduser()
-        splits = DATASETS[name](root=where, download=download, val_fraction=val_fraction, seed=seed,
-                                image_size=image_size)
+        if official is None:
+            official = load_official(name, root, download, image_size)
+        splits = _with_validation(official, val_fraction, seed)
     if limit is not None:
         held = min(len(splits.val), max(1, round(limit * val_fraction))) if len(splits.val) else 0
         splits = replace(splits, train=_take(splits.train, limit - held, seed), val=_take(splits.val, held, seed))
@@ -661,6 +718,17 @@ def load_dataset(name: str | None, root: str | None = None, download: bool = Fal
     if stats is not None:
         splits = replace(splits, **{s: getattr(splits, s).normalised(stats) for s in ("train", "val", "test")})
     return splits
+
+
+def load_official(name: str, root: str | None = None, download: bool = False, image_size: int | None = None
+                  ) -> DataSplits:
+    """A registered dataset's official splits, before any seed's choice: val is None unless the dataset ships one.
+    TensorImages splits in it are what the trials of a node share (sweep.shared_data)."""
+    if name not in DATASETS:
+        raise DataError(f"dataset.name: {name!r} is not a dataset; use one of {', '.join(dataset_names())}, "
+                        f"or dataset.factory: 'pkg.module:function' for your own")
+    where = Path(root or os.environ.get("SWEEP_DATA") or "data").expanduser()
+    return DATASETS[name](root=where, download=download, image_size=image_size)
 
 
 def _take(data: Dataset, limit: int, seed: int) -> Dataset:
@@ -684,7 +752,7 @@ class _TensorBatches:
         self.seed, self.augment, self.epoch = seed, augment, 0
         # Training drops a last partial batch (when there is a full one): equal steps, and BatchNorm never sees 1.
         self.drop_last = train and len(data) >= batch_size
-        small = data.images.numel() * data.images.element_size() <= _DEVICE_BYTES
+        small = data.base.numel() * data.base.element_size() <= _DEVICE_BYTES
         self.store = device if small else torch.device("cpu")
 
     def __len__(self) -> int:
@@ -695,7 +763,7 @@ class _TensorBatches:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        images, labels = self.data.placed(self.store)
+        images, labels, rows = self.data.placed(self.store)
         epoch_seed = self.seed * 100_003 + self.epoch
         self.epoch += 1
         n = len(self.data)
@@ -705,7 +773,7 @@ class _TensorBatches:
         augment = torch.Generator(device=self.device).manual_seed(epoch_seed) if self.train and self.augment else None
         for k in range(len(self)):
             idx = order[k * self.batch_size:(k + 1) * self.batch_size]
-            x = images[idx].to(self.device, non_blocking=True)
+            x = images[idx if rows is None else rows[idx]].to(self.device, non_blocking=True)
             yield self.data.prepare(x, augment), labels[idx].to(self.device, non_blocking=True)
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from . import claims, latency, raycompat, report, tracking
+from . import claims, latency, raycompat, report, shared_data, tracking
 from .errors import InputError
 from .names import PARAMS
 from .preflight import check_writable, preflight
@@ -334,11 +334,13 @@ def run_sweep(
         pending, skipped = _pending_grid(spec, uri, force)
         if not pending:  # answered from the store alone: no data to load, no Ray to start
             return _nothing_to_run(spec, skipped)
-    preflight(spec)  # models, checkpoints and data the trials will need: fail now, not in every trial
+    officials = preflight(spec)  # models, checkpoints and data the trials will need: fail now, not in every trial
     owns_ray = start_ray(address)
     try:
         check_resources(spec)
-        return _launch(spec, uri, storage, resume, force, max_concurrent, verbose, reuse_workers, on_epoch)
+        shared = shared_data.publish(officials)  # the trials of a node read one copy of the images
+        del officials
+        return _launch(spec, uri, storage, resume, force, max_concurrent, verbose, reuse_workers, on_epoch, shared)
     finally:
         if owns_ray:
             import ray
@@ -368,7 +370,7 @@ def _restorable(experiment_path: str) -> bool:
 
 
 def _launch(spec: SweepSpec, uri: str, storage: str, resume: bool, force: bool, max_concurrent: int | None,
-            verbose: int, reuse_workers: bool, on_epoch: EpochHook | None) -> SweepOutcome:
+            verbose: int, reuse_workers: bool, on_epoch: EpochHook | None, shared: dict) -> SweepOutcome:
     from ray import tune
 
     tracking.init_store(uri)  # here, in the driver: trial workers creating the schema in parallel would race
@@ -400,7 +402,7 @@ def _launch(spec: SweepSpec, uri: str, storage: str, resume: bool, force: bool, 
     try:
         # with --force the trial must not return a recorded result either
         context = SweepContext(uri, spec.name, parent, cache_dir(storage, spec.name), rerun=force, on_epoch=on_epoch,
-                               launch_id=launch_id, lease_s=lease_s)
+                               launch_id=launch_id, lease_s=lease_s, shared_data=shared)
         trainable = tune.with_resources(tune.with_parameters(sweep_trial, context=context), _trial_resources(spec))
         if interrupted is not None:
             print(f"resuming the sweep at {experiment_path}")

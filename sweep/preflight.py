@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-from .data import DataError, load_dataset
+from .data import DataError, DataSplits, load_dataset, load_official
 from .errors import InputError
 from .models import MODELS, ModelError, build_model
 from .pruning import PruningError, analyse
+from .shared_data import data_key
 from .spec import SpecError, SweepSpec
 
 # Trial paths whose values decide what a check loads. Everything else (training, pruning ratios) cannot make
@@ -52,17 +53,21 @@ def _combinations(spec: SweepSpec) -> list[dict]:
     return out
 
 
-def _dataset_shape(dataset: dict, seed: int) -> tuple[int, int, int] | None:
-    """(classes, channels, side) of the model input, or None when the trials will download the data first."""
+def _load(dataset: dict, seed: int) -> tuple[tuple[int, int, int] | None, DataSplits | None]:
+    """(classes, channels, side) of the model input and the official splits (None for a factory's), or (None, None)
+    when the trials will download the data first."""
     try:
+        official = None if dataset.get("factory") else load_official(dataset["name"], dataset["root"], False,
+                                                                     dataset["image_size"])
         splits = load_dataset(dataset.get("name"), root=dataset["root"], download=False,
                               val_fraction=dataset["val_fraction"], seed=seed, image_size=dataset["image_size"],
-                              limit=dataset["limit"], factory=dataset.get("factory"), kwargs=dataset.get("kwargs"))
+                              limit=dataset["limit"], factory=dataset.get("factory"), kwargs=dataset.get("kwargs"),
+                              official=official)
     except DataError:
         if dataset["download"]:
-            return None  # not here yet; each trial downloads it (and reports a failure itself)
+            return None, None  # not here yet; each trial downloads it (and reports a failure itself)
         raise
-    return splits.num_classes, splits.in_channels, splits.image_size
+    return (splits.num_classes, splits.in_channels, splits.image_size), official
 
 
 def _weights_to_load(name: str, weights: str | None) -> str | None:
@@ -93,16 +98,20 @@ def _check_model(model: dict, shape: tuple[int, int, int], ignore: list[str], da
                         f"pruned: {text}") from None
 
 
-def preflight(spec: SweepSpec) -> None:
-    """Load every distinct dataset and model of the sweep once; SpecError lists what would fail every trial."""
+def preflight(spec: SweepSpec) -> dict[str, DataSplits]:
+    """Load every distinct dataset and model of the sweep once; SpecError lists what would fail every trial.
+    Returns the official splits it loaded, by sweep.shared_data.data_key, for the trials to share."""
     errors: list[str] = []
     shapes: dict[str, tuple | None] = {}
+    officials: dict[str, DataSplits] = {}
     checked: set[str] = set()
     for config in _combinations(spec):
         dataset_key = json.dumps(config["dataset"], sort_keys=True)
         if dataset_key not in shapes:
             try:
-                shapes[dataset_key] = _dataset_shape(config["dataset"], config["seed"])
+                shapes[dataset_key], official = _load(config["dataset"], config["seed"])
+                if official is not None:
+                    officials[data_key(config["dataset"])] = official
             except DataError as error:
                 shapes[dataset_key] = None
                 errors.append(str(error))
@@ -118,6 +127,7 @@ def preflight(spec: SweepSpec) -> None:
             errors.append(str(error))
     if errors:
         raise SpecError(list(dict.fromkeys(" ".join(e.split()) for e in errors)))
+    return officials
 
 
 # --- folders the sweep writes to ---------------------------------------------------------------------------------

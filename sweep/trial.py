@@ -24,7 +24,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from . import claims, tracking
+from . import claims, shared_data, tracking
 from .base import ensure_base, example_input, load_base, new_model
 from .data import DataSplits, batches, load_dataset
 from .measure import count_flops, count_params, size_mb
@@ -60,6 +60,7 @@ class SweepContext:
     launch_id: str = field(default_factory=lambda: claims.new_owner_id("launch"))  # owner of this launch's claims
     launch_started: float = field(default_factory=time.time)
     lease_s: float = claims.DEFAULT_LEASE_S
+    shared_data: dict = field(default_factory=dict)  # sweep.shared_data.data_key -> ObjectRef of official splits
 
 
 @dataclass
@@ -170,10 +171,12 @@ def run_trial(config: dict, context: SweepContext, report: Report | None = None,
         cfg = trial_config(config)  # typed access; `config` itself stays the identity that is hashed and logged
         device = pick_device(cfg.device)
         seed_everything(cfg.seed)
-        splits = _load_splits(cfg)
+        splits = _load_splits(cfg, context.shared_data)
         continued = claim.run_id == resumed
         run = tracking.TrialRun.resume(context.tracking_uri, claim.run_id) if continued else \
             tracking.TrialRun(MlflowClient(context.tracking_uri), claim.run_id)
+        shared = shared_data.data_key(cfg.dataset.model_dump()) in context.shared_data
+        run.set_tags({"data.shared": "true" if shared else "false"})  # read from the node's copy, or loaded
         if splits.skipped_files:
             run.set_tags({"data.skipped_files": f"{len(splits.skipped_files)}: " + ", ".join(splits.skipped_files)})
         result = _pipeline(config, cfg, context, splits, device, run, saved, report)
@@ -206,12 +209,15 @@ def _claim(config: dict, context: SweepContext, checkpoint_run: str | None) -> t
     return result, resume
 
 
-def _load_splits(cfg: TrialConfig) -> DataSplits:
+def _load_splits(cfg: TrialConfig, shared: dict | None = None) -> DataSplits:
+    """This trial's splits; carved out of the node's shared copy when the sweep published one."""
     data, model = cfg.dataset, cfg.model
     stats = None if model.factory else weights_stats(model.name, model.weights)  # a plug-in normalises itself
+    ref = (shared or {}).get(shared_data.data_key(data.model_dump()))
     return load_dataset(data.name, root=data.root, download=data.download, val_fraction=data.val_fraction,
                         seed=cfg.seed, image_size=data.image_size, limit=data.limit, test_limit=data.test_limit,
-                        stats=stats, factory=data.factory, kwargs=data.kwargs)
+                        stats=stats, factory=data.factory, kwargs=data.kwargs,
+                        official=shared_data.fetch(ref) if ref is not None else None)
 
 
 def _pipeline(config, cfg: TrialConfig, context, splits, device, run, saved, report) -> dict:

@@ -14,8 +14,19 @@ import pytest
 import torch
 from PIL import Image
 from scipy.io import savemat
+from torchvision.datasets import ImageFolder
 
-from sweep.data import DATASETS, DataError, DataSplits, FileImages, TensorImages, batches, dataset_names, load_dataset
+from sweep.data import (
+    DATASETS,
+    DataError,
+    DataSplits,
+    FileImages,
+    TensorImages,
+    batches,
+    dataset_names,
+    load_dataset,
+    load_official,
+)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MNIST = DATA / "mnist"
@@ -422,20 +433,58 @@ def _extract_some(archive: Path, out: Path, classes: tuple, per_split: dict) -> 
                 tar.extract(member, out, filter="data")
 
 
-def test_imagefolder_cifar_jpegs_train_and_test(tmp_path):
+def test_imagefolder_cifar_jpegs_are_decoded_once_into_uint8(tmp_path):
     _needs(CIFAR_JPG)
     _extract_some(CIFAR_JPG, tmp_path, ("airplane", "cat", "truck"), {"train": 10, "test": 3})
     splits = load_dataset("imagefolder", root=str(tmp_path), image_size=32, val_fraction=0.1, seed=0)
     assert (splits.num_classes, splits.image_size) == (3, 32)
     assert (len(splits.train), len(splits.val), len(splits.test)) == (27, 3, 9)
     assert sorted(splits.val.labels.tolist()) == [0, 1, 2]
-    # Eval view of a 32-pixel JPEG at image_size 32: exactly the decoded pixels, normalised.
-    path, label = splits.test.samples[0]
-    x, y = splits.test[0]
-    decoded = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1) / 255
-    assert y == label and torch.allclose(x * IMAGENET_STD + IMAGENET_MEAN, decoded, atol=1e-6)
+    # 32-pixel photos become one uint8 tensor, decoded once; its rows are ImageFolder's files in order.
+    assert isinstance(splits.test, TensorImages) and splits.test.images.dtype == torch.uint8
+    assert (splits.train.pad, splits.train.flip) == (4, True)  # augmented as the file transforms did
+    files = ImageFolder(str(tmp_path / "test")).samples
+    for i in (0, 8):
+        path, label = files[i]
+        x, y = splits.test[i]
+        decoded = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1) / 255
+        assert y == label and torch.allclose(x * IMAGENET_STD + IMAGENET_MEAN, decoded, atol=1e-6)
     x, y = next(iter(batches(splits.train, 9, train=True, seed=0)))
     assert x.shape == (9, 3, 32, 32) and y.shape == (9,)
+
+
+def test_small_photos_of_mixed_sizes_stay_files(tmp_path):
+    for split in ("train", "test"):
+        for c, color in (("a", (255, 0, 0)), ("b", (0, 0, 255))):
+            for k in range(4):
+                _jpeg(tmp_path / split / c / f"{k}.jpg", color, size=(16, 16) if k else (12, 12))
+    splits = load_dataset("imagefolder", root=str(tmp_path), image_size=16, val_fraction=0.25)
+    assert isinstance(splits.train, FileImages) and splits.train[0][0].shape == (3, 16, 16)
+    for k in range(4):  # one size now: decoded
+        _jpeg(tmp_path / "train" / "a" / f"{k}.jpg", (255, 0, 0), size=(16, 16))
+        _jpeg(tmp_path / "test" / "a" / f"{k}.jpg", (255, 0, 0), size=(16, 16))
+        _jpeg(tmp_path / "train" / "b" / f"{k}.jpg", (0, 0, 255), size=(16, 16))
+        _jpeg(tmp_path / "test" / "b" / f"{k}.jpg", (0, 0, 255), size=(16, 16))
+    assert isinstance(load_dataset("imagefolder", root=str(tmp_path), image_size=16).train, TensorImages)
+    # photos above 64 pixels keep the photo transforms (RandomResizedCrop): not decoded
+    assert isinstance(load_dataset("imagefolder", root=str(tmp_path), image_size=96).train, FileImages)
+
+
+def test_subsets_index_the_official_images_without_copying():
+    official = load_official("digits")
+    assert official.val is None
+    splits = load_dataset("digits", val_fraction=0.2, limit=300, seed=3, official=official)
+    for split in (splits.train, splits.val, splits.test):
+        assert split.base is official.train.base  # digits: one tensor; every split is an index into it
+    fresh = load_dataset("digits", val_fraction=0.2, limit=300, seed=3)
+    for name in ("train", "val", "test"):
+        assert torch.equal(getattr(splits, name).images, getattr(fresh, name).images)
+        assert torch.equal(getattr(splits, name).labels, getattr(fresh, name).labels)
+    assert torch.equal(splits.train.images, official.train.base[splits.train.index])
+    # batches gather through the index: the same images as the materialised view, in order
+    x, y = next(iter(batches(splits.train, len(splits.train), train=False)))
+    assert torch.equal(y, splits.train.labels)
+    assert torch.allclose(x, splits.train.prepare(splits.train.images), atol=1e-6)
 
 
 def test_imagefolder_uses_val_folder_when_test_folder_exists(tmp_path):

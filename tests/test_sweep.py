@@ -84,6 +84,8 @@ class TestLocalSweep:
         # One base for the whole sweep, trained by exactly one trial.
         assert len(list(Path(cache_dir(store["storage"], "local_sweep")).iterdir())) == 1
         assert sorted(r.data.tags["base_cache"] for r in runs) == ["hit", "hit", "hit", "miss"]
+        # every trial read its images from the copy the driver put in the object store
+        assert {r.data.tags["data.shared"] for r in runs} == {"true"}
 
         client = MlflowClient(store["uri"])
         parent = client.get_run(outcome.parent_run_id)

@@ -1,0 +1,156 @@
+"""Memory of N concurrent trials on one node: the dataset shared through Ray's object store, against a copy per trial.
+
+Each measurement is one `run_sweep` of N CIFAR-10 ResNet-20 trials (pretrained, pruned by 50 %, one short
+fine-tune epoch, latency phase) with `resources.cpu` = 2 / N so that all N run at once on this 2-core machine, on a
+fresh local Ray each time. The dataset is the CIFAR-10 JPEG copy (all 60,000 images, decoded once into one uint8
+tensor of 184 MB; a trial's `limit` only narrows what it trains on, never what it holds). Two arms, same run:
+
+  shared    the default: the driver puts the decoded splits in the object store, every trial maps them read-only
+  per-trial SWEEP_SHARE_DATA=0: every trial decodes and holds its own copy (what sweep did before)
+
+Memory is sampled every 0.2 s while the sweep runs: the node's memory in use (MemTotal - MemAvailable, which counts
+the object store's shared memory once) above the level just before the sweep, and the summed PSS of Ray's worker
+processes (shared pages divided among the processes that map them). The table gives peaks, and the ratio of N
+trials to one trial per arm; the issue's goal is 4 trials <= 1.6x one.
+
+    python bench/data_sharing.py                           # CIFAR-10 from ../shared/data, extracted to a temp dir
+    python bench/data_sharing.py --root data/cifar10_jpg --counts 1 2 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tarfile
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+STRATEGIES = ["l1", "l2", "fpgm", "random", "bn_scale", "taylor", "apoz"]
+
+SPACE = """
+name: {name}
+model: {{name: resnet20, weights: {weights}}}
+dataset: {{name: imagefolder, root: {root}, image_size: 32, val_fraction: 0.02, limit: 1500, test_limit: 1000}}
+base: {{epochs: 0, batch_size: 250}}
+finetune: {{epochs: 1, batch_size: 128}}
+measure: {{batch_size: 1, warmup: 2, runs: 5, threads: 1}}
+space:
+  strategy: {{grid: {strategies}}}
+  ratio: 0.5
+resources: {{cpu: {cpu}}}
+"""
+
+
+def _meminfo() -> dict[str, int]:
+    out = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, value = line.split(":", 1)
+        out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def node_used() -> int:
+    info = _meminfo()
+    return info["MemTotal"] - info["MemAvailable"]
+
+
+def ray_workers_pss() -> tuple[int, int]:
+    """(summed PSS, summed RSS) of Ray's worker processes (trials, idle workers)."""
+    pss = rss = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if not (proc / "cmdline").read_bytes().startswith(b"ray::"):
+                continue
+            for line in (proc / "smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    pss += int(line.split()[1]) * 1024
+                elif line.startswith("Rss:"):
+                    rss += int(line.split()[1]) * 1024
+        except OSError:  # the process ended while we read it
+            continue
+    return pss, rss
+
+
+class Sampler(threading.Thread):
+    def __init__(self, base_used: int):
+        super().__init__(daemon=True)
+        self.base_used, self.stop, self.peaks = base_used, threading.Event(), {"used": 0, "pss": 0, "rss": 0}
+
+    def run(self) -> None:
+        while not self.stop.wait(0.2):
+            pss, rss = ray_workers_pss()
+            sample = {"used": node_used() - self.base_used, "pss": pss, "rss": rss}
+            self.peaks = {k: max(self.peaks[k], sample[k]) for k in sample}
+
+
+def measure(n: int, shared: bool, root: str, weights: str, work: Path) -> dict:
+    import ray
+
+    from sweep.orchestrate import run_sweep, start_ray
+    from sweep.spec import load_spec
+
+    os.environ["SWEEP_SHARE_DATA"] = "1" if shared else "0"
+    name = f"share_{'on' if shared else 'off'}_{n}"
+    path = work / f"{name}.yaml"
+    path.write_text(SPACE.format(name=name, weights=weights, root=root, strategies=STRATEGIES[:n], cpu=2 / n))
+    start_ray(None)
+    time.sleep(2)  # let Ray's own processes settle before the baseline
+    sampler = Sampler(node_used())
+    sampler.start()
+    start = time.perf_counter()
+    outcome = run_sweep(load_spec(path), tracking_uri=f"sqlite:///{work / name}.db", storage=str(work / name),
+                        verbose=0)
+    wall = time.perf_counter() - start
+    sampler.stop.set()
+    sampler.join()
+    ray.shutdown()
+    assert outcome.ran == n and outcome.failed == 0, outcome
+    return {**sampler.peaks, "wall": wall}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", help="CIFAR-10 as an ImageFolder (train/, test/); default: extract the shared copy")
+    parser.add_argument("--weights", default=str(SHARED / "weights" / "resnet20-12fca82f.th"))
+    parser.add_argument("--counts", type=int, nargs="+", default=[1, 2, 4])
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="data-sharing-") as tmp:
+        work = Path(tmp)
+        root = args.root
+        if root is None:
+            with tarfile.open(SHARED / "cifar10" / "cifar10_jpg.tar.gz") as tar:
+                tar.extractall(work / "cifar10", filter="data")
+            root = str(next(p.parent for p in (work / "cifar10").rglob("train") if (p.parent / "test").is_dir()))
+        load = os.getloadavg()[0]
+        rows = {}
+        for shared in (True, False):
+            for n in args.counts:
+                rows[shared, n] = measure(n, shared, root, args.weights, work)
+                print(f"  {'shared' if shared else 'per-trial'} x{n}: {rows[shared, n]}", flush=True)
+    gib = 2**30
+    print(f"\nload average before: {load:.2f}; {os.cpu_count()} CPUs; peaks while the sweep ran\n")
+    print("| data | trials | node memory in use (GiB) | x one trial | workers' PSS (GiB) | workers' RSS (GiB) "
+          "| wall (s) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for shared in (True, False):
+        one = rows[shared, args.counts[0]]["used"]
+        for n in args.counts:
+            r = rows[shared, n]
+            print(f"| {'shared' if shared else 'per-trial copy'} | {n} | {r['used'] / gib:.2f} | "
+                  f"{r['used'] / one:.2f}x | {r['pss'] / gib:.2f} | {r['rss'] / gib:.2f} | {r['wall']:.0f} |")
+    last = args.counts[-1]
+    print(f"\n{last} trials, shared against per-trial copies: "
+          f"{rows[True, last]['used'] / rows[False, last]['used']:.2f}x the node memory")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""One copy of each dataset per node: trials read their images from Ray's object store instead of loading them.
+
+    refs = publish(officials)                      # driver: the official splits preflight loaded, put once
+    splits = load_dataset(..., official=fetch(refs[data_key(dataset)]))   # trial: zero-copy, then its own carving
+
+Only uint8 tensor splits (TensorImages) travel this way. Their tensors go into the object store as numpy arrays,
+which Ray hands back as read-only views of the node's shared memory: every trial on a node maps the same pages,
+and a node other than the driver's fetches the object once. A trial carves its seed's validation split and its
+`limit` out of those pages by index (TensorImages.subset), so N trials on a node hold the images once, not N times.
+File-based splits (photos decoded per item) and dataset factories are loaded by each trial as before.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+from .data import DataSplits, TensorImages
+
+_SPLITS = ("train", "val", "test")
+
+
+def enabled() -> bool:
+    """$SWEEP_SHARE_DATA=0 makes every trial load its own copy (the baseline of bench/data_sharing.py)."""
+    return os.environ.get("SWEEP_SHARE_DATA", "1") != "0"
+
+
+def data_key(dataset: dict) -> str | None:
+    """What decides a dataset's official splits (not the seed's validation split, limit or normalisation); None
+    for a dataset factory, whose result only the trial may build."""
+    if dataset.get("factory"):
+        return None
+    return json.dumps([dataset.get("name"), dataset.get("root"), bool(dataset.get("download")),
+                       dataset.get("image_size")])
+
+
+def shareable(official: DataSplits) -> bool:
+    return all(isinstance(getattr(official, s), TensorImages) for s in _SPLITS if getattr(official, s) is not None)
+
+
+def _to_arrays(official: DataSplits) -> dict[str, Any]:
+    arrays: dict[int, np.ndarray] = {}  # splits that index one tensor (digits' train and test) send it once
+
+    def array(t: torch.Tensor) -> np.ndarray:
+        return arrays.setdefault(id(t), t.numpy())
+
+    out: dict[str, Any] = {"meta": (official.name, official.num_classes, official.in_channels, official.image_size,
+                                    list(official.skipped_files))}
+    for name in _SPLITS:
+        split = getattr(official, name)
+        out[name] = None if split is None else (
+            array(split.base), split.labels.numpy(), None if split.index is None else split.index.numpy(),
+            (split.mean, split.std), split.image_size, split.pad, split.flip)
+    return out
+
+
+def publish(officials: dict[str, DataSplits]) -> dict[str, Any]:
+    """Put each shareable dataset in the object store (driver side): data key -> ObjectRef."""
+    import ray
+
+    if not enabled():
+        return {}
+    return {key: ray.put(_to_arrays(official)) for key, official in officials.items() if shareable(official)}
+
+
+def fetch(ref: Any) -> DataSplits:
+    """The official splits behind a published ref, their images in the node's shared memory (trial side)."""
+    import ray
+
+    packed = ray.get(ref)
+    name, num_classes, in_channels, image_size, skipped = packed["meta"]
+
+    def tensor(a: np.ndarray) -> torch.Tensor:
+        with warnings.catch_warnings():  # the shared pages are read-only; nothing here writes to them
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(a)
+
+    def split(part: tuple | None) -> TensorImages | None:
+        if part is None:
+            return None
+        base, labels, index, stats, size, pad, flip = part
+        return TensorImages(tensor(base), tensor(labels), stats, size, pad, flip,
+                            None if index is None else tensor(index))
+
+    return DataSplits(name, num_classes, in_channels, image_size, split(packed["train"]), split(packed["val"]),
+                      split(packed["test"]), skipped)
