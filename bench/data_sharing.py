@@ -8,10 +8,12 @@ tensor of 184 MB; a trial's `limit` only narrows what it trains on, never what i
   shared    the default: the driver puts the decoded splits in the object store, every trial maps them read-only
   per-trial SWEEP_SHARE_DATA=0: every trial decodes and holds its own copy (what sweep did before)
 
-Memory is sampled every 0.2 s while the sweep runs: the node's memory in use (MemTotal - MemAvailable, which counts
-the object store's shared memory once) above the level just before the sweep, and the summed PSS of Ray's worker
-processes (shared pages divided among the processes that map them). The table gives peaks, and the ratio of N
-trials to one trial per arm; the issue's goal is 4 trials <= 1.6x one.
+Memory is sampled every 0.2 s while the sweep runs, over this sweep's processes only (the driver, the raylet that
+maps the object store, and every worker process the raylet started; other sessions on the machine are not counted):
+summed PSS (proportional set size: a shared page counts once in total, split among the processes that map it), and
+summed RSS (a shared page counts once per process: what per-process monitors add up), each above its level just
+before the sweep. The table gives the peaks and the ratio of N trials to one trial per arm; the issue's goal is
+4 trials <= 1.6x one.
 
     python bench/data_sharing.py                           # CIFAR-10 from ../shared/data, extracted to a temp dir
     python bench/data_sharing.py --root data/cifar10_jpg --counts 1 2 4
@@ -48,29 +50,31 @@ resources: {{cpu: {cpu}}}
 """
 
 
-def _meminfo() -> dict[str, int]:
-    out = {}
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        key, value = line.split(":", 1)
-        out[key] = int(value.split()[0]) * 1024
-    return out
-
-
-def node_used() -> int:
-    info = _meminfo()
-    return info["MemTotal"] - info["MemAvailable"]
-
-
-def ray_workers_pss() -> tuple[int, int]:
-    """(summed PSS, summed RSS) of Ray's worker processes (trials, idle workers)."""
-    pss = rss = 0
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
     for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if not (proc / "cmdline").read_bytes().startswith(b"ray::"):
+        if proc.name.isdigit():
+            try:
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
                 continue
-            for line in (proc / "smaps_rollup").read_text().splitlines():
+            tree.setdefault(ppid, []).append(int(proc.name))
+    return tree
+
+
+def pss_rss(roots: list[int]) -> tuple[int, int]:
+    """(summed PSS, summed RSS) of the given processes and all their descendants: this sweep's driver and its Ray
+    (the raylet, which maps the object store, and every worker it started), not other sessions on the machine."""
+    tree, todo, seen = _children(), list(roots), set()
+    pss = rss = 0
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        todo += tree.get(pid, [])
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):
                     pss += int(line.split()[1]) * 1024
                 elif line.startswith("Rss:"):
@@ -81,15 +85,23 @@ def ray_workers_pss() -> tuple[int, int]:
 
 
 class Sampler(threading.Thread):
-    def __init__(self, base_used: int):
+    def __init__(self, roots: list[int]):
         super().__init__(daemon=True)
-        self.base_used, self.stop, self.peaks = base_used, threading.Event(), {"used": 0, "pss": 0, "rss": 0}
+        self.roots, self.stop, self.peaks = roots, threading.Event(), {"pss": 0, "rss": 0}
+        self.base = pss_rss(roots)
 
     def run(self) -> None:
         while not self.stop.wait(0.2):
-            pss, rss = ray_workers_pss()
-            sample = {"used": node_used() - self.base_used, "pss": pss, "rss": rss}
+            pss, rss = pss_rss(self.roots)
+            sample = {"pss": pss - self.base[0], "rss": rss - self.base[1]}
             self.peaks = {k: max(self.peaks[k], sample[k]) for k in sample}
+
+
+def _raylet_pid() -> int:
+    from ray._private import ray_constants
+    from ray._private.worker import _global_node
+
+    return _global_node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
 
 
 def measure(n: int, shared: bool, root: str, weights: str, work: Path) -> dict:
@@ -104,7 +116,7 @@ def measure(n: int, shared: bool, root: str, weights: str, work: Path) -> dict:
     path.write_text(SPACE.format(name=name, weights=weights, root=root, strategies=STRATEGIES[:n], cpu=2 / n))
     start_ray(None)
     time.sleep(2)  # let Ray's own processes settle before the baseline
-    sampler = Sampler(node_used())
+    sampler = Sampler([os.getpid(), _raylet_pid()])
     sampler.start()
     start = time.perf_counter()
     outcome = run_sweep(load_spec(path), tracking_uri=f"sqlite:///{work / name}.db", storage=str(work / name),
@@ -138,18 +150,18 @@ def main() -> None:
                 print(f"  {'shared' if shared else 'per-trial'} x{n}: {rows[shared, n]}", flush=True)
     gib = 2**30
     print(f"\nload average before: {load:.2f}; {os.cpu_count()} CPUs; peaks while the sweep ran\n")
-    print("| data | trials | node memory in use (GiB) | x one trial | workers' PSS (GiB) | workers' RSS (GiB) "
-          "| wall (s) |")
+    print("| data | trials | PSS (GiB) | x one trial | RSS (GiB) | x one trial | wall (s) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for shared in (True, False):
-        one = rows[shared, args.counts[0]]["used"]
+        one = rows[shared, args.counts[0]]
         for n in args.counts:
             r = rows[shared, n]
-            print(f"| {'shared' if shared else 'per-trial copy'} | {n} | {r['used'] / gib:.2f} | "
-                  f"{r['used'] / one:.2f}x | {r['pss'] / gib:.2f} | {r['rss'] / gib:.2f} | {r['wall']:.0f} |")
+            print(f"| {'shared' if shared else 'per-trial copy'} | {n} | {r['pss'] / gib:.2f} | "
+                  f"{r['pss'] / one['pss']:.2f}x | {r['rss'] / gib:.2f} | {r['rss'] / one['rss']:.2f}x | "
+                  f"{r['wall']:.0f} |")
     last = args.counts[-1]
     print(f"\n{last} trials, shared against per-trial copies: "
-          f"{rows[True, last]['used'] / rows[False, last]['used']:.2f}x the node memory")
+          f"{rows[True, last]['pss'] / rows[False, last]['pss']:.2f}x the PSS")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ SMOKE = sorted((ROOT / "search_spaces" / "smoke").glob("*.yaml"))
 
 def test_every_paper_space_has_a_smoke_form():
     papers = {"alexnet_levels", "transfer_vgg16_flowers", "cifar10_resnet56", "models_training_time", "digits_arms",
-              "cifar10_resnet20_pruned"}
+              "cifar10_resnet20_pruned", "cifar10_resnet20", "cifar10_resnet20_scratch", "mobilenet_v2_hymenoptera"}
     assert papers <= {p.stem for p in FULL}
     assert papers == {p.stem for p in SMOKE}
 
@@ -38,8 +38,12 @@ def test_full_spaces_validate(path, tmp_path, monkeypatch):
             os.symlink(weights, tmp_path / "data" / "weights" / file)
         else:  # a fresh clone: a real checkpoint of our own stands in for the published one
             torch.save(build_model(name, 10).state_dict(), tmp_path / "data" / "weights" / file)
+    # ImageNet MobileNet-V2 comes from a PyPI wheel, never from ../shared: a checkpoint of the same shape stands in
+    mobilenet = tmp_path / "data" / "weights" / "mobilenet_v2-b0353104.pth"
+    torch.save(build_model("mobilenet_v2", 1000).state_dict(), mobilenet)
     # the folders the image-folder spaces read; validation only checks that they exist
-    for folder in ("hymenoptera/train", "hymenoptera/val", "cifar10_jpg/train", "cifar10_jpg/test"):
+    for folder in ("hymenoptera/train", "hymenoptera/val", "hymenoptera_data/train", "hymenoptera_data/val",
+                   "cifar10_jpg/train", "cifar10_jpg/test"):
         (tmp_path / "data" / folder).mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     spec = load_spec(path)
