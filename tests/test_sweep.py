@@ -220,6 +220,8 @@ class TestCluster:
         assert {r.info.status for r in runs} == {"FINISHED"}
         # One CPU per node and per trial: the two trials ran at the same time, one on each node.
         assert {r.data.tags["ray.node_id"] for r in runs} == nodes
+        # both nodes read the data the driver put in the object store (the second node fetched its own copy)
+        assert {r.data.tags["data.shared"] for r in runs} == {"true"}
         # ...and the base was trained once, by one of them, the other waiting for it.
         assert sorted(r.data.tags["base_cache"] for r in runs) == ["hit", "miss"]
         assert len(list(Path(cache_dir(storage, "two_nodes")).iterdir())) == 1
