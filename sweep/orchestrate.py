@@ -449,10 +449,34 @@ def _measure_latency(spec: SweepSpec, uri: str) -> None:
     run_ids = latency.runs_to_measure(uri, spec.name)
     if not run_ids:
         return
+    if measures_in_driver():
+        # Ray is this machine alone and Tune has returned: the driver is idle on the very node the trials ran on.
+        # A Ray task would first start a fresh worker process (importing torch, MLflow and sweep: about 5 s) to
+        # time networks that take milliseconds. latency_stats pins the thread count and restores it; fork_rng
+        # keeps the driver's random state as it was. On a GPU node the driver sees the GPU the trials used.
+        print(f"measuring latency of {len(run_ids)} pruned networks, one at a time, in this process")
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            latency.measure_runs(uri, run_ids)
+        return
+    # On a cluster the measurement belongs on a worker node (where the trials ran, with the GPU they asked for).
     print(f"measuring latency of {len(run_ids)} pruned networks, one at a time")
     threads = spec.trial["measure"]["threads"]
     task = ray.remote(latency.measure_runs).options(num_cpus=threads, num_gpus=1 if spec.resources["gpu"] else 0)
     ray.get(task.remote(uri, run_ids))
+
+
+def measures_in_driver() -> bool:
+    """True when the connected Ray is one node, this process's own (a local Ray, or a one-node cluster started on
+    this machine): the latency phase then runs here. False on a multi-node cluster and under Ray Client (ray://),
+    whose driver runs on another machine."""
+    import ray
+
+    if ray.util.client.ray.is_connected():
+        return False
+    alive = [node["NodeID"] for node in ray.nodes() if node.get("Alive")]
+    return alive == [ray.get_runtime_context().get_node_id()]
 
 
 def _finish(spec: SweepSpec, uri: str, storage: str, parent: str, frame: pd.DataFrame, skipped: int,

@@ -9,6 +9,7 @@ connecting to Ray.
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -93,7 +94,7 @@ PREFLIGHT_CASES = [
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, template_db):
     """A folder with an MLflow store holding one finished trial run, plus the files the cases point at."""
     root = tmp_path_factory.mktemp("bad_input")
     (root / "empty").mkdir()
@@ -102,7 +103,7 @@ def world(tmp_path_factory):
     torch.save(build_model("resnet20", 10).state_dict(), root / "resnet20.pt")
     uri = f"sqlite:///{root / 'store' / 'mlflow.db'}"
     (root / "store").mkdir()
-    tracking.init_store(uri)
+    shutil.copy(template_db, root / "store" / "mlflow.db")  # an empty store, schema made once per session
     config = load_spec_text(root, HEAD).trial
     run = tracking.TrialRun.create(uri, "bad", None, config)
     for epoch in (1, 2):

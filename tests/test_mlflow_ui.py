@@ -6,6 +6,7 @@ SWEEP_SCREENSHOTS=DIR keeps the browser's screenshots there (how docs/*.png are 
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -85,13 +86,14 @@ space:
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory):
+def swept(tmp_path_factory, template_db):
     """A real sweep of 4 trials in a fresh sqlite store."""
     if find_chromium() is None:
         pytest.skip("no Chromium on PATH (Debian: apt-get install chromium chromium-driver; .ci/run does): "
                     "the browser test needs a real browser")
     root = tmp_path_factory.mktemp("ui")
     (root / "space.yaml").write_text(SPACE, encoding="utf-8")
+    shutil.copy(template_db, root / "mlflow.db")  # an empty store, schema made once per session
     uri = f"sqlite:///{root / 'mlflow.db'}"
     # run_sweep stops the Ray it starts, and leaves one that was already running (the session's) alone
     outcome = run_sweep(load_spec(root / "space.yaml"), tracking_uri=uri, storage=str(root / "results"), verbose=0)

@@ -243,7 +243,7 @@ def test_ray_workers_import_the_plugin_from_the_drivers_directory(plugin, tmp_pa
         ray.shutdown()
 
 
-def test_sweep_run_of_a_plugin_model_and_dataset(plugin, tmp_path, own_ray, capsys):
+def test_sweep_run_of_a_plugin_model_and_dataset(plugin, tmp_path, own_ray, capsys, sqlite_uri):
     """`sweep run` as a user runs it: a spec beside their own file, the working directory not on sys.path (as for a
     console script), Ray started by the command itself."""
     from mlflow.tracking import MlflowClient
@@ -261,7 +261,7 @@ space:
   strategy: {{grid: [l1, random]}}
   ratio: 0.5
 """, encoding="utf-8")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_uri  # a copy of the session's empty store
     assert main(["run", "space.yaml", "--tracking-uri", uri, "--storage", str(tmp_path / "results"), "--quiet"]) == 0
     runs = tracking.child_runs(MlflowClient(uri), "plugged")
     assert sorted(r.data.params["strategy"] for r in runs) == ["l1", "random"]

@@ -2,6 +2,7 @@
 loadable with mlflow.pyfunc.load_model and with sweep.pruning.load_pruned, giving the same outputs; no pickle."""
 
 import json
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -30,9 +31,10 @@ prune: {{strategy: l1, ratio: {ratio}}}
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(tmp_path_factory, template_db):
     """Two real trials (no Ray) of one sweep in a fresh sqlite store."""
     root = tmp_path_factory.mktemp("registry")
+    shutil.copy(template_db, root / "mlflow.db")  # an empty store, schema made once per session
     uri = f"sqlite:///{root / 'mlflow.db'}"
     torch.set_num_threads(1)
     for ratio in (0.3, 0.7):

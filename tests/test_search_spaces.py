@@ -52,9 +52,9 @@ def test_full_spaces_validate(path, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("path", SMOKE, ids=[p.stem for p in SMOKE])
-def test_smoke_forms_run(path, tmp_path, local_ray):
+def test_smoke_forms_run(path, tmp_path, local_ray, sqlite_uri):
     spec = load_spec(path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_uri  # a copy of the session's empty store
     outcome = run_sweep(spec, tracking_uri=uri, storage=str(tmp_path / "store"), verbose=0)
     assert outcome.failed == 0 and outcome.ran == len(spec.grid_configs())
     runs = tracking.child_runs(MlflowClient(uri), spec.name, "attributes.status = 'FINISHED'")

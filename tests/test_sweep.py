@@ -3,15 +3,18 @@
 Tiny trials (digits, small_cnn, one epoch each) keep the file to a couple of minutes on 2 cores.
 """
 
+import shutil
+import socket
 from pathlib import Path
 
 import pytest
 import ray
+import torch
 from mlflow.tracking import MlflowClient
 
 from sweep import tracking
 from sweep.cli import main
-from sweep.orchestrate import cache_dir, run_sweep
+from sweep.orchestrate import cache_dir, measures_in_driver, run_sweep
 from sweep.spec import SpecError, load_spec
 
 pytestmark = pytest.mark.e2e  # starts Ray and runs real sweeps (`-m 'not e2e'` leaves them out)
@@ -52,14 +55,19 @@ def parents(uri: str, experiment: str) -> list:
 
 class TestLocalSweep:
     @pytest.fixture(scope="class")
-    def store(self, tmp_path_factory):
+    def store(self, tmp_path_factory, template_db):
         root = tmp_path_factory.mktemp("sweep")
+        shutil.copy(template_db, root / "mlflow.db")  # an empty store (creating one is tested in test_store_init)
         return {"root": root, "uri": f"sqlite:///{root / 'mlflow.db'}", "storage": str(root / "results")}
 
     @pytest.fixture(scope="class")
     def first(self, local_ray, store):
         spec = load_spec(write_spec(store["root"], "local_sweep"))
-        return spec, run_sweep(spec, tracking_uri=store["uri"], storage=store["storage"], verbose=0)
+        threads = torch.get_num_threads()
+        outcome = run_sweep(spec, tracking_uri=store["uri"], storage=store["storage"], verbose=0)
+        # the latency phase ran in this process (one local node): it left the driver's thread count as it was
+        assert measures_in_driver() and torch.get_num_threads() == threads
+        return spec, outcome
 
     @pytest.mark.timeout(240)
     def test_grid_runs_every_trial_nested_under_one_parent(self, first, store):
@@ -93,9 +101,14 @@ class TestLocalSweep:
         assert Path(client.download_artifacts(parent.info.run_id, "spec.yaml")).read_text() == spec.source_text
         report = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "report")}
         assert {"summary.md", "summary.csv", "runs.csv", "paired.csv", "pareto.png"} <= report
-        # the measurement phase timed every trial after Tune returned, and said how
-        assert all("latency_ms" in r.data.metrics and r.data.tags["latency.threads"] == "1"
-                   for r in children(store["uri"], "local_sweep"))
+        # the measurement phase timed every trial after Tune returned (in this process: see `first`), and said how
+        for run in children(store["uri"], "local_sweep"):
+            assert {"latency_ms", "latency_iqr_ms", "base_latency_ms", "speedup"} <= set(run.data.metrics)
+            assert run.data.metrics["latency_ms"] > 0
+            tags = run.data.tags
+            assert (tags["latency.device"], tags["latency.threads"], tags["latency.batch_size"], tags["latency.runs"],
+                    tags["latency.warmup"], tags["latency.host"]) == ("cpu", "1", "1", "2", "1", socket.gethostname())
+            assert float(tags["latency.load_1min"]) >= 0
 
     @pytest.mark.timeout(120)
     def test_same_spec_again_runs_nothing(self, first, store, capsys):
@@ -138,8 +151,8 @@ class TestLocalSweep:
         assert not db.exists() and not (tmp_path / "results").exists()
 
     @pytest.mark.timeout(240)
-    def test_failed_trial_fails_the_launch_and_resume_finishes_it(self, local_ray, tmp_path, fail_once):
-        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    def test_failed_trial_fails_the_launch_and_resume_finishes_it(self, local_ray, tmp_path, fail_once, sqlite_uri):
+        uri = sqlite_uri  # a copy of the session's empty store
         failing = load_spec(write_spec(tmp_path, "fails", strategies=["l1"], ratios=[0.5], epochs=2,
                                        max_failures=0))
         storage = str(tmp_path / "results")
@@ -160,8 +173,8 @@ class TestLocalSweep:
         assert parent.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent.info.run_id
 
     @pytest.mark.timeout(240)
-    def test_optuna_with_asha(self, local_ray, tmp_path):
-        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    def test_optuna_with_asha(self, local_ray, tmp_path, sqlite_uri):
+        uri = sqlite_uri  # a copy of the session's empty store
         path = tmp_path / "optuna.yaml"
         path.write_text("""
 name: optuna_sweep
@@ -205,8 +218,8 @@ class TestCluster:
         cluster.shutdown()
 
     @pytest.mark.timeout(240)
-    def test_two_nodes_share_one_base(self, cluster, tmp_path):
-        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    def test_two_nodes_share_one_base(self, cluster, tmp_path, sqlite_uri):
+        uri = sqlite_uri  # a copy of the session's empty store
         storage = str(tmp_path / "results")  # one filesystem: stands in for the NFS mount a real cluster needs
         spec = load_spec(write_spec(tmp_path, "two_nodes", strategies=["l1", "random"], ratios=[0.5]))
         outcome = run_sweep(spec, address=cluster.address, tracking_uri=uri, storage=storage, verbose=0)
@@ -216,8 +229,10 @@ class TestCluster:
         ray.init(address=cluster.address)
         nodes = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
         assert len(nodes) == 2
+        assert not measures_in_driver()  # two nodes: the latency phase ran as a Ray task, on a worker
         runs = children(uri, "two_nodes")
         assert {r.info.status for r in runs} == {"FINISHED"}
+        assert all("latency_ms" in r.data.metrics and r.data.tags["latency.device"] == "cpu" for r in runs)
         # One CPU per node and per trial: the two trials ran at the same time, one on each node.
         assert {r.data.tags["ray.node_id"] for r in runs} == nodes
         # both nodes read the data the driver put in the object store (the second node fetched its own copy)

@@ -42,10 +42,10 @@ TRIAL_METRICS = [name for name in METRICS if name not in ("latency_ms", "latency
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, one_thread):
+def store(tmp_path_factory, one_thread, template_db):
     root = tmp_path_factory.mktemp("trial")
+    shutil.copy(template_db, root / "mlflow.db")  # an empty store, schema made once per session
     uri = tracking.resolve_tracking_uri(f"sqlite:///{root}/mlflow.db")
-    tracking.init_store(uri)
     parent = tracking.start_parent_run(uri, "trialtest", SPACE)
     return SweepContext(uri, "trialtest", parent, str(root / "bases"))
 
