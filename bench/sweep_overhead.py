@@ -156,7 +156,7 @@ def _install_timers(sink: dict) -> None:
 
 
 def timed_sweep_trial(log: str):
-    """orchestrate.sweep_trial with the pieces timed; one JSON line per trial in `log`."""
+    """sweep.trial.sweep_trial with the pieces timed; one JSON line per trial in `log`."""
 
     def sweep_trial(config: dict, context) -> None:
         from sweep.trial import run_trial

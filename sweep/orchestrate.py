@@ -30,7 +30,7 @@ from .names import PARAMS
 from .preflight import check_writable, preflight
 from .progress import CompactProgress, quiet_ray_logs
 from .spec import SpecError, SweepSpec
-from .trial import EpochHook, SweepContext, run_trial
+from .trial import EpochHook, SweepContext, run_trial, sweep_trial
 
 DEFAULT_STORAGE = "sweep_results"
 LOOPBACK = "127.0.0.1"
@@ -108,11 +108,6 @@ def check_resources(spec: SweepSpec) -> None:
 
 
 # --- the Tune run --------------------------------------------------------------------------------------
-
-
-def sweep_trial(config: dict, context: SweepContext) -> None:
-    """The Tune trainable: the trial dict sits under one key so a grid can be any list of configs."""
-    run_trial(config["trial"], context)  # reports to Tune itself; returning its dict would report it twice
 
 
 def _trial_dirname(trial: Any) -> str:

@@ -191,6 +191,13 @@ def run_trial(config: dict, context: SweepContext, report: Report | None = None,
     return result
 
 
+def sweep_trial(config: dict, context: SweepContext) -> None:
+    """The Tune trainable: the trial dict sits under one key so a grid can be any list of configs. It lives here,
+    not in sweep.orchestrate, because Ray imports a trainable's module in every trial worker: orchestrate would
+    bring the report's pandas and matplotlib along (about 2 s of every worker's start)."""
+    run_trial(config["trial"], context)  # reports to Tune itself; returning its dict would report it twice
+
+
 def _claim(config: dict, context: SweepContext, checkpoint_run: str | None) -> tuple[claims.ClaimResult, str | None]:
     """Claim this config in the tracking store (sweep.claims): a new run, the continued one, or someone else's.
     Returns the claim and the run this trial set out to continue (its checkpoint's, or its parent's unfinished)."""

@@ -48,3 +48,17 @@ def test_ruff_is_clean():
     out = subprocess.run([sys.executable, "-m", "ruff", "check", "sweep", "tests", "bench"], cwd=root,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_trial_workers_import_neither_the_driver_nor_plotting():
+    """Ray imports the trainable's module in every trial worker: it must not bring the driver's orchestration or the
+    report's plotting along (seconds of every worker's start), only what a trial runs."""
+    code = ("import sys; from sweep.trial import sweep_trial; "
+            "heavy = ('matplotlib', 'sweep.report', 'sweep.orchestrate', 'optuna'); "
+            "print(sorted(m for m in heavy if m in sys.modules)); "
+            "print(sweep_trial.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["[]", "sweep.trial"], out.stdout + out.stderr
+    from sweep import orchestrate, trial
+
+    assert orchestrate.sweep_trial is trial.sweep_trial  # the trainable Tune gets
