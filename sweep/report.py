@@ -119,7 +119,7 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
     """One row per group of like runs: n (seeds), and for each summary metric mean, std and 95 % CI half-width."""
     keys = settings(df)
     rows = []
-    for values, group in df.groupby(keys, dropna=False, sort=True):
+    for values, group in df.groupby(keys, dropna=False, sort=True) if keys else [((), df)]:  # no setting differs
         row = dict(zip(keys, values if isinstance(values, tuple) else (values,)))
         row["n"] = len(group)
         for name in SUMMARY_METRICS:

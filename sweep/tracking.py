@@ -136,13 +136,15 @@ def _param_value(value: Any) -> str:
     return str(value)[:MAX_PARAM_CHARS]
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+def _flatten(trial_config: dict) -> dict[str, Any]:
+    """One level: `finetune.lr`. A mapping inside a section (`prune.ratios`, `model.kwargs`) is one JSON value: its
+    keys are the user's (module patterns such as `layer1.*.conv1`), which MLflow would refuse in a param name."""
     flat: dict[str, Any] = {}
-    for key, value in tree.items():
+    for key, value in trial_config.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update({f"{key}.{leaf}": setting for leaf, setting in value.items()})
         else:
-            flat[f"{prefix}{key}"] = value
+            flat[key] = value
     return flat
 
 

@@ -1,6 +1,7 @@
 """sweep.tracking against a real MLflow sqlite store in tmp_path."""
 
 import copy
+import json
 import multiprocessing as mp
 import re
 import sqlite3
@@ -75,6 +76,19 @@ def test_flat_params_names_and_values():
     assert params["prune.ignore"].startswith('["xxx')
     # No duplicates of the short names, no experiment-level keys.
     assert "prune.strategy" not in params and "model.name" not in params and "name" not in params
+
+
+def test_per_layer_ratios_and_kwargs_are_one_param_each_that_mlflow_accepts(uri):
+    """Module patterns (`layer1.*.conv1`) are not valid MLflow param names: a mapping inside a section is one JSON
+    param, and a run with Li et al.'s per-layer ratios and model kwargs is created in a real store."""
+    ratios = {"layer1.7.conv1": 0, "layer1.*.conv1": 0.125, "layer3.*.conv1": 0.1094}
+    cfg = trial(ratios=ratios)
+    cfg["model"]["kwargs"] = {"width": 8, "block.*": 2}
+    params = tracking.flat_params(cfg)
+    assert json.loads(params["prune.ratios"]) == ratios and json.loads(params["model.kwargs"]) == cfg["model"]["kwargs"]
+    assert not any("*" in name for name in params)
+    run = TrialRun.create(uri, EXPERIMENT, None, cfg)
+    assert MlflowClient(uri).get_run(run.run_id).data.params == params
 
 
 def test_code_version_is_a_commit_or_none():
