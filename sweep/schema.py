@@ -49,7 +49,7 @@ class SpecError(InputError):
 # --- messages ---------------------------------------------------------------------------------------------------
 
 def show(value: Any) -> str:
-    """A value as the user wrote it in YAML, on one short line."""
+    """A value as the user wrote it in YAML, on one short line (clipped: not for paths, which are shown whole)."""
     if type(value).__module__ == "numpy" and hasattr(value, "item"):
         value = value.item()
     if value is None or isinstance(value, bool):
@@ -219,7 +219,7 @@ def Weights(value):
         return value
     path = Path(value).expanduser()
     if not path.is_file():
-        raise ValueError(f"file {show(value)} does not exist; give an existing checkpoint file, "
+        raise ValueError(f"file {str(value)!r} does not exist; give an existing checkpoint file, "
                          "a torchvision weights name such as DEFAULT, or null")
     return str(path.resolve())  # absolute, because Ray runs each trial in its own working directory
 
@@ -657,7 +657,7 @@ def rules(view: View) -> list[str]:
         if root is None and name == "imagefolder":
             error(where, "imagefolder needs a root folder; set dataset.root to a folder of images")
         elif root is not None and not Path(root).is_dir():
-            error(where, f"{show(root)} does not exist ({reads}); point it at an existing folder"
+            error(where, f"{str(root)!r} does not exist ({reads}); point it at an existing folder"
                          + ("" if name == "imagefolder" else ", or set download: true"))
 
     if "iterative" in view.options("prune.schedule"):

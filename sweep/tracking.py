@@ -142,7 +142,7 @@ def _flatten(trial_config: dict) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in trial_config.items():
         if isinstance(value, dict):
-            flat.update({f"{key}.{leaf}": setting for leaf, setting in value.items()})
+            flat.update({f"{key}.{leaf}": setting for leaf, setting in value.items() if setting != {}})  # {}: unset
         else:
             flat[key] = value
     return flat
