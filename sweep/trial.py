@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from mlflow.tracking import MlflowClient
@@ -171,12 +172,12 @@ def run_trial(config: dict, context: SweepContext, report: Report | None = None,
         cfg = trial_config(config)  # typed access; `config` itself stays the identity that is hashed and logged
         device = pick_device(cfg.device)
         seed_everything(cfg.seed)
-        splits = _load_splits(cfg, context.shared_data)
+        shared = context.shared_data.get(shared_data.data_key(cfg.dataset.model_dump()))  # this node's copy, if any
+        splits = _load_splits(cfg, shared)
         continued = claim.run_id == resumed
         run = tracking.TrialRun.resume(context.tracking_uri, claim.run_id) if continued else \
             tracking.TrialRun(MlflowClient(context.tracking_uri), claim.run_id)
-        shared = shared_data.data_key(cfg.dataset.model_dump()) in context.shared_data
-        run.set_tags({"data.shared": "true" if shared else "false"})  # read from the node's copy, or loaded
+        run.set_tags({"data.shared": "true" if shared is not None else "false"})  # read from the node's copy, or loaded
         if splits.skipped_files:
             run.set_tags({"data.skipped_files": f"{len(splits.skipped_files)}: " + ", ".join(splits.skipped_files)})
         result = _pipeline(config, cfg, context, splits, device, run, saved, report)
@@ -216,15 +217,15 @@ def _claim(config: dict, context: SweepContext, checkpoint_run: str | None) -> t
     return result, resume
 
 
-def _load_splits(cfg: TrialConfig, shared: dict | None = None) -> DataSplits:
-    """This trial's splits; carved out of the node's shared copy when the sweep published one."""
+def _load_splits(cfg: TrialConfig, shared: Any = None) -> DataSplits:
+    """This trial's splits; carved out of the node's shared copy (`shared`: the sweep's ObjectRef of the official
+    splits) when the sweep published one."""
     data, model = cfg.dataset, cfg.model
     stats = None if model.factory else weights_stats(model.name, model.weights)  # a plug-in normalises itself
-    ref = (shared or {}).get(shared_data.data_key(data.model_dump()))
     return load_dataset(data.name, root=data.root, download=data.download, val_fraction=data.val_fraction,
                         seed=cfg.seed, image_size=data.image_size, limit=data.limit, test_limit=data.test_limit,
                         stats=stats, factory=data.factory, kwargs=data.kwargs,
-                        official=shared_data.fetch(ref) if ref is not None else None)
+                        official=shared_data.fetch(shared) if shared is not None else None)
 
 
 def _pipeline(config, cfg: TrialConfig, context, splits, device, run, saved, report) -> dict:
