@@ -833,3 +833,36 @@ def test_literal_view_width_is_kept_and_grouped_conv_loses_the_same_positions_pe
     assert len(a) == len(b) == 4 and a[2:] == [i + 4 for i in a[:2]] and b[2:] == [i + 4 for i in b[:2]]
     assert result.model.b.groups == 2 and result.model.b.weight.shape == (4, 2, 3, 3)
     assert result.model(torch.randn(1, 3, 4, 4)).shape == (1, 2)
+
+
+class WidthFromInput(nn.Module):
+    """MaxViT's attention: heads of a fixed width, the result reshaped to the *input's* width read at run time
+    (`B, P, D = x.shape; ...reshape(B, P, D)`), then projected back into a residual stream."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.qkv, self.merge = nn.Linear(8, 2 * 4 * 3), nn.Linear(8, 8)
+        self.branch = nn.Conv2d(8, 6, 1)  # prunable, beside the stream the attention reads
+        self.head = nn.Linear(8 + 6, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        tokens = x.flatten(2).transpose(1, 2)  # B, P, D
+        B, P, D = tokens.shape
+        q, k, v = self.qkv(tokens).reshape(B, P, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        attn = torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v  # B, heads, P, 4
+        tokens = tokens + self.merge(attn.transpose(1, 2).reshape(B, P, D))
+        pooled = torch.cat((tokens.mean(1), self.branch(x).mean((2, 3))), dim=1)
+        return self.head(pooled)
+
+
+def test_a_width_read_at_run_time_for_another_tensor_keeps_both_whole():
+    """Pruning the stream would make `reshape(B, P, D)` ask for fewer channels than the heads give: it crashed
+    (maxvit_t). The stream stays whole, the rest still prunes and stays equivalent."""
+    torch.manual_seed(0)
+    result = assert_equivalent(WidthFromInput(), torch.randn(2, 3, 4, 4), strategy="l1", ratio=0.5)
+    assert "stem" not in result.plan.removed and "merge" not in result.plan.removed
+    assert result.plan.removed["branch"]
+    # ShuffleNet's shuffle reads its own width: it still prunes (test_patterns covers its equivalence)
+    assert prune(_pattern("shuffle"), torch.randn(1, 3, 8, 8), ratio=0.5).plan.removed.get("stem")

@@ -181,6 +181,10 @@ class _Analyser:
         self.producer: dict[int, tuple[str, int]] = {}
         self.flops: dict[str, int] = {}
         self.kept_whole: dict[str, str] = {}  # parametrised modules of unknown type that nothing live reached
+        # A tensor's channel count read at run time (x.shape[1], x.size(1), numel) shrinks with the pruning:
+        self.shapes: dict[fx.Node, fx.Node] = {}  # a whole-shape value -> the tensor it describes
+        self.reads: dict[fx.Node, set[fx.Node]] = {}  # a value -> the tensors whose channel count it carries
+        self.same_width: list[tuple[fx.Node, fx.Node]] = []  # (read tensor, tensor a view shapes with that count)
 
     # -- helpers -----------------------------------------------------------
     def _ignored(self, name: str) -> bool:
@@ -579,8 +583,67 @@ class _Analyser:
                 return [labels[(j // inner) % len(labels)] for j in range(after[k])], k
         return self._unknown(node, "reshape")
 
+    def _size_read(self, node: fx.Node, name: str) -> bool:
+        """Note what a shape, size or numel read (or arithmetic on one) carries; True when ``node`` is one."""
+        src = node.args[0] if node.args else None
+        if name == "getattr" and len(node.args) > 1 and node.args[1] == "shape" and src in self.slots:
+            self.shapes[node] = src
+        elif name == "size" and src in self.slots:
+            dim = self._arg(node, 1, "dim")
+            if dim is None:
+                self.shapes[node] = src
+            elif dim % len(_shape(src)) == self.axis[src]:
+                self.reads[node] = {src}
+        elif name == "numel" and src in self.slots:
+            self.reads[node] = {src}
+        elif node.target is operator.getitem and src in self.shapes:
+            tensor, index = self.shapes[src], node.args[1]
+            positions = range(len(_shape(tensor)))
+            picked = positions[index] if isinstance(index, (int, slice)) else positions
+            if self.axis[tensor] in (picked if isinstance(picked, range) else [picked]):
+                self.reads[node] = {tensor}
+        else:
+            return False
+        return True
+
+    def _carried(self, node: fx.Node) -> set[fx.Node]:
+        """The tensors whose run-time channel count reaches ``node`` through its arguments."""
+        found: set[fx.Node] = set()
+        fx.node.map_arg((node.args, node.kwargs), lambda a: found.update(
+            self.reads.get(a, ()) or ({self.shapes[a]} if a in self.shapes else ())))
+        return found
+
+    def _follow_sizes(self, node: fx.Node, name: str) -> None:
+        """A channel count read at run time must still be right once channels are gone. Arithmetic on it carries
+        it on; a view of a tensor may take it when both end up equally wide (checked in `settle_widths`, as in
+        ShuffleNet's channel shuffle); anything else that takes it keeps those channels whole (MaxViT's attention
+        reshapes its output to its input's width)."""
+        carried = self._carried(node)
+        if not carried:
+            return
+        src = node.args[0] if node.args else None
+        if _shape(node) is None:  # an int or a tuple of them
+            self.reads[node] = carried
+        elif name in ("view", "reshape") and src in self.slots:
+            self.same_width += [(read, src) for read in carried]
+        else:
+            for read in carried:
+                self._fix(self.slots[read])
+
+    def settle_widths(self) -> None:
+        """Keep whole both sides of a view whose run-time width and the tensor it shapes would differ: their
+        channels must be the same channel groups (a shuffle holds them in another order and split over dims)."""
+        for read, shaped in self.same_width:
+            roots = [{self.uf.find(x) for x in self.slots[n]} for n in (read, shaped)]
+            if roots[0] != roots[1]:
+                self._fix(self.slots[read])
+                self._fix(self.slots[shaped])
+
     def _call(self, node: fx.Node):
         name = _op_name(node)
+        if self._size_read(node, name):
+            return None
+        self._follow_sizes(node, name)
         if node.op == "call_function" and node.target in (operator.getitem,):
             return self._getitem(node)
         if name in _METADATA:
@@ -655,6 +718,7 @@ def analyse(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], ignore=(
         model.train(was_training)
     analyser = _Analyser(gm, model, tuple(ignore))
     analyser.run()
+    analyser.settle_widths()
     return _finish(analyser)
 
 
