@@ -397,7 +397,9 @@ def _launch(spec: SweepSpec, uri: str, storage: str, resume: bool, force: bool, 
     try:
         # with --force the trial must not return a recorded result either
         context = SweepContext(uri, spec.name, parent, cache_dir(storage, spec.name), rerun=force, on_epoch=on_epoch,
-                               launch_id=launch_id, lease_s=lease_s, shared_data=shared)
+                               launch_id=launch_id, lease_s=lease_s, shared_data=shared,
+                               checkpoint_every_s=spec.checkpoint_every_s,
+                               log_every_epoch=spec.scheduler["name"] != "fifo")
         trainable = tune.with_resources(tune.with_parameters(sweep_trial, context=context), _trial_resources(spec))
         if interrupted is not None:
             print(f"resuming the sweep at {experiment_path}")

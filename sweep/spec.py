@@ -99,6 +99,7 @@ class SweepSpec:
     max_concurrent: int | None
     source_text: str
     max_trials: int = 10000
+    checkpoint_every_s: float = 10.0
 
     def param_space(self) -> dict:
         """The trial dict with every swept path replaced by its Ray Tune domain."""
@@ -248,6 +249,7 @@ class _Builder:
             name=top.name, trial=trial, space=space, search=search, scheduler=scheduler,
             resources=top.resources.model_dump(), metric=top.metric, mode=mode, max_failures=top.max_failures,
             max_concurrent=top.max_concurrent, source_text=self.text, max_trials=top.max_trials,
+            checkpoint_every_s=top.checkpoint_every_s,
         )
 
     def read_settings(self, raw: dict) -> SweepConfig:

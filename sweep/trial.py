@@ -3,10 +3,11 @@
 ``run_trial`` is a Ray Tune function trainable (``tune.with_parameters(run_trial, context=ctx)``) and also runs
 standalone, without Ray. Its config is the resolved trial dict of ``sweep.spec``.
 
-Exactly once: every metric point is first kept in the trial's state, the state is persisted as a checkpoint (Tune
-copies it to storage inside ``report``), and only then are the new points logged to MLflow. A retried, resumed or
-restored trial continues its own run and logs only the points that run does not hold yet, so each epoch appears
-once in a run's history whatever was killed when.
+Exactly once: every metric point is first kept in the trial's state, and a retried, resumed or restored trial
+continues its own run and logs only the (metric, step) points that run does not hold yet, so each epoch appears once
+in a run's history whatever was killed when. Checkpoints (Tune copies them to storage inside ``report``) and MLflow
+writes happen once ``checkpoint_every_s`` of epochs have passed and after the last epoch; a retry redoes the epochs
+after its checkpoint, and the points the failed attempt logged for them stay as they were.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ class SweepContext:
     launch_started: float = field(default_factory=time.time)
     lease_s: float = claims.DEFAULT_LEASE_S
     shared_data: dict = field(default_factory=dict)  # sweep.shared_data.data_key -> ObjectRef of official splits
+    checkpoint_every_s: float = 0.0  # 0: a checkpoint every epoch
+    log_every_epoch: bool = False  # a scheduler may stop the trial after any epoch: its record must reach that epoch
 
 
 @dataclass
@@ -238,6 +241,7 @@ def _pipeline(config, cfg: TrialConfig, context, splits, device, run, saved, rep
 
     train_batches = batches(splits.train, state.train.batch_size, True, device, seed=cfg.seed)
     val_batches = batches(splits.val, state.train.batch_size, False, device)
+    last_checkpoint = time.perf_counter()
     for epoch in range(state.epoch + 1, state.train.epochs + 1):
         if context.on_epoch is not None:
             context.on_epoch(config, epoch)
@@ -249,12 +253,22 @@ def _pipeline(config, cfg: TrialConfig, context, splits, device, run, saved, rep
         state.epoch = epoch
         epoch_metrics = {"val_accuracy": val["accuracy"], "val_loss": val["loss"], "train_loss": loss}
         state.record(epoch_metrics, step=epoch)
+        # Short epochs would spend much of their time checkpointing and logging: both wait for enough epochs.
+        # A retry redoes the epochs after the last checkpoint, and log_points skips the (metric, step) points the
+        # failed attempt already logged, so each epoch is still recorded once.
+        due = epoch == state.train.epochs or time.perf_counter() - last_checkpoint >= context.checkpoint_every_s
         with tempfile.TemporaryDirectory(prefix="sweep-ckpt-") as tmp:
-            state.save(Path(tmp), run.run_id)
+            if due:
+                state.save(Path(tmp), run.run_id)
             try:
-                report({**epoch_metrics, "epoch": epoch}, tmp)  # persists the checkpoint before it returns
-            finally:  # also when Tune stops the trial inside report: the checkpoint holds this epoch already
+                report({**epoch_metrics, "epoch": epoch}, tmp if due else None)  # persists a checkpoint first
+            except BaseException:  # Tune stopped the trial inside report, or it failed: keep what it recorded
                 _log_new(run, state)
+                raise
+        if due or context.log_every_epoch:
+            _log_new(run, state)
+        if due:
+            last_checkpoint = time.perf_counter()
 
     final = _finish(state, base_model, base_info, splits, device, run)
     report(selection_view({**final, "epoch": state.epoch, "trial_status": "FINISHED"}), None)

@@ -90,6 +90,7 @@ def test_failed_trial_is_retried_from_its_checkpoint_in_its_own_run(local_ray, t
     # Both trials crash at the start of fine-tune epoch 2 on their first attempt (after epoch 1's checkpoint).
     # One also asks to prune 99 % of every layer: the pruner keeps min_channels per layer and the head whole.
     path = write_spec(tmp_path, "retried", max_failures=1, extra="""
+checkpoint_every_s: 0
 prune: {strategy: l1, min_channels: 2}
 space:
   ratio: {grid: [0.5, 0.99]}
@@ -176,6 +177,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, drive
     uri = sqlite_uri  # created beforehand: polling a store while the driver creates its schema would race it
     # Short trials (1 epoch) finish while long ones (8 epochs on all of digits) are still running when the driver dies.
     path = write_spec(tmp_path, "killed", limit=1000, batch=16, max_failures=1, extra="""
+checkpoint_every_s: 0
 space:
   strategy: {grid: [l1, random]}
   finetune.epochs: {grid: [1, 8]}
@@ -224,7 +226,8 @@ space:
 def test_a_new_launch_closes_a_dead_launchs_runs_and_reruns_them(tmp_path, driver_env, sqlite_uri):
     """Without --resume: the runs a killed driver left RUNNING are closed with the reason, then run afresh."""
     uri = sqlite_uri
-    path = write_spec(tmp_path, "orphans", epochs=8, limit=1000, batch=16, extra="space:\n  strategy: {grid: [l1]}\n")
+    path = write_spec(tmp_path, "orphans", epochs=8, limit=1000, batch=16,
+                      extra="checkpoint_every_s: 0\nspace:\n  strategy: {grid: [l1]}\n")
     spec = load_spec(path)
     args = [str(path), "--tracking-uri", uri, "--storage", str(tmp_path / "results"), "--quiet"]
     log = tmp_path / "driver.log"

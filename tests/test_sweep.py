@@ -154,7 +154,7 @@ class TestLocalSweep:
     def test_failed_trial_fails_the_launch_and_resume_finishes_it(self, local_ray, tmp_path, fail_once, sqlite_uri):
         uri = sqlite_uri  # a copy of the session's empty store
         failing = load_spec(write_spec(tmp_path, "fails", strategies=["l1"], ratios=[0.5], epochs=2,
-                                       max_failures=0))
+                                       max_failures=0, extra="checkpoint_every_s: 0"))
         storage = str(tmp_path / "results")
         outcome = run_sweep(failing, tracking_uri=uri, storage=storage, verbose=0, on_epoch=fail_once(2))
         assert outcome.failed == 1  # `sweep run` exits 1

@@ -219,3 +219,40 @@ def test_no_fine_tune_reports_the_pruned_network(store, configs):
     final = run_trial(config, store, report=lambda metrics, ckpt: reports.append(metrics))
     assert final["test_accuracy"] == final["pruned_test_accuracy"]
     assert reports[-1]["val_accuracy"] == final["pruned_val_accuracy"] and "test_accuracy" not in reports[-1]
+
+
+def test_checkpoint_schedule_persists_the_last_epoch_and_still_logs_each_epoch_once(store, configs, tmp_path):
+    """checkpoint_every_s longer than the trial: one checkpoint, after the last epoch; MLflow gets every epoch."""
+    config = _with(configs[0], ratio=0.45)
+    reports = []
+    run_trial(config, dataclasses.replace(store, checkpoint_every_s=3600),
+              report=lambda metrics, ckpt: reports.append((metrics.get("epoch"), ckpt is not None)))
+    assert reports == [(1, False), (2, True), (2, False)]  # Tune still sees every epoch (schedulers read them)
+    [run] = _runs(store, config)
+    for name in ("val_accuracy", "val_loss", "train_loss"):
+        assert [s for s, _ in _history(store, run.info.run_id, name)] == [1, 2], name
+
+
+@pytest.mark.parametrize("log_every_epoch", [False, True])
+def test_a_retry_redoing_unsaved_epochs_records_each_epoch_once(store, configs, tmp_path, fail_once, log_every_epoch):
+    """A crash before the first scheduled checkpoint: the retry starts over in the same run. Epochs the failed
+    attempt already logged (log_every_epoch, as under ASHA) keep their first value; none appears twice."""
+    config = _with(configs[0], ratio=0.35 if log_every_epoch else 0.55)
+    context = dataclasses.replace(store, checkpoint_every_s=3600, log_every_epoch=log_every_epoch,
+                                  on_epoch=fail_once(2))
+    saved = []
+    with pytest.raises(RuntimeError, match="injected"):
+        run_trial(config, context, report=_keep_checkpoints(saved, tmp_path))
+    assert saved == []  # nothing was due before the crash
+    [run] = _runs(store, config)
+    first = _history(store, run.info.run_id, "val_accuracy")
+    assert [s for s, _ in first] == ([1] if log_every_epoch else [])
+
+    run_trial(config, context, report=lambda m, c: None)  # Tune's retry: no checkpoint to restore
+    [run] = _runs(store, config)
+    assert run.info.status == "FINISHED"
+    for name in ("val_accuracy", "train_loss", "pruned_val_accuracy", "test_accuracy", "flops"):
+        steps = [s for s, _ in _history(store, run.info.run_id, name)]
+        assert steps == sorted(set(steps)), f"{name} logged twice: {steps}"
+    history = _history(store, run.info.run_id, "val_accuracy")
+    assert [s for s, _ in history] == [1, 2] and history[:len(first)] == first
