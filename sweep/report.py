@@ -310,15 +310,19 @@ def plot_train_time(table: pd.DataFrame, path: str | Path) -> Path:
     if "ratio" in table:
         labels = labels + " ratio=" + table["ratio"].map(_text)
     mean, half = table["train_time_s"], table["train_time_s_ci95"].fillna(0)
-    fig = Figure(figsize=(max(6.4, 0.45 * len(table) + 2), 5.0), layout="constrained")
+    # Horizontal bars: a group's label names every setting that differs and can be long; the figure grows with
+    # the longest label and the number of groups, so the axes keep their size.
+    longest = int(labels.str.len().max()) if len(labels) else 0
+    fig = Figure(figsize=(6.4 + 0.065 * longest, max(3.0, 0.32 * len(table) + 1.6)), layout="constrained")
     ax = fig.subplots()
     order = sorted(table["strategy"].astype(str).unique())
     colours = [_style(str(s), order)[0] for s in table["strategy"]]
-    bars = ax.bar(range(len(table)), mean, yerr=[np.minimum(half, mean), half], color=colours, capsize=3)
-    ax.bar_label(bars, labels=[f"n={n}" for n in table["n"]], label_type="center", color="white", fontsize="x-small")
-    ax.set_xticks(range(len(table)), labels, rotation=90, fontsize="x-small")
-    ax.set(title="Training time per trial (mean, 95% CI)", ylabel="Wall-clock time (s)")
-    ax.grid(axis="y", alpha=0.3)
+    rows = range(len(table))[::-1]  # the table's first group on top
+    bars = ax.barh(rows, mean, xerr=[np.minimum(half, mean), half], color=colours, capsize=3)
+    ax.bar_label(bars, labels=[f" n={n}" for n in table["n"]], label_type="edge", fontsize="x-small")
+    ax.set_yticks(rows, labels, fontsize="x-small")
+    ax.set(title="Training time per trial (mean, 95% CI)", xlabel="Wall-clock time (s)")
+    ax.grid(axis="x", alpha=0.3)
     return _save(fig, path)
 
 
