@@ -7,7 +7,8 @@ kept) from a randomly initialised model whose norm statistics are randomised too
   zeroed (and LayerNorms over the kept channels), relative error < 1e-6 in float64 (< 1e-4 in
   float32 for the models over 300 M parameters);
 - refused: a clear error before touching the model; wrong: the outputs differ; crashed: any
-  other exception, or a pruned model that does not run.
+  other exception, or a pruned model that does not run; killed: SIGKILL, on this machine the kernel's
+  OOM killer (check `dmesg`).
 
 Torch-Pruning's removed channels are read from its groups (interactive step) and checked against
 the same reference. Each model and side runs in its own process (memory, crashes, a time limit).
@@ -150,8 +151,13 @@ def main() -> None:
                 proc = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--one", name, side],
                                       capture_output=True, text=True, timeout=args.timeout, env=os.environ, check=False)
                 lines = proc.stdout.strip().splitlines()
-                results[name][side] = json.loads(lines[-1]) if proc.returncode == 0 and lines else {
-                    "status": "crashed", "note": (proc.stderr.strip().splitlines() or ["killed"])[-1][:200]}
+                if proc.returncode == 0 and lines:
+                    results[name][side] = json.loads(lines[-1])
+                elif proc.returncode == -9:  # SIGKILL: the kernel's OOM killer, when memory ran out
+                    results[name][side] = {"status": "killed", "note": "SIGKILL (out of memory?)"}
+                else:
+                    results[name][side] = {"status": "crashed", "note": (proc.stderr.strip().splitlines()
+                                                                         or ["no output"])[-1][:200]}
             except subprocess.TimeoutExpired:
                 results[name][side] = {"status": "timeout", "note": f"over {args.timeout} s"}
             results[name][side]["seconds"] = time.perf_counter() - start
