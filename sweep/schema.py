@@ -505,8 +505,8 @@ class SweepConfig(TrialConfig):
     mode: OneOf(("max", "min"), "mode", optional=True) = _f(None, "`max` or `min` (null: the metric's direction)")
     max_failures: Int(0, example=2) = _f(2, "retries per trial, each from its last checkpoint")
     checkpoint_every_s: Real(0, example=10) = _f(
-        10.0, "a trial checkpoints (and writes its epochs to MLflow) once this many seconds of epochs have passed, "
-              "and after its last epoch; 0: every epoch")
+        10.0, "a trial checkpoints (and writes its epochs to MLflow) each time this many seconds of epochs have "
+              "passed, so a retry redoes at most that much; 0: every epoch")
     max_concurrent: Int(1, example=2, optional=True) = _f(None, "trials at once (null: as resources allow)")
     max_trials: Int(1, example=10000) = _f(10000, "refuse a space with more trials than this")
 

@@ -6,8 +6,9 @@ standalone, without Ray. Its config is the resolved trial dict of ``sweep.spec``
 Exactly once: every metric point is first kept in the trial's state, and a retried, resumed or restored trial
 continues its own run and logs only the (metric, step) points that run does not hold yet, so each epoch appears once
 in a run's history whatever was killed when. Checkpoints (Tune copies them to storage inside ``report``) and MLflow
-writes happen once ``checkpoint_every_s`` of epochs have passed and after the last epoch; a retry redoes the epochs
-after its checkpoint, and the points the failed attempt logged for them stay as they were.
+writes happen each time ``checkpoint_every_s`` of epochs have passed, and the rest is written when the trial ends; a
+retry redoes the epochs after its checkpoint (at most that long), and the points the failed attempt logged for them
+stay as they were.
 """
 
 from __future__ import annotations
@@ -256,7 +257,7 @@ def _pipeline(config, cfg: TrialConfig, context, splits, device, run, saved, rep
         # Short epochs would spend much of their time checkpointing and logging: both wait for enough epochs.
         # A retry redoes the epochs after the last checkpoint, and log_points skips the (metric, step) points the
         # failed attempt already logged, so each epoch is still recorded once.
-        due = epoch == state.train.epochs or time.perf_counter() - last_checkpoint >= context.checkpoint_every_s
+        due = time.perf_counter() - last_checkpoint >= context.checkpoint_every_s
         with tempfile.TemporaryDirectory(prefix="sweep-ckpt-") as tmp:
             if due:
                 state.save(Path(tmp), run.run_id)

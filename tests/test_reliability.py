@@ -308,6 +308,7 @@ def test_lost_node_trials_finish_on_the_remaining_node(two_nodes, tmp_path, sqli
     uri = sqlite_uri
     cluster, worker = two_nodes
     path = write_spec(tmp_path, "lost_node", epochs=6, limit=1000, batch=16, max_failures=2, extra="""
+checkpoint_every_s: 0
 space:
   strategy: {grid: [l1, random]}
 """)
