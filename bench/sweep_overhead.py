@@ -7,8 +7,9 @@ Both arms run in the same process, on the same local Ray (started once, not time
           pruned accuracy, FLOPs), fine-tune E epochs reporting val_accuracy each epoch, test once. No MLflow, no
           claims, no checkpoint, no artifacts, no latency phase, no report.
   sweep   run_sweep on the same grid: all of the above plus claims, the MLflow child run and params, checkpoints
-          and metric logging on the spec's schedule (`checkpoint_every_s`, default 10 s), the pruned network and channel table as artifacts; then the latency phase and the report
-          (timed and shown separately). `--checkpoint-every-s 0` checkpoints and logs every epoch (the old rule).
+          and metric logging on the spec's schedule (`checkpoint_every_s`, default 10 s), the pruned network
+          and channel table as artifacts; then the latency phase and the report (timed and shown separately).
+          `--checkpoint-every-s 0` checkpoints and logs every epoch (the old rule).
 
 Inside the trial workers, the sweep arm's pieces are timed with wrappers installed by this script (claim, run
 creation, tune.report with its checkpoint, metric logging, artifacts), so the table says where the time goes.
