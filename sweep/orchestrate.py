@@ -60,8 +60,9 @@ class SweepOutcome:
 # --- Ray ---------------------------------------------------------------------------------------------
 
 
-def start_ray(address: str | None = None) -> bool:
-    """Connect to Ray: a new local instance on loopback (address None) or a cluster; False if already connected."""
+def start_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Connect to Ray: a new local instance on loopback (address None; `num_cpus` caps it, else every core) or a
+    cluster; False if already connected."""
     import ray
 
     if ray.is_initialized():
@@ -77,7 +78,7 @@ def start_ray(address: str | None = None) -> bool:
     # the node address, so set it too (a private name, hence the check on the result below).
     ray_constants.ENABLE_RAY_CLUSTER = False
     quiet_ray_logs()
-    ray.init(address="local", include_dashboard=False)
+    ray.init(address="local", include_dashboard=False, num_cpus=num_cpus)
     node_ip = ray.util.get_node_ip_address()
     if node_ip != LOOPBACK:
         ray.shutdown()

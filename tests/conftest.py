@@ -57,6 +57,13 @@ def sqlite_uri(tmp_path, template_db):
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
+# Under pytest-xdist each test process has its own local Ray. One trial slot each: the processes already keep the
+# cores busy, and every further slot starts a trial worker that imports torch and sweep again for tiny trials.
+_RAY_CPUS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else None
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # two test processes on two cores: more OpenMP threads only spin against each other
+
+
 @pytest.fixture(scope="session")
 def local_ray():
     """The local Ray that `sweep run` starts (loopback only), started once for the whole session: Ray takes
@@ -66,7 +73,7 @@ def local_ray():
     from sweep.orchestrate import start_ray
 
     if not ray.is_initialized():
-        start_ray(None)
+        start_ray(None, num_cpus=_RAY_CPUS)
     yield
     ray.shutdown()
 
@@ -84,7 +91,7 @@ def own_ray():
     yield
     ray.shutdown()
     if was_running:
-        start_ray(None)
+        start_ray(None, num_cpus=_RAY_CPUS)
 
 
 class FailOnce:
