@@ -394,7 +394,13 @@ def summary_markdown(experiment: str, runs: pd.DataFrame, table: pd.DataFrame, p
              "Values are mean ± the half-width of a 95 % t interval over seeds (n); accuracies are test accuracies, "
              "logged once per run and never used for selection. FLOPs count 2 per multiply-add; MACs are "
              "multiply-adds.", ""]
-    if len(base):
+    # Groups that differ in what the base is trained from have a base each; never one mean over all of them.
+    base_keys = [k for k in keys if k in ("model", "weights", "dataset") or k.startswith("base.")]
+    if len(base) and base_keys:
+        per = runs.loc[base.index].groupby(base_keys, dropna=False, sort=True)["base_test_accuracy"].mean()
+        named = [" ".join(map(str, k if isinstance(k, tuple) else (k,))) + f" {100 * v:.1f} %" for k, v in per.items()]
+        parts += [f"Unpruned bases, test accuracy: {', '.join(named)}.", ""]
+    elif len(base):
         parts += [f"Unpruned base: {100 * base.mean():.1f} % test accuracy.", ""]
     parts += ["## Groups", "", _markdown(shown), ""]
     if not pairs.empty:

@@ -209,3 +209,13 @@ def test_plots_with_two_models(store, tmp_path):
     two = report.plot_levels(runs, table, tmp_path / "two.png")
     assert png_size(two)[0] > 1.8 * png_size(one)[0]  # one panel per model: accuracies do not share a scale
     assert "nan" not in report.summary_markdown(EXPERIMENT, runs, table, report.paired_table(runs), "random")
+
+
+def test_summary_names_one_base_per_model(store):
+    """Two architectures have two unpruned bases: the summary gives each, never one mean of both."""
+    uri, parent, _ = store
+    for ratio in RATIOS:
+        log_trial(uri, parent, trial("l1", ratio, model="vgg11"), {**values("l1", ratio), "base_test_accuracy": 0.5})
+    runs = report.load_runs(EXPERIMENT, uri)
+    text = report.summary_markdown(EXPERIMENT, runs, report.summary_table(runs), pd.DataFrame(), "random")
+    assert f"Unpruned bases, test accuracy: resnet20 {100 * BASE['test']:.1f} %, vgg11 50.0 %." in text
