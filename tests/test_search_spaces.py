@@ -59,11 +59,12 @@ def test_smoke_forms_run(path, tmp_path, local_ray, sqlite_uri):
     assert outcome.failed == 0 and outcome.ran == len(spec.grid_configs())
     runs = tracking.child_runs(MlflowClient(uri), spec.name, "attributes.status = 'FINISHED'")
     assert len(runs) == len(spec.grid_configs())
-    for run in runs:
+    for run in runs:  # a control that removes nothing (Li et al.'s unpruned arm) has a reduction of 0
         m = run.data.metrics
-        assert 0 < m["flops_reduction"] < 1 and 0 <= m["test_accuracy"] <= 1
+        assert 0 <= m["flops_reduction"] < 1 and 0 <= m["test_accuracy"] <= 1
         assert {"val_accuracy", "pruned_val_accuracy", "pruned_test_accuracy", "base_val_accuracy",
                 "base_test_accuracy", "macs", "channels_removed", "params_reduction", "latency_ms"} <= set(m)
+    assert any(run.data.metrics["flops_reduction"] > 0 for run in runs)
     if spec.name == "smoke_digits_arms":
         _check_the_report(uri, spec, tmp_path)
 
