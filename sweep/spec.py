@@ -97,9 +97,9 @@ class SweepSpec:
     mode: str
     max_failures: int
     max_concurrent: int | None
+    checkpoint_every_s: float  # 0: a checkpoint every epoch
     source_text: str
     max_trials: int = 10000
-    checkpoint_every_s: float = 10.0
 
     def param_space(self) -> dict:
         """The trial dict with every swept path replaced by its Ray Tune domain."""

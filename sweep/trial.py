@@ -258,14 +258,16 @@ def _pipeline(config, cfg: TrialConfig, context, splits, device, run, saved, rep
         # A retry redoes the epochs after the last checkpoint, and log_points skips the (metric, step) points the
         # failed attempt already logged, so each epoch is still recorded once.
         due = time.perf_counter() - last_checkpoint >= context.checkpoint_every_s
-        with tempfile.TemporaryDirectory(prefix="sweep-ckpt-") as tmp:
+        try:
             if due:
-                state.save(Path(tmp), run.run_id)
-            try:
-                report({**epoch_metrics, "epoch": epoch}, tmp if due else None)  # persists a checkpoint first
-            except BaseException:  # Tune stopped the trial inside report, or it failed: keep what it recorded
-                _log_new(run, state)
-                raise
+                with tempfile.TemporaryDirectory(prefix="sweep-ckpt-") as tmp:
+                    state.save(Path(tmp), run.run_id)
+                    report({**epoch_metrics, "epoch": epoch}, tmp)  # persists the checkpoint before it returns
+            else:
+                report({**epoch_metrics, "epoch": epoch}, None)
+        except BaseException:  # Tune stopped the trial inside report, or it failed: keep what it recorded
+            _log_new(run, state)
+            raise
         if due or context.log_every_epoch:
             _log_new(run, state)
         if due:

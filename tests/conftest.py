@@ -59,8 +59,9 @@ def sqlite_uri(tmp_path, template_db):
 
 # Under pytest-xdist each test process has its own local Ray. One trial slot each: the processes already keep the
 # cores busy, and every further slot starts a trial worker that imports torch and sweep again for tiny trials.
-_RAY_CPUS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else None
-if os.environ.get("PYTEST_XDIST_WORKER"):
+_UNDER_XDIST = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+_RAY_CPUS = 1 if _UNDER_XDIST else None
+if _UNDER_XDIST:
     torch.set_num_threads(1)  # two test processes on two cores: more OpenMP threads only spin against each other
 
 
