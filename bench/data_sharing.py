@@ -1,12 +1,16 @@
-"""Memory of N concurrent trials on one node: the dataset shared through Ray's object store, against a copy per trial.
+"""Memory of N concurrent trials on one node: the dataset shared through Ray's object store, against a copy per trial,
+and trials forked from one process per node (`resources.process: fork`), against a Ray worker process per trial.
 
 Each measurement is one `run_sweep` of N CIFAR-10 ResNet-20 trials (pretrained, pruned by 50 %, one short
 fine-tune epoch, latency phase) with `resources.cpu` = 2 / N so that all N run at once on this 2-core machine, on a
 fresh local Ray each time. The dataset is the CIFAR-10 JPEG copy (all 60,000 images, decoded once into one uint8
-tensor of 184 MB; a trial's `limit` only narrows what it trains on, never what it holds). Two arms, same run:
+tensor of 184 MB; a trial's `limit` only narrows what it trains on, never what it holds). Three arms, same run:
 
-  shared    the default: the driver puts the decoded splits in the object store, every trial maps them read-only
-  per-trial SWEEP_SHARE_DATA=0: every trial decodes and holds its own copy (what sweep did before)
+  shared, worker     the default: the driver puts the decoded splits in the object store, every trial maps them
+                     read-only; each trial runs in its own Ray worker process, which imports torch and sweep
+  shared, fork       resources.process: fork: each trial is forked from one process per node that imported torch
+                     and sweep and mapped the data once; a trial's Ray worker imports Ray alone and relays
+  per-trial, worker  SWEEP_SHARE_DATA=0: every trial decodes and holds its own copy (what sweep did before)
 
 Memory is sampled every 0.2 s while the sweep runs, over this sweep's processes only (the driver, the raylet that
 maps the object store, and every worker process the raylet started; other sessions on the machine are not counted):
@@ -46,7 +50,7 @@ measure: {{batch_size: 1, warmup: 2, runs: 5, threads: 1}}
 space:
   strategy: {{grid: {strategies}}}
   ratio: 0.5
-resources: {{cpu: {cpu}}}
+resources: {{cpu: {cpu}, process: {process}}}
 """
 
 
@@ -62,11 +66,30 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def pss_rss(roots: list[int]) -> tuple[int, int]:
-    """(summed PSS, summed RSS) of the given processes and all their descendants: this sweep's driver and its Ray
-    (the raylet, which maps the object store, and every worker it started), not other sessions on the machine."""
+def _kind(pid: int, parent: dict[int, int]) -> str:
+    """What a process is to the sweep, by its command line: what each part of the peak is spent on."""
+    def cmd(p: int) -> str:
+        try:
+            return Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            return ""
+
+    line = cmd(pid)
+    if "Zygote" in line:
+        return "forked trials" if "Zygote" in cmd(parent.get(pid, 0)) else "zygote"
+    if "ImplicitFunc" in line:
+        return "Tune workers"
+    return "driver, Ray and the rest"
+
+
+def pss_rss(roots: list[int]) -> tuple[int, int, dict[str, int]]:
+    """(summed PSS, summed RSS, PSS by kind of process) of the given processes and all their descendants: this
+    sweep's driver and its Ray (the raylet, which maps the object store, and every worker it started), not other
+    sessions on the machine."""
     tree, todo, seen = _children(), list(roots), set()
+    parent = {child: p for p, children in tree.items() for child in children}
     pss = rss = 0
+    kinds: dict[str, int] = {}
     while todo:
         pid = todo.pop()
         if pid in seen:
@@ -77,24 +100,28 @@ def pss_rss(roots: list[int]) -> tuple[int, int]:
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):
                     pss += int(line.split()[1]) * 1024
+                    kind = _kind(pid, parent)
+                    kinds[kind] = kinds.get(kind, 0) + int(line.split()[1]) * 1024
                 elif line.startswith("Rss:"):
                     rss += int(line.split()[1]) * 1024
         except OSError:  # the process ended while we read it
             continue
-    return pss, rss
+    return pss, rss, kinds
 
 
 class Sampler(threading.Thread):
     def __init__(self, roots: list[int]):
         super().__init__(daemon=True)
-        self.roots, self.stop, self.peaks = roots, threading.Event(), {"pss": 0, "rss": 0}
+        self.roots, self.stop, self.peaks = roots, threading.Event(), {"pss": 0, "rss": 0, "kinds": {}}
         self.base = pss_rss(roots)
 
     def run(self) -> None:
         while not self.stop.wait(0.2):
-            pss, rss = pss_rss(self.roots)
-            sample = {"pss": pss - self.base[0], "rss": rss - self.base[1]}
-            self.peaks = {k: max(self.peaks[k], sample[k]) for k in sample}
+            pss, rss, kinds = pss_rss(self.roots)
+            if pss - self.base[0] > self.peaks["pss"]:  # what the PSS peak is made of
+                self.peaks["kinds"] = {k: v - self.base[2].get(k, 0) for k, v in kinds.items()}
+            self.peaks["pss"] = max(self.peaks["pss"], pss - self.base[0])
+            self.peaks["rss"] = max(self.peaks["rss"], rss - self.base[1])
 
 
 def _raylet_pid() -> int:
@@ -104,16 +131,20 @@ def _raylet_pid() -> int:
     return _global_node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
 
 
-def measure(n: int, shared: bool, root: str, weights: str, work: Path) -> dict:
+ARMS = {"shared, worker": (True, "worker"), "shared, fork": (True, "fork"), "per-trial copy, worker": (False, "worker")}
+
+
+def measure(n: int, shared: bool, process: str, root: str, weights: str, work: Path) -> dict:
     import ray
 
     from sweep.orchestrate import run_sweep, start_ray
     from sweep.spec import load_spec
 
     os.environ["SWEEP_SHARE_DATA"] = "1" if shared else "0"
-    name = f"share_{'on' if shared else 'off'}_{n}"
+    name = f"share_{'on' if shared else 'off'}_{process}_{n}"
     path = work / f"{name}.yaml"
-    path.write_text(SPACE.format(name=name, weights=weights, root=root, strategies=STRATEGIES[:n], cpu=2 / n))
+    path.write_text(SPACE.format(name=name, weights=weights, root=root, strategies=STRATEGIES[:n], cpu=2 / n,
+                                 process=process))
     start_ray(None)
     time.sleep(2)  # let Ray's own processes settle before the baseline
     sampler = Sampler([os.getpid(), _raylet_pid()])
@@ -134,6 +165,7 @@ def main() -> None:
     parser.add_argument("--root", help="CIFAR-10 as an ImageFolder (train/, test/); default: extract the shared copy")
     parser.add_argument("--weights", default=str(SHARED / "weights" / "resnet20-12fca82f.th"))
     parser.add_argument("--counts", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="data-sharing-") as tmp:
         work = Path(tmp)
@@ -144,24 +176,32 @@ def main() -> None:
             root = str(next(p.parent for p in (work / "cifar10").rglob("train") if (p.parent / "test").is_dir()))
         load = os.getloadavg()[0]
         rows = {}
-        for shared in (True, False):
+        for arm in args.arms:
             for n in args.counts:
-                rows[shared, n] = measure(n, shared, root, args.weights, work)
-                print(f"  {'shared' if shared else 'per-trial'} x{n}: {rows[shared, n]}", flush=True)
+                rows[arm, n] = measure(n, *ARMS[arm], root, args.weights, work)
+                print(f"  {arm} x{n}: {rows[arm, n]}", flush=True)
     gib = 2**30
     print(f"\nload average before: {load:.2f}; {os.cpu_count()} CPUs; peaks while the sweep ran\n")
-    print("| data | trials | PSS (GiB) | x one trial | RSS (GiB) | x one trial | wall (s) |")
+    print("| data, process | trials | PSS (GiB) | x one trial | RSS (GiB) | x one trial | wall (s) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for shared in (True, False):
-        one = rows[shared, args.counts[0]]
+    for arm in args.arms:
+        one = rows[arm, args.counts[0]]
         for n in args.counts:
-            r = rows[shared, n]
-            print(f"| {'shared' if shared else 'per-trial copy'} | {n} | {r['pss'] / gib:.2f} | "
-                  f"{r['pss'] / one['pss']:.2f}x | {r['rss'] / gib:.2f} | {r['rss'] / one['rss']:.2f}x | "
-                  f"{r['wall']:.0f} |")
-    last = args.counts[-1]
-    print(f"\n{last} trials, shared against per-trial copies: "
-          f"{rows[True, last]['pss'] / rows[False, last]['pss']:.2f}x the PSS")
+            r = rows[arm, n]
+            print(f"| {arm} | {n} | {r['pss'] / gib:.2f} | {r['pss'] / one['pss']:.2f}x | {r['rss'] / gib:.2f} | "
+                  f"{r['rss'] / one['rss']:.2f}x | {r['wall']:.0f} |")
+    print("\nthe PSS peak by kind of process (GiB; above the level before the sweep)\n")
+    kinds = sorted({k for r in rows.values() for k in r["kinds"]})
+    print("| data, process | trials | " + " | ".join(kinds) + " |")
+    print("|---|---:|" + "---:|" * len(kinds))
+    for arm in args.arms:
+        for n in args.counts:
+            got = rows[arm, n]["kinds"]
+            print(f"| {arm} | {n} | " + " | ".join(f"{got.get(k, 0) / gib:.2f}" for k in kinds) + " |")
+    last, baseline = args.counts[-1], args.arms[-1]
+    for arm in args.arms[:-1]:
+        print(f"\n{last} trials, {arm} against {baseline}: {rows[arm, last]['pss'] / rows[baseline, last]['pss']:.2f}x "
+              "the PSS")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from typing import Any
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from . import claims, latency, raycompat, report, shared_data, tracking
+from . import claims, forked, latency, raycompat, report, shared_data, tracking
 from .errors import InputError
 from .names import PARAMS
 from .preflight import check_writable, preflight
@@ -401,7 +401,7 @@ def _launch(spec: SweepSpec, uri: str, storage: str, resume: bool, force: bool, 
                                launch_id=launch_id, lease_s=lease_s, shared_data=shared,
                                checkpoint_every_s=spec.checkpoint_every_s,
                                log_every_epoch=spec.scheduler["name"] != "fifo")
-        trainable = tune.with_resources(tune.with_parameters(sweep_trial, context=context), _trial_resources(spec))
+        trainable = tune.with_resources(_trainable(spec, context), _trial_resources(spec))
         if interrupted is not None:
             print(f"resuming the sweep at {experiment_path}")
             tuner = tune.Tuner.restore(experiment_path, trainable, resume_errored=True)
@@ -415,7 +415,11 @@ def _launch(spec: SweepSpec, uri: str, storage: str, resume: bool, force: bool, 
             print(f"{count} trials on Ray; the first one to start trains the shared base network, the others wait "
                   f"for it (trial workers take a few seconds to start)")
         with _tune_output():
-            result_grid = tuner.fit()
+            try:
+                result_grid = tuner.fit()
+            finally:
+                if spec.resources.get("process") == "fork":
+                    forked.stop_zygotes(launch_id)
         _measure_latency(spec, uri)
     except BaseException:
         parent_lease.release()
@@ -431,6 +435,18 @@ def lease_seconds() -> float:
     """How long a claim outlives its holder's last renewal: $SWEEP_LEASE_SECONDS, else 60 s. Shorter leases let a
     resumed or overlapping launch take over a dead launch's trials sooner, at the cost of more renewal writes."""
     return float(os.environ.get("SWEEP_LEASE_SECONDS", claims.DEFAULT_LEASE_S))
+
+
+def _trainable(spec: SweepSpec, context: SweepContext) -> Any:
+    from ray import cloudpickle, tune
+
+    if spec.resources.get("process") != "fork":
+        return tune.with_parameters(sweep_trial, context=context)
+    # The Tune workers of forked trials must not unpickle the context (it would import torch there): it travels
+    # as bytes to the zygote, and the shared datasets' refs beside it, so that Ray tracks them.
+    blob = cloudpickle.dumps(dataclasses.replace(context, shared_data={}))
+    return tune.with_parameters(forked.forked_trial, context_blob=blob, launch_id=context.launch_id,
+                                shared=context.shared_data)
 
 
 def _trial_resources(spec: SweepSpec) -> dict[str, float]:

@@ -491,6 +491,10 @@ class ResourcesConfig(Section):
     gpu: Real(0, example=1, then=_gpus, doc="number >= 0: a fraction up to 1, or whole") = _f(
         0.0, "GPUs per trial; fractions share a card (`0.25`)")
     memory: Real(0, lo_open=True, example=4, optional=True) = _f(None, "GiB of memory per trial; Ray schedules by it")
+    process: OneOf(("worker", "fork"), "process") = _f(
+        "worker", "`worker`: each trial in its own Ray worker process; `fork`: trials forked from one process per "
+                  "node that imported torch once, so each further trial costs its model and activations, not a "
+                  "process with torch (sweep/forked.py)")
 
 
 class SweepConfig(TrialConfig):

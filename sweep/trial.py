@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from mlflow.tracking import MlflowClient
@@ -138,12 +137,15 @@ def selection_view(metrics: dict) -> dict:
 
 
 def _node_tags() -> dict[str, str]:
+    trial = os.environ.get("TUNE_TRIAL_ID", "")
+    if os.environ.get("SWEEP_NODE_ID"):  # a forked trial (sweep.forked): its Tune worker said where it runs
+        return {"ray.node_id": os.environ["SWEEP_NODE_ID"], "ray.trial": trial, "trial.process": "fork"}
     try:
         import ray
 
         if ray.is_initialized():
             ctx = ray.get_runtime_context()
-            return {"ray.node_id": ctx.get_node_id(), "ray.trial": os.environ.get("TUNE_TRIAL_ID", "")}
+            return {"ray.node_id": ctx.get_node_id(), "ray.trial": trial, "trial.process": "worker"}
     except Exception:  # tags are a convenience: never fail a trial over them
         pass
     return {}
@@ -152,7 +154,7 @@ def _node_tags() -> dict[str, str]:
 # --- the trial ----------------------------------------------------------------------------------------------------
 
 def run_trial(config: dict, context: SweepContext, report: Report | None = None,
-              checkpoint_dir: str | None = None) -> dict:
+              checkpoint_dir: str | None = None, official: DataSplits | None = None) -> dict:
     """Base -> prune -> train -> measure; reports each epoch and logs one MLflow child run.
 
     Under Ray Tune (``report=None``) it reports to Tune and resumes from ``tune.get_checkpoint()``; standalone,
@@ -176,12 +178,14 @@ def run_trial(config: dict, context: SweepContext, report: Report | None = None,
         cfg = trial_config(config)  # typed access; `config` itself stays the identity that is hashed and logged
         device = pick_device(cfg.device)
         seed_everything(cfg.seed)
-        shared = context.shared_data.get(shared_data.data_key(cfg.dataset.model_dump()))  # this node's copy, if any
-        splits = _load_splits(cfg, shared)
+        if official is None:
+            shared = context.shared_data.get(shared_data.data_key(cfg.dataset.model_dump()))  # this node's copy
+            official = shared_data.fetch(shared) if shared is not None else None
+        splits = _load_splits(cfg, official)
         continued = claim.run_id == resumed
         run = tracking.TrialRun.resume(context.tracking_uri, claim.run_id) if continued else \
             tracking.TrialRun(MlflowClient(context.tracking_uri), claim.run_id)
-        run.set_tags({"data.shared": "true" if shared is not None else "false"})  # read from the node's copy, or loaded
+        run.set_tags({"data.shared": "true" if official is not None else "false"})  # the node's copy, or loaded
         if splits.skipped_files:
             run.set_tags({"data.skipped_files": f"{len(splits.skipped_files)}: " + ", ".join(splits.skipped_files)})
         result = _pipeline(config, cfg, context, splits, device, run, saved, report)
@@ -221,15 +225,14 @@ def _claim(config: dict, context: SweepContext, checkpoint_run: str | None) -> t
     return result, resume
 
 
-def _load_splits(cfg: TrialConfig, shared: Any = None) -> DataSplits:
-    """This trial's splits; carved out of the node's shared copy (`shared`: the sweep's ObjectRef of the official
-    splits) when the sweep published one."""
+def _load_splits(cfg: TrialConfig, official: DataSplits | None = None) -> DataSplits:
+    """This trial's splits; carved out of the node's shared copy of the official splits when there is one."""
     data, model = cfg.dataset, cfg.model
     stats = None if model.factory else weights_stats(model.name, model.weights)  # a plug-in normalises itself
     return load_dataset(data.name, root=data.root, download=data.download, val_fraction=data.val_fraction,
                         seed=cfg.seed, image_size=data.image_size, limit=data.limit, test_limit=data.test_limit,
                         stats=stats, factory=data.factory, kwargs=data.kwargs,
-                        official=shared_data.fetch(shared) if shared is not None else None)
+                        official=official)
 
 
 def _pipeline(config, cfg: TrialConfig, context, splits, device, run, saved, report) -> dict:

@@ -62,3 +62,13 @@ def test_trial_workers_import_neither_the_driver_nor_plotting():
     from sweep import orchestrate, trial
 
     assert orchestrate.sweep_trial is trial.sweep_trial  # the trainable Tune gets
+
+
+def test_the_tune_workers_of_forked_trials_import_no_torch():
+    """Under `resources.process: fork` a trial's Tune worker only relays: importing torch or MLflow there would
+    cost each trial the process it saves (what the trainable and its relay import, checked in a fresh interpreter)."""
+    code = ("import sys; from sweep.forked import forked_trial; from sweep.progress import quiet_ray_logs; "
+            "from ray import tune; "
+            "print(sorted(m for m in ('torch', 'torchvision', 'mlflow', 'sweep.trial') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["[]"], out.stdout + out.stderr

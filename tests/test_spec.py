@@ -288,6 +288,7 @@ MALFORMED = [
     ("gpu-negative", _spec(resources={"gpu": -1}), "resources.gpu", ">= 0"),
     ("gpu-1.5", _spec(resources={"gpu": 1.5}), "resources.gpu", "fraction up to 1"),
     ("cuda-without-gpu", _spec(device="cuda"), "device", "resources.gpu"),
+    ("process-thread", _spec(resources={"process": "thread"}), "resources.process", "worker, fork"),
     ("unknown-search-algorithm", _spec(search={"algorithm": "bayes"}), "search.algorithm", "unknown search algorithm"),
     ("grid-with-uniform", _spec(space={"ratio": {"uniform": [0.1, 0.9]}}), "space.ratio.uniform", "grid search"),
     ("grid-with-choice", _spec(space={"ratio": {"choice": [0.1, 0.9]}}), "space.ratio.choice", "grid search"),
