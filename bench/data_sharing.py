@@ -45,7 +45,7 @@ name: {name}
 model: {{name: resnet20, weights: {weights}}}
 dataset: {{name: imagefolder, root: {root}, image_size: 32, val_fraction: 0.02, limit: 1500, test_limit: 1000}}
 base: {{epochs: 0, batch_size: 250}}
-finetune: {{epochs: 1, batch_size: 128}}
+finetune: {{epochs: 1, batch_size: {batch}}}
 measure: {{batch_size: 1, warmup: 2, runs: 5, threads: 1}}
 space:
   strategy: {{grid: {strategies}}}
@@ -66,7 +66,7 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def _kind(pid: int, parent: dict[int, int]) -> str:
+def _kind(pid: int) -> str:
     """What a process is to the sweep, by its command line: what each part of the peak is spent on."""
     def cmd(p: int) -> str:
         try:
@@ -75,8 +75,8 @@ def _kind(pid: int, parent: dict[int, int]) -> str:
             return ""
 
     line = cmd(pid)
-    if "Zygote" in line:
-        return "forked trials" if "Zygote" in cmd(parent.get(pid, 0)) else "zygote"
+    if "Zygote" in line:  # the zygote and its forks share pages: PSS splits them, so only their sum means much
+        return "zygote and forked trials"
     if "ImplicitFunc" in line:
         return "Tune workers"
     return "driver, Ray and the rest"
@@ -87,7 +87,6 @@ def pss_rss(roots: list[int]) -> tuple[int, int, dict[str, int]]:
     sweep's driver and its Ray (the raylet, which maps the object store, and every worker it started), not other
     sessions on the machine."""
     tree, todo, seen = _children(), list(roots), set()
-    parent = {child: p for p, children in tree.items() for child in children}
     pss = rss = 0
     kinds: dict[str, int] = {}
     while todo:
@@ -100,7 +99,7 @@ def pss_rss(roots: list[int]) -> tuple[int, int, dict[str, int]]:
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):
                     pss += int(line.split()[1]) * 1024
-                    kind = _kind(pid, parent)
+                    kind = _kind(pid)
                     kinds[kind] = kinds.get(kind, 0) + int(line.split()[1]) * 1024
                 elif line.startswith("Rss:"):
                     rss += int(line.split()[1]) * 1024
@@ -134,7 +133,7 @@ def _raylet_pid() -> int:
 ARMS = {"shared, worker": (True, "worker"), "shared, fork": (True, "fork"), "per-trial copy, worker": (False, "worker")}
 
 
-def measure(n: int, shared: bool, process: str, root: str, weights: str, work: Path) -> dict:
+def measure(n: int, shared: bool, process: str, root: str, weights: str, work: Path, batch: int) -> dict:
     import ray
 
     from sweep.orchestrate import run_sweep, start_ray
@@ -144,7 +143,7 @@ def measure(n: int, shared: bool, process: str, root: str, weights: str, work: P
     name = f"share_{'on' if shared else 'off'}_{process}_{n}"
     path = work / f"{name}.yaml"
     path.write_text(SPACE.format(name=name, weights=weights, root=root, strategies=STRATEGIES[:n], cpu=2 / n,
-                                 process=process))
+                                 process=process, batch=batch))
     start_ray(None)
     time.sleep(2)  # let Ray's own processes settle before the baseline
     sampler = Sampler([os.getpid(), _raylet_pid()])
@@ -166,6 +165,8 @@ def main() -> None:
     parser.add_argument("--weights", default=str(SHARED / "weights" / "resnet20-12fca82f.th"))
     parser.add_argument("--counts", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    parser.add_argument("--batch-size", type=int, default=128, help="fine-tune batch: what a trial's activations "
+                        "take grows with it")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="data-sharing-") as tmp:
         work = Path(tmp)
@@ -178,10 +179,11 @@ def main() -> None:
         rows = {}
         for arm in args.arms:
             for n in args.counts:
-                rows[arm, n] = measure(n, *ARMS[arm], root, args.weights, work)
+                rows[arm, n] = measure(n, *ARMS[arm], root, args.weights, work, args.batch_size)
                 print(f"  {arm} x{n}: {rows[arm, n]}", flush=True)
     gib = 2**30
-    print(f"\nload average before: {load:.2f}; {os.cpu_count()} CPUs; peaks while the sweep ran\n")
+    print(f"\nload average before: {load:.2f}; {os.cpu_count()} CPUs; fine-tune batch {args.batch_size}; peaks while "
+          "the sweep ran\n")
     print("| data, process | trials | PSS (GiB) | x one trial | RSS (GiB) | x one trial | wall (s) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for arm in args.arms:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import gc
 import os
-import pickle
 import select
 import shutil
 import signal
@@ -43,7 +42,7 @@ from typing import Any
 
 _PREFIX = "sweep-fork"
 _NAMESPACE = "sweep"
-_CONNECT_S = 300.0  # the first fork on a node waits for its zygote to import torch and sweep
+_CONNECT_S = 60.0  # a forked child connects at once; this bounds one stuck before it could
 _STOP_S = 120.0  # a stopped trial's child writes what it recorded before it ends
 _IDLE_S = 300.0  # a zygote with no trial for this long ends itself: its driver may have died without killing it
 _ENV = ("TUNE_TRIAL_ID", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")  # what Ray set for this trial's slot
@@ -57,9 +56,10 @@ def zygote_name(launch_id: str, node_id: str) -> str:
     return f"{_PREFIX}-{launch_id}-{node_id}"
 
 
-def forked_trial(config: dict, context_blob: bytes, launch_id: str, shared: dict) -> None:
-    """The Tune trainable under `resources.process: fork` (config as in sweep.trial.sweep_trial). `context_blob` is
-    the pickled SweepContext, opened only in the zygote: unpickling it here would import torch."""
+def forked_trial(config: dict, context: list, launch_id: str, shared: dict) -> None:
+    """The Tune trainable under `resources.process: fork` (config as in sweep.trial.sweep_trial). `context` is
+    [ObjectRef of the SweepContext]: in a list, Ray hands the ref over unopened, and only the zygote opens it
+    (here it would import torch)."""
     import ray
     from ray import tune
 
@@ -74,22 +74,23 @@ def forked_trial(config: dict, context_blob: bytes, launch_id: str, shared: dict
             restored = os.path.join(work, "restored")
             checkpoint.to_directory(restored)
         address = os.path.join(work, "socket")
-        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        server.bind(address)
-        server.listen(1)
         node = ray.get_runtime_context().get_node_id()
         # SWEEP_TUNE_WORKER_PID: whom the child reports through (what a fault test kills)
         env = {k: os.environ[k] for k in _ENV if k in os.environ} | {"SWEEP_NODE_ID": node,
                                                                       "SWEEP_TUNE_WORKER_PID": str(os.getpid())}
-        for attempt in range(2):  # a zygote that just ended itself (idle) gives way to a new one
-            try:
-                pid = ray.get(_zygote(launch_id, node).fork.remote(config["trial"], context_blob, shared, restored,
-                                                                   address, env))
-                break
-            except ray.exceptions.RayActorError:
-                if attempt:
-                    raise
-        with _accept(server, pid) as conn:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+            server.bind(address)
+            server.listen(1)
+            for attempt in range(2):  # a zygote that just ended itself (idle) gives way to a new one
+                try:
+                    pid = ray.get(_zygote(launch_id, node).fork.remote(config["trial"], context, shared,
+                                                                       restored, address, env))
+                    break
+                except ray.exceptions.RayActorError:
+                    if attempt:
+                        raise
+            conn = _accept(server, pid)
+        with conn:
             _relay(conn, pid, tune)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -131,7 +132,6 @@ def _accept(server: socket.socket, pid: int) -> Connection:
         except TimeoutError:
             if not _alive(pid) or time.monotonic() > deadline:
                 raise TrialProcessError(f"the trial's forked process {pid} never connected") from None
-    server.close()
     sock.settimeout(None)
     return Connection(sock.detach())
 
@@ -175,6 +175,9 @@ class Zygote:
     """One per node and launch: imports what a trial imports, maps the node's shared datasets, forks trials."""
 
     def __init__(self) -> None:
+        # CUDA must be first reached in a child, after the fork (a CUDA driver does not survive one): should
+        # anything here ask whether CUDA is available, let torch answer through NVML, which starts no driver
+        os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
         from . import trial  # noqa: F401  the imports every forked trial shares
 
         self._lock = threading.Lock()
@@ -183,11 +186,13 @@ class Zygote:
         self._last_fork = time.monotonic()
         threading.Thread(target=self._reap, daemon=True).start()
 
-    def fork(self, config: dict, context_blob: bytes, shared: dict, restored: str | None, address: str,
+    def fork(self, config: dict, context_ref: list, shared: dict, restored: str | None, address: str,
              env: dict) -> int:
+        import ray
+
         from . import shared_data
 
-        context = pickle.loads(context_blob)
+        context = ray.get(context_ref[0])
         key = shared_data.data_key(config.get("dataset", {}))
         with self._lock:  # one fork at a time: no other thread of ours holds a lock the child would inherit
             if key in shared and key not in self._data:

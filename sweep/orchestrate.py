@@ -438,14 +438,15 @@ def lease_seconds() -> float:
 
 
 def _trainable(spec: SweepSpec, context: SweepContext) -> Any:
-    from ray import cloudpickle, tune
+    import ray
+    from ray import tune
 
     if spec.resources.get("process") != "fork":
         return tune.with_parameters(sweep_trial, context=context)
-    # The Tune workers of forked trials must not unpickle the context (it would import torch there): it travels
-    # as bytes to the zygote, and the shared datasets' refs beside it, so that Ray tracks them.
-    blob = cloudpickle.dumps(dataclasses.replace(context, shared_data={}))
-    return tune.with_parameters(forked.forked_trial, context_blob=blob, launch_id=context.launch_id,
+    # The Tune workers of forked trials must not open the context (it would import torch there): its ref travels
+    # in a list, which Ray passes on unopened, to the zygote, and the shared datasets' refs beside it.
+    ref = ray.put(dataclasses.replace(context, shared_data={}))
+    return tune.with_parameters(forked.forked_trial, context=[ref], launch_id=context.launch_id,
                                 shared=context.shared_data)
 
 

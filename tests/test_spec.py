@@ -71,7 +71,7 @@ def test_quickstart_is_a_12_trial_grid_of_fully_defaulted_configs(registries):
     assert spec.name == "quickstart" and spec.source_text == QUICKSTART.read_text()
     assert spec.search == {"algorithm": "grid", "num_samples": 1} and spec.num_samples() == 1
     assert spec.scheduler == {"name": "fifo"}
-    assert spec.resources == {"cpu": 1.0, "gpu": 0.0, "memory": None}
+    assert spec.resources == {"cpu": 1.0, "gpu": 0.0, "memory": None, "process": "worker"}
     assert (spec.metric, spec.mode, spec.max_failures, spec.max_concurrent) == ("val_accuracy", "max", 2, None)
     assert spec.max_trials == 10000 and spec.num_trials() == 12
 
@@ -180,7 +180,7 @@ def test_settings_are_normalised_and_a_gpu_request_is_left_to_the_cluster(regist
     }))
     assert spec.trial["base"]["weight_decay"] == 1e-4 and spec.trial["base"]["epochs"] == 2
     assert type(spec.trial["base"]["epochs"]) is int
-    assert spec.resources == {"cpu": 0.5, "gpu": 1.0, "memory": None}  # no GPU here, but a cluster may have one
+    assert spec.resources == {"cpu": 0.5, "gpu": 1.0, "memory": None, "process": "worker"}  # a cluster may have a GPU
     assert spec.scheduler == {"name": "asha", "grace_period": 1, "reduction_factor": 2.0, "max_t": None}
     assert spec.max_concurrent == 2 and spec.grid_configs() == [spec.trial]
     for gpu in (0.25, 2):
