@@ -12,8 +12,9 @@ Pixel values do not change the cost of a training step, and synthetic data runs 
 Both use the same model, batch size and optimizer settings. After one warm-up epoch each, timed epochs
 alternate ours/plain so a change in machine load hits both alike.
 
-On a GPU the script also runs 1, 2 and 4 copies of our loop at once on the one GPU (as a sweep with
-fractional GPU resources does) and samples nvidia-smi's utilisation while they run.
+On a GPU the script also runs 1, 2, 4 and 8 copies of our loop at once on the one GPU (as a sweep with
+fractional GPU resources does: `resources.gpu: 0.125` puts 8 trials on a card) and samples nvidia-smi's
+utilisation while they run.
 
     python bench/train_throughput.py                 # 3 timed epochs of 2,048 images per model (CPU)
     python bench/train_throughput.py --quick         # 1 timed epoch of 1,024 images
@@ -180,6 +181,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["resnet20", "small_cnn"])
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the plain loop")
+    parser.add_argument("--gpu-counts", type=int, nargs="+", default=[1, 2, 4, 8],
+                        help="copies of our loop sharing the GPU, one row each")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     epochs, cpu_images = (1, 1024) if args.quick else (3, 2048)
@@ -206,8 +209,9 @@ def main() -> None:
         print(f"\n{torch.cuda.get_device_name()}: copies of our loop sharing the GPU ({args.models[0]}, "
               f"{GPU_IMAGES} images, {epochs} timed epoch(s) each)")
         print(f"{'trials':>6} {'total img/s':>12} {'GPU util %':>11}")
-        for n, rate, util in shared_gpu(args.models[0], (1, 2, 4), epochs, max(1, args.threads // 4)):
-            print(f"{n:>6} {rate:>12.0f} {util:>11.0f}")
+        rows = shared_gpu(args.models[0], tuple(args.gpu_counts), epochs, max(1, args.threads // 4))
+        for n, rate, util in rows:
+            print(f"{n:>6} {rate:>12.0f} {util:>11.0f}   {rate / rows[0][1]:.2f}x the first row")
     print("ours / plain images/s: " + ", ".join(ratios))
 
 
