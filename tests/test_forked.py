@@ -25,9 +25,7 @@ pytestmark = pytest.mark.e2e
 TIMED = {name for name, info in METRICS.items() if info.unit in ("s", "ms") or name == "speedup"}  # clocks differ
 
 def _spec(tmp_path: Path, name: str, process: str, extra: str = "", **kwargs):
-    path = write_spec(tmp_path, name, extra="checkpoint_every_s: 0\n" + extra, **kwargs)
-    path.write_text(path.read_text().replace("resources: {cpu: 1}", f"resources: {{cpu: 1, process: {process}}}"))
-    return load_spec(path)
+    return load_spec(write_spec(tmp_path, name, extra="checkpoint_every_s: 0\n" + extra, process=process, **kwargs))
 
 
 def _zygotes() -> list[str]:

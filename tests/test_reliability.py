@@ -36,17 +36,17 @@ model: {{name: small_cnn}}
 base: {{epochs: 1, batch_size: 32}}
 finetune: {{epochs: {epochs}, batch_size: {batch}}}
 measure: {{batch_size: 1, warmup: 1, runs: 2}}
-resources: {{cpu: 1}}
+resources: {{cpu: 1, process: {process}}}
 max_failures: {max_failures}
 {extra}
 """
 
 
 def write_spec(folder: Path, name: str, extra: str, epochs: int = 3, limit: int = 200, batch: int = 32,
-               max_failures: int = 1) -> Path:
+               max_failures: int = 1, process: str = "worker") -> Path:
     path = folder / f"{name}.yaml"
     path.write_text(SPEC.format(name=name, epochs=epochs, limit=limit, batch=batch, max_failures=max_failures,
-                                extra=extra), encoding="utf-8")
+                                extra=extra, process=process), encoding="utf-8")
     return path
 
 
@@ -173,10 +173,11 @@ def _sweep(args: list[str], env: dict, cwd: Path, log: Path) -> subprocess.Popen
 
 
 @pytest.mark.timeout(300)
-def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, driver_env, sqlite_uri):
+@pytest.mark.parametrize("process", ["worker", "fork"])
+def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, driver_env, sqlite_uri, process):
     uri = sqlite_uri  # created beforehand: polling a store while the driver creates its schema would race it
     # Short trials (1 epoch) finish while long ones (8 epochs on all of digits) are still running when the driver dies.
-    path = write_spec(tmp_path, "killed", limit=1000, batch=16, max_failures=1, extra="""
+    path = write_spec(tmp_path, "killed", limit=1000, batch=16, max_failures=1, process=process, extra="""
 checkpoint_every_s: 0
 space:
   strategy: {grid: [l1, random]}
@@ -206,6 +207,7 @@ space:
     assert "resuming the sweep" in log.read_text()
 
     runs = assert_one_finished_run_per_config(uri, spec)
+    assert {r.data.tags["trial.process"] for r in runs.values()} == {process}
     by_id = {r.info.run_id: r for r in runs.values()}
     for run in finished:  # not re-run: the same run, untouched
         assert run.info.run_id in by_id and by_id[run.info.run_id].info.end_time == run.info.end_time
