@@ -414,6 +414,8 @@ def _launch(spec: SweepSpec, uri: str, storage: str, resume: bool, force: bool, 
             count = len(pending) or spec.num_trials()
             print(f"{count} trials on Ray; the first one to start trains the shared base network, the others wait "
                   f"for it (trial workers take a few seconds to start)")
+        if spec.resources.get("process") == "fork":
+            forked.start_zygotes(launch_id)
         with _tune_output():
             try:
                 result_grid = tuner.fit()
