@@ -98,9 +98,10 @@ def pss_rss(roots: list[int]) -> tuple[int, int, dict[str, int]]:
         try:
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):
-                    pss += int(line.split()[1]) * 1024
+                    value = int(line.split()[1]) * 1024
+                    pss += value
                     kind = _kind(pid)
-                    kinds[kind] = kinds.get(kind, 0) + int(line.split()[1]) * 1024
+                    kinds[kind] = kinds.get(kind, 0) + value
                 elif line.startswith("Rss:"):
                     rss += int(line.split()[1]) * 1024
         except OSError:  # the process ended while we read it

@@ -27,6 +27,7 @@ This module imports no torch: it is what the Tune workers import.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import importlib
 import os
@@ -123,15 +124,20 @@ def stop_zygotes(launch_id: str) -> None:
         time.sleep(0.1)
 
 
-def _zygote(launch_id: str, node: str) -> Any:
+@functools.cache
+def _zygote_class() -> Any:
     import ray
+
+    return ray.remote(num_cpus=0, max_concurrency=64)(Zygote)  # wrapped once: Ray exports a class per wrapping
+
+
+def _zygote(launch_id: str, node: str) -> Any:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    actor = ray.remote(num_cpus=0, max_concurrency=64)(Zygote)
     # detached: the first trial on the node creates it, and it must outlive that trial; stop_zygotes ends it
-    return actor.options(name=zygote_name(launch_id, node), namespace=_NAMESPACE, get_if_exists=True,
-                         lifetime="detached",
-                         scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
+    return _zygote_class().options(name=zygote_name(launch_id, node), namespace=_NAMESPACE, get_if_exists=True,
+                                   lifetime="detached",
+                                   scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote()
 
 
 def _accept(server: socket.socket, pid: int) -> Connection:

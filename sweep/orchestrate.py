@@ -401,7 +401,8 @@ def _launch(spec: SweepSpec, uri: str, storage: str, resume: bool, force: bool, 
                                launch_id=launch_id, lease_s=lease_s, shared_data=shared,
                                checkpoint_every_s=spec.checkpoint_every_s,
                                log_every_epoch=spec.scheduler["name"] != "fifo")
-        trainable = tune.with_resources(_trainable(spec, context), _trial_resources(spec))
+        fork = spec.resources["process"] == "fork"
+        trainable = tune.with_resources(_trainable(context, fork), _trial_resources(spec))
         if interrupted is not None:
             print(f"resuming the sweep at {experiment_path}")
             tuner = tune.Tuner.restore(experiment_path, trainable, resume_errored=True)
@@ -414,13 +415,13 @@ def _launch(spec: SweepSpec, uri: str, storage: str, resume: bool, force: bool, 
             count = len(pending) or spec.num_trials()
             print(f"{count} trials on Ray; the first one to start trains the shared base network, the others wait "
                   f"for it (trial workers take a few seconds to start)")
-        if spec.resources.get("process") == "fork":
+        if fork:
             forked.start_zygotes(launch_id)
         with _tune_output():
             try:
                 result_grid = tuner.fit()
             finally:
-                if spec.resources.get("process") == "fork":
+                if fork:
                     forked.stop_zygotes(launch_id)
         _measure_latency(spec, uri)
     except BaseException:
@@ -439,11 +440,11 @@ def lease_seconds() -> float:
     return float(os.environ.get("SWEEP_LEASE_SECONDS", claims.DEFAULT_LEASE_S))
 
 
-def _trainable(spec: SweepSpec, context: SweepContext) -> Any:
+def _trainable(context: SweepContext, fork: bool) -> Any:
     import ray
     from ray import tune
 
-    if spec.resources.get("process") != "fork":
+    if not fork:
         return tune.with_parameters(sweep_trial, context=context)
     # The Tune workers of forked trials must not open the context (it would import torch there): its ref travels
     # in a list, which Ray passes on unopened, to the zygote, and the shared datasets' refs beside it.
