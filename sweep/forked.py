@@ -48,7 +48,7 @@ _NAMESPACE = "sweep"
 _CONNECT_S = 60.0  # a forked child connects at once; this bounds one stuck before it could
 _STOP_S = 120.0  # a stopped trial's child writes what it recorded before it ends
 _IDLE_S = 300.0  # a zygote with no trial for this long ends itself: its driver may have died without killing it
-_ENV = ("TUNE_TRIAL_ID", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")  # what Ray set for this trial's slot
+_ENV = ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")  # what Ray set for this trial's slot
 
 
 class TrialProcessError(RuntimeError):
@@ -78,9 +78,11 @@ def forked_trial(config: dict, context: list, launch_id: str, shared: dict) -> N
             checkpoint.to_directory(restored)
         address = os.path.join(work, "socket")
         node = ray.get_runtime_context().get_node_id()
-        # SWEEP_TUNE_WORKER_PID: whom the child reports through (what a fault test kills)
-        env = {k: os.environ[k] for k in _ENV if k in os.environ} | {"SWEEP_NODE_ID": node,
-                                                                      "SWEEP_TUNE_WORKER_PID": str(os.getpid())}
+        # SWEEP_TRIAL_ID: the trial's claim owner; SWEEP_TUNE_WORKER_PID: whom the child reports through (what a
+        # fault test kills)
+        env = {k: os.environ[k] for k in _ENV if k in os.environ} | {
+            "SWEEP_NODE_ID": node, "SWEEP_TRIAL_ID": tune.get_context().get_trial_id(),
+            "SWEEP_TUNE_WORKER_PID": str(os.getpid())}
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
             server.bind(address)
             server.listen(1)

@@ -82,3 +82,10 @@ PARAMS: dict[str, str] = {
 
 def selectable_metrics() -> list[str]:
     return [name for name, info in METRICS.items() if info.selectable]
+
+
+def tune_metrics() -> list[str]:
+    """The selectable metrics known while a trial trains (each epoch, at pruning, with the base): every report to
+    Ray Tune carries them, so a spec's `metric` is one of these. One recorded at the end (latency is measured after
+    the sweep) can pick a winner from MLflow (`--by`), but no scheduler or search could read it."""
+    return [name for name, info in METRICS.items() if info.selectable and info.when != "end"]

@@ -509,7 +509,7 @@ def _finish(spec: SweepSpec, uri: str, storage: str, parent: str, frame: pd.Data
     _write_report(spec.name, uri, storage)
     tracking.end_run(uri, parent, "KILLED" if interrupted else "FAILED" if failed else "FINISHED")
     print(f"\nsweep {spec.name}: {ran} trials ran, {skipped} skipped (already finished), {failed} failed"
-          + (f", {held} left to another launch that is running them" if held else ""))
+          + (f", {held} left to another trial running the same config" if held else ""))
     _print_summary(frame)
     if interrupted:
         print(f"interrupted with {interrupted} trials unfinished: `sweep run --resume` continues them")

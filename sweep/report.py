@@ -14,6 +14,7 @@ plots; FLOPs count 2 per multiply-add (`macs` holds the multiply-adds).
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from scipy import stats
 from sweep import tracking
 from sweep.errors import InputError
 from sweep.names import LEGACY_METRICS, METRICS
+
+log = logging.getLogger(__name__)
 
 STATUSES = ("RUNNING", "SCHEDULED", "FINISHED", "FAILED", "KILLED")
 # Params that say nothing about the result: where things live, not what was computed.
@@ -73,6 +76,10 @@ def load_runs(experiment: str, tracking_uri: str | None = None, parent_run_id: s
         filters.append(f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
     rows = []
     for run in tracking.child_runs(client, experiment, " and ".join(filters)):
+        if not {"model", "strategy"} <= run.data.params.keys():  # no group to put it in: say so, do not guess
+            log.warning("run %s left out of the report: it has no model or strategy param (a worker of an older "
+                        "release killed before it logged them)", run.info.run_id)
+            continue
         metrics = {LEGACY_METRICS.get(k, k): v for k, v in run.data.metrics.items()}
         rows.append({"run_id": run.info.run_id, "status": run.info.status, "config_hash": run.data.tags["config_hash"],
                      "start_time": run.info.start_time, **run.data.params,

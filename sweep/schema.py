@@ -34,7 +34,7 @@ from pydantic import (
 )
 
 from .errors import InputError
-from .names import LEGACY_METRICS, METRICS, PARAMS, selectable_metrics
+from .names import LEGACY_METRICS, METRICS, PARAMS, selectable_metrics, tune_metrics
 
 
 class SpecError(InputError):
@@ -323,12 +323,16 @@ def SafeName(value):
     return value
 
 
-@Custom(str, "a selectable metric (table below)")
+@Custom(str, "a metric Tune reads each epoch (table below)")
 def Metric(value):
     info = METRICS.get(value) if isinstance(value, str) else None
     why = "test metrics are never used for selection; use val_accuracy"
     if info is not None and not info.selectable:
         raise ValueError(f"{show(value)} is not selectable: {why}")
+    if info is not None and value not in tune_metrics():
+        raise ValueError(f"{show(value)} is recorded when a trial ends, so no scheduler or search can read it; pick "
+                         f"the winner by it with `sweep report NAME --register MODEL --by {value}`, and use a metric "
+                         f"Tune reads, such as val_accuracy or flops_reduction")
     if info is None and value in LEGACY_METRICS:
         raise ValueError(f"{show(value)} is the old name of {LEGACY_METRICS[value]}, a test metric: {why}")
     if info is None:
@@ -770,10 +774,11 @@ def reference_markdown() -> str:
 def metrics_markdown() -> str:
     """README's table of sweep.names.METRICS."""
     rows = ["| metric | meaning | better | unit | recorded | selectable |", "|---|---|---|---|---|---|"]
+    tune = tune_metrics()
     for name, info in METRICS.items():
         better = "higher" if info.direction == "max" else "lower"
-        rows.append(f"| `{name}` | {info.meaning} | {better} | {info.unit} | {info.when} | "
-                    f"{'yes' if info.selectable else 'no'} |")
+        selectable = "yes" if name in tune else "`--by` only" if info.selectable else "no"
+        rows.append(f"| `{name}` | {info.meaning} | {better} | {info.unit} | {info.when} | {selectable} |")
     return "\n".join(rows) + "\n"
 
 

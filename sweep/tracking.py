@@ -410,11 +410,16 @@ class TrialRun:
         return cls(client, run.info.run_id)
 
     @classmethod
-    def resume(cls, uri: str, run_id: str) -> TrialRun:
-        """An existing run continued (a retry, a resume), knowing every point it already holds."""
+    def resume(cls, uri: str, run_id: str, trial_config: dict) -> TrialRun:
+        """An existing run continued (a retry, a resume), knowing every point it already holds. It gets the params
+        it lacks: a worker killed between creating the run and logging them (two requests) left it without."""
         client = MlflowClient(uri)
         with_retry(client.update_run, run_id, status="RUNNING")
-        return cls(client, run_id, _present_points(client, run_id))
+        run = with_retry(client.get_run, run_id)
+        missing = [Param(k, v) for k, v in flat_params(trial_config).items() if k not in run.data.params]
+        for i in range(0, len(missing), 100):
+            with_retry(client.log_batch, run_id, params=missing[i : i + 100])
+        return cls(client, run_id, _present_points(client, run_id, run))
 
     def log_points(self, points: list[tuple[str, int, float]]) -> None:
         """(metric, step, value) points the run does not hold yet, in one request (one sqlite transaction)."""
@@ -436,6 +441,5 @@ class TrialRun:
         with_retry(self.client.set_terminated, self.run_id, status=status)
 
 
-def _present_points(client: MlflowClient, run_id: str) -> set[tuple[str, int]]:
-    run = with_retry(client.get_run, run_id)
+def _present_points(client: MlflowClient, run_id: str, run: Run) -> set[tuple[str, int]]:
     return {(key, m.step) for key in run.data.metrics for m in with_retry(client.get_metric_history, run_id, key)}

@@ -14,6 +14,7 @@ stay as they were.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import time
@@ -31,7 +32,7 @@ from .base import ensure_base, example_input, load_base, new_model
 from .data import DataSplits, batches, load_dataset
 from .measure import count_flops, count_params, size_mb
 from .models import weights_stats
-from .names import METRICS
+from .names import METRICS, tune_metrics
 from .pruning import NEEDS_CALIBRATION, PrunePlan, apply_plan, prune, save_pruned
 from .schema import TrainConfig, TrialConfig, trial_config
 from .train import (
@@ -113,7 +114,8 @@ def _read_checkpoint(directory: str | None) -> dict | None:
 
 # --- the Tune adapter ---------------------------------------------------------------------------------------------
 
-def _tune_reporter() -> tuple[Report, str | None]:
+def _tune_reporter() -> tuple[Report, str | None, str]:
+    """(report, restored checkpoint directory or None, Tune's trial id)."""
     from ray import tune
 
     from .progress import quiet_ray_logs
@@ -123,21 +125,24 @@ def _tune_reporter() -> tuple[Report, str | None]:
         checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         tune.report(metrics, checkpoint=checkpoint)
 
+    trial_id = tune.get_context().get_trial_id()
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
-        return report, None
+        return report, None, trial_id
     local = tempfile.mkdtemp(prefix="sweep-restore-")
     checkpoint.to_directory(local)
-    return report, local
+    return report, local, trial_id
 
 
 def selection_view(metrics: dict) -> dict:
-    """What Ray Tune may see of a trial's metrics: schedulers and searchers never read a test metric."""
-    return {k: v for k, v in metrics.items() if k not in METRICS or METRICS[k].selectable}
+    """What Ray Tune may see of a trial's metrics: schedulers and searchers never read a test metric. Every metric a
+    spec may select on is there, NaN where the trial has no value (a trial left to another has none): Tune ends
+    the whole sweep on a report without its metric."""
+    seen = {k: v for k, v in metrics.items() if k not in METRICS or METRICS[k].selectable}
+    return {**dict.fromkeys(tune_metrics(), math.nan), **seen}
 
 
-def _node_tags() -> dict[str, str]:
-    trial = os.environ.get("TUNE_TRIAL_ID", "")
+def _node_tags(trial: str) -> dict[str, str]:
     if os.environ.get("SWEEP_NODE_ID"):  # a forked trial (sweep.forked): its Tune worker said where it runs
         return {"ray.node_id": os.environ["SWEEP_NODE_ID"], "ray.trial": trial, "trial.process": "fork"}
     try:
@@ -163,9 +168,11 @@ def run_trial(config: dict, context: SweepContext, report: Report | None = None,
     """
     os.environ.pop("MLFLOW_RUN_ID", None)  # would hijack the parent of our run (mlflow issue 15713)
     if report is None:
-        report, checkpoint_dir = _tune_reporter()
+        report, checkpoint_dir, trial_id = _tune_reporter()
+    else:  # standalone, or forked (sweep.forked: the trial's Tune worker passes its trial id on)
+        trial_id = os.environ.get("SWEEP_TRIAL_ID", "standalone")
     saved = _read_checkpoint(checkpoint_dir)
-    claim, resumed = _claim(config, context, saved["run_id"] if saved else None)
+    claim, resumed = _claim(config, context, saved["run_id"] if saved else None, trial_id)
     if claim.kind != "claimed":  # finished already (perhaps by a launch that died before Tune heard), or running
         recorded = tracking.recorded_result(context.tracking_uri, context.experiment, tracking.config_hash(config),
                                             run_id=claim.run_id) if claim.kind == "finished" else None
@@ -183,9 +190,10 @@ def run_trial(config: dict, context: SweepContext, report: Report | None = None,
             official = shared_data.fetch(shared) if shared is not None else None
         splits = _load_splits(cfg, official)
         continued = claim.run_id == resumed
-        run = tracking.TrialRun.resume(context.tracking_uri, claim.run_id) if continued else \
+        run = tracking.TrialRun.resume(context.tracking_uri, claim.run_id, config) if continued else \
             tracking.TrialRun(MlflowClient(context.tracking_uri), claim.run_id)
-        run.set_tags({"data.shared": "true" if official is not None else "false"})  # the node's copy, or loaded
+        # data.shared: the node's copy, or loaded by this trial
+        run.set_tags({"data.shared": "true" if official is not None else "false", **_node_tags(trial_id)})
         if splits.skipped_files:
             run.set_tags({"data.skipped_files": f"{len(splits.skipped_files)}: " + ", ".join(splits.skipped_files)})
         result = _pipeline(config, cfg, context, splits, device, run, saved, report)
@@ -207,14 +215,17 @@ def sweep_trial(config: dict, context: SweepContext) -> None:
     run_trial(config["trial"], context)  # reports to Tune itself; returning its dict would report it twice
 
 
-def _claim(config: dict, context: SweepContext, checkpoint_run: str | None) -> tuple[claims.ClaimResult, str | None]:
+def _claim(config: dict, context: SweepContext, checkpoint_run: str | None,
+           trial_id: str) -> tuple[claims.ClaimResult, str | None]:
     """Claim this config in the tracking store (sweep.claims): a new run, the continued one, or someone else's.
     Returns the claim and the run this trial set out to continue (its checkpoint's, or its parent's unfinished)."""
     uri, experiment, parent = context.tracking_uri, context.experiment, context.parent_run_id
     client = MlflowClient(uri)
     chash = tracking.config_hash(config)
     resume = checkpoint_run or tracking.find_trial_run(uri, experiment, chash, parent)
-    owner = f"{context.launch_id}/{os.environ.get('TUNE_TRIAL_ID', 'standalone')}"
+    # One owner per Tune trial, the same for its retries: a retry takes its own run over at once, while another
+    # trial of this launch that drew the same config (a random search can) finds it held
+    owner = f"{context.launch_id}/{trial_id}"
     result = claims.claim_trial(
         client, tracking.get_or_create_experiment(client, experiment), chash, owner,
         create_run=lambda tags: tracking.TrialRun.create(uri, experiment, parent, config, tags).run_id,
@@ -238,7 +249,7 @@ def _load_splits(cfg: TrialConfig, official: DataSplits | None = None) -> DataSp
 def _pipeline(config, cfg: TrialConfig, context, splits, device, run, saved, report) -> dict:
     base_path, cached = ensure_base(config, context.cache_dir, splits, device)
     base_model, base_info = load_base(config, base_path, splits)
-    run.set_tags({"base_cache": "hit" if cached else "miss", "base_key": base_path.parent.name, **_node_tags()})
+    run.set_tags({"base_cache": "hit" if cached else "miss", "base_key": base_path.parent.name})
     state = _resume(cfg, base_model, saved, splits, device) if saved else \
         _start(config, cfg, base_model, base_info, splits, device, run)
     _log_new(run, state)  # a continued run gets only what it lacks (a dead worker may have logged some of it)
@@ -265,9 +276,9 @@ def _pipeline(config, cfg: TrialConfig, context, splits, device, run, saved, rep
             if due:
                 with tempfile.TemporaryDirectory(prefix="sweep-ckpt-") as tmp:
                     state.save(Path(tmp), run.run_id)
-                    report({**epoch_metrics, "epoch": epoch}, tmp)  # persists the checkpoint before it returns
+                    report(_epoch_view(state), tmp)  # persists the checkpoint before it returns
             else:
-                report({**epoch_metrics, "epoch": epoch}, None)
+                report(_epoch_view(state), None)
         except BaseException:  # Tune stopped the trial inside report, or it failed: keep what it recorded
             _log_new(run, state)
             raise
@@ -279,6 +290,12 @@ def _pipeline(config, cfg: TrialConfig, context, splits, device, run, saved, rep
     final = _finish(state, base_model, base_info, splits, device, run)
     report(selection_view({**final, "epoch": state.epoch, "trial_status": "FINISHED"}), None)
     return final
+
+
+def _epoch_view(state: TrialState) -> dict:
+    """This epoch's report to Tune: its metrics, and the latest value of those recorded at pruning and with the base
+    (a spec may select on flops_reduction)."""
+    return selection_view({**{name: value for name, _, value in state.points}, "epoch": state.epoch})
 
 
 def _log_new(run: tracking.TrialRun, state: TrialState) -> None:

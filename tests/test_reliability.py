@@ -284,6 +284,33 @@ def test_overlapping_launches_run_each_config_once(tmp_path, driver_env, sqlite_
     assert ran == len(spec.grid_configs()), text[-2000:]
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("process", ["worker", "fork"])
+def test_one_config_drawn_twice_in_one_launch_runs_once(tmp_path, driver_env, sqlite_uri, process):
+    """A random search may draw the same config for two trials that run at once: each Tune trial claims under an
+    owner of its own, so the second finds the first's claim and waits for its result or leaves it, never trains
+    the same run beside it."""
+    uri = sqlite_uri
+    path = write_spec(tmp_path, "twice", epochs=3, process=process, extra="""
+search: {algorithm: random, num_samples: 2}
+space:
+  strategy: {choice: [l1]}
+""")
+    spec = load_spec(path)
+    log = tmp_path / "driver.log"
+    driver = _sweep([str(path), "--tracking-uri", uri, "--storage", str(tmp_path / "results"), "--quiet"],
+                    driver_env, tmp_path, log)
+    assert driver.wait(timeout=240) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    assert re.search(r"1 trials ran, (1 skipped|0 skipped .*1 left to another trial)", text), text[-2000:]
+
+    [(_, [run])] = runs_by_config(uri, spec.name).items()
+    assert run.info.status == "FINISHED"
+    assert steps(uri, run.info.run_id) == [1, 2, 3]
+    owner, trial = run.data.tags["sweep.owner"], run.data.tags["ray.trial"]
+    assert trial and owner.endswith("/" + trial)  # the Tune trial's id, not one id for the whole launch
+
+
 # --- a node is lost ----------------------------------------------------------------------------------------------
 
 

@@ -149,6 +149,24 @@ def test_runs_of_older_releases_load_through_the_legacy_names(sqlite_uri):
     assert (row["test_accuracy"], row["base_test_accuracy"], row["test_accuracy_drop"]) == (0.81, 0.9, 0.09)
 
 
+def test_a_run_without_its_settings_is_left_out_and_named(store, tmp_path, caplog):
+    """A FINISHED trial run without params (say a worker of an older release killed between creating its run and
+    logging them) cannot be put in a group: the report leaves it out and names it, and still writes every file."""
+    uri, parent, _ = store
+    client = MlflowClient(uri)
+    bare = client.create_run(tracking.find_experiment_id(client, EXPERIMENT),
+                             tags={"config_hash": "0" * 16, "mlflow.parentRunId": parent, "sweep.name": EXPERIMENT})
+    TrialRun(client, bare.info.run_id).log_points([(k, 0, v) for k, v in values("l1", 0.3).items()])
+    client.set_terminated(bare.info.run_id, "FINISHED")
+    with caplog.at_level("WARNING", logger="sweep.report"):
+        df = report.load_runs(EXPERIMENT, uri)
+        paths = report.write_report(EXPERIMENT, uri, out_dir=tmp_path)
+    assert len(df) == 18 and bare.info.run_id not in set(df["run_id"])
+    assert any(bare.info.run_id in r.getMessage() and "no model or strategy param" in r.getMessage()
+               for r in caplog.records)
+    assert "18 finished trials in 6 groups" in paths["summary"].read_text()
+
+
 def test_pareto_front_matches_hand_computed():
     points = {  # name: (flops_reduction, accuracy, on the front?)
         "a": (0.10, 0.90, True), "b": (0.30, 0.85, True), "c": (0.30, 0.80, False), "d": (0.20, 0.85, False),

@@ -373,6 +373,9 @@ MALFORMED = [
     ("metric-test", _spec(metric="test_accuracy"), "metric",
      "not selectable: test metrics are never used for selection; use val_accuracy"),
     ("metric-legacy", _spec(metric="accuracy"), "metric", "old name of test_accuracy"),
+    ("metric-after-the-trial", _spec(metric="latency_ms"), "metric",
+     "recorded when a trial ends, so no scheduler or search can read it; pick the winner by it with "
+     "`sweep report NAME --register MODEL --by latency_ms`"),
     ("mode-against-metric", _spec(metric="val_loss", mode="max"), "mode", "use mode: min, or leave mode out"),
     ("fault-removed", _spec(fault={"fail_at_epoch": 1}), "fault", "unknown key"),
 ]

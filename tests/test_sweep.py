@@ -205,6 +205,31 @@ resources: {cpu: 1}
         assert parents(uri, "optuna_sweep")[0].info.status == "FINISHED"
 
 
+    def test_a_metric_recorded_at_pruning_drives_the_search_and_the_scheduler(self, local_ray, tmp_path, sqlite_uri):
+        """metric: params_reduction is known once a trial has pruned, not per epoch: every report to Tune carries
+        it, so Optuna and ASHA read the values MLflow records (Tune once ended the sweep on the first epoch)."""
+        uri = sqlite_uri
+        path = tmp_path / "by_params.yaml"
+        path.write_text("""
+name: by_params
+dataset: {name: digits, limit: 120}
+model: {name: small_cnn}
+base: {epochs: 1, batch_size: 32}
+finetune: {epochs: 2, batch_size: 32}
+measure: {batch_size: 1, warmup: 1, runs: 2}
+metric: params_reduction
+space:
+  ratio: {uniform: [0.2, 0.7]}
+search: {algorithm: optuna, num_samples: 2}
+scheduler: {name: asha, grace_period: 1, reduction_factor: 2}
+resources: {cpu: 1}
+""")
+        outcome = run_sweep(load_spec(path), tracking_uri=uri, storage=str(tmp_path / "results"), verbose=0)
+        assert (outcome.ran, outcome.failed, outcome.interrupted) == (2, 0, 0)
+        recorded = sorted(r.data.metrics["params_reduction"] for r in children(uri, "by_params"))
+        assert sorted(outcome.results["params_reduction"]) == recorded and 0 < recorded[0] < 1
+
+
 class TestCluster:
     @pytest.fixture
     def cluster(self, own_ray):

@@ -140,7 +140,7 @@ def test_metrics_and_artifacts(uri, tmp_path):
     run.set_tags({"prune.warnings": "clamped"})
 
     # A retry opens the same run and knows every point it holds: logging them all again adds nothing.
-    again = TrialRun.resume(uri, run.run_id)
+    again = TrialRun.resume(uri, run.run_id, TRIAL)
     assert again.present == {(n, s) for n, s, _ in points} | {("test_accuracy", 0), ("flops", 0)}
     again.log_points([*points, ("val_accuracy", 3, 0.9)])
     again.finish()
@@ -168,7 +168,7 @@ def test_resume_continues_the_same_run(uri):
     assert tracking.find_trial_run(uri, EXPERIMENT, h, other_parent) is None
     assert tracking.find_trial_run(uri, EXPERIMENT, tracking.config_hash(trial(ratio=0.7)), parent) is None
 
-    again = TrialRun.resume(uri, first.run_id)
+    again = TrialRun.resume(uri, first.run_id, TRIAL)
     assert again.run_id == first.run_id
     assert client.get_run(first.run_id).info.status == "RUNNING"
     again.log_points([("val_accuracy", 2, 0.7)])

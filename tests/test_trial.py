@@ -4,6 +4,7 @@ Every test builds what it needs from the module's fixtures, so each passes alone
 """
 
 import dataclasses
+import math
 import shutil
 import time
 from pathlib import Path
@@ -12,11 +13,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from sweep import tracking
+from sweep import claims, tracking
 from sweep.base import base_key
 from sweep.data import batches, load_dataset
 from sweep.models import build_model
-from sweep.names import METRICS
+from sweep.names import METRICS, tune_metrics
 from sweep.pruning import load_pruned
 from sweep.spec import parse_spec
 from sweep.train import evaluate
@@ -116,8 +117,22 @@ def test_tune_never_sees_a_test_metric(l1_trial):
     assert all(ckpt is not None for _, ckpt in reports[:2]) and reports[-1][1] is None
     seen = {name for metrics, _ in reports for name in metrics}
     assert "val_accuracy" in seen and not {n for n in seen if n.startswith(("test_", "pruned_test", "base_test"))}
-    assert selection_view({"test_accuracy": 1.0, "val_accuracy": 0.5, "custom": 2}) == {"val_accuracy": 0.5,
-                                                                                       "custom": 2}
+    view = selection_view({"test_accuracy": 1.0, "val_accuracy": 0.5, "custom": 2})
+    assert "test_accuracy" not in view and (view["val_accuracy"], view["custom"]) == (0.5, 2)
+    assert set(view) - {"custom"} == set(tune_metrics()) and math.isnan(view["flops_reduction"])
+
+
+def test_every_report_to_tune_carries_every_metric_a_spec_may_select_on(store, configs, l1_trial):
+    """Tune ends the whole sweep on a report without the spec's metric: each epoch's report has the metrics known
+    at pruning and with the base too, with the values the run recorded."""
+    final, reports = l1_trial
+    [run] = _runs(store, configs[0])
+    for metrics, _ in reports:
+        assert set(tune_metrics()) <= set(metrics)
+        for name in ("flops_reduction", "params", "base_val_accuracy", "pruned_val_accuracy"):
+            assert metrics[name] == run.data.metrics[name], name
+    assert [m["val_accuracy"] for m, _ in reports[:2]] == [v for _, v in _history(store, run.info.run_id,
+                                                                                  "val_accuracy")]
 
 
 def test_logged_checkpoint_reproduces_logged_accuracy(store, configs, l1_trial, tmp_path):
@@ -232,6 +247,20 @@ def test_a_trial_shorter_than_its_checkpoint_period_persists_none_and_logs_each_
     [run] = _runs(store, config)
     for name in ("val_accuracy", "val_loss", "train_loss"):
         assert [s for s, _ in _history(store, run.info.run_id, name)] == [1, 2], name
+
+
+def test_a_run_left_without_params_gets_them_when_continued(store, configs):
+    """A worker killed between creating its run and logging its params (MLflow takes them in a second request)
+    leaves a claimed run without params; the trial that continues it logs them, so the report can place it."""
+    config = _with(configs[0], ratio=0.25)
+    client = MlflowClient(store.tracking_uri)
+    orphan = client.create_run(tracking.find_experiment_id(client, store.experiment), tags={
+        "config_hash": tracking.config_hash(config), "mlflow.parentRunId": store.parent_run_id,
+        "sweep.name": store.experiment, claims.OWNER_TAG: "dead-launch/t1", claims.LEASE_TAG: f"{time.time() - 1:.3f}"})
+    run_trial(config, store, report=lambda m, c: None)
+    [run] = _runs(store, config)
+    assert run.info.run_id == orphan.info.run_id and run.info.status == "FINISHED"
+    assert run.data.params == tracking.flat_params(config)
 
 
 @pytest.mark.parametrize("log_every_epoch", [False, True])
