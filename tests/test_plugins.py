@@ -243,9 +243,10 @@ def test_ray_workers_import_the_plugin_from_the_drivers_directory(plugin, tmp_pa
         ray.shutdown()
 
 
-def test_sweep_run_of_a_plugin_model_and_dataset(plugin, tmp_path, own_ray, capsys, sqlite_uri):
+@pytest.mark.parametrize("process", ["worker", "fork"])
+def test_sweep_run_of_a_plugin_model_and_dataset(plugin, tmp_path, own_ray, capsys, sqlite_uri, process):
     """`sweep run` as a user runs it: a spec beside their own file, the working directory not on sys.path (as for a
-    console script), Ray started by the command itself."""
+    console script), Ray started by the command itself; forked trials import it from the zygote's start too."""
     from mlflow.tracking import MlflowClient
 
     from sweep import tracking
@@ -260,6 +261,7 @@ finetune: {{epochs: 1, batch_size: 16}}
 space:
   strategy: {{grid: [l1, random]}}
   ratio: 0.5
+resources: {{process: {process}}}
 """, encoding="utf-8")
     uri = sqlite_uri  # a copy of the session's empty store
     assert main(["run", "space.yaml", "--tracking-uri", uri, "--storage", str(tmp_path / "results"), "--quiet"]) == 0
