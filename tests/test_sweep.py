@@ -34,6 +34,22 @@ max_failures: {max_failures}
 {extra}
 """
 
+OPTUNA_ASHA = """
+name: {name}
+dataset: {{name: digits, limit: 120}}
+model: {{name: small_cnn}}
+base: {{epochs: 1, batch_size: 32}}
+finetune: {{epochs: 2, batch_size: 32}}
+measure: {{batch_size: 1, warmup: 1, runs: 2}}
+metric: {metric}
+space:
+  strategy: {{choice: [l1, l2]}}
+  ratio: {{uniform: [0.2, 0.7]}}
+search: {{algorithm: optuna, num_samples: {samples}}}
+scheduler: {{name: asha, grace_period: 1, reduction_factor: 2}}
+resources: {{cpu: 1}}
+"""
+
 
 def write_spec(folder: Path, name: str, strategies=("l1", "random"), ratios=(0.3, 0.6), gpu=0, epochs=1,
                max_failures=2, extra="", process="worker") -> Path:
@@ -176,20 +192,7 @@ class TestLocalSweep:
     def test_optuna_with_asha(self, local_ray, tmp_path, sqlite_uri):
         uri = sqlite_uri  # a copy of the session's empty store
         path = tmp_path / "optuna.yaml"
-        path.write_text("""
-name: optuna_sweep
-dataset: {name: digits, limit: 120}
-model: {name: small_cnn}
-base: {epochs: 1, batch_size: 32}
-finetune: {epochs: 2, batch_size: 32}
-measure: {batch_size: 1, warmup: 1, runs: 2}
-space:
-  strategy: {choice: [l1, l2]}
-  ratio: {uniform: [0.2, 0.7]}
-search: {algorithm: optuna, num_samples: 3}
-scheduler: {name: asha, grace_period: 1, reduction_factor: 2}
-resources: {cpu: 1}
-""")
+        path.write_text(OPTUNA_ASHA.format(name="optuna_sweep", metric="val_accuracy", samples=3))
         outcome = run_sweep(load_spec(path), tracking_uri=uri, storage=str(tmp_path / "results"), verbose=0)
         assert (outcome.ran, outcome.failed, outcome.interrupted) == (3, 0, 0)
         statuses = list(outcome.results["status"])
@@ -204,26 +207,12 @@ resources: {cpu: 1}
         assert ended == sorted("FINISHED" if s == "FINISHED" else "KILLED" for s in statuses)
         assert parents(uri, "optuna_sweep")[0].info.status == "FINISHED"
 
-
     def test_a_metric_recorded_at_pruning_drives_the_search_and_the_scheduler(self, local_ray, tmp_path, sqlite_uri):
         """metric: params_reduction is known once a trial has pruned, not per epoch: every report to Tune carries
         it, so Optuna and ASHA read the values MLflow records (Tune once ended the sweep on the first epoch)."""
         uri = sqlite_uri
         path = tmp_path / "by_params.yaml"
-        path.write_text("""
-name: by_params
-dataset: {name: digits, limit: 120}
-model: {name: small_cnn}
-base: {epochs: 1, batch_size: 32}
-finetune: {epochs: 2, batch_size: 32}
-measure: {batch_size: 1, warmup: 1, runs: 2}
-metric: params_reduction
-space:
-  ratio: {uniform: [0.2, 0.7]}
-search: {algorithm: optuna, num_samples: 2}
-scheduler: {name: asha, grace_period: 1, reduction_factor: 2}
-resources: {cpu: 1}
-""")
+        path.write_text(OPTUNA_ASHA.format(name="by_params", metric="params_reduction", samples=2))
         outcome = run_sweep(load_spec(path), tracking_uri=uri, storage=str(tmp_path / "results"), verbose=0)
         assert (outcome.ran, outcome.failed, outcome.interrupted) == (2, 0, 0)
         recorded = sorted(r.data.metrics["params_reduction"] for r in children(uri, "by_params"))
