@@ -242,12 +242,19 @@ class Lease:
             raise LeaseLost(f"run {self.run_id}: the claim was closed by another process after its lease lapsed")
 
     def release(self, status: str | None = None) -> None:
-        """Stop renewing; with a status (FINISHED, FAILED, KILLED) also end the run with it."""
+        """Stop renewing; with a status (FINISHED, FAILED, KILLED) also end the run with it, if it is still ours:
+        a run closed or taken over after our lease lapsed is its closer's or new holder's to end."""
         self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=self.lease_s)
-        if status is not None:
+        if status is None or self.lost.is_set():
+            return
+        run = tracking.with_retry(self.client.get_run, self.run_id)
+        if run.info.status == "RUNNING" and run.data.tags.get(OWNER_TAG) == self.owner:
             tracking.with_retry(self.client.set_terminated, self.run_id, status=status)
+        else:
+            log.error("run %s was not ended %s: it is %s, owner %s (closed or taken over after our lease lapsed)",
+                      self.run_id, status, run.info.status, run.data.tags.get(OWNER_TAG))
 
     def __enter__(self) -> Lease:
         return self

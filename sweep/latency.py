@@ -17,7 +17,6 @@ import statistics
 import tempfile
 
 import torch
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from . import tracking
@@ -73,17 +72,17 @@ def measure_runs(uri: str, run_ids: list[str]) -> int:
         try:
             settings = {key: int(params[f"measure.{key}"]) for key in ("threads", "batch_size", "warmup", "runs")}
             base, pruned, arch = _networks(client, run_id)
-        except (MlflowException, OSError, KeyError, ValueError) as error:  # an older release's run, or none
+            shape = (arch["in_channels"], arch["image_size"], arch["image_size"])
+            after = latency_stats(pruned.eval(), shape, device, **settings)
+            key = json.dumps([arch, settings, str(device)], sort_keys=True, default=str)
+            if key not in base_latency:  # weights do not change the time: the base architecture stands for the base
+                base_latency[key] = latency_stats(base.eval(), shape, device, **settings)["latency_ms"]
+        except Exception as error:  # an older release's run, no checkpoint, out of memory: this run, not the phase
             log.warning("latency of run %s not measured: %s", run_id, error)
             # latency.device marks it as handled, so later launches do not try again; the reason says why
             tracking.TrialRun(client, run_id).set_tags({"latency.device": "not measured",
                                                         "latency.skipped": " ".join(str(error).split())[:500]})
             continue
-        shape = (arch["in_channels"], arch["image_size"], arch["image_size"])
-        after = latency_stats(pruned.eval(), shape, device, **settings)
-        key = json.dumps([arch, settings, str(device)], sort_keys=True, default=str)
-        if key not in base_latency:  # weights do not change the time: the base architecture stands for the base
-            base_latency[key] = latency_stats(base.eval(), shape, device, **settings)["latency_ms"]
         metrics = {**after, "base_latency_ms": base_latency[key], "speedup": base_latency[key] / after["latency_ms"]}
         trial_run = tracking.TrialRun(client, run_id)
         trial_run.log_points([(name, 0, value) for name, value in metrics.items()])

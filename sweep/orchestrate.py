@@ -144,11 +144,9 @@ def _scheduler(spec: SweepSpec) -> Any:
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    epochs = spec.trial["finetune"]["epochs"]
-    if "finetune.epochs" in spec.space:
-        epochs = max(spec.space["finetune.epochs"].values)
-    # stop_last_trials=False: a trial that reaches max_t must still run its final measurement and report it.
-    return ASHAScheduler(time_attr="epoch", max_t=max(1, spec.scheduler["max_t"] or epochs),
+    # max_t (sweep.spec) lies below every trial's last epoch, and stop_last_trials=False: a trial past it is never
+    # stopped, so one that trained in full always runs its test and saves its network.
+    return ASHAScheduler(time_attr="epoch", max_t=spec.scheduler["max_t"],
                          grace_period=spec.scheduler["grace_period"],
                          reduction_factor=spec.scheduler["reduction_factor"], stop_last_trials=False)
 

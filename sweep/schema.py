@@ -487,7 +487,8 @@ class SchedulerConfig(Section):
     name: OneOf(("fifo", "asha"), "scheduler") = _f("fifo", "`asha` stops weak trials early")
     grace_period: Int(1, example=1) = _f(1, "asha: epochs before a trial may be stopped")
     reduction_factor: Real(2, fix="use 2 or more, such as 3") = _f(2.0, "asha: keeps 1/factor of the trials")
-    max_t: Int(1, example=10, optional=True) = _f(None, "asha: the epoch budget (null: the largest `finetune.epochs`)")
+    max_t: Int(1, example=10, optional=True) = _f(None, "asha: the last epoch a trial may be stopped at (null, "
+                                                        "and at most: the most epochs a trial trains, less one)")
 
 
 class ResourcesConfig(Section):
@@ -676,6 +677,12 @@ def rules(view: View) -> list[str]:
         if too_few:
             error(view.where("prune.steps"), f"an iterative schedule needs steps >= 2, got {too_few[0]:g}; "
                                              "set prune.steps such as 3, or use schedule: oneshot")
+
+    if "scratch" in view.options("prune.arm") and None in view.options("prune.scratch_epochs") \
+            and 0 in view.options("base.epochs"):
+        error("prune.scratch_epochs", "the scratch arm trains the pruned architecture from new weights for "
+                                      "scratch_epochs (null: base.epochs), and base.epochs is 0 (a pretrained base); "
+                                      "set prune.scratch_epochs, such as 30")
 
     ratios = view.options("prune.ratios")
     if not ratios or not all(ratios):

@@ -407,6 +407,10 @@ class _Builder:
         elif self.ok("search.algorithm"):
             if num_samples is None and self.ok("search.num_samples"):
                 self.error("search.num_samples", f"{algorithm} search needs num_samples; add num_samples such as 20")
+            if all(domain.kind in ("fixed", "grid") and INVALID not in domain.values for domain in space.values()):
+                self.error("search.algorithm", f"{algorithm} search samples nothing here (every key of space is fixed "
+                           "or a grid): its samples would all be the same trials; use algorithm: grid, or sample a "
+                           "key, such as ratio: {uniform: [0.2, 0.8]}")
             if algorithm == "optuna":
                 for path, domain in space.items():
                     if domain.kind == "grid":
@@ -423,10 +427,7 @@ class _Builder:
 
         scheduler = top.scheduler.model_dump()
         if scheduler["name"] == "asha" or not self.ok("scheduler.name"):
-            if scheduler["max_t"] is not None and scheduler["grace_period"] > scheduler["max_t"] \
-                    and self.ok("scheduler.max_t", "scheduler.grace_period"):
-                self.error("scheduler.grace_period", f"{scheduler['grace_period']} is more than max_t "
-                                                     f"({scheduler['max_t']}); use a grace_period <= max_t")
+            self.check_asha(scheduler, view)
         else:
             for key in raw_scheduler if isinstance(raw_scheduler, dict) else ():
                 if key in ("grace_period", "reduction_factor", "max_t"):
@@ -439,6 +440,35 @@ class _Builder:
             self.error("mode", f"{top.mode} optimises {top.metric} the wrong way ({better} is better); "
                                f"use mode: {direction}, or leave mode out")
         return search, scheduler, top.mode or direction
+
+
+    def check_asha(self, scheduler: dict, view: View) -> None:
+        """ASHA's rules; sets scheduler["max_t"], its top rung, below the last epoch a trial trains: a trial stopped
+        at its last epoch has trained in full, and stopping it would only lose its test and its saved network."""
+        arms = set(view.options("prune.arm"))
+        if {"finetune", "scratch"} <= arms and self.ok("scheduler.name"):
+            self.error("scheduler.name", "asha compares trials at equal epochs, where a scratch trial (new weights) "
+                       "trails a fine-tuned one by design: it would stop the scratch arm for that alone; compare the "
+                       "arms with scheduler: fifo")
+        budgets = view.options("finetune.epochs") if "finetune" in arms else []
+        if "scratch" in arms:
+            budgets += [s or b for s in view.options("prune.scratch_epochs") for b in view.options("base.epochs")]
+        if not budgets or not self.ok("scheduler.max_t", "scheduler.grace_period"):
+            return
+        grace, last = scheduler["grace_period"], max(budgets) - 1
+        if len(set(budgets)) > 1 and self.ok("scheduler.name"):
+            self.error("scheduler.name", f"asha decides how many epochs each trial gets, and these trials train "
+                       f"{min(budgets)} to {last + 1}: it would stop the shorter ones at their last epoch; give every "
+                       "trial the same epochs, or sweep epochs with scheduler: fifo")
+        elif scheduler["max_t"] is not None and grace > scheduler["max_t"]:
+            self.error("scheduler.grace_period", f"{grace} is more than max_t ({scheduler['max_t']}); use a "
+                                                 "grace_period <= max_t")
+        elif grace > last:
+            fix = f"use grace_period <= {last}" if last >= 1 else "use scheduler: fifo"
+            self.error("scheduler.grace_period", f"{grace} leaves asha no rung before a trial's last epoch (trials "
+                       f"train {last + 1} epoch{'s' * (last != 0)}, and one stopped at its last has trained in "
+                       f"full); {fix}")
+        scheduler["max_t"] = max(1, min(scheduler["max_t"] or last, last))
 
 
 def _is_domain(value: Any) -> bool:

@@ -205,6 +205,9 @@ def run_trial(config: dict, context: SweepContext, report: Report | None = None,
         lease.release("FAILED")
         raise
     lease.release("FINISHED")
+    # Tune hears of the end after the run is FINISHED: a driver that dies, or a stop, while this report is on its way
+    # leaves a complete run, not one a later launch would train again
+    report(selection_view({**result, "trial_status": "FINISHED"}), None)
     return result
 
 
@@ -272,6 +275,8 @@ def _pipeline(config, cfg: TrialConfig, context, splits, device, run, saved, rep
         # A retry redoes the epochs after the last checkpoint, and log_points skips the (metric, step) points the
         # failed attempt already logged, so each epoch is still recorded once.
         due = time.perf_counter() - last_checkpoint >= context.checkpoint_every_s
+        if due or context.log_every_epoch:  # before the report: a trial stopped inside it may not get to log
+            _log_new(run, state)
         try:
             if due:
                 with tempfile.TemporaryDirectory(prefix="sweep-ckpt-") as tmp:
@@ -282,14 +287,10 @@ def _pipeline(config, cfg: TrialConfig, context, splits, device, run, saved, rep
         except BaseException:  # Tune stopped the trial inside report, or it failed: keep what it recorded
             _log_new(run, state)
             raise
-        if due or context.log_every_epoch:
-            _log_new(run, state)
         if due:
             last_checkpoint = time.perf_counter()
 
-    final = _finish(state, base_model, base_info, splits, device, run)
-    report(selection_view({**final, "epoch": state.epoch, "trial_status": "FINISHED"}), None)
-    return final
+    return {**_finish(state, base_model, base_info, splits, device, run), "epoch": state.epoch}
 
 
 def _epoch_view(state: TrialState) -> dict:

@@ -402,6 +402,26 @@ def test_a_retry_continues_its_own_run_even_after_it_was_closed(sqlite_uri):
     assert len(_runs(sqlite_uri, experiment_id)) == 1
 
 
+def test_a_holder_whose_run_was_taken_over_does_not_end_it(sqlite_uri):
+    """A holder paused past its lease (a stopped VM) comes back and ends its trial: the run is another's by then,
+    and keeps the status its new holder gives it."""
+    client = MlflowClient(sqlite_uri)
+    experiment_id = tracking.get_or_create_experiment(client, "claims")
+    lease_s = 1.0
+    creator = claims.child_run_creator(client, experiment_id, None)
+    paused = claims.claim_trial(client, experiment_id, "cfgP", "paused", creator, lease_s=lease_s)
+    paused.lease.release()  # the pause: no renewal, and nothing noticed yet
+    time.sleep(lease_s + 0.3)
+    taker = claims.claim_trial(client, experiment_id, "cfgP", "taker", creator, lease_s=lease_s,
+                               resume_run_id=paused.run_id)
+    assert (taker.kind, taker.run_id) == ("claimed", paused.run_id)
+    paused.lease.release("FINISHED")  # back from the pause
+    run = client.get_run(paused.run_id)
+    assert run.info.status == "RUNNING" and run.data.tags[claims.OWNER_TAG] == "taker"
+    taker.lease.release("FAILED")
+    assert client.get_run(paused.run_id).info.status == "FAILED"
+
+
 if __name__ == "__main__":
     mode, *rest = sys.argv[1:]
     if mode == "race":

@@ -181,7 +181,8 @@ def test_settings_are_normalised_and_a_gpu_request_is_left_to_the_cluster(regist
     assert spec.trial["base"]["weight_decay"] == 1e-4 and spec.trial["base"]["epochs"] == 2
     assert type(spec.trial["base"]["epochs"]) is int
     assert spec.resources == {"cpu": 0.5, "gpu": 1.0, "memory": None, "process": "worker"}  # a cluster may have a GPU
-    assert spec.scheduler == {"name": "asha", "grace_period": 1, "reduction_factor": 2.0, "max_t": None}
+    # max_t: the last epoch before the most a trial trains (finetune's default, 3): never stopped after all of it
+    assert spec.scheduler == {"name": "asha", "grace_period": 1, "reduction_factor": 2.0, "max_t": 2}
     assert spec.max_concurrent == 2 and spec.grid_configs() == [spec.trial]
     for gpu in (0.25, 2):
         assert parse_spec(f"name: g\nmodel: {{name: small_cnn}}\ndataset: {{name: digits}}\n"
@@ -298,6 +299,18 @@ MALFORMED = [
     ("random-without-num-samples", _spec(search={"algorithm": "random"}), "search.num_samples", "needs num_samples"),
     ("asha-reduction-factor-1", _spec(scheduler={**ASHA, "reduction_factor": 1}), "scheduler.reduction_factor", "2"),
     ("asha-grace-period-0", _spec(scheduler={**ASHA, "grace_period": 0}), "scheduler.grace_period", ">= 1"),
+    ("asha-grace-past-the-epochs", _spec(scheduler={**ASHA, "grace_period": 3}), "scheduler.grace_period",
+     "3 leaves asha no rung before a trial's last epoch (trials train 3 epochs, and one stopped at its last has "
+     "trained in full); use grace_period <= 2"),
+    ("asha-one-epoch", _spec(scheduler=ASHA, finetune={"epochs": 1}), "scheduler.grace_period", "use scheduler: fifo"),
+    ("asha-epochs-swept", _spec(scheduler=ASHA, space={"finetune.epochs": {"grid": [2, 6]}}), "scheduler.name",
+     "these trials train 2 to 6: it would stop the shorter ones at their last epoch"),
+    ("asha-both-arms", _spec(scheduler=ASHA, space={"arm": {"grid": ["finetune", "scratch"]}}), "scheduler.name",
+     "a scratch trial (new weights) trails a fine-tuned one by design"),
+    ("random-samples-nothing", _spec(search={"algorithm": "random", "num_samples": 4}), "search.algorithm",
+     "random search samples nothing here"),
+    ("scratch-without-epochs", _spec(base={"epochs": 0}, prune={"arm": "scratch"}), "prune.scratch_epochs",
+     "base.epochs is 0 (a pretrained base); set prune.scratch_epochs, such as 30"),
     ("fifo-with-grace-period", _spec(scheduler={"name": "fifo", "grace_period": 2}), "scheduler.grace_period",
      "only asha"),
     ("mode-up", _spec(mode="up"), "mode", "choose one of max, min"),

@@ -263,6 +263,23 @@ def test_a_run_left_without_params_gets_them_when_continued(store, configs):
     assert run.data.params == tracking.flat_params(config)
 
 
+def test_a_stop_during_the_final_report_leaves_a_finished_complete_run(store, configs):
+    """Tune hears of a trial's end after its run is FINISHED, with its test and its network: a driver that dies, or
+    a stop, while that report is on its way leaves nothing for a later launch to train again."""
+    config = _with(configs[0], ratio=0.65)
+
+    def report(metrics, ckpt):
+        if metrics.get("trial_status") == "FINISHED":
+            raise SystemExit("stopped while reporting the end")
+
+    with pytest.raises(SystemExit):
+        run_trial(config, store, report=report)
+    [run] = _runs(store, config)
+    assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
+    files = {a.path for a in MlflowClient(store.tracking_uri).list_artifacts(run.info.run_id, "checkpoint")}
+    assert files == {"checkpoint/pruned.pt"}
+
+
 @pytest.mark.parametrize("log_every_epoch", [False, True])
 def test_a_retry_redoing_unsaved_epochs_records_each_epoch_once(store, configs, tmp_path, fail_once, log_every_epoch):
     """A crash before the first scheduled checkpoint: the retry starts over in the same run. Epochs the failed
