@@ -32,9 +32,10 @@ from sweep.names import LEGACY_METRICS, METRICS
 log = logging.getLogger(__name__)
 
 STATUSES = ("RUNNING", "SCHEDULED", "FINISHED", "FAILED", "KILLED")
-# Params that say nothing about the result: where things live, not what was computed.
-NOT_SETTINGS = {"seed", "dataset.root", "dataset.download", "device", "measure.batch_size", "measure.warmup",
-                "measure.runs", "measure.threads"}
+# Params that do not change what a run computes: the seed (what groups pool over) and how carefully latency is
+# timed. Everything else splits groups, where-things-live included: a different dataset.root may be another dataset,
+# and device, measure.batch_size and measure.threads change the latency itself.
+NOT_SETTINGS = {"seed", "dataset.download", "measure.warmup", "measure.runs"}
 ACCURACY = "test_accuracy"
 # Fixed colour and marker per strategy, so a strategy looks the same in every figure of every sweep.
 STYLES = {
@@ -145,9 +146,10 @@ def paired_table(df: pd.DataFrame, reference: str = "random", metric: str = ACCU
     keys = [k for k in settings(df) if k != "strategy"]
     rows = []
     for values, group in df.groupby(keys, dropna=False, sort=True) if keys else [((), df)]:
-        ref = group[group["strategy"] == reference].set_index("seed")[metric]
+        # one value per seed on each side (runs that differ only in how latency was timed share a seed)
+        ref = group[group["strategy"] == reference].groupby("seed")[metric].mean()
         for strategy, runs in group[group["strategy"] != reference].groupby("strategy"):
-            diff = (runs.set_index("seed")[metric] - ref).dropna()
+            diff = (runs.groupby("seed")[metric].mean() - ref).dropna()
             mean, _, half, n = interval(diff)
             if n < 2 or math.isnan(half):
                 verdict = "n/a"

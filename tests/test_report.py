@@ -94,6 +94,25 @@ def test_groups_split_on_every_differing_setting_but_the_seed(store):
     assert sorted(table["n"]) == [1, 1] + [3] * 6
 
 
+def test_a_data_folder_splits_groups_and_latency_timing_passes_pool(store):
+    """Another dataset.root may hold other data, so it is a setting; runs that differ only in how many passes timed
+    their latency pool, and a paired verdict then pairs one value per seed, not every run with every run."""
+    uri, parent, _ = store
+    for seed in SEEDS:
+        cfg = {**trial("l1", 0.3, seed), "dataset": {"name": "cifar10", "root": "/data/other"}}
+        log_trial(uri, parent, cfg, values("l1", 0.3, seed, shift=-0.2))
+    log_trial(uri, parent, {**trial("random", 0.3, 0), "measure": {"runs": 100}}, values("random", 0.3, 0))
+    df = report.load_runs(EXPERIMENT, uri)
+    keys = report.settings(df)
+    assert "dataset.root" in keys and "measure.runs" not in keys
+    table = report.summary_table(df)
+    other = table[table["dataset.root"] == "/data/other"]
+    assert len(other) == 1 and int(other["n"].iloc[0]) == 3
+    pairs = report.paired_table(df)
+    here = pairs[(pairs["dataset.root"] != "/data/other") & (pairs["ratio"] == 0.3) & (pairs["strategy"] == "l1")]
+    assert list(here["pairs"]) == [3]  # seeds 0, 1, 2: the two seed-0 random runs count once
+
+
 def test_intervals_are_t_intervals_over_seeds(store):
     uri, _, logged = store
     table = report.summary_table(report.load_runs(EXPERIMENT, uri))
