@@ -8,6 +8,7 @@ Tune's own tables (one per 10 s, with every nested parameter) stay behind `sweep
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -65,7 +66,8 @@ class CompactProgress(ProgressReporter):
             elif trial.status == "TERMINATED":
                 ended[result.get("trial_status") if result.get("trial_status") in ("SKIPPED", "HELD") else "DONE"] += 1
             value = result.get(self.metric)
-            if isinstance(value, (int, float)) and (best is None or (value > best[0]) == (self.mode == "max")):
+            if isinstance(value, (int, float)) and math.isfinite(value) \
+                    and (best is None or (value > best[0]) == (self.mode == "max")):  # NaN: a trial with no value
                 best = (value, trial)
         finished = sum(ended.values())
         elapsed = time.time() - self.start

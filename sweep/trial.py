@@ -406,6 +406,9 @@ def _finish(state: TrialState, base_model, base_info, splits, device, run) -> di
              test["accuracy"], "train_time_s": state.train_time_s}
     if state.train.epochs == 0:  # no training: the final network is the pruned one, and so is its val accuracy
         final["val_accuracy"] = next(v for name, _, v in reversed(state.points) if name == "pruned_val_accuracy")
+        # and its val loss, which a spec may select on too
+        final["val_loss"] = evaluate(state.model, batches(splits.val, state.train.batch_size, False, device), device,
+                                     splits.num_classes)["loss"]
     if "top5" in test:
         final["test_top5"] = test["top5"]
     state.record(final)

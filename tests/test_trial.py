@@ -234,6 +234,7 @@ def test_no_fine_tune_reports_the_pruned_network(store, configs):
     final = run_trial(config, store, report=lambda metrics, ckpt: reports.append(metrics))
     assert final["test_accuracy"] == final["pruned_test_accuracy"]
     assert reports[-1]["val_accuracy"] == final["pruned_val_accuracy"] and "test_accuracy" not in reports[-1]
+    assert reports[-1]["val_loss"] > 0  # metric: val_loss selects among such trials too
 
 
 def test_a_trial_shorter_than_its_checkpoint_period_persists_none_and_logs_each_epoch_once(store, configs, tmp_path):
