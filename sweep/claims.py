@@ -432,6 +432,19 @@ def _adopt(client, experiment_id, config_hash, owner, run: Run, lease_s, ignore_
 # --- closing what dead owners left -------------------------------------------------------------------------------
 
 
+def wait_for_lapse(client: MlflowClient, run_id: str, lease_s: float, wait_s: float) -> bool:
+    """Whether run_id's holder is gone: it is not RUNNING, or its lease lapses within wait_s (polled once a second).
+    False means someone kept renewing it all that time: its holder is alive."""
+    deadline = time.time() + wait_s
+    while True:
+        run = tracking.with_retry(client.get_run, run_id)
+        if not _running_live(run, time.time(), lease_s):
+            return True
+        if time.time() > deadline:
+            return False
+        time.sleep(1.0)
+
+
 def close_dead_runs(client: MlflowClient, experiment_id: str, now: float | None = None, closer: str | None = None,
                     lease_s: float = DEFAULT_LEASE_S) -> list[str]:
     """Close every RUNNING run of the experiment whose holder is dead; return their ids.

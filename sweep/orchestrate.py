@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from . import claims, forked, latency, raycompat, report, shared_data, tracking
@@ -87,7 +90,8 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
 
 
 def check_resources(spec: SweepSpec) -> None:
-    """After connecting: a trial that asks for GPUs (or more CPUs than any node has) can never be scheduled."""
+    """After connecting: a trial that asks for GPUs (or more CPUs or memory than any node has) can never be
+    scheduled."""
     import ray
 
     nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
@@ -104,6 +108,10 @@ def check_resources(spec: SweepSpec) -> None:
     if want["cpu"] > most_cpus:
         errors.append(f"resources.cpu: {want['cpu']:g} CPUs per trial but the largest node has {most_cpus:g}; "
                       f"set resources.cpu to at most {most_cpus:g}")
+    most_gib = max((node.get("memory", 0) for node in nodes), default=0) / 2**30
+    if want.get("memory") and want["memory"] > most_gib:  # Tune would wait for such a node forever, silently
+        errors.append(f"resources.memory: {want['memory']:g} GiB per trial but the largest node offers Ray "
+                      f"{most_gib:.1f} GiB; set resources.memory to at most {most_gib:.1f}")
     if errors:
         raise SpecError(errors)
 
@@ -242,6 +250,34 @@ def _pending_grid(spec: SweepSpec, uri: str, force: bool) -> tuple[list[dict], i
     return pending, len(configs) - len(pending)
 
 
+def _check_resumable(client: MlflowClient, spec: SweepSpec, lease_s: float) -> None:
+    """--resume continues the newest launch as it was launched: refuse one whose driver is alive (two drivers would
+    share one Tune folder and close each other's runs), and a spec that changed since (Tune restores the old one)."""
+    parent = tracking.newest_parent_run(client, spec.name)
+    if parent is None:
+        return
+    run = tracking.with_retry(client.get_run, parent)
+    if run.info.status == "FINISHED":  # nothing to resume: --resume starts afresh
+        return
+    if run.info.status == "RUNNING":
+        print("the launch to resume holds its lease; waiting for it to lapse (its driver may still be running)")
+        if not claims.wait_for_lapse(client, parent, lease_s, wait_s=1.5 * lease_s):
+            raise InputError(f"--resume: sweep {spec.name} is running in another process (launch "
+                             f"{run.data.tags.get(claims.OWNER_TAG, '?')} keeps renewing its lease): let it finish, "
+                             "or stop it, then resume")
+    with tempfile.TemporaryDirectory(prefix="sweep-spec-") as tmp:
+        try:
+            old = yaml.safe_load(Path(client.download_artifacts(parent, "spec.yaml", tmp)).read_text("utf-8"))
+        except (MlflowException, OSError, yaml.YAMLError):  # an older launch without its spec: nothing to compare
+            return
+    new = yaml.safe_load(spec.source_text)
+    if isinstance(old, dict) and isinstance(new, dict) and old != new:
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        raise InputError(f"--resume: the spec's {', '.join(changed)} changed since the launch being resumed, which "
+                         "continues as it was launched; undo the change to resume it, or run without --resume to "
+                         "launch the new spec (configs that finished are skipped)")
+
+
 def _interrupted_launch(uri: str, spec: SweepSpec) -> tuple[str, str] | None:
     """The newest unfinished launch of this sweep whose Tune state can be restored: (parent run id, Tune folder)."""
     client = MlflowClient(uri)
@@ -369,6 +405,8 @@ def _launch(spec: SweepSpec, uri: str, storage: str, resume: bool, force: bool, 
 
     tracking.init_store(uri)  # here, in the driver: trial workers creating the schema in parallel would race
     client, launch_id, lease_s = MlflowClient(uri), claims.new_owner_id("launch"), lease_seconds()
+    if resume:
+        _check_resumable(client, spec, lease_s)
     experiment_id = tracking.find_experiment_id(client, spec.name)
     if experiment_id is not None:  # runs left RUNNING by launches that died: close them, saying why
         closed = claims.close_dead_runs(client, experiment_id, closer=launch_id, lease_s=lease_s)

@@ -21,7 +21,7 @@ import pytest
 import ray
 from mlflow.tracking import MlflowClient
 
-from sweep import tracking
+from sweep import claims, tracking
 from sweep.orchestrate import run_sweep
 from sweep.spec import load_spec
 
@@ -253,6 +253,33 @@ def test_a_new_launch_closes_a_dead_launchs_runs_and_reruns_them(tmp_path, drive
     assert len(dead) == 2 and all("stopped renewing" in r.data.tags["sweep.closed_reason"] for r in dead)
     [run] = [r for r in runs_by_config(uri, spec.name).popitem()[1] if r.info.status == "FINISHED"]
     assert steps(uri, run.info.run_id) == list(range(1, 9))
+
+
+@pytest.mark.timeout(300)
+def test_resume_refuses_a_launch_whose_driver_is_alive(tmp_path, driver_env, sqlite_uri):
+    """`--resume` in a second terminal while the first driver still runs: refused once the lease is seen renewed
+    (two drivers would share one Tune folder and close each other's runs); the first launch is left as it was."""
+    uri = sqlite_uri
+    path = write_spec(tmp_path, "alive", epochs=500, limit=1000, batch=16,
+                      extra="checkpoint_every_s: 0\nspace:\n  strategy: {grid: [l1]}\n")
+    spec = load_spec(path)
+    args = [str(path), "--tracking-uri", uri, "--storage", str(tmp_path / "results"), "--quiet"]
+    log = tmp_path / "driver.log"
+    driver = _sweep(args, driver_env, tmp_path, log)
+    wait_for(lambda: [r for rs in runs_by_config(uri, spec.name).values() for r in rs
+                      if r.info.status == "RUNNING" and steps(uri, r.info.run_id)],
+             "a trial mid-fine-tune", seconds=150, every=0.3)
+    second = subprocess.run([sys.executable, "-m", "sweep.cli", "run", *args, "--resume"], env=driver_env,
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert f"--resume: sweep {spec.name} is running in another process" in second.stderr
+    assert driver.poll() is None, log.read_text()[-3000:]
+    client = MlflowClient(uri)
+    everything = tracking.all_runs(client, tracking.find_experiment_id(client, spec.name))
+    assert sorted(r.info.status for r in everything) == ["RUNNING", "RUNNING"]  # its parent and its trial
+    assert len({r.data.tags[claims.OWNER_TAG].split("/")[0] for r in everything}) == 1  # nobody took them over
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait(timeout=30)
 
 
 @pytest.mark.timeout(360)

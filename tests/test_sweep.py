@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from sweep import tracking
 from sweep.cli import main
+from sweep.errors import InputError
 from sweep.orchestrate import cache_dir, measures_in_driver, run_sweep
 from sweep.spec import SpecError, load_spec
 
@@ -29,7 +30,7 @@ measure: {{batch_size: 1, warmup: 1, runs: 2}}
 space:
   strategy: {{grid: {strategies}}}
   ratio: {{grid: {ratios}}}
-resources: {{cpu: 1, gpu: {gpu}, process: {process}}}
+resources: {{cpu: 1, gpu: {gpu}, process: {process}{memory}}}
 max_failures: {max_failures}
 {extra}
 """
@@ -52,10 +53,11 @@ resources: {{cpu: 1}}
 
 
 def write_spec(folder: Path, name: str, strategies=("l1", "random"), ratios=(0.3, 0.6), gpu=0, epochs=1,
-               max_failures=2, extra="", process="worker") -> Path:
+               max_failures=2, extra="", process="worker", memory: float | None = None) -> Path:
     path = folder / f"{name}.yaml"
     path.write_text(TINY.format(name=name, strategies=list(strategies), ratios=list(ratios), gpu=gpu, epochs=epochs,
-                                max_failures=max_failures, extra=extra, process=process), encoding="utf-8")
+                                max_failures=max_failures, extra=extra, process=process,
+                                memory=f", memory: {memory}" if memory else ""), encoding="utf-8")
     return path
 
 
@@ -154,15 +156,18 @@ class TestLocalSweep:
         assert len(parents(store["uri"], "local_sweep")) == 2
 
     @pytest.mark.timeout(120)
-    def test_gpu_on_a_cpu_only_cluster_is_refused_before_any_run(self, local_ray, tmp_path, capsys):
-        path = write_spec(tmp_path, "gpu_sweep", gpu=1)
+    @pytest.mark.parametrize("ask, error", [({"gpu": 1}, "resources.gpu: 1 GPU per trial"),
+                                            ({"memory": 100000}, "resources.memory: 100000 GiB per trial")])
+    def test_what_no_node_has_is_refused_before_any_run(self, local_ray, tmp_path, capsys, ask, error):
+        """Ray would wait for such a node forever, and Tune says nothing of memory."""
+        path = write_spec(tmp_path, "gpu_sweep", **ask)
         db = tmp_path / "store" / "mlflow.db"
         db.parent.mkdir()  # sqlite makes the file, not its folder: a missing folder is an error of its own
         args = ["run", str(path), "--tracking-uri", f"sqlite:///{db}", "--storage", str(tmp_path / "results")]
         assert main(args) == 2
         lines = capsys.readouterr().err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith(f"error: {path}: resources.gpu: 1 GPU per trial")
-        with pytest.raises(SpecError, match="resources.gpu"):
+        assert len(lines) == 1 and lines[0].startswith(f"error: {path}: {error}")
+        with pytest.raises(SpecError, match=error.split(":")[0]):
             run_sweep(load_spec(path), tracking_uri=f"sqlite:///{db}", storage=str(tmp_path / "results"))
         assert not db.exists() and not (tmp_path / "results").exists()
 
@@ -177,6 +182,14 @@ class TestLocalSweep:
         [run] = children(uri, "fails")
         [parent] = parents(uri, "fails")
         assert run.info.status == "FAILED" and parent.info.status == "FAILED"
+
+        # Tune would restore the launch as it was: a spec edited since is refused before anything runs
+        (tmp_path / "edited").mkdir()
+        edited = load_spec(write_spec(tmp_path / "edited", "fails", strategies=["l1"], ratios=[0.5], epochs=3,
+                                      max_failures=0, extra="checkpoint_every_s: 0"))
+        with pytest.raises(InputError, match="--resume: the spec's finetune changed since the launch being resumed"):
+            run_sweep(edited, tracking_uri=uri, storage=storage, verbose=0, resume=True)
+        assert [r.info.status for r in children(uri, "fails")] == ["FAILED"]
 
         # --resume restores the launch: the errored trial restarts from its epoch-1 checkpoint, continuing its own
         # MLflow run under the same parent run.
