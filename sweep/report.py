@@ -199,7 +199,7 @@ def _text(value) -> str:
 
 def _series(table: pd.DataFrame) -> pd.Series:
     """A legend label per row: the strategy plus every other setting that varies, except the x-axis ones."""
-    others = [k for k in settings_of(table) if k not in ("model", "strategy", "ratio")]
+    others = [k for k in settings_of(table) if k not in (*PANEL_KEYS, "strategy", "ratio")]
     label = table["strategy"].astype(str)
     for column in others:
         label = label + f" {column}=" + table[column].map(_text)
@@ -210,17 +210,26 @@ def settings_of(table: pd.DataFrame) -> list[str]:
     return [c for c in table.columns if c not in ("n", "run_ids") and not c.startswith(tuple(SUMMARY_METRICS))]
 
 
-def _panels(table: pd.DataFrame) -> tuple[Figure, list[tuple[str, pd.DataFrame, Axes]]]:
-    """One panel per model: accuracies of different models do not share a scale."""
-    models = sorted(table["model"].dropna().astype(str).unique())
-    if not models:
+PANEL_KEYS = ("model", "dataset")  # accuracies of different models, or of one on different tasks, share no scale
+
+
+def _panels(table: pd.DataFrame) -> tuple[Figure, list[tuple[str, pd.DataFrame, Axes, dict]]]:
+    """One panel per model and dataset: (title, the table's rows, axes, {column: value} that selects its runs)."""
+    keys = [k for k in PANEL_KEYS if k in table]
+    names = table[keys].astype(str)
+    panels = sorted({tuple(row) for row in names.itertuples(index=False)})
+    if not panels:
         raise ReportError("nothing to plot: no finished trials")
-    fig = Figure(figsize=(6.8 * len(models), 5.0), layout="constrained")
-    axes = fig.subplots(1, len(models), squeeze=False)[0]
-    return fig, [(m, table[table["model"].astype(str) == m], ax) for m, ax in zip(models, axes)]
+    fig = Figure(figsize=(6.8 * len(panels), 5.0), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    return fig, [(" on ".join(values), table[(names == values).all(axis=1)], ax, dict(zip(keys, values)))
+                 for values, ax in zip(panels, axes)]
 
 
-def _base_line(ax: Axes, runs: pd.DataFrame) -> None:
+def _base_line(ax: Axes, runs: pd.DataFrame, where: dict) -> None:
+    """The unpruned base of the runs of one panel."""
+    for column, value in where.items():
+        runs = runs[runs[column].astype(str) == value]
     base = runs["base_test_accuracy"].dropna()
     if len(base):
         ax.axhline(100 * base.mean(), color="black", linestyle="--", linewidth=1,
@@ -272,14 +281,14 @@ def plot_pareto(runs: pd.DataFrame, table: pd.DataFrame, path: str | Path) -> Pa
     """Mean test accuracy (95 % CI) against the mean FLOPs reduction achieved, with the Pareto front of means."""
     fig, panels = _panels(table)
     order = sorted(table["strategy"].astype(str).unique())
-    for model, sub, ax in panels:
+    for title, sub, ax, where in panels:
         for label, rows, variant in _each_series(table, sub):
             _errorbars(ax, rows, "flops_reduction", ACCURACY, label, order, variant, linestyle="none", alpha=0.9)
         front = sub[pareto_front(sub)].sort_values("flops_reduction")
         ax.step(100 * front["flops_reduction"], 100 * front[ACCURACY], where="pre", color="black", linewidth=1.2,
                 alpha=0.6, label="Pareto front (means)")
-        _base_line(ax, runs[runs["model"].astype(str) == model])
-        _finish_axes(ax, f"{model}: accuracy vs FLOPs removed (mean, 95% CI)", "FLOPs removed (%), achieved")
+        _base_line(ax, runs, where)
+        _finish_axes(ax, f"{title}: accuracy vs FLOPs removed (mean, 95% CI)", "FLOPs removed (%), achieved")
     return _save(fig, path)
 
 
@@ -287,11 +296,11 @@ def plot_levels(runs: pd.DataFrame, table: pd.DataFrame, path: str | Path) -> Pa
     """Test accuracy at each pruning level, against the fraction of channels actually removed."""
     fig, panels = _panels(table)
     order = sorted(table["strategy"].astype(str).unique())
-    for model, sub, ax in panels:
+    for title, sub, ax, where in panels:
         for label, rows, variant in _each_series(table, sub):
             _errorbars(ax, rows, "channels_removed", ACCURACY, label, order, variant)
-        _base_line(ax, runs[runs["model"].astype(str) == model])
-        _finish_axes(ax, f"{model}: accuracy at each pruning level (mean, 95% CI)", "Channels removed (%), achieved")
+        _base_line(ax, runs, where)
+        _finish_axes(ax, f"{title}: accuracy at each pruning level (mean, 95% CI)", "Channels removed (%), achieved")
     return _save(fig, path)
 
 
@@ -299,7 +308,7 @@ def plot_finetune(runs: pd.DataFrame, table: pd.DataFrame, path: str | Path) -> 
     """Accuracy right after pruning (dashed, hollow) and after training (solid): what fine-tuning recovers."""
     fig, panels = _panels(table)
     order = sorted(table["strategy"].astype(str).unique())
-    for model, sub, ax in panels:
+    for title, sub, ax, where in panels:
         before_drawn = set()
         for label, rows, variant in _each_series(table, sub):
             _errorbars(ax, rows, "flops_reduction", ACCURACY, f"{label}: trained", order, variant)
@@ -308,8 +317,8 @@ def plot_finetune(runs: pd.DataFrame, table: pd.DataFrame, path: str | Path) -> 
                 before_drawn.add(strategy)
                 _errorbars(ax, rows, "flops_reduction", "pruned_test_accuracy", f"{strategy}: right after pruning",
                            order, linestyle=(0, (1, 3)), mfc="none", alpha=0.6)
-        _base_line(ax, runs[runs["model"].astype(str) == model])
-        _finish_axes(ax, f"{model}: before vs after fine-tuning", "FLOPs removed (%), achieved")
+        _base_line(ax, runs, where)
+        _finish_axes(ax, f"{title}: before vs after fine-tuning", "FLOPs removed (%), achieved")
     return _save(fig, path)
 
 
@@ -337,9 +346,12 @@ def plot_train_time(table: pd.DataFrame, path: str | Path) -> Path:
 
 def plot_layers(runs: pd.DataFrame, uri: str, path: str | Path) -> Path | None:
     """Channels kept per layer, one line per strategy, at the pruning level nearest half: which layers a criterion
-    spares. Reads one run's channels.csv artifact per strategy (the first seed)."""
+    spares. Reads one run's channels.csv artifact per strategy (the first seed), of one model and dataset (the first
+    by name): layers of different networks share no axis."""
     if "ratio" not in runs or runs["ratio"].isna().all():
         return None
+    for column in (k for k in PANEL_KEYS if k in runs):
+        runs = runs[runs[column].astype(str) == sorted(runs[column].astype(str).unique())[0]]
     level = runs.loc[(runs["ratio"] - 0.5).abs().idxmin(), "ratio"]
     chosen = runs[runs["ratio"] == level].sort_values("seed").groupby("strategy").head(1)
     client = MlflowClient(uri)
@@ -404,7 +416,8 @@ def summary_markdown(experiment: str, runs: pd.DataFrame, table: pd.DataFrame, p
              "logged once per run and never used for selection. FLOPs count 2 per multiply-add; MACs are "
              "multiply-adds.", ""]
     # Groups that differ in what the base is trained from have a base each; never one mean over all of them.
-    base_keys = [k for k in keys if k in ("model", "weights", "dataset") or k.startswith("base.")]
+    base_keys = [k for k in keys if k in ("model", "weights", "dataset")
+                 or k.startswith(("base.", "model.", "dataset."))]
     if len(base) and base_keys:
         per = runs.loc[base.index].groupby(base_keys, dropna=False, sort=True)["base_test_accuracy"].mean()
         named = [" ".join(map(str, k if isinstance(k, tuple) else (k,))) + f" {100 * v:.1f} %" for k, v in per.items()]

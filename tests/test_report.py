@@ -248,6 +248,23 @@ def test_plots_with_two_models(store, tmp_path):
     assert "nan" not in report.summary_markdown(EXPERIMENT, runs, table, report.paired_table(runs), "random")
 
 
+def test_one_model_on_two_datasets_gets_a_panel_and_a_base_each(store, tmp_path):
+    """A model on two tasks: two bases, two scales of accuracy, two Pareto fronts; never one mean or one front."""
+    uri, parent, _ = store
+    for strategy in ("l1", "random"):
+        for ratio in RATIOS:
+            cfg = {**trial(strategy, ratio), "dataset": {"name": "cifar100", "root": None}}
+            log_trial(uri, parent, cfg, {**values(strategy, ratio, shift=-0.3), "base_test_accuracy": 0.7})
+    runs = report.load_runs(EXPERIMENT, uri)
+    table = report.summary_table(runs)
+    two = report.plot_pareto(runs, table, tmp_path / "two.png")
+    one = report.plot_pareto(runs, table[table["dataset"] == "cifar10"], tmp_path / "one.png")
+    assert png_size(two)[0] > 1.8 * png_size(one)[0]
+    text = report.summary_markdown(EXPERIMENT, runs, table, pd.DataFrame(), "random")
+    assert f"Unpruned bases, test accuracy: resnet20 cifar10 {100 * BASE['test']:.1f} %, resnet20 cifar100 70.0 %." \
+        in text
+
+
 def test_summary_names_one_base_per_model(store):
     """Two architectures have two unpruned bases: the summary gives each, never one mean of both."""
     uri, parent, _ = store
