@@ -432,17 +432,41 @@ def _adopt(client, experiment_id, config_hash, owner, run: Run, lease_s, ignore_
 # --- closing what dead owners left -------------------------------------------------------------------------------
 
 
-def wait_for_lapse(client: MlflowClient, run_id: str, lease_s: float, wait_s: float) -> bool:
-    """Whether run_id's holder is gone: it is not RUNNING, or its lease lapses within wait_s (polled once a second).
-    False means someone kept renewing it all that time: its holder is alive."""
-    deadline = time.time() + wait_s
-    while True:
+def holder_alive(client: MlflowClient, run_id: str, lease_s: float) -> bool:
+    """Whether a RUNNING run's holder is alive: it renews the lease (every lease_s / 3) before the lease lapses.
+    Returns within about lease_s / 3 for a live holder, and once the lease lapses (at most lease_s) for a dead one."""
+    first = None
+    deadline = time.time() + 1.5 * lease_s  # bounded: a holder that neither renews nor lapses counts as alive
+    while time.time() < deadline:
         run = tracking.with_retry(client.get_run, run_id)
         if not _running_live(run, time.time(), lease_s):
-            return True
-        if time.time() > deadline:
             return False
+        until = _lease_until(run)
+        if first is None:
+            first = until
+        elif until is not None and until > first:
+            return True
         time.sleep(1.0)
+    return True
+
+
+def outlive_dead_launches(client: MlflowClient, experiment_id: str, lease_s: float) -> None:
+    """Wait out the leases of launches of this experiment whose driver died moments ago (it stopped renewing its
+    parent run's lease), and of their trials' runs: a new launch would otherwise find those configs held and skip
+    them. A launch that is alive (an overlapping one) renews within lease_s / 3 and is left to its runs."""
+    parents = tracking.all_runs(client, experiment_id,
+                                f"attributes.status = 'RUNNING' and tags.`sweep.role` = '{tracking.PARENT_ROLE}'")
+    for parent in parents:
+        if not _running_live(parent, time.time(), lease_s):
+            continue  # lapsed already: close_dead_runs closes it and its trials' runs
+        log.warning("another launch of this experiment holds its lease (run %s); checking whether its driver is "
+                    "alive (at most %.0f s)", parent.info.run_id, lease_s)
+        if holder_alive(client, parent.info.run_id, lease_s):
+            continue
+        trials = tracking.all_runs(client, experiment_id, "attributes.status = 'RUNNING' and "
+                                   f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        for run in trials:  # the driver's workers died with it: their leases lapse within lease_s
+            holder_alive(client, run.info.run_id, lease_s)
 
 
 def close_dead_runs(client: MlflowClient, experiment_id: str, now: float | None = None, closer: str | None = None,

@@ -260,8 +260,8 @@ def _check_resumable(client: MlflowClient, spec: SweepSpec, lease_s: float) -> N
     if run.info.status == "FINISHED":  # nothing to resume: --resume starts afresh
         return
     if run.info.status == "RUNNING":
-        print("the launch to resume holds its lease; waiting for it to lapse (its driver may still be running)")
-        if not claims.wait_for_lapse(client, parent, lease_s, wait_s=1.5 * lease_s):
+        print(f"the launch to resume holds its lease; checking whether its driver is alive (at most {lease_s:.0f} s)")
+        if claims.holder_alive(client, parent, lease_s):
             raise InputError(f"--resume: sweep {spec.name} is running in another process (launch "
                              f"{run.data.tags.get(claims.OWNER_TAG, '?')} keeps renewing its lease): let it finish, "
                              "or stop it, then resume")
@@ -409,6 +409,8 @@ def _launch(spec: SweepSpec, uri: str, storage: str, resume: bool, force: bool, 
         _check_resumable(client, spec, lease_s)
     experiment_id = tracking.find_experiment_id(client, spec.name)
     if experiment_id is not None:  # runs left RUNNING by launches that died: close them, saying why
+        if not resume:  # (--resume waited for its own launch above)
+            claims.outlive_dead_launches(client, experiment_id, lease_s)
         closed = claims.close_dead_runs(client, experiment_id, closer=launch_id, lease_s=lease_s)
         if closed:
             print(f"closed {len(closed)} runs left RUNNING by a launch that died (tag sweep.closed_reason)")
