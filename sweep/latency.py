@@ -42,13 +42,19 @@ def latency_stats(model: torch.nn.Module, input_shape: tuple[int, int, int], dev
     return {"latency_ms": statistics.median(samples), "latency_iqr_ms": q3 - q1}
 
 
-def runs_to_measure(uri: str, experiment: str) -> list[str]:
-    """FINISHED trial runs of the experiment that have no latency yet (this launch's, or a dead launch's)."""
+def runs_to_measure(uri: str, experiment: str, own_parent: str | None = None) -> list[str]:
+    """FINISHED trial runs of the experiment that have no latency yet: this launch's (own_parent), a dead launch's,
+    a single trial's; never those of another launch still running, which measures its own (two launches measuring
+    one run would log its latency twice)."""
     # Only runs without the latency.device tag (measure_runs writes it): a filtered query, not a read of every
     # FINISHED run. A run killed between its latency metrics and its tags has latency_ms: the check below skips it.
-    runs = tracking.child_runs(MlflowClient(uri), experiment,
-                               "attributes.status = 'FINISHED' and tags.`latency.device` IS NULL")
-    return [run.info.run_id for run in runs if "latency_ms" not in run.data.metrics]
+    client = MlflowClient(uri)
+    runs = tracking.child_runs(client, experiment, "attributes.status = 'FINISHED' and tags.`latency.device` IS NULL")
+    running = f"attributes.status = 'RUNNING' and tags.`sweep.role` = '{tracking.PARENT_ROLE}'"
+    experiment_id = tracking.find_experiment_id(client, experiment)
+    live = {r.info.run_id for r in tracking.all_runs(client, experiment_id, running)} if runs else set()
+    return [run.info.run_id for run in runs if "latency_ms" not in run.data.metrics
+            and run.data.tags.get("mlflow.parentRunId") not in live - {own_parent}]
 
 
 def _networks(client: MlflowClient, run_id: str) -> tuple[torch.nn.Module, torch.nn.Module, dict]:

@@ -461,7 +461,7 @@ def _launch(spec: SweepSpec, uri: str, storage: str, resume: bool, force: bool, 
             finally:
                 if fork:
                     forked.stop_zygotes(launch_id)
-        _measure_latency(spec, uri)
+        _measure_latency(spec, uri, parent)
     except BaseException:
         parent_lease.release()
         tracking.close_children(uri, spec.name, parent)
@@ -498,11 +498,11 @@ def _trial_resources(spec: SweepSpec) -> dict[str, float]:
     return resources
 
 
-def _measure_latency(spec: SweepSpec, uri: str) -> None:
+def _measure_latency(spec: SweepSpec, uri: str, parent: str) -> None:
     """The measurement phase: every finished trial without latency, one model at a time, on a quiet worker."""
     import ray
 
-    run_ids = latency.runs_to_measure(uri, spec.name)
+    run_ids = latency.runs_to_measure(uri, spec.name, own_parent=parent)
     if not run_ids:
         return
     if measures_in_driver():

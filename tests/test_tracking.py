@@ -251,6 +251,17 @@ def test_runs_to_measure_reads_only_unmeasured_finished_runs(uri):
     tracking.end_run(uri, parent)  # runs[4] is still RUNNING: not yet
     assert sorted(latency.runs_to_measure(uri, EXPERIMENT)) == sorted([runs[0].run_id, runs[3].run_id])
 
+    # Another launch still running measures its own finished runs; this launch and a single trial leave them alone.
+    other = tracking.start_parent_run(uri, EXPERIMENT, "")
+    theirs = TrialRun.create(uri, EXPERIMENT, other, trial(ratio=0.6))
+    theirs.finish()
+    ours = tracking.start_parent_run(uri, EXPERIMENT, "")
+    for own_parent in (ours, None):
+        assert sorted(latency.runs_to_measure(uri, EXPERIMENT, own_parent)) == sorted([runs[0].run_id, runs[3].run_id])
+    assert theirs.run_id in latency.runs_to_measure(uri, EXPERIMENT, other)
+    tracking.end_run(uri, other, "KILLED")  # that launch died before its phase: a later one measures its runs
+    assert theirs.run_id in latency.runs_to_measure(uri, EXPERIMENT, ours)
+
 
 def test_deleted_experiment_is_a_clear_error(uri):
     client = MlflowClient(uri)
