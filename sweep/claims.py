@@ -156,9 +156,11 @@ def _runs_for(client: MlflowClient, experiment_id: str, config_hash: str) -> lis
 
 
 def _close(client: MlflowClient, run: Run, status: str, closer: str, reason: str) -> bool:
-    """End a dead run with the reason tags; re-read first so a holder that just finished or renewed is left alone."""
+    """End a dead run with the reason tags; re-read first so a holder that just finished or renewed, or a resumer
+    that is adopting it, is left alone."""
     fresh = tracking.with_retry(client.get_run, run.info.run_id)
-    if fresh.info.status != "RUNNING" or _lease_until(fresh) != _lease_until(run):
+    if fresh.info.status != "RUNNING" or _lease_until(fresh) != _lease_until(run) \
+            or _live_adopters(fresh, time.time()):
         return False
     run_id = run.info.run_id
     tracking.with_retry(client.set_tag, run_id, CLOSED_BY_TAG, closer)

@@ -467,9 +467,8 @@ def _launch(spec: SweepSpec, uri: str, storage: str, resume: bool, force: bool, 
         tracking.close_children(uri, spec.name, parent)
         tracking.end_run(uri, parent, "KILLED")
         raise
-    parent_lease.release()
     frame = summary_frame(result_grid, early_stopping=spec.scheduler["name"] != "fifo")
-    return _finish(spec, uri, storage, parent, frame, skipped, experiment_path)
+    return _finish(spec, uri, storage, parent, parent_lease, frame, skipped, experiment_path)
 
 
 def lease_seconds() -> float:
@@ -535,9 +534,11 @@ def measures_in_driver() -> bool:
     return alive == [ray.get_runtime_context().get_node_id()]
 
 
-def _finish(spec: SweepSpec, uri: str, storage: str, parent: str, frame: pd.DataFrame, skipped: int,
-            experiment_path: str) -> SweepOutcome:
-    """Close the launch: orphaned trial runs, the report, the parent run's status, the summary table."""
+def _finish(spec: SweepSpec, uri: str, storage: str, parent: str, parent_lease: claims.Lease, frame: pd.DataFrame,
+            skipped: int, experiment_path: str) -> SweepOutcome:
+    """Close the launch: orphaned trial runs, the report, the parent run's status, the summary table. The parent's
+    lease is renewed until its status is set: a report of a large store takes a while, and another launch must not
+    take the parent for dead meanwhile."""
     tracking.close_children(uri, spec.name, parent)
     interrupted = int((frame["status"] == "INTERRUPTED").sum())
     failed = int((frame["status"] == "FAILED").sum())
@@ -545,7 +546,7 @@ def _finish(spec: SweepSpec, uri: str, storage: str, parent: str, frame: pd.Data
     held = int((frame["status"] == "HELD").sum())
     ran = int(frame["status"].isin(["FINISHED", "FAILED", "STOPPED"]).sum())
     _write_report(spec.name, uri, storage)
-    tracking.end_run(uri, parent, "KILLED" if interrupted else "FAILED" if failed else "FINISHED")
+    parent_lease.release("KILLED" if interrupted else "FAILED" if failed else "FINISHED")
     print(f"\nsweep {spec.name}: {ran} trials ran, {skipped} skipped (already finished), {failed} failed"
           + (f", {held} left to another trial running the same config" if held else ""))
     _print_summary(frame)

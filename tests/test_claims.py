@@ -402,6 +402,23 @@ def test_a_retry_continues_its_own_run_even_after_it_was_closed(sqlite_uri):
     assert len(_runs(sqlite_uri, experiment_id)) == 1
 
 
+def test_a_dead_run_being_adopted_is_not_closed(sqlite_uri):
+    """A --resume writes its adopt tag on a lapsed run just after a closer listed it as dead: the closer's re-read
+    sees the adopter and leaves the run (closing it would fail the resumed trial at its end)."""
+    client = MlflowClient(sqlite_uri)
+    experiment_id = tracking.get_or_create_experiment(client, "claims")
+    lease_s = 1.0
+    first = claims.claim_trial(client, experiment_id, "cfgA", "dead", claims.child_run_creator(client, experiment_id,
+                                                                                                None), lease_s=lease_s)
+    first.lease.release()
+    time.sleep(lease_s + 0.3)
+    listed = client.get_run(first.run_id)  # what the closer's query returned
+    client.set_tag(first.run_id, claims.ADOPT_PREFIX + "resumer", f"{time.time() + 30:.3f}")
+    assert not claims._close(client, listed, "FAILED", "closer", "lease expired")
+    assert client.get_run(first.run_id).info.status == "RUNNING"
+    assert claims.close_dead_runs(client, experiment_id, lease_s=lease_s) == []
+
+
 def test_a_holder_whose_run_was_taken_over_does_not_end_it(sqlite_uri):
     """A holder paused past its lease (a stopped VM) comes back and ends its trial: the run is another's by then,
     and keeps the status its new holder gives it."""
