@@ -224,20 +224,26 @@ space:
     assert [p.info.status for p in parents] == ["FINISHED"]  # the resumed launch closed the interrupted parent
 
 
+def _one_trial_mid_fine_tune(tmp_path: Path, env: dict, uri: str, name: str, epochs: int):
+    """`sweep run` of one long trial, returned once the trial has logged an epoch: (spec, args, log, driver)."""
+    path = write_spec(tmp_path, name, epochs=epochs, limit=1000, batch=16,
+                      extra="checkpoint_every_s: 0\nspace:\n  strategy: {grid: [l1]}\n")
+    spec = load_spec(path)
+    args = [str(path), "--tracking-uri", uri, "--storage", str(tmp_path / "results"), "--quiet"]
+    log = tmp_path / "driver.log"
+    driver = _sweep(args, env, tmp_path, log)
+    wait_for(lambda: [r for rs in runs_by_config(uri, spec.name).values() for r in rs
+                      if r.info.status == "RUNNING" and steps(uri, r.info.run_id)],
+             "a trial mid-fine-tune", seconds=150, every=0.3)
+    return spec, args, log, driver
+
+
 @pytest.mark.timeout(300)
 def test_a_new_launch_closes_a_dead_launchs_runs_and_reruns_them(tmp_path, driver_env, sqlite_uri):
     """Without --resume: the runs a killed driver left RUNNING are closed with the reason, then run afresh."""
     uri = sqlite_uri
     driver_env = {**driver_env, "SWEEP_LEASE_SECONDS": "20"}  # outlasts the new launch's start
-    path = write_spec(tmp_path, "orphans", epochs=8, limit=1000, batch=16,
-                      extra="checkpoint_every_s: 0\nspace:\n  strategy: {grid: [l1]}\n")
-    spec = load_spec(path)
-    args = [str(path), "--tracking-uri", uri, "--storage", str(tmp_path / "results"), "--quiet"]
-    log = tmp_path / "driver.log"
-    driver = _sweep(args, driver_env, tmp_path, log)
-    wait_for(lambda: [r for rs in runs_by_config(uri, spec.name).values() for r in rs
-                      if r.info.status == "RUNNING" and steps(uri, r.info.run_id)],
-             "a trial mid-fine-tune", seconds=150, every=0.3)
+    spec, args, log, driver = _one_trial_mid_fine_tune(tmp_path, driver_env, uri, "orphans", epochs=8)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait(timeout=30)
     _kill_all(next(k + "=" + v for k, v in driver_env.items() if k == "SWEEP_TEST_DRIVER"))
@@ -263,15 +269,7 @@ def test_resume_refuses_a_launch_whose_driver_is_alive(tmp_path, driver_env, sql
     """`--resume` in a second terminal while the first driver still runs: refused once the lease is seen renewed
     (two drivers would share one Tune folder and close each other's runs); the first launch is left as it was."""
     uri = sqlite_uri
-    path = write_spec(tmp_path, "alive", epochs=500, limit=1000, batch=16,
-                      extra="checkpoint_every_s: 0\nspace:\n  strategy: {grid: [l1]}\n")
-    spec = load_spec(path)
-    args = [str(path), "--tracking-uri", uri, "--storage", str(tmp_path / "results"), "--quiet"]
-    log = tmp_path / "driver.log"
-    driver = _sweep(args, driver_env, tmp_path, log)
-    wait_for(lambda: [r for rs in runs_by_config(uri, spec.name).values() for r in rs
-                      if r.info.status == "RUNNING" and steps(uri, r.info.run_id)],
-             "a trial mid-fine-tune", seconds=150, every=0.3)
+    spec, args, log, driver = _one_trial_mid_fine_tune(tmp_path, driver_env, uri, "alive", epochs=500)
     second = subprocess.run([sys.executable, "-m", "sweep.cli", "run", *args, "--resume"], env=driver_env,
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert second.returncode == 2, second.stdout + second.stderr
