@@ -678,6 +678,16 @@ def rules(view: View) -> list[str]:
             error(view.where("prune.steps"), f"an iterative schedule needs steps >= 2, got {too_few[0]:g}; "
                                              "set prune.steps such as 3, or use schedule: oneshot")
 
+    # a swept setting that no trial reads would run the same trials twice, reported as different groups
+    swept = sorted(path for path, domain in view.space.items() if domain.kind != "fixed")
+    if "prune.steps" in swept and "iterative" not in view.options("prune.schedule"):
+        error(view.where("prune.steps"), "steps counts only with schedule: iterative, so these trials would all be "
+                                         "the same; sweep schedule: iterative as well, or fix steps")
+    if "finetune" not in view.options("prune.arm"):
+        for path in (p for p in swept if p.startswith("finetune.")):
+            error(view.where(path), "the scratch arm trains with the base's settings, so finetune values change "
+                                    "nothing; sweep base.* or prune.scratch_epochs, or include arm: finetune")
+
     if "scratch" in view.options("prune.arm") and None in view.options("prune.scratch_epochs") \
             and 0 in view.options("base.epochs"):
         error("prune.scratch_epochs", "the scratch arm trains the pruned architecture from new weights for "
