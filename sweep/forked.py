@@ -67,8 +67,10 @@ def forked_trial(config: dict, context: list, launch_id: str, shared: dict) -> N
     from ray import tune
 
     from .progress import quiet_ray_logs
+    from .raycompat import allow_stopped_trials_to_record
 
     quiet_ray_logs()
+    allow_stopped_trials_to_record()
     work = tempfile.mkdtemp(prefix="sweep-fork-")  # 0700: only this user reaches the socket
     try:
         restored = None

@@ -1,4 +1,5 @@
-"""Ray Tune behaviour we correct in the driver: a trial worker killed by Ray's memory monitor must be a trial failure.
+"""Ray Tune behaviour we correct: a trial worker killed by Ray's memory monitor must be a trial failure (in the
+driver), and a reused worker must wait for its stopped trial to finish recording (in the worker, at the end).
 
 What Ray 2.60 does (tests/test_oom.py shows it): when the raylet's memory monitor kills a trial's worker (node memory
 above RAY_memory_usage_threshold, default 0.95), the pending actor task (the trial's `train`) resolves to
@@ -18,9 +19,19 @@ does nothing (returning False) on a Ray where it does not; the test fails loudly
 from __future__ import annotations
 
 import logging
+import os
 
 log = logging.getLogger(__name__)
 _MARK = "_sweep_oom_is_actor_death"
+# With reuse_actors, Tune hands a worker its next trial once the last trial's thread has ended, waiting
+# TUNE_FUNCTION_THREAD_TIMEOUT_S (2 s) and otherwise failing that next trial, with no retry. A trial that ASHA stopped
+# spends that time logging its epochs and closing its run (a forked one relays the stop and waits for its child).
+_TRIAL_END_S = 150
+
+
+def allow_stopped_trials_to_record() -> None:
+    """In a trial's worker: give a stopped trial time to record before the worker takes its next trial."""
+    os.environ["TUNE_FUNCTION_THREAD_TIMEOUT_S"] = str(_TRIAL_END_S)
 
 
 def retry_oom_killed_trials() -> bool:

@@ -119,8 +119,10 @@ def _tune_reporter() -> tuple[Report, str | None, str]:
     from ray import tune
 
     from .progress import quiet_ray_logs
+    from .raycompat import allow_stopped_trials_to_record
 
     quiet_ray_logs()  # this worker's checkpoint chatter
+    allow_stopped_trials_to_record()
     def report(metrics: dict, checkpoint_dir: str | None) -> None:
         checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         tune.report(metrics, checkpoint=checkpoint)
