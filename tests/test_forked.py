@@ -60,6 +60,10 @@ def test_forked_trials_record_what_worker_trials_record(local_ray, tmp_path, sql
             for run in runs.values()}
         assert {r.data.tags["trial.process"] for r in runs.values()} == {process}
         assert {r.data.tags["data.shared"] for r in runs.values()} == {"true"}  # the zygote mapped the node's copy
+        # each trial claims as its Tune trial (a forked one hears its id from its Tune worker), never launch-wide
+        trials = [r.data.tags["ray.trial"] for r in runs.values()]
+        assert len(set(trials)) == 2 and all(trials)
+        assert all(r.data.tags["sweep.owner"].endswith("/" + r.data.tags["ray.trial"]) for r in runs.values())
         assert not _zygotes()  # the sweep ended its zygote
     for strategy, (metrics, history) in recorded["worker"].items():
         forked_metrics, forked_history = recorded["fork"][strategy]

@@ -313,13 +313,12 @@ def test_overlapping_launches_run_each_config_once(tmp_path, driver_env, sqlite_
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("process", ["worker", "fork"])
-def test_one_config_drawn_twice_in_one_launch_runs_once(tmp_path, driver_env, sqlite_uri, process):
+def test_one_config_drawn_twice_in_one_launch_runs_once(tmp_path, driver_env, sqlite_uri):
     """A random search may draw the same config for two trials that run at once: each Tune trial claims under an
     owner of its own, so the second finds the first's claim and waits for its result or leaves it, never trains
-    the same run beside it."""
+    the same run beside it. (Forked trials claim under their Tune trial's id too: tests/test_forked.py.)"""
     uri = sqlite_uri
-    path = write_spec(tmp_path, "twice", epochs=3, process=process, extra="""
+    path = write_spec(tmp_path, "twice", epochs=3, extra="""
 search: {algorithm: random, num_samples: 2}
 space:
   strategy: {choice: [l1]}
