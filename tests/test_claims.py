@@ -402,6 +402,33 @@ def test_a_retry_continues_its_own_run_even_after_it_was_closed(sqlite_uri):
     assert len(_runs(sqlite_uri, experiment_id)) == 1
 
 
+def test_a_launch_waits_out_a_dead_launchs_leases_but_not_a_live_ones(sqlite_uri):
+    """A launch started right after another's driver died: the dead launch's parent and trial leases are waited
+    out, so that its configs are closed and run again rather than found held; a live launch (renewing) is left to
+    its runs after a third of a lease."""
+    client = MlflowClient(sqlite_uri)
+    experiment_id = tracking.get_or_create_experiment(client, "claims")
+    lease_s = 3.0
+    parents = {}
+    for name in ("dead", "live"):
+        parents[name] = tracking.start_parent_run(sqlite_uri, "claims", "", tags={"sweep.role": "parent"})
+        parents[name + "_lease"] = claims.Lease.acquire(client, parents[name], f"launch-{name}", lease_s)
+    trial = claims.claim_trial(client, experiment_id, "cfgD", "launch-dead/t1",
+                               claims.child_run_creator(client, experiment_id, parents["dead"]), lease_s=lease_s)
+    parents["dead_lease"].release()  # the driver dies: nothing renews its parent or its trial
+    trial.lease.release()
+    try:
+        started = time.monotonic()
+        claims.outlive_dead_launches(client, experiment_id, lease_s)
+        waited = time.monotonic() - started
+        assert lease_s / 3 < waited < 2 * lease_s  # until the dead leases lapsed, not a full wait on the live one
+        assert sorted(claims.close_dead_runs(client, experiment_id, lease_s=lease_s)) == \
+            sorted([parents["dead"], trial.run_id])
+        assert client.get_run(parents["live"]).info.status == "RUNNING"
+    finally:
+        parents["live_lease"].release("FINISHED")
+
+
 def test_a_dead_run_being_adopted_is_not_closed(sqlite_uri):
     """A --resume writes its adopt tag on a lapsed run just after a closer listed it as dead: the closer's re-read
     sees the adopter and leaves the run (closing it would fail the resumed trial at its end)."""
