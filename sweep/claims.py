@@ -456,9 +456,7 @@ def outlive_dead_launches(client: MlflowClient, experiment_id: str, lease_s: flo
     """Wait out the leases of launches of this experiment whose driver died moments ago (it stopped renewing its
     parent run's lease), and of their trials' runs: a new launch would otherwise find those configs held and skip
     them. A launch that is alive (an overlapping one) renews within lease_s / 3 and is left to its runs."""
-    parents = tracking.all_runs(client, experiment_id,
-                                f"attributes.status = 'RUNNING' and tags.`sweep.role` = '{tracking.PARENT_ROLE}'")
-    for parent in parents:
+    for parent in tracking.running_parents(client, experiment_id):
         if not _running_live(parent, time.time(), lease_s):
             continue  # lapsed already: close_dead_runs closes it and its trials' runs
         log.warning("another launch of this experiment holds its lease (run %s); checking whether its driver is "

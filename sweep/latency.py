@@ -50,9 +50,8 @@ def runs_to_measure(uri: str, experiment: str, own_parent: str | None = None) ->
     # FINISHED run. A run killed between its latency metrics and its tags has latency_ms: the check below skips it.
     client = MlflowClient(uri)
     runs = tracking.child_runs(client, experiment, "attributes.status = 'FINISHED' and tags.`latency.device` IS NULL")
-    running = f"attributes.status = 'RUNNING' and tags.`sweep.role` = '{tracking.PARENT_ROLE}'"
     experiment_id = tracking.find_experiment_id(client, experiment)
-    live = {r.info.run_id for r in tracking.all_runs(client, experiment_id, running)} if runs else set()
+    live = {r.info.run_id for r in tracking.running_parents(client, experiment_id)} if runs else set()
     return [run.info.run_id for run in runs if "latency_ms" not in run.data.metrics
             and run.data.tags.get("mlflow.parentRunId") not in live - {own_parent}]
 

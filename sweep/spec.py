@@ -441,7 +441,6 @@ class _Builder:
                                f"use mode: {direction}, or leave mode out")
         return search, scheduler, top.mode or direction
 
-
     def check_asha(self, scheduler: dict, view: View) -> None:
         """ASHA's rules; sets scheduler["max_t"], its top rung, below the last epoch a trial trains: a trial stopped
         at its last epoch has trained in full, and stopping it would only lose its test and its saved network."""

@@ -292,6 +292,11 @@ def child_runs(client: MlflowClient, experiment: str, filter_string: str = "") -
     return [r for r in runs if r.data.tags.get("sweep.role") != PARENT_ROLE and "config_hash" in r.data.tags]
 
 
+def running_parents(client: MlflowClient, experiment_id: str) -> list[Run]:
+    """Parent runs of launches that are (or were, until their lease lapses) running, newest first."""
+    return all_runs(client, experiment_id, f"attributes.status = 'RUNNING' and tags.`sweep.role` = '{PARENT_ROLE}'")
+
+
 def newest_parent_run(client: MlflowClient, experiment: str) -> str | None:
     """Run id of the latest launch's parent run, or None."""
     experiment_id = find_experiment_id(client, experiment)
