@@ -1,7 +1,7 @@
 """Base sharing: N trials with one shared base network against the same N trials with caching off.
 
 Both arms run the same N trial configs (ResNet-20 on digits at 32x32, L1 pruning at N ratios) back to back
-in this process through sweep.trial.run_trial, with no Ray, so the comparison is compute only; the arms
+in this process through sweep.worker.trial.run_trial, with no Ray, so the comparison is compute only; the arms
 take turns trial by trial (shared 1, off 1, shared 2, ...) so drifting machine load hits both. "Shared"
 gives every trial one cache directory, so the first trial trains the base and the rest load it; "caching
 off" gives every trial a fresh, empty cache directory, so each trains its own. One untimed warm-up trial
@@ -29,9 +29,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import torch  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from sweep import tracking  # noqa: E402
-from sweep.spec import parse_spec  # noqa: E402
-from sweep.trial import SweepContext, run_trial  # noqa: E402
+from sweep.config.spec import parse_spec  # noqa: E402
+from sweep.store import tracking  # noqa: E402
+from sweep.worker.trial import SweepContext, run_trial  # noqa: E402
 
 SPACE = """
 name: {name}

@@ -101,8 +101,8 @@ def torch_pruning(model: torch.nn.Module, x: torch.Tensor):
 
 
 def run_one(name: str, side: str) -> dict:
-    from sweep.measure import count_flops
     from sweep.pruning import PruningError, relative_error
+    from sweep.worker.measure import count_flops
 
     model, x, tol = build(name)
     try:

@@ -137,8 +137,9 @@ ARMS = {"shared, worker": (True, "worker"), "shared, fork": (True, "fork"), "per
 def measure(n: int, shared: bool, process: str, root: str, weights: str, work: Path, batch: int) -> dict:
     import ray
 
-    from sweep.orchestrate import run_sweep, start_ray
-    from sweep.spec import load_spec
+    from sweep.config.spec import load_spec
+    from sweep.driver.launch import run_sweep
+    from sweep.driver.session import start_ray
 
     os.environ["SWEEP_SHARE_DATA"] = "1" if shared else "0"
     name = f"share_{'on' if shared else 'off'}_{process}_{n}"

@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from sweep.latency import latency_stats
-from sweep.models import build_model
 from sweep.pruning import prune
+from sweep.worker.latency import latency_stats
+from sweep.zoo.models import build_model
 
 
 def _train_forever(stop) -> None:  # a neighbouring trial: training steps on the same cores

@@ -21,8 +21,8 @@ from collections.abc import Callable
 import torch
 import torchvision
 
-from sweep.measure import count_flops, count_params
 from sweep.pruning import prune
+from sweep.worker.measure import count_flops, count_params
 
 MODELS = ["resnet50", "mobilenet_v2", "densenet121", "vgg16_bn"]
 Pruner = Callable[[torch.nn.Module, torch.Tensor], torch.nn.Module]

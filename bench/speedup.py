@@ -1,7 +1,7 @@
 """Latency speed-up of pruned models against their FLOPs reduction factor.
 
 Each model is pruned (l1, local) to remove 25, 50 and 75 % of its FLOPs, with and without
-``round_to=8``; latency is the median of timed forward passes after warm-up (sweep.measure),
+``round_to=8``; latency is the median of timed forward passes after warm-up (sweep.worker.measure),
 at batch 1 and 32 on the CPU, and on the GPU when there is one. "speed/F" is the latency
 speed-up divided by the FLOPs factor (base / pruned): 1.0 when latency falls exactly as fast
 as FLOPs. "odd" is the share of convs whose width is not a multiple of 8.
@@ -19,8 +19,8 @@ import torch
 import torchvision
 from torch import nn
 
-from sweep.measure import count_flops, latency_ms
 from sweep.pruning import prune
+from sweep.worker.measure import count_flops, latency_ms
 
 MODELS = ["resnet18", "resnet50", "mobilenet_v2", "vgg16_bn"]
 TARGETS = [0.25, 0.5, 0.75]

@@ -51,7 +51,7 @@ space:
 
 
 def seed_grid(runs: int) -> list[dict]:
-    from sweep.spec import parse_spec
+    from sweep.config.spec import parse_spec
 
     seeds = list(range(-(-runs // (len(STRATEGIES) * len(RATIOS)))))
     spec = parse_spec(SPACE.format(name=EXPERIMENT, strategies=STRATEGIES, ratios=RATIOS, seeds=seeds))
@@ -60,7 +60,7 @@ def seed_grid(runs: int) -> list[dict]:
 
 def launch_spec():
     """A new 2-trial spec of the same sweep: two seeds the store does not hold."""
-    from sweep.spec import parse_spec
+    from sweep.config.spec import parse_spec
 
     return parse_spec(SPACE.format(name=EXPERIMENT, strategies=["l1"], ratios=[0.5], seeds=[900001, 900002]))
 
@@ -69,7 +69,7 @@ def _run_data(config: dict, parent: str, rng: random.Random):
     """(tags, params, metrics) as a finished trial run holds them, values drawn around a real tiny run's."""
     from mlflow.entities import Metric, Param
 
-    from sweep import tracking
+    from sweep.store import tracking
 
     now = time.time()
     ratio = config["prune"]["ratio"]
@@ -108,7 +108,7 @@ def _seed_worker(args) -> int:
     uri, experiment_id, parent, configs, worker = args
     from mlflow.tracking import MlflowClient
 
-    from sweep import tracking
+    from sweep.store import tracking
 
     client, rng = MlflowClient(uri), random.Random(worker)
     for config in configs:
@@ -161,7 +161,7 @@ def _bulk_seed(uri: str, experiment_id: str, parent: str, configs: list[dict], a
 def seed(db: Path, runs: int, procs: int, method: str) -> None:
     from mlflow.tracking import MlflowClient
 
-    from sweep import tracking
+    from sweep.store import tracking
 
     uri = f"sqlite:///{db}"
     tracking.init_store(uri)
@@ -198,8 +198,9 @@ def lookups(uri: str) -> dict[str, float]:
     """The store queries of one launch of the 2-trial spec, timed one by one (no Ray)."""
     from mlflow.tracking import MlflowClient
 
-    from sweep import claims, latency, tracking
-    from sweep.orchestrate import _pending_grid
+    from sweep.driver.launch import _pending_grid
+    from sweep.store import claims, tracking
+    from sweep.worker import latency
 
     spec = launch_spec()
     client = MlflowClient(uri)
@@ -233,7 +234,7 @@ def _first_epoch_marker(path: str):
 def sweep_run(uri: str, storage: str) -> dict[str, float]:
     """Wall of run_sweep of the 2-trial spec (it starts its own local Ray, as `sweep run` does; base already
     cached), with its phases timed and the time from the call to the first trial's first epoch."""
-    from sweep import orchestrate
+    from sweep.driver import launch as orchestrate
 
     phases: dict[str, float] = {}
 
@@ -276,8 +277,10 @@ def sweep_run(uri: str, storage: str) -> dict[str, float]:
 def measure(full_db: Path, work: Path, skip_sweep: bool, full_first: bool = False) -> None:
     from mlflow.tracking import MlflowClient
 
-    from sweep import orchestrate, report, tracking
-    from sweep.trial import SweepContext, run_trial
+    from sweep.driver import session
+    from sweep.report import summary as report
+    from sweep.store import tracking
+    from sweep.worker.trial import SweepContext, run_trial
 
     empty_db, full_copy = work / "empty.db", work / "full.db"
     tracking.init_store(f"sqlite:///{empty_db}")
@@ -303,7 +306,7 @@ def measure(full_db: Path, work: Path, skip_sweep: bool, full_first: bool = Fals
         storage = str(work / "store")
         # train the shared base once, outside the timing (both arms use the same storage, so the same cache)
         spec = launch_spec()
-        context = SweepContext(uris["empty"], "warm", None, orchestrate.cache_dir(storage, EXPERIMENT))
+        context = SweepContext(uris["empty"], "warm", None, session.cache_dir(storage, EXPERIMENT))
         run_trial(spec.grid_configs()[0], context, report=lambda m, c: None)
         phases = {}
         for arm in (("full", "empty") if full_first else ("empty", "full")):  # the order: see --full-first

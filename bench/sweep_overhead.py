@@ -1,9 +1,9 @@
-"""Sweep overhead: `sweep.orchestrate.run_sweep` against a plain Ray Tune loop running the same trial compute.
+"""Sweep overhead: `sweep.driver.launch.run_sweep` against a plain Ray Tune loop running the same trial compute.
 
 Both arms run in the same process, on the same local Ray (started once, not timed), the same grid, the same
 `tune.TuneConfig` (reused workers, 1 CPU a trial) and the same cached base network (trained before timing):
 
-  plain   tune.Tuner over a function trainable: load data, load the base, prune (sweep.trial._start: prune, the
+  plain   tune.Tuner over a function trainable: load data, load the base, prune (sweep.worker.trial._start: prune, the
           pruned accuracy, FLOPs), fine-tune E epochs reporting val_accuracy each epoch, test once. No MLflow, no
           claims, no checkpoint, no artifacts, no latency phase, no report.
   sweep   run_sweep on the same grid: all of the above plus claims, the MLflow child run and params, checkpoints
@@ -51,7 +51,7 @@ checkpoint_every_s: {every}
 
 
 class _NoRun:
-    """sweep.trial._start tags the run with pruning warnings; the plain arm has no run."""
+    """sweep.worker.trial._start tags the run with pruning warnings; the plain arm has no run."""
 
     run_id = "none"
 
@@ -63,10 +63,10 @@ def plain_trial(config: dict, cache_dir: str, log: str) -> None:
     """The same compute as a sweep trial, reporting val_accuracy each epoch to Tune: nothing else."""
     from ray import tune
 
-    from sweep import trial as T
-    from sweep.data import batches
-    from sweep.schema import trial_config
-    from sweep.train import pick_device, seed_everything
+    from sweep.config.schema import trial_config
+    from sweep.worker import trial as T
+    from sweep.worker.train import pick_device, seed_everything
+    from sweep.zoo.data import batches
 
     sink: dict[str, float] = {}
     _install_timers(sink)
@@ -76,7 +76,7 @@ def plain_trial(config: dict, cache_dir: str, log: str) -> None:
     cfg = trial_config(t)
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
-    splits = T._load_splits(cfg)
+    splits = T.load_splits(cfg)
     base_path, _ = ensure_base(t, cache_dir, splits, device)
     base_model, base_info = load_base(t, base_path, splits)
     state = T._start(t, cfg, base_model, base_info, splits, device, _NoRun())
@@ -107,7 +107,8 @@ _PATCHED: dict = {}
 
 def _install_timers(sink: dict) -> None:
     """Wrap the sweep functions a trial calls so each adds its wall time to sink[name] (once per process)."""
-    from sweep import claims, tracking, trial
+    from sweep.store import claims, tracking
+    from sweep.worker import trial
 
     _PATCHED["sink"] = sink
     if _PATCHED.get("done"):
@@ -142,8 +143,8 @@ def _install_timers(sink: dict) -> None:
     trial.save_pruned = timed("save pruned.pt", trial.save_pruned)
     tracking.find_trial_run = timed("find_trial_run (claim's search)", tracking.find_trial_run)
     tracking.get_or_create_experiment = timed("get_or_create_experiment", tracking.get_or_create_experiment)
-    # the compute both arms do (the same functions, called through sweep.trial's names)
-    for name in ("_load_splits", "ensure_base", "load_base", "_start", "train_epoch", "evaluate"):
+    # the compute both arms do (the same functions, called through sweep.worker.trial's names)
+    for name in ("load_splits", "ensure_base", "load_base", "_start", "train_epoch", "evaluate"):
         setattr(trial, name, timed("compute: " + name, getattr(trial, name)))
     tune_reporter = trial._tune_reporter
 
@@ -158,10 +159,10 @@ def _install_timers(sink: dict) -> None:
 
 
 def timed_sweep_trial(log: str):
-    """sweep.trial.sweep_trial with the pieces timed; one JSON line per trial in `log`."""
+    """sweep.worker.trial.sweep_trial with the pieces timed; one JSON line per trial in `log`."""
 
     def sweep_trial(config: dict, context) -> None:
-        from sweep.trial import run_trial
+        from sweep.worker.trial import run_trial
 
         sink: dict[str, float] = {}
         _install_timers(sink)
@@ -181,7 +182,7 @@ def timed_sweep_trial(log: str):
 def run_plain(spec, cache: str, work: Path, log: str) -> float:
     from ray import tune
 
-    from sweep.orchestrate import _trial_dirname
+    from sweep.driver.launch import _trial_dirname
 
     trainable = tune.with_resources(tune.with_parameters(plain_trial, cache_dir=cache, log=log), {"cpu": 1})
     tuner = tune.Tuner(
@@ -199,7 +200,7 @@ def run_plain(spec, cache: str, work: Path, log: str) -> float:
 def run_swept(spec, uri: str, storage: str, log: str) -> dict[str, float]:
     from ray import tune
 
-    from sweep import orchestrate
+    from sweep.driver import launch as orchestrate
 
     phases: dict[str, float] = {}
 
@@ -235,16 +236,17 @@ def _read_log(log: str) -> list[dict]:
 
 
 def one_length(epochs: int, work: Path, every: float) -> None:
-    from sweep import orchestrate, tracking
-    from sweep.spec import parse_spec
-    from sweep.trial import SweepContext, run_trial
+    from sweep.config.spec import parse_spec
+    from sweep.driver import session
+    from sweep.store import tracking
+    from sweep.worker.trial import SweepContext, run_trial
 
     name = f"overhead_e{epochs}"
     spec = parse_spec(SPACE.format(name=name, epochs=epochs, every=every))
     storage = str(work / "store")
     uri = tracking.resolve_tracking_uri(f"sqlite:///{work}/mlflow.db")
     tracking.init_store(uri)
-    cache = orchestrate.cache_dir(storage, name)
+    cache = session.cache_dir(storage, name)
     # the shared base, trained once before timing (both arms read it from the same cache)
     run_trial(spec.grid_configs()[0], SweepContext(uri, f"{name}_warm", None, cache), report=lambda m, c: None)
 
@@ -295,9 +297,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="sweep-overhead-"))
     import ray
 
-    from sweep import orchestrate
+    from sweep.driver import session
 
-    orchestrate.start_ray(None)
+    session.start_ray(None)
     try:
         for epochs in (args.short, args.long):
             if epochs:

@@ -36,7 +36,7 @@ def trivial(config: dict, reports: int) -> None:
 def one(configs: list[dict], reports: int, keep: int, storage: Path) -> float:
     from ray import tune
 
-    from sweep.orchestrate import _trial_dirname
+    from sweep.driver.launch import _trial_dirname
 
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(trivial, reports=reports), {"cpu": 1}),
@@ -59,12 +59,12 @@ def main() -> None:
     args = parser.parse_args()
     import ray
 
-    from sweep import orchestrate
-    from sweep.spec import load_spec
+    from sweep.config.spec import load_spec
+    from sweep.driver import session
 
     configs = load_spec(str(Path(__file__).parent / "spaces" / "k1.yaml")).grid_configs()[: args.trials]
     storage = Path(tempfile.mkdtemp(prefix="tune-snapshot-"))
-    orchestrate.start_ray(None)
+    session.start_ray(None)
     rows = []
     try:
         for keep in (1, 2):

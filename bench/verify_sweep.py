@@ -13,8 +13,8 @@ import sys
 
 from mlflow.tracking import MlflowClient
 
-from sweep import tracking
-from sweep.spec import load_spec
+from sweep.config.spec import load_spec
+from sweep.store import tracking
 
 
 def main() -> None:

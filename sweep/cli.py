@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from sweep.errors import InputError
 
 USER_ERROR = 2
 FAILED = 1  # some trial failed after its retries, or something failed while running
@@ -176,8 +176,8 @@ def _tracking_option(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .orchestrate import run_sweep
-    from .spec import load_spec
+    from sweep.config.spec import load_spec
+    from sweep.driver.launch import run_sweep
 
     spec = load_spec(args.space)
     outcome = run_sweep(spec, address=args.address, tracking_uri=args.tracking_uri, storage=args.storage,
@@ -191,8 +191,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .preflight import preflight
-    from .spec import SpecError, load_spec
+    from sweep.config.spec import SpecError, load_spec
+    from sweep.driver.preflight import preflight
 
     status = 0
     for path in args.spaces:
@@ -209,19 +209,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from sweep.report.summary import write_report
 
     if args.register:  # refuse a test metric before writing anything
-        from .registry import _check_by
+        from sweep.store.registry import check_by
 
-        _check_by(args.by)
+        check_by(args.by)
     paths = write_report(args.name, args.tracking_uri, out_dir=args.out, reference=args.reference)
     print(Path(paths["summary"]).read_text(encoding="utf-8"))
     for name, path in paths.items():
         print(f"{name}: {path}")
     _print_ui_links(args.name, args.tracking_uri)
     if args.register:
-        from .registry import register_best
+        from sweep.store.registry import register_best
 
         version = register_best(args.name, args.register, by=args.by, tracking_uri=args.tracking_uri)
         print(f"registered: {version.name} version {version.version} (run {version.run_id}, best {args.by}); "
@@ -232,8 +232,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def _print_ui_links(name: str, tracking_uri: str | None) -> None:
     from mlflow.tracking import MlflowClient
 
-    from . import tracking
-    from .mlflow_ui import how_to_open
+    from sweep.store import tracking
+    from sweep.store.view import how_to_open
 
     uri = tracking.resolve_tracking_uri(tracking_uri)
     experiment_id = tracking.find_experiment_id(MlflowClient(uri), name)
@@ -242,8 +242,8 @@ def _print_ui_links(name: str, tracking_uri: str | None) -> None:
 
 
 def cmd_trial(args: argparse.Namespace) -> int:
-    from .orchestrate import run_one, single_config
-    from .spec import load_spec
+    from sweep.config.spec import load_spec
+    from sweep.driver.launch import run_one, single_config
 
     spec = load_spec(args.space)
     _, count = single_config(spec)
@@ -269,9 +269,9 @@ def cmd_trial(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     import torch
 
-    from .measure import count_flops, count_params
-    from .models import build_model
-    from .pruning import NEEDS_CALIBRATION, PruningError, prune, save_pruned
+    from sweep.pruning import NEEDS_CALIBRATION, PruningError, prune, save_pruned
+    from sweep.worker.measure import count_flops, count_params
+    from sweep.zoo.models import build_model
 
     model = build_model(args.model, args.num_classes, args.weights, args.in_channels).eval()
     example = torch.randn(1, args.in_channels, args.input_size, args.input_size)
@@ -318,8 +318,8 @@ def _print_analysis(paths: dict) -> None:
 
 
 def cmd_sensitivity(args: argparse.Namespace) -> int:
-    from .analysis.sensitivity import run_sensitivity
-    from .spec import load_spec
+    from sweep.analysis.sensitivity import run_sensitivity
+    from sweep.config.spec import load_spec
 
     outcome = run_sensitivity(load_spec(args.space), ratios=args.ratios, strategy=args.strategy,
                               tolerance=args.tolerance, tracking_uri=args.tracking_uri, storage=args.storage,
@@ -331,8 +331,8 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
 
 def cmd_criteria(args: argparse.Namespace) -> int:
-    from .analysis.criteria_rank import run_criteria
-    from .spec import load_spec
+    from sweep.analysis.criteria_rank import run_criteria
+    from sweep.config.spec import load_spec
 
     outcome = run_criteria(load_spec(args.space), strategies=args.strategies, layers=args.layers,
                            tracking_uri=args.tracking_uri, storage=args.storage, address=args.address,
@@ -345,12 +345,12 @@ def cmd_criteria(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .models import model_names
+    from sweep.zoo.models import model_names
 
     if args.names:
         print("\n".join(model_names()))
         return 0
-    from .model_check import pruner_support
+    from sweep.zoo.model_check import pruner_support
 
     rows = pruner_support()
     width = max(len(name) for name, _, _ in rows)
@@ -364,7 +364,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_strategies(args: argparse.Namespace) -> int:
-    from .pruning import STRATEGIES
+    from sweep.pruning import STRATEGIES
 
     print("\n".join(STRATEGIES))
     return 0
@@ -407,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as done:  # --help (0) or a usage error, which argparse already printed as one line (2)
         return int(done.code or 0)
-    from .spec import SpecError
+    from sweep.config.spec import SpecError
 
     try:
         return COMMANDS[args.command](args)

@@ -43,7 +43,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def template_db(tmp_path_factory):
     """An empty MLflow sqlite store. Creating the schema (alembic migrations) takes seconds: do it once."""
-    from sweep import tracking
+    from sweep.store import tracking
 
     path = tmp_path_factory.mktemp("template") / "mlflow.db"
     tracking.init_store(f"sqlite:///{path}")
@@ -71,7 +71,7 @@ def local_ray():
     seconds to start. A test that needs a cluster of its own uses `own_ray`, which gives this one back after."""
     import ray
 
-    from sweep.orchestrate import start_ray
+    from sweep.driver.session import start_ray
 
     if not ray.is_initialized():
         start_ray(None, num_cpus=_RAY_CPUS)
@@ -85,7 +85,7 @@ def own_ray():
     and, if it was running, started again after."""
     import ray
 
-    from sweep.orchestrate import start_ray
+    from sweep.driver.session import start_ray
 
     was_running = ray.is_initialized()
     ray.shutdown()
@@ -104,7 +104,7 @@ class FailOnce:
         self.epoch, self.marker_dir = epoch, marker_dir
 
     def __call__(self, config: dict, epoch: int) -> None:
-        from sweep.tracking import config_hash
+        from sweep.store.tracking import config_hash
 
         marker = self.marker_dir / config_hash(config)
         if epoch == self.epoch and not marker.exists():

@@ -3,7 +3,7 @@ exit code 2, before any trial starts, leaving an existing MLflow store exactly a
 
 Each case goes through `sweep.cli.main(["run", ...])` (and spec-level cases through `validate` too). Cases the YAML
 parser cannot see (a corrupt or foreign checkpoint, a model the pruner refuses, an empty dataset folder) are caught
-by `sweep.preflight`; resources the cluster cannot give (a GPU on this CPU-only machine) by the orchestrator after
+by `driver.preflight`; resources the cluster cannot give (a GPU on this CPU-only machine) by the orchestrator after
 connecting to Ray.
 """
 
@@ -17,11 +17,11 @@ import ray
 import torch
 from mlflow.tracking import MlflowClient
 
-from sweep import tracking
 from sweep.cli import main
-from sweep.models import build_model
-from sweep.preflight import preflight
-from sweep.spec import SpecError, load_spec
+from sweep.config.spec import SpecError, load_spec
+from sweep.driver.preflight import preflight
+from sweep.store import tracking
+from sweep.zoo.models import build_model
 
 HEAD = "name: bad\ndataset: {name: digits, limit: 100}\nmodel: {name: small_cnn}\n"
 
@@ -77,7 +77,7 @@ SPEC_CASES = [
     ("grid_with_num_samples", spec("search: {algorithm: grid, num_samples: 3}\n"), "search.num_samples: a grid runs"),
 ]
 
-# Cases only loading can find (sweep.preflight): the spec parses, the sweep could not run a single trial.
+# Cases only loading can find (sweep.driver.preflight): the spec parses, the sweep could not run a single trial.
 PREFLIGHT_CASES = [
     ("model_the_pruner_refuses", HEAD.replace("small_cnn", "swin_t"),
      "model.name: swin_t on digits (1x8x8 inputs) cannot be pruned: cannot prune through op "

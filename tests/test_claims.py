@@ -1,4 +1,4 @@
-"""Trial claims (sweep.claims) with real processes: racing launches claim each config once, a SIGKILLed holder's claim
+"""Trial claims (store.claims) with real processes: racing launches claim each config once, a SIGKILLed holder's claim
 is taken over after its lease lapses, renewal keeps a long claim alive, dead runs are closed with a reason.
 
 Each racer is a separate OS process (this file run as a script), started behind a file barrier so that they hit
@@ -27,7 +27,7 @@ import pytest  # noqa: E402
 from mlflow.entities import ViewType  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from sweep import claims, tracking  # noqa: E402
+from sweep.store import claims, tracking  # noqa: E402
 
 HASHES = [f"cfg{i}" for i in range(int(os.environ.get("CLAIMS_TEST_HASHES", "5")))]  # more: a longer race
 RACERS = 3

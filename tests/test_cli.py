@@ -11,12 +11,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from sweep import tracking
 from sweep.cli import main
-from sweep.measure import count_params
-from sweep.models import build_model, model_names
+from sweep.config.spec import load_spec
 from sweep.pruning import STRATEGIES, load_pruned
-from sweep.spec import load_spec
+from sweep.store import tracking
+from sweep.worker.measure import count_params
+from sweep.zoo.models import build_model, model_names
 
 REPO = Path(__file__).resolve().parents[1]
 

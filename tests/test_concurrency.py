@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from sweep import tracking
+from sweep.store import tracking
 
 WRITERS = 8
 BATCHES = 100

@@ -12,15 +12,15 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from sweep import tracking
 from sweep.analysis.common import prepare
 from sweep.analysis.criteria_rank import oracle, run_criteria, spearman
 from sweep.cli import main
+from sweep.config.spec import load_spec
 from sweep.pruning import analyse, apply_plan, prune
 from sweep.pruning.prune import _plan_for  # what removing exactly these units means to the pruner
-from sweep.report import write_report
-from sweep.spec import load_spec
-from sweep.train import evaluate
+from sweep.report.summary import write_report
+from sweep.store import tracking
+from sweep.worker.train import evaluate
 
 
 def _loss(model, setup):

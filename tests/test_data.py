@@ -1,4 +1,4 @@
-"""sweep.data: every loader on local files (real data where shared/data has it, tiny fakes in the real formats
+"""sweep.zoo.data: every loader on local files (real data where shared/data has it, tiny fakes in the real formats
 otherwise), the splits, and `batches` (on-device tensor path and DataLoader path). Nothing is downloaded."""
 
 import gzip
@@ -16,7 +16,7 @@ from PIL import Image
 from scipy.io import savemat
 from torchvision.datasets import ImageFolder
 
-from sweep.data import (
+from sweep.zoo.data import (
     DATASETS,
     DataError,
     DataSplits,

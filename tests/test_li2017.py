@@ -8,8 +8,8 @@ import torch
 import yaml
 
 from sweep.analysis.groups import prune_per_layer
-from sweep.measure import count_flops, count_params
-from sweep.models import build_model
+from sweep.worker.measure import count_flops, count_params
+from sweep.zoo.models import build_model
 
 SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "cifar10_resnet56.yaml"
 PAPER = {"A": (0.104, 0.094), "B": (0.276, 0.137)}  # FLOPs and parameters removed, Li et al. 2017, Table 1

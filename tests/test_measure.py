@@ -1,4 +1,4 @@
-"""sweep.measure on real torch modules, checked against hand formulas."""
+"""sweep.worker.measure on real torch modules, checked against hand formulas."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from sweep.latency import latency_stats
-from sweep.measure import count_flops, count_params, latency_ms, size_mb
+from sweep.worker.latency import latency_stats
+from sweep.worker.measure import count_flops, count_params, latency_ms, size_mb
 
 CPU = torch.device("cpu")
 

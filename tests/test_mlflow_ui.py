@@ -1,4 +1,4 @@
-"""The MLflow UI opens on a sweep's comparison: experiment kind and saved view (sweep.mlflow_ui), and a real sweep
+"""The MLflow UI opens on a sweep's comparison: experiment kind and saved view (sweep.store.view), and a real sweep
 looked at in a real browser (headless Chromium against `mlflow server` on loopback), skipped where no browser exists.
 
 SWEEP_SCREENSHOTS=DIR keeps the browser's screenshots there (how docs/*.png are made).
@@ -14,9 +14,10 @@ import pytest
 from browser import find_chromium, mlflow_server, render, runs_table
 from mlflow.tracking import MlflowClient
 
-from sweep import mlflow_ui, tracking
-from sweep.orchestrate import run_sweep
-from sweep.spec import load_spec
+from sweep.config.spec import load_spec
+from sweep.driver.launch import run_sweep
+from sweep.store import tracking
+from sweep.store import view as mlflow_ui
 
 pytestmark = pytest.mark.e2e  # starts Ray and runs real sweeps (`-m 'not e2e'` leaves them out)
 

@@ -1,7 +1,7 @@
 """`sweep models` says which models the pruner handles: traced at a default input size, one per family."""
 
 from sweep.cli import main
-from sweep.model_check import family, pruner_support
+from sweep.zoo.model_check import family, pruner_support
 
 
 def test_families():

@@ -1,4 +1,4 @@
-"""sweep.models: the zoo's architectures, weights loading, head and stem swaps, clear errors."""
+"""sweep.zoo.models: the zoo's architectures, weights loading, head and stem swaps, clear errors."""
 
 import io
 import tarfile
@@ -11,7 +11,7 @@ import torch.fx
 import torchvision
 from torch import nn
 
-from sweep.models import MODELS, ModelError, build_model, load_checkpoint_state, model_names, replace_head
+from sweep.zoo.models import MODELS, ModelError, build_model, load_checkpoint_state, model_names, replace_head
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WEIGHTS = DATA / "weights"

@@ -7,7 +7,7 @@ whose memory monitor kills above (memory in use now + 2.5 GiB), and one Tune tri
 Found (Ray 2.60, reuse_actors True and False alike): the trial's pending `train` task resolves to
 ray.exceptions.OutOfMemoryError, which Tune's actor manager does not expect; the controller raises
 RuntimeError("Caught unexpected exception: 1 worker(s) were killed due to the node running low on memory ...") out
-of Tuner.fit, with no retry. With sweep.raycompat.retry_oom_killed_trials() installed in the driver, the same kill
+of Tuner.fit, with no retry. With raycompat.retry_oom_killed_trials() installed in the driver, the same kill
 is a trial failure: Tune restarts the trial (attempt 2 succeeds) and fit returns.
 
 The machine is shared: other processes' memory moves the node's usage too. The 2.5 GiB margin keeps that from
@@ -66,7 +66,7 @@ def oom_case(reuse: bool, patched: bool) -> dict:
     from ray import tune
 
     if patched:
-        from sweep.raycompat import retry_oom_killed_trials
+        from sweep.worker.raycompat import retry_oom_killed_trials
 
         assert retry_oom_killed_trials()
     work = tempfile.mkdtemp(prefix="sweep-oom-")

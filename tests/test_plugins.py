@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from sweep.data import DataError, DataSplits, batches, load_dataset
-from sweep.models import ModelError, build_model
+from sweep.zoo.data import DataError, DataSplits, batches, load_dataset
+from sweep.zoo.models import ModelError, build_model
 
 pytestmark = pytest.mark.e2e  # starts Ray and runs real sweeps (`-m 'not e2e'` leaves them out)
 
@@ -197,9 +197,9 @@ def test_a_real_trial_of_a_plugin_model_on_plugin_data(plugin, tmp_path, sqlite_
     """The trial pipeline (base, prune, fine-tune, measure, MLflow) on a network and a dataset from a user file."""
     from mlflow.tracking import MlflowClient
 
-    from sweep import tracking
-    from sweep.spec import load_spec
-    from sweep.trial import SweepContext, run_trial
+    from sweep.config.spec import load_spec
+    from sweep.store import tracking
+    from sweep.worker.trial import SweepContext, run_trial
 
     (tmp_path / "space.yaml").write_text(
         "name: plug\ndataset: {name: digits}\nmodel: {name: small_cnn}\nbase: {epochs: 1, batch_size: 16}\n"
@@ -225,8 +225,8 @@ def test_ray_workers_import_the_plugin_from_the_drivers_directory(plugin, tmp_pa
 
     import ray
 
-    from sweep.models import resolve_factory
-    from sweep.orchestrate import start_ray
+    from sweep.driver.session import start_ray
+    from sweep.zoo.models import resolve_factory
 
     resolve_factory(f"{plugin}:build", "model.factory")
     assert start_ray(None)
@@ -234,7 +234,7 @@ def test_ray_workers_import_the_plugin_from_the_drivers_directory(plugin, tmp_pa
         @ray.remote
         def build_elsewhere():
             os.chdir("/")  # Tune runs a trial in its own directory
-            from sweep.models import build_model
+            from sweep.zoo.models import build_model
 
             return type(build_model(None, 3, factory=f"{plugin}:build")).__name__
 
@@ -243,14 +243,13 @@ def test_ray_workers_import_the_plugin_from_the_drivers_directory(plugin, tmp_pa
         ray.shutdown()
 
 
-@pytest.mark.parametrize("process", ["worker", "fork"])
-def test_sweep_run_of_a_plugin_model_and_dataset(plugin, tmp_path, own_ray, capsys, sqlite_uri, process):
+def test_sweep_run_of_a_plugin_model_and_dataset(plugin, tmp_path, own_ray, capsys, sqlite_uri):
     """`sweep run` as a user runs it: a spec beside their own file, the working directory not on sys.path (as for a
-    console script), Ray started by the command itself; forked trials import it from the zygote's start too."""
+    console script), Ray started by the command itself."""
     from mlflow.tracking import MlflowClient
 
-    from sweep import tracking
     from sweep.cli import main
+    from sweep.store import tracking
 
     (tmp_path / "space.yaml").write_text(f"""
 name: plugged
@@ -261,7 +260,6 @@ finetune: {{epochs: 1, batch_size: 16}}
 space:
   strategy: {{grid: [l1, random]}}
   ratio: 0.5
-resources: {{process: {process}}}
 """, encoding="utf-8")
     uri = sqlite_uri  # a copy of the session's empty store
     assert main(["run", "space.yaml", "--tracking-uri", uri, "--storage", str(tmp_path / "results"), "--quiet"]) == 0

@@ -1,8 +1,8 @@
-"""The one-line progress display (sweep.progress) over real Ray Tune Trial objects, as Tune hands them over."""
+"""The one-line progress display (sweep.driver.progress) over real Ray Tune Trial objects, as Tune hands them over."""
 
 from ray.tune.experiment import Trial
 
-from sweep.progress import CompactProgress
+from sweep.driver.progress import CompactProgress
 
 
 def _trial(status: str, result: dict, ratio: float) -> Trial:

@@ -428,7 +428,7 @@ def test_every_torchvision_model_is_pruned_equivalent_or_refused_cleanly(name, o
 
 
 def _cifar(name):
-    from sweep.models import build_model
+    from sweep.zoo.models import build_model
     torch.manual_seed(0)
     model = build_model(name, num_classes=10)
     with torch.no_grad():

@@ -11,13 +11,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from sweep import registry, tracking
-from sweep.base import new_model
 from sweep.cli import main
-from sweep.data import load_dataset
-from sweep.orchestrate import run_one
+from sweep.config.spec import load_spec
+from sweep.driver.launch import run_one
 from sweep.pruning import load_pruned
-from sweep.spec import load_spec
+from sweep.store import registry, tracking
+from sweep.worker.base import new_model
+from sweep.zoo.data import load_dataset
 
 SPACE = """
 name: reg

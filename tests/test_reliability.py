@@ -21,9 +21,9 @@ import pytest
 import ray
 from mlflow.tracking import MlflowClient
 
-from sweep import claims, tracking
-from sweep.orchestrate import run_sweep
-from sweep.spec import load_spec
+from sweep.config.spec import load_spec
+from sweep.driver.launch import run_sweep
+from sweep.store import claims, tracking
 
 pytestmark = pytest.mark.e2e  # starts Ray and runs real sweeps (`-m 'not e2e'` leaves them out)
 
@@ -36,17 +36,17 @@ model: {{name: small_cnn}}
 base: {{epochs: 1, batch_size: 32}}
 finetune: {{epochs: {epochs}, batch_size: {batch}}}
 measure: {{batch_size: 1, warmup: 1, runs: 2}}
-resources: {{cpu: 1, process: {process}}}
+resources: {{cpu: 1}}
 max_failures: {max_failures}
 {extra}
 """
 
 
 def write_spec(folder: Path, name: str, extra: str, epochs: int = 3, limit: int = 200, batch: int = 32,
-               max_failures: int = 1, process: str = "worker") -> Path:
+               max_failures: int = 1) -> Path:
     path = folder / f"{name}.yaml"
     path.write_text(SPEC.format(name=name, epochs=epochs, limit=limit, batch=batch, max_failures=max_failures,
-                                extra=extra, process=process), encoding="utf-8")
+                                extra=extra), encoding="utf-8")
     return path
 
 
@@ -173,11 +173,10 @@ def _sweep(args: list[str], env: dict, cwd: Path, log: Path) -> subprocess.Popen
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("process", ["worker", "fork"])
-def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, driver_env, sqlite_uri, process):
+def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, driver_env, sqlite_uri):
     uri = sqlite_uri  # created beforehand: polling a store while the driver creates its schema would race it
     # Short trials (1 epoch) finish while long ones (8 epochs on all of digits) are still running when the driver dies.
-    path = write_spec(tmp_path, "killed", limit=1000, batch=16, max_failures=1, process=process, extra="""
+    path = write_spec(tmp_path, "killed", limit=1000, batch=16, max_failures=1, extra="""
 checkpoint_every_s: 0
 space:
   strategy: {grid: [l1, random]}
@@ -207,7 +206,6 @@ space:
     assert "resuming the sweep" in log.read_text()
 
     runs = assert_one_finished_run_per_config(uri, spec)
-    assert {r.data.tags["trial.process"] for r in runs.values()} == {process}
     by_id = {r.info.run_id: r for r in runs.values()}
     for run in finished:  # not re-run: the same run, untouched
         assert run.info.run_id in by_id and by_id[run.info.run_id].info.end_time == run.info.end_time
@@ -314,7 +312,7 @@ def test_overlapping_launches_run_each_config_once(tmp_path, driver_env, sqlite_
 def test_one_config_drawn_twice_in_one_launch_runs_once(tmp_path, driver_env, sqlite_uri):
     """A random search may draw the same config for two trials that run at once: each Tune trial claims under an
     owner of its own, so the second finds the first's claim and waits for its result or leaves it, never trains
-    the same run beside it. (Forked trials claim under their Tune trial's id too: tests/test_forked.py.)"""
+    the same run beside it."""
     uri = sqlite_uri
     path = write_spec(tmp_path, "twice", epochs=3, extra="""
 search: {algorithm: random, num_samples: 2}

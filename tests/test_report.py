@@ -1,4 +1,4 @@
-"""sweep.report on a real MLflow sqlite store filled through sweep.tracking: groups, intervals, paired verdicts."""
+"""report.summary on a real MLflow sqlite store filled through store.tracking: groups, intervals, paired verdicts."""
 
 import math
 import shutil
@@ -11,8 +11,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
-from sweep import report, tracking
-from sweep.tracking import TrialRun
+from sweep.report import summary as report
+from sweep.store import tracking
+from sweep.store.tracking import TrialRun
 
 EXPERIMENT = "report-test"
 STRATEGIES = ["random", "l1", "fpgm"]
@@ -177,7 +178,7 @@ def test_a_run_without_its_settings_is_left_out_and_named(store, tmp_path, caplo
                              tags={"config_hash": "0" * 16, "mlflow.parentRunId": parent, "sweep.name": EXPERIMENT})
     TrialRun(client, bare.info.run_id).log_points([(k, 0, v) for k, v in values("l1", 0.3).items()])
     client.set_terminated(bare.info.run_id, "FINISHED")
-    with caplog.at_level("WARNING", logger="sweep.report"):
+    with caplog.at_level("WARNING", logger="sweep.report.summary"):
         df = report.load_runs(EXPERIMENT, uri)
         paths = report.write_report(EXPERIMENT, uri, out_dir=tmp_path)
     assert len(df) == 18 and bare.info.run_id not in set(df["run_id"])

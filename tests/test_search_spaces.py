@@ -8,10 +8,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from sweep import report, tracking
-from sweep.models import build_model
-from sweep.orchestrate import run_sweep
-from sweep.spec import load_spec
+from sweep.config.spec import load_spec
+from sweep.driver.launch import run_sweep
+from sweep.report import summary as report
+from sweep.store import tracking
+from sweep.zoo.models import build_model
 
 pytestmark = pytest.mark.e2e  # starts Ray and runs real sweeps (`-m 'not e2e'` leaves them out)
 

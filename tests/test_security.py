@@ -16,7 +16,7 @@ import pytest
 import ray
 import yaml
 
-from sweep import orchestrate
+from sweep.driver import session
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = sorted((REPO / "sweep").rglob("*.py")) + sorted((REPO / "bench").rglob("*.py"))
@@ -100,7 +100,7 @@ def test_local_ray_listens_on_loopback_only(local_ray):
     exposed = sorted((pid, Path(f"/proc/{pid}/comm").read_text().strip(), str(a), port)
                      for pid, (a, port) in opened if not is_loopback(a))
     assert not exposed, f"listening beyond loopback: {exposed}"
-    assert ray.util.get_node_ip_address() == orchestrate.LOOPBACK
+    assert ray.util.get_node_ip_address() == session.LOOPBACK
 
 
 # --- the code ------------------------------------------------------------------------------------------------------
@@ -135,7 +135,7 @@ def test_every_torch_load_is_weights_only():
 
 
 def test_yaml_is_read_with_safe_loaders_only():
-    import sweep.spec
+    import sweep.config.spec
 
     bad = []
     for path in SOURCES:
@@ -145,7 +145,7 @@ def test_yaml_is_read_with_safe_loaders_only():
             elif name == "yaml.load":
                 loader = next((k.value for k in node.keywords if k.arg == "Loader"), None)
                 # The loader must be a class of the module that calls yaml.load, and a SafeLoader.
-                module = vars(sweep.spec) if path.name == "spec.py" else {}
+                module = vars(sweep.config.spec) if path.name == "spec.py" else {}
                 cls = module.get(ast.unparse(loader)) if loader is not None else None
                 if not (isinstance(cls, type) and issubclass(cls, yaml.SafeLoader)):
                     bad.append(where(path, node))

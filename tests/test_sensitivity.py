@@ -14,16 +14,17 @@ import yaml
 from analysis_data import DIGITS_SPEC
 from mlflow.tracking import MlflowClient
 
-from sweep import tracking
 from sweep.analysis.common import prepare
 from sweep.analysis.groups import layer_groups, prune_per_layer
-from sweep.analysis.sensitivity import run_sensitivity, suggest
+from sweep.analysis.sensitivity import run_sensitivity
 from sweep.cli import main
-from sweep.models import build_model
+from sweep.config.spec import load_spec, parse_spec
 from sweep.pruning import prune
-from sweep.report import write_report
-from sweep.spec import load_spec, parse_spec
-from sweep.train import evaluate
+from sweep.report.analyses import suggest
+from sweep.report.summary import write_report
+from sweep.store import tracking
+from sweep.worker.train import evaluate
+from sweep.zoo.models import build_model
 
 
 def _direct(setup, groups, layer, ratio, strategy="l1"):

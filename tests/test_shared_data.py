@@ -1,11 +1,11 @@
-"""sweep.shared_data: the driver puts a dataset's official splits in Ray's object store once; a trial gets them back
+"""worker.shared_data: the driver puts a dataset's official splits in Ray's object store once; a trial gets them back
 as read-only views of the node's shared memory and carves its own seed's splits out of them."""
 
 import pytest
 import torch
 
-from sweep import shared_data
-from sweep.data import batches, load_dataset, load_official
+from sweep.worker import shared_data
+from sweep.zoo.data import batches, load_dataset, load_official
 
 pytestmark = pytest.mark.e2e
 

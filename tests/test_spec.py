@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import yaml
 
-from sweep.spec import SpecError, SweepSpec, load_spec, parse_spec
+from sweep.config.spec import SpecError, SweepSpec, load_spec, parse_spec
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "search_spaces" / "quickstart.yaml"
-REGISTRIES = ("sweep.models", "sweep.data", "sweep.pruning")
+REGISTRIES = ("sweep.zoo.models", "sweep.zoo.data", "sweep.pruning")
 
 
 def _require_registries():
@@ -36,17 +36,17 @@ def registries():
 
 
 def _dataset_names() -> list[str]:
-    from sweep.data import dataset_names
+    from sweep.zoo.data import dataset_names
     return dataset_names()
 
 
 def _needs_dataset(name: str):
     if name not in _dataset_names():
-        pytest.skip(f"dataset '{name}' is not in sweep.data.dataset_names()")
+        pytest.skip(f"dataset '{name}' is not in sweep.zoo.data.dataset_names()")
 
 
 def _trial_shape() -> dict:
-    """The fully defaulted trial dict (sweep.schema.TrialConfig) of the quickstart's first trial."""
+    """The fully defaulted trial dict (sweep.config.schema.TrialConfig) of the quickstart's first trial."""
     train = {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4, "warmup_epochs": 0.0,
              "label_smoothing": 0.0, "lr_schedule": "cosine", "amp": True, "channels_last": True}
     return {
@@ -71,7 +71,7 @@ def test_quickstart_is_a_12_trial_grid_of_fully_defaulted_configs(registries):
     assert spec.name == "quickstart" and spec.source_text == QUICKSTART.read_text()
     assert spec.search == {"algorithm": "grid", "num_samples": 1} and spec.num_samples() == 1
     assert spec.scheduler == {"name": "fifo"}
-    assert spec.resources == {"cpu": 1.0, "gpu": 0.0, "memory": None, "process": "worker"}
+    assert spec.resources == {"cpu": 1.0, "gpu": 0.0, "memory": None}
     assert (spec.metric, spec.mode, spec.max_failures, spec.max_concurrent) == ("val_accuracy", "max", 2, None)
     assert spec.max_trials == 10000 and spec.num_trials() == 12
 
@@ -139,7 +139,7 @@ def test_random_search_dotted_paths_become_tune_domains(registries):
 def test_grid_over_dotted_paths_models_and_datasets(registries):
     others = [n for n in _dataset_names() if n not in ("digits", "imagefolder")]
     if not others:
-        pytest.skip("sweep.data registers no dataset besides digits and imagefolder")
+        pytest.skip("sweep.zoo.data registers no dataset besides digits and imagefolder")
     other = others[0]
     spec = parse_spec(yaml.safe_dump({
         "name": "arch.compare_1", "dataset": {"name": "digits", "download": True}, "model": {"name": "small_cnn"},
@@ -180,7 +180,7 @@ def test_settings_are_normalised_and_a_gpu_request_is_left_to_the_cluster(regist
     }))
     assert spec.trial["base"]["weight_decay"] == 1e-4 and spec.trial["base"]["epochs"] == 2
     assert type(spec.trial["base"]["epochs"]) is int
-    assert spec.resources == {"cpu": 0.5, "gpu": 1.0, "memory": None, "process": "worker"}  # a cluster may have a GPU
+    assert spec.resources == {"cpu": 0.5, "gpu": 1.0, "memory": None}  # a cluster may have a GPU
     # max_t: the last epoch before the most a trial trains (finetune's default, 3): never stopped after all of it
     assert spec.scheduler == {"name": "asha", "grace_period": 1, "reduction_factor": 2.0, "max_t": 2}
     assert spec.max_concurrent == 2 and spec.grid_configs() == [spec.trial]
@@ -289,7 +289,7 @@ MALFORMED = [
     ("gpu-negative", _spec(resources={"gpu": -1}), "resources.gpu", ">= 0"),
     ("gpu-1.5", _spec(resources={"gpu": 1.5}), "resources.gpu", "fraction up to 1"),
     ("cuda-without-gpu", _spec(device="cuda"), "device", "resources.gpu"),
-    ("process-thread", _spec(resources={"process": "thread"}), "resources.process", "worker, fork"),
+    ("process-retired", _spec(resources={"process": "fork"}), "resources.process", "removed in 0.2"),
     ("unknown-search-algorithm", _spec(search={"algorithm": "bayes"}), "search.algorithm", "unknown search algorithm"),
     ("grid-with-uniform", _spec(space={"ratio": {"uniform": [0.1, 0.9]}}), "space.ratio.uniform", "grid search"),
     ("grid-with-choice", _spec(space={"ratio": {"choice": [0.1, 0.9]}}), "space.ratio.choice", "grid search"),
@@ -457,7 +457,7 @@ def test_a_huge_grid_is_counted_not_built(registries, monkeypatch):
     import time
     import tracemalloc
 
-    from sweep import spec as spec_module
+    from sweep.config import spec as spec_module
 
     def never(self):
         raise AssertionError("validation enumerated the grid")
@@ -484,8 +484,8 @@ def test_a_huge_grid_is_counted_not_built(registries, monkeypatch):
 
 
 def test_typed_access_to_a_trial_config(registries):
-    from sweep.spec import TrialConfig, trial_config
-    from sweep.train import TrainConfig
+    from sweep.config.spec import TrialConfig, trial_config
+    from sweep.worker.train import TrainConfig
 
     spec = load_spec(QUICKSTART)
     config = spec.grid_configs()[0]
@@ -524,11 +524,11 @@ def _between(text: str, name: str) -> str:
 
 
 def test_readme_tables_are_generated_from_the_schema_and_the_metric_table():
-    from sweep.names import METRICS, PARAMS
-    from sweep.spec import metrics_markdown, reference_markdown
+    from sweep.config.names import METRICS, PARAMS
+    from sweep.config.spec import metrics_markdown, reference_markdown
 
     readme = (QUICKSTART.parents[1] / "README.md").read_text(encoding="utf-8")
-    fix = "README.md is out of date: regenerate its tables with `python -m sweep.schema README.md`"
+    fix = "README.md is out of date: regenerate its tables with `python -m sweep.config.schema README.md`"
     assert _between(readme, "schema") == reference_markdown(), fix
     assert _between(readme, "metrics") == metrics_markdown(), fix
     table = reference_markdown()

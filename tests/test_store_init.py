@@ -24,7 +24,7 @@ def launch(uri: str, folder: str, name: str) -> None:
     """What a launch does first: init the store, then write to it."""
     from mlflow.tracking import MlflowClient
 
-    from sweep import tracking
+    from sweep.store import tracking
 
     Path(folder, f"ready-{name}").touch()
     deadline = time.monotonic() + 120

@@ -12,11 +12,12 @@ import ray
 import torch
 from mlflow.tracking import MlflowClient
 
-from sweep import tracking
 from sweep.cli import main
+from sweep.config.spec import SpecError, load_spec
+from sweep.driver.launch import measures_in_driver, run_sweep
+from sweep.driver.session import cache_dir
 from sweep.errors import InputError
-from sweep.orchestrate import cache_dir, measures_in_driver, run_sweep
-from sweep.spec import SpecError, load_spec
+from sweep.store import tracking
 
 pytestmark = pytest.mark.e2e  # starts Ray and runs real sweeps (`-m 'not e2e'` leaves them out)
 
@@ -30,7 +31,7 @@ measure: {{batch_size: 1, warmup: 1, runs: 2}}
 space:
   strategy: {{grid: {strategies}}}
   ratio: {{grid: {ratios}}}
-resources: {{cpu: 1, gpu: {gpu}, process: {process}{memory}}}
+resources: {{cpu: 1, gpu: {gpu}{memory}}}
 max_failures: {max_failures}
 {extra}
 """
@@ -53,10 +54,10 @@ resources: {{cpu: 1}}
 
 
 def write_spec(folder: Path, name: str, strategies=("l1", "random"), ratios=(0.3, 0.6), gpu=0, epochs=1,
-               max_failures=2, extra="", process="worker", memory: float | None = None) -> Path:
+               max_failures=2, extra="", memory: float | None = None) -> Path:
     path = folder / f"{name}.yaml"
     path.write_text(TINY.format(name=name, strategies=list(strategies), ratios=list(ratios), gpu=gpu, epochs=epochs,
-                                max_failures=max_failures, extra=extra, process=process,
+                                max_failures=max_failures, extra=extra,
                                 memory=f", memory: {memory}" if memory else ""), encoding="utf-8")
     return path
 
@@ -245,12 +246,10 @@ class TestCluster:
         cluster.shutdown()
 
     @pytest.mark.timeout(240)
-    @pytest.mark.parametrize("process", ["worker", "fork"])
-    def test_two_nodes_share_one_base(self, cluster, tmp_path, sqlite_uri, process):
+    def test_two_nodes_share_one_base(self, cluster, tmp_path, sqlite_uri):
         uri = sqlite_uri  # a copy of the session's empty store
         storage = str(tmp_path / "results")  # one filesystem: stands in for the NFS mount a real cluster needs
-        spec = load_spec(write_spec(tmp_path, "two_nodes", strategies=["l1", "random"], ratios=[0.5],
-                                    process=process))
+        spec = load_spec(write_spec(tmp_path, "two_nodes", strategies=["l1", "random"], ratios=[0.5]))
         outcome = run_sweep(spec, address=cluster.address, tracking_uri=uri, storage=storage, verbose=0)
         assert (outcome.ran, outcome.failed) == (2, 0)
         assert not ray.is_initialized()  # run_sweep disconnects what it connected
@@ -264,9 +263,6 @@ class TestCluster:
         assert all("latency_ms" in r.data.metrics and r.data.tags["latency.device"] == "cpu" for r in runs)
         # One CPU per node and per trial: the two trials ran at the same time, one on each node.
         assert {r.data.tags["ray.node_id"] for r in runs} == nodes
-        # under fork, each node forked its trial from a zygote of its own, and the sweep ended both
-        assert {r.data.tags["trial.process"] for r in runs} == {process}
-        assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("sweep-fork")]
         # both nodes read the data the driver put in the object store (the second node fetched its own copy)
         assert {r.data.tags["data.shared"] for r in runs} == {"true"}
         # ...and the base was trained once, by one of them, the other waiting for it.

@@ -1,4 +1,4 @@
-"""sweep.tracking against a real MLflow sqlite store in tmp_path."""
+"""sweep.store.tracking against a real MLflow sqlite store in tmp_path."""
 
 import copy
 import json
@@ -11,9 +11,9 @@ import pytest
 import sqlalchemy
 from mlflow.tracking import MlflowClient
 
-from sweep import tracking
-from sweep.names import PARAMS
-from sweep.tracking import TrialRun
+from sweep.config.names import PARAMS
+from sweep.store import tracking
+from sweep.store.tracking import TrialRun
 
 EXPERIMENT = "tracking-test"
 
@@ -205,8 +205,8 @@ def test_finished_trials_only_finished_children(uri):
 def test_pending_grid_skips_finished_configs_and_runs_the_rest(uri, monkeypatch, lookup_max):
     """_pending_grid looks configs up one filtered query each (small grids) or scans every FINISHED run (large
     ones): both skip exactly the configs with a FINISHED child run, the newest one standing for the config."""
-    from sweep.orchestrate import _pending_grid
-    from sweep.spec import parse_spec
+    from sweep.config.spec import parse_spec
+    from sweep.driver.launch import _pending_grid
 
     monkeypatch.setattr(tracking, "FINISHED_LOOKUP_MAX", lookup_max)
     spec = parse_spec(f"name: {EXPERIMENT}\ndataset: {{name: digits}}\nmodel: {{name: small_cnn}}\n"
@@ -239,7 +239,7 @@ def test_pending_grid_skips_finished_configs_and_runs_the_rest(uri, monkeypatch,
 
 
 def test_runs_to_measure_reads_only_unmeasured_finished_runs(uri):
-    from sweep import latency
+    from sweep.worker import latency
 
     parent = tracking.start_parent_run(uri, EXPERIMENT, "")
     runs = [TrialRun.create(uri, EXPERIMENT, parent, trial(ratio=r)) for r in (0.1, 0.2, 0.3, 0.4, 0.5)]
@@ -345,7 +345,7 @@ def test_eight_processes_write_one_sqlite_store(uri, monkeypatch):
 def test_latency_phase_skips_a_run_it_cannot_rebuild_and_says_why(uri):
     """A FINISHED run without its pruned checkpoint (an older release, a hand-made run) must not end the launch's
     measurement phase; it is marked, so the next launch does not try again."""
-    from sweep import latency
+    from sweep.worker import latency
 
     run = TrialRun.create(uri, EXPERIMENT, None, {**TRIAL, "measure": {**TRIAL["measure"], "threads": 1}})
     run.finish()

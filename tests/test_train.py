@@ -1,4 +1,4 @@
-"""sweep.train on real data (scikit-learn digits) with a tiny real CNN."""
+"""sweep.worker.train on real data (scikit-learn digits) with a tiny real CNN."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from sweep.train import (
+from sweep.worker.train import (
     TrainConfig,
     evaluate,
     fit,

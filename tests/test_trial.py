@@ -13,15 +13,15 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from sweep import claims, tracking
-from sweep.base import base_key
-from sweep.data import batches, load_dataset
-from sweep.models import build_model
-from sweep.names import METRICS, tune_metrics
+from sweep.config.names import METRICS, tune_metrics
+from sweep.config.spec import parse_spec
 from sweep.pruning import load_pruned
-from sweep.spec import parse_spec
-from sweep.train import evaluate
-from sweep.trial import SweepContext, run_trial, selection_view
+from sweep.store import claims, tracking
+from sweep.worker.base import base_key
+from sweep.worker.train import evaluate
+from sweep.worker.trial import SweepContext, run_trial, selection_view
+from sweep.zoo.data import batches, load_dataset
+from sweep.zoo.models import build_model
 
 SPACE = """
 name: trialtest

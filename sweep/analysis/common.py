@@ -18,15 +18,17 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from .. import tracking
-from ..base import ensure_base, example_input, load_base
-from ..data import batches
-from ..spec import SweepSpec
-from ..train import evaluate, pick_device, seed_everything
+from sweep.config.names import KIND_TAG
+from sweep.config.schema import trial_config
+from sweep.config.spec import SweepSpec
+from sweep.driver.session import cache_dir, resolve_storage
+from sweep.store import tracking
+from sweep.worker.base import ensure_base, example_input, load_base
+from sweep.worker.train import evaluate, pick_device, seed_everything
+from sweep.worker.trial import load_splits
+from sweep.zoo.data import batches
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
-KIND_TAG = "sweep.kind"
-KINDS = ("sensitivity", "criteria")
 
 
 @dataclass
@@ -56,13 +58,10 @@ def _materialise(data, batch_size: int, train: bool, seed: int, limit: int | Non
 def prepare(spec: SweepSpec, storage: str | None = None, max_batches: int | None = None,
             calibration: bool = True) -> Setup:
     """Load the spec's dataset, and train (or find) its shared base under ``<storage>/<name>/bases``."""
-    from ..orchestrate import cache_dir, resolve_storage
-    from ..schema import trial_config
-    from ..trial import _load_splits  # the data exactly as a trial of this spec loads it
 
     config = spec.trial
     seed_everything(config["seed"])
-    splits = _load_splits(trial_config(config))
+    splits = load_splits(trial_config(config))
     device = pick_device(config["device"])
     path, cached = ensure_base(config, cache_dir(resolve_storage(storage), spec.name), splits, device)
     model, info = load_base(config, path, splits)

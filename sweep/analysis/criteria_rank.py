@@ -28,11 +28,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from .. import tracking
-from ..errors import InputError
-from ..pruning import NEEDS_CALIBRATION, STRATEGIES, ChannelGraph, analyse
-from ..train import evaluate, pick_device
-from .common import (
+from sweep.analysis.common import (
     Setup,
     base_metrics,
     experiment_name,
@@ -44,7 +40,13 @@ from .common import (
     start_parent,
     task_options,
 )
-from .groups import LayerGroup, groups_of
+from sweep.analysis.groups import LayerGroup, groups_of
+from sweep.driver.session import start_ray
+from sweep.errors import InputError
+from sweep.pruning import NEEDS_CALIBRATION, STRATEGIES, ChannelGraph, analyse
+from sweep.report.analyses import write_criteria_report
+from sweep.store import tracking
+from sweep.worker.train import evaluate, pick_device
 
 KIND = "criteria"
 Criterion = Callable[[nn.Module, ChannelGraph, object, torch.Generator], torch.Tensor]
@@ -218,8 +220,6 @@ def run_criteria(spec, strategies: Sequence[str] | None = None, layers: int | Se
     """
     import ray
 
-    from ..orchestrate import start_ray
-    from .report import write_criteria_report
 
     start = time.perf_counter()
     strategies = list(strategies or STRATEGIES)

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..pruning import ChannelGraph, PruneResult, analyse, prune
-from ..pruning.criteria import Calibration
-from ..pruning.plan import PrunePlan
+from sweep.pruning import ChannelGraph, PruneResult, analyse, prune
+from sweep.pruning.criteria import Calibration
+from sweep.pruning.plan import PrunePlan
 
 
 @dataclass

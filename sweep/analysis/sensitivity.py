@@ -19,12 +19,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .. import tracking
-from ..errors import InputError
-from ..measure import count_flops
-from ..pruning import NEEDS_CALIBRATION, STRATEGIES
-from ..train import evaluate, pick_device
-from .common import (
+from sweep.analysis.common import (
     Setup,
     base_metrics,
     experiment_name,
@@ -36,7 +31,14 @@ from .common import (
     start_parent,
     task_options,
 )
-from .groups import LayerGroup, layer_groups, prune_group
+from sweep.analysis.groups import LayerGroup, layer_groups, prune_group
+from sweep.driver.session import start_ray
+from sweep.errors import InputError
+from sweep.pruning import NEEDS_CALIBRATION, STRATEGIES
+from sweep.report.analyses import write_sensitivity_report
+from sweep.store import tracking
+from sweep.worker.measure import count_flops
+from sweep.worker.train import evaluate, pick_device
 
 KIND = "sensitivity"
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -111,8 +113,6 @@ def run_sensitivity(spec, ratios: Sequence[float] | None = None, strategy: str |
     """The whole command: base once, one Ray task per layer group, then the report from what MLflow recorded."""
     import ray
 
-    from ..orchestrate import start_ray
-    from .report import write_sensitivity_report
 
     start = time.perf_counter()
     ratios = sorted({float(r) for r in (ratios or DEFAULT_RATIOS)})
@@ -161,50 +161,3 @@ def run_sensitivity(spec, ratios: Sequence[float] | None = None, strategy: str |
     tracking.end_run(uri, parent, "FINISHED")
     assert len(table) == len(rows)
     return SensitivityOutcome(name, parent, table, paths, seconds)
-
-
-# --- what to do with it ------------------------------------------------------------------------------------------
-
-
-def suggest(table: pd.DataFrame, base_accuracy: float, tolerance: float) -> tuple[dict[str, float], list[str]]:
-    """Per layer, the largest tested ratio up to which every ratio stays within ``tolerance`` of the base accuracy;
-    layers that lose more than that already at the smallest ratio go to ``ignore``."""
-    ratios: dict[str, float] = {}
-    ignore: list[str] = []
-    for layer, rows in table.groupby("layer", sort=False):
-        rows = rows.sort_values("ratio")
-        ok = (base_accuracy - rows["accuracy"]).le(tolerance + 1e-12).to_numpy()
-        allowed = 0
-        while allowed < len(ok) and ok[allowed]:
-            allowed += 1
-        if allowed == 0:
-            ignore.append(layer)
-        else:
-            ratios[layer] = float(rows["ratio"].iloc[allowed - 1])
-    return ratios, ignore
-
-
-def suggestion_yaml(table: pd.DataFrame, base_accuracy: float, tolerance: float, source: str) -> str:
-    """The `prune:` block a later search space can take over: per-layer `ratios` and `ignore`."""
-    ratios, ignore = suggest(table, base_accuracy, tolerance)
-    tied = {r.layer: r.modules for r in table.drop_duplicates("layer").itertuples() if "," in str(r.modules)}
-    lines = [
-        f"# Suggested by `sweep sensitivity` ({source}):",
-        "# for each layer group, the largest tested ratio up to which its validation accuracy, pruned alone",
-        f"# without fine-tune, stays within {100 * tolerance:g} point(s) of the base ({100 * base_accuracy:.2f} %);",
-        "# groups that lose more already at the smallest ratio are ignored. A group is named by its first conv;",
-        "# the convs tied to it (a residual stream) go with it. Effects add up when several groups are pruned",
-        "# together: fine-tune, or tolerate less. `ratio: 0` prunes only the listed groups.",
-        "prune:",
-        *(["  ratio: 0"] if ratios else []),
-        "  ratios:" + ("" if ratios else " {}"),
-    ]
-    for layer, ratio in ratios.items():
-        note = f"  # with {len(tied[layer].split(',')) - 1} tied convs" if layer in tied else ""
-        lines.append(f"    {_yaml_key(layer)}: {ratio:g}{note}")
-    lines.append("  ignore: [" + ", ".join(_yaml_key(layer) for layer in ignore) + "]")
-    return "\n".join(lines) + "\n"
-
-
-def _yaml_key(name: str) -> str:
-    return name if all(c.isalnum() or c in "._-" for c in name) else f'"{name}"'

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from .data import DataError, DataSplits, load_dataset, load_official
-from .errors import InputError
-from .models import MODELS, ModelError, build_model
-from .pruning import PruningError, analyse
-from .shared_data import data_key
-from .spec import SpecError, SweepSpec
+from sweep.config.spec import SpecError, SweepSpec
+from sweep.errors import InputError
+from sweep.pruning import PruningError, analyse
+from sweep.worker.shared_data import data_key
+from sweep.zoo.data import DataError, DataSplits, load_dataset, load_official
+from sweep.zoo.models import MODELS, ModelError, build_model
 
 # Trial paths whose values decide what a check loads. Everything else (training, pruning ratios) cannot make
 # loading fail, so other swept settings are not multiplied out.
@@ -100,7 +100,7 @@ def _check_model(model: dict, shape: tuple[int, int, int], ignore: list[str], da
 
 def preflight(spec: SweepSpec) -> dict[str, DataSplits]:
     """Load every distinct dataset and model of the sweep once; SpecError lists what would fail every trial.
-    Returns the official splits it loaded, by sweep.shared_data.data_key, for the trials to share."""
+    Returns the official splits it loaded, by sweep.worker.shared_data.data_key, for the trials to share."""
     errors: list[str] = []
     shapes: dict[str, tuple | None] = {}
     officials: dict[str, DataSplits] = {}

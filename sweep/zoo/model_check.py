@@ -14,7 +14,8 @@ import warnings
 
 import torch
 
-from .models import MODELS, build_model, model_names
+from sweep.pruning import PruningError, analyse
+from sweep.zoo.models import MODELS, build_model, model_names
 
 _FAMILY = re.compile(r"^(regnet_[xy]|[a-z]+(?:_v\d)?)")
 _SIZES = {"t": 0, "tiny": 0, "s": 1, "small": 1, "b": 2, "m": 2, "base": 2, "l": 3, "large": 3, "h": 4}
@@ -34,7 +35,6 @@ def family(name: str) -> str:
 
 def check(name: str) -> str | None:
     """None if the pruner can trace `name`, else its reason in one line."""
-    from .pruning import PruningError, analyse
 
     side = 32 if name in MODELS else 224
     x = torch.zeros(1, 3, side, side)

@@ -12,78 +12,31 @@ import hashlib
 import json
 import logging
 import os
-import random
 import re
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from .mlflow_ui import experiment_tags, mark_experiment
-from .names import PARAMS
-
-try:
-    from sqlalchemy.exc import OperationalError as _SqlOperationalError
-except ImportError:  # mlflow-skinny against a server: no sqlalchemy, no sqlite locks
-    _SqlOperationalError = MlflowException
+from sweep.config.names import PARAMS
+from sweep.store.client import with_retry
+from sweep.store.view import experiment_tags, mark_experiment
 
 log = logging.getLogger(__name__)
 # Artifact downloads (latency phase, report) would draw a progress bar per file into the sweep's output.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-T = TypeVar("T")
 
 PARENT_ROLE = "parent"
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 MAX_PARAM_CHARS = 500
 # Not a param: "name" is the experiment (tag sweep.name).
 _NOT_PARAMS = {"name"}
-
-# sqlite allows one writer at a time. MLflow already sets busy_timeout, but a deferred transaction that must upgrade
-# to a write lock fails at once with "database is locked" (sqlite refuses to wait to avoid a deadlock): retry those.
-RETRY_ATTEMPTS = 10
-RETRY_SECONDS = 120.0
-
-
-def _is_lock_error(exc: BaseException) -> bool:
-    return isinstance(exc, (MlflowException, _SqlOperationalError)) and "locked" in str(exc).lower()
-
-
-def with_retry(
-    fn: Callable[..., T], *args: Any, attempts: int = RETRY_ATTEMPTS, seconds: float = RETRY_SECONDS, **kwargs: Any
-) -> T:
-    """Call fn, retrying sqlite lock errors with jittered exponential backoff, at most `attempts` times / `seconds`."""
-    deadline = time.monotonic() + seconds
-    delay = 0.05
-    attempt = 1
-    while True:
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:
-            if not _is_lock_error(exc) or attempt >= attempts or time.monotonic() + delay > deadline:
-                raise
-            log.debug("sqlite locked (attempt %d/%d), retrying in %.2fs", attempt, attempts, delay)
-            time.sleep(delay * random.uniform(0.5, 1.5))  # jitter: writers that collided must not retry in lockstep
-            delay = min(delay * 2, 2.0)
-            attempt += 1
-
-
-def resolve_tracking_uri(uri: str | None = None) -> str:
-    """Explicit uri > $MLFLOW_TRACKING_URI > sqlite:///<cwd>/mlflow.db; relative sqlite paths are made absolute.
-
-    Absolute because Ray runs trials in their own working directories: they must all write the driver's file.
-    """
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not os.path.isabs(uri[len(prefix) :]):
-        uri = prefix + os.path.abspath(uri[len(prefix) :])
-    return uri
-
 
 def _sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
@@ -194,7 +147,7 @@ def get_or_create_experiment(client: MlflowClient, name: str) -> str:
     if experiment is None:
         try:
             location = _artifact_location(client.tracking_uri, name)
-            # the UI opens on the trials: experiment kind and a saved comparison view (sweep.mlflow_ui)
+            # the UI opens on the trials: experiment kind and a saved comparison view (sweep.store.view)
             return with_retry(client.create_experiment, name, artifact_location=location, tags=experiment_tags())
         except MlflowException as exc:
             if "already exists" not in str(exc).lower() and exc.error_code != "RESOURCE_ALREADY_EXISTS":

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from .errors import InputError
+from sweep.errors import InputError
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".th", ".ckpt")
 

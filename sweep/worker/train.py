@@ -19,7 +19,7 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 # The training settings (fields, defaults, checks) live once, in the schema: TrainConfig is the `finetune` section
 # (`base` is a subclass with two other defaults). TrainConfig(epochs=2, lr=0.1) validates; TrainConfig.from_dict(d,
 # where="finetune") raises SpecError (a ValueError) with one line per problem.
-from .schema import TrainConfig
+from sweep.config.schema import TrainConfig
 
 
 def seed_everything(seed: int) -> None:

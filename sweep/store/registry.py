@@ -24,9 +24,11 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from . import tracking
-from .errors import InputError
-from .names import LEGACY_METRICS, METRICS, selectable_metrics
+from sweep.config.names import LEGACY_METRICS, METRICS, selectable_metrics
+from sweep.errors import InputError
+from sweep.pruning import load_pruned
+from sweep.store import tracking
+from sweep.zoo.models import build_model
 
 MODEL_DIR = "registered_model"  # artifact folder of the trial run that holds the pyfunc model
 CHECKPOINT = "checkpoint/pruned.pt"
@@ -50,8 +52,6 @@ class PrunedNetwork(mlflow.pyfunc.PythonModel):
 
 def load_network(architecture: str | Path, checkpoint: str | Path) -> torch.nn.Module:
     """The pruned network from an architecture.json and a pruned.pt, in eval mode, on the CPU."""
-    from .models import build_model
-    from .pruning import load_pruned
 
     arch = json.loads(Path(architecture).read_text(encoding="utf-8"))
     base = build_model(arch.get("model"), arch["num_classes"], None, arch["in_channels"],
@@ -60,7 +60,7 @@ def load_network(architecture: str | Path, checkpoint: str | Path) -> torch.nn.M
     return model.eval()
 
 
-def _check_by(by: str) -> str:
+def check_by(by: str) -> str:
     """`by` as a metric a selection may read, and its direction."""
     if by in LEGACY_METRICS or by.startswith("test_") or (by in METRICS and not METRICS[by].selectable):
         raise RegistryError(f"--by: {by} is measured on the test split, which must never choose a model (its number "
@@ -72,7 +72,7 @@ def _check_by(by: str) -> str:
 
 def best_run(experiment: str, by: str = "val_accuracy", tracking_uri: str | None = None):
     """The FINISHED trial run with the best `by` (ties: the newest run)."""
-    direction = _check_by(by)
+    direction = check_by(by)
     uri = tracking.resolve_tracking_uri(tracking_uri)
     client = MlflowClient(uri)
     if tracking.find_experiment_id(client, experiment) is None:
@@ -134,7 +134,7 @@ def register_best(experiment: str, model_name: str, by: str = "val_accuracy",
         del network
         local = tmp / MODEL_DIR
         mlflow.pyfunc.save_model(
-            str(local), python_model=str(Path(__file__).with_name("_pyfunc_model.py")),
+            str(local), python_model=str(Path(__file__).with_name("pyfunc_model.py")),
             artifacts={"architecture": str(tmp / "architecture.json"), "checkpoint": str(checkpoint)},
             signature=signature,
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],

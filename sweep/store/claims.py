@@ -82,7 +82,7 @@ from typing import Literal
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from . import tracking
+from sweep.store import tracking
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import DataSplits, TensorImages
+from sweep.zoo.data import DataSplits, TensorImages
 
 _SPLITS = ("train", "val", "test")
 

@@ -20,10 +20,10 @@ import torch
 from filelock import FileLock
 from torch import nn
 
-from .data import DataSplits, batches
-from .measure import count_flops, count_params
-from .models import build_model
-from .train import TrainConfig, evaluate, fit, seed_everything
+from sweep.worker.measure import count_flops, count_params
+from sweep.worker.train import TrainConfig, evaluate, fit, seed_everything
+from sweep.zoo.data import DataSplits, batches
+from sweep.zoo.models import build_model
 
 BASE_KEYS = ("model", "dataset", "base", "seed")
 

@@ -7,9 +7,9 @@ default, check, error message and README row.
 
 Each field's check is a plain function that returns the normalised value or raises ValueError("<what is wrong>;
 <how to fix>"); `error_lines` turns pydantic's errors into "<field path>: <what is wrong>; <how to fix>" lines. The
-same checks validate the items of a sweep domain (sweep.spec). Rules across fields (an iterative schedule needs
+same checks validate the items of a sweep domain (sweep.config.spec). Rules across fields (an iterative schedule needs
 steps >= 2, ...) are written once in `rules`, over a `View` that holds every value a sweep may give each path, and
-run for one trial too. Only this module and sweep.names define names and defaults; README's tables are generated
+run for one trial too. Only this module and sweep.config.names define names and defaults; README's tables are generated
 from them (`reference_markdown`, `metrics_markdown`; tests/test_spec.py compares).
 """
 
@@ -33,8 +33,8 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import InputError
-from .names import LEGACY_METRICS, METRICS, PARAMS, selectable_metrics, tune_metrics
+from sweep.config.names import LEGACY_METRICS, METRICS, PARAMS, selectable_metrics, tune_metrics
+from sweep.errors import InputError
 
 
 class SpecError(InputError):
@@ -195,17 +195,17 @@ def _strategy_names() -> list:
 
 
 def _model_names() -> list:
-    from sweep.models import model_names
+    from sweep.zoo.models import model_names
     return list(model_names())
 
 
 def _dataset_names() -> list:
-    from sweep.data import dataset_names
+    from sweep.zoo.data import dataset_names
     return list(dataset_names())
 
 
 def _looks_like_path(text: str) -> bool:
-    # Same reading as sweep.models: anything else is a torchvision weights name such as DEFAULT.
+    # Same reading as sweep.zoo.models: anything else is a torchvision weights name such as DEFAULT.
     suffixes = (".pt", ".pth", ".th", ".ckpt")
     return "/" in text or "\\" in text or text.endswith(suffixes) or Path(text).expanduser().exists()
 
@@ -380,7 +380,7 @@ class ModelConfig(Section):
 
 
 class DatasetConfig(Section):
-    name: Registered(_dataset_names, "dataset", "a name from `sweep.data.dataset_names()`", optional=True) = _f(
+    name: Registered(_dataset_names, "dataset", "a name from `sweep.zoo.data.dataset_names()`", optional=True) = _f(
         None, "`digits` (offline), `mnist`, `fashion_mnist`, `cifar10`, `cifar100`, `flowers102`, `oxford_pets`, "
               "`imagefolder`")
     root: Root = _f(None, "where the data lives (null: `$SWEEP_DATA`, then `./data`); must exist unless `download`")
@@ -496,10 +496,6 @@ class ResourcesConfig(Section):
     gpu: Real(0, example=1, then=_gpus, doc="number >= 0: a fraction up to 1, or whole") = _f(
         0.0, "GPUs per trial; fractions share a card (`0.25`)")
     memory: Real(0, lo_open=True, example=4, optional=True) = _f(None, "GiB of memory per trial; Ray schedules by it")
-    process: OneOf(("worker", "fork"), "process") = _f(
-        "worker", "`worker`: each trial in its own Ray worker process; `fork`: trials forked from one process per "
-                  "node that imported torch once, so each further trial costs its model and activations, not a "
-                  "process with torch (sweep/forked.py)")
 
 
 class SweepConfig(TrialConfig):
@@ -544,6 +540,9 @@ def _model_at(cls: type, loc) -> type | None:
 
 
 _MISSING = {"name": "missing; add a sweep name such as name: my_sweep"}
+# Settings that existed once: a spec that still sets one is told what replaced it, not "unknown key".
+_RETIRED = {"resources.process": "removed in 0.2 (every trial runs in its own Ray worker); delete this line, and "
+                                 "share a node's data between trials through Ray's object store as before (automatic)"}
 
 
 def error_lines(error: ValidationError, prefix: str = "") -> tuple[list[str], list[tuple]]:
@@ -557,7 +556,7 @@ def error_lines(error: ValidationError, prefix: str = "") -> tuple[list[str], li
             messages = str(item["ctx"]["error"]).split("\n")
         elif kind == "extra_forbidden":
             model = root and _model_at(root, loc[:-1])
-            messages = [unknown_key(loc[-1], list(model.model_fields) if model else [])]
+            messages = [_RETIRED.get(dotted(loc)) or unknown_key(loc[-1], list(model.model_fields) if model else [])]
         elif kind in ("model_type", "model_attributes_type", "dict_type"):
             model = root and _model_at(root, loc)
             first = next(iter(model.model_fields)) if model else "key"
@@ -577,7 +576,7 @@ def error_lines(error: ValidationError, prefix: str = "") -> tuple[list[str], li
 
 class View:
     """The values a sweep can give each trial path, and where each comes from (for messages). With only a trial
-    dict it is that one trial. `space` maps paths to sweep domains (see sweep.spec.Domain); `invalid` holds paths
+    dict it is that one trial. `space` maps paths to sweep domains (see sweep.config.spec.Domain); `invalid` holds paths
     that already failed their check, which the rules then skip."""
 
     def __init__(self, trial: dict, space: dict | None = None, origin: dict | None = None,
@@ -789,7 +788,7 @@ def reference_markdown() -> str:
 
 
 def metrics_markdown() -> str:
-    """README's table of sweep.names.METRICS."""
+    """README's table of sweep.config.names.METRICS."""
     rows = ["| metric | meaning | better | unit | recorded | selectable |", "|---|---|---|---|---|---|"]
     tune = tune_metrics()
     for name, info in METRICS.items():
@@ -800,7 +799,7 @@ def metrics_markdown() -> str:
 
 
 def write_readme_tables(path: str = "README.md") -> None:
-    """Replace the generated tables between README's marker comments (`python -m sweep.schema README.md`)."""
+    """Replace the generated tables between README's marker comments (`python -m sweep.config.schema README.md`)."""
     text = Path(path).read_text(encoding="utf-8")
     for name, table in (("schema", reference_markdown()), ("metrics", metrics_markdown())):
         begin, end = f"<!-- {name}:begin -->\n", f"<!-- {name}:end -->"

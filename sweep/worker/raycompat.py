@@ -25,8 +25,21 @@ log = logging.getLogger(__name__)
 _MARK = "_sweep_oom_is_actor_death"
 # With reuse_actors, Tune hands a worker its next trial once the last trial's thread has ended, waiting
 # TUNE_FUNCTION_THREAD_TIMEOUT_S (2 s) and otherwise failing that next trial, with no retry. A trial that ASHA stopped
-# spends that time logging its epochs and closing its run (a forked one relays the stop and waits for its child).
+# spends that time logging its epochs and closing its run .
 _TRIAL_END_S = 150
+
+
+# Log lines that are noise for a sweep's user, and the level they are kept from: the local Ray's notice that token
+# authentication is on (a warning, and the right setting: it stays on), and every trial worker's per-epoch
+# checkpoint chatter.
+QUIET_LOGGERS = {"ray._private.authentication.authentication_token_setup": logging.ERROR,
+                 "ray.train._internal.storage": logging.WARNING,
+                 "ray.train.v2._internal.execution.storage": logging.WARNING}
+
+
+def quiet_ray_logs() -> None:
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
 
 
 def allow_stopped_trials_to_record() -> None:

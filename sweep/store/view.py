@@ -25,6 +25,8 @@ import shlex
 import time
 from urllib.parse import quote, urlencode
 
+from sweep.store.client import resolve_tracking_uri, with_retry
+
 KIND_TAG = "mlflow.experimentKind"
 KIND = "custom_model_development"  # the UI's value for training runs (others: genai_development, ...)
 VIEW_KEY = "sweep-compare"
@@ -96,8 +98,6 @@ def mark_experiment(client, experiment_id: str, tags: dict | None = None) -> Non
 
     Writes nothing when both are current, so calling it on every get_or_create costs no database write.
     """
-    from .tracking import with_retry  # tracking imports this module
-
     if tags is None:
         tags = with_retry(client.get_experiment, experiment_id).tags
     for key, value in experiment_tags().items():
@@ -108,15 +108,9 @@ def mark_experiment(client, experiment_id: str, tags: dict | None = None) -> Non
             with_retry(client.set_experiment_tag, experiment_id, key, value)
 
 
-def _resolve(tracking_uri: str | None) -> str:
-    from .tracking import resolve_tracking_uri
-
-    return resolve_tracking_uri(tracking_uri)
-
-
 def server_url(tracking_uri: str | None) -> str:
     """The web address of the UI for a store: the server itself, or where `mlflow ui` serves a database store."""
-    uri = _resolve(tracking_uri)
+    uri = resolve_tracking_uri(tracking_uri)
     if uri.startswith(("http://", "https://")):
         return uri.rstrip("/")
     return DEFAULT_SERVER
@@ -124,7 +118,7 @@ def server_url(tracking_uri: str | None) -> str:
 
 def ui_command(tracking_uri: str | None) -> str | None:
     """The command that serves the UI for a database store (loopback only); None for a tracking server."""
-    uri = _resolve(tracking_uri)
+    uri = resolve_tracking_uri(tracking_uri)
     if uri.startswith(("http://", "https://")):
         return None
     return f"mlflow ui --backend-store-uri {shlex.quote(uri)} --host 127.0.0.1 --port 5000"

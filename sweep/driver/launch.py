@@ -15,8 +15,6 @@ import json
 import os
 import sys
 import tempfile
-import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,19 +25,17 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from . import claims, forked, latency, raycompat, report, shared_data, tracking
-from .errors import InputError
-from .names import PARAMS
-from .preflight import check_writable, preflight
-from .progress import CompactProgress, quiet_ray_logs
-from .spec import SpecError, SweepSpec
-from .trial import EpochHook, SweepContext, run_trial, sweep_trial
+from sweep.config.names import PARAMS
+from sweep.config.spec import SpecError, SweepSpec
+from sweep.driver.preflight import check_writable, preflight
+from sweep.driver.progress import CompactProgress
+from sweep.driver.session import cache_dir, check_resources, new_launch_path, resolve_storage, start_ray
+from sweep.errors import InputError
+from sweep.report import summary as report
+from sweep.store import claims, tracking
+from sweep.worker import latency, raycompat, shared_data
+from sweep.worker.trial import EpochHook, SweepContext, run_trial, sweep_trial
 
-DEFAULT_STORAGE = "sweep_results"
-LOOPBACK = "127.0.0.1"
-# Ray reads this when `ray` is first imported: "0" makes a local Ray pick 127.0.0.1 as its node address, and every
-# Ray server then listens on loopback only (checked with `ss -ltn` on Ray 2.60: with "1", they listen on *).
-_LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 # Space paths shown in the progress table under their shorthand names; anything else swept is shown by its path.
 _ALWAYS_SHOWN = ("model.name", "prune.strategy", "prune.ratio")
 _PROGRESS_METRICS = {"epoch": "epoch", "val_accuracy": "val_acc", "flops_reduction": "flops_red"}
@@ -60,62 +56,6 @@ class SweepOutcome:
     held: int = 0               # trials another live launch was running (its claim held): not run twice
 
 
-# --- Ray ---------------------------------------------------------------------------------------------
-
-
-def start_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Connect to Ray: a new local instance on loopback (address None; `num_cpus` caps it, else every core) or a
-    cluster; False if already connected."""
-    import ray
-
-    if ray.is_initialized():
-        return False  # the caller owns this connection (tests, notebooks): use it and leave it up
-    if address is not None:
-        ray.init(address=address)
-        return True
-    os.environ[_LOCAL_ONLY_ENV] = "0"  # for processes Ray starts from here; they import ray afresh
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report to the internet from a local run
-    from ray._private import ray_constants
-
-    # This process may have imported ray before the variable was set; Ray consults the constant when it picks
-    # the node address, so set it too (a private name, hence the check on the result below).
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    quiet_ray_logs()
-    ray.init(address="local", include_dashboard=False, num_cpus=num_cpus)
-    node_ip = ray.util.get_node_ip_address()
-    if node_ip != LOOPBACK:
-        ray.shutdown()
-        raise RuntimeError(f"local Ray bound {node_ip}, not {LOOPBACK}; set {_LOCAL_ONLY_ENV}=0 before starting")
-    return True
-
-
-def check_resources(spec: SweepSpec) -> None:
-    """After connecting: a trial that asks for GPUs (or more CPUs or memory than any node has) can never be
-    scheduled."""
-    import ray
-
-    nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
-    want = spec.resources
-    total_gpus = sum(node.get("GPU", 0) for node in nodes)
-    errors = []
-    if want["gpu"] > 0 and total_gpus == 0:
-        errors.append(f"resources.gpu: {want['gpu']:g} GPU per trial requested but the Ray cluster has no GPUs; "
-                      "set resources.gpu: 0 (with device: auto or cpu), or run on a cluster with GPUs (--address)")
-    elif want["gpu"] > max((node.get("GPU", 0) for node in nodes), default=0):
-        errors.append(f"resources.gpu: {want['gpu']:g} GPUs per trial but no node has that many; "
-                      "ask for at most the GPUs of one node")
-    most_cpus = max((node.get("CPU", 0) for node in nodes), default=0)
-    if want["cpu"] > most_cpus:
-        errors.append(f"resources.cpu: {want['cpu']:g} CPUs per trial but the largest node has {most_cpus:g}; "
-                      f"set resources.cpu to at most {most_cpus:g}")
-    most_gib = max((node.get("memory", 0) for node in nodes), default=0) / 2**30
-    if want.get("memory") and want["memory"] > most_gib:  # Tune would wait for such a node forever, silently
-        errors.append(f"resources.memory: {want['memory']:g} GiB per trial but the largest node offers Ray "
-                      f"{most_gib:.1f} GiB; set resources.memory to at most {most_gib:.1f}")
-    if errors:
-        raise SpecError(errors)
-
-
 # --- the Tune run --------------------------------------------------------------------------------------
 
 
@@ -124,7 +64,7 @@ def _trial_dirname(trial: Any) -> str:
 
 
 def _progress_reporter(spec: SweepSpec, verbose: int) -> Any:
-    """One compact line (sweep.progress); with --verbose, Tune's table of every trial."""
+    """One compact line (sweep.driver.progress); with --verbose, Tune's table of every trial."""
     from ray import tune
 
     short = {path: name for name, path in PARAMS.items()}  # prune.ratio -> ratio, model.name -> model
@@ -152,7 +92,7 @@ def _scheduler(spec: SweepSpec) -> Any:
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    # max_t (sweep.spec) lies below every trial's last epoch, and stop_last_trials=False: a trial past it is never
+    # max_t (config.spec) lies below every trial's last epoch, and stop_last_trials=False: a trial past it is never
     # stopped, so one that trained in full always runs its test and saves its network.
     return ASHAScheduler(time_attr="epoch", max_t=spec.scheduler["max_t"],
                          grace_period=spec.scheduler["grace_period"],
@@ -214,29 +154,6 @@ def _tune_output() -> Iterator[None]:
             else:
                 os.environ[name] = value
 
-
-# --- storage and MLflow --------------------------------------------------------------------------------------
-
-
-def resolve_storage(storage: str | None) -> str:
-    """The absolute storage folder (default ./sweep_results); Ray needs it absolute."""
-    path = storage or DEFAULT_STORAGE
-    if "://" in path:
-        raise InputError(f"--storage: {path!r} is a URI; base models are shared through a file lock, so give a "
-                         "folder (on a cluster, one that every node mounts, such as an NFS path)")
-    return str(Path(path).expanduser().resolve())
-
-
-def cache_dir(storage: str, name: str) -> str:
-    """Where a sweep's trials share their base models: <storage>/<name>/bases."""
-    return os.path.join(storage, name, "bases")
-
-
-def new_launch_path(storage: str, name: str) -> str:
-    """Each launch has its own Tune folder, <storage>/<name>/launches/<time>-<random>: overlapping launches of one
-    spec never write into each other's Tune state."""
-    launch = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    return os.path.join(storage, name, "launches", launch)
 
 
 def _pending_grid(spec: SweepSpec, uri: str, force: bool) -> tuple[list[dict], int]:
@@ -439,8 +356,7 @@ def _launch(spec: SweepSpec, uri: str, storage: str, resume: bool, force: bool, 
                                launch_id=launch_id, lease_s=lease_s, shared_data=shared,
                                checkpoint_every_s=spec.checkpoint_every_s,
                                log_every_epoch=spec.scheduler["name"] != "fifo")
-        fork = spec.resources["process"] == "fork"
-        trainable = tune.with_resources(_trainable(context, fork), _trial_resources(spec))
+        trainable = tune.with_resources(tune.with_parameters(sweep_trial, context=context), _trial_resources(spec))
         if interrupted is not None:
             print(f"resuming the sweep at {experiment_path}")
             tuner = tune.Tuner.restore(experiment_path, trainable, resume_errored=True)
@@ -453,14 +369,8 @@ def _launch(spec: SweepSpec, uri: str, storage: str, resume: bool, force: bool, 
             count = len(pending) or spec.num_trials()
             print(f"{count} trials on Ray; the first one to start trains the shared base network, the others wait "
                   f"for it (trial workers take a few seconds to start)")
-        if fork:
-            forked.start_zygotes(launch_id)
         with _tune_output():
-            try:
-                result_grid = tuner.fit()
-            finally:
-                if fork:
-                    forked.stop_zygotes(launch_id)
+            result_grid = tuner.fit()
         _measure_latency(spec, uri, parent)
     except BaseException:
         parent_lease.release()
@@ -475,19 +385,6 @@ def lease_seconds() -> float:
     """How long a claim outlives its holder's last renewal: $SWEEP_LEASE_SECONDS, else 60 s. Shorter leases let a
     resumed or overlapping launch take over a dead launch's trials sooner, at the cost of more renewal writes."""
     return float(os.environ.get("SWEEP_LEASE_SECONDS", claims.DEFAULT_LEASE_S))
-
-
-def _trainable(context: SweepContext, fork: bool) -> Any:
-    import ray
-    from ray import tune
-
-    if not fork:
-        return tune.with_parameters(sweep_trial, context=context)
-    # The Tune workers of forked trials must not open the context (it would import torch there): its ref travels
-    # in a list, which Ray passes on unopened, to the zygote, and the shared datasets' refs beside it.
-    ref = ray.put(dataclasses.replace(context, shared_data={}))
-    return tune.with_parameters(forked.forked_trial, context=[ref], launch_id=context.launch_id,
-                                shared=context.shared_data)
 
 
 def _trial_resources(spec: SweepSpec) -> dict[str, float]:

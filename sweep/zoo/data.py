@@ -42,7 +42,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets as tvd
 from torchvision import transforms as T
 
-from .errors import InputError
+from sweep.errors import InputError
+from sweep.zoo.models import resolve_factory
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class TensorImages(Dataset):
     """A split held as one uint8 tensor N x C x H x W at native resolution, with int64 labels.
 
     A subset is an index into the same tensor, never a copy: every trial on a node can read one shared copy of the
-    official split (sweep.shared_data) and still carve its own seed's validation split out of it.
+    official split (sweep.worker.shared_data) and still carve its own seed's validation split out of it.
     `pad` is the random-shift range of training augmentation in native pixels, `flip` adds horizontal flips.
     """
 
@@ -442,7 +443,7 @@ def _decoded(parts: list[FileImages], size: int) -> list[TensorImages] | None:
     """Splits of small photos, all square and of one side, decoded once into TensorImages; else None.
 
     Decoding 60,000 CIFAR JPEGs takes seconds, once, where a DataLoader decodes every image again in every epoch;
-    the uint8 tensor (184 MB) is what nodes share (sweep.shared_data). Augmentation is the same as for such files
+    the uint8 tensor (184 MB) is what nodes share (sweep.worker.shared_data). Augmentation is the same as for such files
     (a shift of an eighth of the side, and flips); only photos above 64 pixels get RandomResizedCrop.
     """
     first = next((p.samples[0][0] for p in parts if p.samples), None)
@@ -605,7 +606,6 @@ _INFO_KEYS = ("num_classes", "in_channels", "image_size", "name")
 def _from_factory(factory: str, kwargs: dict | None, root: str | None, val_fraction: float, seed: int
                   ) -> DataSplits:
     """Call a dataset factory and make its result a DataSplits (see `load_dataset`)."""
-    from .models import resolve_factory
 
     field = "dataset.factory"
     load = resolve_factory(factory, field, DataError)
@@ -692,7 +692,7 @@ def load_dataset(name: str | None, root: str | None = None, download: bool = Fal
     download and stats do not apply: the factory's own transforms decide the input.
 
     official: the splits `load_official(name, root, download, image_size)` returned (perhaps in another process,
-    through sweep.shared_data), to carve this seed's splits out of without loading them again.
+    through sweep.worker.shared_data), to carve this seed's splits out of without loading them again.
     """
     if not 0 <= val_fraction < 1:
         raise DataError(f"dataset.val_fraction: {val_fraction} is outside [0, 1); use a fraction such as 0.1")
@@ -723,7 +723,7 @@ def load_dataset(name: str | None, root: str | None = None, download: bool = Fal
 def load_official(name: str, root: str | None = None, download: bool = False, image_size: int | None = None
                   ) -> DataSplits:
     """A registered dataset's official splits, before any seed's choice: val is None unless the dataset ships one.
-    TensorImages splits in it are what the trials of a node share (sweep.shared_data)."""
+    TensorImages splits in it are what the trials of a node share (sweep.worker.shared_data)."""
     if name not in DATASETS:
         raise DataError(f"dataset.name: {name!r} is not a dataset; use one of {', '.join(dataset_names())}, "
                         f"or dataset.factory: 'pkg.module:function' for your own")

@@ -14,9 +14,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
-from .. import tracking
-from ..errors import InputError
-from .common import KIND_TAG, KINDS
+from sweep.config.names import ANALYSIS_KINDS, KIND_TAG
+from sweep.errors import InputError
+from sweep.store import tracking
 
 SENSITIVITY_METRICS = {"val_accuracy": "accuracy", "val_loss": "loss", "ratio": "ratio", "removed": "removed",
                        "accuracy_drop": "accuracy_drop", "flops_reduction": "flops_reduction"}
@@ -32,7 +32,7 @@ def analysis_parent(uri: str, experiment: str) -> tuple[str, str] | None:
     if not parents:
         return None
     kind = parents[0].data.tags.get(KIND_TAG)
-    return (parents[0].info.run_id, kind) if kind in KINDS else None
+    return (parents[0].info.run_id, kind) if kind in ANALYSIS_KINDS else None
 
 
 def _children(client: MlflowClient, parent_run_id: str):
@@ -163,7 +163,6 @@ def sensitivity_markdown(name: str, table: pd.DataFrame, info: dict, suggestion:
 def write_sensitivity_report(experiment: str, uri: str, out_dir: str | Path, parent_run_id: str,
                              tolerance: float | None = None, log_to_parent: bool = True
                              ) -> tuple[dict[str, Path], pd.DataFrame]:
-    from .sensitivity import suggestion_yaml
 
     table, info = load_sensitivity(uri, parent_run_id)
     if table.empty:
@@ -298,3 +297,50 @@ def write_criteria_report(experiment: str, uri: str, out_dir: str | Path, parent
         for path in paths.values():
             tracking.with_retry(client.log_artifact, parent_run_id, str(path))
     return paths, table
+
+
+# --- what to do with it ------------------------------------------------------------------------------------------
+
+
+def suggest(table: pd.DataFrame, base_accuracy: float, tolerance: float) -> tuple[dict[str, float], list[str]]:
+    """Per layer, the largest tested ratio up to which every ratio stays within ``tolerance`` of the base accuracy;
+    layers that lose more than that already at the smallest ratio go to ``ignore``."""
+    ratios: dict[str, float] = {}
+    ignore: list[str] = []
+    for layer, rows in table.groupby("layer", sort=False):
+        rows = rows.sort_values("ratio")
+        ok = (base_accuracy - rows["accuracy"]).le(tolerance + 1e-12).to_numpy()
+        allowed = 0
+        while allowed < len(ok) and ok[allowed]:
+            allowed += 1
+        if allowed == 0:
+            ignore.append(layer)
+        else:
+            ratios[layer] = float(rows["ratio"].iloc[allowed - 1])
+    return ratios, ignore
+
+
+def suggestion_yaml(table: pd.DataFrame, base_accuracy: float, tolerance: float, source: str) -> str:
+    """The `prune:` block a later search space can take over: per-layer `ratios` and `ignore`."""
+    ratios, ignore = suggest(table, base_accuracy, tolerance)
+    tied = {r.layer: r.modules for r in table.drop_duplicates("layer").itertuples() if "," in str(r.modules)}
+    lines = [
+        f"# Suggested by `sweep sensitivity` ({source}):",
+        "# for each layer group, the largest tested ratio up to which its validation accuracy, pruned alone",
+        f"# without fine-tune, stays within {100 * tolerance:g} point(s) of the base ({100 * base_accuracy:.2f} %);",
+        "# groups that lose more already at the smallest ratio are ignored. A group is named by its first conv;",
+        "# the convs tied to it (a residual stream) go with it. Effects add up when several groups are pruned",
+        "# together: fine-tune, or tolerate less. `ratio: 0` prunes only the listed groups.",
+        "prune:",
+        *(["  ratio: 0"] if ratios else []),
+        "  ratios:" + ("" if ratios else " {}"),
+    ]
+    for layer, ratio in ratios.items():
+        note = f"  # with {len(tied[layer].split(',')) - 1} tied convs" if layer in tied else ""
+        lines.append(f"    {_yaml_key(layer)}: {ratio:g}{note}")
+    lines.append("  ignore: [" + ", ".join(_yaml_key(layer) for layer in ignore) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def _yaml_key(name: str) -> str:
+    return name if all(c.isalnum() or c in "._-" for c in name) else f'"{name}"'

@@ -7,7 +7,6 @@ Tune's own tables (one per 10 s, with every nested parameter) stay behind `sweep
 
 from __future__ import annotations
 
-import logging
 import math
 import sys
 import time
@@ -15,18 +14,6 @@ from collections.abc import Callable
 from typing import Any
 
 from ray.tune import ProgressReporter
-
-# Log lines that are noise for a sweep's user, and the level they are kept from: the local Ray's notice that token
-# authentication is on (a warning, and the right setting: it stays on), and every trial worker's per-epoch
-# checkpoint chatter.
-QUIET_LOGGERS = {"ray._private.authentication.authentication_token_setup": logging.ERROR,
-                 "ray.train._internal.storage": logging.WARNING,
-                 "ray.train.v2._internal.execution.storage": logging.WARNING}
-
-
-def quiet_ray_logs() -> None:
-    for name, level in QUIET_LOGGERS.items():
-        logging.getLogger(name).setLevel(level)
 
 
 def _clock(seconds: float) -> str:

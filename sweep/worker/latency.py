@@ -19,11 +19,11 @@ import tempfile
 import torch
 from mlflow.tracking import MlflowClient
 
-from . import tracking
-from .base import new_model
-from .measure import latency_samples
-from .pruning import load_pruned
-from .train import pick_device
+from sweep.pruning import load_pruned
+from sweep.store import tracking
+from sweep.worker.base import new_model
+from sweep.worker.measure import latency_samples
+from sweep.worker.train import pick_device
 
 log = logging.getLogger(__name__)
 

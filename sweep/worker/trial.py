@@ -1,7 +1,7 @@
 """One trial: base model -> prune -> fine-tune (or train from scratch) -> measure -> report to Ray Tune and MLflow.
 
 ``run_trial`` is a Ray Tune function trainable (``tune.with_parameters(run_trial, context=ctx)``) and also runs
-standalone, without Ray. Its config is the resolved trial dict of ``sweep.spec``.
+standalone, without Ray. Its config is the resolved trial dict of ``sweep.config.spec``.
 
 Exactly once: every metric point is first kept in the trial's state, and a retried, resumed or restored trial
 continues its own run and logs only the (metric, step) points that run does not hold yet, so each epoch appears once
@@ -27,15 +27,15 @@ import torch
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from . import claims, shared_data, tracking
-from .base import ensure_base, example_input, load_base, new_model
-from .data import DataSplits, batches, load_dataset
-from .measure import count_flops, count_params, size_mb
-from .models import weights_stats
-from .names import METRICS, tune_metrics
-from .pruning import NEEDS_CALIBRATION, PrunePlan, apply_plan, prune, save_pruned
-from .schema import TrainConfig, TrialConfig, trial_config
-from .train import (
+from sweep.config.names import METRICS, tune_metrics
+from sweep.config.schema import TrainConfig, TrialConfig, trial_config
+from sweep.pruning import NEEDS_CALIBRATION, PrunePlan, apply_plan, prune, save_pruned
+from sweep.store import claims, tracking
+from sweep.worker import shared_data
+from sweep.worker.base import ensure_base, example_input, load_base, new_model
+from sweep.worker.measure import count_flops, count_params, size_mb
+from sweep.worker.raycompat import allow_stopped_trials_to_record, quiet_ray_logs
+from sweep.worker.train import (
     evaluate,
     make_optimizer,
     pick_device,
@@ -43,6 +43,8 @@ from .train import (
     seed_everything,
     train_epoch,
 )
+from sweep.zoo.data import DataSplits, batches, load_dataset
+from sweep.zoo.models import weights_stats
 
 STATE_FILE = "trial.pt"
 Report = Callable[[dict, "str | None"], None]  # (metrics, checkpoint directory or None)
@@ -63,7 +65,7 @@ class SweepContext:
     launch_id: str = field(default_factory=lambda: claims.new_owner_id("launch"))  # owner of this launch's claims
     launch_started: float = field(default_factory=time.time)
     lease_s: float = claims.DEFAULT_LEASE_S
-    shared_data: dict = field(default_factory=dict)  # sweep.shared_data.data_key -> ObjectRef of official splits
+    shared_data: dict = field(default_factory=dict)  # sweep.worker.shared_data.data_key -> ObjectRef of official splits
     checkpoint_every_s: float = 0.0  # 0: a checkpoint every epoch
     log_every_epoch: bool = False  # a scheduler may stop the trial after any epoch: its record must reach that epoch
 
@@ -118,9 +120,6 @@ def _tune_reporter() -> tuple[Report, str | None, str]:
     """(report, restored checkpoint directory or None, Tune's trial id)."""
     from ray import tune
 
-    from .progress import quiet_ray_logs
-    from .raycompat import allow_stopped_trials_to_record
-
     quiet_ray_logs()  # this worker's checkpoint chatter
     allow_stopped_trials_to_record()
     def report(metrics: dict, checkpoint_dir: str | None) -> None:
@@ -145,14 +144,12 @@ def selection_view(metrics: dict) -> dict:
 
 
 def _node_tags(trial: str) -> dict[str, str]:
-    if os.environ.get("SWEEP_NODE_ID"):  # a forked trial (sweep.forked): its Tune worker said where it runs
-        return {"ray.node_id": os.environ["SWEEP_NODE_ID"], "ray.trial": trial, "trial.process": "fork"}
     try:
         import ray
 
         if ray.is_initialized():
             ctx = ray.get_runtime_context()
-            return {"ray.node_id": ctx.get_node_id(), "ray.trial": trial, "trial.process": "worker"}
+            return {"ray.node_id": ctx.get_node_id(), "ray.trial": trial}
     except Exception:  # tags are a convenience: never fail a trial over them
         pass
     return {}
@@ -171,8 +168,8 @@ def run_trial(config: dict, context: SweepContext, report: Report | None = None,
     os.environ.pop("MLFLOW_RUN_ID", None)  # would hijack the parent of our run (mlflow issue 15713)
     if report is None:
         report, checkpoint_dir, trial_id = _tune_reporter()
-    else:  # standalone, or forked (sweep.forked: the trial's Tune worker passes its trial id on)
-        trial_id = os.environ.get("SWEEP_TRIAL_ID", "standalone")
+    else:
+        trial_id = "standalone"
     saved = _read_checkpoint(checkpoint_dir)
     claim, resumed = _claim(config, context, saved["run_id"] if saved else None, trial_id)
     if claim.kind != "claimed":  # finished already (perhaps by a launch that died before Tune heard), or running
@@ -190,7 +187,7 @@ def run_trial(config: dict, context: SweepContext, report: Report | None = None,
         if official is None:
             shared = context.shared_data.get(shared_data.data_key(cfg.dataset.model_dump()))  # this node's copy
             official = shared_data.fetch(shared) if shared is not None else None
-        splits = _load_splits(cfg, official)
+        splits = load_splits(cfg, official)
         continued = claim.run_id == resumed
         run = tracking.TrialRun.resume(context.tracking_uri, claim.run_id, config) if continued else \
             tracking.TrialRun(MlflowClient(context.tracking_uri), claim.run_id)
@@ -215,14 +212,14 @@ def run_trial(config: dict, context: SweepContext, report: Report | None = None,
 
 def sweep_trial(config: dict, context: SweepContext) -> None:
     """The Tune trainable: the trial dict sits under one key so a grid can be any list of configs. It lives here,
-    not in sweep.orchestrate, because Ray imports a trainable's module in every trial worker: orchestrate would
+    not in sweep.driver.launch, because Ray imports a trainable's module in every trial worker: orchestrate would
     bring the report's pandas and matplotlib along (about 2 s of every worker's start)."""
     run_trial(config["trial"], context)  # reports to Tune itself; returning its dict would report it twice
 
 
 def _claim(config: dict, context: SweepContext, checkpoint_run: str | None,
            trial_id: str) -> tuple[claims.ClaimResult, str | None]:
-    """Claim this config in the tracking store (sweep.claims): a new run, the continued one, or someone else's.
+    """Claim this config in the tracking store (sweep.store.claims): a new run, the continued one, or someone else's.
     Returns the claim and the run this trial set out to continue (its checkpoint's, or its parent's unfinished)."""
     uri, experiment, parent = context.tracking_uri, context.experiment, context.parent_run_id
     client = MlflowClient(uri)
@@ -241,7 +238,7 @@ def _claim(config: dict, context: SweepContext, checkpoint_run: str | None,
     return result, resume
 
 
-def _load_splits(cfg: TrialConfig, official: DataSplits | None = None) -> DataSplits:
+def load_splits(cfg: TrialConfig, official: DataSplits | None = None) -> DataSplits:
     """This trial's splits; carved out of the node's shared copy of the official splits when there is one."""
     data, model = cfg.dataset, cfg.model
     stats = None if model.factory else weights_stats(model.name, model.weights)  # a plug-in normalises itself

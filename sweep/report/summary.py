@@ -25,9 +25,10 @@ from matplotlib.figure import Figure  # no pyplot: no global figure state, no GU
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
-from sweep import tracking
+from sweep.config.names import LEGACY_METRICS, METRICS
 from sweep.errors import InputError
-from sweep.names import LEGACY_METRICS, METRICS
+from sweep.report.analyses import write_analysis_report
+from sweep.store import tracking
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def load_runs(experiment: str, tracking_uri: str | None = None, parent_run_id: s
     """One row per trial run (child runs only; a config rerun with --force: its newest run); status=None: all.
 
     Columns: run_id, status, config_hash, every logged param (numeric ones as numbers), every metric of
-    sweep.names.METRICS (runs of older releases are read through LEGACY_METRICS).
+    sweep.config.names.METRICS (runs of older releases are read through LEGACY_METRICS).
     """
     if status is not None and status not in STATUSES:
         raise ValueError(f"status {status!r} is invalid: use one of {', '.join(STATUSES)} or None for all")
@@ -437,7 +438,6 @@ def write_report(experiment: str, tracking_uri: str | None = None, out_dir: str 
                  reference: str = "random", log_to_parent: bool = True) -> dict[str, Path]:
     """Write runs.csv, summary.csv, paired.csv, summary.md and the plots; log them to the newest parent run."""
     uri = tracking.resolve_tracking_uri(tracking_uri)
-    from sweep.analysis.report import write_analysis_report  # `sweep sensitivity` and `sweep criteria` parents
 
     analysis = write_analysis_report(experiment, uri, out_dir)
     if analysis is not None:

@@ -89,3 +89,8 @@ def tune_metrics() -> list[str]:
     Ray Tune carries them, so a spec's `metric` is one of these. One recorded at the end (latency is measured after
     the sweep) can pick a winner from MLflow (`--by`), but no scheduler or search could read it."""
     return [name for name, info in METRICS.items() if info.selectable and info.when != "end"]
+
+
+# The parent run of `sweep sensitivity` or `sweep criteria` says which analysis it holds.
+KIND_TAG = "sweep.kind"
+ANALYSIS_KINDS = ("sensitivity", "criteria")

@@ -5,7 +5,7 @@
 
 Every problem is one line "<field path>: <what is wrong>; <how to fix>", and a file's problems are all reported
 together so `sweep validate` can print them before any trial starts. What each setting takes, its default and its
-messages live once, in sweep.schema (pydantic models, from which README's reference table is generated). Here: the
+messages live once, in sweep.config.schema (pydantic models, whence README's reference table is generated). Here: the
 YAML is read, the fixed settings are validated by the schema, each item of the `space` by the same field checks
 (so messages name places inside domains: space.ratio.grid[1]), and the rules across fields are applied to every
 value the space can give. A grid is counted, never enumerated, to hold it to `max_trials`.
@@ -26,8 +26,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from .names import METRICS, PARAMS
-from .schema import (
+from sweep.config.names import METRICS, PARAMS
+from sweep.config.schema import (
     INVALID,
     Check,
     SpecError,
