@@ -24,8 +24,8 @@ from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from sweep.config.names import PARAMS
-from sweep.store.client import with_retry
+from sweep.config.names import PARAMS, section_label
+from sweep.store.client import resolve_tracking_uri, with_retry  # noqa: F401 -- callers use tracking.resolve_tracking_uri
 from sweep.store.view import experiment_tags, mark_experiment
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,9 @@ def flat_params(trial_config: dict) -> dict[str, str]:
     for name, dotted in PARAMS.items():
         if dotted in flat:
             params[name] = _param_value(flat.pop(dotted))
+    for section in ("model", "dataset"):  # a plug-in is named by its factory path, not "None"
+        if isinstance(trial_config.get(section), dict) and section in params:
+            params[section] = _param_value(section_label(trial_config[section]))
     params.update({key: _param_value(value) for key, value in flat.items()})
     return params
 
@@ -313,7 +316,7 @@ def _run_name(trial_config: dict) -> str:
     if schedule == "iterative":
         schedule += str(prune.get("steps", ""))
     parts = [prune.get("strategy"), prune.get("ratio"), prune.get("scope"), prune.get("target"), schedule]
-    parts.append(trial_config.get("model", {}).get("name"))
+    parts.append(section_label(trial_config.get("model", {})))
     return "-".join(str(p) for p in parts if p is not None)
 
 
