@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import sys
 import tempfile
@@ -27,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sweep.config.names import METRICS
 from sweep.errors import InputError
 
 USER_ERROR = 2
@@ -41,6 +43,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give one such as 2") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is less than 1; give 1 or more")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give one such as 15") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not above 0; give a number of seconds such as 15")
     return value
 
 
@@ -69,10 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = command("run", help="run a sweep on Ray Tune (only the trials not finished yet)")
     run.add_argument("space", metavar="SPACE.yaml")
-    run.add_argument("--address", help="Ray cluster to join: 'auto' or ray://HOST:PORT (default: local Ray)")
+    run.add_argument("--address", help="Ray cluster to join: HEAD:6379, 'auto' or ray://HEAD:10001 "
+                                       "(default: a local Ray)")
+    run.add_argument("--connect-timeout", type=_positive_float, default=15.0, metavar="SECONDS",
+                     help="give up on an --address that does not answer after this long (default 15)")
     _tracking_option(run)
-    run.add_argument("--storage", help="folder for Tune state, checkpoints and base models (default ./sweep_results;"
-                                       " on a cluster a folder every node mounts)")
+    run.add_argument("--storage", help="Tune state, checkpoints and base models: a folder (default ./sweep_results; "
+                                       "on a cluster one every node mounts) or object storage such as "
+                                       "s3://BUCKET/sweeps")
     run.add_argument("--resume", action="store_true", help="restore the interrupted sweep from --storage")
     run.add_argument("--force", action="store_true", help="rerun trials that already finished")
     run.add_argument("--max-concurrent", type=_positive_int, metavar="N", help="at most N trials at once")
@@ -86,8 +102,21 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("name", metavar="NAME", help="the sweep name (MLflow experiment)")
     _tracking_option(report)
     report.add_argument("--out", default="reports", metavar="DIR", help="output folder (default: reports)")
-    report.add_argument("--reference", default="random", metavar="STRATEGY",
-                        help="the strategy every other one is paired with, seed by seed (default: random)")
+    # Which comparisons, and how they are corrected, is the spec's `report:` block, declared before the runs; each
+    # of these flags overrides it after the runs, and the report labels what it changed "post hoc".
+    report.add_argument("--reference", type=lambda t: [s for s in t.split(",") if s], metavar="STRATEGY[,...]",
+                        help="compare every strategy with these, seed by seed (post hoc; default: the spec's "
+                             "report.references, else all pairs)")
+    report.add_argument("--family", help="references | all_pairs: the comparisons corrected together (post hoc)")
+    report.add_argument("--alpha", type=float, help="the family's error rate (post hoc; default 0.05)")
+    report.add_argument("--correction", help="holm | bh | none (post hoc; default holm)")
+    report.add_argument("--margin", type=float, metavar="POINTS",
+                        help="equivalence margin in accuracy points (post hoc; default 1)")
+    report.add_argument("--plan", type=_positive_float, metavar="DELTA",
+                        help="also say how many seeds each comparison needs to detect DELTA accuracy points")
+    report.add_argument("--runs-csv", metavar="RUNS.csv",
+                        help="report from a runs.csv written by an earlier report instead of MLflow (no plot of "
+                             "layers, nothing logged); NAME is then only the title")
     report.add_argument("--register", metavar="MODEL_NAME",
                         help="register the best trial's pruned network in the MLflow Model Registry under this name")
     report.add_argument("--by", default="val_accuracy", metavar="METRIC",
@@ -182,7 +211,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = load_spec(args.space)
     outcome = run_sweep(spec, address=args.address, tracking_uri=args.tracking_uri, storage=args.storage,
                         resume=args.resume, force=args.force, max_concurrent=args.max_concurrent,
-                        verbose=0 if args.quiet else 2 if args.verbose else 1)
+                        verbose=0 if args.quiet else 2 if args.verbose else 1, connect_timeout=args.connect_timeout)
     if outcome.parent_run_id is not None:
         _print_ui_links(spec.name, args.tracking_uri)
     if outcome.interrupted:
@@ -211,19 +240,29 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from sweep.report.summary import write_report
 
-    if args.register:  # refuse a test metric before writing anything
-        from sweep.store.registry import check_by
+    if args.runs_csv and args.register:
+        raise InputError("--register: registers a run of the MLflow store, and --runs-csv reads no store; leave one "
+                         "of them out")
+    if (args.launch or args.where) and not args.register:
+        raise InputError(f"{'--launch' if args.launch else '--where'}: chooses what --register ranks; add "
+                         "--register MODEL_NAME, or leave it out")
+    if args.register:  # refuse a test metric, an unknown group or unlike validation splits before writing anything
+        from sweep.store.registry import candidates, parse_where
 
-        check_by(args.by)
-    paths = write_report(args.name, args.tracking_uri, out_dir=args.out, reference=args.reference)
+        candidates(args.name, args.by, args.tracking_uri, args.launch, parse_where(args.where))
+    paths = write_report(args.name, args.tracking_uri, out_dir=args.out, reference=args.reference, family=args.family,
+                         alpha=args.alpha, correction=args.correction, margin=args.margin, plan=args.plan,
+                         runs_csv=args.runs_csv)
     print(Path(paths["summary"]).read_text(encoding="utf-8"))
     for name, path in paths.items():
         print(f"{name}: {path}")
-    _print_ui_links(args.name, args.tracking_uri)
+    if not args.runs_csv:  # a runs.csv names no store to open
+        _print_ui_links(args.name, args.tracking_uri)
     if args.register:
-        from sweep.store.registry import register_best
+        from sweep.store.registry import parse_where, register_best
 
-        version = register_best(args.name, args.register, by=args.by, tracking_uri=args.tracking_uri)
+        version = register_best(args.name, args.register, by=args.by, tracking_uri=args.tracking_uri,
+                                launch=args.launch, where=parse_where(args.where))
         print(f"registered: {version.name} version {version.version} (run {version.run_id}, best {args.by}); "
               f"load it with mlflow.pyfunc.load_model('models:/{version.name}/{version.version}')")
     return 0
@@ -233,15 +272,39 @@ def _print_ui_links(name: str, tracking_uri: str | None) -> None:
     from mlflow.tracking import MlflowClient
 
     from sweep.store import tracking
+    from sweep.store.client import resolve_tracking_uri
     from sweep.store.view import how_to_open
 
-    uri = tracking.resolve_tracking_uri(tracking_uri)
+    uri = resolve_tracking_uri(tracking_uri)
     experiment_id = tracking.find_experiment_id(MlflowClient(uri), name)
     if experiment_id is not None:
         print("\n".join(how_to_open(uri, experiment_id)))
 
 
+def trial_threads(resources: dict, environ: dict | None = None) -> int:
+    """The torch threads a trial gets under `sweep run`: Ray sets OMP_NUM_THREADS to the trial's whole CPUs (at least
+    1) unless the user set it (ray._private.utils.set_omp_num_threads_if_unset). Without it torch takes every core,
+    and a trial run alone competes with itself and everything else on the machine."""
+    given = (os.environ if environ is None else environ).get("OMP_NUM_THREADS", "")
+    return int(given) if given.isdigit() and int(given) > 0 else max(1, math.floor(resources.get("cpu", 1)))
+
+
+def epoch_line(metrics: dict, seconds: float) -> str | None:
+    """One line per fine-tune epoch as it ends (None for the other reports: the final one, a skipped config)."""
+    if "epoch" not in metrics or "trial_status" in metrics:
+        return None
+    shown = [f"{name} {_number(metrics[name])}" for name, info in METRICS.items()
+             if info.when == "epoch" and name != "epoch" and name in metrics and not _missing(metrics[name])]
+    return f"epoch {_number(metrics['epoch'])}: {', '.join(shown)} ({seconds:.1f} s)\n"
+
+
+def _missing(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
 def cmd_trial(args: argparse.Namespace) -> int:
+    import torch
+
     from sweep.config.spec import load_spec
     from sweep.driver.launch import run_one, single_config
 
@@ -249,11 +312,14 @@ def cmd_trial(args: argparse.Namespace) -> int:
     _, count = single_config(spec)
     if count > 1:
         print(f"note: the space holds {count} trials; running the first (use `sweep run` for all)", file=sys.stderr)
+    threads = trial_threads(spec.resources)
+    torch.set_num_threads(threads)
+    print(f"note: {threads} torch thread{'s' * (threads > 1)}, as a trial gets under `sweep run` (resources.cpu, or "
+          "$OMP_NUM_THREADS)", file=sys.stderr)
+    started = time.monotonic()
 
     def on_report(metrics: dict, checkpoint: str | None) -> None:
-        if "epoch" in metrics and "flops" not in metrics:
-            print(f"epoch {metrics['epoch']}: " + ", ".join(f"{k} {_number(v)}" for k, v in metrics.items()
-                                                           if k != "epoch"))
+        print(epoch_line(metrics, time.monotonic() - started) or "", end="", flush=True)  # a pipe must see it now
 
     metrics = run_one(spec, tracking_uri=args.tracking_uri, storage=args.storage, on_report=on_report,
                       force=args.force)

@@ -11,6 +11,7 @@ Random and optuna sweeps cannot be enumerated up front; there the trial itself r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -29,10 +30,19 @@ from sweep.config.names import PARAMS
 from sweep.config.spec import SpecError, SweepSpec
 from sweep.driver.preflight import check_writable, preflight
 from sweep.driver.progress import CompactProgress
-from sweep.driver.session import cache_dir, check_resources, new_launch_path, resolve_storage, start_ray
+from sweep.driver.session import (
+    DEFAULT_CONNECT_TIMEOUT_S,
+    cache_dir,
+    check_address,
+    check_resources,
+    new_launch_path,
+    resolve_storage,
+    start_ray,
+)
 from sweep.errors import InputError
 from sweep.report import summary as report
-from sweep.store import claims, tracking
+from sweep.store import claims, objects, tracking
+from sweep.store.client import ServerWatch, check_tracking_server, down_for
 from sweep.worker import latency, raycompat, shared_data
 from sweep.worker.trial import EpochHook, SweepContext, run_trial, sweep_trial
 
@@ -63,7 +73,7 @@ def _trial_dirname(trial: Any) -> str:
     return f"trial_{trial.trial_id}"  # Tune's default puts the whole (nested, long) config into the folder name
 
 
-def _progress_reporter(spec: SweepSpec, verbose: int) -> Any:
+def _progress_reporter(spec: SweepSpec, verbose: int, uri: str) -> Any:
     """One compact line (sweep.driver.progress); with --verbose, Tune's table of every trial."""
     from ray import tune
 
@@ -80,7 +90,7 @@ def _progress_reporter(spec: SweepSpec, verbose: int) -> Any:
                     value = value.get(part, {}) if isinstance(value, dict) else {}
                 values.append(f"{short.get(path, path)} {value}")
             return ", ".join(values)
-        return CompactProgress(spec.metric, spec.mode, describe)
+        return CompactProgress(spec.metric, spec.mode, describe, outage=functools.partial(down_for, uri))
     columns = {"trial/" + p.replace(".", "/"): short.get(p, p) for p in shown}
     # print_intermediate_tables explicitly: its default follows a process-wide verbosity that earlier fits leave set.
     return tune.CLIReporter(parameter_columns=columns, metric_columns=_PROGRESS_METRICS, max_report_frequency=10,
@@ -108,7 +118,7 @@ def _search(spec: SweepSpec) -> Any:
 
 
 def _new_tuner(spec: SweepSpec, param_space: dict, trainable: Any, experiment_path: str,
-               max_concurrent: int | None, verbose: int, reuse_workers: bool = True) -> Any:
+               max_concurrent: int | None, verbose: int, uri: str, reuse_workers: bool = True) -> Any:
     from ray import tune
 
     return tune.Tuner(
@@ -123,8 +133,9 @@ def _new_tuner(spec: SweepSpec, param_space: dict, trainable: Any, experiment_pa
             reuse_actors=reuse_workers,
         ),
         run_config=tune.RunConfig(
-            name=os.path.basename(experiment_path), storage_path=os.path.dirname(experiment_path),
-            verbose=min(verbose, 1), progress_reporter=_progress_reporter(spec, verbose),
+            # a launch path is <storage>/<name>/launches/<launch>, '/'-separated on object storage too
+            name=experiment_path.rsplit("/", 1)[-1], storage_path=experiment_path.rsplit("/", 1)[0],
+            verbose=min(verbose, 1), progress_reporter=_progress_reporter(spec, verbose, uri),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             # Ray snapshots the whole experiment state (every trial's config and result: 34 MB at 1,000 trials) each
             # time a trial has checkpointed num_to_keep times since the last snapshot; with 1 that is every checkpoint,
@@ -264,25 +275,30 @@ def run_sweep(
     verbose: int = 1,
     reuse_workers: bool = True,
     on_epoch: EpochHook | None = None,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
 ) -> SweepOutcome:
     """Run the sweep's new trials on Ray Tune, recording them in MLflow under one parent run for this launch.
 
     Bad input (resources the cluster cannot give) raises SpecError before any MLflow data is written.
     `resume` restores the newest interrupted launch if it can (errored trials restart from their checkpoints,
     under that launch's parent run), and starts afresh otherwise. `on_epoch(config, epoch)` runs in the trial
-    workers before each training epoch (it must pickle).
+    workers before each training epoch (it must pickle). A tracking server or Ray address that does not answer
+    (within 5 s, and connect_timeout seconds) raises InputError before anything is written.
     """
     storage = resolve_storage(storage)
     uri = tracking.resolve_tracking_uri(tracking_uri)
     os.environ.pop("MLFLOW_RUN_ID", None)  # local workers inherit it, and it would re-parent every trial run
 
+    check_tracking_server(uri)  # MLflow's own client would retry a dead server for about 4 minutes
+    if address is not None:
+        check_address(address, connect_timeout)  # now, not after the data is loaded; ray.init would hang on it
     check_writable(storage, uri)  # a read-only --storage or store folder: one line now, not a crash mid-sweep
     if not (resume or force) and spec.search["algorithm"] == "grid" and tracking.store_exists(uri):
         pending, skipped = _pending_grid(spec, uri, force)
         if not pending:  # answered from the store alone: no data to load, no Ray to start
             return _nothing_to_run(spec, skipped)
     officials = preflight(spec)  # models, checkpoints and data the trials will need: fail now, not in every trial
-    owns_ray = start_ray(address)
+    owns_ray = start_ray(address, connect_timeout=connect_timeout)
     try:
         check_resources(spec)
         shared = shared_data.publish(officials)  # the trials of a node read one copy of the images
@@ -304,15 +320,16 @@ def _nothing_to_run(spec: SweepSpec, skipped: int) -> SweepOutcome:
 def _restorable(experiment_path: str) -> bool:
     """Tune rewrites its experiment state in place after every checkpoint: a driver killed mid-write leaves a
     truncated file that Tune cannot restore from (it would restart every trial without its config). Drop such
-    files; restore from an older intact one, or start afresh when none is left."""
-    states = sorted(Path(experiment_path).glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
-    for state in reversed(states):
+    files; restore from an older intact one, or start afresh when none is left. (On object storage an upload is
+    whole or absent, but the same check costs one read.)"""
+    states = sorted(objects.list_files(experiment_path, "experiment_state-", ".json"), key=lambda item: item[1])
+    for state, _ in reversed(states):
         try:
-            json.loads(state.read_text())
+            json.loads(objects.read_bytes(state) or b"")
             return True
         except (OSError, ValueError):
             print(f"ignoring a damaged Tune state file: {state}", file=sys.stderr)
-            state.unlink(missing_ok=True)
+            objects.delete(state)
     return False
 
 
@@ -346,6 +363,7 @@ def _launch(spec: SweepSpec, uri: str, storage: str, resume: bool, force: bool, 
     if interrupted is not None:
         parent, experiment_path = interrupted
         tracking.with_retry(client.update_run, parent, status="RUNNING")
+        claims.clear_closed_tags(client, parent)  # it was closed as dead (lease expired); it lives again
     else:
         experiment_path = new_launch_path(storage, spec.name)
         parent = tracking.start_parent_run(uri, spec.name, spec.source_text, tags={"sweep.tune_path": experiment_path})
@@ -362,14 +380,14 @@ def _launch(spec: SweepSpec, uri: str, storage: str, resume: bool, force: bool, 
             tuner = tune.Tuner.restore(experiment_path, trainable, resume_errored=True)
         else:
             grid = tune.grid_search(pending) if spec.search["algorithm"] == "grid" else spec.param_space()
-            tuner = _new_tuner(spec, {"trial": grid}, trainable, experiment_path, max_concurrent, verbose,
+            tuner = _new_tuner(spec, {"trial": grid}, trainable, experiment_path, max_concurrent, verbose, uri,
                                reuse_workers)
         raycompat.retry_oom_killed_trials()  # else one OOM-killed trial raises out of fit and ends the sweep
         if verbose:
             count = len(pending) or spec.num_trials()
             print(f"{count} trials on Ray; the first one to start trains the shared base network, the others wait "
                   f"for it (trial workers take a few seconds to start)")
-        with _tune_output():
+        with _tune_output(), ServerWatch(uri):  # the progress line says when the tracking server stops answering
             result_grid = tuner.fit()
         _measure_latency(spec, uri, parent)
     except BaseException:
@@ -455,8 +473,10 @@ def _finish(spec: SweepSpec, uri: str, storage: str, parent: str, parent_lease: 
 
 
 def _write_report(name: str, uri: str, storage: str) -> None:
+    # The report is files for a person to open: on this machine (./reports) when the storage is a bucket.
+    out_dir = "reports" if objects.is_uri(storage) else os.path.join(storage, "reports")
     try:
-        paths = report.write_report(name, uri, out_dir=os.path.join(storage, "reports"))
+        paths = report.write_report(name, uri, out_dir=out_dir)
     except report.ReportError as error:  # no finished trial yet: nothing to tabulate
         print(f"no report: {error}", file=sys.stderr)
         return

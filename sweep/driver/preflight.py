@@ -23,6 +23,7 @@ import torch
 from sweep.config.spec import SpecError, SweepSpec
 from sweep.errors import InputError
 from sweep.pruning import PruningError, analyse
+from sweep.store import objects
 from sweep.worker.shared_data import data_key
 from sweep.zoo.data import DataError, DataSplits, load_dataset, load_official
 from sweep.zoo.models import MODELS, ModelError, build_model
@@ -159,18 +160,26 @@ def check_writable(storage: str, tracking_uri: str) -> None:
     """Fail before Ray starts, and before the MLflow store is opened, if the sweep could not write its results.
 
     storage: the resolved --storage folder (it may not exist yet: then the nearest existing folder above it must
-    take the new folder). tracking_uri: the resolved MLflow URI; for a sqlite store its folder must exist and take
-    new files (sqlite writes a journal beside the database). Server URIs are not checked here. Raises StorageError,
-    one line per problem, naming --storage or --tracking-uri and the fix.
+    take the new folder), or object storage (an object is written and deleted there). tracking_uri: the resolved
+    MLflow URI; for a sqlite store its folder must exist and take new files (sqlite writes a journal beside the
+    database). Server URIs are not checked here. Raises StorageError, one line per problem, naming --storage or
+    --tracking-uri and the fix.
     """
     errors = []
-    folder = Path(storage)
-    target = _nearest_existing(folder)
-    why = "is not a folder" if not target.is_dir() else _probe(target)
-    if why:
-        where = str(folder) if target == folder else f"{folder} (its nearest existing folder {target})"
-        errors.append(f"--storage: {where} is not writable ({why}); give --storage a folder you can write to, "
-                      "or fix its permissions")
+    if objects.is_uri(storage):
+        why = objects.probe_writable(storage)
+        if why:
+            errors.append(f"--storage: {storage} is not writable ({why}); create the bucket, and give this machine "
+                          "and every node credentials that may write it (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                          "or an instance profile; AWS_ENDPOINT_URL for an S3-compatible server)")
+    else:
+        folder = Path(storage)
+        target = _nearest_existing(folder)
+        why = "is not a folder" if not target.is_dir() else _probe(target)
+        if why:
+            where = str(folder) if target == folder else f"{folder} (its nearest existing folder {target})"
+            errors.append(f"--storage: {where} is not writable ({why}); give --storage a folder you can write to, "
+                          "or fix its permissions")
     if tracking_uri.startswith("sqlite:///"):
         db = Path(tracking_uri[len("sqlite:///"):])
         if not db.parent.is_dir():

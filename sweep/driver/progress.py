@@ -1,6 +1,7 @@
 """What `sweep run` shows while it runs: one line that a person can follow, updated in place on a terminal.
 
     [01:42] 7/12 done · 2 running · 0 failed · 1 skipped · about 1m10s left · best val_accuracy 0.953 (l1, ratio 0.3)
+    [02:30] 7/12 done · 2 running · 0 failed · 1 skipped · tracking server unreachable for 40s; retrying · ...
 
 Tune's own tables (one per 10 s, with every nested parameter) stay behind `sweep run --verbose`.
 """
@@ -31,8 +32,12 @@ class CompactProgress(ProgressReporter):
     """Counts, elapsed time, a time-left estimate and the best trial so far by the spec's (validation) metric."""
 
     # No stream attribute: Tune pickles its reporter with the Tuner, and sys.stdout is looked up when written to.
-    def __init__(self, metric: str, mode: str, describe: Callable[[dict], str], every_s: float = 10.0):
+    def __init__(self, metric: str, mode: str, describe: Callable[[dict], str], every_s: float = 10.0,
+                 outage: Callable[[], float | None] | None = None):
+        """outage(): seconds the tracking server has not answered, None while it does (it must pickle, as Tune
+        pickles its reporter: a module-level function such as functools.partial(client.down_for, uri))."""
         self.metric, self.mode, self.describe, self.every_s = metric, mode, describe, every_s
+        self.outage = outage
         self.start = time.time()
         self.last_time, self.last_state = 0.0, ""
 
@@ -64,8 +69,11 @@ class CompactProgress(ProgressReporter):
             state.append(f"best {self.metric} {best[0]:.4g} ({self.describe(best[1].config)})")
         left = [f"about {_span(elapsed / finished * (len(trials) - finished))} left"] \
             if ended["DONE"] and finished < len(trials) else []
-        line = f"[{_clock(elapsed)}] " + " · ".join(state[:4] + left + state[4:])
-        return line, " · ".join(state)
+        down = self.outage() if self.outage is not None else None
+        outage = [] if down is None else [f"tracking server unreachable for {_span(down)}; retrying"]
+        line = f"[{_clock(elapsed)}] " + " · ".join(state[:4] + outage + left + state[4:])
+        # the outage itself is news (a new line in a log); its growing duration is not
+        return line, " · ".join(state + (["tracking server unreachable"] if outage else []))
 
     def should_report(self, trials: list, done: bool = False) -> bool:
         every = 1.0 if sys.stdout.isatty() else self.every_s

@@ -1,15 +1,18 @@
-"""The Ray session and the storage folder a sweep's driver and its analyses share: a local Ray bound to loopback (or
-a cluster), the resources it offers, and where bases and launches live."""
+"""The Ray session and the storage a sweep's driver and its analyses share: a local Ray bound to loopback (or a
+cluster, whose address is checked in seconds first), the resources it offers, and where bases and launches live (a
+folder, or object storage such as s3://bucket/sweeps)."""
 
 from __future__ import annotations
 
 import os
+import socket
 import time
 import uuid
 from pathlib import Path
 
 from sweep.config.spec import SpecError, SweepSpec
 from sweep.errors import InputError
+from sweep.store import objects
 from sweep.worker.raycompat import quiet_ray_logs
 
 DEFAULT_STORAGE = "sweep_results"
@@ -17,19 +20,31 @@ LOOPBACK = "127.0.0.1"
 # Ray reads this when `ray` is first imported: "0" makes a local Ray pick 127.0.0.1 as its node address, and every
 # Ray server then listens on loopback only (checked with `ss -ltn` on Ray 2.60: with "1", they listen on *).
 _LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+DEFAULT_CONNECT_TIMEOUT_S = 15.0
+# Environment every trial worker gets, on this machine or a cluster's: MLflow prints "View run ... at: URL" for each
+# run it ends against an http:// store, and those lines from workers would break into the progress line.
+WORKER_ENV = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+_AUTH_MODE_ENV = "RAY_AUTH_MODE"
 
 # --- Ray ---------------------------------------------------------------------------------------------
 
 
-def start_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+def start_ray(address: str | None = None, num_cpus: int | None = None,
+              connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S) -> bool:
     """Connect to Ray: a new local instance on loopback (address None; `num_cpus` caps it, else every core) or a
-    cluster; False if already connected."""
+    cluster, whose address must answer within connect_timeout seconds (InputError otherwise); False if already
+    connected."""
     import ray
 
     if ray.is_initialized():
         return False  # the caller owns this connection (tests, notebooks): use it and leave it up
+    os.environ.update(WORKER_ENV)  # this driver's own runs, and local workers (they inherit it)
     if address is not None:
-        ray.init(address=address)
+        check_address(address, connect_timeout)
+        try:
+            ray.init(address=address, runtime_env={"env_vars": WORKER_ENV})
+        except ConnectionError as error:  # the GCS answered but refused us: token authentication, most often
+            raise InputError(_refused(address, error)) from None
         return True
     os.environ[_LOCAL_ONLY_ENV] = "0"  # for processes Ray starts from here; they import ray afresh
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report to the internet from a local run
@@ -45,6 +60,69 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
         ray.shutdown()
         raise RuntimeError(f"local Ray bound {node_ip}, not {LOOPBACK}; set {_LOCAL_ONLY_ENV}=0 before starting")
     return True
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """The (host, port) a Ray address reaches first: the GCS (HOST:PORT, or what 'auto' finds), or the Ray Client
+    server (ray://HOST:PORT); None when there is nothing to probe ('auto' with no cluster: Ray says so at once)."""
+    if address.startswith("ray://"):
+        target = address[len("ray://"):].split("/")[0]
+        return (target.rsplit(":", 1)[0], int(target.rsplit(":", 1)[1])) if ":" in target else (target, 10001)
+    if address == "auto":
+        from ray._private import services
+
+        try:  # a private helper (the one ray.init uses): if it moves, ray.init itself answers
+            address = services.canonicalize_bootstrap_address(address) or ""
+        except Exception:
+            return None
+    host, _, port = address.rpartition(":")
+    return (host, int(port)) if host and port.isdigit() else None
+
+
+def check_address(address: str, timeout: float) -> None:
+    """A Ray address that does not accept a connection within timeout seconds: InputError naming it and the fix.
+
+    ray.init would retry such an address for ever ("Failed to get cluster ID from GCS server" every ~40 s). A
+    cluster that is starting gets the whole timeout: refused connections are retried until then."""
+    target = _host_port(address)
+    if target is None:
+        return
+    deadline = time.monotonic() + timeout
+    why = "no answer"
+    while True:
+        try:
+            with socket.create_connection(target, timeout=max(0.1, min(2.0, deadline - time.monotonic()))):
+                return
+        except OSError as error:
+            why = error.strerror or type(error).__name__
+        if time.monotonic() + 0.5 > deadline:
+            break
+        time.sleep(0.5)
+    raise InputError(f"--address {address}: no Ray cluster answered at {target[0]}:{target[1]} within {timeout:g} s "
+                     f"({why}); start it (`ray start --head`, or `ray up cluster.yaml`), check the address (the "
+                     "head's GCS port, 6379 by default, or ray://HEAD:10001), or wait longer with --connect-timeout")
+
+
+def _token_available() -> bool:
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or Path(os.environ.get(
+        "RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token")).expanduser().is_file()
+
+
+def _refused(address: str, error: Exception) -> str:
+    """One line for a cluster that answered and refused the driver."""
+    text = " ".join(str(error).split())[:200]
+    if "could not find any running ray instance" in text.lower():
+        return (f"--address {address}: no running Ray cluster found from this machine ({text}); start one "
+                "(`ray start --head`), or give its address (HEAD:6379 or ray://HEAD:10001), or leave --address out "
+                "for a local Ray")
+    if os.environ.get(_AUTH_MODE_ENV, "").lower() != "token":
+        where = "the token this machine has (~/.ray/auth_token or $RAY_AUTH_TOKEN)" if _token_available() else \
+            "the cluster's token in ~/.ray/auth_token or $RAY_AUTH_TOKEN (`ray get-auth-token` on the head)"
+        return (f"--address {address}: Ray refused the connection ({text}); a cluster with token authentication "
+                f"(Ray's default once ~/.ray/auth_token exists) needs {_AUTH_MODE_ENV}=token and {where}: "
+                f"export {_AUTH_MODE_ENV}=token and run again")
+    return (f"--address {address}: Ray refused the connection ({text}) although {_AUTH_MODE_ENV}=token; check that "
+            "the token (~/.ray/auth_token or $RAY_AUTH_TOKEN) is the cluster's (`ray get-auth-token` on the head)")
 
 
 def check_resources(spec: SweepSpec) -> None:
@@ -78,21 +156,21 @@ def check_resources(spec: SweepSpec) -> None:
 
 
 def resolve_storage(storage: str | None) -> str:
-    """The absolute storage folder (default ./sweep_results); Ray needs it absolute."""
+    """Where the sweep keeps Tune state, checkpoints and bases: an absolute folder (default ./sweep_results; Ray
+    needs it absolute), or object storage as given (s3://bucket/prefix, gs://..., whatever pyarrow.fs reads)."""
     path = storage or DEFAULT_STORAGE
-    if "://" in path:
-        raise InputError(f"--storage: {path!r} is a URI; base models are shared through a file lock, so give a "
-                         "folder (on a cluster, one that every node mounts, such as an NFS path)")
+    if objects.is_uri(path):
+        return path.rstrip("/")
     return str(Path(path).expanduser().resolve())
 
 
 def cache_dir(storage: str, name: str) -> str:
     """Where a sweep's trials share their base models: <storage>/<name>/bases."""
-    return os.path.join(storage, name, "bases")
+    return objects.join(storage, name, "bases")
 
 
 def new_launch_path(storage: str, name: str) -> str:
     """Each launch has its own Tune folder, <storage>/<name>/launches/<time>-<random>: overlapping launches of one
     spec never write into each other's Tune state."""
     launch = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    return os.path.join(storage, name, "launches", launch)
+    return objects.join(storage, name, "launches", launch)

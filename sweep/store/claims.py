@@ -14,55 +14,7 @@ closes its run FAILED with the tags ``sweep.closed_by`` and ``sweep.closed_reaso
         try: train(run_id=result.run_id); result.lease.check()
         finally: result.lease.release("FINISHED" or "FAILED")
 
-The protocol (MLflow has no compare-and-swap; runs and tags are the only registers)
------------------------------------------------------------------------------------
-To claim H, repeat (bounded by ``max_attempts`` and by ``wait_s``):
-
-(a) Search the runs tagged config_hash=H (one filtered query). A FINISHED one: result ``finished``.
-(b) A *live claim* of another owner: result ``held`` (or poll until ``wait_s`` is spent). A live claim is a RUNNING
-    run whose lease is in the future (a RUNNING run without a lease tag, from an older release, is live for
-    ``lease_s`` after its start), or any run carrying a live ``sweep.adopt.*`` tag (see resuming below).
-(c) RUNNING runs of H whose lease expired are closed FAILED with the reason tags: their owner stopped renewing.
-    If such a run is ``resume_run_id`` (the caller is the retry of that very run and holds its checkpoint), it is
-    continued instead of closed (see resuming).
-(d) Register our claim: create a new RUNNING child run with tags config_hash, ``sweep.lease_until = now + lease_s``
-    and ``sweep.owner`` in the same request, THEN search again. If any other live claim of H, or a FINISHED run of
-    H, is now visible, yield: tag ours ``sweep.closed_reason = yielded to <run_id>``, end it KILLED and delete it
-    (MLflow's soft delete), sleep a random, bounded time and start again at (a). Otherwise the claim is ours.
-
-Why yielded runs are deleted rather than left KILLED: a yielded run never ran anything (no params beyond what the
-creator logged, no metrics, no artifacts); it is a lock-acquisition artefact, and leaving it visible would make the
-store show a non-FINISHED run per collision, breaking "every config has one run" in the UI and in reports. The soft
-delete keeps its row (``ViewType.DELETED_ONLY`` still shows it, with its reason tag) but every default search, the UI
-and ``sweep report`` skip it. It is ended KILLED before it is deleted, so a crash between the two leaves a closed run,
-never a RUNNING one; a crash before either leaves a RUNNING run whose lease expires.
-
-Safety (never two owners proceed on H at the same time). The store is linearisable: every request is one SQL
-transaction on one database (sqlite, or the database behind a tracking server), so each search sees every write
-that completed before it began. Suppose A and B both proceed. Each proceeded after its re-check in (d), and each
-re-check ran after its own registration. Order the two re-checks; say A's came first. B's registration either came
-before A's re-check, so A's re-check saw B's live claim and A would have yielded, contradiction; or it came after A's
-re-check, hence after A's registration, so B's re-check (later still) saw A's run, RUNNING with a live lease or
-already FINISHED, and B would have yielded, contradiction. So at most one proceeds. Both may yield (then both retry
-after a random backoff, and the next round usually finds one of them held or finished): a possible delay, never a
-duplicate. No tie-break (say, "the older run wins") is used on purpose: start times come from client clocks, and a
-winner that checked before the loser registered cannot know it was supposed to lose.
-
-The argument needs the lease to stand for a live holder: the holder renews every ``lease_s / 3`` (two renewals may
-fail before the lease lapses), and clocks of the machines agree to well within ``lease_s`` (the lease is a
-wall-clock time written by one machine and read by another). A holder that is paused longer than ``lease_s`` (a
-stopped VM, a swap storm) can come back after someone else closed its run and claimed H: its :class:`Lease` notices
-on the next renewal (the run is no longer RUNNING or no longer its own) and sets ``lost``; the trial must call
-``lease.check()`` before it records a result, which bounds the overlap to one renewal period. Leases cannot do
-better without fencing tokens, which MLflow cannot check.
-
-Resuming (``resume_run_id``: a Tune retry, or ``--resume``, continuing the run whose checkpoint it holds). That run
-R cannot be re-created, so "register" means writing our own tag ``sweep.adopt.<owner> = now + lease_s`` on R; the
-re-check then also treats another owner's live adopt tag on R as a rival. Distinct owners write distinct tag keys,
-so no write overwrites another, and the proof above applies unchanged with "adopt tag" in place of "new run". R
-itself is a rival while another owner's lease on it is live (its holder may still be alive: wait for the lease or
-report ``held``); a lease of our own owner id (the same Tune trial, so the previous attempt is known to be gone) or
-an expired one is taken over. The winner sets owner and lease on R, marks it RUNNING and removes its adopt tag.
+The protocol and why two owners can never both proceed on one config: docs/design.md, "The claim protocol".
 """
 
 from __future__ import annotations
@@ -422,13 +374,20 @@ def _adopt(client, experiment_id, config_hash, owner, run: Run, lease_s, ignore_
         lease = Lease(client, run_id, owner, lease_s)
         lease._write()  # owner and lease first, RUNNING next, the adopt tag last: a claim is visible throughout
         tracking.with_retry(client.update_run, run_id, status="RUNNING")
-        for stale in (CLOSED_BY_TAG, CLOSED_REASON_TAG):  # it was closed as dead; it lives again
-            if stale in run.data.tags:
-                tracking.with_retry(client.delete_tag, run_id, stale)
+        clear_closed_tags(client, run_id, run)  # it was closed as dead; it lives again
         tracking.with_retry(client.delete_tag, run_id, key)
         return ClaimResult("claimed", run_id, lease.start())
     tracking.with_retry(client.delete_tag, run_id, key)
     return outcome
+
+
+def clear_closed_tags(client: MlflowClient, run_id: str, run: Run | None = None) -> None:
+    """Remove the tags a closer left on a run that lives again (adopted, or a resumed launch's parent): they would
+    contradict its status."""
+    run = run or tracking.with_retry(client.get_run, run_id)
+    for stale in (CLOSED_BY_TAG, CLOSED_REASON_TAG):
+        if stale in run.data.tags:
+            tracking.with_retry(client.delete_tag, run_id, stale)
 
 
 # --- closing what dead owners left -------------------------------------------------------------------------------

@@ -1,31 +1,40 @@
 """The shared base network: trained (or fine-tuned from source weights) once per sweep, read by every trial.
 
     path, cached = ensure_base(config, cache_dir, splits, device)    # trains under a file lock, or finds it
+    path, cached = ensure_base(config, "s3://b/sweeps/x/bases", splits, device, tracking_uri=uri, experiment=name)
     model, info = load_base(config, path, splits)                    # info: accuracies, FLOPs, MACs, params, time
 
 The base depends only on (model, dataset, base training, seed): `base_key` hashes exactly those, so trials that
-agree there share one file, on every node that mounts the cache folder. Its accuracy and cost are measured once,
-with it, and stored beside the weights.
+agree there share one file, on every node that mounts the cache folder or reads the bucket. Its accuracy and cost
+are measured once, with it, and stored beside the weights. On object storage there is no file lock: the trainer
+is elected through the tracking store instead (a claim on the key; docs/design.md, "Sharing the base network").
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 from filelock import FileLock
+from mlflow.tracking import MlflowClient
 from torch import nn
 
+from sweep.store import claims, objects, tracking
 from sweep.worker.measure import count_flops, count_params
 from sweep.worker.train import TrainConfig, evaluate, fit, seed_everything
 from sweep.zoo.data import DataSplits, batches
 from sweep.zoo.models import build_model
 
 BASE_KEYS = ("model", "dataset", "base", "seed")
+BASE_FILE = "base.pt"
+BASES_EXPERIMENT = "{}.bases"  # the sweep's experiment name -> where the claims on its bases live (one run per base)
+# How long a trial waits for another process training the base it needs. The trainer renews its claim, so a dead
+# trainer is noticed within a lease and the wait ends there; a live one may take as long as base training takes.
+BASE_WAIT_S = 24 * 3600.0
 
 
 def base_key(config: dict) -> str:
@@ -54,31 +63,85 @@ def _measure_base(model: nn.Module, splits: DataSplits, device: torch.device, ba
             "base_flops": float(flops), "base_macs": float(flops // 2), "base_params": float(count_params(model))}
 
 
-def ensure_base(config: dict, cache_dir: str | Path, splits: DataSplits, device: torch.device) -> tuple[Path, bool]:
-    """Train the base once per key; returns (checkpoint, whether it was already there)."""
-    path = Path(cache_dir) / base_key(config) / "base.pt"
+def _train_base(config: dict, splits: DataSplits, device: torch.device) -> bytes:
+    """Train (or fine-tune) and measure the base; the checkpoint's bytes."""
+    seed_everything(config["seed"])
+    model = new_model(config, splits.num_classes, splits.in_channels).to(device)
+    cfg = TrainConfig.from_dict(config["base"])
+    start = time.perf_counter()
+    if cfg.epochs > 0:
+        fit(model, batches(splits.train, cfg.batch_size, True, device, seed=config["seed"]), cfg, device)
+    info = {"base_train_time_s": time.perf_counter() - start, **_measure_base(model, splits, device, cfg.batch_size)}
+    buffer = io.BytesIO()
+    torch.save({"state_dict": model.state_dict(), "info": info,
+                "config": json.dumps({k: config[k] for k in BASE_KEYS}, default=str)}, buffer)
+    return buffer.getvalue()
+
+
+def ensure_base(config: dict, cache_dir: str | Path, splits: DataSplits, device: torch.device,
+                tracking_uri: str | None = None, experiment: str | None = None,
+                lease_s: float = claims.DEFAULT_LEASE_S) -> tuple[str, bool]:
+    """Train the base once per key; returns (its checkpoint's location, whether it was already there).
+
+    A folder (local, or one every node mounts): the first trial trains under a file lock, the others wait on it.
+    Object storage (a URI): the trial that claims the key in the tracking store (tracking_uri, experiment) trains,
+    the others wait for its claim to finish, then read the object."""
+    location = objects.join(str(cache_dir), base_key(config), BASE_FILE)
+    if objects.is_uri(location):
+        if tracking_uri is None or experiment is None:
+            raise ValueError("a base on object storage needs tracking_uri and experiment: the claim lives there")
+        return location, _shared_base(config, location, splits, device, tracking_uri, experiment, lease_s)
+    path = Path(location)
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path.with_suffix(".lock"))):  # trials that start together wait for the first one's base
         if path.exists():
-            return path, True
-        seed_everything(config["seed"])
-        model = new_model(config, splits.num_classes, splits.in_channels).to(device)
-        cfg = TrainConfig.from_dict(config["base"])
-        start = time.perf_counter()
-        if cfg.epochs > 0:
-            fit(model, batches(splits.train, cfg.batch_size, True, device, seed=config["seed"]), cfg, device)
-        info = {"base_train_time_s": time.perf_counter() - start,
-                **_measure_base(model, splits, device, cfg.batch_size)}
-        tmp = path.with_suffix(".tmp")
-        torch.save({"state_dict": model.state_dict(), "info": info,
-                    "config": json.dumps({k: config[k] for k in BASE_KEYS}, default=str)}, tmp)
-        os.replace(tmp, path)  # readers never see a half-written base
-        return path, False
+            return str(path), True
+        objects.write_bytes(str(path), _train_base(config, splits, device))  # readers never see a half-written base
+        return str(path), False
 
 
-def load_base(config: dict, path: Path, splits: DataSplits) -> tuple[nn.Module, dict]:
-    """The base network (on the CPU) and what was measured of it when it was trained."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+def _shared_base(config: dict, location: str, splits: DataSplits, device: torch.device, uri: str, experiment: str,
+                 lease_s: float) -> bool:
+    """Whether the base at location was there already; trains and uploads it if this process wins its claim."""
+    if objects.read_bytes(location) is not None:  # the common case once a base exists: one request, no claim
+        return True
+    key = base_key(config)
+    client = MlflowClient(uri)
+    experiment_id = tracking.get_or_create_experiment(client, BASES_EXPERIMENT.format(experiment))
+    create = claims.child_run_creator(client, experiment_id, None, tags={"sweep.role": "base", "base_key": key,
+                                                                          "base_location": location},
+                                      run_name=f"base {key}")
+    claim = claims.claim_trial(client, experiment_id, f"base-{key}", claims.new_owner_id("base"), create,
+                               lease_s=lease_s, wait_s=BASE_WAIT_S)
+    if claim.kind == "held":
+        raise RuntimeError(f"base {key}: still being trained by run {claim.run_id} (experiment "
+                           f"{BASES_EXPERIMENT.format(experiment)}) after {BASE_WAIT_S:.0f} s")
+    if claim.kind == "finished":
+        if objects.read_bytes(location) is None:
+            raise RuntimeError(f"base {key}: run {claim.run_id} of experiment {BASES_EXPERIMENT.format(experiment)} "
+                               f"finished it but {location} is gone; delete that run to have the base trained again")
+        return True
+    assert claim.lease is not None
+    try:
+        # A trainer that died between its upload and its FINISHED status left the object: use it.
+        cached = objects.read_bytes(location) is not None
+        if not cached:
+            data = _train_base(config, splits, device)
+            claim.lease.check()  # our lease lapsed while training (a paused node): the new holder uploads, not us
+            objects.write_bytes(location, data)  # one PUT: a reader sees the whole object or none
+    except BaseException:
+        claim.lease.release("FAILED")
+        raise
+    claim.lease.release("FINISHED")  # after the upload: a FINISHED claim always has its object
+    return cached
+
+
+def load_base(config: dict, path: str | Path, splits: DataSplits) -> tuple[nn.Module, dict]:
+    """The base network (on the CPU) and what was measured of it when it was trained (path: a file or an object)."""
+    data = objects.read_bytes(str(path))
+    if data is None:
+        raise FileNotFoundError(f"base network {path}: not there")
+    saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     # no source weights: the state_dict replaces every value anyway
     model = new_model(config, splits.num_classes, splits.in_channels, source_weights=False)
     model.load_state_dict(saved["state_dict"])

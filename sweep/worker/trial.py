@@ -32,7 +32,7 @@ from sweep.config.schema import TrainConfig, TrialConfig, trial_config
 from sweep.pruning import NEEDS_CALIBRATION, PrunePlan, apply_plan, prune, save_pruned
 from sweep.store import claims, tracking
 from sweep.worker import shared_data
-from sweep.worker.base import ensure_base, example_input, load_base, new_model
+from sweep.worker.base import base_key, ensure_base, example_input, load_base, new_model
 from sweep.worker.measure import count_flops, count_params, size_mb
 from sweep.worker.raycompat import allow_stopped_trials_to_record, quiet_ray_logs
 from sweep.worker.train import (
@@ -249,9 +249,10 @@ def load_splits(cfg: TrialConfig, official: DataSplits | None = None) -> DataSpl
 
 
 def _pipeline(config, cfg: TrialConfig, context, splits, device, run, saved, report) -> dict:
-    base_path, cached = ensure_base(config, context.cache_dir, splits, device)
+    base_path, cached = ensure_base(config, context.cache_dir, splits, device, tracking_uri=context.tracking_uri,
+                                    experiment=context.experiment, lease_s=context.lease_s)
     base_model, base_info = load_base(config, base_path, splits)
-    run.set_tags({"base_cache": "hit" if cached else "miss", "base_key": base_path.parent.name})
+    run.set_tags({"base_cache": "hit" if cached else "miss", "base_key": base_key(config)})
     state = _resume(cfg, base_model, saved, splits, device) if saved else \
         _start(config, cfg, base_model, base_info, splits, device, run)
     _log_new(run, state)  # a continued run gets only what it lacks (a dead worker may have logged some of it)

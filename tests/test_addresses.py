@@ -1,0 +1,114 @@
+"""Addresses that do not answer are said in seconds, before anything runs, and an outage of the tracking server is
+said while it lasts.
+
+Real processes and real sockets: `sweep run` as a subprocess against a port nothing listens on, the probe against a
+real HTTP server on loopback. No Ray is started and no store is written by any of these tests.
+"""
+
+import http.server
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from sweep.driver.progress import CompactProgress
+from sweep.store import client
+
+REPO = Path(__file__).resolve().parents[1]
+
+SPEC = """
+name: addresses
+dataset: {name: digits, limit: 100}
+model: {name: small_cnn}
+base: {epochs: 1, batch_size: 32}
+finetune: {epochs: 1, batch_size: 32}
+resources: {cpu: 1}
+space:
+  strategy: {grid: [l1]}
+"""
+
+
+def unused_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def sweep_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC, encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    # 60 s: the issue's bound, most of it this loaded machine importing torch, Ray and MLflow
+    return subprocess.run([sys.executable, "-m", "sweep.cli", "run", str(spec), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_a_dead_ray_address_exits_2_with_one_line(tmp_path):
+    address = f"127.0.0.1:{unused_port()}"
+    out = sweep_run(tmp_path, "--address", address, "--connect-timeout", "2")
+    assert out.returncode == 2, out.stdout + out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert f"--address {address}" in lines[0] and "within 2 s" in lines[0] and "--connect-timeout" in lines[0]
+    assert not (tmp_path / "mlflow.db").exists()  # the store is untouched
+    assert not (tmp_path / "sweep_results").exists()
+
+
+def test_a_dead_tracking_server_exits_2_with_one_line(tmp_path):
+    uri = f"http://127.0.0.1:{unused_port()}"
+    out = sweep_run(tmp_path, "--tracking-uri", uri)
+    assert out.returncode == 2, out.stdout + out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert f"--tracking-uri {uri}" in lines[0] and "no MLflow server answered" in lines[0]
+    assert not (tmp_path / "mlflow.db").exists()
+    assert not (tmp_path / "sweep_results").exists()
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 -- the name http.server calls
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"OK")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def health_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Health)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _progress(uri: str) -> CompactProgress:
+    return CompactProgress("val_accuracy", "max", lambda config: "", outage=lambda: client.down_for(uri))
+
+
+def test_the_progress_line_says_while_the_tracking_server_is_unreachable(health_server):
+    dead = f"http://127.0.0.1:{unused_port()}"
+    with client.ServerWatch(dead, every_s=0.2, timeout=1.0):
+        wait = threading.Event()
+        for _ in range(50):  # bounded: the first probe fails at once (connection refused)
+            if client.down_for(dead) is not None:
+                break
+            wait.wait(0.1)
+        line, state = _progress(dead).line([])
+        assert "tracking server unreachable for" in line and "retrying" in line
+        assert "tracking server unreachable" in state  # the outage starting is a change worth a line in a log
+    assert client.down_for(dead) is None  # the watch ended with the sweep
+
+    with client.ServerWatch(health_server, every_s=0.2, timeout=1.0):
+        threading.Event().wait(0.5)  # a few probes, all answered
+        assert client.down_for(health_server) is None
+        assert "unreachable" not in _progress(health_server).line([])[0]
