@@ -1,0 +1,60 @@
+"""The documents a person reads: README stays the short front door, and every link in README.md, BENCHMARKS.md,
+RESULTS.md and docs/ leads to a file (and a heading) that exists."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", ROOT / "BENCHMARKS.md", ROOT / "RESULTS.md", *sorted((ROOT / "docs").rglob("*.md"))]
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
+    heads = re.findall(r"^#+ (.+)$", text, flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads}
+
+
+def broken_links(page: Path) -> list[str]:
+    text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
+    wrong = []
+    for target in LINK.findall(text):
+        if re.match(r"[a-z]+://|mailto:", target):
+            continue
+        path, _, anchor = target.partition("#")
+        where = (page.parent / path).resolve() if path else page
+        if not where.exists():
+            wrong.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
+        elif anchor and where.suffix == ".md" and anchor not in anchors(where):
+            wrong.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
+    return wrong
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_link_resolves(page):
+    assert not broken_links(page), "\n".join(broken_links(page))
+
+
+def test_the_link_check_can_fail(tmp_path):
+    page = tmp_path / "a.md"
+    (tmp_path / "b.md").write_text("# Title here\n", encoding="utf-8")
+    page.write_text("[ok](b.md#title-here) [gone](c.md) [no heading](b.md#other)\n", encoding="utf-8")
+    assert [w.split(": ", 1)[1] for w in broken_links_of(page, tmp_path)] == [
+        "c.md (no such file)", "b.md#other (no such heading)"]
+
+
+def broken_links_of(page: Path, root: Path) -> list[str]:
+    global ROOT
+    saved, ROOT = ROOT, root
+    try:
+        return broken_links(page)
+    finally:
+        ROOT = saved
+
+
+def test_readme_is_short():
+    """The front door: what it is, two commands, one result, the commands, links (detail lives in docs/)."""
+    assert len((ROOT / "README.md").read_bytes()) <= 12 * 1024
