@@ -3,15 +3,17 @@
 Commands run in-process through `sweep.cli.main([...])`; one test runs the installed entry point as a subprocess.
 """
 
+import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from sweep.cli import main
+from sweep.cli import main, trial_threads
 from sweep.config.spec import load_spec
 from sweep.pruning import STRATEGIES, load_pruned
 from sweep.store import tracking
@@ -203,3 +205,83 @@ def test_console_entry_point_exits_2_on_bad_input(isolated):
                           timeout=120)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and len(_error_lines(done.stderr)) == len(BAD["many.yaml"][1])
+
+
+PLUGIN = '''
+from torch import nn
+
+
+def build(num_classes, in_channels, width=4):
+    return nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                         nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(2 * width, num_classes))
+'''
+
+
+@pytest.fixture
+def plugin(isolated):
+    """A module of the user's own, in the working directory, under a name no other test imported."""
+    name = f"userplug_{uuid.uuid4().hex[:8]}"
+    (isolated / f"{name}.py").write_text(PLUGIN, encoding="utf-8")
+    yield name
+    sys.modules.pop(name, None)
+
+
+def test_validate_reports_a_misspelt_factory_with_the_other_mistakes(plugin, capsys):
+    """Three mistakes, three lines in one pass: the factory's used to come only after the others were fixed."""
+    path = _write(Path.cwd(), "mine.yaml", f"""
+name: mine
+dataset: {{name: digits}}
+model: {{factory: "{plugin}:buld"}}
+space:
+  strategy: l3
+  ratio: 1.2
+""")
+    assert main(["validate", path]) == 2
+    lines = _error_lines(capsys.readouterr().err)
+    assert len(lines) == 3, lines
+    assert any("space.strategy:" in line for line in lines) and any("space.ratio:" in line for line in lines)
+    [factory] = [line for line in lines if "model.factory:" in line]
+    assert f"module '{plugin}' has no attribute 'buld'; did you mean 'build'?" in factory
+
+
+def test_validate_names_the_nearest_module_of_a_misspelt_one(plugin, capsys):
+    typo = plugin[:-1]  # one character short
+    path = _write(Path.cwd(), "mine.yaml", f"""
+name: mine
+dataset: {{factory: "{typo}:load"}}
+model: {{factory: "{plugin}:build"}}
+""")
+    assert main(["validate", path]) == 2
+    [line] = _error_lines(capsys.readouterr().err)
+    assert f"dataset.factory: cannot import module '{typo}'" in line and f"(did you mean '{plugin}'?)" in line
+    good = f"name: mine\ndataset: {{name: digits}}\nmodel: {{factory: '{plugin}:build'}}\n"
+    path = _write(Path.cwd(), "good.yaml", good)
+    assert main(["validate", path]) == 0
+
+
+def test_trial_threads_are_what_ray_gives_a_trial():
+    assert trial_threads({"cpu": 1}, {}) == 1
+    assert trial_threads({"cpu": 2.5}, {}) == 2  # Ray: the floor of the trial's CPUs
+    assert trial_threads({"cpu": 0.5}, {}) == 1  # and at least one
+    assert trial_threads({"cpu": 1}, {"OMP_NUM_THREADS": "3"}) == 3  # the user's own setting wins, as under Ray
+
+
+def test_sweep_trial_prints_each_epoch_as_it_ends(isolated):
+    """The installed command, its output piped: one line per fine-tune epoch, with the values MLflow recorded."""
+    text = GOOD.replace("finetune: {epochs: 1,", "finetune: {epochs: 2,").replace("name: cli_good", "name: cli_epochs")
+    path = _write(isolated, "epochs.yaml", text)
+    uri = f"sqlite:///{isolated / 'mlflow.db'}"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    done = subprocess.run([sys.executable, "-m", "sweep.cli", "trial", path, "--tracking-uri", uri, "--storage",
+                           str(isolated / "results")], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "note: 1 torch thread, as a trial gets under `sweep run`" in done.stderr  # resources.cpu: 1
+    epochs = [line for line in done.stdout.splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in epochs] == ["epoch 1", "epoch 2"], done.stdout
+    [run] = tracking.child_runs(MlflowClient(uri), "cli_epochs")
+    history = MlflowClient(uri).get_metric_history(run.info.run_id, "val_accuracy")
+    for line, point in zip(epochs, sorted(history, key=lambda m: m.step)):
+        shown = dict(part.rsplit(" ", 1) for part in line.split(": ", 1)[1].rsplit(" (", 1)[0].split(", "))
+        assert float(shown["val_accuracy"]) == pytest.approx(point.value, rel=1e-5)
+        assert {"val_loss", "train_loss"} <= set(shown) and "flops" not in shown

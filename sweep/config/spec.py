@@ -5,7 +5,7 @@
 
 Every problem is one line "<field path>: <what is wrong>; <how to fix>", and a file's problems are all reported
 together so `sweep validate` can print them before any trial starts. What each setting takes, its default and its
-messages live once, in sweep.config.schema (pydantic models, whence README's reference table is generated). Here: the
+messages live once, in sweep.config.schema (pydantic models, whence docs/spec.md is generated). Here: the
 YAML is read, the fixed settings are validated by the schema, each item of the `space` by the same field checks
 (so messages name places inside domains: space.ratio.grid[1]), and the rules across fields are applied to every
 value the space can give. A grid is counted, never enumerated, to hold it to `max_trials`.
@@ -19,13 +19,14 @@ import json
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
+from sweep.config.arms import unique
 from sweep.config.names import METRICS, PARAMS
 from sweep.config.schema import (
     INVALID,
@@ -42,10 +43,12 @@ from sweep.config.schema import (
     leaf_paths,
     metrics_markdown,
     reference_markdown,
+    report_rules,
     rules,
     show,
     trial_config,
 )
+from sweep.zoo.plugin import resolve_factory
 
 __all__ = ["Domain", "SpecError", "SweepSpec", "TrialConfig", "load_spec", "metrics_markdown", "parse_spec",
            "reference_markdown", "trial_config"]
@@ -100,6 +103,7 @@ class SweepSpec:
     checkpoint_every_s: float  # 0: a checkpoint every epoch
     source_text: str
     max_trials: int = 10000
+    report: dict = field(default_factory=dict)  # sweep.config.schema.ReportConfig's fields, family resolved
 
     def param_space(self) -> dict:
         """The trial dict with every swept path replaced by its Ray Tune domain."""
@@ -109,7 +113,8 @@ class SweepSpec:
         return config
 
     def grid_configs(self) -> list[dict]:
-        """Every trial dict of a grid search: the cartesian product of the space, first key varying slowest."""
+        """Every trial dict of a grid search: the cartesian product of the space, first key varying slowest, each
+        distinct trial once (sweep.config.arms: a control trial is one per seed and recipe, whatever the strategy)."""
         if self.search["algorithm"] != "grid":
             raise SpecError(f"search.algorithm: '{self.search['algorithm']}' samples its trials, so there is no "
                             "fixed list of them; use algorithm: grid to enumerate a grid")
@@ -120,7 +125,7 @@ class SweepSpec:
             for path, value in zip(paths, combination):
                 _set(config, path, copy.deepcopy(value))
             configs.append(config)
-        return configs
+        return unique(configs)  # a control or criterion-free scratch trial once, not once per strategy (config.arms)
 
     def num_samples(self) -> int:
         """Ray Tune's num_samples: 1 for a grid (it runs every combination once), else search.num_samples."""
@@ -240,7 +245,7 @@ class _Builder:
         trial = top.model_dump(include=set(TrialConfig.model_fields))
         space = self.read_space(raw.get("space"), trial)
         view = View(trial, space, self.origin, frozenset(self.invalid))
-        for line in rules(view):
+        for line in [*rules(view), *_plugin_problems(view)]:
             self.add(line)
         search, scheduler, mode = self.check_settings(top, raw.get("scheduler"), space, view)
         if self.errors:
@@ -250,6 +255,7 @@ class _Builder:
             resources=top.resources.model_dump(), metric=top.metric, mode=mode, max_failures=top.max_failures,
             max_concurrent=top.max_concurrent, source_text=self.text, max_trials=top.max_trials,
             checkpoint_every_s=top.checkpoint_every_s,
+            report={**top.report.model_dump(), "family": top.report.resolved_family()},
         )
 
     def read_settings(self, raw: dict) -> SweepConfig:
@@ -434,6 +440,16 @@ class _Builder:
                     self.error(f"scheduler.{key}", f"only asha uses {key}; remove it or set scheduler.name: asha")
             scheduler = {"name": scheduler["name"]}
 
+        if self.ok("report.references", "report.family"):
+            for line in report_rules(top.report):
+                self.add(line)
+            strategies = set(view.options("prune.strategy"))
+            for reference in top.report.references:
+                if strategies and reference not in strategies and self.ok("prune.strategy"):
+                    self.error("report.references", f"{reference!r} is not among the sweep's strategies "
+                               f"({', '.join(sorted(map(str, strategies)))}), so nothing would be compared with it; "
+                               "add it to the space's strategy, or remove it from the references")
+
         direction = METRICS[top.metric].direction
         if top.mode is not None and top.mode != direction and self.ok("metric", "mode"):
             better = "higher" if direction == "max" else "lower"
@@ -468,6 +484,21 @@ class _Builder:
                        f"train {last + 1} epoch{'s' * (last != 0)}, and one stopped at its last has trained in "
                        f"full); {fix}")
         scheduler["max_t"] = max(1, min(scheduler["max_t"] or last, last))
+
+
+def _plugin_problems(view: View) -> list[str]:
+    """Each model and dataset factory the trials would import, imported now: a misspelt module or function is
+    reported with the file's other problems (with the nearest name), not once they are fixed, nor in every trial."""
+    problems = []
+    for section in ("model", "dataset"):
+        for item, at in view.sections(section, ("factory",)):
+            if item["factory"] is None:
+                continue
+            try:
+                resolve_factory(item["factory"], view.leaf(at, "factory"), SpecError)
+            except SpecError as error:
+                problems.append(str(error))
+    return problems
 
 
 def _is_domain(value: Any) -> bool:

@@ -43,7 +43,7 @@ from torchvision import datasets as tvd
 from torchvision import transforms as T
 
 from sweep.errors import InputError
-from sweep.zoo.models import resolve_factory
+from sweep.zoo.plugin import resolve_factory
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,9 @@ class DataSplits:
     test: Dataset
     # Image files left out because they cannot be read (at most MAX_BAD_FRACTION of them): record their count.
     skipped_files: list[str] = _field(default_factory=list)
+    # Where val comes from: "train" (held out of it), "dataset" (its own validation split) or "test" (carved from
+    # test, because the base's weights were trained on this dataset's training images: see `load_dataset`)
+    val_source: str = "train"
 
 
 # Per-dataset channel mean and std of the training images in [0, 1].
@@ -219,11 +222,27 @@ def _holdout(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor
     return (~held).nonzero().flatten(), held.nonzero().flatten()
 
 
+# The seed that carves validation out of the test split: the same images for every trial seed, so each seed's
+# test_accuracy is measured on the same images and every run's validation split is the same one.
+_TEST_CARVE_SEED = 0
+
+
+def _carved_from_test(splits: DataSplits, val_fraction: float, where: str) -> DataSplits:
+    """val_fraction of test as validation (per class), the rest as test: for a base whose weights were trained on
+    this dataset's training images, which a validation split held out of train would hold too. train stays whole."""
+    kept, held = _holdout(splits.test.labels, val_fraction, _TEST_CARVE_SEED)
+    if len(held) == 0 or len(kept) == 0:
+        raise DataError(f"dataset.val_fraction: {val_fraction} of {len(splits.test)} test examples leaves "
+                        f"{'no validation' if len(held) == 0 else 'no test'} examples ({where}); use a fraction "
+                        f"such as 0.1")
+    return replace(splits, val=splits.test.subset(held), test=splits.test.subset(kept), val_source="test")
+
+
 def _with_validation(official: DataSplits, val_fraction: float, seed: int) -> DataSplits:
     """Official splits without a validation split get one: val_fraction of train held out, deterministic in seed.
     The official test split stays whole, and a dataset's own validation split is used as it is."""
     if official.val is not None:
-        return official
+        return replace(official, val_source="dataset")
     train = official.train
     kept, held = _holdout(train.labels, val_fraction, seed)
     if val_fraction > 0 and len(held) == 0:
@@ -603,8 +622,8 @@ _SPLIT_KEYS = ("train", "val", "test")
 _INFO_KEYS = ("num_classes", "in_channels", "image_size", "name")
 
 
-def _from_factory(factory: str, kwargs: dict | None, root: str | None, val_fraction: float, seed: int
-                  ) -> DataSplits:
+def _from_factory(factory: str, kwargs: dict | None, root: str | None, val_fraction: float, seed: int,
+                  val_from_test: bool = False) -> DataSplits:
     """Call a dataset factory and make its result a DataSplits (see `load_dataset`)."""
 
     field = "dataset.factory"
@@ -621,7 +640,7 @@ def _from_factory(factory: str, kwargs: dict | None, root: str | None, val_fract
     except Exception as e:  # the user's loader: one line naming it, the traceback stays in the chain
         raise DataError(f"{field}: {factory} raised {type(e).__name__}: {' '.join(str(e).split())}") from e
     if isinstance(result, DataSplits):
-        return result
+        return _carved_from_test(result, val_fraction, field) if val_from_test else result
     if isinstance(result, (tuple, list)):
         if len(result) not in (2, 3):
             raise DataError(f"{field}: {factory} returned {len(result)} items; return (train, val, test), "
@@ -635,8 +654,15 @@ def _from_factory(factory: str, kwargs: dict | None, root: str | None, val_fract
         raise DataError(f"{field}: {factory} returned keys {sorted(result)}; it needs train and test (val "
                         f"optional), and may add {', '.join(_INFO_KEYS)}")
     train, test = UserImages(result["train"]), UserImages(result["test"])
-    if result.get("val") is not None:
-        val = UserImages(result["val"])
+    source = "train"
+    if val_from_test:  # the base has seen train, and perhaps the factory's val: carve from test instead
+        kept, held = _holdout(test.labels, val_fraction, _TEST_CARVE_SEED)
+        if len(held) == 0 or len(kept) == 0:
+            raise DataError(f"{field}: dataset.val_fraction {val_fraction} of {len(test)} test examples leaves no "
+                            f"{'validation' if len(held) == 0 else 'test'} examples; use a fraction such as 0.1")
+        test, val, source = test.subset(kept), test.subset(held), "test"
+    elif result.get("val") is not None:
+        val, source = UserImages(result["val"]), "dataset"
     else:  # no validation split: hold val_fraction of train out, as for the built-in sets
         kept, held = _holdout(train.labels, val_fraction, seed)
         if len(held) == 0:
@@ -668,14 +694,14 @@ def _from_factory(factory: str, kwargs: dict | None, root: str | None, val_fract
         raise DataError(f"{field}: label {int(labels.max())} is not below num_classes {num_classes}")
     name = result.get("name") or factory
     return DataSplits(str(name), int(num_classes), int(result.get("in_channels") or channels), int(image_size),
-                      train, val, test)
+                      train, val, test, val_source=source)
 
 
 def load_dataset(name: str | None, root: str | None = None, download: bool = False, val_fraction: float = 0.1,
                  seed: int = 0, image_size: int | None = None, limit: int | None = None,
                  test_limit: int | None = None, stats: tuple | None = None, *,
-                 factory: str | None = None, kwargs: dict | None = None, official: DataSplits | None = None
-                 ) -> DataSplits:
+                 factory: str | None = None, kwargs: dict | None = None, official: DataSplits | None = None,
+                 val_from_test: bool = False) -> DataSplits:
     """Load a registered dataset's train/val/test splits, or your own through `factory`.
 
     root defaults to $SWEEP_DATA, then ./data; nothing is downloaded unless `download`. image_size resizes the
@@ -693,6 +719,11 @@ def load_dataset(name: str | None, root: str | None = None, download: bool = Fal
 
     official: the splits `load_official(name, root, download, image_size)` returned (perhaps in another process,
     through sweep.worker.shared_data), to carve this seed's splits out of without loading them again.
+
+    val_from_test: the network starts from weights trained on this dataset's training images (sweep.zoo.models.
+    weights_trained_on), so validation held out of train would be images it memorised. Validation is then
+    val_fraction of the test split instead (per class, the same images for every seed), disjoint from the images left
+    for test, which shrinks by as many; train stays whole and `limit` cuts only train. `val_source` says which.
     """
     if not 0 <= val_fraction < 1:
         raise DataError(f"dataset.val_fraction: {val_fraction} is outside [0, 1); use a fraction such as 0.1")
@@ -702,15 +733,20 @@ def load_dataset(name: str | None, root: str | None = None, download: bool = Fal
     if factory is not None:
         if name is not None:
             raise DataError("dataset: give either name or factory, not both")
-        splits = _from_factory(factory, kwargs, root, val_fraction, seed)
+        splits = _from_factory(factory, kwargs, root, val_fraction, seed, val_from_test)
         stats = None
     else:
         if kwargs:
             raise DataError("dataset.kwargs: only a dataset.factory takes kwargs; remove them or use factory")
         if official is None:
             official = load_official(name, root, download, image_size)
-        splits = _with_validation(official, val_fraction, seed)
-    if limit is not None:
+        if val_from_test:
+            splits = _carved_from_test(replace(official, val=None), val_fraction, "dataset.name")
+        else:
+            splits = _with_validation(official, val_fraction, seed)
+    if limit is not None and splits.val_source == "test":
+        splits = replace(splits, train=_take(splits.train, limit, seed))
+    elif limit is not None:
         held = min(len(splits.val), max(1, round(limit * val_fraction))) if len(splits.val) else 0
         splits = replace(splits, train=_take(splits.train, limit - held, seed), val=_take(splits.val, held, seed))
     if test_limit is not None:

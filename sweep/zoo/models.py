@@ -19,6 +19,7 @@ import torchvision
 from torch import Tensor, nn
 
 from sweep.errors import InputError
+from sweep.zoo.plugin import resolve_factory
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".th", ".ckpt")
 
@@ -338,50 +339,8 @@ def _from_torchvision(name: str, weights: str, num_classes: int, in_channels: in
     return model
 
 
-def resolve_factory(path: str, field: str, error: type[ValueError] = ModelError) -> Callable:
-    """The callable named by "package.module:function" (a dotted attribute path after the colon is allowed).
-
-    The working directory is put on sys.path first, when absent: `sweep` is a console script, and a console script's
-    sys.path holds its own bin/ folder, not the directory it was started from, so `mynets.py` beside the search space
-    would not import though `python -c "import mynets"` works there. Ray gives its workers the driver's sys.path as it
-    was when Ray started (`sweep run` resolves factories before, in its preflight) and starts them in the driver's
-    working directory (a cluster: runtime_env's `working_dir`, or `py_modules` for a package); Tune then moves each
-    trial into a folder of its own and records where it started in $TUNE_ORIG_WORKING_DIR, also put on the path.
-    """
-    import importlib
-    import os
-    import sys
-
-    module_name, colon, attribute = str(path).partition(":")
-    if not colon or not module_name or not attribute or any(not part.isidentifier() for part in
-                                                            [*module_name.split("."), *attribute.split(".")]):
-        raise error(f"{field}: '{path}' is not an import path; write 'package.module:function' (a function "
-                    f"in a .py file importable from the working directory or an installed package)")
-    # the working directory, and in a Ray Tune trial (which runs in a directory of its own) the one it started in
-    for folder in (os.getcwd(), os.environ.get("TUNE_ORIG_WORKING_DIR")):
-        if folder and folder not in sys.path:
-            sys.path.insert(0, folder)
-    try:
-        obj = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name is not None and module_name.startswith(e.name):  # the module itself, not one it imports
-            raise error(f"{field}: cannot import module '{module_name}' (from '{path}'): no such module on the path; "
-                        f"run from the folder holding it, install its package, or on a cluster ship it with "
-                        f"runtime_env working_dir/py_modules") from None
-        raise error(f"{field}: importing '{module_name}' failed: {e}") from e
-    except Exception as e:  # the user's module raised while importing: say so, in one line
-        raise error(f"{field}: importing '{module_name}' failed: {type(e).__name__}: {' '.join(str(e).split())}") from e
-    for part in attribute.split("."):
-        if not hasattr(obj, part):
-            raise error(f"{field}: module '{module_name}' has no attribute '{attribute}'")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise error(f"{field}: '{path}' is not callable; name a function or class")
-    return obj
-
-
 def _from_factory(factory: str, num_classes: int, in_channels: int, kwargs: dict | None) -> nn.Module:
-    build = resolve_factory(factory, "model.factory")
+    build = resolve_factory(factory, "model.factory", ModelError)
     kwargs = dict(kwargs or {})
     clash = sorted({"num_classes", "in_channels"} & set(kwargs))
     if clash:
@@ -443,6 +402,41 @@ KNOWN_CHECKPOINT_STATS = {
     for stem in ("resnet20-12fca82f", "resnet32-d509ac18", "resnet44-014dd654", "resnet56-4bfd9763",
                  "resnet110-1d1ed7c2", "resnet1202-f3b1deed")
 }
+
+
+# ... and the data they were trained on (all of CIFAR-10's 50,000 training images): a sweep of them on cifar10 must
+# not hold its validation split out of those (sweep.zoo.data.load_dataset, val_from_test).
+KNOWN_CHECKPOINT_DATA = {name: ("cifar10",) for name in KNOWN_CHECKPOINT_STATS}
+
+
+def _names(value, where: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    names = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, (list, tuple)) else None
+    if names is None or not all(isinstance(n, str) for n in names):
+        raise ModelError(f"{where}: trained_on is {value!r}; give a dataset name or a list of them, such as "
+                         f"'cifar10' (a plug-in dataset: its factory path)")
+    return names
+
+
+def weights_trained_on(name: str | None, weights: str | None, factory: str | None = None) -> tuple[str, ...]:
+    """The datasets the network's starting weights were trained on, as far as they say; () when unknown or random.
+
+    Declared by: a plug-in model's factory function (an attribute, `build.trained_on = "cifar10"`, for the weights it
+    builds with), a checkpoint (a `"trained_on"` entry beside its `"state_dict"`), or, for the public CIFAR ResNet
+    checkpoints, their file name. Names are as a spec writes the dataset: `cifar10`, or a plug-in's factory path.
+    """
+    found: tuple[str, ...] = ()
+    if factory is not None:
+        found += _names(getattr(resolve_factory(factory, "model.factory"), "trained_on", None),
+                        f"model.factory {factory}")
+    if weights is None or not _is_path(str(weights)):
+        return found
+    path = Path(weights).expanduser()
+    if path.name in KNOWN_CHECKPOINT_DATA:
+        return found + KNOWN_CHECKPOINT_DATA[path.name]
+    saved = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+    return found + _names(saved.get("trained_on") if isinstance(saved, dict) else None, f"model.weights {path}")
 
 
 def weights_stats(name: str, weights: str | None) -> tuple | None:
