@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import math
 import os
 import sys
@@ -129,11 +130,19 @@ def build_parser() -> argparse.ArgumentParser:
     trial.add_argument("--force", action="store_true", help="run even if this config already has a FINISHED run")
 
     prune = command("prune", help="prune one model and show what was removed (no training)")
-    prune.add_argument("--model", required=True, help="a name from `sweep models`")
+    network = prune.add_mutually_exclusive_group(required=True)
+    network.add_argument("--model", help="a name from `sweep models`")
+    network.add_argument("--factory", metavar="PKG.MODULE:FUNCTION",
+                         help="your own network: a function called with num_classes, in_channels and --kwargs")
+    network.add_argument("--spec", metavar="SPACE.yaml", help="the model block of a search space (and, unless given "
+                                                             "below, its dataset's classes, channels and size)")
+    prune.add_argument("--kwargs", type=_json_mapping, metavar="JSON", help="keyword arguments for --factory, such "
+                                                                            "as '{\"width\": 8}'")
     prune.add_argument("--weights", help="torchvision weights name (such as DEFAULT) or checkpoint path")
-    prune.add_argument("--num-classes", type=_positive_int, default=10)
-    prune.add_argument("--in-channels", type=_positive_int, default=3)
-    prune.add_argument("--input-size", type=_positive_int, default=32, help="input height and width (default 32)")
+    prune.add_argument("--num-classes", type=_positive_int, help="(default 10, or the --spec dataset's)")
+    prune.add_argument("--in-channels", type=_positive_int, help="(default 3, or the --spec dataset's)")
+    prune.add_argument("--input-size", type=_positive_int, help="input height and width (default 32, or the --spec "
+                                                                "dataset's)")
     prune.add_argument("--strategy", default="l1", help="a name from `sweep strategies` (default l1)")
     prune.add_argument("--ratio", type=_fraction, default=0.5, help="fraction of channels or FLOPs to remove")
     prune.add_argument("--scope", default="local", help="local (each layer) or global (ranked across layers)")
@@ -167,6 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--names", action="store_true", help="names only, one a line (no pruner check)")
     command("strategies", help="list pruning strategies")
     return parser
+
+
+def _json_mapping(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({error.msg}); write an object such as "
+                                         "'{\"width\": 8}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object; write one such as '{{\"width\": 8}}'")
+    return value
 
 
 def _fractions(text: str) -> list[float]:
@@ -332,14 +352,60 @@ def cmd_trial(args: argparse.Namespace) -> int:
     return 0
 
 
+_FLAGS = {"model.name": "--model", "model.factory": "--factory", "model.kwargs": "--kwargs",
+          "model.weights": "--weights"}
+
+
+def _as_flags(message: str) -> str:
+    for field, flag in _FLAGS.items():
+        message = message.replace(f"give {field}: ", f"give {flag} ").replace(field, flag)
+    return message
+
+
+def _prune_network(args: argparse.Namespace) -> tuple[dict, tuple[int, int, int]]:
+    """The model block to build (name, weights, factory, kwargs) and the (classes, channels, side) it is built for
+    where the flags leave them out: a --spec's own model and dataset, or 10 classes of 3x32x32 images."""
+    if args.kwargs and not args.factory:
+        raise InputError("--kwargs: only a --factory takes keyword arguments; remove --kwargs or give --factory")
+    if not args.spec:
+        block = {"name": args.model, "weights": args.weights, "factory": args.factory, "kwargs": args.kwargs}
+        return block, (10, 3, 32)
+    from sweep.config.spec import load_spec
+    from sweep.zoo.data import DataError, load_dataset
+
+    spec = load_spec(args.spec)
+    swept = sorted(p for p in spec.space if p.split(".")[0] in ("model", "dataset"))
+    if swept:
+        raise InputError(f"--spec: {args.spec} sweeps {', '.join(swept)}; give one network with --model or "
+                         "--factory instead")
+    block = {**spec.trial["model"], **({"weights": args.weights} if args.weights else {})}
+    if args.num_classes and args.in_channels and args.input_size:
+        return block, (args.num_classes, args.in_channels, args.input_size)
+    data = spec.trial["dataset"]
+    try:
+        splits = load_dataset(data["name"], root=data["root"], image_size=data["image_size"], limit=data["limit"],
+                              factory=data["factory"], kwargs=data["kwargs"])
+    except DataError as error:
+        raise InputError(f"--spec: its dataset does not load here ({error}); give --num-classes, --in-channels "
+                         "and --input-size instead") from None
+    return block, (splits.num_classes, splits.in_channels, splits.image_size)
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     import torch
 
     from sweep.pruning import NEEDS_CALIBRATION, PruningError, prune, save_pruned
     from sweep.worker.measure import count_flops, count_params
-    from sweep.zoo.models import build_model
+    from sweep.zoo.models import ModelError, build_model
 
-    model = build_model(args.model, args.num_classes, args.weights, args.in_channels).eval()
+    block, shape = _prune_network(args)
+    args.num_classes, args.in_channels, args.input_size = (given or found for given, found in zip(
+        (args.num_classes, args.in_channels, args.input_size), shape))
+    try:
+        model = build_model(block["name"], args.num_classes, block["weights"], args.in_channels,
+                            factory=block["factory"], kwargs=block["kwargs"]).eval()
+    except ModelError as error:  # its fields are a spec's: name this command's flags instead, unless --spec
+        raise InputError(str(error) if args.spec else _as_flags(str(error))) from None
     example = torch.randn(1, args.in_channels, args.input_size, args.input_size)
     calibration = None
     if args.strategy in NEEDS_CALIBRATION:
@@ -358,8 +424,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         if not str(exc).startswith("example_inputs:"):
             raise InputError(str(exc)) from None
         why = str(exc).partition(f"{tuple(example.shape)} (")[2].rpartition("); pass")[0]
-        raise InputError(f"--input-size: {args.model} does not run at {args.input_size}x{args.input_size} "
-                         f"({why}); pass the size it expects, e.g. --input-size 224") from None
+        side, network = args.input_size, args.model or args.factory or block["name"] or block["factory"]
+        raise InputError(f"--input-size: {network} does not run at {side}x{side} ({why}); pass the size it expects, "
+                         "e.g. --input-size 224") from None
 
     rows = result.plan.channel_counts(model)
     width = max([len("layer"), *(len(r[0]) for r in rows)])

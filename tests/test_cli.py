@@ -160,7 +160,7 @@ def test_prune_prints_the_table_and_writes_a_loadable_checkpoint(isolated, capsy
 
 def test_prune_user_errors_are_one_line(capsys):
     assert main(["prune", "--model", "no_such_net"]) == 2
-    assert _error_lines(capsys.readouterr().err)[0].startswith("error: model.name: unknown model 'no_such_net'")
+    assert _error_lines(capsys.readouterr().err)[0].startswith("error: --model: unknown model 'no_such_net'")
     assert main(["prune", "--model", "small_cnn", "--strategy", "l3"]) == 2
     assert _error_lines(capsys.readouterr().err)[0].startswith("error: strategy: unknown 'l3'")
     assert main(["prune", "--model", "small_cnn", "--weights", "nothing/here.pt"]) == 2
@@ -285,3 +285,32 @@ def test_sweep_trial_prints_each_epoch_as_it_ends(isolated):
         shown = dict(part.rsplit(" ", 1) for part in line.split(": ", 1)[1].rsplit(" (", 1)[0].split(", "))
         assert float(shown["val_accuracy"]) == pytest.approx(point.value, rel=1e-5)
         assert {"val_loss", "train_loss"} <= set(shown) and "flops" not in shown
+
+
+def _channel_table(text: str) -> dict[str, tuple[int, int]]:
+    return {parts[0]: (int(parts[2]), int(parts[3])) for parts in map(str.split, text.splitlines())
+            if len(parts) == 4 and parts[1] in ("Conv2d", "Linear")}
+
+
+def test_prune_takes_the_users_own_network(plugin, capsys):
+    """By --factory with --kwargs, or by a spec's model block (classes, channels and size from its dataset)."""
+    assert main(["prune", "--factory", f"{plugin}:build", "--kwargs", '{"width": 8}', "--ratio", "0.5"]) == 0
+    table = _channel_table(capsys.readouterr().out)
+    assert table == {"0": (8, 4), "3": (16, 8), "7": (10, 10)}, table  # the head keeps the 10 classes
+
+    path = _write(Path.cwd(), "mine.yaml", f"name: mine\ndataset: {{name: digits}}\n"
+                                           f"model: {{factory: '{plugin}:build', kwargs: {{width: 6}}}}\n")
+    out = Path.cwd() / "mine.pt"
+    assert main(["prune", "--spec", path, "--ratio", "0.5", "--out", str(out)]) == 0
+    assert _channel_table(capsys.readouterr().out) == {"0": (6, 3), "3": (12, 6), "7": (10, 10)}
+    built = build_model(None, 10, in_channels=1, factory=f"{plugin}:build", kwargs={"width": 6})  # digits: 1x8x8
+    model, _ = load_pruned(out, built)
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+    assert main(["prune", "--factory", f"{plugin}:buld"]) == 2
+    [line] = _error_lines(capsys.readouterr().err)
+    assert line == f"error: --factory: module '{plugin}' has no attribute 'buld'; did you mean 'build'?"
+    assert main(["prune", "--model", "small_cnn", "--kwargs", '{"width": 8}']) == 2
+    assert _error_lines(capsys.readouterr().err)[0].startswith("error: --kwargs: only a --factory takes")
+    assert main(["prune", "--model", "no_such_net"]) == 2
+    assert "give --factory 'pkg.module:function'" in _error_lines(capsys.readouterr().err)[0]
