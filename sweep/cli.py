@@ -102,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     report = command("report", help="tables and plots of a sweep's finished trials")
     report.add_argument("name", metavar="NAME", help="the sweep name (MLflow experiment)")
     _tracking_option(report)
-    report.add_argument("--out", default="reports", metavar="DIR", help="output folder (default: reports)")
+    report.add_argument("--storage", help="the sweep's folder, as given to `sweep run` (default ./sweep_results)")
+    report.add_argument("--out", metavar="DIR", help="output folder (default: <storage>/reports, where `sweep run` "
+                                                     "writes it)")
     # Which comparisons, and how they are corrected, is the spec's `report:` block, declared before the runs; each
     # of these flags overrides it after the runs, and the report labels what it changed "post hoc".
     report.add_argument("--reference", type=lambda t: [s for s in t.split(",") if s], metavar="STRATEGY[,...]",
@@ -122,12 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="register the best trial's pruned network in the MLflow Model Registry under this name")
     report.add_argument("--by", default="val_accuracy", metavar="METRIC",
                         help="what --register picks the best trial by (default val_accuracy; never a test metric)")
+    report.add_argument("--launch", metavar="PARENT_RUN_ID",
+                        help="--register chooses among this launch's trials only (its parent run id)")
+    report.add_argument("--where", metavar="PARAM=VALUE,...",
+                        help="--register chooses among the trials with these params only, e.g. strategy=l1,ratio=0.5")
 
     trial = command("trial", help="run one trial here, without Ray (the first config of the space)")
     trial.add_argument("space", metavar="CONFIG.yaml")
     _tracking_option(trial)
     trial.add_argument("--storage", help="folder holding the shared base models (default ./sweep_results)")
-    trial.add_argument("--force", action="store_true", help="run even if this config already has a FINISHED run")
+    trial.add_argument("--force", action="store_true", help="run even if this config already has a FINISHED run; "
+                       "the new run supersedes it (tag sweep.superseded_by, kept but left out of reports)")
 
     prune = command("prune", help="prune one model and show what was removed (no training)")
     network = prune.add_mutually_exclusive_group(required=True)
@@ -224,7 +231,17 @@ def _tracking_option(parser: argparse.ArgumentParser) -> None:
 # --- commands -------------------------------------------------------------------------------------------------
 
 
+def _check_torch_pair() -> None:
+    """A torch/torchvision mismatch is bad input found before anything ran: one line with the fix, exit code 2."""
+    from sweep.zoo.torch_pair import torch_pair_problem
+
+    problem = torch_pair_problem()
+    if problem:
+        raise InputError(problem)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    _check_torch_pair()  # before anything imports torchvision
     from sweep.config.spec import load_spec
     from sweep.driver.launch import run_sweep
 
@@ -258,6 +275,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from sweep.driver.session import reports_dir
     from sweep.report.summary import write_report
 
     if args.runs_csv and args.register:
@@ -270,7 +288,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         from sweep.store.registry import candidates, parse_where
 
         candidates(args.name, args.by, args.tracking_uri, args.launch, parse_where(args.where))
-    paths = write_report(args.name, args.tracking_uri, out_dir=args.out, reference=args.reference, family=args.family,
+    out_dir = args.out or reports_dir(args.storage)  # where `sweep run` writes it: one report folder
+    paths = write_report(args.name, args.tracking_uri, out_dir=out_dir, reference=args.reference, family=args.family,
                          alpha=args.alpha, correction=args.correction, margin=args.margin, plan=args.plan,
                          runs_csv=args.runs_csv)
     print(Path(paths["summary"]).read_text(encoding="utf-8"))
@@ -323,6 +342,7 @@ def _missing(value: Any) -> bool:
 
 
 def cmd_trial(args: argparse.Namespace) -> int:
+    _check_torch_pair()  # before anything imports torchvision
     import torch
 
     from sweep.config.spec import load_spec
@@ -392,6 +412,7 @@ def _prune_network(args: argparse.Namespace) -> tuple[dict, tuple[int, int, int]
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    _check_torch_pair()  # before anything imports torchvision
     import torch
 
     from sweep.pruning import NEEDS_CALIBRATION, PruningError, prune, save_pruned
