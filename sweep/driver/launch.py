@@ -36,6 +36,7 @@ from sweep.driver.session import (
     check_address,
     check_resources,
     new_launch_path,
+    reports_dir,
     resolve_storage,
     start_ray,
 )
@@ -473,10 +474,8 @@ def _finish(spec: SweepSpec, uri: str, storage: str, parent: str, parent_lease: 
 
 
 def _write_report(name: str, uri: str, storage: str) -> None:
-    # The report is files for a person to open: on this machine (./reports) when the storage is a bucket.
-    out_dir = "reports" if objects.is_uri(storage) else os.path.join(storage, "reports")
     try:
-        paths = report.write_report(name, uri, out_dir=out_dir)
+        paths = report.write_report(name, uri, out_dir=reports_dir(storage))
     except report.ReportError as error:  # no finished trial yet: nothing to tabulate
         print(f"no report: {error}", file=sys.stderr)
         return

@@ -164,6 +164,14 @@ def resolve_storage(storage: str | None) -> str:
     return str(Path(path).expanduser().resolve())
 
 
+def reports_dir(storage: str | None) -> str:
+    """The one folder `sweep run` and `sweep report` write a sweep's report into (as NAME/): <storage>/reports, beside
+    the sweep's other results (default ./sweep_results/reports); ./reports when the storage is a bucket, for the
+    report is files for a person to open on this machine."""
+    path = resolve_storage(storage)
+    return "reports" if objects.is_uri(path) else os.path.join(path, "reports")
+
+
 def cache_dir(storage: str, name: str) -> str:
     """Where a sweep's trials share their base models: <storage>/<name>/bases."""
     return objects.join(storage, name, "bases")
