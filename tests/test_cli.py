@@ -192,9 +192,11 @@ def test_trial_runs_one_config_without_ray_then_report(isolated, capsys):
     assert "already has a FINISHED run" in capsys.readouterr().out
     assert len(tracking.child_runs(MlflowClient(uri), "cli_good")) == 1
 
-    assert main(["report", "cli_good", "--tracking-uri", uri, "--out", str(isolated / "reports")]) == 0
+    # one report folder: <storage>/reports/NAME, where `sweep run` writes it too (sweep.driver.session.reports_dir)
+    assert main(["report", "cli_good", "--tracking-uri", uri, "--storage", storage]) == 0
     assert "Sweep `cli_good`" in capsys.readouterr().out
-    assert (isolated / "reports" / "cli_good" / "runs.csv").read_text().count("\n") == 2  # header + 1 trial
+    assert (isolated / "results" / "reports" / "cli_good" / "runs.csv").read_text().count("\n") == 2  # header + 1
+    assert not (isolated / "reports").exists()
     assert main(["report", "no_such_sweep", "--tracking-uri", uri]) == 2
     assert "not found" in _error_lines(capsys.readouterr().err)[0]
 
@@ -314,3 +316,11 @@ def test_prune_takes_the_users_own_network(plugin, capsys):
     assert _error_lines(capsys.readouterr().err)[0].startswith("error: --kwargs: only a --factory takes")
     assert main(["prune", "--model", "no_such_net"]) == 2
     assert "give --factory 'pkg.module:function'" in _error_lines(capsys.readouterr().err)[0]
+
+
+def test_mlflow_lock_file_is_ignored():
+    """MLflow's sqlite lock beside the default store showed in `git status` of a fresh clone."""
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    done = subprocess.run(["git", "check-ignore", "-q", "mlflow.db.lock", "sub/mlflow.db.lock"], cwd=REPO, timeout=60)
+    assert done.returncode == 0
