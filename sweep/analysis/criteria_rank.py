@@ -41,6 +41,7 @@ from sweep.analysis.common import (
     task_options,
 )
 from sweep.analysis.groups import LayerGroup, groups_of
+from sweep.config.names import section_label
 from sweep.driver.session import start_ray
 from sweep.errors import InputError
 from sweep.pruning import NEEDS_CALIBRATION, STRATEGIES, ChannelGraph, analyse
@@ -238,7 +239,7 @@ def run_criteria(spec, strategies: Sequence[str] | None = None, layers: int | Se
     base = base_metrics(setup)
     name = experiment_name(spec, KIND, experiment)
     parent = start_parent(uri, name, spec_text(spec, spec_path), KIND, {
-        "model": setup.config["model"]["name"], "dataset": setup.config["dataset"]["name"],
+        "model": section_label(setup.config["model"]), "dataset": section_label(setup.config["dataset"]),
         "strategies": ",".join(scores), "layers": len(chosen), "layer_groups": len(groups), "spec": spec.name,
         "oracle": "loss change on held-out batches when the unit's channel is zeroed at every consumer",
     })

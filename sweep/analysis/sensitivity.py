@@ -32,6 +32,7 @@ from sweep.analysis.common import (
     task_options,
 )
 from sweep.analysis.groups import LayerGroup, layer_groups, prune_group
+from sweep.config.names import section_label
 from sweep.driver.session import start_ray
 from sweep.errors import InputError
 from sweep.pruning import NEEDS_CALIBRATION, STRATEGIES
@@ -133,7 +134,8 @@ def run_sensitivity(spec, ratios: Sequence[float] | None = None, strategy: str |
     base = base_metrics(setup)
     name = experiment_name(spec, KIND, experiment)
     parent = start_parent(uri, name, spec_text(spec, spec_path), KIND, {
-        "model": setup.config["model"]["name"], "dataset": setup.config["dataset"]["name"], "strategy": strategy,
+        "model": section_label(setup.config["model"]), "dataset": section_label(setup.config["dataset"]),
+        "strategy": strategy,
         "ratios": ",".join(f"{r:g}" for r in ratios), "tolerance": tolerance, "layers": len(groups),
         "spec": spec.name,
     })

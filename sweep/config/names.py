@@ -1,5 +1,5 @@
 """The names a user sees: one table of metrics and one of parameters, read by the spec, the trial, the tracking,
-the progress display, the report and README's tables (tests check README against them).
+the progress display, the report and the tables of docs/spec.md (tests check them).
 
 A metric's `when` says at which point of a trial it is recorded; `selectable` says whether a scheduler, a search
 algorithm or a "best" may read it. Test metrics never are: they are logged once and never optimised.
@@ -78,6 +78,12 @@ PARAMS: dict[str, str] = {
     "arm": "prune.arm",
     "seed": "seed",
 }
+
+
+def section_label(section: dict) -> str | None:
+    """What a model or dataset section is called wherever a person reads it (the `model`/`dataset` params, progress,
+    report, analysis headers): its registry name, or for a plug-in its factory path (`mypkg:build`)."""
+    return section.get("name") or section.get("factory")
 
 
 def selectable_metrics() -> list[str]:

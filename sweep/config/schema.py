@@ -1,5 +1,5 @@
 """The schema of a trial and of a sweep: one pydantic model per section, the single source of every setting's type,
-default, check, error message and README row.
+default, check, error message and reference row (docs/spec.md).
 
     cfg = trial_config(config)          # a resolved trial dict (from Ray Tune, numpy scalars allowed) -> TrialConfig
     cfg.prune.strategy, cfg.finetune.lr # typed access; SpecError lists every problem, one line each
@@ -9,8 +9,8 @@ Each field's check is a plain function that returns the normalised value or rais
 <how to fix>"); `error_lines` turns pydantic's errors into "<field path>: <what is wrong>; <how to fix>" lines. The
 same checks validate the items of a sweep domain (sweep.config.spec). Rules across fields (an iterative schedule needs
 steps >= 2, ...) are written once in `rules`, over a `View` that holds every value a sweep may give each path, and
-run for one trial too. Only this module and sweep.config.names define names and defaults; README's tables are generated
-from them (`reference_markdown`, `metrics_markdown`; tests/test_spec.py compares).
+run for one trial too. Only this module and sweep.config.names define names and defaults; the tables in docs/spec.md are
+generated from them (`reference_markdown`, `metrics_markdown`; tests/test_spec.py compares).
 """
 
 import difflib
@@ -84,7 +84,7 @@ def _unknown_name(value, names, what: str) -> str:
 
 @dataclass(frozen=True)
 class Check:
-    """A field's check (normalised value, or ValueError('<what>; <fix>')), what README says it takes, and which
+    """A field's check (normalised value, or ValueError('<what>; <fix>')), what docs/spec.md says it takes, and which
     ranges may sweep it: "int" (randint), "float" (uniform, loguniform) or None (grid and choice only)."""
 
     fn: Callable[[Any], Any]
@@ -192,6 +192,12 @@ def Custom(kind: Any, doc: str, optional: bool = False):
 def _strategy_names() -> list:
     from sweep.pruning import STRATEGIES
     return list(STRATEGIES)
+
+
+def _trial_strategy_names() -> list:
+    # `none`: the control arm, and the scratch arm under local scope, whose result no criterion decides
+    # (sweep.config.arms)
+    return [*_strategy_names(), "none"]
 
 
 def _model_names() -> list:
@@ -360,7 +366,7 @@ class Section(BaseModel):
 
 
 def _f(default: Any, text: str) -> Any:
-    """A field's default and its README description."""
+    """A field's default and its description in docs/spec.md."""
     if isinstance(default, (list, dict)):
         return Field(default_factory=type(default), description=text)
     if isinstance(default, type) and issubclass(default, BaseModel):
@@ -421,8 +427,9 @@ class BaseTrainConfig(TrainConfig):
 
 
 class PruneConfig(Section):
-    strategy: Registered(_strategy_names, "strategy", "a name from `sweep strategies`") = _f(
-        "l1", "how filters are ranked")
+    strategy: Registered(_trial_strategy_names, "strategy", "a name from `sweep strategies`, or `none`") = _f(
+        "l1", "how filters are ranked (`none`: what the `control` arm, and the `scratch` arm under local scope, are "
+              "recorded with: no criterion decides them)")
     ratio: Ratio = _f(0.5, "share of channels (or FLOPs) to remove")
     ratios: Ratios = _f({}, "per-module ratios by name or shell pattern (`layer4.*`), overriding `ratio`; needs "
                             "scope `local` and target `channels`")
@@ -433,9 +440,10 @@ class PruneConfig(Section):
     schedule: OneOf(("oneshot", "iterative"), "schedule") = _f(
         "oneshot", "`iterative`: `steps` rounds with one fine-tune epoch between them")
     steps: Int(1, example=3) = _f(1, "pruning rounds (>= 2 with `iterative`)")
-    arm: OneOf(("finetune", "scratch"), "arm") = _f(
-        "finetune", "`finetune` the pruned network, or `scratch`: re-initialise the pruned architecture and train "
-                    "it from scratch (Liu et al. 2019)")
+    arm: OneOf(("finetune", "scratch", "control"), "arm") = _f(
+        "finetune", "`finetune` the pruned network; `scratch`: re-initialise the pruned architecture and train "
+                    "it from scratch (Liu et al. 2019), once per ratio under local scope; `control`: fine-tune the "
+                    "unpruned base with the same recipe (one trial per seed and recipe, strategy `none`)")
     scratch_epochs: Int(1, example=30, optional=True) = _f(None, "epochs of the `scratch` arm (null: `base.epochs`)")
     min_channels: MinChannels = _f(1, "channels every layer keeps: a count or a fraction")
     round_to: Int(1, example=8) = _f(1, "round kept widths to a multiple (8 for tensor cores)")
@@ -498,6 +506,52 @@ class ResourcesConfig(Section):
     memory: Real(0, lo_open=True, example=4, optional=True) = _f(None, "GiB of memory per trial; Ray schedules by it")
 
 
+@Custom(list[str], "list of names from `sweep strategies`")
+def Strategies(value):
+    if not isinstance(value, list):
+        raise ValueError(f"{show(value)} is not a list of strategies; write e.g. references: [l1, random]")  # noqa: TRY004
+    known, problems = _strategy_names(), []
+    for i, name in enumerate(value):
+        if name not in known:
+            problems.append(_unknown_name(name, known, "strategy"))
+        elif name in value[:i]:
+            problems.append(f"{show(name)} is listed twice; remove the repeat")
+    if problems:
+        raise ValueError("\n".join(problems))
+    return list(value)
+
+
+# What a verdict may compare: accuracies, because the equivalence margin is in accuracy points. Test metrics are
+# allowed here (a verdict is not a selection); selection still reads only the spec's `metric`.
+REPORT_METRICS = ("test_accuracy", "test_top5", "pruned_test_accuracy", "val_accuracy", "pruned_val_accuracy")
+
+
+class ReportConfig(Section):
+    """The `report` section: the comparisons a sweep declares before it runs, and how its verdicts are decided."""
+
+    references: Strategies = _f([], "strategies every other one is compared with (`[]`: all pairs)")
+    family: OneOf(("references", "all_pairs"), "family", optional=True) = _f(
+        None, "the comparisons corrected together: `references` (each strategy against each reference) or "
+              "`all_pairs` (null: `references` when there are references, else `all_pairs`)")
+    alpha: Real(0, 0.5, lo_open=True, hi_open=True, example=0.05) = _f(0.05, "the family's error rate")
+    correction: OneOf(("holm", "bh", "none"), "correction") = _f(
+        "holm", "`holm` (family-wise), `bh` (Benjamini-Hochberg, false discovery rate) or `none` (warned)")
+    margin: Real(0, 100, lo_open=True, example=1.0) = _f(
+        1.0, "equivalence margin in accuracy points: a difference shown to lie within ±margin is `equivalent`")
+    metric: OneOf(REPORT_METRICS, "report metric") = _f("test_accuracy", "the accuracy verdicts compare")
+
+    def resolved_family(self) -> str:
+        return self.family or ("references" if self.references else "all_pairs")
+
+
+def report_rules(report: ReportConfig, where: str = "report.") -> list[str]:
+    """Problems across the report section's fields; `where` prefixes the field names (a flag's `--` at report time)."""
+    if report.family == "references" and not report.references:
+        return [f"{where}family: 'references' compares with the references, and none are listed; list them, such "
+                f"as references: [random], or use family: all_pairs"]
+    return []
+
+
 class SweepConfig(TrialConfig):
     """A search-space file: the trial's fixed settings, the space and how the sweep runs."""
 
@@ -514,6 +568,7 @@ class SweepConfig(TrialConfig):
               "passed, so a retry redoes at most that much; 0: every epoch")
     max_concurrent: Int(1, example=2, optional=True) = _f(None, "trials at once (null: as resources allow)")
     max_trials: Int(1, example=10000) = _f(10000, "refuse a space with more trials than this")
+    report: ReportConfig = _f(ReportConfig, "the comparisons `sweep report` makes, declared before the runs")
 
 
 # --- pydantic's errors as our lines ------------------------------------------------------------------------------
@@ -682,7 +737,13 @@ def rules(view: View) -> list[str]:
     if "prune.steps" in swept and "iterative" not in view.options("prune.schedule"):
         error(view.where("prune.steps"), "steps counts only with schedule: iterative, so these trials would all be "
                                          "the same; sweep schedule: iterative as well, or fix steps")
-    if "finetune" not in view.options("prune.arm"):
+    arms = view.options("prune.arm")
+    for strategy, at in view.values("prune.strategy"):
+        local = view.options("prune.scope") == ["local"] and view.options("prune.target") == ["channels"]
+        if strategy == "none" and not (set(arms) <= {"control"} or (set(arms) <= {"control", "scratch"} and local)):
+            error(at, "none prunes nothing and is what the control arm records; use arm: control for an unpruned "
+                      "control, or name a strategy such as l1")
+    if not {"finetune", "control"} & set(arms):
         for path in (p for p in swept if p.startswith("finetune.")):
             error(view.where(path), "the scratch arm trains with the base's settings, so finetune values change "
                                     "nothing; sweep base.* or prune.scratch_epochs, or include arm: finetune")
@@ -694,7 +755,7 @@ def rules(view: View) -> list[str]:
                                       "set prune.scratch_epochs, such as 30")
 
     ratios = view.options("prune.ratios")
-    if not ratios or not all(ratios):
+    if (not ratios or not all(ratios)) and arms != ["control"]:  # the control arm is recorded with ratio 0
         for ratio, at in view.values("prune.ratio"):
             if ratio == 0:
                 error(at, "0 is outside (0, 1); use a fraction such as 0.5 (0 only with per-module prune.ratios)")
@@ -707,10 +768,10 @@ def rules(view: View) -> list[str]:
     return errors
 
 
-# --- README ------------------------------------------------------------------------------------------------------
+# --- docs/spec.md -------------------------------------------------------------------------------------------------
 
 _MODELS = (SweepConfig, TrialConfig, ModelConfig, DatasetConfig, TrainConfig, BaseTrainConfig, PruneConfig,
-           MeasureConfig, SearchConfig, SchedulerConfig, ResourcesConfig)
+           MeasureConfig, SearchConfig, SchedulerConfig, ResourcesConfig, ReportConfig)
 
 
 def check_at(path: str) -> "Check | type | None":
@@ -755,7 +816,7 @@ def _default(field) -> str:
 
 
 def reference_markdown() -> str:
-    """README's table of every search-space setting: path, default, what it takes, what it means."""
+    """The table of every search-space setting: path, default, what it takes, what it means."""
     rows = ["| setting | default | takes | meaning |", "|---|---|---|---|"]
     done = set()
 
@@ -788,7 +849,7 @@ def reference_markdown() -> str:
 
 
 def metrics_markdown() -> str:
-    """README's table of sweep.config.names.METRICS."""
+    """The table of sweep.config.names.METRICS."""
     rows = ["| metric | meaning | better | unit | recorded | selectable |", "|---|---|---|---|---|---|"]
     tune = tune_metrics()
     for name, info in METRICS.items():
@@ -798,8 +859,8 @@ def metrics_markdown() -> str:
     return "\n".join(rows) + "\n"
 
 
-def write_readme_tables(path: str = "README.md") -> None:
-    """Replace the generated tables between README's marker comments (`python -m sweep.config.schema README.md`)."""
+def write_reference_tables(path: str = "docs/spec.md") -> None:
+    """Replace the generated tables between the marker comments of docs/spec.md (`python -m sweep.config.schema`)."""
     text = Path(path).read_text(encoding="utf-8")
     for name, table in (("schema", reference_markdown()), ("metrics", metrics_markdown())):
         begin, end = f"<!-- {name}:begin -->\n", f"<!-- {name}:end -->"
@@ -811,4 +872,4 @@ def write_readme_tables(path: str = "README.md") -> None:
 if __name__ == "__main__":
     import sys
 
-    write_readme_tables(*sys.argv[1:2])
+    write_reference_tables(*sys.argv[1:2])

@@ -26,7 +26,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from sweep.config.names import PARAMS
+from sweep.config.names import PARAMS, section_label
 from sweep.config.spec import SpecError, SweepSpec
 from sweep.driver.preflight import check_writable, preflight
 from sweep.driver.progress import CompactProgress
@@ -89,6 +89,9 @@ def _progress_reporter(spec: SweepSpec, verbose: int, uri: str) -> Any:
                 value = trial
                 for part in path.split("."):
                     value = value.get(part, {}) if isinstance(value, dict) else {}
+                section = path.removesuffix(".name")
+                if section in ("model", "dataset") and not value:  # a plug-in: its factory path
+                    value = section_label(trial.get(section, {}))
                 values.append(f"{short.get(path, path)} {value}")
             return ", ".join(values)
         return CompactProgress(spec.metric, spec.mode, describe, outage=functools.partial(down_for, uri))

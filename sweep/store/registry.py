@@ -4,11 +4,14 @@
     model = mlflow.pyfunc.load_model("models:/digits-pruned/1")                  # predict(N x C x H x W float32)
 
 The winner is the FINISHED trial run with the best value of `by`, a metric a selection may read (never a test
-metric: choosing on test data would make its test number optimistic). The registered model holds the run's
-`checkpoint/pruned.pt` (plan + state_dict, as `sweep.pruning.save_pruned` writes it), `architecture.json` (the base
-network: model name or factory and kwargs, classes, input channels) and this package's model code; loading rebuilds
-the base network with `build_model`, applies the plan and loads the weights (`sweep.pruning.load_pruned`). Loading
-needs `sweep` installed, and for a `model.factory` network the factory's module importable.
+metric: choosing on test data would make its test number optimistic), among the current runs (a forced rerun's
+earlier run is not one) of one launch (`launch`, its parent run id) and/or one group (`where`, params that must
+match). Runs whose validation accuracy was measured on different validation splits are never ranked together.
+The registered model holds the run's `checkpoint/pruned.pt` (plan + state_dict, as `sweep.pruning.save_pruned`
+writes it), `architecture.json` (the base network: model name or factory and kwargs, classes, input channels) and
+this package's model code; loading rebuilds the base network with `build_model`, applies the plan and loads the
+weights (`sweep.pruning.load_pruned`). Loading needs `sweep` installed, and for a `model.factory` network the
+factory's module importable.
 """
 
 from __future__ import annotations
@@ -70,19 +73,77 @@ def check_by(by: str) -> str:
     return METRICS[by].direction
 
 
-def best_run(experiment: str, by: str = "val_accuracy", tracking_uri: str | None = None):
-    """The FINISHED trial run with the best `by` (ties: the newest run)."""
-    direction = check_by(by)
+VAL_SPLIT_TAG = "data.val_split"  # tracking: which images a run's validation accuracy was measured on
+
+
+def parse_where(text: str | None) -> dict[str, str]:
+    """`--where strategy=l1,ratio=0.5` as {param: value}."""
+    where: dict[str, str] = {}
+    for part in (text or "").split(","):
+        key, equals, value = (s.strip() for s in part.partition("="))
+        if not part.strip():
+            continue
+        if not equals or not key or not value:
+            raise RegistryError(f"--where: {part.strip()!r} is not param=value; write e.g. "
+                                "--where strategy=l1,ratio=0.5")
+        where[key] = value
+    return where
+
+
+def _matches(params: dict, key: str, wanted: str) -> bool:
+    value = params.get(key)
+    if value is None:
+        return False
+    try:
+        return float(value) == float(wanted)  # ratio=0.5 matches a logged 0.5 however it was written
+    except ValueError:
+        return value == wanted
+
+
+def candidates(experiment: str, by: str = "val_accuracy", tracking_uri: str | None = None,
+               launch: str | None = None, where: dict[str, str] | None = None) -> list:
+    """The current FINISHED trial runs a registration ranks: of one launch (its parent run id) and/or one group
+    (params equal to `where`); runs a forced rerun replaced are never among them."""
+    check_by(by)
     uri = tracking.resolve_tracking_uri(tracking_uri)
     client = MlflowClient(uri)
     if tracking.find_experiment_id(client, experiment) is None:
         raise RegistryError(f"NAME: no sweep '{experiment}' in {uri}; check the name or --tracking-uri")
-    runs = [r for r in tracking.child_runs(client, experiment, "attributes.status = 'FINISHED'")
-            if by in r.data.metrics]
+    runs = tracking.current(tracking.child_runs(client, experiment, "attributes.status = 'FINISHED'"))
+    if launch is not None:
+        runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == launch]
+        if not runs:
+            raise RegistryError(f"--launch: no FINISHED trial of '{experiment}' belongs to launch {launch}; give the "
+                                f"parent run id of one of its launches (the MLflow UI, or the report's runs.csv)")
+    for key, wanted in (where or {}).items():
+        if not any(key in r.data.params for r in runs):
+            known = sorted({k for r in runs for k in r.data.params})
+            raise RegistryError(f"--where: no trial of '{experiment}' has param '{key}'; use one of {', '.join(known)}")
+        runs = [r for r in runs if _matches(r.data.params, key, wanted)]
+    if not runs:
+        raise RegistryError(f"--where: no FINISHED trial of '{experiment}' has {_listed(where)}; check the values "
+                            f"(the report's runs.csv lists every run's params)")
+    runs = [r for r in runs if by in r.data.metrics]
     if not runs:
         raise RegistryError(f"--by: no FINISHED trial of '{experiment}' has metric {by}; run the sweep first or "
                             f"choose another metric")
-    sign = 1 if direction == "max" else -1
+    splits = sorted({r.data.tags.get(VAL_SPLIT_TAG, "unrecorded") for r in runs})
+    if len(splits) > 1:
+        raise RegistryError(f"--register: these {len(runs)} runs measured {by} on {len(splits)} different validation "
+                            f"splits (tag {VAL_SPLIT_TAG}), so their values do not compare; name one group or launch "
+                            f"with --where param=value,... or --launch PARENT_RUN_ID")
+    return runs
+
+
+def _listed(where: dict[str, str] | None) -> str:
+    return ", ".join(f"{k}={v}" for k, v in (where or {}).items())
+
+
+def best_run(experiment: str, by: str = "val_accuracy", tracking_uri: str | None = None,
+             launch: str | None = None, where: dict[str, str] | None = None):
+    """The best `by` among `candidates` (ties: the newest run)."""
+    runs = candidates(experiment, by, tracking_uri, launch, where)
+    sign = 1 if check_by(by) == "max" else -1
     return max(runs, key=lambda r: (sign * r.data.metrics[by], r.info.start_time))
 
 
@@ -95,7 +156,9 @@ def _architecture(client: MlflowClient, run, checkpoint: Path) -> dict:
     """What rebuilds the base network: the run's model params, and classes/channels from its params or weights."""
     params = run.data.params
     kwargs = _param(params, "model.kwargs")
-    arch = {"model": _param(params, "model"), "factory": _param(params, "model.factory"),
+    factory = _param(params, "model.factory")
+    # the `model` param names a plug-in by its factory path; build_model takes that as factory, not as a name
+    arch = {"model": None if factory else _param(params, "model"), "factory": factory,
             "kwargs": json.loads(kwargs) if kwargs else None}
     for key in ("num_classes", "in_channels"):
         value = _param(params, key) or _param(params, f"dataset.{key}")
@@ -111,11 +174,11 @@ def _architecture(client: MlflowClient, run, checkpoint: Path) -> dict:
     return arch
 
 
-def register_best(experiment: str, model_name: str, by: str = "val_accuracy",
-                  tracking_uri: str | None = None) -> ModelVersion:
-    """Register the best trial's pruned network as a new version of `model_name`; returns the version."""
+def register_best(experiment: str, model_name: str, by: str = "val_accuracy", tracking_uri: str | None = None,
+                  launch: str | None = None, where: dict[str, str] | None = None) -> ModelVersion:
+    """Register the best trial's pruned network (see `best_run`) as a new version of `model_name`."""
     uri = tracking.resolve_tracking_uri(tracking_uri)
-    run = best_run(experiment, by, uri)
+    run = best_run(experiment, by, uri, launch, where)
     client = MlflowClient(uri)
     with tempfile.TemporaryDirectory(prefix="sweep-register-") as tmp:
         tmp = Path(tmp)

@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 
 from sweep.config.names import PARAMS, section_label
 from sweep.store.client import resolve_tracking_uri, with_retry  # noqa: F401 -- callers use tracking.resolve_tracking_uri
-from sweep.store.view import experiment_tags, mark_experiment
+from sweep.store.view import SUPERSEDED_TAG, experiment_tags, mark_experiment
 
 log = logging.getLogger(__name__)
 # Artifact downloads (latency phase, report) would draw a progress bar per file into the sweep's output.
@@ -290,6 +290,24 @@ def finished_trials(uri: str, experiment: str, hashes: list[str] | None = None) 
     for run in child_runs(client, experiment, "attributes.status = 'FINISHED'"):
         done.setdefault(run.data.tags["config_hash"], run.info.run_id)  # runs come newest first
     return done
+
+
+def supersede_earlier(uri: str, experiment: str, config_hash: str, run_id: str) -> list[str]:
+    """A forced rerun of a config, once FINISHED, replaces the config's earlier FINISHED runs: each is tagged
+    SUPERSEDED_TAG=<run_id> (kept, never deleted) and left out of reports, the saved UI view and registration.
+    Returns the runs it tagged. Called only after run_id finished, so a failed rerun leaves the earlier run current."""
+    client = MlflowClient(uri)
+    earlier = child_runs(client, experiment, f"tags.config_hash = '{config_hash}' and attributes.status = 'FINISHED' "
+                                             f"and tags.`{SUPERSEDED_TAG}` IS NULL")
+    replaced = [run.info.run_id for run in earlier if run.info.run_id != run_id]
+    for old in replaced:
+        with_retry(client.set_tag, old, SUPERSEDED_TAG, run_id)
+    return replaced
+
+
+def current(runs: list[Run]) -> list[Run]:
+    """The runs no forced rerun has replaced."""
+    return [run for run in runs if SUPERSEDED_TAG not in run.data.tags]
 
 
 def close_children(uri: str, experiment: str, parent_run_id: str, status: str = "KILLED") -> None:

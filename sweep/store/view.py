@@ -33,12 +33,14 @@ VIEW_KEY = "sweep-compare"
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 VIEW_TAG = VIEW_TAG_PREFIX + VIEW_KEY
 VIEW_NAME = "sweep: compare trials"
-VIEW_VERSION = "1"  # bump when the view below changes: experiments marked before get the new one
+VIEW_VERSION = "2"  # bump when the view below changes: experiments marked before get the new one
 VERSION_TAG = "sweep.view_version"
 
 DEFAULT_SERVER = "http://127.0.0.1:5000"
-# Only trial runs: each carries tag config_hash (tracking.TrialRun), a parent never does.
-TRIAL_FILTER = "tags.config_hash LIKE '%'"
+# Only current trial runs: each carries tag config_hash (tracking.TrialRun), a parent never does; a run that a forced
+# rerun of its config replaced carries SUPERSEDED_TAG (tracking.supersede_earlier).
+SUPERSEDED_TAG = "sweep.superseded_by"
+TRIAL_FILTER = f"tags.config_hash LIKE '%' and tags.`{SUPERSEDED_TAG}` IS NULL"
 PARAM_COLUMNS = ["model", "dataset", "strategy", "ratio", "scope", "target", "schedule"]
 METRIC_COLUMNS = ["val_accuracy", "test_accuracy", "flops_reduction", "params_reduction", "speedup", "latency_ms",
                   "train_time_s"]

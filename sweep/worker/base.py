@@ -37,9 +37,14 @@ BASES_EXPERIMENT = "{}.bases"  # the sweep's experiment name -> where the claims
 BASE_WAIT_S = 24 * 3600.0
 
 
-def base_key(config: dict) -> str:
-    """What the base network depends on, and nothing else: trials that agree here share it."""
+def base_key(config: dict, val_source: str = "train") -> str:
+    """What the base network depends on, and nothing else: trials that agree here share it. Where validation comes
+    from (DataSplits.val_source) changes what the base trains on (all of train when validation is carved from test)
+    and what its base_val_accuracy measured, so a base whose validation is not held out of train has a key of its
+    own (the others keep the keys they always had)."""
     key = {k: config[k] for k in BASE_KEYS}
+    if val_source != "train":
+        key["val_source"] = val_source
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -86,7 +91,7 @@ def ensure_base(config: dict, cache_dir: str | Path, splits: DataSplits, device:
     A folder (local, or one every node mounts): the first trial trains under a file lock, the others wait on it.
     Object storage (a URI): the trial that claims the key in the tracking store (tracking_uri, experiment) trains,
     the others wait for its claim to finish, then read the object."""
-    location = objects.join(str(cache_dir), base_key(config), BASE_FILE)
+    location = objects.join(str(cache_dir), base_key(config, splits.val_source), BASE_FILE)
     if objects.is_uri(location):
         if tracking_uri is None or experiment is None:
             raise ValueError("a base on object storage needs tracking_uri and experiment: the claim lives there")
@@ -105,7 +110,7 @@ def _shared_base(config: dict, location: str, splits: DataSplits, device: torch.
     """Whether the base at location was there already; trains and uploads it if this process wins its claim."""
     if objects.read_bytes(location) is not None:  # the common case once a base exists: one request, no claim
         return True
-    key = base_key(config)
+    key = base_key(config, splits.val_source)
     client = MlflowClient(uri)
     experiment_id = tracking.get_or_create_experiment(client, BASES_EXPERIMENT.format(experiment))
     create = claims.child_run_creator(client, experiment_id, None, tags={"sweep.role": "base", "base_key": key,

@@ -27,7 +27,8 @@ import torch
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from sweep.config.names import METRICS, tune_metrics
+from sweep.config.arms import CONTROL, NO_CRITERION, canonical
+from sweep.config.names import METRICS, section_label, tune_metrics
 from sweep.config.schema import TrainConfig, TrialConfig, trial_config
 from sweep.pruning import NEEDS_CALIBRATION, PrunePlan, apply_plan, prune, save_pruned
 from sweep.store import claims, tracking
@@ -44,7 +45,7 @@ from sweep.worker.train import (
     train_epoch,
 )
 from sweep.zoo.data import DataSplits, batches, load_dataset
-from sweep.zoo.models import weights_stats
+from sweep.zoo.models import weights_stats, weights_trained_on
 
 STATE_FILE = "trial.pt"
 Report = Callable[[dict, "str | None"], None]  # (metrics, checkpoint directory or None)
@@ -166,6 +167,7 @@ def run_trial(config: dict, context: SweepContext, report: Report | None = None,
     checkpoints. Returns every metric the run recorded (test metrics included); Tune sees only `selection_view`.
     """
     os.environ.pop("MLFLOW_RUN_ID", None)  # would hijack the parent of our run (mlflow issue 15713)
+    config = canonical(config)  # a control trial drawn with any strategy is the one control trial (config.arms)
     if report is None:
         report, checkpoint_dir, trial_id = _tune_reporter()
     else:
@@ -195,6 +197,7 @@ def run_trial(config: dict, context: SweepContext, report: Report | None = None,
         run.set_tags({"data.shared": "true" if official is not None else "false", **_node_tags(trial_id)})
         if splits.skipped_files:
             run.set_tags({"data.skipped_files": f"{len(splits.skipped_files)}: " + ", ".join(splits.skipped_files)})
+        run.set_tags(validation_tags(cfg, splits))
         result = _pipeline(config, cfg, context, splits, device, run, saved, report)
         lease.check()  # someone closed our run after our lease lapsed: do not call it FINISHED
     except SystemExit:  # Ray Tune stops a trial (ASHA) by exiting from inside tune.report
@@ -204,6 +207,9 @@ def run_trial(config: dict, context: SweepContext, report: Report | None = None,
         lease.release("FAILED")
         raise
     lease.release("FINISHED")
+    if context.rerun:  # `--force`: this run is now the config's one current run
+        tracking.supersede_earlier(context.tracking_uri, context.experiment, tracking.config_hash(config),
+                                   claim.run_id)
     # Tune hears of the end after the run is FINISHED: a driver that dies, or a stop, while this report is on its way
     # leaves a complete run, not one a later launch would train again
     report(selection_view({**result, "trial_status": "FINISHED"}), None)
@@ -239,20 +245,32 @@ def _claim(config: dict, context: SweepContext, checkpoint_run: str | None,
 
 
 def load_splits(cfg: TrialConfig, official: DataSplits | None = None) -> DataSplits:
-    """This trial's splits; carved out of the node's shared copy of the official splits when there is one."""
+    """This trial's splits; carved out of the node's shared copy of the official splits when there is one.
+    Validation comes from the test split when the network's starting weights were trained on this very dataset
+    (sweep.zoo.data.load_dataset, val_from_test): held out of train, it would be images the base memorised."""
     data, model = cfg.dataset, cfg.model
     stats = None if model.factory else weights_stats(model.name, model.weights)  # a plug-in normalises itself
+    seen = section_label(data.model_dump()) in weights_trained_on(model.name, model.weights, model.factory)
     return load_dataset(data.name, root=data.root, download=data.download, val_fraction=data.val_fraction,
                         seed=cfg.seed, image_size=data.image_size, limit=data.limit, test_limit=data.test_limit,
                         stats=stats, factory=data.factory, kwargs=data.kwargs,
-                        official=official)
+                        official=official, val_from_test=seen)
+
+
+def validation_tags(cfg: TrialConfig, splits: DataSplits) -> dict[str, str]:
+    """Where the run's validation came from and which split it is: runs with different `data.val_split` measured
+    val_accuracy on different images, and `sweep report --register` does not rank them together. The seed is not
+    part of it: seeds hold out different images of one source at one size, draws of the same population."""
+    data = {k: v for k, v in cfg.dataset.model_dump().items() if k not in ("download", "test_limit")}
+    split = tracking.config_hash({"dataset": data, "source": splits.val_source, "size": len(splits.val)})
+    return {"data.val_source": splits.val_source, "data.val_size": str(len(splits.val)), "data.val_split": split}
 
 
 def _pipeline(config, cfg: TrialConfig, context, splits, device, run, saved, report) -> dict:
     base_path, cached = ensure_base(config, context.cache_dir, splits, device, tracking_uri=context.tracking_uri,
                                     experiment=context.experiment, lease_s=context.lease_s)
     base_model, base_info = load_base(config, base_path, splits)
-    run.set_tags({"base_cache": "hit" if cached else "miss", "base_key": base_key(config)})
+    run.set_tags({"base_cache": "hit" if cached else "miss", "base_key": base_key(config, splits.val_source)})
     state = _resume(cfg, base_model, saved, splits, device) if saved else \
         _start(config, cfg, base_model, base_info, splits, device, run)
     _log_new(run, state)  # a continued run gets only what it lacks (a dead worker may have logged some of it)
@@ -319,12 +337,17 @@ def _start(config, cfg: TrialConfig, base_model, base_info, splits, device, run)
         model, plan, prune_time, step_accuracy = _prune(config, cfg, base_model.to(device), splits, device)
     if warnings:
         run.set_tags({"prune.warnings": " | ".join(warnings)})
-    pruned_val = step_accuracy[-1] if step_accuracy else _accuracy(model, splits.val, train, splits, device)
-    pruned_test = _accuracy(model, splits.test, train, splits, device)
+    if cfg.prune.arm == "scratch" and cfg.prune.strategy == NO_CRITERION:
+        # weights of an arbitrary criterion, about to be re-initialised: their accuracy says nothing
+        pruned, step_accuracy = {}, []
+    else:
+        pruned = {"pruned_val_accuracy": step_accuracy[-1] if step_accuracy else
+                  _accuracy(model, splits.val, train, splits, device),
+                  "pruned_test_accuracy": _accuracy(model, splits.test, train, splits, device)}
     flops = count_flops(model, example_input(splits, device))
     points.update(base_info)
     points.update({
-        "pruned_val_accuracy": pruned_val, "pruned_test_accuracy": pruned_test, "prune_time_s": prune_time,
+        **pruned, "prune_time_s": prune_time,
         "flops": float(flops), "macs": float(flops // 2), "flops_reduction": 1 - flops / base_info["base_flops"],
         "params": float(count_params(model)), "size_mb": size_mb(model),
         "channels_removed": _channels_removed(plan, base_model),
@@ -370,8 +393,14 @@ def _channels_removed(plan: PrunePlan, base_model: nn.Module) -> float:
 
 def _prune(config, cfg: TrialConfig, model, splits, device) -> tuple[nn.Module, PrunePlan, float, list[float]]:
     p, ft = cfg.prune, cfg.finetune
+    arch = {"model": config["model"], "num_classes": splits.num_classes, "in_channels": splits.in_channels,
+            "image_size": splits.image_size}
+    if p.arm == CONTROL:  # the unpruned base, fine-tuned like every pruned network
+        return apply_plan(model, PrunePlan(info={"arch": arch})), PrunePlan(info={"arch": arch}), 0.0, []
+    # strategy none (the scratch arm under local scope): every criterion gives this architecture; l1 needs no data
+    strategy = "l1" if p.strategy == NO_CRITERION else p.strategy
     calibration = None
-    if p.strategy in NEEDS_CALIBRATION:
+    if strategy in NEEDS_CALIBRATION:
         stream = batches(splits.train, ft.batch_size, True, device, seed=cfg.seed + _CALIBRATION_STREAM, augment=False)
         calibration = [batch for batch, _ in zip(stream, range(p.calibration_batches))]
     between = batches(splits.train, ft.batch_size, True, device, seed=cfg.seed + _BETWEEN_STEPS_STREAM)
@@ -386,15 +415,14 @@ def _prune(config, cfg: TrialConfig, model, splits, device) -> tuple[nn.Module, 
 
     iterative = p.schedule == "iterative"
     start = time.perf_counter()
-    result = prune(model, example_input(splits, device), strategy=p.strategy, ratio=p.ratio, scope=p.scope,
+    result = prune(model, example_input(splits, device), strategy=strategy, ratio=p.ratio, scope=p.scope,
                    target=p.target, calibration=calibration, min_channels=p.min_channels, round_to=p.round_to,
                    ignore=tuple(p.ignore), ratios=p.ratios or None, steps=p.steps if iterative else 1,
                    callback=fine_tune_between_steps, seed=cfg.seed)
     prune_time = time.perf_counter() - start
     if iterative:  # the last step's accuracy, measured like the others
         step_accuracy.append(_accuracy(result.model, splits.val, ft, splits, device))
-    result.plan.info["arch"] = {"model": config["model"], "num_classes": splits.num_classes,
-                                "in_channels": splits.in_channels, "image_size": splits.image_size}
+    result.plan.info["arch"] = arch
     return result.model, result.plan, prune_time, step_accuracy
 
 

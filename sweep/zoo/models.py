@@ -428,7 +428,7 @@ def weights_trained_on(name: str | None, weights: str | None, factory: str | Non
     """
     found: tuple[str, ...] = ()
     if factory is not None:
-        found += _names(getattr(resolve_factory(factory, "model.factory"), "trained_on", None),
+        found += _names(getattr(resolve_factory(factory, "model.factory", ModelError), "trained_on", None),
                         f"model.factory {factory}")
     if weights is None or not _is_path(str(weights)):
         return found
