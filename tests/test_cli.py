@@ -322,5 +322,6 @@ def test_mlflow_lock_file_is_ignored():
     """MLflow's sqlite lock beside the default store showed in `git status` of a fresh clone."""
     if not (REPO / ".git").exists():
         pytest.skip("not a git checkout")
-    done = subprocess.run(["git", "check-ignore", "-q", "mlflow.db.lock", "sub/mlflow.db.lock"], cwd=REPO, timeout=60)
-    assert done.returncode == 0
+    done = subprocess.run(["git", "check-ignore", "mlflow.db.lock", "sub/mlflow.db.lock"], cwd=REPO, timeout=60,
+                          capture_output=True, text=True)
+    assert done.stdout.split() == ["mlflow.db.lock", "sub/mlflow.db.lock"], done.stdout + done.stderr
