@@ -13,6 +13,7 @@ The ideal ratio (base + N*trial) / (N*(base + trial)) uses base = the base train
     python bench/base_sharing.py                 # N=4, base 4 epochs, fine-tune 1 epoch
     python bench/base_sharing.py --quick         # N=4, base 2 epochs, fine-tune 1 epoch
     python bench/base_sharing.py --trials 6 --threads 2
+    python bench/base_sharing.py --smoke         # N=2, small_cnn on 200 digits, 1 epoch each: the code path only
 """
 
 from __future__ import annotations
@@ -35,20 +36,23 @@ from sweep.worker.trial import SweepContext, run_trial  # noqa: E402
 
 SPACE = """
 name: {name}
-model: {{name: resnet20}}
-dataset: {{name: digits, image_size: 32}}
+model: {{name: {model}}}
+dataset: {{name: digits, {data}}}
 base: {{epochs: {base}, lr: 0.05}}
 finetune: {{epochs: {finetune}, lr: 0.01}}
-measure: {{batch_size: 1, warmup: 2, runs: 10}}
+measure: {{batch_size: 1, warmup: 2, runs: {runs}}}
 space:
   strategy: l1
   ratio: {{grid: {ratios}}}
 """
+FULL = {"model": "resnet20", "data": "image_size: 32", "runs": 10}
+SMOKE = {"model": "small_cnn", "data": "limit: 200", "runs": 2}
 
 
-def configs(name: str, n: int, base_epochs: int, finetune_epochs: int) -> list[dict]:
+def configs(name: str, n: int, base_epochs: int, finetune_epochs: int, sizes: dict) -> list[dict]:
     ratios = [round(0.2 + 0.6 * i / max(1, n - 1), 3) for i in range(n)]
-    return parse_spec(SPACE.format(name=name, base=base_epochs, finetune=finetune_epochs, ratios=ratios)).grid_configs()
+    return parse_spec(SPACE.format(name=name, base=base_epochs, finetune=finetune_epochs, ratios=ratios,
+                                   **sizes)).grid_configs()
 
 
 def timed_trial(config: dict, uri: str, cache: Path) -> float:
@@ -62,17 +66,18 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="base 2 epochs instead of 4")
     parser.add_argument("--trials", type=int, default=4, help="N, trials per arm")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+    parser.add_argument("--smoke", action="store_true", help="N=2, small_cnn on 200 digits, 1 epoch: code path only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    n = args.trials
-    base_epochs, finetune_epochs = (2, 1) if args.quick else (4, 1)
+    n, sizes = (2, SMOKE) if args.smoke else (args.trials, FULL)
+    base_epochs, finetune_epochs = (1, 1) if args.smoke else (2, 1) if args.quick else (4, 1)
     work = Path(tempfile.mkdtemp(prefix="base-sharing-"))
     try:
         uri = tracking.resolve_tracking_uri(f"sqlite:///{work}/mlflow.db")
         tracking.init_store(uri)
-        timed_trial(configs("sharing_warmup", 1, 1, 1)[0], uri, work / "warmup")
-        shared_configs = configs("sharing_shared", n, base_epochs, finetune_epochs)
-        off_configs = configs("sharing_off", n, base_epochs, finetune_epochs)
+        timed_trial(configs("sharing_warmup", 1, 1, 1, sizes)[0], uri, work / "warmup")
+        shared_configs = configs("sharing_shared", n, base_epochs, finetune_epochs, sizes)
+        off_configs = configs("sharing_off", n, base_epochs, finetune_epochs, sizes)
         shared_trials, unshared_trials = [], []
         for i in range(n):  # the arms take turns, so a change in machine load hits both alike
             shared_trials.append(timed_trial(shared_configs[i], uri, work / "shared"))
@@ -88,7 +93,8 @@ def main() -> None:
     ideal = (base + n * trial) / (n * (base + trial))
 
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the trials' device: "auto"
-    print(f"ResNet-20, digits at 32x32, N={n} trials (L1 pruning), base {base_epochs} epochs, fine-tune "
+    model = "small_cnn, 200 digits at 8x8" if args.smoke else "ResNet-20, digits at 32x32"
+    print(f"{model}, N={n} trials (L1 pruning), base {base_epochs} epochs, fine-tune "
           f"{finetune_epochs} epoch(s), {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'arm':<12} {'trials':>6} {'bases trained':>14} {'wall s':>8}   per-trial wall s")
     for name, wall, per_trial, key in (("shared", shared_wall, shared_trials, "sharing_shared"),

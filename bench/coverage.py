@@ -15,12 +15,16 @@ the same reference. Each model and side runs in its own process (memory, crashes
 
     pip install -e ".[bench]"
     python bench/coverage.py --threads 1 [--models resnet18 convnext_tiny] [--sides ours tp]
+    python bench/coverage.py --smoke      # resnet18 only, both sides: the code path only
+
+Without torch_pruning installed, the tp side is left out with a note.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import os
 import subprocess
@@ -130,8 +134,14 @@ def main() -> None:
     parser.add_argument("--sides", nargs="+", default=["ours", "tp"], choices=["ours", "tp"])
     parser.add_argument("--timeout", type=int, default=900, help="seconds per model and side")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "SIDE"), help=argparse.SUPPRESS)
+    parser.add_argument("--smoke", action="store_true", help="resnet18 only: the code path only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.smoke:
+        args.models = ["resnet18"]
+    if "tp" in args.sides and importlib.util.find_spec("torch_pruning") is None:
+        print("torch_pruning is not installed (pip install -e '.[bench]'): the tp side is left out")
+        args.sides = [s for s in args.sides if s != "tp"]
     if args.one:
         import logging
         import warnings

@@ -1,26 +1,27 @@
-"""Memory of N concurrent trials on one node: the dataset shared through Ray's object store, against a copy per trial,
-and trials forked from one process per node (`resources.process: fork`), against a Ray worker process per trial.
+"""Memory of N concurrent trials on one node: the dataset shared through Ray's object store, against a copy per trial.
 
 Each measurement is one `run_sweep` of N CIFAR-10 ResNet-20 trials (pretrained, pruned by 50 %, one short
 fine-tune epoch, latency phase) with `resources.cpu` = 2 / N so that all N run at once on this 2-core machine, on a
 fresh local Ray each time. The dataset is the CIFAR-10 JPEG copy (all 60,000 images, decoded once into one uint8
-tensor of 184 MB; a trial's `limit` only narrows what it trains on, never what it holds). Three arms, same run:
+tensor of 184 MB; a trial's `limit` only narrows what it trains on, never what it holds). Two arms, same run:
 
-  shared, worker     the default: the driver puts the decoded splits in the object store, every trial maps them
+  shared             the default: the driver puts the decoded splits in the object store, every trial maps them
                      read-only; each trial runs in its own Ray worker process, which imports torch and sweep
-  shared, fork       resources.process: fork: each trial is forked from one process per node that imported torch
-                     and sweep and mapped the data once; a trial's Ray worker imports Ray alone and relays
-  per-trial, worker  SWEEP_SHARE_DATA=0: every trial decodes and holds its own copy (what sweep did before)
+  per-trial copy     SWEEP_SHARE_DATA=0: every trial decodes and holds its own copy (what sweep did before)
 
-Memory is sampled every 0.2 s while the sweep runs, over this sweep's processes only (the driver, the raylet that
-maps the object store, and every worker process the raylet started; other sessions on the machine are not counted):
-summed PSS (proportional set size: a shared page counts once in total, split among the processes that map it), and
-summed RSS (a shared page counts once per process: what per-process monitors add up), each above its level just
-before the sweep. The table gives the peaks and the ratio of N trials to one trial per arm; the issue's goal is
-4 trials <= 1.6x one.
+(A third arm, trials forked from one process per node, left with `resources.process: fork`; its figures stay in
+the benchmark history.)
+
+Memory is sampled every 0.2 s while the sweep runs, over this sweep's processes only (the driver and every process
+it started: Ray's raylet, which maps the object store, and the workers the raylet started; other sessions on the
+machine are not counted): summed PSS (proportional set size: a shared page counts once in total, split among the
+processes that map it), and summed RSS (a shared page counts once per process: what per-process monitors add up),
+each above its level just before the sweep. The table gives the peaks and the ratio of N trials to one trial per
+arm; the issue's goal is 4 trials <= 1.6x one.
 
     python bench/data_sharing.py                           # CIFAR-10 from ../shared/data, extracted to a temp dir
     python bench/data_sharing.py --root data/cifar10_jpg --counts 1 2 4
+    python bench/data_sharing.py --smoke                   # 1 small_cnn trial per arm on 120 random images
 """
 
 from __future__ import annotations
@@ -42,16 +43,20 @@ STRATEGIES = ["l1", "l2", "fpgm", "random", "bn_scale", "taylor", "apoz"]
 
 SPACE = """
 name: {name}
-model: {{name: resnet20, weights: {weights}}}
-dataset: {{name: imagefolder, root: {root}, image_size: 32, val_fraction: 0.02, limit: 1500, test_limit: 1000}}
-base: {{epochs: 0, batch_size: 250}}
+model: {model}
+dataset: {{name: imagefolder, root: {root}, image_size: 32, val_fraction: {val_fraction}, limit: {limit},
+           test_limit: {test_limit}}}
+base: {{epochs: {base_epochs}, batch_size: 250}}
 finetune: {{epochs: 1, batch_size: {batch}}}
-measure: {{batch_size: 1, warmup: 2, runs: 5, threads: 1}}
+measure: {{batch_size: 1, warmup: 2, runs: {runs}, threads: 1}}
 space:
   strategy: {{grid: {strategies}}}
   ratio: 0.5
-resources: {{cpu: {cpu}, process: {process}}}
+resources: {{cpu: {cpu}}}
 """
+FULL = {"val_fraction": 0.02, "limit": 1500, "test_limit": 1000, "base_epochs": 0, "runs": 5}
+SMOKE = {"model": "{name: small_cnn}", "val_fraction": 0.1, "limit": 80, "test_limit": 40, "base_epochs": 1,
+         "runs": 2}
 
 
 def _children() -> dict[int, list[int]]:
@@ -75,8 +80,6 @@ def _kind(pid: int) -> str:
             return ""
 
     line = cmd(pid)
-    if "Zygote" in line:  # the zygote and its forks share pages: PSS splits them, so only their sum means much
-        return "zygote and forked trials"
     if "ImplicitFunc" in line:
         return "Tune workers"
     return "driver, Ray and the rest"
@@ -124,17 +127,26 @@ class Sampler(threading.Thread):
             self.peaks["rss"] = max(self.peaks["rss"], rss - self.base[1])
 
 
-def _raylet_pid() -> int:
-    from ray._private import ray_constants
-    from ray._private.worker import _global_node
-
-    return _global_node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+ARMS = {"shared": True, "per-trial copy": False}
 
 
-ARMS = {"shared, worker": (True, "worker"), "shared, fork": (True, "fork"), "per-trial copy, worker": (False, "worker")}
+def random_imagefolder(root: Path, per_class: int, classes: int = 10) -> str:
+    """An ImageFolder (train/, test/) of random 32x32 RGB PNGs: what the smoke form loads instead of CIFAR-10."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", per_class), ("test", max(1, per_class // 2))):
+        for label in range(classes):
+            folder = root / split / f"class{label}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return str(root)
 
 
-def measure(n: int, shared: bool, process: str, root: str, weights: str, work: Path, batch: int) -> dict:
+def measure(n: int, shared: bool, root: str, work: Path, batch: int, sizes: dict) -> dict:
     import ray
 
     from sweep.config.spec import load_spec
@@ -142,13 +154,12 @@ def measure(n: int, shared: bool, process: str, root: str, weights: str, work: P
     from sweep.driver.session import start_ray
 
     os.environ["SWEEP_SHARE_DATA"] = "1" if shared else "0"
-    name = f"share_{'on' if shared else 'off'}_{process}_{n}"
+    name = f"share_{'on' if shared else 'off'}_{n}"
     path = work / f"{name}.yaml"
-    path.write_text(SPACE.format(name=name, weights=weights, root=root, strategies=STRATEGIES[:n], cpu=2 / n,
-                                 process=process, batch=batch))
+    path.write_text(SPACE.format(name=name, root=root, strategies=STRATEGIES[:n], cpu=2 / n, batch=batch, **sizes))
     start_ray(None)
     time.sleep(2)  # let Ray's own processes settle before the baseline
-    sampler = Sampler([os.getpid(), _raylet_pid()])
+    sampler = Sampler([os.getpid()])  # Ray's processes are this driver's descendants
     sampler.start()
     start = time.perf_counter()
     outcome = run_sweep(load_spec(path), tracking_uri=f"sqlite:///{work / name}.db", storage=str(work / name),
@@ -169,11 +180,17 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     parser.add_argument("--batch-size", type=int, default=128, help="fine-tune batch: what a trial's activations "
                         "take grows with it")
+    parser.add_argument("--smoke", action="store_true", help="1 small_cnn trial per arm on 120 random images")
     args = parser.parse_args()
+    sizes = SMOKE if args.smoke else {**FULL, "model": f"{{name: resnet20, weights: {args.weights}}}"}
+    if args.smoke:
+        args.counts, args.batch_size = [1], 16
     with tempfile.TemporaryDirectory(prefix="data-sharing-") as tmp:
         work = Path(tmp)
         root = args.root
-        if root is None:
+        if args.smoke:
+            root = random_imagefolder(work / "images", per_class=8)
+        elif root is None:
             with tarfile.open(SHARED / "cifar10" / "cifar10_jpg.tar.gz") as tar:
                 tar.extractall(work / "cifar10", filter="data")
             root = str(next(p.parent for p in (work / "cifar10").rglob("train") if (p.parent / "test").is_dir()))
@@ -181,12 +198,12 @@ def main() -> None:
         rows = {}
         for arm in args.arms:
             for n in args.counts:
-                rows[arm, n] = measure(n, *ARMS[arm], root, args.weights, work, args.batch_size)
+                rows[arm, n] = measure(n, ARMS[arm], root, work, args.batch_size, sizes)
                 print(f"  {arm} x{n}: {rows[arm, n]}", flush=True)
     gib = 2**30
     print(f"\nload average before: {load:.2f}; {os.cpu_count()} CPUs; fine-tune batch {args.batch_size}; peaks while "
           "the sweep ran\n")
-    print("| data, process | trials | PSS (GiB) | x one trial | RSS (GiB) | x one trial | wall (s) |")
+    print("| data | trials | PSS (GiB) | x one trial | RSS (GiB) | x one trial | wall (s) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for arm in args.arms:
         one = rows[arm, args.counts[0]]
@@ -196,7 +213,7 @@ def main() -> None:
                   f"{r['rss'] / one['rss']:.2f}x | {r['wall']:.0f} |")
     print("\nthe PSS peak by kind of process (GiB; above the level before the sweep)\n")
     kinds = sorted({k for r in rows.values() for k in r["kinds"]})
-    print("| data, process | trials | " + " | ".join(kinds) + " |")
+    print("| data | trials | " + " | ".join(kinds) + " |")
     print("|---|---:|" + "---:|" * len(kinds))
     for arm in args.arms:
         for n in args.counts:

@@ -3,6 +3,7 @@ time, threads pinned, warm-up, median) against measured while another process tr
 in-trial measurement used to see). Goal: identical networks within 10 % of each other on a quiet machine.
 
     python bench/latency_repeatability.py             # ResNet-20 and small_cnn at 50 %, 8 repetitions each
+    python bench/latency_repeatability.py --smoke     # 2 repetitions of 3 timed runs: the code path only
 """
 
 from __future__ import annotations
@@ -31,27 +32,29 @@ def _train_forever(stop) -> None:  # a neighbouring trial: training steps on the
         optimizer.step()
 
 
-def spread(model, shape, repeats: int) -> list[float]:
-    return [latency_stats(model, shape, torch.device("cpu"), threads=1, batch_size=1, warmup=5, runs=30)["latency_ms"]
-            for _ in range(repeats)]
+def spread(model, shape, repeats: int, warmup: int, runs: int) -> list[float]:
+    return [latency_stats(model, shape, torch.device("cpu"), threads=1, batch_size=1, warmup=warmup,
+                          runs=runs)["latency_ms"] for _ in range(repeats)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument("--smoke", action="store_true", help="2 repetitions of 3 timed runs: the code path only")
     args = parser.parse_args()
+    repeats, warmup, runs = (2, 1, 3) if args.smoke else (args.repeats, 5, 30)
     print(f"load average before: {os.getloadavg()[0]:.2f}; torch {torch.__version__}; {os.cpu_count()} CPUs")
     rows = []
     for name, shape, classes in (("resnet20", (3, 32, 32), 10), ("small_cnn", (1, 8, 8), 10)):
         base = build_model(name, classes, in_channels=shape[0]).eval()
         pruned = prune(base, torch.randn(1, *shape), strategy="l1", ratio=0.5).model.eval()
-        quiet = spread(pruned, shape, args.repeats)
+        quiet = spread(pruned, shape, repeats, warmup, runs)
         stop = mp.Event()
         neighbours = [mp.Process(target=_train_forever, args=(stop,)) for _ in range(2)]
         for process in neighbours:
             process.start()
-        time.sleep(2)
-        loaded = spread(pruned, shape, args.repeats)
+        time.sleep(0.5 if args.smoke else 2)  # the neighbours get going
+        loaded = spread(pruned, shape, repeats, warmup, runs)
         stop.set()
         for process in neighbours:
             process.join(timeout=30)

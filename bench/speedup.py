@@ -8,6 +8,7 @@ as FLOPs. "odd" is the share of convs whose width is not a multiple of 8.
 
     python bench/speedup.py --threads 1            # 224x224, batch 1 and 32, 30 runs
     python bench/speedup.py --threads 1 --quick    # 112x112, batch 1, 10 runs
+    python bench/speedup.py --smoke                # resnet18 at 32x32, batch 1, 2 runs: the code path only
 """
 
 from __future__ import annotations
@@ -37,10 +38,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="112x112, batch 1 only, 10 runs")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
+    parser.add_argument("--smoke", action="store_true", help="resnet18 at 32x32, batch 1, 2 runs: code path only")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    side, batches, runs, warmup = (112, (1,), 10, 3) if args.quick else (224, (1, 32), 30, 5)
+    side, batches, runs, warmup = (32, (1,), 2, 1) if args.smoke else (112, (1,), 10, 3) if args.quick else \
+        (224, (1, 32), 30, 5)
+    models = MODELS[:1] if args.smoke else args.models
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     torch.manual_seed(0)
     example = torch.randn(1, 3, side, side)
@@ -54,7 +58,7 @@ def main() -> None:
     print(f"{'model':<13} {'target':>6} {'round':>5} {'odd':>4} {'FLOPs x':>7} | " + " | ".join(
         f"{d.type} b{b:<3} {'ms':>7} {'speedup':>7} {'speed/F':>7}" for d in devices for b in batches))
     at_half: dict[tuple[str, int], list[float]] = {}
-    for name in args.models:
+    for name in models:
         base = torchvision.models.get_model(name).eval()
         base_flops = count_flops(base, example)
         base_ms = {(d, b): ms(base, d, b) for d in devices for b in batches}

@@ -5,14 +5,16 @@ Seeds an MLflow sqlite store with N FINISHED child runs shaped like real trial r
 seed grid), through MlflowClient (create_run with the tags in the request, one log_batch, set_terminated), from
 several processes. Then measures the same experiment name in an empty store and in the full one:
 
-  driver pre-Tune work   orchestrate._pending_grid (which configs are still to run), claims.close_dead_runs
+  driver pre-Tune work   tracking.finished_trials (which grid configs are still to run), claims.close_dead_runs
   trial lookups          tracking.find_trial_run, claims.claim_trial (creates the claim run), recorded_result
   end of launch          latency.runs_to_measure (the latency phase's query)
-  sweep run              wall of `run_sweep` of a new 2-trial spec (tiny trials, base cached), and its phases
+  sweep run              wall of `run_sweep` of a new 2-trial spec (tiny trials, base cached), and its phases as
+                         the launch records them (bench/_records.py)
   sweep report           report.write_report over every run of the experiment
 
     python bench/store_scale.py --seed-db /tmp/scale/full.db --runs 10000 --procs 3   # seed only (minutes)
     python bench/store_scale.py --full-db /tmp/scale/full.db                           # measure (copies the db)
+    python bench/store_scale.py --smoke       # 40 runs seeded, lookups and report, no run_sweep: in seconds
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from pathlib import Path
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from _records import launch_phases  # noqa: E402 - after the variables Ray reads when it is imported
 
 EXPERIMENT = "scale"
 STRATEGIES = ["random", "l1", "l2", "bn_scale", "taylor", "apoz", "fpgm"]
@@ -65,6 +69,13 @@ def launch_spec():
     return parse_spec(SPACE.format(name=EXPERIMENT, strategies=["l1"], ratios=[0.5], seeds=[900001, 900002]))
 
 
+def _run_name(config: dict) -> str:
+    """A run name shaped like the trial runs' (strategy-ratio-scope-target-schedule-model)."""
+    prune = config["prune"]
+    return "-".join(str(v) for v in (prune["strategy"], prune["ratio"], prune["scope"], prune["target"], "oneshot",
+                                     config["model"]["name"]))
+
+
 def _run_data(config: dict, parent: str, rng: random.Random):
     """(tags, params, metrics) as a finished trial run holds them, values drawn around a real tiny run's."""
     from mlflow.entities import Metric, Param
@@ -76,7 +87,7 @@ def _run_data(config: dict, parent: str, rng: random.Random):
     ts = int(now * 1000)
     tags = {
         "git_commit": "d641edef5c5701e14d6a907c4d26141d15c50fab", "config_hash": tracking.config_hash(config),
-        "sweep.name": EXPERIMENT, "mlflow.runName": tracking._run_name(config), "mlflow.parentRunId": parent,
+        "sweep.name": EXPERIMENT, "mlflow.runName": _run_name(config), "mlflow.parentRunId": parent,
         "sweep.owner": f"launch-seed-{os.getpid()}/trial_{rng.randrange(10**8):08x}",
         "sweep.lease_until": f"{now - 3600:.3f}", "base_cache": "hit", "base_key": "1714cec18e4b3a8c",
         "ray.node_id": f"{rng.randrange(16**56):056x}",
@@ -198,18 +209,18 @@ def lookups(uri: str) -> dict[str, float]:
     """The store queries of one launch of the 2-trial spec, timed one by one (no Ray)."""
     from mlflow.tracking import MlflowClient
 
-    from sweep.driver.launch import _pending_grid
     from sweep.store import claims, tracking
     from sweep.worker import latency
 
-    spec = launch_spec()
+    configs = launch_spec().grid_configs()
     client = MlflowClient(uri)
     out: dict[str, float] = {}
     experiment_id = tracking.get_or_create_experiment(client, EXPERIMENT)
     out["close_dead_runs"], _ = _timed(claims.close_dead_runs, client, experiment_id)
-    out["_pending_grid"], (pending, skipped) = _timed(_pending_grid, spec, uri, False)
-    assert len(pending) == 2 and skipped == 0, (len(pending), skipped)
-    config = pending[0]
+    hashes = [tracking.config_hash(c) for c in configs]
+    out["finished_trials"], done = _timed(tracking.finished_trials, uri, EXPERIMENT, hashes)  # the pending grid
+    assert not done, done
+    config = configs[0]
     chash = tracking.config_hash(config)
     out["find_trial_run"], _ = _timed(tracking.find_trial_run, uri, EXPERIMENT, chash, "no-such-parent")
     create = lambda tags: tracking.TrialRun.create(uri, EXPERIMENT, None, config, tags).run_id  # noqa: E731
@@ -233,45 +244,17 @@ def _first_epoch_marker(path: str):
 
 def sweep_run(uri: str, storage: str) -> dict[str, float]:
     """Wall of run_sweep of the 2-trial spec (it starts its own local Ray, as `sweep run` does; base already
-    cached), with its phases timed and the time from the call to the first trial's first epoch."""
-    from sweep.driver import launch as orchestrate
+    cached), its phases as the launch records them, and the time from the call to the first trial's first epoch."""
+    from sweep.driver.launch import run_sweep
 
-    phases: dict[str, float] = {}
-
-    def timing(name, fn):
-        def wrapped(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
-        return wrapped
-
-    saved = {name: getattr(orchestrate, name) for name in ("_pending_grid", "_measure_latency", "_write_report")}
-    saved_close = orchestrate.claims.close_dead_runs
-    saved_fit = None
-    try:
-        for name, fn in saved.items():
-            setattr(orchestrate, name, timing(name, fn))
-        orchestrate.claims.close_dead_runs = timing("close_dead_runs", saved_close)
-        from ray import tune
-
-        saved_fit = tune.Tuner.fit
-        tune.Tuner.fit = timing("tuner.fit", saved_fit)
-        marks = Path(storage) / f"first-epoch-{time.time_ns()}.txt"
-        start, wall0 = time.perf_counter(), time.time()
-        outcome = orchestrate.run_sweep(launch_spec(), tracking_uri=uri, storage=storage, verbose=0,
-                                        on_epoch=_first_epoch_marker(str(marks)))
-        phases["run_sweep total"] = time.perf_counter() - start
-        phases["to first trial's 1st epoch"] = min(float(t) for t in marks.read_text().split()) - wall0
-    finally:
-        for name, fn in saved.items():
-            setattr(orchestrate, name, fn)
-        orchestrate.claims.close_dead_runs = saved_close
-        if saved_fit is not None:
-            tune.Tuner.fit = saved_fit
+    marks = Path(storage) / f"first-epoch-{time.time_ns()}.txt"
+    called, start = time.time(), time.perf_counter()
+    outcome = run_sweep(launch_spec(), tracking_uri=uri, storage=storage, verbose=0,
+                        on_epoch=_first_epoch_marker(str(marks)))
+    total = time.perf_counter() - start
     assert outcome.ran == 2 and outcome.failed == 0, outcome
-    return phases
+    return {**launch_phases(outcome, uri, called, called + total), "run_sweep total": total,
+            "to first trial's 1st epoch": min(float(t) for t in marks.read_text().split()) - called}
 
 
 def measure(full_db: Path, work: Path, skip_sweep: bool, full_first: bool = False) -> None:
@@ -298,7 +281,7 @@ def measure(full_db: Path, work: Path, skip_sweep: bool, full_first: bool = Fals
     for name in rows["empty"]:
         e, f = rows["empty"][name], rows["full"][name]
         print(f"{name:<20} {e:>9.3f} {f:>9.3f} {f / e:>11.2f}")
-    driver = ("close_dead_runs", "_pending_grid")
+    driver = ("close_dead_runs", "finished_trials")
     e, f = (sum(rows[a][n] for n in driver) for a in ("empty", "full"))
     print(f"driver pre-Tune queries: empty {e:.3f} s, full {f:.3f} s, full / empty = {f / e:.2f}")
 
@@ -318,9 +301,10 @@ def measure(full_db: Path, work: Path, skip_sweep: bool, full_first: bool = Fals
             e, f = phases["empty"].get(name, float("nan")), phases["full"][name]
             print(f"{name:<20} {e:>9.2f} {f:>9.2f} {f / e:>11.2f}")
         first = "to first trial's 1st epoch"
-        pre = {a: phases[a]["close_dead_runs"] + phases[a]["_pending_grid"] for a in phases}
-        print(f"driver pre-Tune queries in run_sweep: full / empty = {pre['full'] / pre['empty']:.2f}; time to the "
-              f"first trial's first epoch: full / empty = {phases['full'][first] / phases['empty'][first]:.2f}")
+        pre = {a: phases[a]["before Tune"] for a in phases}
+        to_first = phases["full"][first] / phases["empty"][first]
+        print(f"run_sweep before Tune (preflight, queries): full / empty = {pre['full'] / pre['empty']:.2f}; "
+              f"time to the first trial's first epoch: full / empty = {to_first:.2f}")
 
     start = time.perf_counter()
     df = report.load_runs(EXPERIMENT, uris["full"])
@@ -343,7 +327,14 @@ def main() -> None:
     parser.add_argument("--skip-sweep", action="store_true", help="lookups and report only, no run_sweep")
     parser.add_argument("--full-first", action="store_true",
                         help="launch into the full store first (the second launch may pay for the first's Ray exit)")
+    parser.add_argument("--smoke", action="store_true", help="seed 40 runs (bulk) into a temporary store and measure "
+                        "against them without run_sweep: the code path of both steps, in seconds")
     args = parser.parse_args()
+    if args.smoke:
+        with tempfile.TemporaryDirectory(prefix="store-scale-") as work:
+            seed(Path(work) / "seeded.db", 40, 1, "bulk")
+            measure(Path(work) / "seeded.db", Path(work), skip_sweep=True)
+        return
     if args.seed_db:
         if args.seed_db.exists():
             sys.exit(f"{args.seed_db} exists: seed a new file")

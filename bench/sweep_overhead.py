@@ -3,27 +3,31 @@
 Both arms run in the same process, on the same local Ray (started once, not timed), the same grid, the same
 `tune.TuneConfig` (reused workers, 1 CPU a trial) and the same cached base network (trained before timing):
 
-  plain   tune.Tuner over a function trainable: load data, load the base, prune (sweep.worker.trial._start: prune, the
-          pruned accuracy, FLOPs), fine-tune E epochs reporting val_accuracy each epoch, test once. No MLflow, no
-          claims, no checkpoint, no artifacts, no latency phase, no report.
+  plain   tune.Tuner over a function trainable built from sweep's public pieces: load data, load the base, prune
+          (sweep.pruning.prune), the pruned accuracy and FLOPs, fine-tune E epochs reporting val_accuracy each epoch,
+          test once. No MLflow, no claims, no checkpoint, no artifacts, no latency phase, no report.
   sweep   run_sweep on the same grid: all of the above plus claims, the MLflow child run and params, checkpoints
           and metric logging on the spec's schedule (`checkpoint_every_s`, default 10 s), the pruned network
           and channel table as artifacts; then the latency phase and the report (timed and shown separately).
           `--checkpoint-every-s 0` checkpoints and logs every epoch (the old rule).
 
-Inside the trial workers, the sweep arm's pieces are timed with wrappers installed by this script (claim, run
-creation, tune.report with its checkpoint, metric logging, artifacts), so the table says where the time goes.
+Nothing in sweep is patched: the plain trial times its own pieces, and the sweep arm's phases and per-trial pieces
+come from what the launch records: the parent run's start and end, each trial run's start, end, train_time_s and
+prune_time_s, the latency metrics' timestamps (MLflow), and the last write of Tune's experiment state
+(bench/_records.py). The latency phase and the report are shown separately.
 
     python bench/sweep_overhead.py                       # short (2 epochs) and long (10 epochs) trials, 8 each
     python bench/sweep_overhead.py --short 2 --long 0    # short only
+    python bench/sweep_overhead.py --smoke               # 2 tiny trials of 1 epoch: the code path in seconds
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
+import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -32,31 +36,26 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+from _records import launch_phases  # noqa: E402 - after the variables Ray reads when it is imported
+
 SPACE = """
 name: {name}
-dataset: {{name: digits}}
+dataset: {{name: digits{limit}}}
 model: {{name: small_cnn}}
 base: {{epochs: 1}}
 finetune: {{epochs: {epochs}, batch_size: 64}}
-measure: {{batch_size: 1, warmup: 2, runs: 10}}
+measure: {{batch_size: 1, warmup: 2, runs: {runs}}}
 space:
-  strategy: {{grid: [l1, l2, fpgm, random]}}
-  ratio: {{grid: [0.3, 0.6]}}
+  strategy: {{grid: {strategies}}}
+  ratio: {{grid: {ratios}}}
 resources: {{cpu: 1}}
 checkpoint_every_s: {every}
 """
+FULL = {"limit": "", "runs": 10, "strategies": ["l1", "l2", "fpgm", "random"], "ratios": [0.3, 0.6]}
+SMOKE = {"limit": ", limit: 200", "runs": 2, "strategies": ["l1", "fpgm"], "ratios": [0.5]}
 
 
 # --- the plain arm --------------------------------------------------------------------------------------------
-
-
-class _NoRun:
-    """sweep.worker.trial._start tags the run with pruning warnings; the plain arm has no run."""
-
-    run_id = "none"
-
-    def set_tags(self, tags: dict) -> None:
-        pass
 
 
 def plain_trial(config: dict, cache_dir: str, log: str) -> None:
@@ -64,131 +63,66 @@ def plain_trial(config: dict, cache_dir: str, log: str) -> None:
     from ray import tune
 
     from sweep.config.schema import trial_config
-    from sweep.worker import trial as T
-    from sweep.worker.train import pick_device, seed_everything
+    from sweep.pruning import prune
+    from sweep.worker.base import ensure_base, example_input, load_base
+    from sweep.worker.measure import count_flops
+    from sweep.worker.train import evaluate, make_optimizer, pick_device, prepare_model, seed_everything, train_epoch
+    from sweep.worker.trial import load_splits
     from sweep.zoo.data import batches
 
-    sink: dict[str, float] = {}
-    _install_timers(sink)
-    ensure_base, load_base, train_epoch, evaluate = T.ensure_base, T.load_base, T.train_epoch, T.evaluate
-    start = time.perf_counter()
-    t = config["trial"]
-    cfg = trial_config(t)
+    pieces: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        pieces[name] = pieces.get(name, 0.0) + now - since
+        return now
+
+    start = t = time.perf_counter()
+    trial = config["trial"]
+    cfg = trial_config(trial)
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
-    splits = T.load_splits(cfg)
-    base_path, _ = ensure_base(t, cache_dir, splits, device)
-    base_model, base_info = load_base(t, base_path, splits)
-    state = T._start(t, cfg, base_model, base_info, splits, device, _NoRun())
-    train_batches = batches(splits.train, state.train.batch_size, True, device, seed=cfg.seed)
-    val_batches = batches(splits.val, state.train.batch_size, False, device)
-    report_s = 0.0
-    for epoch in range(1, state.train.epochs + 1):
+    splits = load_splits(cfg)
+    base_path, _ = ensure_base(trial, cache_dir, splits, device)
+    base_model, _ = load_base(trial, base_path, splits)
+    t = lap("data and base", t)
+    p, ft = cfg.prune, cfg.finetune
+    example = example_input(splits, device)
+    model = prune(base_model.to(device), example, strategy=p.strategy, ratio=p.ratio, scope=p.scope, target=p.target,
+                  min_channels=p.min_channels, round_to=p.round_to, seed=cfg.seed).model
+    t = lap("prune", t)
+    for split in (splits.val, splits.test):  # the pruned accuracies a trial records
+        evaluate(model, batches(split, ft.batch_size, False, device), device, splits.num_classes)
+    count_flops(model, example)
+    model = prepare_model(model, device, ft)
+    optimizer, scheduler = make_optimizer(model, ft, len(batches(splits.train, ft.batch_size, True)))
+    train_batches = batches(splits.train, ft.batch_size, True, device, seed=cfg.seed)
+    val_batches = batches(splits.val, ft.batch_size, False, device)
+    t = lap("pruned accuracy, FLOPs, optimizer", t)
+    for epoch in range(1, ft.epochs + 1):
         train_batches.set_epoch(epoch)
-        train_epoch(state.model, train_batches, state.optimizer, state.scheduler, state.train, device)
-        val = evaluate(state.model, val_batches, device, splits.num_classes)
-        r0 = time.perf_counter()
+        train_epoch(model, train_batches, optimizer, scheduler, ft, device)
+        t = lap("fine-tune (train_time_s)", t)
+        val = evaluate(model, val_batches, device, splits.num_classes)
+        t = lap("evaluate", t)
         tune.report({"val_accuracy": val["accuracy"], "epoch": epoch})
-        report_s += time.perf_counter() - r0
-    test = evaluate(state.model, batches(splits.test, state.train.batch_size, False, device), device,
-                    splits.num_classes)
-    r0 = time.perf_counter()
-    tune.report({"val_accuracy": val["accuracy"], "test_accuracy": test["accuracy"], "epoch": state.train.epochs})
-    report_s += time.perf_counter() - r0
+        t = lap("tune.report", t)
+    test = evaluate(model, batches(splits.test, ft.batch_size, False, device), device, splits.num_classes)
+    t = lap("evaluate", t)
+    tune.report({"val_accuracy": val["accuracy"], "test_accuracy": test["accuracy"], "epoch": ft.epochs})
+    lap("tune.report", t)
     with open(log, "a") as f:
-        f.write(json.dumps({"arm": "plain", **sink, "trial_s": time.perf_counter() - start,
-                            "tune.report (plain)": report_s}) + "\n")
-
-
-# --- timing the sweep arm's pieces inside the workers ---------------------------------------------------------
-
-_PATCHED: dict = {}
-
-
-def _install_timers(sink: dict) -> None:
-    """Wrap the sweep functions a trial calls so each adds its wall time to sink[name] (once per process)."""
-    from sweep.store import claims, tracking
-    from sweep.worker import trial
-
-    _PATCHED["sink"] = sink
-    if _PATCHED.get("done"):
-        return
-    _PATCHED["done"] = True
-
-    _PATCHED["depth"] = 0
-
-    def timed(name, fn):  # outermost calls only (evaluate inside _start counts as _start), but "  of which" rows
-        def wrapped(*args, **kwargs):
-            if _PATCHED["depth"] and not name.startswith("  "):
-                return fn(*args, **kwargs)
-            _PATCHED["depth"] += 1
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                _PATCHED["depth"] -= 1
-                s = _PATCHED["sink"]
-                s[name] = s.get(name, 0.0) + time.perf_counter() - t0
-        return wrapped
-
-    # what trial.py calls through module attributes
-    claims.claim_trial = timed("claim (incl. run create)", claims.claim_trial)
-    create = tracking.TrialRun.create.__func__
-    tracking.TrialRun.create = classmethod(timed("  of which run create + params", create))
-    tracking.TrialRun.log_points = timed("log metrics", tracking.TrialRun.log_points)
-    tracking.TrialRun.set_tags = timed("set tags", tracking.TrialRun.set_tags)
-    tracking.TrialRun.log_artifact = timed("log artifacts", tracking.TrialRun.log_artifact)
-    trial.TrialState.save = timed("checkpoint save (torch.save)", trial.TrialState.save)
-    claims.Lease.release = timed("lease release + end run", claims.Lease.release)
-    trial.save_pruned = timed("save pruned.pt", trial.save_pruned)
-    tracking.find_trial_run = timed("find_trial_run (claim's search)", tracking.find_trial_run)
-    tracking.get_or_create_experiment = timed("get_or_create_experiment", tracking.get_or_create_experiment)
-    # the compute both arms do (the same functions, called through sweep.worker.trial's names)
-    for name in ("load_splits", "ensure_base", "load_base", "_start", "train_epoch", "evaluate"):
-        setattr(trial, name, timed("compute: " + name, getattr(trial, name)))
-    tune_reporter = trial._tune_reporter
-
-    def reporter():
-        report, local = tune_reporter()
-
-        def timed_report(metrics, checkpoint_dir):
-            name = "tune.report with checkpoint" if checkpoint_dir else "tune.report (final, no checkpoint)"
-            return timed(name, report)(metrics, checkpoint_dir)
-        return timed_report, local
-    trial._tune_reporter = reporter
-
-
-def timed_sweep_trial(log: str):
-    """sweep.worker.trial.sweep_trial with the pieces timed; one JSON line per trial in `log`."""
-
-    def sweep_trial(config: dict, context) -> None:
-        from sweep.worker.trial import run_trial
-
-        sink: dict[str, float] = {}
-        _install_timers(sink)
-        start = time.perf_counter()
-        try:
-            run_trial(config["trial"], context)
-        finally:
-            sink["trial_s"] = time.perf_counter() - start
-            with open(log, "a") as f:
-                f.write(json.dumps({"arm": "sweep", **sink}) + "\n")
-    return sweep_trial
-
-
-# --- the driver -------------------------------------------------------------------------------------------------
+        f.write(json.dumps({**pieces, "trial wall": time.perf_counter() - start}) + "\n")
 
 
 def run_plain(spec, cache: str, work: Path, log: str) -> float:
     from ray import tune
 
-    from sweep.driver.launch import _trial_dirname
-
     trainable = tune.with_resources(tune.with_parameters(plain_trial, cache_dir=cache, log=log), {"cpu": 1})
     tuner = tune.Tuner(
         trainable, param_space={"trial": tune.grid_search(spec.grid_configs())},
         tune_config=tune.TuneConfig(metric="val_accuracy", mode="max", reuse_actors=True,
-                                    trial_dirname_creator=_trial_dirname),
+                                    trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
         run_config=tune.RunConfig(name="plain", storage_path=str(work / "plain"), verbose=0))
     start = time.perf_counter()
     grid = tuner.fit()
@@ -197,52 +131,41 @@ def run_plain(spec, cache: str, work: Path, log: str) -> float:
     return wall
 
 
-def run_swept(spec, uri: str, storage: str, log: str) -> dict[str, float]:
-    from ray import tune
+# --- the sweep arm, from what it records -----------------------------------------------------------------------
 
-    from sweep.driver import launch as orchestrate
 
-    phases: dict[str, float] = {}
+def run_swept(spec, uri: str, storage: str) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """run_sweep's wall split into phases by its records, and each trial's pieces as its MLflow run holds them."""
+    from mlflow.tracking import MlflowClient
 
-    def timing(name, fn):
-        def wrapped(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                phases[name] = phases.get(name, 0.0) + time.perf_counter() - t0
-        return wrapped
+    from sweep.driver.launch import run_sweep
+    from sweep.store import tracking
 
-    saved = {n: getattr(orchestrate, n) for n in ("_measure_latency", "_write_report", "sweep_trial")}
-    saved_fit = tune.Tuner.fit
-    orchestrate._measure_latency = timing("latency phase", saved["_measure_latency"])
-    orchestrate._write_report = timing("report", saved["_write_report"])
-    orchestrate.sweep_trial = timed_sweep_trial(log)
-    tune.Tuner.fit = timing("tuner.fit", saved_fit)
-    try:
-        start = time.perf_counter()
-        outcome = orchestrate.run_sweep(spec, tracking_uri=uri, storage=storage, verbose=0)
-        phases["total"] = time.perf_counter() - start
-    finally:
-        for n, fn in saved.items():
-            setattr(orchestrate, n, fn)
-        tune.Tuner.fit = saved_fit
+    called = time.time()
+    start = time.perf_counter()
+    outcome = run_sweep(spec, tracking_uri=uri, storage=storage, verbose=0)
+    total = time.perf_counter() - start
     assert outcome.ran == len(spec.grid_configs()) and outcome.failed == 0, outcome
-    return phases
+    phases = {**launch_phases(outcome, uri, called, called + total), "total": total}
+    trials = []
+    for run in tracking.child_runs(MlflowClient(uri), spec.name):
+        wall = (run.info.end_time - run.info.start_time) / 1e3
+        metrics = run.data.metrics
+        trials.append({"MLflow run open (start to end)": wall, "prune": metrics["prune_time_s"],
+                       "fine-tune (train_time_s)": metrics["train_time_s"],
+                       "rest of the run (data, base, evaluate, claims, logging, checkpoints)":
+                           wall - metrics["prune_time_s"] - metrics["train_time_s"]})
+    return phases, trials
 
 
-def _read_log(log: str) -> list[dict]:
-    return [json.loads(line) for line in Path(log).read_text().splitlines()] if Path(log).exists() else []
-
-
-def one_length(epochs: int, work: Path, every: float) -> None:
+def one_length(epochs: int, work: Path, every: float, sizes: dict) -> None:
     from sweep.config.spec import parse_spec
     from sweep.driver import session
     from sweep.store import tracking
     from sweep.worker.trial import SweepContext, run_trial
 
     name = f"overhead_e{epochs}"
-    spec = parse_spec(SPACE.format(name=name, epochs=epochs, every=every))
+    spec = parse_spec(SPACE.format(name=name, epochs=epochs, every=every, **sizes))
     storage = str(work / "store")
     uri = tracking.resolve_tracking_uri(f"sqlite:///{work}/mlflow.db")
     tracking.init_store(uri)
@@ -251,39 +174,26 @@ def one_length(epochs: int, work: Path, every: float) -> None:
     run_trial(spec.grid_configs()[0], SweepContext(uri, f"{name}_warm", None, cache), report=lambda m, c: None)
 
     load0 = os.getloadavg()[0]
-    plain_log, sweep_log = str(work / f"{name}_plain.jsonl"), str(work / f"{name}_sweep.jsonl")
+    plain_log = str(work / f"{name}_plain.jsonl")
     plain = run_plain(spec, cache, work, plain_log)
-    phases = run_swept(spec, uri, storage, sweep_log)
+    phases, sweep_rows = run_swept(spec, uri, storage)
     load1 = os.getloadavg()[0]
+    plain_rows = [json.loads(line) for line in Path(plain_log).read_text().splitlines()]
 
-    plain_rows, sweep_rows = _read_log(plain_log), _read_log(sweep_log)
     n = len(spec.grid_configs())
-    core = phases["total"] - phases.get("latency phase", 0.0) - phases.get("report", 0.0)
+    separate = phases["latency phase"] + phases["report"]
+    core = phases["total"] - separate
     print(f"\n{n} trials of {epochs} fine-tune epochs (digits, small_cnn) on 2 slots, reused workers; "
           f"load {load0:.1f} -> {load1:.1f} (measured under load)")
-    print(f"{'arm / phase':<36} {'wall s':>8} {'/ plain':>8}")
-    print(f"{'plain Tuner.fit':<36} {plain:>8.1f} {1:>8.2f}")
-    for label, value in (("sweep Tuner.fit", phases["tuner.fit"]),
-                         ("sweep before+after fit (excl. below)", core - phases["tuner.fit"]),
-                         ("sweep total excl. latency + report", core),
-                         ("latency phase (separate)", phases.get("latency phase", 0.0)),
-                         ("report (separate)", phases.get("report", 0.0)),
-                         ("sweep total", phases["total"])):
-        print(f"{label:<36} {value:>8.1f} {value / plain:>8.2f}")
-    means = {}
+    print(f"{'arm / phase':<40} {'wall s':>8} {'/ plain':>8}")
+    print(f"{'plain Tuner.fit':<40} {plain:>8.1f} {1:>8.2f}")
+    for label, value in [*phases.items(), ("sweep total excl. latency + report", core)]:
+        print(f"{'sweep ' + label:<40} {value:>8.1f} {value / plain:>8.2f}")
+    print(f"per trial, inside the worker (mean of {len(plain_rows)} plain trials, timed by the trainable; of "
+          f"{len(sweep_rows)} sweep trials, from their MLflow runs)")
     for arm, rows in (("plain", plain_rows), ("sweep", sweep_rows)):
-        totals = collections.Counter()
-        for row in rows:
-            totals.update({k: v for k, v in row.items() if k != "arm"})
-        means[arm] = {k: v / max(1, len(rows)) for k, v in totals.items()}
-        timed_sum = sum(v for k, v in means[arm].items() if k != "trial_s" and not k.startswith("  "))
-        means[arm]["untimed rest of run_trial"] = means[arm].get("trial_s", 0.0) - timed_sum
-    print(f"per trial, inside the worker (mean of {len(plain_rows)} plain, {len(sweep_rows)} sweep trials)")
-    print(f"  {'piece':<38} {'plain s':>8} {'sweep s':>8}")
-    keys = sorted(set(means["plain"]) | set(means["sweep"]), key=lambda k: (k != "trial_s", not k.startswith("compute"),
-                                                                           -means["sweep"].get(k, 0.0)))
-    for key in keys:
-        print(f"  {key:<38} {means['plain'].get(key, 0.0):>8.3f} {means['sweep'].get(key, 0.0):>8.3f}")
+        for key in rows[0]:
+            print(f"  {arm} {key:<70} {statistics.mean(r[key] for r in rows):>8.3f}")
     print(f"overhead ratio, {epochs}-epoch trials: sweep (excl. latency phase and report) / plain = "
           f"{core / plain:.2f}; with them {phases['total'] / plain:.2f}")
 
@@ -293,7 +203,9 @@ def main() -> None:
     parser.add_argument("--short", type=int, default=2, help="fine-tune epochs of the short trials (0: skip)")
     parser.add_argument("--long", type=int, default=10, help="fine-tune epochs of the long trials (0: skip)")
     parser.add_argument("--checkpoint-every-s", type=float, default=10.0, help="the sweep arm's checkpoint_every_s")
+    parser.add_argument("--smoke", action="store_true", help="2 trials of 1 epoch on 200 digits: the code path only")
     args = parser.parse_args()
+    lengths, sizes = ((1,), SMOKE) if args.smoke else ((args.short, args.long), FULL)
     work = Path(tempfile.mkdtemp(prefix="sweep-overhead-"))
     import ray
 
@@ -301,11 +213,13 @@ def main() -> None:
 
     session.start_ray(None)
     try:
-        for epochs in (args.short, args.long):
+        for epochs in lengths:
             if epochs:
-                one_length(epochs, work, args.checkpoint_every_s)
+                one_length(epochs, work, args.checkpoint_every_s, sizes)
     finally:
         ray.shutdown()
+        if args.smoke:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

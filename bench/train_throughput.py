@@ -19,6 +19,7 @@ utilisation while they run.
     python bench/train_throughput.py                 # 3 timed epochs of 2,048 images per model (CPU)
     python bench/train_throughput.py --quick         # 1 timed epoch of 1,024 images
     python bench/train_throughput.py --threads 2 --workers 2 --models resnet20 small_cnn
+    python bench/train_throughput.py --smoke         # small_cnn, 1 timed epoch of 256 images, no DataLoader workers
 """
 
 from __future__ import annotations
@@ -183,9 +184,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the plain loop")
     parser.add_argument("--gpu-counts", type=int, nargs="+", default=[1, 2, 4, 8],
                         help="copies of our loop sharing the GPU, one row each")
+    parser.add_argument("--smoke", action="store_true", help="small_cnn, 1 timed epoch of 256 images, no DataLoader "
+                        "workers, one GPU count: the code path only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    epochs, cpu_images = (1, 1024) if args.quick else (3, 2048)
+    epochs, cpu_images = (1, 256) if args.smoke else (1, 1024) if args.quick else (3, 2048)
+    if args.smoke:
+        args.models, args.workers, args.gpu_counts = ["small_cnn"], 0, args.gpu_counts[:1]
 
     print(f"synthetic CIFAR-size data (uint8 3x32x32), batch {BATCH}, {epochs} timed epoch(s) after one warm-up, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, "

@@ -8,6 +8,7 @@ configs of bench/spaces/k1.yaml, each reporting `--reports` results with a tiny 
 in the same run, on the same local Ray.
 
     python bench/tune_snapshot.py --trials 300 --reports 1
+    python bench/tune_snapshot.py --smoke      # 4 trials: the code path only
 """
 
 from __future__ import annotations
@@ -36,13 +37,11 @@ def trivial(config: dict, reports: int) -> None:
 def one(configs: list[dict], reports: int, keep: int, storage: Path) -> float:
     from ray import tune
 
-    from sweep.driver.launch import _trial_dirname
-
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(trivial, reports=reports), {"cpu": 1}),
         param_space={"trial": tune.grid_search(configs)},
         tune_config=tune.TuneConfig(metric="val_accuracy", mode="max", reuse_actors=True,
-                                    trial_dirname_creator=_trial_dirname),
+                                    trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
         run_config=tune.RunConfig(name=f"keep{keep}", storage_path=str(storage), verbose=0,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=keep)))
     start = time.perf_counter()
@@ -56,7 +55,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=300)
     parser.add_argument("--reports", type=int, default=1, help="checkpointed reports per trial (epochs)")
+    parser.add_argument("--smoke", action="store_true", help="4 trials of 1 report: the code path only")
     args = parser.parse_args()
+    if args.smoke:
+        args.trials, args.reports = 4, 1
     import ray
 
     from sweep.config.spec import load_spec
