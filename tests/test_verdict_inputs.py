@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from sweep.cli import main
 from sweep.config.schema import TrialConfig
 from sweep.config.spec import load_spec, parse_spec
-from sweep.driver.launch import run_one
+from sweep.driver.launch import _progress_reporter, run_one
 from sweep.report import summary
 from sweep.store import registry, tracking
 from sweep.store.view import SUPERSEDED_TAG, TRIAL_FILTER
@@ -302,7 +302,15 @@ def test_a_plugin_is_named_by_its_factory_path_in_the_params():
     assert params["model.factory"] == "pkg.nets:build"
 
 
+def test_the_progress_line_names_a_plugin_by_its_factory_path(plugin):
+    spec = parse_spec(f"name: p\nmodel: {{factory: '{plugin}:build'}}\ndataset: {{factory: '{plugin}:load'}}\n"
+                      "space: {strategy: {grid: [l1, fpgm]}}\n")
+    describe = _progress_reporter(spec, 1, "sqlite:///unused.db").describe
+    assert describe({"trial": spec.grid_configs()[0]}) == f"model {plugin}:build, strategy l1, ratio 0.5"
+
+
 @pytest.mark.e2e
+@pytest.mark.slow  # 18 Ray trials: 40 s idle, 140 s on a loaded 2-core machine; each part is also tested above
 def test_a_plugin_sweep_names_its_model_and_a_forced_trial_keeps_its_group_at_three_seeds(plugin, tmp_path, own_ray,
                                                                                            capsys, sqlite_uri):
     """Done when (issue 23): own model and dataset plug-ins, three strategies, two ratios, three seeds; the report
