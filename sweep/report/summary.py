@@ -16,17 +16,23 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from scipy import stats
+from scipy.stats import t as student_t
 
 from sweep.config.names import LEGACY_METRICS, METRICS
+from sweep.config.schema import ReportConfig, report_rules
 from sweep.errors import InputError
+from sweep.report import stats
+from sweep.report.agreement import write_agreement
 from sweep.report.analyses import write_analysis_report
 from sweep.store import tracking
 
@@ -41,7 +47,7 @@ ACCURACY = "test_accuracy"
 # Fixed colour and marker per strategy, so a strategy looks the same in every figure of every sweep.
 STYLES = {
     "random": ("tab:gray", "x"), "l1": ("tab:blue", "o"), "l2": ("tab:orange", "s"), "bn_scale": ("tab:green", "^"),
-    "taylor": ("tab:red", "D"), "apoz": ("tab:purple", "v"), "fpgm": ("tab:brown", "P"),
+    "taylor": ("tab:red", "D"), "apoz": ("tab:purple", "v"), "fpgm": ("tab:brown", "P"), "oracle": ("black", "*"),
 }
 _EXTRA_STYLES = [("tab:pink", "*"), ("tab:olive", "h"), ("tab:cyan", "<"), ("black", ">")]
 
@@ -77,14 +83,19 @@ def load_runs(experiment: str, tracking_uri: str | None = None, parent_run_id: s
     if parent_run_id is not None:
         filters.append(f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
     rows = []
-    for run in tracking.child_runs(client, experiment, " and ".join(filters)):
+    # a run a forced rerun of its config replaced (tag sweep.superseded_by) is kept in the store, never reported
+    for run in tracking.current(tracking.child_runs(client, experiment, " and ".join(filters))):
         if not {"model", "strategy"} <= run.data.params.keys():  # no group to put it in: say so, do not guess
             log.warning("run %s left out of the report: it has no model or strategy param (a worker of an older "
                         "release killed before it logged them)", run.info.run_id)
             continue
         metrics = {LEGACY_METRICS.get(k, k): v for k, v in run.data.metrics.items()}
+        params = dict(run.data.params)
+        for section in ("model", "dataset"):  # a plug-in run of an older release logged its name as "None"
+            if params.get(section) == "None" and params.get(f"{section}.factory") not in (None, "None"):
+                params[section] = params[f"{section}.factory"]
         rows.append({"run_id": run.info.run_id, "status": run.info.status, "config_hash": run.data.tags["config_hash"],
-                     "start_time": run.info.start_time, **run.data.params,
+                     "start_time": run.info.start_time, **params,
                      **{name: metrics.get(name) for name in METRICS}})
     fixed = ["run_id", "status", "config_hash", "start_time", *METRICS]
     df = pd.DataFrame(rows)
@@ -96,6 +107,20 @@ def load_runs(experiment: str, tracking_uri: str | None = None, parent_run_id: s
     df = df.sort_values("start_time", ascending=False, kind="stable")
     df = df[~(df["status"].eq("FINISHED") & df.duplicated("config_hash"))]
     return df.drop(columns="start_time").reset_index(drop=True)
+
+
+def read_runs_csv(path: str | Path) -> pd.DataFrame:
+    """The runs.csv an earlier report wrote, as load_runs gives it (metrics of older releases renamed)."""
+    try:
+        runs = pd.read_csv(path)
+    except (OSError, pd.errors.ParserError) as error:
+        raise ReportError(f"--runs-csv {path}: cannot be read ({error}); give a runs.csv that `sweep report` "
+                          "wrote") from None
+    runs = runs.rename(columns={k: v for k, v in LEGACY_METRICS.items() if v not in runs})
+    missing = [c for c in ("run_id", "model", "strategy", "seed") if c not in runs]
+    if missing:
+        raise ReportError(f"--runs-csv {path}: no column {missing[0]}; give a runs.csv that `sweep report` wrote")
+    return runs.reindex(columns=[*runs.columns, *(m for m in METRICS if m not in runs)])
 
 
 def settings(df: pd.DataFrame) -> list[str]:
@@ -117,7 +142,7 @@ def interval(values: pd.Series) -> tuple[float, float, float, int]:
     if n == 1:
         return float(v[0]), math.nan, math.nan, 1
     std = float(v.std(ddof=1))
-    return float(v.mean()), std, float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)), n
+    return float(v.mean()), std, float(student_t.ppf(0.975, n - 1) * std / math.sqrt(n)), n
 
 
 SUMMARY_METRICS = ["test_accuracy", "test_accuracy_drop", "pruned_test_accuracy", "flops_reduction",
@@ -139,56 +164,214 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def paired_table(df: pd.DataFrame, reference: str = "random", metric: str = ACCURACY) -> pd.DataFrame:
-    """Each strategy against `reference` in the same setting, paired by seed: mean difference with its 95 % CI.
+# Prune settings: what a control run (the unpruned base fine-tuned with the same recipe) does not share with the
+# pruned runs it is paired with. Logged under their short names (sweep.config.names.PARAMS) or as prune.*.
+_PRUNE_PARAMS = {"strategy", "ratio", "scope", "target", "schedule", "steps", "arm"}
+CONTROL = "control"  # the `arm` of the unpruned control
 
-    verdict is "better" / "worse" when the interval excludes 0, "tied" when it spans 0, "n/a" below 2 pairs.
+
+def _is_control(df: pd.DataFrame) -> pd.Series:
+    return df["arm"].astype(str).eq(CONTROL) if "arm" in df else pd.Series(False, index=df.index)
+
+
+def _order(strategies) -> list[str]:
+    """Strategies in the fixed order of STYLES (random first), others after by name: a pair reads later vs earlier,
+    so random is always the side compared with."""
+    known = [s for s in STYLES if s in set(strategies)]
+    return known + sorted(set(map(str, strategies)) - set(known))
+
+
+def _comparisons(strategies, config: ReportConfig) -> list[tuple[str, str]]:
+    """(strategy, compared with) for each comparison of the family among the strategies present."""
+    order = _order(strategies)
+    references = [r for r in config.references if r in order]
+    if config.resolved_family() == "references":
+        pairs = []
+        for reference in references:
+            pairs += [(s, reference) for s in order if s != reference and (reference, s) not in pairs]
+        return pairs
+    pairs = []
+    for i, later in enumerate(order):
+        for earlier in order[:i]:
+            # a reference is the side compared with, whatever the order
+            pairs.append((earlier, later) if later in references and earlier not in references else (later, earlier))
+    return pairs
+
+
+def as_config(config: ReportConfig | str | list | None) -> ReportConfig:
+    """A ReportConfig from one (a reference's name, a list of them, or None: the defaults, all pairs)."""
+    if isinstance(config, ReportConfig):
+        return config
+    references = [config] if isinstance(config, str) else list(config or [])
+    return ReportConfig.from_dict({"references": references}, where="report")
+
+
+def paired_table(df: pd.DataFrame, config: ReportConfig | str | list | None = None,
+                 post_hoc: frozenset[str] | set[str] = frozenset()) -> pd.DataFrame:
+    """Every comparison of the declared family, paired by seed within each setting, with its verdict.
+
+    config: the report section (a strategy's name: that reference; None: all pairs, Holm, alpha 0.05, margin 1).
+    Columns: the settings, strategy, reference (the side compared with), post_hoc (a reference not declared before
+    the runs), pairs, difference (mean of strategy - reference), ci_low / ci_high (95 %), ci95 (half-width), sd,
+    p (paired t), p_sign_flip (exact sign-flip), p_equivalence (TOST against ±margin), their adjusted values over
+    the whole family (p_adjusted, ...), detectable (the difference found with 80 % power at the level a lone
+    difference must reach; inf when the sign-flip test cannot reach it with so few seeds), detectable_t (the
+    t-test's alone), verdict (better / worse / equivalent / inconclusive), why, flops_reduction. Fractions, as
+    the metric. Control runs (arm `control`) are no strategy: see control_table.
     """
-    keys = [k for k in settings(df) if k != "strategy"]
+    config = as_config(config)
+    metric, margin = config.metric, config.margin / 100
+    runs = df[~_is_control(df)]
+    keys = [k for k in settings(runs) if k != "strategy"]
     rows = []
-    for values, group in df.groupby(keys, dropna=False, sort=True) if keys else [((), df)]:
-        # one value per seed on each side (runs that differ only in how latency was timed share a seed)
-        ref = group[group["strategy"] == reference].groupby("seed")[metric].mean()
-        for strategy, runs in group[group["strategy"] != reference].groupby("strategy"):
-            diff = (runs.groupby("seed")[metric].mean() - ref).dropna()
-            mean, _, half, n = interval(diff)
-            if n < 2 or math.isnan(half):
-                verdict = "n/a"
-            else:
-                verdict = "tied" if mean - half <= 0 <= mean + half else ("better" if mean > 0 else "worse")
+    for values, group in runs.groupby(keys, dropna=False, sort=True) if keys else [((), runs)]:
+        # one value per seed and strategy (runs that differ only in how latency was timed share a seed)
+        per_seed = group.groupby(["seed", "strategy"])[metric].mean().unstack("strategy")
+        for strategy, reference in _comparisons(per_seed.columns, config):
+            both = per_seed[[strategy, reference]].dropna()
+            test = stats.paired(both[strategy].to_numpy(), both[reference].to_numpy(), margin)
             row = dict(zip(keys, values if isinstance(values, tuple) else (values,)))
-            row.update(strategy=strategy, reference=reference, pairs=n, difference=mean, ci95=half, verdict=verdict,
-                       flops_reduction=runs["flops_reduction"].mean())
+            row.update(strategy=strategy, reference=reference, post_hoc=reference in post_hoc, pairs=test.n,
+                       difference=test.difference, ci_low=test.ci_low, ci_high=test.ci_high,
+                       ci95=(test.ci_high - test.ci_low) / 2, sd=test.sd, p=test.p_t, p_sign_flip=test.p_sign_flip,
+                       p_equivalence=test.p_equivalence, testable=test.testable, constant=test.constant,
+                       flops_reduction=group.loc[group["strategy"] == strategy, "flops_reduction"].mean())
             rows.append(row)
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    for column in ("p", "p_sign_flip", "p_equivalence"):
+        table[f"{column}_adjusted"] = stats.adjust(table[column], config.correction)
+    lone = stats.level(config.alpha, config.correction, len(table))
+    table["detectable"] = [stats.detectable(sd, n, lone) for sd, n in zip(table["sd"], table["pairs"])]
+    table["detectable_t"] = [stats.detectable(sd, n, lone, sign_flip=False) for sd, n in zip(table["sd"],
+                                                                                                table["pairs"])]
+    verdicts = []
+    for row in table.itertuples(index=False):
+        test = stats.Paired(row.pairs, row.difference, row.sd, row.ci_low, row.ci_high, row.p, row.p_sign_flip,
+                            row.p_equivalence, row.constant)
+        verdicts.append(stats.outcome(test, row.p_adjusted, row.p_sign_flip_adjusted, row.p_equivalence_adjusted,
+                                      config.alpha))
+    table["verdict"], table["why"] = zip(*verdicts)
+    return table.drop(columns=["testable", "constant"])
+
+
+def control_table(df: pd.DataFrame, metric: str = ACCURACY) -> pd.DataFrame:
+    """Each group of pruned runs against the unpruned control (arm `control`: the base fine-tuned with the same
+    recipe), paired by seed: the control shares every setting but the prune ones. Empty without control runs.
+    Columns: the settings, pairs, difference (pruned - control, a fraction: minus the drop), ci95 (half-width)."""
+    control = _is_control(df)
+    if not control.any():
+        return pd.DataFrame()
+    keys = settings(df[~control])
+    shared = [k for k in keys if k not in _PRUNE_PARAMS and not k.startswith("prune.")]
+    controls = df[control]
+    rows = []
+    for values, group in df[~control].groupby(keys, dropna=False, sort=True):
+        where = dict(zip(keys, values if isinstance(values, tuple) else (values,)))
+        match = controls
+        for key in shared:
+            match = match[match[key].astype(str) == str(where[key])]
+        diff = (group.groupby("seed")[metric].mean() - match.groupby("seed")[metric].mean()).dropna()
+        mean, _, half, n = interval(diff)
+        rows.append({**where, "pairs": n, "difference": mean, "ci95": half})
     return pd.DataFrame(rows)
 
 
+def _unset(value) -> bool:
+    """A setting a group does not have: NaN (no such param) or null in the spec (logged as the text None)."""
+    return pd.isna(value) or value == "None"
+
+
+def _where(row: pd.Series, keys: list[str]) -> str:
+    """A setting in words: its keys that have a value."""
+    return ", ".join(f"{k} {_text(row[k])}" for k in keys if not _unset(row[k])) or "all runs"
+
+
+def _varying(table: pd.DataFrame, keys) -> list[str]:
+    return [k for k in keys if k in table and table[k].astype(str).nunique(dropna=False) > 1]
+
+
+def _p(value: float) -> str:
+    if pd.isna(value):
+        return "–"
+    return f"{value:.2g}" if value >= 0.001 else "< 0.001"
+
+
+def _points(value: float, sign: bool = False) -> str:
+    return f"{100 * value:+.1f}" if sign else f"{100 * value:.1f}"
+
+
+def _detectable(row) -> str:
+    if pd.isna(row.detectable):
+        return "detectable: – (no SD to estimate it from)"
+    if math.isinf(row.detectable):
+        return f"detectable: none at n {row.pairs}"
+    return f"detectable ≥ {_points(row.detectable)} points"
+
+
+_POST_HOC = " (post hoc)"
+
+
+def verdict_line(row) -> str:
+    """One comparison in words: outcome, difference with its 95 % CI, raw and adjusted p, what it could detect."""
+    reference = f"{row.reference}{_POST_HOC if row.post_hoc else ''}"
+    head = f"{row.strategy} vs {reference}: **{row.verdict}**"
+    if row.pairs < 2 or pd.isna(row.difference):
+        return f"{head} ({row.why})"
+    if pd.isna(row.ci_low):
+        size = f"{_points(row.difference, sign=True)} points at every seed"
+    else:
+        size = f"{_points(row.difference, sign=True)} points (95 % CI {_points(row.ci_low, True)} to " \
+               f"{_points(row.ci_high, True)})"
+    tests = f"p {_p(row.p)}, adjusted {_p(row.p_adjusted)}; sign-flip p {_p(row.p_sign_flip)}, adjusted " \
+            f"{_p(row.p_sign_flip_adjusted)}"
+    why = f"; {row.why}" if row.why else ""
+    return f"{head}, {size}, n {row.pairs}; {tests}; {_detectable(row)}{why}"
+
+
 def verdicts(pairs: pd.DataFrame) -> list[str]:
-    """One line per setting: who beats the reference, by how much, and who is tied with it."""
+    """Markdown: a heading per setting (only what differs between settings), then one line per comparison."""
     if pairs.empty:
         return []
-    keys = [c for c in pairs.columns if c not in ("strategy", "reference", "pairs", "difference", "ci95", "verdict",
-                                                  "flops_reduction")]
+    keys = _varying(pairs, [c for c in pairs.columns if c not in PAIR_COLUMNS])
     lines = []
-    for values, group in pairs.groupby(keys, dropna=False, sort=True) if keys else [((), pairs)]:
-        where = ", ".join(f"{k} {_text(v)}" for k, v in zip(keys, values if isinstance(values, tuple) else (values,)))
-        reference = group["reference"].iloc[0]
-        parts = []
-        for verdict, word in (("better", "beat"), ("worse", "lose to")):
-            chosen = group[group["verdict"] == verdict]
-            if len(chosen):
-                names = " and ".join(chosen["strategy"])
-                size = ", ".join(f"{s} {100 * abs(d):.1f} ± {100 * h:.1f}"
-                                 for s, d, h in zip(chosen["strategy"], chosen["difference"], chosen["ci95"]))
-                parts.append(f"{names} {word} {reference} ({size} points)")
-        tied = group[group["verdict"] == "tied"]["strategy"].tolist()
-        if tied:
-            parts.append(f"{', '.join(tied)} tied with {reference}")
-        unknown = group[group["verdict"] == "n/a"]["strategy"].tolist()
-        if unknown:
-            parts.append(f"{', '.join(unknown)}: too few paired seeds to tell")
+    for _, group in pairs.groupby(keys, dropna=False, sort=True) if keys else [((), pairs)]:
+        first = group.iloc[0]
         removed = group["flops_reduction"].mean()
-        lines.append(f"{where} ({100 * removed:.0f} % FLOPs removed): " + "; ".join(parts))
+        share = "" if pd.isna(removed) else f" ({100 * removed:.0f} % FLOPs removed)"
+        lines += [f"**{_where(first, keys)}**{share}", ""]
+        lines += [f"- {verdict_line(row)}" for row in group.itertuples(index=False)]
+        lines.append("")
+    return lines
+
+
+PAIR_COLUMNS = ("strategy", "reference", "post_hoc", "pairs", "difference", "ci_low", "ci_high", "ci95", "sd", "p",
+                "p_sign_flip", "p_equivalence", "p_adjusted", "p_sign_flip_adjusted", "p_equivalence_adjusted",
+                "detectable", "detectable_t", "verdict", "why", "flops_reduction")
+
+
+def significance_counts(pairs: pd.DataFrame, alpha: float = 0.05) -> dict[str, int]:
+    """How many of the family's t-test p-values are below alpha raw, after Holm and after Benjamini-Hochberg."""
+    p = pairs["p"] if len(pairs) else pd.Series(dtype=float)
+    return {"comparisons": len(p), "raw": int((p < alpha).sum()),
+            **{name: int((stats.adjust(p, name) < alpha).sum()) for name in ("holm", "bh")}}
+
+
+def plan_lines(pairs: pd.DataFrame, delta_points: float, config: ReportConfig) -> list[str]:
+    """Per setting, the seeds each comparison needs to detect delta points with 80 % power under the family's
+    correction, from the SD of its paired differences."""
+    lone = stats.level(config.alpha, config.correction, len(pairs))
+    keys = _varying(pairs, [c for c in pairs.columns if c not in PAIR_COLUMNS])
+    lines = []
+    for _, group in pairs.groupby(keys, dropna=False, sort=True) if keys else [((), pairs)]:
+        parts = []
+        for row in group.itertuples(index=False):
+            need = stats.seeds_needed(row.sd, delta_points / 100, lone)
+            what = f"{row.strategy} vs {row.reference}{_POST_HOC if row.post_hoc else ''}"
+            parts.append(f"{what} {need} (paired SD {_points(row.sd)} points)" if need is not None
+                         else f"{what} – (no paired SD yet: run at least 2 seeds with different outcomes)")
+        lines.append(f"- {_where(group.iloc[0], keys)}: " + "; ".join(parts))
     return lines
 
 
@@ -228,13 +411,21 @@ def _panels(table: pd.DataFrame) -> tuple[Figure, list[tuple[str, pd.DataFrame, 
 
 
 def _base_line(ax: Axes, runs: pd.DataFrame, where: dict) -> None:
-    """The unpruned base of the runs of one panel."""
+    """The unpruned bases of the runs of one panel: one line per base (its settings that differ in the label), never
+    one mean over different bases."""
     for column, value in where.items():
         runs = runs[runs[column].astype(str) == value]
-    base = runs["base_test_accuracy"].dropna()
-    if len(base):
-        ax.axhline(100 * base.mean(), color="black", linestyle="--", linewidth=1,
-                   label=f"unpruned base ({100 * base.mean():.1f}%)")
+    runs = runs[runs["base_test_accuracy"].notna()]
+    keys = _varying(runs, [k for k in settings(runs) if k in ("weights",) or k.startswith(_BASE_PREFIXES)])
+    styles = ["--", ":", "-.", (0, (5, 1, 1, 1))]
+    for i, (values, group) in enumerate(runs.groupby(keys, dropna=False, sort=True) if keys else [((), runs)]):
+        mean = 100 * group["base_test_accuracy"].mean()
+        named = " ".join(f"{k}={_text(v)}" for k, v in zip(keys, values if isinstance(values, tuple) else (values,)))
+        ax.axhline(mean, color="black", linestyle=styles[i % len(styles)], linewidth=1,
+                   label=f"unpruned base{' ' + named if named else ''} ({mean:.1f}%)")
+
+
+_BASE_PREFIXES = ("base.", "model.", "dataset.")  # params a base depends on (sweep.worker.base.BASE_KEYS)
 
 
 def _finish_axes(ax: Axes, title: str, xlabel: str, ylabel: str = "Test top-1 accuracy (%)") -> None:
@@ -398,10 +589,107 @@ def _markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def _cell(value) -> str:
+    return "–" if _unset(value) else _text(value)
+
+
+def _bases(runs: pd.DataFrame, keys: list[str]) -> list[str]:
+    """One "<what> NN.N %" per unpruned base: named by the base settings that differ between bases (a setting some
+    bases lack is left out of their names), never one mean over different bases."""
+    base = runs["base_test_accuracy"].dropna()
+    if base.empty:
+        return []
+    base_keys = [k for k in keys if k in ("model", "weights", "dataset") or k.startswith(("base.", "model.",
+                                                                                       "dataset."))]
+    per = runs.loc[base.index].groupby(base_keys, dropna=False, sort=True)["base_test_accuracy"].mean() \
+        if base_keys else pd.Series([base.mean()], index=[()])
+    if len(per) == 1:
+        return [f"Unpruned base: {100 * per.iloc[0]:.1f} % test accuracy.", ""]
+    frame = per.index.to_frame(index=False) if isinstance(per.index, pd.MultiIndex) else \
+        pd.DataFrame({base_keys[0]: per.index})
+    differ = _varying(frame, base_keys)
+    named = []
+    for (_, row), value in zip(frame.iterrows(), per.to_numpy()):
+        words = [(_text(row[k]) if k in ("model", "dataset") else f"{k} {_text(row[k])}") for k in differ
+                 if not _unset(row[k])]
+        named.append(f"{' '.join(words)} {100 * value:.1f} %")
+    return [f"Unpruned bases, test accuracy: {', '.join(named)}.", ""]
+
+
+LEAK_POINTS = 3.0  # a base's validation accuracy this far above its test accuracy is worth a warning
+
+
+def leak_warnings(runs: pd.DataFrame, points: float = LEAK_POINTS) -> list[str]:
+    """A warning per base whose validation accuracy exceeds its test accuracy by more than `points`: its validation
+    images may be ones its weights were trained on, and then every selection by val_accuracy reads memorised images.
+    Means over the base's seeds; a base is told apart by the base settings that differ."""
+    runs = runs.dropna(subset=["base_val_accuracy", "base_test_accuracy"])
+    keys = _varying(runs, [k for k in settings(runs) if k in ("model", "weights", "dataset")
+                           or k.startswith(_BASE_PREFIXES)])
+    lines = []
+    for values, group in runs.groupby(keys, dropna=False, sort=True) if keys else [((), runs)]:
+        val, test = 100 * group["base_val_accuracy"].mean(), 100 * group["base_test_accuracy"].mean()
+        if val - test > points:
+            values = values if isinstance(values, tuple) else (values,)
+            named = " ".join(f"{k} {_text(v)}" for k, v in zip(keys, values))
+            lines.append(f"**Warning:** the unpruned base{' (' + named + ')' if named else ''} scores {val:.1f} % on "
+                         f"validation but {test:.1f} % on test ({val - test:.1f} points more): its validation images "
+                         "may be ones its weights were trained on, and selection by val_accuracy would read memorised "
+                         "images. Declare the data the weights were trained on (`trained_on`, docs/analyses.md "
+                         "\"Controls and validation\") so that validation is carved from the test split.")
+    return [*lines, ""] if lines else []
+
+
+def _family_text(pairs: pd.DataFrame, config: ReportConfig, changed: list[str]) -> list[str]:
+    """The paragraph that says what was compared and how it was corrected, before any verdict."""
+    m = len(pairs)
+    correction = stats.CORRECTION_NAMES[config.correction]
+    head = f"{correction} over {m} comparison{'s' * (m != 1)}, alpha {config.alpha:g}, margin {_margin(config)} points"
+    if config.resolved_family() == "references":
+        names = " and ".join(f"{r}{_POST_HOC if r in set(pairs['reference'][pairs['post_hoc']]) else ''}"
+                             for r in config.references)
+        family = f"each strategy against {names}, paired by seed within each setting"
+    else:
+        family = "every pair of strategies, paired by seed within each setting"
+    lines = [f"## Verdicts: {head}", "", f"Compared on {config.metric}: {family}."]
+    if changed:
+        lines.append(f"**Post hoc:** {', '.join(changed)} chosen at report time, after the runs, not declared in the "
+                     "spec's `report:` block; read these verdicts as exploration, not as the test planned.")
+    if config.correction == "none":
+        lines.append(f"**Warning: no correction for {m} comparisons.** At alpha {config.alpha:g} about "
+                     f"{config.alpha * m:.1f} of them would come out better or worse by chance alone.")
+    counts = significance_counts(pairs, config.alpha)
+    lines += ["", f"A comparison is **better** or **worse** only when its paired t-test and its exact sign-flip test "
+              f"are both below alpha after {correction.lower() if config.correction == 'none' else correction}; "
+              f"**equivalent** when two one-sided tests put the difference within ±{_margin(config)} points; "
+              "otherwise **inconclusive** (could not tell, not tied). Differences are in accuracy points, with "
+              "their 95 % interval; \"detectable\" is the difference this comparison finds 80 % of the time. "
+              f"T-test p < {config.alpha:g}: {counts['raw']} of {m} uncorrected, {counts['holm']} after Holm, "
+              f"{counts['bh']} after Benjamini-Hochberg."]
+    lone = stats.level(config.alpha, config.correction, m)
+    few = sorted(set(pairs.loc[np.isinf(pairs["detectable"].astype(float)), "pairs"]))
+    if few:
+        lines.append(f"With {' or '.join(map(str, few))} paired seeds the exact sign-flip test cannot give a p below "
+                     f"{stats.smallest_sign_flip_p(max(few)):.2g}, so no comparison there can be better or worse "
+                     f"(\"detectable: none\"): a lone difference must reach {lone:.2g} here, which takes "
+                     f"{stats.seeds_for_sign_flip(lone)} seeds; `sweep report NAME --plan POINTS` says how many "
+                     "each comparison needs.")
+    return lines + [""]
+
+
+def _margin(config: ReportConfig) -> str:
+    return f"{config.margin:.1f}" if round(config.margin, 1) == config.margin else f"{config.margin:g}"
+
+
 def summary_markdown(experiment: str, runs: pd.DataFrame, table: pd.DataFrame, pairs: pd.DataFrame,
-                     reference: str) -> str:
+                     config: ReportConfig | str | list | None = None, changed: list[str] | None = None,
+                     control: pd.DataFrame | None = None, plan: float | None = None) -> str:
+    """summary.md: the groups, the bases, the verdicts with the family's correction, the control, the plan.
+    changed: what was chosen at report time rather than declared (each named as post hoc)."""
+    config = as_config(config)
     keys = settings_of(table)
-    shown = table[keys].map(_text) if len(keys) else pd.DataFrame(index=table.index)
+    differ = _varying(table, keys)
+    shown = table[keys].map(_cell) if len(keys) else pd.DataFrame(index=table.index)
     shown["n"] = table["n"]
     for name, title in (("test_accuracy", "test acc %"), ("test_accuracy_drop", "drop (pp)"),
                         ("pruned_test_accuracy", "before fine-tune %"), ("flops_reduction", "FLOPs −%"),
@@ -410,60 +698,146 @@ def summary_markdown(experiment: str, runs: pd.DataFrame, table: pd.DataFrame, p
     shown["MACs (M)"] = [_pm(m, math.nan, 1e-6, 2) for m in table["macs"]]
     shown["train s"] = [_pm(m, h, 1, 1) for m, h in zip(table["train_time_s"], table["train_time_s_ci95"])]
     shown["speed-up ×"] = [_pm(m, math.nan, 1, 2) for m in table["speedup"]]
-    base = runs["base_test_accuracy"].dropna()
     parts = [f"# Sweep `{experiment}`", "",
-             f"{len(runs)} finished trials in {len(table)} groups; groups differ in: {', '.join(keys)}. "
+             f"{len(runs)} finished trials in {len(table)} groups; groups differ in: "
+             f"{', '.join(differ) or 'nothing (one group)'}. "
              "Values are mean ± the half-width of a 95 % t interval over seeds (n); accuracies are test accuracies, "
              "logged once per run and never used for selection. FLOPs count 2 per multiply-add; MACs are "
              "multiply-adds.", ""]
-    # Groups that differ in what the base is trained from have a base each; never one mean over all of them.
-    base_keys = [k for k in keys if k in ("model", "weights", "dataset")
-                 or k.startswith(("base.", "model.", "dataset."))]
-    if len(base) and base_keys:
-        per = runs.loc[base.index].groupby(base_keys, dropna=False, sort=True)["base_test_accuracy"].mean()
-        named = [" ".join(map(str, k if isinstance(k, tuple) else (k,))) + f" {100 * v:.1f} %" for k, v in per.items()]
-        parts += [f"Unpruned bases, test accuracy: {', '.join(named)}.", ""]
-    elif len(base):
-        parts += [f"Unpruned base: {100 * base.mean():.1f} % test accuracy.", ""]
+    parts += _bases(runs, keys)
+    parts += leak_warnings(runs)
     parts += ["## Groups", "", _markdown(shown), ""]
     if not pairs.empty:
-        parts += [f"## Paired against `{reference}` (same seeds, same settings)", ""]
-        parts += [f"- {line}" for line in verdicts(pairs)]
-        parts += ["", "A difference counts only when its 95 % interval excludes zero; otherwise it is called tied.",
-                  ""]
+        parts += _family_text(pairs, config, changed or [])
+        parts += verdicts(pairs)
+        if plan is not None:
+            lone = stats.level(config.alpha, config.correction, len(pairs))
+            parts += [f"## Seeds needed to detect {plan:g} points", "",
+                      f"With 80 % power at level {lone:.2g} (alpha {config.alpha:g}, "
+                      f"{stats.CORRECTION_NAMES[config.correction]} over {len(pairs)} comparisons), from each "
+                      "comparison's observed paired SD; at least as many as the sign-flip test needs to reach that "
+                      "level:", ""]
+            parts += plan_lines(pairs, plan, config) + [""]
+    if control is not None and not control.empty:
+        ckeys = _varying(control, [c for c in control.columns if c not in ("pairs", "difference", "ci95")])
+        parts += ["## Against the unpruned control (the base fine-tuned with the same recipe, paired by seed)", ""]
+        parts += [f"- {_where(row, ckeys)}: {_pm(row['difference'], row['ci95'])} points (n {row['pairs']})"
+                  for _, row in control.iterrows()]
+        parts.append("")
     return "\n".join(parts)
 
 
-def write_report(experiment: str, tracking_uri: str | None = None, out_dir: str | Path = "reports",
-                 reference: str = "random", log_to_parent: bool = True) -> dict[str, Path]:
-    """Write runs.csv, summary.csv, paired.csv, summary.md and the plots; log them to the newest parent run."""
-    uri = tracking.resolve_tracking_uri(tracking_uri)
+# --- which comparisons: declared in the spec, or chosen at report time (post hoc) ---------------------------------
 
-    analysis = write_analysis_report(experiment, uri, out_dir)
-    if analysis is not None:
-        return analysis
-    runs = load_runs(experiment, uri)
-    if runs.empty:
-        raise ReportError(f"MLflow experiment {experiment!r} has no finished trials yet: run the sweep first")
+FLAGS = {"references": "--reference", "family": "--family", "alpha": "--alpha", "correction": "--correction",
+         "margin": "--margin", "metric": "--metric"}
+
+
+def declared_config(client: MlflowClient, experiment: str) -> ReportConfig:
+    """The `report:` block of the newest launch's spec (spec.yaml on its parent run); the defaults without one."""
+    parent = tracking.newest_parent_run(client, experiment)
+    if parent is None:
+        return ReportConfig()
+    with tempfile.TemporaryDirectory(prefix="sweep-report-") as tmp:
+        try:
+            path = tracking.with_retry(client.download_artifacts, parent, "spec.yaml", tmp)
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except (MlflowException, OSError, yaml.YAMLError):  # a launch of an older release, without its spec
+            return ReportConfig()
+    block = raw.get("report") if isinstance(raw, dict) else None
+    try:
+        return ReportConfig.from_dict(block or {}, where="report")
+    except InputError as error:
+        raise ReportError(f"the spec of launch {parent} (spec.yaml): {error}") from None
+
+
+def report_config(declared: ReportConfig, overrides: dict) -> tuple[ReportConfig, list[str]]:
+    """The declared config with the report-time flags applied, and what they changed, in words (post hoc)."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "references" in given and "family" not in given:
+        given["family"] = "references"  # --reference X: compare with X
+    try:
+        ReportConfig.from_dict(given)
+    except InputError as error:  # "alpha: ..." -> "--alpha: ...": name the flag the user typed
+        raise ReportError("\n".join(FLAGS.get(line.split(":")[0], "") + line[line.index(":"):]
+                                     for line in str(error).splitlines())) from None
+    config = ReportConfig.from_dict({**declared.model_dump(), **given}, where="report")
+    for problem in report_rules(config, where="--"):
+        raise ReportError(problem.replace("references: [random]", "--reference random").replace(
+            "family: all_pairs", "--family all_pairs"))
+    changed = []
+    for name, value in given.items():
+        before = getattr(declared, name) if name != "family" else declared.resolved_family()
+        if name == "references":
+            changed += [f"reference {r}" for r in value if r not in declared.references]
+        elif value != before:
+            changed.append(f"{name} {_text(value)} (declared: {_text(before)})")
+    return config, changed
+
+
+def write_report(experiment: str, tracking_uri: str | None = None, out_dir: str | Path = "reports",
+                 reference: str | list[str] | None = None, log_to_parent: bool = True, *,
+                 family: str | None = None, alpha: float | None = None, correction: str | None = None,
+                 margin: float | None = None, plan: float | None = None,
+                 runs_csv: str | Path | None = None) -> dict[str, Path]:
+    """Write runs.csv, summary.csv, paired.csv, summary.md and the plots; log them to the newest parent run.
+
+    The comparisons are those declared in the spec's `report:` block; a reference or any other setting given here
+    instead is post hoc, and every output that shows it says so. plan: also say how many seeds each comparison
+    needs to detect this many accuracy points. runs_csv: report from a runs.csv an earlier report wrote (results/
+    keeps them), without MLflow: no layer plot, nothing logged, every choice post hoc.
+    """
+    if runs_csv is None:
+        uri = tracking.resolve_tracking_uri(tracking_uri)
+        analysis = write_analysis_report(experiment, uri, out_dir)
+        if analysis is not None:
+            return analysis
+        runs = load_runs(experiment, uri)
+        if runs.empty:
+            raise ReportError(f"MLflow experiment {experiment!r} has no finished trials yet: run the sweep first")
+        client = MlflowClient(uri)
+        declared = declared_config(client, experiment)
+    else:
+        runs, declared = read_runs_csv(runs_csv), ReportConfig()  # no spec to declare anything: all is post hoc
+    references = [reference] if isinstance(reference, str) else reference
+    config, changed = report_config(declared, {"references": references, "family": family, "alpha": alpha,
+                                               "correction": correction, "margin": margin})
+    strategies = set(runs.loc[~_is_control(runs), "strategy"].astype(str))
+    missing = [r for r in config.references if r not in strategies]
+    if references and missing:
+        raise ReportError(f"--reference {missing[0]}: no finished trial of this sweep uses it; compare with one of "
+                          f"{', '.join(_order(strategies))}")
+    post_hoc = {r for r in config.references if r not in declared.references}
     table = summary_table(runs)
-    pairs = paired_table(runs, reference) if reference in set(runs["strategy"]) else pd.DataFrame()
+    pairs = paired_table(runs, config, post_hoc)
+    control = control_table(runs, config.metric)
     out = Path(out_dir) / tracking.safe_name(experiment)
     out.mkdir(parents=True, exist_ok=True)
     runs.to_csv(out / "runs.csv", index=False)
     table.to_csv(out / "summary.csv", index=False)
     pairs.to_csv(out / "paired.csv", index=False)
-    (out / "summary.md").write_text(summary_markdown(experiment, runs, table, pairs, reference), encoding="utf-8")
+    (out / "summary.md").write_text(summary_markdown(experiment, runs, table, pairs, config, changed, control, plan),
+                                    encoding="utf-8")
     paths = {"runs": out / "runs.csv", "summary_csv": out / "summary.csv", "paired": out / "paired.csv",
              "summary": out / "summary.md",
              "pareto": plot_pareto(runs, table, out / "pareto.png"),
              "levels": plot_levels(runs, table, out / "levels.png"),
              "finetune": plot_finetune(runs, table, out / "finetune.png"),
              "train_time": plot_train_time(table, out / "train_time.png")}
+    if not control.empty:
+        control.to_csv(out / "control.csv", index=False)
+        paths["control"] = out / "control.csv"
+    if runs_csv is not None:
+        return paths
     layers = plot_layers(runs, uri, out / "layers.png")
     if layers is not None:
         paths["layers"] = layers
+    agreement = write_agreement(runs[~_is_control(runs)], [k for k in settings(runs) if k != "strategy"], uri, out)
+    if agreement is not None:  # its section closes summary.md
+        paths.update(agreement.paths)
+        with paths["summary"].open("a", encoding="utf-8") as summary_md:
+            summary_md.write("\n".join(["", *agreement.markdown]))
     if log_to_parent:
-        client = MlflowClient(uri)
         parent = tracking.newest_parent_run(client, experiment)
         if parent is not None:
             for path in paths.values():
