@@ -2,21 +2,24 @@
 said while it lasts.
 
 Real processes and real sockets: `sweep run` as a subprocess against a port nothing listens on, the probe against a
-real HTTP server on loopback. No Ray is started and no store is written by any of these tests.
+real HTTP server on loopback, and (slow) a sweep whose real MLflow server is killed and restarted mid-training.
 """
 
 import http.server
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from sweep.driver.progress import CompactProgress
-from sweep.store import client
+from sweep.store import client, tracking
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -112,3 +115,76 @@ def test_the_progress_line_says_while_the_tracking_server_is_unreachable(health_
         threading.Event().wait(0.5)  # a few probes, all answered
         assert client.down_for(health_server) is None
         assert "unreachable" not in _progress(health_server).line([])[0]
+
+
+# --- a real server goes away mid-sweep -----------------------------------------------------------------------------
+
+
+def start_mlflow_server(tmp_path: Path, db: Path, port: int) -> subprocess.Popen:
+    """`mlflow server` on 127.0.0.1:port over a sqlite store, returned once /health answers (at most 120 s)."""
+    log = open(tmp_path / f"mlflow-server-{port}.log", "ab")
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+               "--backend-store-uri", f"sqlite:///{db}", "--artifacts-destination", str(tmp_path / "artifacts")]
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                              env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    deadline = time.monotonic() + 120
+    while client.probe(f"http://127.0.0.1:{port}", timeout=2) is not None:
+        assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+        time.sleep(0.5)
+    return server
+
+
+def stop(server: subprocess.Popen) -> None:
+    os.killpg(server.pid, signal.SIGKILL)  # the server and its uvicorn worker: an outage, not a shutdown
+    server.wait(timeout=30)
+
+
+OUTAGE_SPEC = """
+name: outage
+dataset: {name: digits, limit: 1000}
+model: {name: small_cnn}
+base: {epochs: 1, batch_size: 32}
+finetune: {epochs: 6, batch_size: 16}
+checkpoint_every_s: 0
+resources: {cpu: 1}
+space:
+  strategy: {grid: [l1]}
+"""
+
+
+@pytest.mark.slow  # two server starts and a sweep: minutes on 2 busy cores (the progress line itself: above, fast)
+@pytest.mark.timeout(500)
+def test_a_tracking_server_outage_mid_sweep_is_said_and_ridden_out(tmp_path, template_db):
+    db = tmp_path / "server.db"
+    db.write_bytes(template_db.read_bytes())  # schema already there: the server starts in seconds
+    port = unused_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(tmp_path, db, port)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(OUTAGE_SPEC, encoding="utf-8")
+    log = tmp_path / "driver.log"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "OMP_NUM_THREADS": "1"}
+    with open(log, "wb") as out:
+        driver = subprocess.Popen([sys.executable, "-m", "sweep.cli", "run", str(spec), "--tracking-uri", uri,
+                                   "--storage", str(tmp_path / "results")], cwd=tmp_path, env=env, stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 200
+        while "1 running" not in log.read_text(errors="replace"):  # a trial is training
+            assert driver.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        stop(server)
+        deadline = time.monotonic() + 60
+        while "tracking server unreachable for" not in log.read_text(errors="replace"):
+            assert driver.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        server = start_mlflow_server(tmp_path, db, port)
+        assert driver.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        stop(server)
+    text = log.read_text(errors="replace")
+    assert "View run" not in text and "View experiment" not in text  # MLflow's chatter stays out of the display
+    runs = tracking.child_runs(MlflowClient(f"sqlite:///{db}"), "outage")
+    assert [r.info.status for r in runs] == ["FINISHED"]
