@@ -172,6 +172,28 @@ def test_unnamed_settings_never_print_as_nan_or_none(store):
         in headings
 
 
+def test_pruned_groups_against_the_unpruned_control_are_paired_by_seed(store):
+    """Control runs (arm control: the base fine-tuned with the same recipe, strategy none, ratio 0) are no strategy
+    in the family; each pruned group's difference from them is paired by seed over the settings they share."""
+    uri, parent, _ = store
+    control = {0: 0.93, 1: 0.96, 2: 0.94}
+    for seed, accuracy in control.items():
+        cfg = trial("none", 0.0, seed, arm="control")
+        log_trial(uri, parent, cfg, {**values("random", 0.3, seed), "test_accuracy": accuracy, "flops_reduction": 0.0})
+    runs = report.load_runs(EXPERIMENT, uri)
+    pairs = report.paired_table(runs)
+    assert "none" not in set(pairs["strategy"]) | set(pairs["reference"]) and len(pairs) == 6
+    table = report.control_table(runs)
+    assert len(table) == 6 and (table["pairs"] == 3).all()
+    l1 = table[(table["strategy"] == "l1") & (table["ratio"] == 0.6)].iloc[0]
+    diff = [values("l1", 0.6, s)["test_accuracy"] - control[s] for s in SEEDS]
+    assert l1["difference"] == pytest.approx(np.mean(diff)) and l1["ci95"] == pytest.approx(
+        report.interval(pd.Series(diff))[2])
+    text = report.summary_markdown(EXPERIMENT, runs, report.summary_table(runs), pairs, None, control=table)
+    section = text.split("## Against the unpruned control")[1]
+    assert f"- strategy l1, ratio 0.6: {100 * l1['difference']:.1f} ± {100 * l1['ci95']:.1f} points (n 3)" in section
+
+
 def test_unfinished_runs_and_reruns(store):
     uri, parent, _ = store
     failed = log_trial(uri, parent, trial("l1", 0.9), values("l1", 0.6), status="FAILED")

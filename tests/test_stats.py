@@ -241,6 +241,13 @@ def test_sweep_report_states_the_correction_and_every_verdict(store, tmp_path, c
     plan = text.split("## Seeds needed to detect 0.5 points")[1]
     need = stats.seeds_needed(l1["sd"], 0.005, 0.05 / 2)
     assert f"l1 vs random {need} (paired SD {100 * l1['sd']:.1f} points)" in plan
+    # the same verdicts from the runs.csv it wrote, without MLflow; a spec-less report declares nothing
+    again = tmp_path / "again"
+    csv = str(tmp_path / EXPERIMENT / "runs.csv")
+    assert cli.main(["report", EXPERIMENT, "--runs-csv", csv, "--out", str(again), "--reference", "random"]) == 0
+    assert pd.read_csv(again / EXPERIMENT / "paired.csv")["verdict"].tolist() == pairs["verdict"].tolist()
+    assert "random (post hoc)" in (again / EXPERIMENT / "summary.md").read_text()
+    assert cli.main(["report", EXPERIMENT, "--runs-csv", csv, "--register", "m"]) == cli.USER_ERROR
 
 
 def post_hoc_report(uri: str, **flags) -> tuple[str, pd.DataFrame]:
