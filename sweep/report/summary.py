@@ -660,7 +660,7 @@ def _family_text(pairs: pd.DataFrame, config: ReportConfig, changed: list[str]) 
                      f"{config.alpha * m:.1f} of them would come out better or worse by chance alone.")
     counts = significance_counts(pairs, config.alpha)
     lines += ["", f"A comparison is **better** or **worse** only when its paired t-test and its exact sign-flip test "
-              f"are both below alpha after {correction.lower() if config.correction == 'none' else correction}; "
+              f"are both below alpha {'without correction' if config.correction == 'none' else 'after ' + correction}; "
               f"**equivalent** when two one-sided tests put the difference within ±{_margin(config)} points; "
               "otherwise **inconclusive** (could not tell, not tied). Differences are in accuracy points, with "
               "their 95 % interval; \"detectable\" is the difference this comparison finds 80 % of the time. "
