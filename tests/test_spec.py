@@ -52,12 +52,13 @@ def _trial_shape() -> dict:
     return {
         "name": "quickstart", "seed": 0, "device": "auto",
         "model": {"name": "small_cnn", "weights": None, "factory": None, "kwargs": {}},
-        "dataset": {"name": "digits", "root": None, "download": False, "val_fraction": 0.1, "image_size": None,
+        "dataset": {"name": "digits", "root": None, "download": False, "val_fraction": 0.1, "val_source": "auto",
+                    "image_size": None,
                     "limit": None, "test_limit": None, "factory": None, "kwargs": {}},
         "base": {"epochs": 5, "lr": 0.05, "batch_size": 64, **train},
         "prune": {"strategy": "random", "ratio": 0.3, "ratios": {}, "scope": "local", "target": "channels",
                   "schedule": "oneshot", "steps": 1, "arm": "finetune", "scratch_epochs": None, "min_channels": 1,
-                  "round_to": 1, "ignore": [], "calibration_batches": 4},
+                  "round_to": 1, "ignore": [], "calibration_batches": 4, "oracle_batches": 2},
         "finetune": {"epochs": 3, "lr": 0.01, "batch_size": 64, **train},
         "measure": {"batch_size": 1, "warmup": 5, "runs": 30, "threads": 1},
     }

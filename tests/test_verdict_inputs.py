@@ -21,6 +21,7 @@ from sweep.driver.launch import _progress_reporter, run_one
 from sweep.report import summary
 from sweep.store import registry, tracking
 from sweep.store.view import SUPERSEDED_TAG, TRIAL_FILTER
+from sweep.worker.trial import load_splits
 from sweep.zoo.data import load_dataset, load_official
 from sweep.zoo.models import ModelError, build_model, weights_trained_on
 
@@ -150,6 +151,20 @@ def test_weights_say_what_they_were_trained_on(plugin, tmp_path):
     torch.save({"state_dict": net.state_dict(), "trained_on": 10}, tmp_path / "bad.pt")
     with pytest.raises(ModelError, match=r"model.weights .*bad.pt: trained_on is 10; give a dataset name"):
         weights_trained_on("small_cnn", str(tmp_path / "bad.pt"))
+
+
+def test_dataset_val_source_overrides_what_the_weights_say(tmp_path):
+    net = build_model("small_cnn", 10, in_channels=1)
+    torch.save({"state_dict": net.state_dict(), "trained_on": "digits"}, tmp_path / "seen.pt")
+    torch.save({"state_dict": net.state_dict()}, tmp_path / "silent.pt")
+
+    def source(weights: str, val_source: str) -> str:
+        config = {"model": {"name": "small_cnn", "weights": str(tmp_path / weights)},
+                  "dataset": {"name": "digits", "val_source": val_source}}
+        return load_splits(TrialConfig.model_validate(config)).val_source
+
+    assert (source("seen.pt", "auto"), source("silent.pt", "auto")) == ("test", "train")
+    assert (source("silent.pt", "test"), source("seen.pt", "train")) == ("test", "train")  # the spec decides
 
 
 def test_a_trial_of_a_base_trained_on_its_own_data_validates_on_test(tmp_path, sqlite_uri, one_thread):

@@ -392,7 +392,12 @@ class DatasetConfig(Section):
     root: Root = _f(None, "where the data lives (null: `$SWEEP_DATA`, then `./data`); must exist unless `download`")
     download: Flag() = _f(False, "download the data when it is missing")
     val_fraction: Real(0, 1, lo_open=True, hi_open=True, example=0.1) = _f(
-        0.1, "share of the training data held out for validation (what selection reads)")
+        0.1, "share of the training data held out for validation (what selection reads); with validation from "
+             "test, share of the test split")
+    val_source: OneOf(("auto", "train", "test"), "validation source") = _f(
+        "auto", "`train`: validation held out of train (or the dataset's own); `test`: carved from test, disjoint "
+                "from the images `test_accuracy` reads (for weights trained on this dataset's training images); "
+                "`auto`: `test` when the weights declare this dataset (`trained_on`), else `train`")
     image_size: Int(1, example=32, optional=True) = _f(None, "resize the model input (null: native)")
     limit: Int(1, example=1000, optional=True) = _f(None, "keep at most this many training examples, drawn per "
                                                           "class (smoke runs)")
@@ -449,6 +454,8 @@ class PruneConfig(Section):
     round_to: Int(1, example=8) = _f(1, "round kept widths to a multiple (8 for tensor cores)")
     ignore: ModuleNames = _f([], "modules never pruned (names or shell patterns such as `layer*.conv2`)")
     calibration_batches: Int(1, example=4) = _f(4, "batches scored by `taylor` and `apoz`")
+    oracle_batches: Int(1, example=2) = _f(2, "training batches `oracle` measures each unit's loss change on: "
+                                              "(units + 1) x this many forward passes per pruning step")
 
 
 class MeasureConfig(Section):

@@ -13,6 +13,7 @@ stay as they were.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -48,6 +49,7 @@ from sweep.zoo.data import DataSplits, batches, load_dataset
 from sweep.zoo.models import weights_stats, weights_trained_on
 
 STATE_FILE = "trial.pt"
+REMOVED_FILE = "removed.json"  # artifact: per layer, its width and the channels removed
 Report = Callable[[dict, "str | None"], None]  # (metrics, checkpoint directory or None)
 EpochHook = Callable[[dict, int], None]  # (trial config, epoch) before each training epoch: progress, fault tests
 # Each data stream of a trial has its own seed, so a strategy that scores channels on data (taylor, apoz) does not
@@ -246,11 +248,13 @@ def _claim(config: dict, context: SweepContext, checkpoint_run: str | None,
 
 def load_splits(cfg: TrialConfig, official: DataSplits | None = None) -> DataSplits:
     """This trial's splits; carved out of the node's shared copy of the official splits when there is one.
-    Validation comes from the test split when the network's starting weights were trained on this very dataset
-    (sweep.zoo.data.load_dataset, val_from_test): held out of train, it would be images the base memorised."""
+    Validation comes from the test split (sweep.zoo.data.load_dataset, val_from_test) when dataset.val_source says
+    so, or when it is `auto` and the network's starting weights were trained on this very dataset: held out of
+    train, it would be images the base memorised."""
     data, model = cfg.dataset, cfg.model
     stats = None if model.factory else weights_stats(model.name, model.weights)  # a plug-in normalises itself
-    seen = section_label(data.model_dump()) in weights_trained_on(model.name, model.weights, model.factory)
+    seen = data.val_source == "test" or (data.val_source == "auto" and section_label(data.model_dump()) in
+                                         weights_trained_on(model.name, model.weights, model.factory))
     return load_dataset(data.name, root=data.root, download=data.download, val_fraction=data.val_fraction,
                         seed=cfg.seed, image_size=data.image_size, limit=data.limit, test_limit=data.test_limit,
                         stats=stats, factory=data.factory, kwargs=data.kwargs,
@@ -261,7 +265,7 @@ def validation_tags(cfg: TrialConfig, splits: DataSplits) -> dict[str, str]:
     """Where the run's validation came from and which split it is: runs with different `data.val_split` measured
     val_accuracy on different images, and `sweep report --register` does not rank them together. The seed is not
     part of it: seeds hold out different images of one source at one size, draws of the same population."""
-    data = {k: v for k, v in cfg.dataset.model_dump().items() if k not in ("download", "test_limit")}
+    data = {k: v for k, v in cfg.dataset.model_dump().items() if k not in ("download", "test_limit", "val_source")}
     split = tracking.config_hash({"dataset": data, "source": splits.val_source, "size": len(splits.val)})
     return {"data.val_source": splits.val_source, "data.val_size": str(len(splits.val)), "data.val_split": split}
 
@@ -337,6 +341,8 @@ def _start(config, cfg: TrialConfig, base_model, base_info, splits, device, run)
         model, plan, prune_time, step_accuracy = _prune(config, cfg, base_model.to(device), splits, device)
     if warnings:
         run.set_tags({"prune.warnings": " | ".join(warnings)})
+    if "oracle_forward_passes" in plan.info:
+        run.set_tags({"prune.oracle_forward_passes": str(plan.info["oracle_forward_passes"])})
     if cfg.prune.arm == "scratch" and cfg.prune.strategy == NO_CRITERION:
         # weights of an arbitrary criterion, about to be re-initialised: their accuracy says nothing
         pruned, step_accuracy = {}, []
@@ -402,7 +408,8 @@ def _prune(config, cfg: TrialConfig, model, splits, device) -> tuple[nn.Module, 
     calibration = None
     if strategy in NEEDS_CALIBRATION:
         stream = batches(splits.train, ft.batch_size, True, device, seed=cfg.seed + _CALIBRATION_STREAM, augment=False)
-        calibration = [batch for batch, _ in zip(stream, range(p.calibration_batches))]
+        count = p.oracle_batches if strategy == "oracle" else p.calibration_batches
+        calibration = _Counted([batch for batch, _ in zip(stream, range(count))])
     between = batches(splits.train, ft.batch_size, True, device, seed=cfg.seed + _BETWEEN_STEPS_STREAM)
     step_accuracy: list[float] = []
 
@@ -423,7 +430,21 @@ def _prune(config, cfg: TrialConfig, model, splits, device) -> tuple[nn.Module, 
     if iterative:  # the last step's accuracy, measured like the others
         step_accuracy.append(_accuracy(result.model, splits.val, ft, splits, device))
     result.plan.info["arch"] = arch
+    if strategy == "oracle":  # its cost: (units + 1) x oracle_batches per step, the units known only to the pruner
+        result.plan.info["oracle_forward_passes"] = calibration.passes
     return result.model, result.plan, prune_time, step_accuracy
+
+
+class _Counted:
+    """Calibration batches that count how many times a criterion runs the network on one of them."""
+
+    def __init__(self, items: list) -> None:
+        self.items, self.passes = items, 0
+
+    def __iter__(self) -> Iterator:
+        for item in self.items:
+            self.passes += 1
+            yield item
 
 
 def _finish(state: TrialState, base_model, base_info, splits, device, run) -> dict:
@@ -446,8 +467,16 @@ def _finish(state: TrialState, base_model, base_info, splits, device, run) -> di
         run.log_artifact(out / "pruned.pt", "checkpoint")
         (out / "channels.csv").write_text(_channel_table(state.plan, base_model), encoding="utf-8")
         run.log_artifact(out / "channels.csv")
+        (out / REMOVED_FILE).write_text(json.dumps(_removed(state.plan, base_model)), encoding="utf-8")
+        run.log_artifact(out / REMOVED_FILE)  # what `sweep report` compares criteria on, without the checkpoint
     _log_new(run, state)
     return {name: value for name, _, value in state.points}  # each metric's latest value
+
+
+def _removed(plan: PrunePlan, base_model: nn.Module) -> dict:
+    """Per conv and Linear of the base: its width and the output channels the plan removed (sweep.report.agreement)."""
+    return {name: {"width": before, "removed": plan.removed.get(name, [])}
+            for name, _, before, _ in plan.channel_counts(base_model)}
 
 
 def _channel_table(plan: PrunePlan, base_model: nn.Module) -> str:
