@@ -2,11 +2,13 @@
 
 A real S3 API on loopback (moto's server), reached through the standard AWS variables (AWS_ENDPOINT_URL and dummy
 credentials) as a real bucket would be; real Ray (a `sweep run` subprocess on a local Ray, and a two-node
-`ray.cluster_utils.Cluster`), real MLflow (sqlite), real tiny trials (digits, small_cnn).
+`ray.cluster_utils.Cluster`), real MLflow (sqlite), real tiny trials (digits, small_cnn). And `cluster.yaml`, which
+runs sweeps on a bucket: valid for Ray's cluster launcher, its storage and its nodes' credentials as its docs say.
 """
 
 import logging
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -32,8 +34,6 @@ from sweep.config.spec import load_spec
 from sweep.driver.launch import run_sweep
 from sweep.store import claims, tracking
 from sweep.worker.base import BASES_EXPERIMENT
-
-pytestmark = pytest.mark.e2e
 
 BUCKET = "sweeps"
 
@@ -94,6 +94,7 @@ def driver_env(tmp_path, bucket):
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(300)
 def test_a_sweep_on_s3_survives_its_driver_killed_and_resumes_from_the_bucket(tmp_path, bucket, driver_env,
                                                                                 sqlite_uri):
@@ -155,6 +156,7 @@ def two_nodes(bucket, own_ray):
         cluster.shutdown()
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(300)
 def test_two_nodes_share_one_base_and_a_lost_nodes_trial_resumes_from_the_bucket(two_nodes, bucket, tmp_path,
                                                                                  sqlite_uri):
@@ -195,3 +197,31 @@ space:
     assert rerun.data.tags["ray.node_id"] != worker.node_id
     assert Counter(steps(uri, rerun.info.run_id)) == dict.fromkeys(range(1, 5), 1)
     assert_in_bucket(bucket, uri, spec, runs)
+
+
+# --- cluster.yaml ------------------------------------------------------------------------------------------------
+
+
+def test_cluster_yaml_is_a_valid_ray_cluster_config():
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text(encoding="utf-8"))
+    validate_config(prepare_config(config))  # Ray's own schema, as `ray up` applies it (no cloud call)
+
+
+def test_cluster_yaml_and_its_docs_agree_on_the_bucket():
+    import yaml
+
+    text = (REPO / "cluster.yaml").read_text(encoding="utf-8")
+    docs = (REPO / "docs" / "cluster.md").read_text(encoding="utf-8")
+    config = yaml.safe_load(text)
+    # the usage line, and the docs' command, run on the bucket: the nodes it starts share no folder
+    for where in (text, docs):
+        runs = re.findall(r"sweep run \S+ --address auto \\?\s*#?\s*--storage (\S+)", where)
+        assert runs and set(runs) == {"s3://YOUR-BUCKET/sweep"}, runs
+    # every node that runs trials may read and write it: workers through their instance profile (the head has Ray's)
+    workers = {name: t for name, t in config["available_node_types"].items() if name != config["head_node_type"]}
+    assert workers and all("IamInstanceProfile" in t["node_config"] for t in workers.values())
+    assert "s3://YOUR-BUCKET/mlflow" in text  # MLflow's artifacts in the same bucket
+    assert "ray submit" not in text  # `ray submit` runs a script file, not a command: `ray exec` does
