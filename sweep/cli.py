@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "oracle (the loss change when each filter is removed), per layer")
     criteria.add_argument("space", metavar="SPACE.yaml", help="its model, dataset, base and prune settings")
     criteria.add_argument("--strategies", type=lambda t: [s for s in t.split(",") if s], metavar="S,S,...",
-                          help="strategies to judge (default: all)")
+                          help="strategies to judge (default: all but oracle)")
     criteria.add_argument("--layers", type=_layers, metavar="N|NAME,...",
                           help="how many layer groups (evenly spread), or their names (default: all)")
     _analysis_options(criteria)

@@ -87,7 +87,7 @@ def test_oracle_of_a_filter_equals_zeroing_it_and_removing_it(digits_spec, tmp_p
     base = _loss(model, setup)
     for layer in graph.layers:
         units = layer[:3]
-        got_base, changes = oracle(model, graph, units, setup.val, "cpu", setup.num_classes)
+        got_base, changes = oracle(model, graph, units, setup.val, "cpu")
         assert got_base == pytest.approx(base, rel=1e-7)
         for unit, change in zip(units, changes):
             zeroed = _loss(_zeroed_at_source(model, graph, unit), setup) - base

@@ -45,9 +45,10 @@ from sweep.config.names import section_label
 from sweep.driver.session import start_ray
 from sweep.errors import InputError
 from sweep.pruning import NEEDS_CALIBRATION, STRATEGIES, ChannelGraph, analyse
+from sweep.pruning.oracle import loss_changes
 from sweep.report.analyses import write_criteria_report
 from sweep.store import tracking
-from sweep.worker.train import evaluate, pick_device
+from sweep.worker.train import pick_device
 
 KIND = "criteria"
 Criterion = Callable[[nn.Module, ChannelGraph, object, torch.Generator], torch.Tensor]
@@ -91,40 +92,15 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 # --- the oracle --------------------------------------------------------------------------------------------------
 
 
-def _reads(model: nn.Module, graph: ChannelGraph, units: Sequence[int]
-           ) -> dict[int, list[tuple[nn.Parameter, torch.Tensor]]]:
-    """Per unit: (weight of a consumer, the input positions that carry the unit)."""
-    wanted = set(units)
-    reads: dict[int, list] = {u: [] for u in units}
-    for member in graph.members:
-        if member.role != "in":
-            continue
-        weight = model.get_submodule(member.module).weight
-        for u in set(member.units.tolist()) & wanted:
-            reads[u].append((weight, (member.units == u).nonzero().flatten()))
-    return reads
-
-
-@torch.no_grad()
-def oracle(model: nn.Module, graph: ChannelGraph, units: Sequence[int], batches, device: torch.device | str = "cpu",
-           num_classes: int | None = None) -> tuple[float, np.ndarray]:
-    """(base loss, loss change per unit): each unit removed alone, the held-out loss measured, the unit restored.
+def oracle(model: nn.Module, graph: ChannelGraph, units: Sequence[int], batches, device: torch.device | str = "cpu"
+           ) -> tuple[float, np.ndarray]:
+    """(base loss, loss change per unit): each unit removed alone, the held-out loss measured, the unit restored;
+    the pruner's own `oracle` criterion computes it (sweep.pruning.oracle.loss_changes), on its calibration batches.
 
     ``model`` is modified during the call and restored exactly (the zeroed slices are copied back)."""
-    device = torch.device(device)
-    model = model.to(device).eval()
-    base = evaluate(model, batches, device, num_classes)["loss"]
-    changes = np.empty(len(units))
-    for i, reads in enumerate(_reads(model, graph, units).values()):  # in the order of `units`
-        saved = [(w, pos, w[:, pos].clone()) for w, pos in reads]
-        try:
-            for w, pos, _ in saved:
-                w[:, pos] = 0
-            changes[i] = evaluate(model, batches, device, num_classes)["loss"] - base
-        finally:
-            for w, pos, values in saved:
-                w[:, pos] = values
-    return base, changes
+    model = model.to(torch.device(device))
+    base, changes = loss_changes(model, graph, units, batches)
+    return base, changes.numpy()
 
 
 def criterion_scores(model: nn.Module, graph: ChannelGraph, strategies: Sequence[str],
@@ -178,8 +154,7 @@ def _layer_task(job: dict, index: int) -> dict:
     })
     try:
         graph = job["graph"]
-        base, changes = oracle(job["model"], graph, group.units, job["val"], pick_device(job["device"]),
-                               job["num_classes"])
+        base, changes = oracle(job["model"], graph, group.units, job["val"], pick_device(job["device"]))
         metrics = {"base_loss": base, "oracle_mean_abs": float(np.abs(changes).mean()),
                    "oracle_max": float(changes.max())}
         for name, scores in job["scores"].items():
@@ -223,7 +198,8 @@ def run_criteria(spec, strategies: Sequence[str] | None = None, layers: int | Se
 
 
     start = time.perf_counter()
-    strategies = list(strategies or STRATEGIES)
+    # the oracle criterion by default too would cost (units + 1) x batches forward passes to correlate with itself
+    strategies = list(strategies or [s for s in STRATEGIES if s != "oracle"])
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
         raise InputError(f"--strategies: unknown {unknown}; choose from {', '.join(STRATEGIES)}")
@@ -248,7 +224,7 @@ def run_criteria(spec, strategies: Sequence[str] | None = None, layers: int | Se
     try:
         job = ray.put({
             "uri": uri, "experiment": name, "parent": parent, "resources": spec.resources, "groups": chosen,
-            "model": setup.model, "example": setup.example, "val": setup.val, "num_classes": setup.num_classes,
+            "model": setup.model, "example": setup.example, "val": setup.val,
             "graph": graph, "device": setup.config["device"], "scores": scores,
             "channels": _first_channel(setup.model, graph, groups),
         })

@@ -44,7 +44,8 @@ def canonical(config: dict) -> dict:
     else:
         # the scratch arm under local scope: only the criterion goes; ratio, ratios, ignore, min_channels and
         # round_to still shape the architecture, and calibration batches are read by no one
-        out["prune"].update(strategy=NO_CRITERION, calibration_batches=PruneConfig().calibration_batches)
+        out["prune"].update(strategy=NO_CRITERION, calibration_batches=PruneConfig().calibration_batches,
+                            oracle_batches=PruneConfig().oracle_batches)
     return out
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .graph import ChannelGraph, PruningError
+from .oracle import oracle
 
 Calibration = Iterable[tuple[torch.Tensor, torch.Tensor]]
 Criterion = Callable[[nn.Module, ChannelGraph, "Calibration | None", torch.Generator], torch.Tensor]
@@ -246,5 +247,6 @@ STRATEGIES: dict[str, Criterion] = {
     "taylor": taylor,
     "apoz": apoz,
     "fpgm": fpgm,
+    "oracle": oracle,  # measured, not estimated: (units + 1) x batches forward passes (sweep.pruning.oracle)
 }
-NEEDS_CALIBRATION = frozenset({"taylor", "apoz"})
+NEEDS_CALIBRATION = frozenset({"taylor", "apoz", "oracle"})

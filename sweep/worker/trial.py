@@ -467,13 +467,13 @@ def _finish(state: TrialState, base_model, base_info, splits, device, run) -> di
         run.log_artifact(out / "pruned.pt", "checkpoint")
         (out / "channels.csv").write_text(_channel_table(state.plan, base_model), encoding="utf-8")
         run.log_artifact(out / "channels.csv")
-        (out / REMOVED_FILE).write_text(json.dumps(_removed(state.plan, base_model)), encoding="utf-8")
+        (out / REMOVED_FILE).write_text(json.dumps(removed_channels(state.plan, base_model)), encoding="utf-8")
         run.log_artifact(out / REMOVED_FILE)  # what `sweep report` compares criteria on, without the checkpoint
     _log_new(run, state)
     return {name: value for name, _, value in state.points}  # each metric's latest value
 
 
-def _removed(plan: PrunePlan, base_model: nn.Module) -> dict:
+def removed_channels(plan: PrunePlan, base_model: nn.Module) -> dict:
     """Per conv and Linear of the base: its width and the output channels the plan removed (sweep.report.agreement)."""
     return {name: {"width": before, "removed": plan.removed.get(name, [])}
             for name, _, before, _ in plan.channel_counts(base_model)}
