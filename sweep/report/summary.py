@@ -671,8 +671,8 @@ def _family_text(pairs: pd.DataFrame, config: ReportConfig, changed: list[str]) 
     if few:
         lines.append(f"With {' or '.join(map(str, few))} paired seeds the exact sign-flip test cannot give a p below "
                      f"{stats.smallest_sign_flip_p(max(few)):.2g}, so no comparison there can be better or worse "
-                     f"(\"detectable: none\"): a lone difference must reach {lone:.2g} here, which takes "
-                     f"{stats.seeds_for_sign_flip(lone)} seeds; `sweep report NAME --plan POINTS` says how many "
+                     f"(\"detectable: none\"): under this correction a comparison's p must reach {lone:.2g}, which "
+                     f"takes {stats.seeds_for_sign_flip(lone)} seeds; `sweep report NAME --plan POINTS` says how many "
                      "each comparison needs.")
     return lines + [""]
 
