@@ -7,12 +7,15 @@ real HTTP server on loopback, and (slow) a sweep whose real MLflow server is kil
 
 import http.server
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -42,11 +45,12 @@ def unused_port() -> int:
         return sock.getsockname()[1]
 
 
-def sweep_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+def sweep_run(tmp_path: Path, *args: str, unset: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     spec = tmp_path / "spec.yaml"
     spec.write_text(SPEC, encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    for name in ("MLFLOW_TRACKING_URI", *unset):
+        env.pop(name, None)
     # 60 s: the issue's bound, most of it this loaded machine importing torch, Ray and MLflow
     return subprocess.run([sys.executable, "-m", "sweep.cli", "run", str(spec), *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=60)
@@ -188,3 +192,37 @@ def test_a_tracking_server_outage_mid_sweep_is_said_and_ridden_out(tmp_path, tem
     assert "View run" not in text and "View experiment" not in text  # MLflow's chatter stays out of the display
     runs = tracking.child_runs(MlflowClient(f"sqlite:///{db}"), "outage")
     assert [r.info.status for r in runs] == ["FINISHED"]
+
+
+# --- a cluster that wants a token ----------------------------------------------------------------------------------
+
+TOKEN_HEAD = """
+import os, sys, time
+from ray.cluster_utils import Cluster
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+print(cluster.address, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.slow  # a Ray head starting, then Ray's own 20 s of retries before it gives up: about a minute here
+@pytest.mark.timeout(300)
+def test_a_cluster_that_wants_a_token_the_driver_lacks_exits_2_naming_the_variable(tmp_path):
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rk", dir="/tmp"))  # short: Ray's socket paths live under it
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_TMPDIR": str(ray_tmp),
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex}
+    head = subprocess.Popen([sys.executable, "-c", TOKEN_HEAD], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        address = head.stdout.readline().strip()
+        assert address.startswith("127.0.0.1:"), address
+        out = sweep_run(tmp_path, "--address", address, unset=("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"))  # no token
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)  # the head and the Ray processes it started, in its session
+        head.wait(timeout=30)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert out.returncode == 2, out.stdout + out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr  # Ray's retry warnings held back
+    assert f"--address {address}" in lines[0] and "RAY_AUTH_MODE=token" in lines[0]
+    assert not (tmp_path / "mlflow.db").exists()

@@ -4,10 +4,14 @@ folder, or object storage such as s3://bucket/sweeps)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import sys
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from sweep.config.spec import SpecError, SweepSpec
@@ -41,10 +45,12 @@ def start_ray(address: str | None = None, num_cpus: int | None = None,
     os.environ.update(WORKER_ENV)  # this driver's own runs, and local workers (they inherit it)
     if address is not None:
         check_address(address, connect_timeout)
-        try:
-            ray.init(address=address, runtime_env={"env_vars": WORKER_ENV})
-        except ConnectionError as error:  # the GCS answered but refused us: token authentication, most often
-            raise InputError(_refused(address, error)) from None
+        with _stderr_held() as held:
+            try:
+                ray.init(address=address, runtime_env={"env_vars": WORKER_ENV})
+            except ConnectionError as error:  # the GCS answered but refused us: token authentication, most often
+                raise InputError(_refused(address, error)) from None
+            held.keep = True
         return True
     os.environ[_LOCAL_ONLY_ENV] = "0"  # for processes Ray starts from here; they import ray afresh
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report to the internet from a local run
@@ -60,6 +66,32 @@ def start_ray(address: str | None = None, num_cpus: int | None = None,
         ray.shutdown()
         raise RuntimeError(f"local Ray bound {node_ip}, not {LOOPBACK}; set {_LOCAL_ONLY_ENV}=0 before starting")
     return True
+
+
+class _Held:
+    keep = False  # replay what was held (the connection worked: Ray's own lines are worth seeing)
+
+
+@contextlib.contextmanager
+def _stderr_held() -> Iterator[_Held]:
+    """Hold what is written to file descriptor 2 while Ray connects: its C++ client writes a warning per retry
+    straight there ("Failed to get cluster ID from GCS server: Unauthenticated", 20 of them before ray.init gives
+    up). Replayed when `keep` is set; dropped on failure, where our one line says what went wrong."""
+    held = _Held()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield held
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if held.keep:
+                sink.seek(0)
+                sys.stderr.write(sink.read().decode(errors="replace"))
+                sys.stderr.flush()
 
 
 def _host_port(address: str) -> tuple[str, int] | None:
