@@ -209,7 +209,8 @@ def test_gpu_requested_where_none_exists(world, before, capsys):
 CLI_CASES = [
     ("run_missing_file", ["run", "{tmp}/nope.yaml"], "nope.yaml: file not found"),
     ("run_not_utf8", ["run", "{tmp}/latin1.yaml"], "not UTF-8 text"),
-    ("run_storage_uri", ["run", "{good}", "--storage", "s3://bucket/x"], "--storage: 's3://bucket/x' is a URI"),
+    ("run_storage_uri", ["run", "{good}", "--storage", "nosuch://bucket/x"], "--storage: nosuch://bucket/x is not "
+     "writable (Unrecognized filesystem type in URI"),
     ("run_max_concurrent_zero", ["run", "{good}", "--max-concurrent", "0"], "argument --max-concurrent: 0 is less"),
     ("run_unknown_option", ["run", "{good}", "--retry"], "unrecognized arguments: --retry"),
     ("unknown_command", ["sweeep"], "invalid choice: 'sweeep'"),
