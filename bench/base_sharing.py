@@ -75,7 +75,8 @@ def main() -> None:
     try:
         uri = tracking.resolve_tracking_uri(f"sqlite:///{work}/mlflow.db")
         tracking.init_store(uri)
-        timed_trial(configs("sharing_warmup", 1, 1, 1, sizes)[0], uri, work / "warmup")
+        if not args.smoke:  # one-off costs; the smoke form checks the code path, not the timing
+            timed_trial(configs("sharing_warmup", 1, 1, 1, sizes)[0], uri, work / "warmup")
         shared_configs = configs("sharing_shared", n, base_epochs, finetune_epochs, sizes)
         off_configs = configs("sharing_off", n, base_epochs, finetune_epochs, sizes)
         shared_trials, unshared_trials = [], []

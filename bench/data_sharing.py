@@ -113,13 +113,14 @@ def pss_rss(roots: list[int]) -> tuple[int, int, dict[str, int]]:
 
 
 class Sampler(threading.Thread):
-    def __init__(self, roots: list[int]):
+    def __init__(self, roots: list[int], every_s: float):
         super().__init__(daemon=True)
-        self.roots, self.stop, self.peaks = roots, threading.Event(), {"pss": 0, "rss": 0, "kinds": {}}
+        self.roots, self.every_s, self.stop = roots, every_s, threading.Event()
+        self.peaks = {"pss": 0, "rss": 0, "kinds": {}}
         self.base = pss_rss(roots)
 
     def run(self) -> None:
-        while not self.stop.wait(0.2):
+        while not self.stop.wait(self.every_s):
             pss, rss, kinds = pss_rss(self.roots)
             if pss - self.base[0] > self.peaks["pss"]:  # what the PSS peak is made of
                 self.peaks["kinds"] = {k: v - self.base[2].get(k, 0) for k, v in kinds.items()}
@@ -146,7 +147,7 @@ def random_imagefolder(root: Path, per_class: int, classes: int = 10) -> str:
     return str(root)
 
 
-def measure(n: int, shared: bool, root: str, work: Path, batch: int, sizes: dict) -> dict:
+def measure(n: int, shared: bool, root: str, work: Path, batch: int, sizes: dict, smoke: bool) -> dict:
     import ray
 
     from sweep.config.spec import load_spec
@@ -158,8 +159,11 @@ def measure(n: int, shared: bool, root: str, work: Path, batch: int, sizes: dict
     path = work / f"{name}.yaml"
     path.write_text(SPACE.format(name=name, root=root, strategies=STRATEGIES[:n], cpu=2 / n, batch=batch, **sizes))
     start_ray(None)
-    time.sleep(2)  # let Ray's own processes settle before the baseline
-    sampler = Sampler([os.getpid()])  # Ray's processes are this driver's descendants
+    if not smoke:
+        time.sleep(2)  # let Ray's own processes settle before the baseline
+    # Ray's processes are this driver's descendants. The walk over /proc runs in the driver, beside its Tune loop:
+    # the smoke form, which checks the code path and not the peak, walks once a second
+    sampler = Sampler([os.getpid()], 1.0 if smoke else 0.2)
     sampler.start()
     start = time.perf_counter()
     outcome = run_sweep(load_spec(path), tracking_uri=f"sqlite:///{work / name}.db", storage=str(work / name),
@@ -198,7 +202,7 @@ def main() -> None:
         rows = {}
         for arm in args.arms:
             for n in args.counts:
-                rows[arm, n] = measure(n, ARMS[arm], root, work, args.batch_size, sizes)
+                rows[arm, n] = measure(n, ARMS[arm], root, work, args.batch_size, sizes, args.smoke)
                 print(f"  {arm} x{n}: {rows[arm, n]}", flush=True)
     gib = 2**30
     print(f"\nload average before: {load:.2f}; {os.cpu_count()} CPUs; fine-tune batch {args.batch_size}; peaks while "

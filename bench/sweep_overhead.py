@@ -18,7 +18,7 @@ prune_time_s, the latency metrics' timestamps (MLflow), and the last write of Tu
 
     python bench/sweep_overhead.py                       # short (2 epochs) and long (10 epochs) trials, 8 each
     python bench/sweep_overhead.py --short 2 --long 0    # short only
-    python bench/sweep_overhead.py --smoke               # 2 tiny trials of 1 epoch: the code path in seconds
+    python bench/sweep_overhead.py --smoke               # 1 tiny trial of 1 epoch per arm: the code path only
 """
 
 from __future__ import annotations
@@ -36,7 +36,25 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from _records import launch_phases  # noqa: E402 - after the variables Ray reads when it is imported
+# after the variables Ray reads when it is imported; at the top, so that a plain trial's worker imports them when it
+# receives the trainable, before Tune's clock starts, as a sweep trial's worker imports sweep.worker.trial
+from _records import launch_phases  # noqa: E402
+from ray import tune  # noqa: E402
+
+from sweep.config.schema import trial_config  # noqa: E402
+from sweep.pruning import prune  # noqa: E402
+from sweep.worker.base import ensure_base, example_input, load_base  # noqa: E402
+from sweep.worker.measure import count_flops  # noqa: E402
+from sweep.worker.train import (  # noqa: E402
+    evaluate,
+    make_optimizer,
+    pick_device,
+    prepare_model,
+    seed_everything,
+    train_epoch,
+)
+from sweep.worker.trial import load_splits  # noqa: E402
+from sweep.zoo.data import batches  # noqa: E402
 
 SPACE = """
 name: {name}
@@ -52,7 +70,7 @@ resources: {{cpu: 1}}
 checkpoint_every_s: {every}
 """
 FULL = {"limit": "", "runs": 10, "strategies": ["l1", "l2", "fpgm", "random"], "ratios": [0.3, 0.6]}
-SMOKE = {"limit": ", limit: 200", "runs": 2, "strategies": ["l1", "fpgm"], "ratios": [0.5]}
+SMOKE = {"limit": ", limit: 200", "runs": 2, "strategies": ["l1"], "ratios": [0.5]}
 
 
 # --- the plain arm --------------------------------------------------------------------------------------------
@@ -60,16 +78,6 @@ SMOKE = {"limit": ", limit: 200", "runs": 2, "strategies": ["l1", "fpgm"], "rati
 
 def plain_trial(config: dict, cache_dir: str, log: str) -> None:
     """The same compute as a sweep trial, reporting val_accuracy each epoch to Tune: nothing else."""
-    from ray import tune
-
-    from sweep.config.schema import trial_config
-    from sweep.pruning import prune
-    from sweep.worker.base import ensure_base, example_input, load_base
-    from sweep.worker.measure import count_flops
-    from sweep.worker.train import evaluate, make_optimizer, pick_device, prepare_model, seed_everything, train_epoch
-    from sweep.worker.trial import load_splits
-    from sweep.zoo.data import batches
-
     pieces: dict[str, float] = {}
 
     def lap(name: str, since: float) -> float:
@@ -115,9 +123,12 @@ def plain_trial(config: dict, cache_dir: str, log: str) -> None:
         f.write(json.dumps({**pieces, "trial wall": time.perf_counter() - start}) + "\n")
 
 
-def run_plain(spec, cache: str, work: Path, log: str) -> float:
-    from ray import tune
+def tune_trial_seconds(folder: str | Path) -> list[float]:
+    """Each trial's time_total_s as Tune recorded it (its last result in the trial folders under `folder`)."""
+    return [json.loads(path.read_text().splitlines()[-1])["time_total_s"] for path in Path(folder).rglob("result.json")]
 
+
+def run_plain(spec, cache: str, work: Path, log: str) -> float:
     trainable = tune.with_resources(tune.with_parameters(plain_trial, cache_dir=cache, log=log), {"cpu": 1})
     tuner = tune.Tuner(
         trainable, param_space={"trial": tune.grid_search(spec.grid_configs())},
@@ -134,7 +145,7 @@ def run_plain(spec, cache: str, work: Path, log: str) -> float:
 # --- the sweep arm, from what it records -----------------------------------------------------------------------
 
 
-def run_swept(spec, uri: str, storage: str) -> tuple[dict[str, float], list[dict[str, float]]]:
+def run_swept(spec, uri: str, storage: str) -> tuple[dict[str, float], dict[str, list[float]]]:
     """run_sweep's wall split into phases by its records, and each trial's pieces as its MLflow run holds them."""
     from mlflow.tracking import MlflowClient
 
@@ -155,7 +166,11 @@ def run_swept(spec, uri: str, storage: str) -> tuple[dict[str, float], list[dict
                        "fine-tune (train_time_s)": metrics["train_time_s"],
                        "rest of the run (data, base, evaluate, claims, logging, checkpoints)":
                            wall - metrics["prune_time_s"] - metrics["train_time_s"]})
-    return phases, trials
+    return phases, {"Tune's time_total_s": tune_trial_seconds(outcome.storage), **_columns(trials)}
+
+
+def _columns(rows: list[dict[str, float]]) -> dict[str, list[float]]:
+    return {key: [row[key] for row in rows] for key in rows[0]}
 
 
 def one_length(epochs: int, work: Path, every: float, sizes: dict) -> None:
@@ -178,7 +193,8 @@ def one_length(epochs: int, work: Path, every: float, sizes: dict) -> None:
     plain = run_plain(spec, cache, work, plain_log)
     phases, sweep_rows = run_swept(spec, uri, storage)
     load1 = os.getloadavg()[0]
-    plain_rows = [json.loads(line) for line in Path(plain_log).read_text().splitlines()]
+    plain_rows = {"Tune's time_total_s": tune_trial_seconds(work / "plain"),
+                  **_columns([json.loads(line) for line in Path(plain_log).read_text().splitlines()])}
 
     n = len(spec.grid_configs())
     separate = phases["latency phase"] + phases["report"]
@@ -187,13 +203,13 @@ def one_length(epochs: int, work: Path, every: float, sizes: dict) -> None:
           f"load {load0:.1f} -> {load1:.1f} (measured under load)")
     print(f"{'arm / phase':<40} {'wall s':>8} {'/ plain':>8}")
     print(f"{'plain Tuner.fit':<40} {plain:>8.1f} {1:>8.2f}")
-    for label, value in [*phases.items(), ("sweep total excl. latency + report", core)]:
+    for label, value in [*phases.items(), ("total excl. latency + report", core)]:
         print(f"{'sweep ' + label:<40} {value:>8.1f} {value / plain:>8.2f}")
-    print(f"per trial, inside the worker (mean of {len(plain_rows)} plain trials, timed by the trainable; of "
-          f"{len(sweep_rows)} sweep trials, from their MLflow runs)")
-    for arm, rows in (("plain", plain_rows), ("sweep", sweep_rows)):
-        for key in rows[0]:
-            print(f"  {arm} {key:<70} {statistics.mean(r[key] for r in rows):>8.3f}")
+    print(f"per trial, mean of {n} (Tune's record of each; the plain trainable's own timings; the sweep trial's "
+          f"MLflow run)")
+    for arm, columns in (("plain", plain_rows), ("sweep", sweep_rows)):
+        for key, values in columns.items():
+            print(f"  {arm} {key:<70} {statistics.mean(values):>8.3f}")
     print(f"overhead ratio, {epochs}-epoch trials: sweep (excl. latency phase and report) / plain = "
           f"{core / plain:.2f}; with them {phases['total'] / plain:.2f}")
 
@@ -203,7 +219,7 @@ def main() -> None:
     parser.add_argument("--short", type=int, default=2, help="fine-tune epochs of the short trials (0: skip)")
     parser.add_argument("--long", type=int, default=10, help="fine-tune epochs of the long trials (0: skip)")
     parser.add_argument("--checkpoint-every-s", type=float, default=10.0, help="the sweep arm's checkpoint_every_s")
-    parser.add_argument("--smoke", action="store_true", help="2 trials of 1 epoch on 200 digits: the code path only")
+    parser.add_argument("--smoke", action="store_true", help="1 trial of 1 epoch on 200 digits: the code path only")
     args = parser.parse_args()
     lengths, sizes = ((1,), SMOKE) if args.smoke else ((args.short, args.long), FULL)
     work = Path(tempfile.mkdtemp(prefix="sweep-overhead-"))
