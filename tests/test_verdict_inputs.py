@@ -205,7 +205,9 @@ space:
 
 @pytest.mark.parametrize("scope, scratch", [("local", 2 * 2), ("global", 3 * 2 * 2)])
 def test_a_control_trial_runs_once_per_seed_and_scratch_once_per_ratio_under_local_scope(scope, scratch):
-    configs = parse_spec(ARMS.format(scope=scope)).grid_configs()
+    spec = parse_spec(ARMS.format(scope=scope))
+    configs = spec.grid_configs()
+    assert spec.num_trials() == len(configs)  # what `sweep validate` says it will run
     by_arm = {arm: [c for c in configs if c["prune"]["arm"] == arm] for arm in ("finetune", "scratch", "control")}
     assert len(by_arm["finetune"]) == 3 * 2 * 2  # strategies x ratios x seeds
     assert len(by_arm["control"]) == 2  # one per seed: nothing pruned, so strategy and ratio change nothing

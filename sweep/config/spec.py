@@ -132,8 +132,14 @@ class SweepSpec:
         return 1 if self.search["algorithm"] == "grid" else self.search["num_samples"]
 
     def num_trials(self) -> int:
-        """How many trials the sweep runs: the grid's size (counted, not enumerated) times num_samples."""
-        return _grid_size(self.space) * self.num_samples()
+        """How many trials the sweep runs: the grid's size (counted, not enumerated) times num_samples; a grid with a
+        control or scratch arm, which may list one trial for several combinations (config.arms), is enumerated
+        when it is not over max_trials."""
+        size = _grid_size(self.space)
+        arms = self.space["prune.arm"].values if "prune.arm" in self.space else (self.trial["prune"]["arm"],)
+        if self.search["algorithm"] == "grid" and size <= self.max_trials and {"control", "scratch"} & set(arms):
+            return len(self.grid_configs())
+        return size * self.num_samples()
 
 
 def _grid_size(space: dict) -> int:
