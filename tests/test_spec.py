@@ -493,7 +493,7 @@ def test_typed_access_to_a_trial_config(registries):
     config = spec.grid_configs()[0]
     cfg = trial_config(config)
     assert isinstance(cfg, TrialConfig) and isinstance(cfg.finetune, TrainConfig)
-    assert (cfg.prune.strategy, cfg.prune.ratio, cfg.finetune.lr, cfg.base.epochs) == ("random", 0.3, 0.01, 5)
+    assert (cfg.prune.strategy, cfg.prune.ratio, cfg.finetune.lr, cfg.base.epochs) == ("random", 0.7, 0.01, 5)
     assert cfg.model_dump() == config  # the dict and the typed view hold the same values
     assert TrainConfig().model_dump() == TrainConfig.from_dict({}).model_dump() == config["finetune"]
 
