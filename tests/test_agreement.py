@@ -140,6 +140,8 @@ resources: {{cpu: 1}}
 @pytest.mark.e2e
 @pytest.mark.timeout(300)
 def test_sweep_with_oracle_and_random_reports_their_agreement(local_ray, tmp_path, sqlite_uri):
+    """Also the digits sweep of strategy oracle: it finishes, reads oracle_batches (2, not calibration_batches' 4)
+    and tags its cost."""
     path = tmp_path / "agree.yaml"
     path.write_text(SPEC.format(batches=2), encoding="utf-8")
     storage = str(tmp_path / "results")
@@ -152,6 +154,7 @@ def test_sweep_with_oracle_and_random_reports_their_agreement(local_ray, tmp_pat
     for run in runs:
         assert run.info.status == "FINISHED"
         assert json.loads(Path(client.download_artifacts(run.info.run_id, "removed.json", str(tmp_path))).read_text())
+        assert run.data.metrics["channels_removed"] == pytest.approx(0.5, abs=0.02)
         if run.data.params["strategy"] == "oracle":  # each unit and the whole network, on each calibration batch
             assert run.data.tags["prune.oracle_forward_passes"] == str((units + 1) * 2)
         else:
