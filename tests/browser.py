@@ -103,13 +103,15 @@ _ATTR = re.compile(r'([\w-]+)="([^"]*)"')
 _TAG = re.compile(r"<[^>]*>")
 
 
-def runs_table(dom: str) -> tuple[dict[str, dict[str, str]], set[str]]:
-    """(run id -> {column id -> text}, column ids of the header) of the runs table (an ag-grid) in a dumped DOM.
+def runs_table(dom: str) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """(row id -> {column id -> text}, column ids of the header, left to right) of the runs table (an ag-grid) in a
+    dumped DOM.
 
-    A cell's text is the text between its opening tag and the next row or cell; a row's id is its run id.
+    A cell's text is the text between its opening tag and the next row or cell. A row's id is its run id, or with the
+    table grouped, `<group id>.<run id>` for a trial and the group id (such as `param.strategy.l1`) for a group row.
     """
     rows: dict[str, dict[str, str]] = {}
-    headers: set[str] = set()
+    headers: dict[str, int] = {}  # column id -> its place, left to right (the DOM holds pinned columns first)
     tokens = list(_TOKEN.finditer(dom))
     row = None
     for i, token in enumerate(tokens):
@@ -119,10 +121,10 @@ def runs_table(dom: str) -> tuple[dict[str, dict[str, str]], set[str]]:
             row = attrs.get("row-id")
             if row:
                 rows.setdefault(row, {})
-        elif role == "columnheader" and attrs.get("col-id"):
-            headers.add(html.unescape(attrs["col-id"]))
+        elif role == "columnheader" and attrs.get("col-id") and attrs.get("aria-colindex"):
+            headers.setdefault(html.unescape(attrs["col-id"]), int(attrs["aria-colindex"]))
         elif role == "gridcell" and row and attrs.get("col-id"):
             end = tokens[i + 1].start() if i + 1 < len(tokens) else len(dom)
             text = html.unescape(_TAG.sub(" ", dom[token.end():end]))
             rows[row][html.unescape(attrs["col-id"])] = " ".join(text.split())
-    return rows, headers
+    return rows, sorted(headers, key=headers.__getitem__)

@@ -6,6 +6,7 @@ SWEEP_SCREENSHOTS=DIR keeps the browser's screenshots there (how docs/*.png are 
 
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from sweep.config.spec import load_spec
 from sweep.driver.launch import run_sweep
+from sweep.pruning import STRATEGIES
 from sweep.store import tracking
 from sweep.store import view as mlflow_ui
 
@@ -30,8 +32,16 @@ def test_new_experiment_has_kind_and_saved_view(sqlite_uri):
     envelope = json.loads(tags[mlflow_ui.VIEW_TAG])  # the envelope the UI's saved views use
     assert envelope["name"] == mlflow_ui.VIEW_NAME and isinstance(envelope["createdAt"], int)
     state = json.loads(envelope["state"])
-    assert state["searchFilter"] == "tags.config_hash LIKE '%'"
-    assert "params.`strategy`" in state["selectedColumns"] and "metrics.`flops_reduction`" in state["selectedColumns"]
+    assert state["searchFilter"].startswith("tags.config_hash LIKE '%'")
+    # the results first, then what was compared
+    assert state["selectedColumns"][:3] == ["metrics.`val_accuracy`", "metrics.`test_accuracy`",
+                                            "metrics.`flops_reduction`"]
+    params = [c for c in state["selectedColumns"] if c.startswith("params.")]
+    assert params[:3] == ["params.`strategy`", "params.`ratio`", "params.`seed`"]
+    assert state["groupBy"]["groupByKeys"] == [{"mode": "param", "groupByData": "strategy"}]
+    assert state["useGroupedValuesInCharts"] is False  # a point per trial, not a mean across ratios
+    [section] = state["compareRunSections"]
+    assert section["columns"] == 2 and section["cardHeight"] > 360
     [chart, *_] = state["compareRunCharts"]
     assert chart["type"] == "SCATTER" and chart["xaxis"]["key"] == "flops_reduction"
     assert len(tags[mlflow_ui.VIEW_TAG]) < 20_000  # MLflow's limit on an experiment tag value
@@ -45,6 +55,12 @@ def test_the_view_filter_selects_trials_not_parents(sqlite_uri):
     experiment_id = tracking.find_experiment_id(client, "ui_filter")
     found = client.search_runs([experiment_id], mlflow_ui.TRIAL_FILTER)
     assert [r.info.run_id for r in found] == [child.run_id]
+    assert found[0].data.tags[mlflow_ui.COLOR_TAG] == mlflow_ui.run_color("l1")  # the UI colours it by strategy
+
+
+def test_every_strategy_has_its_own_colour():
+    colours = [mlflow_ui.run_color(s) for s in STRATEGIES]
+    assert len(set(colours)) == len(colours) and mlflow_ui.OTHER_COLOR not in colours
 
 
 def test_an_older_experiment_is_marked_once(sqlite_uri):
@@ -84,6 +100,7 @@ space:
   strategy: {grid: [l1, random]}
   ratio: {grid: [0.3, 0.6]}
 """
+SIZE = (1600, 1000)  # a laptop's browser window: what the view must read well in
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +119,16 @@ def swept(tmp_path_factory, template_db):
     return root, uri
 
 
+def _render(url: str, png: Path, **options) -> str:
+    dom = render(url, png, **options)
+    png.with_suffix(".html").write_text(dom, encoding="utf-8")  # beside the screenshot: what a failure is read from
+    return dom
+
+
+def _hex(rgb: str) -> str:
+    return "#" + "".join(f"{int(c):02x}" for c in re.findall(r"\d+", rgb)[:3])
+
+
 def test_the_browser_shows_the_comparison(swept, one_thread):
     root, uri = swept
     keep = Path(os.environ["SWEEP_SCREENSHOTS"]) if os.environ.get("SWEEP_SCREENSHOTS") else root / "shots"
@@ -111,35 +138,51 @@ def test_the_browser_shows_the_comparison(swept, one_thread):
     trials = {r.info.run_id: r for r in tracking.child_runs(client, "ui_sweep")}
     assert len(trials) == 4
     with mlflow_server(uri, root / "artifacts") as server:
-        # the runs table of the printed view: one row per trial, no parent, the comparison's columns
-        dom = render(mlflow_ui.view_url(server, experiment_id), keep / "mlflow_runs_table.png", size=(1900, 900))
-        rows, headers = runs_table(dom)
-        assert set(rows) == set(trials), (sorted(rows), sorted(trials))
-        for column in ("params.`strategy`", "params.`ratio`", "metrics.`val_accuracy`", "metrics.`flops_reduction`"):
-            assert column in headers, (column, sorted(headers))
-        assert {row["params.`strategy`"] for row in rows.values()} == {"l1", "random"}
-        assert {row["params.`ratio`"] for row in rows.values()} == {"0.3", "0.6"}
-        for run_id, row in rows.items():
+        # the runs table of the printed view: grouped by strategy, one row per trial inside, no parent; the results'
+        # columns first, then strategy, ratio and seed
+        dom = _render(mlflow_ui.view_url(server, experiment_id), keep / "mlflow_runs_table.png", size=SIZE)
+        metrics = ["metrics.`val_accuracy`", "metrics.`test_accuracy`", "metrics.`flops_reduction`"]
+        _, headers = runs_table(dom)  # the grid draws only the columns on screen
+        assert [h for h in headers if h.startswith(("metrics.", "params."))][:3] == metrics, headers
+        # wider, for every column to be drawn: strategy, ratio and seed come right after the results
+        rows, headers = runs_table(render(mlflow_ui.view_url(server, experiment_id), size=(3000, 1000)))
+        runs = {row_id.rpartition(".")[2]: row for row_id, row in rows.items() if row_id.rpartition(".")[2] in trials}
+        groups = {row_id for row_id in rows if row_id.rpartition(".")[2] not in trials}
+        assert set(runs) == set(trials), (sorted(rows), sorted(trials))
+        assert groups == {"param.strategy.l1", "param.strategy.random"}, sorted(rows)
+        swept_params = ["params.`strategy`", "params.`ratio`", "params.`seed`"]
+        params = [h for h in headers if h.startswith("params.")]
+        assert params[:3] == swept_params and headers.index(params[0]) > headers.index(metrics[-1]), headers
+        assert {row["params.`strategy`"] for row in runs.values()} == {"l1", "random"}
+        assert {row["params.`ratio`"] for row in runs.values()} == {"0.3", "0.6"}
+        for run_id, row in runs.items():
             recorded = trials[run_id].data.metrics["flops_reduction"]
             assert abs(float(row["metrics.`flops_reduction`"]) - recorded) < 1e-6
-        accuracies = [float(row["metrics.`val_accuracy`"]) for row in rows.values()]
-        assert accuracies == sorted(accuracies, reverse=True)  # sorted by validation accuracy, best first
+        for group in groups:  # sorted by validation accuracy, best first, inside each group
+            accuracies = [float(row["metrics.`val_accuracy`"]) for row_id, row in rows.items()
+                          if row_id.startswith(group + ".")]
+            assert accuracies == sorted(accuracies, reverse=True) and len(accuracies) == 2
         assert "Evaluations" not in dom and "Training runs" in dom or "Runs" in dom
 
-        # the chart view: a scatter of accuracy against FLOPs reduction over the trials
-        dom = render(mlflow_ui.view_url(server, experiment_id, chart=True), keep / "mlflow_chart.png",
-                     size=(1900, 1000), budget_ms=40_000)
+        # the chart view: two large scatters of accuracy against FLOPs reduction, a point per trial, coloured by
+        # strategy (tag mlflow.runColor), so two colours for the four trials
+        dom = _render(mlflow_ui.view_url(server, experiment_id, chart=True), keep / "mlflow_chart.png", size=SIZE,
+                     budget_ms=40_000)
         assert "Pruning trade-off" in dom and "flops_reduction" in dom
         assert "Model metrics (0)" not in dom
-        assert dom.count('class="scatterlayer') >= 1, "no scatter plot was drawn"
+        plots = re.findall(r'<svg class="main-svg"[^>]*width="(\d+)" height="(\d+)"', dom)
+        assert dom.count('class="scatterlayer') >= 2, "no scatter plot was drawn"
+        assert max(int(h) for _, h in plots) >= 340, plots  # 460-px cards (the UI's default is 360 with a legend)
+        colours = {_hex(c) for c in re.findall(r'class="point[ "][^>]*?fill: (rgb\([^)]*\))', dom)}
+        assert colours == {mlflow_ui.run_color("l1"), mlflow_ui.run_color("random")}, colours
 
         # a child run's page says Runs, not Evaluations
         best = max(trials, key=lambda r: trials[r].data.metrics["val_accuracy"])
-        dom = render(mlflow_ui.run_url(server, experiment_id, best), keep / "mlflow_child_run.png")
+        dom = render(mlflow_ui.run_url(server, experiment_id, best), keep / "mlflow_child_run.png", size=SIZE)
         assert trials[best].data.tags["mlflow.runName"] in dom
         assert ">Evaluations<" not in dom
 
         # the experiment's own page (what the Experiments list opens), in the Model training workflow
         dom = render(f"{server}/#/experiments/{experiment_id}?workflowType=machine_learning",
-                     keep / "mlflow_experiment.png")
+                     keep / "mlflow_experiment.png", size=SIZE)
         assert ">Overview<" not in dom or "Runs" in dom

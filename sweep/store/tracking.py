@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 
 from sweep.config.names import PARAMS, section_label
 from sweep.store.client import resolve_tracking_uri, with_retry  # noqa: F401 -- callers use tracking.resolve_tracking_uri
-from sweep.store.view import SUPERSEDED_TAG, experiment_tags, mark_experiment
+from sweep.store.view import COLOR_TAG, SUPERSEDED_TAG, experiment_tags, mark_experiment, run_color
 
 log = logging.getLogger(__name__)
 # Artifact downloads (latency phase, report) would draw a progress bar per file into the sweep's output.
@@ -377,6 +377,7 @@ class TrialRun:
             "config_hash": config_hash(trial_config),
             "sweep.name": experiment,
             "mlflow.runName": _run_name(trial_config),
+            COLOR_TAG: run_color(trial_config.get("prune", {}).get("strategy")),  # charts colour trials by strategy
             **(tags or {}),
         }
         if parent_run_id is not None:

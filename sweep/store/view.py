@@ -12,8 +12,12 @@ Why each piece (checked against the MLflow 3.17 UI bundle, `mlflow/server/js/bui
   browser (local storage), not in the URL; the one way to hand a page its state is a *saved view*: an experiment tag
   `mlflow.sharedViewState.<key>` holding the state, opened by `?viewStateShareKey=<key>` (what the UI's Share button
   makes). The view here filters to trial runs (they carry tag `config_hash`, parents do not), so they are the rows
-  and what the charts compare; shows the parameters and metrics a pruning comparison needs as columns; sorts by
-  validation accuracy; and adds scatter charts of accuracy against FLOPs reduction.
+  and what the charts compare; shows the metrics a pruning comparison needs as its first columns, then strategy,
+  ratio and seed; groups the rows by strategy and sorts by validation accuracy; and adds two large scatter charts of
+  accuracy against FLOPs reduction, a point per trial coloured by its strategy (tag mlflow.runColor, set on each trial
+  run: the UI has no "colour by param", and its grouped charts would average over ratios).
+- What the view state cannot do (MLflow 3.17): round the table's values, close the MLflow Assistant panel (the UI opens
+  it once on a local server's first visit; closed, it stays closed), or hide the chart toolbar.
 - What a URL cannot do: a sqlite store has no web server, so the URL assumes `mlflow ui` started as printed by
   `ui_command`. The browser keeps the user's own layout once they change it ("Exit shared view" returns to it).
 """
@@ -33,7 +37,7 @@ VIEW_KEY = "sweep-compare"
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 VIEW_TAG = VIEW_TAG_PREFIX + VIEW_KEY
 VIEW_NAME = "sweep: compare trials"
-VIEW_VERSION = "2"  # bump when the view below changes: experiments marked before get the new one
+VIEW_VERSION = "3"  # bump when the view below changes: experiments marked before get the new one
 VERSION_TAG = "sweep.view_version"
 
 DEFAULT_SERVER = "http://127.0.0.1:5000"
@@ -41,11 +45,25 @@ DEFAULT_SERVER = "http://127.0.0.1:5000"
 # rerun of its config replaced carries SUPERSEDED_TAG (tracking.supersede_earlier).
 SUPERSEDED_TAG = "sweep.superseded_by"
 TRIAL_FILTER = f"tags.config_hash LIKE '%' and tags.`{SUPERSEDED_TAG}` IS NULL"
-PARAM_COLUMNS = ["model", "dataset", "strategy", "ratio", "scope", "target", "schedule"]
-METRIC_COLUMNS = ["val_accuracy", "test_accuracy", "flops_reduction", "params_reduction", "speedup", "latency_ms",
-                  "train_time_s"]
+# The table reads left to right as a comparison does: the results, then what was compared (strategy, ratio, seed),
+# then the settings that are usually the same for every trial.
+METRIC_COLUMNS = ["val_accuracy", "test_accuracy", "flops_reduction", "params", "latency_ms", "train_time_s"]
+PARAM_COLUMNS = ["strategy", "ratio", "seed", "scope", "target", "schedule", "model", "dataset"]
 SCATTERS = [("flops_reduction", "val_accuracy"), ("flops_reduction", "test_accuracy")]
 SORT_METRIC = "val_accuracy"
+GROUP_PARAM = "strategy"
+RUN_NAME_COLUMN = "attributes.`Run Name`"  # its column id in the runs table
+# One colour per strategy, the same in every sweep, on every chart: a trial run carries its strategy's colour in
+# the tag the UI reads for a run's colour (it otherwise hashes the run id: one colour per trial).
+COLOR_TAG = "mlflow.runColor"
+STRATEGY_COLORS = {"random": "#7f7f7f", "l1": "#1f77b4", "l2": "#17becf", "bn_scale": "#2ca02c", "taylor": "#d62728",
+                   "apoz": "#9467bd", "fpgm": "#ff7f0e", "oracle": "#8c564b", "none": "#000000"}
+OTHER_COLOR = "#e377c2"
+
+
+def run_color(strategy: str | None) -> str:
+    """The colour a trial of this strategy has in the UI's table and charts."""
+    return STRATEGY_COLORS.get(str(strategy), OTHER_COLOR)
 
 
 def _column(kind: str, name: str) -> str:
@@ -60,7 +78,7 @@ def view_state() -> dict:
         "deleted": False, "isGenerated": False, "displayName": f"{y} vs {x}",
         "xaxis": {"key": x, "type": "METRIC"}, "yaxis": {"key": y, "type": "METRIC"},
     } for x, y in SCATTERS]
-    columns = [_column("params", p) for p in PARAM_COLUMNS] + [_column("metrics", m) for m in METRIC_COLUMNS]
+    columns = [_column("metrics", m) for m in METRIC_COLUMNS] + [_column("params", p) for p in PARAM_COLUMNS]
     return {
         # search facets
         "searchFilter": TRIAL_FILTER,
@@ -72,16 +90,22 @@ def view_state() -> dict:
         "datasetsFilter": [],
         # layout
         "selectedColumns": columns,
-        "columnOrder": columns,  # what was swept first, then the results
+        "columnOrder": [RUN_NAME_COLUMN, *columns],
+        "columnWidths": {RUN_NAME_COLUMN: 300},  # the whole name: strategy-ratio-scope-target-schedule-model
         "runsHiddenMode": "SHOW_ALL",  # the charts' default shows only the first 10 rows
         "compareRunCharts": charts,
+        # two charts a row, 460 px high (the UI's default: three of 360 px, unreadable beside the runs list)
         "compareRunSections": [{"uuid": section, "name": "Pruning trade-off", "display": True, "isReordered": False,
-                                "deleted": False, "isGenerated": False}],
+                                "deleted": False, "isGenerated": False, "columns": 2, "cardHeight": 460}],
         "isAccordionReordered": True,  # keep our section first, above the generated per-metric ones
         "hideEmptyCharts": True,
         "viewMaximized": False,
         "runListHidden": False,
-        "groupBy": None,
+        # the table's rows grouped by strategy (a group row holds its trials' means); the charts keep one point per
+        # trial, coloured by its strategy (COLOR_TAG), not one averaged point per strategy across ratios
+        "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "param", "groupByData": GROUP_PARAM}]},
+        "groupsExpanded": {},  # every group open
+        "useGroupedValuesInCharts": False,
     }
 
 
