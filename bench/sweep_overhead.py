@@ -43,16 +43,9 @@ from ray import tune  # noqa: E402
 
 from sweep.config.schema import trial_config  # noqa: E402
 from sweep.pruning import prune  # noqa: E402
+from sweep.worker import train  # noqa: E402
 from sweep.worker.base import ensure_base, example_input, load_base  # noqa: E402
 from sweep.worker.measure import count_flops  # noqa: E402
-from sweep.worker.train import (  # noqa: E402
-    evaluate,
-    make_optimizer,
-    pick_device,
-    prepare_model,
-    seed_everything,
-    train_epoch,
-)
 from sweep.worker.trial import load_splits  # noqa: E402
 from sweep.zoo.data import batches  # noqa: E402
 
@@ -88,8 +81,8 @@ def plain_trial(config: dict, cache_dir: str, log: str) -> None:
     start = t = time.perf_counter()
     trial = config["trial"]
     cfg = trial_config(trial)
-    device = pick_device(cfg.device)
-    seed_everything(cfg.seed)
+    device = train.pick_device(cfg.device)
+    train.seed_everything(cfg.seed)
     splits = load_splits(cfg)
     base_path, _ = ensure_base(trial, cache_dir, splits, device)
     base_model, _ = load_base(trial, base_path, splits)
@@ -100,22 +93,22 @@ def plain_trial(config: dict, cache_dir: str, log: str) -> None:
                   min_channels=p.min_channels, round_to=p.round_to, seed=cfg.seed).model
     t = lap("prune", t)
     for split in (splits.val, splits.test):  # the pruned accuracies a trial records
-        evaluate(model, batches(split, ft.batch_size, False, device), device, splits.num_classes)
+        train.evaluate(model, batches(split, ft.batch_size, False, device), device, splits.num_classes)
     count_flops(model, example)
-    model = prepare_model(model, device, ft)
-    optimizer, scheduler = make_optimizer(model, ft, len(batches(splits.train, ft.batch_size, True)))
+    model = train.prepare_model(model, device, ft)
+    optimizer, scheduler = train.make_optimizer(model, ft, len(batches(splits.train, ft.batch_size, True)))
     train_batches = batches(splits.train, ft.batch_size, True, device, seed=cfg.seed)
     val_batches = batches(splits.val, ft.batch_size, False, device)
     t = lap("pruned accuracy, FLOPs, optimizer", t)
     for epoch in range(1, ft.epochs + 1):
         train_batches.set_epoch(epoch)
-        train_epoch(model, train_batches, optimizer, scheduler, ft, device)
+        train.train_epoch(model, train_batches, optimizer, scheduler, ft, device)
         t = lap("fine-tune (train_time_s)", t)
-        val = evaluate(model, val_batches, device, splits.num_classes)
+        val = train.evaluate(model, val_batches, device, splits.num_classes)
         t = lap("evaluate", t)
         tune.report({"val_accuracy": val["accuracy"], "epoch": epoch})
         t = lap("tune.report", t)
-    test = evaluate(model, batches(splits.test, ft.batch_size, False, device), device, splits.num_classes)
+    test = train.evaluate(model, batches(splits.test, ft.batch_size, False, device), device, splits.num_classes)
     t = lap("evaluate", t)
     tune.report({"val_accuracy": val["accuracy"], "test_accuracy": test["accuracy"], "epoch": ft.epochs})
     lap("tune.report", t)
