@@ -362,3 +362,8 @@ space:
     assert len(table) == 6 and set(table["n"]) == {3}  # the forced config's group included
     assert set(table["model"]) == {f"{plugin}:build"}
     assert len(pd.read_csv(tmp_path / "reports" / "verdicts" / "runs.csv")) == 18
+
+    # the winner of one group, rebuilt from the factory path the run records
+    assert main(["report", "verdicts", "--tracking-uri", sqlite_uri, "--out", str(tmp_path / "reports"),
+                 "--register", "plugged", "--where", "strategy=l1,ratio=0.5"]) == 0
+    assert "registered: plugged version 1" in capsys.readouterr().out
