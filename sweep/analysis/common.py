@@ -56,14 +56,16 @@ def _materialise(data, batch_size: int, train: bool, seed: int, limit: int | Non
 
 
 def prepare(spec: SweepSpec, storage: str | None = None, max_batches: int | None = None,
-            calibration: bool = True) -> Setup:
-    """Load the spec's dataset, and train (or find) its shared base under ``<storage>/<name>/bases``."""
+            calibration: bool = True, tracking_uri: str | None = None) -> Setup:
+    """Load the spec's dataset, and train (or find) its shared base under ``<storage>/<name>/bases``; on object
+    storage the base is claimed in the tracking store, as a sweep's trials claim it."""
 
     config = spec.trial
     seed_everything(config["seed"])
     splits = load_splits(trial_config(config))
     device = pick_device(config["device"])
-    path, cached = ensure_base(config, cache_dir(resolve_storage(storage), spec.name), splits, device)
+    path, cached = ensure_base(config, cache_dir(resolve_storage(storage), spec.name), splits, device,
+                               tracking_uri=tracking.resolve_tracking_uri(tracking_uri), experiment=spec.name)
     model, info = load_base(config, path, splits)
     batch_size = config["finetune"]["batch_size"]
     val = _materialise(splits.val, batch_size, False, config["seed"], max_batches)

@@ -206,7 +206,8 @@ def run_criteria(spec, strategies: Sequence[str] | None = None, layers: int | Se
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.init_store(uri)
     setup: Setup = prepare(spec, storage, max_batches,
-                           calibration=bool(set(strategies) & NEEDS_CALIBRATION) or bool(extra_criteria))
+                           calibration=bool(set(strategies) & NEEDS_CALIBRATION) or bool(extra_criteria),
+                           tracking_uri=uri)
     ignore = tuple(setup.config["prune"]["ignore"])
     graph = analyse(setup.model, (setup.example,), ignore)
     groups = groups_of(setup.model, graph)

@@ -126,7 +126,8 @@ def run_sensitivity(spec, ratios: Sequence[float] | None = None, strategy: str |
         raise InputError(f"--tolerance: {tolerance:g} is outside [0, 1); give a fraction such as 0.01 (one point)")
     uri = tracking.resolve_tracking_uri(tracking_uri)
     tracking.init_store(uri)
-    setup: Setup = prepare(spec, storage, max_batches, calibration=strategy in NEEDS_CALIBRATION)
+    setup: Setup = prepare(spec, storage, max_batches, calibration=strategy in NEEDS_CALIBRATION,
+                           tracking_uri=uri)
     prune_cfg = setup.config["prune"]
     settings = {"ignore": list(prune_cfg["ignore"]), "min_channels": prune_cfg["min_channels"],
                 "round_to": prune_cfg["round_to"]}
