@@ -247,6 +247,15 @@ space:
     assert f"module '{plugin}' has no attribute 'buld'; did you mean 'build'?" in factory
 
 
+def test_run_reports_a_misspelt_factory_before_anything_starts(plugin, capsys):
+    text = f"name: mine\ndataset: {{name: digits}}\nmodel: {{factory: '{plugin}:buld'}}\nspace: {{ratio: 1.2}}\n"
+    path = _write(Path.cwd(), "mine.yaml", text)
+    assert main(["run", path, "--storage", str(Path.cwd() / "results")]) == 2
+    lines = _error_lines(capsys.readouterr().err)
+    assert len(lines) == 2 and any("did you mean 'build'?" in line for line in lines), lines
+    assert not (Path.cwd() / "results").exists() and not (Path.cwd() / "mlflow.db").exists()
+
+
 def test_validate_names_the_nearest_module_of_a_misspelt_one(plugin, capsys):
     typo = plugin[:-1]  # one character short
     path = _write(Path.cwd(), "mine.yaml", f"""
