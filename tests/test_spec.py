@@ -425,13 +425,14 @@ def test_malformed_spec_gives_one_line_naming_the_field(request, text, field, de
 def test_new_fields_default_and_parse(registries):
     spec = parse_spec(yaml.safe_dump({
         "name": "new", "dataset": {"name": "digits", "limit": 100, "test_limit": 50},
-        "model": {"factory": "mypkg.nets:build", "kwargs": {"width": 2, "blocks": [1, 2]}},
+        "model": {"factory": "sweep.zoo.models:small_cnn", "kwargs": {"width": 2, "blocks": [1, 2]}},
         "prune": {"ratio": 0, "ratios": {"layer1.*": 0.3, "fc": 0}, "arm": "scratch", "scratch_epochs": 7},
         "measure": {"threads": 2}, "resources": {"memory": 2.5}, "metric": "val_loss", "max_trials": 2,
         "space": {"arm": {"grid": ["finetune", "scratch"]}},
     }))
-    # A factory skips the registry: the name stays null and nothing is imported yet.
-    assert spec.trial["model"] == {"name": None, "weights": None, "factory": "mypkg.nets:build",
+    # A factory skips the registry: the name stays null. It is imported (a misspelt one is reported with the spec's
+    # other problems), not called: its kwargs are checked when the trial builds it.
+    assert spec.trial["model"] == {"name": None, "weights": None, "factory": "sweep.zoo.models:small_cnn",
                                    "kwargs": {"width": 2, "blocks": [1, 2]}}
     assert (spec.trial["dataset"]["limit"], spec.trial["dataset"]["test_limit"]) == (100, 50)
     assert spec.trial["prune"]["ratios"] == {"layer1.*": 0.3, "fc": 0.0} and spec.trial["prune"]["ratio"] == 0.0
