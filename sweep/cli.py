@@ -355,7 +355,8 @@ def cmd_trial(args: argparse.Namespace) -> int:
     threads = trial_threads(spec.resources)
     torch.set_num_threads(threads)
     print(f"note: {threads} torch thread{'s' * (threads > 1)}, as a trial gets under `sweep run` (resources.cpu, or "
-          "$OMP_NUM_THREADS)", file=sys.stderr)
+          "$OMP_NUM_THREADS); the base network trains first (once: later trials reuse it), then each fine-tune epoch "
+          "prints a line", file=sys.stderr)
     started = time.monotonic()
 
     def on_report(metrics: dict, checkpoint: str | None) -> None:
