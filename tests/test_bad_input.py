@@ -216,7 +216,7 @@ CLI_CASES = [
     ("unknown_command", ["sweeep"], "invalid choice: 'sweeep'"),
     ("validate_nothing", ["validate"], "the following arguments are required: SPACE.yaml"),
     ("prune_ratio_too_big", ["prune", "--model", "small_cnn", "--ratio", "1.5"], "--ratio: 1.5 is outside (0, 1)"),
-    ("prune_unknown_model", ["prune", "--model", "resnet21"], "model.name: unknown model 'resnet21'"),
+    ("prune_unknown_model", ["prune", "--model", "resnet21"], "--model: unknown model 'resnet21'"),
 ]
 
 
