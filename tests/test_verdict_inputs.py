@@ -324,6 +324,8 @@ def test_the_progress_line_names_a_plugin_by_its_factory_path(plugin):
                       "space: {strategy: {grid: [l1, fpgm]}}\n")
     describe = _progress_reporter(spec, 1, "sqlite:///unused.db").describe
     assert describe({"trial": spec.grid_configs()[0]}) == f"model {plugin}:build, strategy l1, ratio 0.5"
+    table = _progress_reporter(spec, 2, "sqlite:///unused.db")  # --verbose: Tune's table, a column per setting
+    assert table._parameter_columns["trial/model/factory"] == "model"
 
 
 @pytest.mark.e2e

@@ -95,7 +95,10 @@ def _progress_reporter(spec: SweepSpec, verbose: int, uri: str) -> Any:
                 values.append(f"{short.get(path, path)} {value}")
             return ", ".join(values)
         return CompactProgress(spec.metric, spec.mode, describe, outage=functools.partial(down_for, uri))
-    columns = {"trial/" + p.replace(".", "/"): short.get(p, p) for p in shown}
+    # a plug-in section that is not swept: Tune's table shows its factory path (its name is null)
+    plugin = {f"{s}.name": f"{s}.factory" for s in ("model", "dataset")
+              if s not in spec.space and not spec.trial[s].get("name") and spec.trial[s].get("factory")}
+    columns = {"trial/" + plugin.get(p, p).replace(".", "/"): short.get(p, p) for p in shown}
     # print_intermediate_tables explicitly: its default follows a process-wide verbosity that earlier fits leave set.
     return tune.CLIReporter(parameter_columns=columns, metric_columns=_PROGRESS_METRICS, max_report_frequency=10,
                             print_intermediate_tables=True)
