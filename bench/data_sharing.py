@@ -9,8 +9,8 @@ tensor of 184 MB; a trial's `limit` only narrows what it trains on, never what i
                      read-only; each trial runs in its own Ray worker process, which imports torch and sweep
   per-trial copy     SWEEP_SHARE_DATA=0: every trial decodes and holds its own copy (what sweep did before)
 
-(A third arm, trials forked from one process per node, left with `resources.process: fork`; its figures stay in
-the benchmark history.)
+(A third arm, trials forked from one process per node, went when `resources.process: fork` was retired; its
+figures stay in the benchmark history.)
 
 Memory is sampled every 0.2 s while the sweep runs, over this sweep's processes only (the driver and every process
 it started: Ray's raylet, which maps the object store, and the workers the raylet started; other sessions on the
