@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import math
 import os
@@ -383,14 +384,15 @@ def _as_flags(message: str) -> str:
     return message
 
 
-def _prune_network(args: argparse.Namespace) -> tuple[dict, tuple[int, int, int]]:
-    """The model block to build (name, weights, factory, kwargs) and the (classes, channels, side) it is built for
-    where the flags leave them out: a --spec's own model and dataset, or 10 classes of 3x32x32 images."""
+def _prune_network(args: argparse.Namespace) -> tuple[dict, tuple[int, int, int], Any]:
+    """The model block to build (name, weights, factory, kwargs), the (classes, channels, side) it is built for where
+    the flags leave them out, and the data to score channels on: a --spec's own model and dataset (its splits), or 10
+    classes of 3x32x32 images (None: no data)."""
     if args.kwargs and not args.factory:
         raise InputError("--kwargs: only a --factory takes keyword arguments; remove --kwargs or give --factory")
     if not args.spec:
         block = {"name": args.model, "weights": args.weights, "factory": args.factory, "kwargs": args.kwargs}
-        return block, (10, 3, 32)
+        return block, (10, 3, 32), None
     from sweep.config.spec import load_spec
     from sweep.zoo.data import DataError, load_dataset
 
@@ -401,7 +403,7 @@ def _prune_network(args: argparse.Namespace) -> tuple[dict, tuple[int, int, int]
                          "--factory instead")
     block = {**spec.trial["model"], **({"weights": args.weights} if args.weights else {})}
     if args.num_classes and args.in_channels and args.input_size:
-        return block, (args.num_classes, args.in_channels, args.input_size)
+        return block, (args.num_classes, args.in_channels, args.input_size), None
     data = spec.trial["dataset"]
     try:
         splits = load_dataset(data["name"], root=data["root"], image_size=data["image_size"], limit=data["limit"],
@@ -409,7 +411,7 @@ def _prune_network(args: argparse.Namespace) -> tuple[dict, tuple[int, int, int]
     except DataError as error:
         raise InputError(f"--spec: its dataset does not load here ({error}); give --num-classes, --in-channels "
                          "and --input-size instead") from None
-    return block, (splits.num_classes, splits.in_channels, splits.image_size)
+    return block, (splits.num_classes, splits.in_channels, splits.image_size), splits
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -418,9 +420,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     from sweep.pruning import NEEDS_CALIBRATION, PruningError, prune, save_pruned
     from sweep.worker.measure import count_flops, count_params
+    from sweep.zoo.data import batches
     from sweep.zoo.models import ModelError, build_model
 
-    block, shape = _prune_network(args)
+    block, shape, splits = _prune_network(args)
+    if splits is not None and (args.num_classes, args.in_channels, args.input_size) != (None, None, None):
+        splits = None  # the flags build the network for other inputs than the spec's data
     args.num_classes, args.in_channels, args.input_size = (given or found for given, found in zip(
         (args.num_classes, args.in_channels, args.input_size), shape))
     try:
@@ -430,10 +435,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise InputError(str(error) if args.spec else _as_flags(str(error))) from None
     example = torch.randn(1, args.in_channels, args.input_size, args.input_size)
     calibration = None
-    if args.strategy in NEEDS_CALIBRATION:
+    if args.strategy in NEEDS_CALIBRATION and splits is not None:  # the spec's training images, as a trial scores
+        calibration = list(itertools.islice(batches(splits.train, 32, True, seed=args.seed), 2))
+    elif args.strategy in NEEDS_CALIBRATION:
         # No dataset here: score on random inputs so the command still shows the mechanics. Sweeps use real data.
         print(f"note: {args.strategy} scores channels with data; using random inputs (run `sweep trial` for "
-              "scores from a dataset)", file=sys.stderr)
+              "scores from a dataset, or --spec SPACE.yaml)", file=sys.stderr)
         g = torch.Generator().manual_seed(args.seed)
         shape = (8, args.in_channels, args.input_size, args.input_size)
         calibration = [(torch.randn(shape, generator=g), torch.randint(args.num_classes, (8,), generator=g))

@@ -317,6 +317,8 @@ def test_prune_takes_the_users_own_network(plugin, capsys):
     built = build_model(None, 10, in_channels=1, factory=f"{plugin}:build", kwargs={"width": 6})  # digits: 1x8x8
     model, _ = load_pruned(out, built)
     assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    assert main(["prune", "--spec", path, "--strategy", "taylor"]) == 0  # scored on the spec's images
+    assert "random inputs" not in capsys.readouterr().err
 
     assert main(["prune", "--factory", f"{plugin}:buld"]) == 2
     [line] = _error_lines(capsys.readouterr().err)
