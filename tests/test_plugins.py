@@ -226,9 +226,10 @@ def test_ray_workers_import_the_plugin_from_the_drivers_directory(plugin, tmp_pa
     import ray
 
     from sweep.driver.session import start_ray
-    from sweep.zoo.models import resolve_factory
+    from sweep.zoo.models import ModelError
+    from sweep.zoo.plugin import resolve_factory
 
-    resolve_factory(f"{plugin}:build", "model.factory")
+    resolve_factory(f"{plugin}:build", "model.factory", ModelError)
     assert start_ray(None)
     try:
         @ray.remote
