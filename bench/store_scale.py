@@ -303,7 +303,7 @@ def measure(full_db: Path, work: Path, skip_sweep: bool, full_first: bool = Fals
         first = "to first trial's 1st epoch"
         pre = {a: phases[a]["before Tune"] for a in phases}
         to_first = phases["full"][first] / phases["empty"][first]
-        print(f"run_sweep before Tune (preflight, queries): full / empty = {pre['full'] / pre['empty']:.2f}; "
+        print(f"run_sweep before Tune (preflight, Ray start, queries): full / empty = {pre['full'] / pre['empty']:.2f}; "
               f"time to the first trial's first epoch: full / empty = {to_first:.2f}")
 
     start = time.perf_counter()
