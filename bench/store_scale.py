@@ -301,9 +301,9 @@ def measure(full_db: Path, work: Path, skip_sweep: bool, full_first: bool = Fals
             e, f = phases["empty"].get(name, float("nan")), phases["full"][name]
             print(f"{name:<20} {e:>9.2f} {f:>9.2f} {f / e:>11.2f}")
         first = "to first trial's 1st epoch"
-        pre = {a: phases[a]["before Tune"] for a in phases}
+        before = phases["full"]["before Tune"] / phases["empty"]["before Tune"]
         to_first = phases["full"][first] / phases["empty"][first]
-        print(f"run_sweep before Tune (preflight, Ray start, queries): full / empty = {pre['full'] / pre['empty']:.2f}; "
+        print(f"run_sweep before Tune (preflight, Ray start, queries): full / empty = {before:.2f}; "
               f"time to the first trial's first epoch: full / empty = {to_first:.2f}")
 
     start = time.perf_counter()
