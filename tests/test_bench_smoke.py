@@ -65,6 +65,17 @@ class TestSmoke:
         _smoke(script)
 
 
+def test_a_missing_optional_library_leaves_its_side_out_with_a_note():
+    # torch_pruning made unimportable in the bench's process; only its side asked for, so no model is pruned
+    blocked = ("import runpy, sys; sys.modules['torch_pruning'] = None; "
+               "sys.argv = ['coverage.py', '--smoke', '--sides', 'tp']; "
+               "runpy.run_path(sys.argv[0], run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", blocked], cwd=BENCH, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "torch_pruning is not installed" in proc.stdout and "the tp side is left out" in proc.stdout, proc.stdout
+
+
 class TestSmokeOnRay:
     @pytest.mark.parametrize("script", [s for s in SCRIPTS if s in RAY_BENCHES])
     def test_runs_and_prints_its_table_and_ratio(self, script):
