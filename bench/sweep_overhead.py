@@ -35,6 +35,7 @@ from pathlib import Path
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the plain arm's Tuner: no configuration box, as run_sweep's
 
 # after the variables Ray reads when it is imported; at the top, so that a plain trial's worker imports them when it
 # receives the trainable, before Tune's clock starts, as a sweep trial's worker imports sweep.worker.trial
