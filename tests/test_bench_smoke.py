@@ -37,7 +37,7 @@ EXPECTED = {
     "sweep_overhead.py": [rf"^sweep Tune fit +{NUMBER} +{NUMBER}$", rf"^  sweep fine-tune \(train_time_s\) +{NUMBER}$",
                           rf"^overhead ratio, 1-epoch trials: sweep \(excl\. latency phase and report\) / plain = "
                           rf"{NUMBER}; with them {NUMBER}$"],
-    "timm_coverage.py": [r"^ours: .*\(of \d+\)$"],
+    "timm_coverage.py": [r"^LCNet +lcnet_050 +\| equivalent ", r"^ours: equivalent 1 \(of 1\)$"],
     "train_throughput.py": [rf"^cpu +small_cnn +256 +\d+ +\d+ +{NUMBER}$",
                             rf"^ours / plain images/s: cpu small_cnn {NUMBER}x$"],
     "tune_snapshot.py": [rf"^ +2 +{NUMBER} +{NUMBER} +{NUMBER} +{NUMBER}$",
