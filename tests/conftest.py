@@ -23,6 +23,7 @@ def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # a stable sort
 
+import contextlib  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -93,6 +94,26 @@ def own_ray():
     ray.shutdown()
     if was_running:
         start_ray(None, num_cpus=_RAY_CPUS)
+
+
+@contextlib.contextmanager
+def two_node_cluster():
+    """Two Ray nodes on loopback (ray.cluster_utils.Cluster), one CPU each, connected; yields (cluster, worker node).
+    Node death is noticed within seconds, so a removed node's trial is failed (and retried) fast."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    system = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
+                                                            "_system_config": system})
+    worker = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    try:
+        yield cluster, worker
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 class FailOnce:

@@ -17,7 +17,7 @@ import uuid
 from collections import Counter
 
 import pytest
-import ray
+from conftest import two_node_cluster
 from mlflow.tracking import MlflowClient
 from test_reliability import (
     REPO,
@@ -141,19 +141,8 @@ space:
 @pytest.fixture
 def two_nodes(bucket, own_ray):
     """Two Ray nodes on loopback, started after the AWS variables are set (their workers inherit them)."""
-    from ray.cluster_utils import Cluster
-
-    system = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}  # a lost node is noticed fast
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
-                                                            "_system_config": system})
-    worker = cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
-    try:
-        yield cluster, worker
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+    with two_node_cluster() as nodes:
+        yield nodes
 
 
 @pytest.mark.e2e

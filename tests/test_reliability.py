@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import ray
+from conftest import two_node_cluster
 from mlflow.tracking import MlflowClient
 
 from sweep.config.spec import load_spec
@@ -339,20 +340,8 @@ space:
 
 @pytest.fixture
 def two_nodes(own_ray):
-    from ray.cluster_utils import Cluster
-
-    # Fast node-death detection, so a removed node's trial is failed (and retried) within seconds.
-    system = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
-                                                            "_system_config": system})
-    worker = cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
-    try:
-        yield cluster, worker
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+    with two_node_cluster() as nodes:
+        yield nodes
 
 
 @pytest.mark.timeout(300)
