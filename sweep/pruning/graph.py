@@ -9,6 +9,12 @@ grouped convs, concat offsets, flatten into a Linear, a permute — is recorded 
 ``FIXED``, mean "never remove" (network inputs and outputs, zero padding, unknown
 parameters). A *unit* is a set of tied labels, removed as one; a *layer* is the set of
 units sharing producers, ranked and rounded together.
+
+Norm layers, convs and Linears count by what they are, wherever their forward lives: a subclass
+that calls F.batch_norm / F.conv2d / F.linear itself (timm's norm + act layers) is sliced like
+the torch module, and a conv whose weight is computed per filter from its own parameters (weight
+standardisation) loses filters but keeps its inputs. A network torch.fx cannot trace is traced
+along one forward pass of the example inputs instead (`_ConcreteTracer`).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx._symbolic_trace import _maybe_revert_all_patches  # private, but in every torch from 2.1 on
 from torch.fx.passes.shape_prop import ShapeProp
 
 FIXED = 0
@@ -44,7 +51,11 @@ _SPATIAL_MODULES = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
     nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d,
+    nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d, nn.ReplicationPad2d,
+    nn.ReplicationPad3d,
 )
+# Padding with zeros keeps a zeroed channel zero; any other constant would not.
+_CONSTANT_PADS = (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
 _POINTWISE_FUNCTIONS = {
     "relu", "relu_", "relu6", "hardtanh", "leaky_relu", "elu", "gelu", "silu", "sigmoid", "tanh",
@@ -59,6 +70,13 @@ _ELEMENTWISE_BINARY = {"add", "add_", "iadd", "sub", "sub_", "isub", "mul", "mul
                        "truediv", "div", "div_", "itruediv"}
 _METADATA = {"size", "dim", "getattr", "numel", "_assert", "is_floating_point"}
 _REDUCTIONS = {"mean", "sum", "amax", "amin", "max", "min", "std", "var", "norm"}
+_CONV_FUNCTIONS = {"conv1d", "conv2d", "conv3d"}
+# Per-channel statistics: each channel is normalised on its own (group_norm ties whole groups).
+_NORM_FUNCTIONS = {"batch_norm", "instance_norm", "group_norm"}
+_NORM_STATE = ("weight", "bias", "running_mean", "running_var")
+# Ops that carry a parameter to where it is used without mixing its entries: a view, or a scalar factor.
+_PARAM_CARRIERS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous", "to", "float", "double",
+                   "mul", "truediv", "div", "add", "sub", "neg"}
 
 
 class _UnionFind:
@@ -155,15 +173,158 @@ def _shape(node) -> tuple[int, ...] | None:
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+_FIXED_METADATA = {"device", "dtype", "layout", "is_cuda", "ndim", "requires_grad", "is_sparse"}
+
+
+class _Concrete:
+    """What a proxy of `_ConcreteTracer` adds: it knows the value its node takes on the example inputs, so Python
+    that needs a plain value (``int``, ``range``, ``if``) gets it, and the tracer notes that the graph is specialised
+    on it."""
+
+    def __len__(self) -> int:  # a rank, or a batch size: nothing pruning changes
+        return len(self.node.meta["concrete"])
+
+    def __int__(self) -> int:
+        return int(self.tracer.concrete(self))
+
+    def __index__(self) -> int:
+        return int(self.tracer.concrete(self))
+
+    def __float__(self) -> float:
+        return float(self.tracer.concrete(self))
+
+    def __getattr__(self, k: str):
+        # metadata pruning cannot change: plain values, so that code may pass them on (torch.autocast(v.device.type))
+        if k in _FIXED_METADATA:
+            return getattr(self.node.meta["concrete"], k)
+        return _ConcreteAttribute(self, k)
+
+
+class _ConcreteProxy(_Concrete, fx.Proxy):
+    pass
+
+
+class _ConcreteAttribute(_Concrete, fx.proxy.Attribute):
+    pass
+
+
+class _ConcreteTracer(fx.Tracer):
+    """torch.fx tracing that runs each op on the example inputs as it records it (one forward pass).
+
+    Control flow then takes the branch the example takes instead of failing, which specialises the graph
+    on that branch. That is sound for pruning when the branch depends only on metadata (a device, a spatial
+    size, a channel count, which the analysis then keeps whole so that it cannot change); a branch on tensor
+    values is refused, since other inputs could take a branch never seen.
+    """
+
+    def __init__(self, inputs: tuple[torch.Tensor, ...]):
+        super().__init__()
+        self.inputs = list(inputs)
+        self.decided: list[fx.Node] = []  # nodes whose value the Python code used as a plain value
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ConcreteProxy(node, self)
+
+    def current_module(self) -> str:
+        return next(reversed(self.module_stack.values()))[0] if self.module_stack else ""
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        node = proxy.node
+        value = lambda a: self._value(a) if isinstance(a, fx.Node) else a  # noqa: E731
+        a = fx.node.map_aggregate(node.args, value)
+        kw = fx.node.map_aggregate(node.kwargs, value)
+        # fx patches Module.__call__ and __getattr__ while it traces; the value is computed without them
+        with _maybe_revert_all_patches():
+            if kind == "placeholder":
+                node.meta["concrete"] = self.inputs.pop(0) if self.inputs else (node.args[0] if node.args else None)
+            elif kind == "get_attr":
+                node.meta["concrete"] = _fetch(self.root, target)
+            elif kind == "call_function":
+                node.meta["concrete"] = target(*a, **kw)
+            elif kind == "call_method":
+                node.meta["concrete"] = getattr(a[0], target)(*a[1:], **kw)
+            elif kind == "call_module":
+                node.meta["concrete"] = self.root.get_submodule(target)(*a, **kw)
+        # a value computed from tensor contents (item(), tolist()) stays data whatever is done with it
+        node.meta["data"] = kind == "call_method" and target in ("item", "tolist") or any(
+            n.meta.get("data") for n in node.all_input_nodes)
+        return proxy
+
+    def _value(self, node: fx.Node):
+        if "concrete" not in node.meta:  # a parameter or constant fx added as an argument (create_arg)
+            node.meta["concrete"] = _fetch(self.root, node.target)
+        return node.meta["concrete"]
+
+    def concrete(self, proxy: fx.Proxy):
+        node = proxy.node
+        value = node.meta["concrete"]
+        if isinstance(value, torch.Tensor) or node.meta.get("data"):
+            module = self.current_module()
+            raise PruningError(
+                f"model: forward() of module '{module or '<root>'}' branches on tensor values (fx node {node.name}), "
+                "so torch.fx cannot trace it and no single forward pass shows every path; move that decision out "
+                "of forward() or prune a traceable model")
+        self.decided.append(node)
+        return value
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        return bool(self.concrete(obj))
+
+    def iter(self, obj: fx.Proxy):
+        return (obj[i] for i in range(len(obj)))  # each item stays in the graph
+
+
+def _fetch(root: nn.Module, target: str):
+    owner, _, attr = target.rpartition(".")
+    return getattr(root.get_submodule(owner), attr)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """Eval mode for a while, then each module's own mode back (a frozen BatchNorm in a training model stays so)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
     try:
-        return fx.symbolic_trace(model)
-    except Exception as exc:  # fx raises many types; all mean the same to the user
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PruningError(
-            f"model: {type(model).__name__} cannot be traced by torch.fx ({first}); "
-            "remove data-dependent control flow from forward() or prune a traceable model"
-        ) from exc
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def trace(model: nn.Module, inputs: tuple[torch.Tensor, ...] = ()) -> tuple[fx.GraphModule, list[fx.Node]]:
+    """The model's graph in eval mode, and the nodes the graph is specialised on (none unless plain torch.fx
+    failed). Eval mode: a norm layer traced through (timm's BatchNormAct2d) would otherwise bake in training=True,
+    and the shape pass would move its running statistics.
+
+    Plain torch.fx first; when it fails (control flow, len() of a tensor), a trace that runs one forward
+    pass on ``inputs`` alongside (see `_ConcreteTracer`)."""
+    with _eval_mode(model):
+        try:
+            return fx.symbolic_trace(model), []
+        except Exception as exc:  # fx raises many types; all mean the same to the user
+            symbolic = exc
+        if not inputs:
+            raise PruningError(
+                f"model: {type(model).__name__} cannot be traced by torch.fx ({_first_line(symbolic)}); "
+                "remove data-dependent control flow from forward() or prune a traceable model") from symbolic
+        tracer = _ConcreteTracer(inputs)
+        try:
+            with torch.no_grad():
+                graph = tracer.trace(model)
+        except PruningError:
+            raise
+        except Exception as exc:
+            module = tracer.current_module()
+            raise PruningError(
+                f"model: {type(model).__name__} cannot be traced by torch.fx ({_first_line(symbolic)}), nor along "
+                f"one forward pass: module '{module or '<root>'}' fails ({type(exc).__name__}: {_first_line(exc)}); "
+                "remove data-dependent control flow from its forward() or prune a traceable model") from exc
+    return fx.GraphModule(tracer.root, graph, type(model).__name__), tracer.decided
 
 
 class _Analyser:
@@ -181,6 +342,7 @@ class _Analyser:
         self.producer: dict[int, tuple[str, int]] = {}
         self.flops: dict[str, int] = {}
         self.kept_whole: dict[str, str] = {}  # parametrised modules of unknown type that nothing live reached
+        self.per_filter: dict[tuple, list[str] | None] = {}  # `_check_per_filter` by computation and shapes
         # A tensor's channel count read at run time (x.shape[1], x.size(1), numel) shrinks with the pruning:
         self.shapes: dict[fx.Node, fx.Node] = {}  # a whole-shape value -> the tensor it describes
         self.reads: dict[fx.Node, set[fx.Node]] = {}  # a value -> the tensors whose channel count it carries
@@ -204,10 +366,9 @@ class _Analyser:
     def _produce(self, module: str, n: int) -> list[int]:
         if module not in self.producer_labels:
             labels = [self.uf.new() for _ in range(n)]
-            for i, label in enumerate(labels):
-                self.producer[label] = (module, i)
-                if self._ignored(module):
-                    self.uf.union(FIXED, label)
+            self.producer.update((label, (module, i)) for i, label in enumerate(labels))
+            if self._ignored(module):
+                self._fix(labels)
             self.producer_labels[module] = labels
         return self.producer_labels[module]
 
@@ -225,6 +386,12 @@ class _Analyser:
         size = len(labels) // blocks
         for k in range(1, blocks):
             self._tie(labels[:size], labels[k * size:(k + 1) * size])
+
+    def _tie_groups(self, labels: list[int], groups: int) -> None:
+        """Whole groups only: a group's statistics span all its channels."""
+        size = len(labels) // groups
+        for k in range(groups):
+            self._tie(labels[k * size:(k + 1) * size], labels[k * size + 1:(k + 1) * size])
 
     def _live(self, node) -> bool:
         return node in self.slots and any(not self.uf.fixed(x) for x in self.slots[node])
@@ -309,10 +476,8 @@ class _Analyser:
         elif axis != 1:
             return self._unknown(node, f"{type(m).__name__} on a channels-last tensor:")
         x = self.slots[src]
-        if isinstance(m, nn.GroupNorm):  # whole groups only: a group's statistics span all its channels
-            size = len(x) // m.num_groups
-            for k in range(m.num_groups):
-                self._tie(x[k * size:(k + 1) * size], x[k * size + 1:(k + 1) * size])
+        if isinstance(m, nn.GroupNorm):
+            self._tie_groups(x, m.num_groups)
         if self._ignored(name):
             self._fix(x)
         self._member(name, "bn", x)
@@ -331,7 +496,7 @@ class _Analyser:
             return self._flatten(node, m.start_dim, m.end_dim)
         if isinstance(m, _POINTWISE_MODULES):
             return self.slots[node.args[0]], self.axis[node.args[0]]
-        if isinstance(m, _SPATIAL_MODULES):
+        if isinstance(m, _SPATIAL_MODULES) or isinstance(m, _CONSTANT_PADS) and m.value == 0:
             return self._spatial(node)
         if any(True for _ in m.parameters()):
             self.kept_whole[name] = type(m).__name__
@@ -354,8 +519,8 @@ class _Analyser:
         normalized = self._arg(node, 1, "normalized_shape")
         if axis < len(shape) - len(normalized):
             return self.slots[src], axis
-        weight = self._arg(node, 2, "weight")
-        owner = weight.target.rpartition(".")[0] if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
+        source = self._param_source(self._arg(node, 2, "weight"))
+        owner = source.target.rpartition(".")[0] if source is not None else None
         module = self.model.get_submodule(owner) if owner is not None else None
         # its forward passes self.normalized_shape, which surgery updates; a literal shape would not follow
         if len(normalized) != 1 or not isinstance(module, nn.LayerNorm):
@@ -365,6 +530,143 @@ class _Analyser:
             self._fix(x)
         self._member(owner, "bn", x)
         return x, axis
+
+    def _param_source(self, node) -> fx.Node | None:
+        """The parameter or buffer (its get_attr node) that ``node`` is, seen through views and scalar factors."""
+        while isinstance(node, fx.Node) and node.op != "get_attr":
+            tensors = [a for a in node.all_input_nodes if _shape(a) is not None]
+            if _op_name(node) not in _PARAM_CARRIERS or len(tensors) != 1 or tensors[0] is not node.args[0] \
+                    or any(isinstance(a, fx.Node) and a is not tensors[0] for a in node.args[1:]):
+                return None
+            node = tensors[0]
+        return node if isinstance(node, fx.Node) else None
+
+    def _functional_norm(self, node: fx.Node, name: str):
+        """F.batch_norm / instance_norm / group_norm as a norm layer's own forward calls it (timm's norm + act
+        layers, a GroupNorm subclass): the module is sliced as a norm layer; weights of any other module are
+        sliced as per-channel parameters."""
+        src = node.args[0]
+        x, axis = self.slots[src], self.axis[src]
+        if not self._live(src):
+            return x, axis
+        if axis != 1:
+            return self._unknown(node, f"{name} on a channels-last tensor:")
+        params = [a for a in list(node.args[1:]) + list(node.kwargs.values()) if isinstance(a, fx.Node)]
+        sources = [self._param_source(a) for a in params]
+        if any(p is None for p in sources):
+            return self._unknown(node, f"{name} with statistics or weights that are not parameters:")
+        owners = {p.target.rpartition(".")[0] for p in sources}
+        owner = owners.pop() if len(owners) == 1 else None
+        module = self.model.get_submodule(owner) if owner is not None else None
+        if name == "group_norm":
+            groups = self._arg(node, 1, "num_groups")
+            # its forward passes self.num_groups, which surgery updates; a literal count would not follow
+            if not isinstance(module, nn.GroupNorm) or groups != module.num_groups:
+                return self._unknown(node, "group_norm not from a GroupNorm module:")
+            self._tie_groups(x, groups)
+        if isinstance(module, _NORMS) and all(p.target.rpartition(".")[2] in _NORM_STATE for p in sources):
+            if self._ignored(owner):
+                self._fix(x)
+            self._member(owner, "bn", x)
+        else:
+            for p in sources:
+                shape = _shape(p)
+                self._param_member(p, max(range(len(shape)), key=shape.__getitem__), x)
+        return x, axis
+
+    def _functional_linear(self, node: fx.Node):
+        """F.linear with a Linear module's own weight (timm's Linear subclass calls it from its forward)."""
+        weight, bias = self._arg(node, 1, "weight"), self._arg(node, 2, "bias")
+        owner = weight.target.rpartition(".")[0] if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
+        m = self.model.get_submodule(owner) if owner is not None else None
+        if not isinstance(m, nn.Linear) or weight.target != f"{owner}.weight" \
+                or not (bias is None or isinstance(bias, fx.Node) and bias.target == f"{owner}.bias"):
+            return self._unknown(node, "op")
+        return self._linear(node, owner, m)
+
+    def _functional_conv(self, node: fx.Node):
+        """F.conv*d with a conv module's weight: as is (a conv that pads first), or computed from it (weight
+        standardisation: ScaledStdConv2d, StdConv2d)."""
+        weight, bias = self._arg(node, 1, "weight"), self._arg(node, 2, "bias")
+        if not isinstance(weight, fx.Node):
+            return self._unknown(node, "op")
+        owner = weight.target.rpartition(".")[0] if weight.op == "get_attr" else _weight_owner(self.gm, weight)
+        m = self.model.get_submodule(owner) if owner is not None else None
+        groups = self._arg(node, 6, "groups", 1)
+        if not isinstance(m, nn.modules.conv._ConvNd) or m.transposed or groups != m.groups \
+                or not (bias is None or isinstance(bias, fx.Node) and bias.target == f"{owner}.bias"):
+            return self._unknown(node, "op")
+        if weight.op == "get_attr":
+            return self._conv(node, owner, m) if weight.target == f"{owner}.weight" else self._unknown(node, "op")
+        return self._standardised_conv(node, owner, m, weight)
+
+    def _standardised_conv(self, node: fx.Node, name: str, m: nn.modules.conv._ConvNd, weight: fx.Node):
+        """A conv whose weight is computed from its own parameters, each filter on its own (checked: changing
+        some filters' parameters changes no other filter's weight, and a zeroed filter gives a zero weight).
+        Its filters can go; its inputs stay, since the computation (a filter's mean and variance) spans them."""
+        # the same code on parameters of the same shapes computes the same way: NFNet checks each kind once
+        key = (type(m), _signature(weight), tuple((n.target.rpartition(".")[2], _shape(n))
+                                                  for n in _ancestors(weight) if n.op == "get_attr"))
+        if key not in self.per_filter:
+            self.per_filter[key] = _check_per_filter(self.gm, m, name, weight)
+        per_filter = self.per_filter[key]
+        if per_filter is None:
+            return self._unknown(node, f"conv with a weight computed from '{name}' that mixes filters:")
+        src = node.args[0]
+        self._fix(self.slots.get(src, ()))
+        spatial = math.prod(_shape(node)[2:])
+        self.flops[name] = self.flops.get(name, 0) + 2 * _shape(node)[0] * spatial * m.weight.numel()
+        out = self._produce(name, m.out_channels)
+        if m.groups > 1:  # every group keeps all its inputs, so each loses the same positions (or none: depthwise)
+            self._tie_blocks(out, m.groups)
+            if m.groups == m.in_channels:
+                self._fix(out)
+        for attr in per_filter:
+            self._member(f"{name}.{attr}", "param", out)
+        return out, 1
+
+    def _matmul(self, node: fx.Node):
+        """a @ b keeps a's rows and b's columns apart: channels there stay channels (global context attention pools
+        each channel over an attention map); channels on the contracted dim, or on both sides, would mix."""
+        a, b = node.args[0], node.args[1]
+        rank = len(_shape(node))
+        live = [t for t in (a, b) if isinstance(t, fx.Node) and self._live(t)]
+        if not live:
+            return self._fixed_slots(node)
+        if len(live) == 2 or any(len(_shape(x)) < 2 for x in (a, b) if isinstance(x, fx.Node)):
+            return self._unknown(node, "op")
+        t = live[0]
+        kept = len(_shape(t)) - (2 if t is a else 1)  # a's rows, or b's columns
+        if self.axis[t] != kept:
+            return self._unknown(node, "op")
+        return self.slots[t], rank - (2 if t is a else 1)
+
+    def _softmax(self, node: fx.Node):
+        src = node.args[0]
+        rank = len(_shape(src))
+        if self._arg(node, 1, "dim") % rank == self.axis[src]:
+            return self._unknown(node, "op")
+        return self.slots[src], self.axis[src]  # over another dim (split attention's radix): channels apart
+
+    def _stack(self, node: fx.Node):
+        """torch.stack: like a cat on a new dim, every stacked tensor must keep the same channels."""
+        tensors = self._arg(node, 0, "tensors")
+        rank = len(_shape(node))
+        dim = self._arg(node, 1, "dim", 0) % rank
+        live = [t for t in tensors if self._live(t)]
+        if not live:
+            return self._fixed_slots(node)
+        axes = {self.axis[t] for t in live}
+        if len(axes) > 1:
+            return self._unknown(node, "stack of tensors with channels on different dims:")
+        t = axes.pop()
+        first = self.slots[live[0]]
+        for a in tensors:
+            if a in live:
+                self._tie(first, self.slots[a])
+            else:
+                self._fix(first)
+        return first, t + (dim <= t)
 
     def _param_member(self, node: fx.Node, aligned_dim: int, labels: list[int]) -> None:
         """A per-channel parameter (e.g. ConvNeXt's layer scale) sliced with the channels it scales."""
@@ -493,6 +795,8 @@ class _Analyser:
         pad = self._arg(node, 1, "pad")
         rank, axis = len(_shape(src)), self.axis[src]
         pairs = len(pad) // 2
+        if self._arg(node, 3, "value", None):  # a constant border would make a zeroed channel non-zero
+            self._fix(self.slots[src])
         if pairs <= rank - 1 - axis:
             return self.slots[src], axis
         if pairs == rank - axis:
@@ -630,6 +934,13 @@ class _Analyser:
             for read in carried:
                 self._fix(self.slots[read])
 
+    def keep_decided(self, decided: list[fx.Node]) -> None:
+        """A graph traced along one forward pass holds only the branches its channel counts chose: keep the
+        channels whose count a branch, a loop or a literal read, so that the pruned model chooses the same."""
+        for node in decided:
+            for tensor in self.reads.get(node, set()) | ({self.shapes[node]} if node in self.shapes else set()):
+                self._fix(self.slots[tensor])
+
     def settle_widths(self) -> None:
         """Keep whole both sides of a view whose run-time width and the tensor it shapes would differ: their
         channels must be the same channel groups (a shuffle holds them in another order and split over dims)."""
@@ -656,6 +967,8 @@ class _Analyser:
         first = node.args[0] if node.args else None
         if name in ("cat", "concat", "concatenate"):
             return self._cat(node)
+        if name == "stack":
+            return self._stack(node)
         if name in _ELEMENTWISE_BINARY:  # `1 - x` too: the tensor need not come first
             return self._binary(node)
         if first not in self.slots:
@@ -674,6 +987,16 @@ class _Analyser:
             return self._unsqueeze(node)
         if name == "layer_norm":
             return self._layer_norm(node)
+        if name in _NORM_FUNCTIONS:
+            return self._functional_norm(node, name)
+        if name in _CONV_FUNCTIONS:
+            return self._functional_conv(node)
+        if name == "linear":
+            return self._functional_linear(node)
+        if name in ("softmax", "log_softmax"):
+            return self._softmax(node)
+        if name in ("matmul", "bmm"):
+            return self._matmul(node)
         if name == "pad":
             return self._pad(node)
         if name in _REDUCTIONS:
@@ -695,14 +1018,95 @@ class _Analyser:
                 self.slots[node], self.axis[node] = result
 
 
+def _ancestors(weight: fx.Node) -> list[fx.Node]:
+    """The nodes ``weight`` is computed from, in graph order."""
+    seen, todo = set(), [weight]
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo += n.all_input_nodes
+    return [n for n in weight.graph.nodes if n in seen]
+
+
+def _signature(weight: fx.Node) -> tuple:
+    """What computes ``weight``, up to which module's parameters it reads: ops, constants and how they connect."""
+    nodes = _ancestors(weight)
+    position = {n: i for i, n in enumerate(nodes)}
+    link = lambda a: ("node", position[a]) if isinstance(a, fx.Node) else a  # noqa: E731
+    return tuple((n.op, n.target.rpartition(".")[2] if n.op == "get_attr" else n.target,
+                  repr(fx.node.map_aggregate(n.args, link)), repr(fx.node.map_aggregate(n.kwargs, link)))
+                 for n in nodes)
+
+
+def _weight_owner(gm: fx.GraphModule, weight: fx.Node) -> str | None:
+    """The one module whose parameters, and nothing else (no input), a computed weight is made of."""
+    nodes = _ancestors(weight)
+    if any(n.op == "placeholder" for n in nodes):
+        return None
+    owners = {n.target.rpartition(".")[0] for n in nodes if n.op == "get_attr"}
+    return owners.pop() if len(owners) == 1 else None
+
+
+def _evaluate(gm: fx.GraphModule, weight: fx.Node, values: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``weight`` computed with the parameters in ``values`` (by qualified name) replacing the module's."""
+    env: dict[fx.Node, object] = {}
+    load = lambda a: env[a] if isinstance(a, fx.Node) else a  # noqa: E731
+    for n in _ancestors(weight):
+        args, kwargs = fx.node.map_aggregate(n.args, load), fx.node.map_aggregate(n.kwargs, load)
+        if n.op == "get_attr":
+            env[n] = values[n.target] if n.target in values else _fetch(gm, n.target)
+        elif n.op == "call_function":
+            env[n] = n.target(*args, **kwargs)
+        elif n.op == "call_method":
+            env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
+        else:
+            env[n] = gm.get_submodule(n.target)(*args, **kwargs)
+    return env[weight]
+
+
+def _check_per_filter(gm: fx.GraphModule, m: nn.modules.conv._ConvNd, name: str, weight: fx.Node) -> list[str] | None:
+    """The parameters besides weight and bias that a per-filter weight computation uses (a gain per filter), or
+    None when filters mix. For each bit of the filter index, perturbing the filters with that bit set (then
+    those without) must leave the others' weights as they were: any two filters differ in some bit, so no
+    filter's weight depends on another's. A filter whose parameters are all zero must get a zero weight, as the
+    zeroed-channel reference assumes."""
+    params = {n.target for n in _ancestors(weight) if n.op == "get_attr"}
+    extra = sorted(t.rpartition(".")[2] for t in params if t != f"{name}.weight")
+    state = {t: _fetch(gm, t).detach() for t in params}
+    n_out = m.out_channels
+    if any(not isinstance(v, torch.Tensor) or v.dim() == 0 or v.shape[0] != n_out
+           or (t != f"{name}.weight" and v[0].numel() != 1) for t, v in state.items()):
+        return None
+    with torch.no_grad():
+        base = _evaluate(gm, weight, state)
+        if base.shape != m.weight.shape:
+            return None
+        g = torch.Generator().manual_seed(0)
+        noise = {t: torch.rand(v.shape, generator=g, dtype=v.dtype) + 0.5 for t, v in state.items()}
+        index = torch.arange(n_out)
+        for bit in range(max(1, (n_out - 1).bit_length())):
+            for chosen in (index >> bit & 1 == 1, index >> bit & 1 == 0):
+                if not chosen.any():
+                    continue
+                moved = {t: v + noise[t] * chosen.view(-1, *[1] * (v.dim() - 1)) for t, v in state.items()}
+                changed = (_evaluate(gm, weight, moved) != base).flatten(1).any(1)
+                if (changed & ~chosen).any():
+                    return None
+        zeroed = {t: v.clone() for t, v in state.items()}
+        for v in zeroed.values():
+            v[0] = 0
+        if _evaluate(gm, weight, zeroed)[0].any():
+            return None
+    return extra
+
+
 def analyse(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], ignore=()) -> ChannelGraph:
     """Trace ``model`` on ``example_inputs`` and return its channel dependency graph."""
-    gm = trace(model)
-    was_training = model.training
-    gm.eval()
+    gm, decided = trace(model, example_inputs)
     try:
         # ShapeProp prints a traceback before raising; the error below says it in one line
-        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+        with _eval_mode(gm), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(*example_inputs)
     except PruningError:
         raise
@@ -714,11 +1118,10 @@ def analyse(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], ignore=(
             f"example_inputs: {type(model).__name__} fails on inputs of shape {shapes} "
             f"({type(cause).__name__}: {first}); pass inputs of the shape the model expects"
         ) from exc
-    finally:
-        model.train(was_training)
     analyser = _Analyser(gm, model, tuple(ignore))
     analyser.run()
     analyser.settle_widths()
+    analyser.keep_decided(decided)
     return _finish(analyser)
 
 
@@ -729,14 +1132,16 @@ def _finish(a: _Analyser) -> ChannelGraph:
 
     unit_of_root: dict[int, int] = {}
     unit_of_label = [-1] * len(uf.parent)
+    fixed = uf.find(FIXED)
     for label in range(1, len(uf.parent)):
-        if uf.fixed(label):
-            continue
         root = uf.find(label)
+        if root == fixed:
+            continue
         unit_of_label[label] = unit_of_root.setdefault(root, len(unit_of_root))
     num_units = len(unit_of_root)
+    unit_table = torch.as_tensor(unit_of_label, dtype=torch.long)
     for m in members:
-        m.units = torch.as_tensor([unit_of_label[x] for x in m.labels], dtype=torch.long)
+        m.units = unit_table[torch.as_tensor(m.labels, dtype=torch.long)]
 
     # Units are in one layer when they share a producer module (residual stages span many).
     layer_uf = _UnionFind()

@@ -54,8 +54,9 @@ class PrunePlan:
     def then(self, later: PrunePlan, original: nn.Module) -> PrunePlan:
         """This plan followed by ``later`` (whose indices refer to the model this plan produced)."""
         def compose(first: dict[str, list[int]], second: dict[str, list[int]], axis: int) -> dict[str, list[int]]:
-            out = {}
-            for name in set(first) | set(second):
+            # a module this plan left whole still has its original indices
+            out = {name: sorted(idx) for name, idx in second.items() if name not in first}
+            for name in first:
                 size = sizes_of(original, name)[axis]
                 gone = set(first.get(name, ()))
                 kept = [i for i in range(size) if i not in gone]

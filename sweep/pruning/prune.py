@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -58,8 +59,8 @@ def _select_local(graph, scores, ratio, limits, round_to) -> list[int]:
         if wanted > limits[i]:
             graph.clamped.add(i)
         k = _round_removal(width, min(limits[i], wanted), round_to)
-        order = sorted(units, key=lambda u: scores[u].item())
-        removed += order[:k]
+        idx = torch.as_tensor(units)
+        removed += idx[torch.argsort(scores[idx], stable=True)][:k].tolist()
     return removed
 
 
@@ -203,6 +204,26 @@ def _check_prunable(model: nn.Module, graph: ChannelGraph) -> None:
                     "the pruner keeps whole, or an ignored module", type(model).__name__)
 
 
+def _copy_sharing_tensors(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers are the original's tensors (see `_own_tensors`)."""
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def _own_tensors(copied: nn.Module, original: nn.Module) -> None:
+    """Give ``copied`` its own copy of every tensor it still shares with ``original`` (tied ones stay tied)."""
+    theirs = {id(t) for t in itertools.chain(original.parameters(), original.buffers())}
+    clones: dict[int, torch.Tensor] = {}
+    for m in copied.modules():
+        for table in (m._parameters, m._buffers):
+            for name, t in table.items():
+                if t is not None and id(t) in theirs:
+                    if id(t) not in clones:
+                        clone = t.detach().clone()
+                        clones[id(t)] = nn.Parameter(clone, t.requires_grad) if isinstance(t, nn.Parameter) else clone
+                    table[name] = clones[id(t)]
+
+
 def _step_ratio(ratio: float, step: int, steps: int) -> float:
     """The fraction of what is left to remove at ``step`` so that ``ratio`` is reached evenly by ``steps``."""
     done, goal = ratio * (step - 1) / steps, ratio * step / steps
@@ -248,7 +269,10 @@ def prune(
         if unknown:
             raise PruningError(f"ratios: {unknown} match no module of {type(model).__name__}; "
                                "use module names as in model.named_modules() or shell patterns such as 'layer*.conv1'")
-    current = copy.deepcopy(model)
+    # Without calibration nothing writes to the copy's tensors before surgery replaces those it slices, so the copy
+    # starts out sharing them and owns them after each step: copying a ResNet-50's weights was 40 % of prune time.
+    shared = strategy not in NEEDS_CALIBRATION
+    current = _copy_sharing_tensors(model) if shared else copy.deepcopy(model)
     plan = PrunePlan(info={"strategy": strategy, "ratio": ratio, "scope": scope, "target": target,
                            "steps": steps, "min_channels": min_channels, "round_to": round_to})
     if ratios is not None:
@@ -273,6 +297,8 @@ def prune(
                         "pruned them as far as allowed", len(graph.clamped),
                         max(step_ratio) if isinstance(step_ratio, list) else step_ratio, min_channels)
         remove_channels(current, step_plan.removed, step_plan.removed_in)
+        if shared:
+            _own_tensors(current, model)
         plan = plan.then(step_plan, model)
         if callback is not None and step < steps:
             callback(current, step)

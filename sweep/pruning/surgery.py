@@ -25,10 +25,13 @@ def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
         setattr(module, name, value.detach())
 
 
-def _per_group(keep: torch.Tensor, size: int) -> dict[int, torch.Tensor]:
-    """Kept positions inside each group that keeps any."""
-    groups = keep // size
-    return {int(k): keep[groups == k] - k * size for k in groups.unique()}
+def _per_group(keep: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(groups that keep any position, their kept positions inside the group: one row each), or None when the
+    groups keep unequal counts. Vectorised: a depthwise conv has as many groups as channels."""
+    groups, counts = torch.unique_consecutive(keep // size, return_counts=True)  # keep is sorted
+    if len(counts) and (counts != counts[0]).any():
+        return None
+    return groups, keep.view(len(groups), -1) - groups.view(-1, 1) * size
 
 
 def _conv(m: _ConvNd, out: torch.Tensor, inp: torch.Tensor) -> None:
@@ -41,15 +44,14 @@ def _conv(m: _ConvNd, out: torch.Tensor, inp: torch.Tensor) -> None:
         weight = weight.index_select(1, part)
     else:
         parts, fulls = _per_group(part, part_size), _per_group(full, full_size)
-        if parts.keys() != fulls.keys() or len({len(v) for v in parts.values()}) > 1 \
-                or len({len(v) for v in fulls.values()}) > 1:
+        if parts is None or fulls is None or not torch.equal(parts[0], fulls[0]):
             raise ValueError(f"grouped conv: keeping inputs {inp.tolist()} and outputs {out.tolist()} "
                              f"leaves groups of unequal width")
         # each kept row keeps its own group's kept positions (the same count in every group)
-        index = torch.stack([parts[int(k)] for k in full // full_size])
+        index = parts[1][torch.searchsorted(parts[0], full // full_size)]
         weight = weight.gather(1, index.view(*index.shape, *[1] * (weight.dim() - 2)).expand(
             -1, -1, *weight.shape[2:]))
-        m.groups = len(parts)
+        m.groups = len(parts[0])
     _set(m, "weight", weight)
     if m.bias is not None:
         _set(m, "bias", m.bias[out])
