@@ -8,6 +8,7 @@ pruned can be compared. Ratio < 1 means we are faster.
     pip install -e ".[bench]"
     python bench/prune_speed.py --threads 1            # 224x224, median of 5
     python bench/prune_speed.py --threads 1 --quick    # 224x224, 1 timed run each
+    python bench/prune_speed.py --smoke                # resnet18 at 64x64, 1 timed run each: the code path only
 """
 
 from __future__ import annotations
@@ -57,21 +58,23 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one timed run per side and model instead of five")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
+    parser.add_argument("--smoke", action="store_true", help="resnet18 at 64x64, one timed run: the code path only")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    repeats = 1 if args.quick else 5
+    repeats = 1 if args.quick or args.smoke else 5
+    side, models = (64, ["resnet18"]) if args.smoke else (224, args.models)
     torch.manual_seed(0)
-    x = torch.randn(1, 3, 224, 224)
+    x = torch.randn(1, 3, side, side)
     # One untimed run per side on a small model pays the one-off costs (lazy imports, fx and
     # allocator warm-up) so that neither side's first timed model carries them.
     small = torchvision.models.resnet18().eval()
     ours(small, x), torch_pruning(small, x)
-    print(f"input 1x3x224x224, {torch.get_num_threads()} threads, median of {repeats}, torch {torch.__version__}")
+    print(f"input 1x3x{side}x{side}, {torch.get_num_threads()} threads, median of {repeats}, torch {torch.__version__}")
     print(f"{'model':<13} {'ours s':>7} {'TP s':>7} {'ratio':>6} | {'GFLOPs base':>11} {'ours':>6} {'TP':>6} "
           f"| {'Mparams base':>12} {'ours':>6} {'TP':>6}")
     ratios = []
-    for name in args.models:
+    for name in models:
         model = torchvision.models.get_model(name).eval()
         t_ours, m_ours = timed(ours, model, x, repeats)
         t_tp, m_tp = timed(torch_pruning, model, x, repeats)

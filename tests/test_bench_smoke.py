@@ -29,7 +29,7 @@ EXPECTED = {
                      rf"^  fpgm +{NUMBER} +\(x{NUMBER} l1, best runs\)$"],
     "latency_repeatability.py": [rf"^\| small_cnn \| beside 2 training processes \| {NUMBER} \|.* \| {NUMBER} \|$",
                                  rf"^\| resnet20 \| measurement phase \| {NUMBER} \|.* \| {NUMBER} \|$"],
-    "prune_speed.py": [rf"^our time / Torch-Pruning's = {NUMBER}"],
+    "prune_speed.py": [rf"^resnet18 +{NUMBER} +{NUMBER} +{NUMBER} \|", rf"^our time / Torch-Pruning's = {NUMBER} "],
     "speedup.py": [r"^resnet18 +0\.50 +8 ", rf"^speed-up / FLOPs factor at 50 % .*: cpu round_to=1: {NUMBER}"],
     "store_scale.py": [rf"^finished_trials +{NUMBER} +{NUMBER} +{NUMBER}$",
                        rf"^driver pre-Tune queries: empty {NUMBER} s, full {NUMBER} s, full / empty = {NUMBER}$",
