@@ -338,7 +338,10 @@ TORCHVISION = ["alexnet", "vgg16_bn", "resnet18", "resnet50", "mobilenet_v2", "d
 # The newer families run every strategy under `-m slow`; the default run proves them equivalent with l1 (and their
 # FLOPs removed) in test_families_beyond_resnet_prune_equivalent_and_remove_their_flops, for 5 s instead of 25 s.
 MORE_FAMILIES = ["shufflenet_v2_x0_5", "convnext_tiny", "resnext50_32x4d", "regnet_y_400mf"]
-DIAGONAL = [(s, RATIOS[i % 3], SCOPES[i % 2]) for i, s in enumerate(STRATEGIES)]
+# oracle runs the network (units + 1) times, a minute or more on each of these and on the CIFAR ResNets: the
+# hand-made graphs prove it equivalent (residual, grouped, depthwise, transposed), and scores change no surgery
+ESTIMATED = [s for s in STRATEGIES if s != "oracle"]
+DIAGONAL = [(s, RATIOS[i % 3], SCOPES[i % 2]) for i, s in enumerate(ESTIMATED)]
 CACHE = {}
 
 
@@ -396,7 +399,7 @@ def test_families_beyond_resnet_prune_equivalent_and_remove_their_flops(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy,ratio,scope", list(itertools.product(STRATEGIES, RATIOS, SCOPES)))
+@pytest.mark.parametrize("strategy,ratio,scope", list(itertools.product(ESTIMATED, RATIOS, SCOPES)))
 @pytest.mark.parametrize("name", TORCHVISION + MORE_FAMILIES)
 def test_torchvision_models_equivalent_full(name, strategy, ratio, scope):
     assert_equivalent(_cached(name, _torchvision), torch.randn(2, 3, 64, 64),
@@ -436,7 +439,7 @@ def _cifar(name):
     return model
 
 
-@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("strategy", ESTIMATED)
 @pytest.mark.parametrize("ratio,scope", list(itertools.product(RATIOS, SCOPES)))
 @pytest.mark.parametrize("name", ["resnet20", "resnet56"])  # nearest the function: varies slowest, one build each
 def test_cifar_resnets_equivalent(name, strategy, ratio, scope):

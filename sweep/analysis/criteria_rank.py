@@ -2,10 +2,10 @@
 2017, Table 1), per layer group, for any model.
 
 The oracle of a unit (a filter, or the tied filters of a residual stream) is the measured change of the mean
-cross-entropy on held-out batches when that unit is removed. We remove it by zeroing its channel where it is read:
-the input slices of every conv and linear that consumes it. That is exactly what the pruner's removal computes (its
-tested equivalence property) and what Molchanov et al. do (they zero the feature map); zeroing the conv's weights
-alone would leave its BatchNorm's shift, and on a residual stream the shortcut, feeding the channel.
+cross-entropy on held-out batches when that unit is removed: zeroed where it is made (its filters, biases and norm
+parameters), which is exactly what the pruner's removal computes (its tested equivalence property) and what
+Molchanov et al. do (they zero the feature map). The pruner's `oracle` criterion measures it
+(sweep.pruning.oracle.loss_changes); here it is measured on held-out batches rather than calibration batches.
 
     outcome = run_criteria(load_spec("search_spaces/layers_digits.yaml"))
     outcome.table            # one row per layer group: Spearman rho of each strategy against the oracle
@@ -94,10 +94,9 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 
 def oracle(model: nn.Module, graph: ChannelGraph, units: Sequence[int], batches, device: torch.device | str = "cpu"
            ) -> tuple[float, np.ndarray]:
-    """(base loss, loss change per unit): each unit removed alone, the held-out loss measured, the unit restored;
-    the pruner's own `oracle` criterion computes it (sweep.pruning.oracle.loss_changes), on its calibration batches.
-
-    ``model`` is modified during the call and restored exactly (the zeroed slices are copied back)."""
+    """(base loss, loss change per unit): each unit removed alone from a copy of ``model``, the held-out loss
+    measured; the pruner's own `oracle` criterion computes it (sweep.pruning.oracle.loss_changes) on its calibration
+    batches."""
     model = model.to(torch.device(device))
     base, changes = loss_changes(model, graph, units, batches)
     return base, changes.numpy()

@@ -1,12 +1,13 @@
 """The oracle criterion (Molchanov et al. 2017): each unit's measured loss change when it alone is removed.
 
-A unit (a filter, or the tied filters of a residual stream) is removed by zeroing its channel where it is read: the
-input slices of every conv and Linear that consumes it. That is what the pruner's removal computes (its tested
-equivalence property) and what Molchanov et al. do (they zero the feature map); zeroing the producer's weights alone
-would leave its BatchNorm's shift, and on a residual stream the shortcut, feeding the channel.
+A unit (a filter, or the tied filters of a residual stream) is removed by zeroing it where it is made: its filters,
+biases and norm parameters, in a copy of the model (``sweep.pruning.verify.zeroed_reference``). That is what pruning
+it computes (the pruner's tested equivalence property), for grouped, depthwise and transposed convs and LayerNorms
+too; Molchanov et al. zero the feature map, which is the same thing.
 
-Cost: (units + 1) forward passes over every calibration batch, per pruning step; a trial caps the batches with
-``prune.oracle_batches``. `sweep criteria` measures the same quantity on held-out batches through ``loss_changes``.
+Cost: (units + 1) forward passes over every calibration batch, per pruning step, and a copy of the model per unit; a
+trial caps the batches with ``prune.oracle_batches``. `sweep criteria` measures the same quantity on held-out batches
+through ``loss_changes``.
 """
 
 from __future__ import annotations
@@ -17,22 +18,20 @@ import torch
 from torch import nn
 
 from .graph import ChannelGraph, PruningError
+from .plan import PrunePlan
+from .verify import zeroed_reference
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 
-def _reads(model: nn.Module, graph: ChannelGraph, units: Sequence[int]
-           ) -> dict[int, list[tuple[nn.Parameter, torch.Tensor]]]:
-    """Per unit, in the order of ``units``: (weight of a consumer, the input positions that carry the unit)."""
-    wanted = set(units)
-    reads: dict[int, list] = {u: [] for u in units}
+def unit_plan(graph: ChannelGraph, unit: int) -> PrunePlan:
+    """The plan that removes this one unit: its positions in every member that makes it (all but the readers)."""
+    removed = {}
     for member in graph.members:
-        if member.role != "in":
-            continue
-        weight = model.get_submodule(member.module).weight
-        for u in set(member.units.tolist()) & wanted:
-            reads[u].append((weight, (member.units == u).nonzero().flatten()))
-    return reads
+        idx = (member.units == unit).nonzero().flatten().tolist()
+        if idx and member.role != "in":
+            removed[member.module] = idx
+    return PrunePlan(removed=removed)
 
 
 def mean_loss(model: nn.Module, batches: Batches) -> float:
@@ -52,25 +51,16 @@ def mean_loss(model: nn.Module, batches: Batches) -> float:
 @torch.no_grad()
 def loss_changes(model: nn.Module, graph: ChannelGraph, units: Sequence[int], batches: Batches
                  ) -> tuple[float, torch.Tensor]:
-    """(loss of the whole network, loss change per unit of ``units``): each unit removed alone, the loss measured on
-    ``batches`` (re-iterated once per unit, so a list), the unit restored.
-
-    ``model`` is modified during the call and restored exactly (the zeroed slices are copied back); it is evaluated in
-    eval mode on the device its parameters are on."""
+    """(loss of the whole network, loss change per unit of ``units``): each unit removed alone from a copy of the
+    model, the loss measured on ``batches`` (re-iterated once per unit, so a list). ``model`` itself is untouched; it
+    and its copies are evaluated in eval mode on the device its parameters are on."""
     was_training = model.training
     model.eval()
     try:
         base = mean_loss(model, batches)
         changes = torch.empty(len(units), dtype=torch.float64)
-        for i, reads in enumerate(_reads(model, graph, units).values()):
-            saved = [(w, pos, w[:, pos].clone()) for w, pos in reads]
-            try:
-                for w, pos, _ in saved:
-                    w[:, pos] = 0
-                changes[i] = mean_loss(model, batches) - base
-            finally:
-                for w, pos, values in saved:
-                    w[:, pos] = values
+        for i, unit in enumerate(units):
+            changes[i] = mean_loss(zeroed_reference(model, unit_plan(graph, unit)).eval(), batches) - base
     finally:
         model.train(was_training)
     return base, changes
