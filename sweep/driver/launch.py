@@ -249,7 +249,7 @@ def summary_frame(result_grid: Any, early_stopping: bool = False) -> pd.DataFram
         config = (result.config or {}).get("trial", {})
         prune, metrics = config.get("prune", {}), result.metrics or {}
         row = {
-            "model": config.get("model", {}).get("name"), "strategy": prune.get("strategy"),
+            "model": section_label(config.get("model", {})), "strategy": prune.get("strategy"),  # plug-in: mypkg:build
             "ratio": prune.get("ratio"), "scope": prune.get("scope"), "target": prune.get("target"),
             "status": _status(result, early_stopping),
         }
