@@ -379,3 +379,13 @@ def test_pruning_leaves_the_model_as_it_was(name):
     assert [m.training for m in model.modules()] == modes and model.training and not frozen.training
     ours = {id(t) for t in result.model.state_dict(keep_vars=True).values()}
     assert not ours & {id(t) for t in model.state_dict(keep_vars=True).values()}  # nothing shared after pruning
+
+
+def test_a_network_with_nothing_removable_is_refused_in_one_line():
+    """BiT's pattern: every channel ends at a weight-standardised conv's input or at the output, so nothing can go;
+    that is a refusal naming why (as for any model the pruner cannot handle), not a silent no-op."""
+    model = nn.Sequential(StdConv2d(3, 8, 3), nn.ReLU(), StdConv2d(8, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    for call in (lambda: analyse(model, (torch.randn(1, 3, 8, 8),)), lambda: prune(model, torch.randn(1, 3, 8, 8))):
+        with pytest.raises(PruningError, match="no channel of Sequential can be removed") as err:
+            call()
+        assert "\n" not in str(err.value) and "weight-standardised" in str(err.value)

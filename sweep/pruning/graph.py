@@ -1122,7 +1122,13 @@ def analyse(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], ignore=(
     analyser.run()
     analyser.settle_widths()
     analyser.keep_decided(decided)
-    return _finish(analyser)
+    graph = _finish(analyser)
+    if graph.producer and graph.num_units == 0 and not ignore:  # the model itself, not the caller's ignore list
+        raise PruningError(
+            f"model: no channel of {type(model).__name__} can be removed: every conv and Linear feeds the output or "
+            f"a layer the pruner keeps whole (the inputs of a weight-standardised conv stay, and with them the "
+            f"channels of the layer before)")
+    return graph
 
 
 def _finish(a: _Analyser) -> ChannelGraph:

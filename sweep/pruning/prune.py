@@ -199,9 +199,8 @@ def _check_prunable(model: nn.Module, graph: ChannelGraph) -> None:
                            + (f"; layers of types it does not know: {unknown}" if unknown else ""))
     if graph.kept_whole:
         log.warning("model: layers of types the pruner does not know keep all their channels: %s", unknown)
-    if graph.num_units == 0:
-        log.warning("model: no channel of %s can be removed: every conv and Linear feeds the output, a layer "
-                    "the pruner keeps whole, or an ignored module", type(model).__name__)
+    if graph.num_units == 0:  # what `ignore` left (a model with nothing removable of its own is refused by analyse)
+        log.warning("model: no channel of %s can be removed outside the ignored modules", type(model).__name__)
 
 
 def _copy_sharing_tensors(model: nn.Module) -> nn.Module:
