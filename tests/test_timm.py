@@ -4,6 +4,7 @@ Needs timm (`pip install -e ".[timm]"`); nothing is downloaded."""
 
 import importlib.util
 import logging
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from sweep.pruning import PruningError, prune, relative_error
 timm = pytest.importorskip("timm", reason="timm is not installed: pip install -e '.[timm]'")
 
 _BENCH = Path(__file__).parents[1] / "bench" / "timm_coverage.py"
+sys.path.insert(0, str(_BENCH.parent))  # as when the bench runs as a script: it imports bench/_pruners.py
 _spec = importlib.util.spec_from_file_location("timm_coverage", _BENCH)
 coverage = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(coverage)
