@@ -1124,10 +1124,11 @@ def analyse(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], ignore=(
     analyser.keep_decided(decided)
     graph = _finish(analyser)
     if graph.producer and graph.num_units == 0 and not ignore:  # the model itself, not the caller's ignore list
+        modules = list(dict.fromkeys(module for module, _ in graph.producer.values()))
         raise PruningError(
-            f"model: no channel of {type(model).__name__} can be removed: every conv and Linear feeds the output or "
-            f"a layer the pruner keeps whole (the inputs of a weight-standardised conv stay, and with them the "
-            f"channels of the layer before)")
+            f"model: no channel of {type(model).__name__} can be removed (module '{modules[0]}' and its "
+            f"{len(modules) - 1} other convs and Linears): every one feeds the output or a layer the pruner keeps "
+            f"whole (the inputs of a weight-standardised conv stay, and with them the channels of the layer before)")
     return graph
 
 
