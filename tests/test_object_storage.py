@@ -12,7 +12,6 @@ import re
 import shutil
 import signal
 import tempfile
-import threading
 import uuid
 from collections import Counter
 
@@ -24,6 +23,7 @@ from test_reliability import (
     _kill_all,
     _sweep,
     assert_one_finished_run_per_config,
+    lose_worker_mid_trial,
     runs_by_config,
     steps,
     wait_for,
@@ -31,7 +31,6 @@ from test_reliability import (
 )
 
 from sweep.config.spec import load_spec
-from sweep.driver.launch import run_sweep
 from sweep.store import claims, tracking
 from sweep.worker.base import BASES_EXPERIMENT
 
@@ -157,29 +156,8 @@ space:
   ratio: {grid: [0.3, 0.5]}
 """)
     spec = load_spec(path)
-    outcome: dict = {}
-
-    def sweep():
-        try:
-            outcome["value"] = run_sweep(spec, tracking_uri=uri, storage=f"s3://{BUCKET}/runs", verbose=0)
-        except BaseException as error:  # surfaced by the assertions below
-            outcome["error"] = error
-
-    thread = threading.Thread(target=sweep, daemon=True)
-    thread.start()
-
-    def on_worker():
-        if not thread.is_alive():
-            pytest.fail(f"the sweep ended before the node was removed: {outcome}")
-        return [r for rs in runs_by_config(uri, spec.name).values() for r in rs
-                if r.data.tags.get("ray.node_id") == worker.node_id and steps(uri, r.info.run_id)]
-
-    [victim] = wait_for(on_worker, "a trial mid-fine-tune on the worker node", seconds=200)
-    cluster.remove_node(worker)  # its disk goes with it: only the bucket holds the trial's checkpoint
-    thread.join(timeout=240)
-    assert not thread.is_alive(), "the sweep did not finish after the node was removed"
-    assert "error" not in outcome, outcome.get("error")
-    assert (outcome["value"].ran, outcome["value"].failed) == (2, 0)
+    # the worker's disk goes with it: only the bucket holds the trial's checkpoint
+    victim = lose_worker_mid_trial(cluster, worker, spec, uri, f"s3://{BUCKET}/runs", wait_s=200)
 
     runs = assert_one_finished_run_per_config(uri, spec)
     rerun = next(r for r in runs.values() if r.info.run_id == victim.info.run_id)  # its own run, continued

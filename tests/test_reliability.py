@@ -344,21 +344,14 @@ def two_nodes(own_ray):
         yield nodes
 
 
-@pytest.mark.timeout(300)
-def test_lost_node_trials_finish_on_the_remaining_node(two_nodes, tmp_path, sqlite_uri):
-    uri = sqlite_uri
-    cluster, worker = two_nodes
-    path = write_spec(tmp_path, "lost_node", epochs=6, limit=1000, batch=16, max_failures=2, extra="""
-checkpoint_every_s: 0
-space:
-  strategy: {grid: [l1, random]}
-""")
-    spec = load_spec(path)
+def lose_worker_mid_trial(cluster, worker, spec, uri: str, storage: str, wait_s: float):
+    """Run a two-trial sweep in the background, remove the worker node once a trial there has logged an epoch, and
+    wait for the sweep to finish both trials anyway; the trial run that was on the lost node."""
     outcome: dict = {}
 
     def sweep():
         try:
-            outcome["value"] = run_sweep(spec, tracking_uri=uri, storage=str(tmp_path / "results"), verbose=0)
+            outcome["value"] = run_sweep(spec, tracking_uri=uri, storage=storage, verbose=0)
         except BaseException as error:  # surfaced by the assertions below
             outcome["error"] = error
 
@@ -371,13 +364,26 @@ space:
         runs = [r for rs in runs_by_config(uri, spec.name).values() for r in rs]
         return [r for r in runs if r.data.tags.get("ray.node_id") == worker.node_id and steps(uri, r.info.run_id)]
 
-    [victim] = wait_for(on_worker, "a trial mid-fine-tune on the worker node", seconds=150)
-    cluster.remove_node(worker)
+    [victim] = wait_for(on_worker, "a trial mid-fine-tune on the worker node", seconds=wait_s)
+    cluster.remove_node(worker)  # its disk goes with it: the trial continues from what its storage holds
     thread.join(timeout=240)
     assert not thread.is_alive(), "the sweep did not finish after the node was removed"
     assert "error" not in outcome, outcome.get("error")
-    result = outcome["value"]
-    assert (result.ran, result.failed) == (2, 0)
+    assert (outcome["value"].ran, outcome["value"].failed) == (2, 0)
+    return victim
+
+
+@pytest.mark.timeout(300)
+def test_lost_node_trials_finish_on_the_remaining_node(two_nodes, tmp_path, sqlite_uri):
+    uri = sqlite_uri
+    cluster, worker = two_nodes
+    path = write_spec(tmp_path, "lost_node", epochs=6, limit=1000, batch=16, max_failures=2, extra="""
+checkpoint_every_s: 0
+space:
+  strategy: {grid: [l1, random]}
+""")
+    spec = load_spec(path)
+    victim = lose_worker_mid_trial(cluster, worker, spec, uri, str(tmp_path / "results"), wait_s=150)
 
     runs = assert_one_finished_run_per_config(uri, spec)
     head = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
