@@ -93,6 +93,9 @@ def driver_env(tmp_path, bucket):
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+# slow: the resume path is the one test_reliability's killed-driver test takes on a folder, and the bucket's own
+# part (checkpoints read back from S3) is in the default suite's lost-node test below
+@pytest.mark.slow
 @pytest.mark.e2e
 @pytest.mark.timeout(300)
 def test_a_sweep_on_s3_survives_its_driver_killed_and_resumes_from_the_bucket(tmp_path, bucket, driver_env,

@@ -173,56 +173,6 @@ def _sweep(args: list[str], env: dict, cwd: Path, log: Path) -> subprocess.Popen
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
-@pytest.mark.timeout(300)
-def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, driver_env, sqlite_uri):
-    uri = sqlite_uri  # created beforehand: polling a store while the driver creates its schema would race it
-    # Short trials (1 epoch) finish while long ones (8 epochs on all of digits) are still running when the driver dies.
-    path = write_spec(tmp_path, "killed", limit=1000, batch=16, max_failures=1, extra="""
-checkpoint_every_s: 0
-space:
-  strategy: {grid: [l1, random]}
-  finetune.epochs: {grid: [1, 8]}
-""")
-    spec = load_spec(path)
-    args = [str(path), "--tracking-uri", uri, "--storage", str(tmp_path / "results"), "--quiet"]
-    log = tmp_path / "driver.log"
-    driver = _sweep(args, driver_env, tmp_path, log)
-
-    def mid_sweep():
-        if driver.poll() is not None:
-            pytest.fail(f"the sweep ended before it could be killed:\n{log.read_text()[-3000:]}")
-        runs = [r for rs in runs_by_config(uri, spec.name).values() for r in rs]
-        finished = [r for r in runs if r.info.status == "FINISHED"]
-        running = [r for r in runs if r.info.status == "RUNNING" and steps(uri, r.info.run_id)]
-        return (finished, running) if finished and running else None
-
-    finished, running = wait_for(mid_sweep, "one finished trial and one mid-fine-tune", seconds=150, every=0.3)
-    os.killpg(driver.pid, signal.SIGKILL)  # the driver's whole session: no cleanup, no `finally`
-    driver.wait(timeout=30)
-    _kill_all(next(k + "=" + v for k, v in driver_env.items() if k == "SWEEP_TEST_DRIVER"))
-    logged = {r.info.run_id: steps(uri, r.info.run_id) for r in tracking.child_runs(MlflowClient(uri), spec.name)}
-
-    resumed = _sweep([*args, "--resume"], driver_env, tmp_path, log)
-    assert resumed.wait(timeout=200) == 0, log.read_text()[-3000:]
-    assert "resuming the sweep" in log.read_text()
-
-    runs = assert_one_finished_run_per_config(uri, spec)
-    by_id = {r.info.run_id: r for r in runs.values()}
-    for run in finished:  # not re-run: the same run, untouched
-        assert run.info.run_id in by_id and by_id[run.info.run_id].info.end_time == run.info.end_time
-        assert steps(uri, run.info.run_id) == logged[run.info.run_id]
-    for run in running:  # resumed from its checkpoint in its own run
-        assert run.info.run_id in by_id, "an interrupted trial started a new MLflow run"
-        epochs = int(run.data.params["finetune.epochs"])
-        history = Counter(steps(uri, run.info.run_id))
-        assert set(history) == set(range(1, epochs + 1))
-        # Each epoch once in the run's history, also the one in flight when the driver died.
-        assert all(count == 1 for count in history.values()), history
-    parents = tracking.all_runs(MlflowClient(uri), tracking.find_experiment_id(MlflowClient(uri), spec.name),
-                                "tags.`sweep.role` = 'parent'")
-    assert [p.info.status for p in parents] == ["FINISHED"]  # the resumed launch closed the interrupted parent
-
-
 def _one_trial_mid_fine_tune(tmp_path: Path, env: dict, uri: str, name: str, epochs: int):
     """`sweep run` of one long trial, returned once the trial has logged an epoch: (spec, args, log, driver)."""
     path = write_spec(tmp_path, name, epochs=epochs, limit=1000, batch=16,
@@ -237,47 +187,101 @@ def _one_trial_mid_fine_tune(tmp_path: Path, env: dict, uri: str, name: str, epo
     return spec, args, log, driver
 
 
-@pytest.mark.timeout(300)
-def test_a_new_launch_closes_a_dead_launchs_runs_and_reruns_them(tmp_path, driver_env, sqlite_uri):
-    """Without --resume: the runs a killed driver left RUNNING are closed with the reason, then run afresh."""
-    uri = sqlite_uri
-    spec, args, log, driver = _one_trial_mid_fine_tune(tmp_path, driver_env, uri, "orphans", epochs=8)
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait(timeout=30)
-    _kill_all(next(k + "=" + v for k, v in driver_env.items() if k == "SWEEP_TEST_DRIVER"))
+class TestKilledDriver:
+    """A driver killed with SIGKILL, then resumed, relaunched, or still alive: a test class of its own, so that the
+    two test processes each take part of this module's minutes (they schedule a module or a class at a time)."""
 
-    # at once, as a cron job restarted after a crash: whether or not the dead launch's leases lapsed while this one
-    # started, it runs the config (test_claims: a launch waits out a dead launch's leases, not a live one's)
-    again = _sweep(args, driver_env, tmp_path, log)
-    assert again.wait(timeout=200) == 0, log.read_text()[-3000:]
-    assert "closed 2 runs left RUNNING by a launch that died" in log.read_text()  # its trial and its parent
-    client = MlflowClient(uri)
-    experiment = tracking.find_experiment_id(client, spec.name)
-    everything = tracking.all_runs(client, experiment)
-    assert not [r for r in everything if r.info.status == "RUNNING"]
-    dead = [r for r in everything if r.info.status in ("FAILED", "KILLED")]
-    assert len(dead) == 2 and all("stopped renewing" in r.data.tags["sweep.closed_reason"] for r in dead)
-    [run] = [r for r in runs_by_config(uri, spec.name).popitem()[1] if r.info.status == "FINISHED"]
-    assert steps(uri, run.info.run_id) == list(range(1, 9))
+    @pytest.mark.timeout(300)
+    def test_killed_driver_resumes_without_rerunning_finished_trials(self, tmp_path, driver_env, sqlite_uri):
+        uri = sqlite_uri  # created beforehand: polling a store while the driver creates its schema would race it
+        # Short trials (1 epoch) finish while long ones (8 epochs on all of digits) still run when the driver dies.
+        path = write_spec(tmp_path, "killed", limit=1000, batch=16, max_failures=1, extra="""
+checkpoint_every_s: 0
+space:
+  strategy: {grid: [l1, random]}
+  finetune.epochs: {grid: [1, 8]}
+""")
+        spec = load_spec(path)
+        args = [str(path), "--tracking-uri", uri, "--storage", str(tmp_path / "results"), "--quiet"]
+        log = tmp_path / "driver.log"
+        driver = _sweep(args, driver_env, tmp_path, log)
+
+        def mid_sweep():
+            if driver.poll() is not None:
+                pytest.fail(f"the sweep ended before it could be killed:\n{log.read_text()[-3000:]}")
+            runs = [r for rs in runs_by_config(uri, spec.name).values() for r in rs]
+            finished = [r for r in runs if r.info.status == "FINISHED"]
+            running = [r for r in runs if r.info.status == "RUNNING" and steps(uri, r.info.run_id)]
+            return (finished, running) if finished and running else None
+
+        finished, running = wait_for(mid_sweep, "one finished trial and one mid-fine-tune", seconds=150, every=0.3)
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver's whole session: no cleanup, no `finally`
+        driver.wait(timeout=30)
+        _kill_all(next(k + "=" + v for k, v in driver_env.items() if k == "SWEEP_TEST_DRIVER"))
+        logged = {r.info.run_id: steps(uri, r.info.run_id) for r in tracking.child_runs(MlflowClient(uri), spec.name)}
+
+        resumed = _sweep([*args, "--resume"], driver_env, tmp_path, log)
+        assert resumed.wait(timeout=200) == 0, log.read_text()[-3000:]
+        assert "resuming the sweep" in log.read_text()
+
+        runs = assert_one_finished_run_per_config(uri, spec)
+        by_id = {r.info.run_id: r for r in runs.values()}
+        for run in finished:  # not re-run: the same run, untouched
+            assert run.info.run_id in by_id and by_id[run.info.run_id].info.end_time == run.info.end_time
+            assert steps(uri, run.info.run_id) == logged[run.info.run_id]
+        for run in running:  # resumed from its checkpoint in its own run
+            assert run.info.run_id in by_id, "an interrupted trial started a new MLflow run"
+            epochs = int(run.data.params["finetune.epochs"])
+            history = Counter(steps(uri, run.info.run_id))
+            assert set(history) == set(range(1, epochs + 1))
+            # Each epoch once in the run's history, also the one in flight when the driver died.
+            assert all(count == 1 for count in history.values()), history
+        parents = tracking.all_runs(MlflowClient(uri), tracking.find_experiment_id(MlflowClient(uri), spec.name),
+                                    "tags.`sweep.role` = 'parent'")
+        assert [p.info.status for p in parents] == ["FINISHED"]  # the resumed launch closed the interrupted parent
 
 
-@pytest.mark.timeout(300)
-def test_resume_refuses_a_launch_whose_driver_is_alive(tmp_path, driver_env, sqlite_uri):
-    """`--resume` in a second terminal while the first driver still runs: refused once the lease is seen renewed
-    (two drivers would share one Tune folder and close each other's runs); the first launch is left as it was."""
-    uri = sqlite_uri
-    spec, args, log, driver = _one_trial_mid_fine_tune(tmp_path, driver_env, uri, "alive", epochs=500)
-    second = subprocess.run([sys.executable, "-m", "sweep.cli", "run", *args, "--resume"], env=driver_env,
-                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert second.returncode == 2, second.stdout + second.stderr
-    assert f"--resume: sweep {spec.name} is running in another process" in second.stderr
-    assert driver.poll() is None, log.read_text()[-3000:]
-    client = MlflowClient(uri)
-    everything = tracking.all_runs(client, tracking.find_experiment_id(client, spec.name))
-    assert sorted(r.info.status for r in everything) == ["RUNNING", "RUNNING"]  # its parent and its trial
-    assert len({r.data.tags[claims.OWNER_TAG].split("/")[0] for r in everything}) == 1  # nobody took them over
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait(timeout=30)
+    @pytest.mark.timeout(300)
+    def test_a_new_launch_closes_a_dead_launchs_runs_and_reruns_them(self, tmp_path, driver_env, sqlite_uri):
+        """Without --resume: the runs a killed driver left RUNNING are closed with the reason, then run afresh."""
+        uri = sqlite_uri
+        spec, args, log, driver = _one_trial_mid_fine_tune(tmp_path, driver_env, uri, "orphans", epochs=8)
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+        _kill_all(next(k + "=" + v for k, v in driver_env.items() if k == "SWEEP_TEST_DRIVER"))
+
+        # at once, as a cron job restarted after a crash: whether or not the dead launch's leases lapsed while this one
+        # started, it runs the config (test_claims: a launch waits out a dead launch's leases, not a live one's)
+        again = _sweep(args, driver_env, tmp_path, log)
+        assert again.wait(timeout=200) == 0, log.read_text()[-3000:]
+        assert "closed 2 runs left RUNNING by a launch that died" in log.read_text()  # its trial and its parent
+        client = MlflowClient(uri)
+        experiment = tracking.find_experiment_id(client, spec.name)
+        everything = tracking.all_runs(client, experiment)
+        assert not [r for r in everything if r.info.status == "RUNNING"]
+        dead = [r for r in everything if r.info.status in ("FAILED", "KILLED")]
+        assert len(dead) == 2 and all("stopped renewing" in r.data.tags["sweep.closed_reason"] for r in dead)
+        [run] = [r for r in runs_by_config(uri, spec.name).popitem()[1] if r.info.status == "FINISHED"]
+        assert steps(uri, run.info.run_id) == list(range(1, 9))
+
+
+    @pytest.mark.timeout(300)
+    def test_resume_refuses_a_launch_whose_driver_is_alive(self, tmp_path, driver_env, sqlite_uri):
+        """`--resume` in a second terminal while the first driver still runs: refused once the lease is seen renewed
+        (two drivers would share one Tune folder and close each other's runs); the first launch is left as it was."""
+        uri = sqlite_uri
+        spec, args, log, driver = _one_trial_mid_fine_tune(tmp_path, driver_env, uri, "alive", epochs=500)
+        second = subprocess.run([sys.executable, "-m", "sweep.cli", "run", *args, "--resume"], env=driver_env,
+                                cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert f"--resume: sweep {spec.name} is running in another process" in second.stderr
+        assert driver.poll() is None, log.read_text()[-3000:]
+        client = MlflowClient(uri)
+        everything = tracking.all_runs(client, tracking.find_experiment_id(client, spec.name))
+        assert sorted(r.info.status for r in everything) == ["RUNNING", "RUNNING"]  # its parent and its trial
+        assert len({r.data.tags[claims.OWNER_TAG].split("/")[0] for r in everything}) == 1  # nobody took them over
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
 
 
 @pytest.mark.timeout(360)

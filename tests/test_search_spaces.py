@@ -52,7 +52,15 @@ def test_full_spaces_validate(path, tmp_path, monkeypatch):
     assert len(spec.grid_configs()) >= 2
 
 
-@pytest.mark.parametrize("path", SMOKE, ids=[p.stem for p in SMOKE])
+# Smoke forms whose models, data and features each have default-suite tests of their own (an architecture grid in
+# the training_time_cpu form, iterative FLOPs targets in test_pruning, the JPEG folder in test_data, the scratch arm
+# in the digits_arms form): in `-m slow` to keep the default suite under 10 minutes; the full forms all validate.
+SLOW_SMOKE = {"transfer_vgg16_flowers", "alexnet_levels", "models_training_time",
+              "cifar10_resnet56_jpeg", "cifar10_resnet20_pruned", "cifar10_resnet20_scratch"}
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.slow) if p.stem in SLOW_SMOKE else p
+                                  for p in SMOKE], ids=[p.stem for p in SMOKE])
 def test_smoke_forms_run(path, tmp_path, local_ray, sqlite_uri):
     spec = load_spec(path)
     uri = sqlite_uri  # a copy of the session's empty store

@@ -2,7 +2,6 @@
 
 import copy
 import json
-import multiprocessing as mp
 import re
 import sqlite3
 import threading
@@ -302,44 +301,6 @@ def test_retry_survives_a_real_sqlite_lock(tmp_path):
     assert len(calls) == 1  # only lock errors are retried
     engine.dispose()
     holder.close()
-
-
-STEPS = 50
-WRITERS = 8
-
-
-def _log_steps(uri: str, parent: str, index: int, barrier) -> None:
-    run = TrialRun.create(uri, EXPERIMENT, parent, trial(ratio=round(0.1 + 0.1 * index, 1)))
-    barrier.wait()  # all writers hit the sqlite file at the same moment
-    for step in range(STEPS):
-        run.log_points([("train_loss", step, 1.0 / (step + 1)), ("val_accuracy", step, step / STEPS)])
-    run.finish()
-
-
-def test_eight_processes_write_one_sqlite_store(uri, monkeypatch):
-    # Spawned children inherit the environment: without this each one tries to reach MLflow's telemetry host.
-    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    parent = tracking.start_parent_run(uri, EXPERIMENT, "")
-    ctx = mp.get_context("spawn")
-    barrier = ctx.Barrier(WRITERS, timeout=120)
-    workers = [ctx.Process(target=_log_steps, args=(uri, parent, i, barrier)) for i in range(WRITERS)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(timeout=240)
-    for w in workers:
-        if w.is_alive():  # hung: do not leave it behind
-            w.kill()
-    assert [w.exitcode for w in workers] == [0] * WRITERS  # a worker that hit "database is locked" exits 1
-
-    client = MlflowClient(uri)
-    done = tracking.finished_trials(uri, EXPERIMENT)
-    assert len(done) == WRITERS
-    for name in ("train_loss", "val_accuracy"):
-        points = [m for run_id in done.values() for m in client.get_metric_history(run_id, name)]
-        assert len(points) == WRITERS * STEPS
-    for run_id in done.values():
-        assert client.get_run(run_id).data.tags["mlflow.parentRunId"] == parent
 
 
 def test_latency_phase_skips_a_run_it_cannot_rebuild_and_says_why(uri):
