@@ -27,6 +27,7 @@ def pytest_collection_modifyitems(config, items):
 import contextlib  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -133,6 +134,35 @@ class FailOnce:
             self.marker_dir.mkdir(parents=True, exist_ok=True)
             marker.touch()
             raise RuntimeError(f"injected failure in epoch {epoch}")
+
+
+class Rendezvous:
+    """A trial hook that holds each trial at the start of its first fine-tune epoch until `count` trials have got
+    there (bounded by `seconds`): the trials then surely ran at the same time, whatever the scheduler's timing, so on
+    nodes of one CPU each they ran on different nodes."""
+
+    def __init__(self, count: int, marker_dir: Path, seconds: float = 90.0):
+        self.count, self.marker_dir, self.seconds = count, marker_dir, seconds
+
+    def __call__(self, config: dict, epoch: int) -> None:
+        from sweep.store.tracking import config_hash
+
+        if epoch != 1:
+            return
+        self.marker_dir.mkdir(parents=True, exist_ok=True)
+        (self.marker_dir / config_hash(config)).touch()
+        deadline = time.monotonic() + self.seconds
+        while len(list(self.marker_dir.iterdir())) < self.count and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+@pytest.fixture
+def rendezvous(tmp_path):
+    """rendezvous(count) -> a Rendezvous hook, pickled by value like fail_once's."""
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    return lambda count: Rendezvous(count, tmp_path / "rendezvous")
 
 
 @pytest.fixture

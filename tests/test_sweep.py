@@ -246,11 +246,13 @@ class TestCluster:
         cluster.shutdown()
 
     @pytest.mark.timeout(240)
-    def test_two_nodes_share_one_base(self, cluster, tmp_path, sqlite_uri):
+    def test_two_nodes_share_one_base(self, cluster, tmp_path, sqlite_uri, rendezvous):
         uri = sqlite_uri  # a copy of the session's empty store
         storage = str(tmp_path / "results")  # one filesystem: stands in for the NFS mount a real cluster needs
         spec = load_spec(write_spec(tmp_path, "two_nodes", strategies=["l1", "random"], ratios=[0.5]))
-        outcome = run_sweep(spec, address=cluster.address, tracking_uri=uri, storage=storage, verbose=0)
+        # held together after epoch 1, so the first cannot finish (freeing its node) before the second is placed
+        outcome = run_sweep(spec, address=cluster.address, tracking_uri=uri, storage=storage, verbose=0,
+                            on_epoch=rendezvous(2))
         assert (outcome.ran, outcome.failed) == (2, 0)
         assert not ray.is_initialized()  # run_sweep disconnects what it connected
 
