@@ -1,6 +1,7 @@
 """Search spaces: valid YAML becomes trial dicts and Ray Tune domains; every bad input is one line naming its field."""
 
 import copy
+import hashlib
 import importlib
 import itertools
 import json
@@ -541,3 +542,32 @@ def test_reference_tables_are_generated_from_the_schema_and_the_metric_table():
     assert "`fault" not in table and all(f"`{short}`" in table for short in PARAMS)
     assert all(f"| `{name}` |" in metrics_markdown() for name in METRICS)
     assert "<!-- metrics:begin -->" in readme.split("## Metrics")[1]
+
+
+# --- what a shipped spec becomes is pinned: trial dicts are hashed into run identities (store.tracking.config_hash),
+# so a change in the schema's machinery must not change a single value or type of them.
+PINNED = Path(__file__).resolve().parent / "spec_dumps.json"
+PINNED_SPECS = ("quickstart", "digits_arms", "transfer_vgg16_flowers", "cifar10_resnet20_criteria")
+
+
+def _spec_dump(name: str, root: Path) -> str:
+    """Everything a spec hands the driver and the trials, as JSON text (types show: 1 is not 1.0)."""
+    spec = load_spec(QUICKSTART.parent / f"{name}.yaml")
+    dump = {field: getattr(spec, field) for field in SweepSpec.__dataclass_fields__ if field != "source_text"}
+    dump["space"] = {path: [domain.kind, list(domain.values)] for path, domain in spec.space.items()}
+    configs = spec.grid_configs() if spec.search["algorithm"] == "grid" else []
+    # the first trial in full, and every trial's canonical JSON (what config_hash reads) by its digest
+    every = json.dumps(configs, sort_keys=True).replace(str(root), "<root>")
+    dump["grid_configs"] = configs[:1] + [hashlib.sha256(every.encode()).hexdigest()]
+    return json.dumps(dump, sort_keys=True, indent=1).replace(str(root), "<root>")
+
+
+def test_shipped_specs_dump_to_the_pinned_dicts(registries, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the criteria study's checkpoint and image folder, as empty stand-ins
+    (tmp_path / "data" / "weights").mkdir(parents=True)
+    (tmp_path / "data" / "weights" / "resnet20-12fca82f.th").write_bytes(b"")
+    (tmp_path / "data" / "cifar10_jpg").mkdir()
+    pinned = json.loads(PINNED.read_text(encoding="utf-8"))
+    for name in PINNED_SPECS:
+        assert json.loads(_spec_dump(name, tmp_path)) == pinned[name], name
+        assert _spec_dump(name, tmp_path) == json.dumps(pinned[name], sort_keys=True, indent=1), name
