@@ -17,12 +17,14 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
 SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if not p.name.startswith("_"))  # `_` files: helpers, not benches
 # Benches that start a local Ray: they run in a test class of their own, so the two test processes share the load.
-RAY_BENCHES = {"data_sharing.py", "sweep_overhead.py", "tune_snapshot.py"}
+RAY_BENCHES = {"criteria_study_gpu.py", "data_sharing.py", "sweep_overhead.py", "tune_snapshot.py"}
 NUMBER = r"-?\d+\.\d+"
 # Per bench: a line of its table, and its ratio line (or the summary that stands for one).
 EXPECTED = {
     "base_sharing.py": [r"^shared +2 +1 ", rf"^shared / caching-off wall = {NUMBER} \(ideal .* = {NUMBER}\)$"],
     "coverage.py": [r"^resnet18 +equivalent ", r"^ours: equivalent 1 \(of 1\)$"],
+    "criteria_study_gpu.py": [r"^control +0\.0 +\d+ +1\.00$", r"^oracle +0\.5 +1 +\d+ ",
+                              rf"^pruned / unpruned fine-tune images/s \(median over 2 settings\) = {NUMBER}$"],
     "data_sharing.py": [rf"^\| shared \| 1 \| {NUMBER} \| 1\.00x \|",
                         rf"^1 trials, shared against per-trial copy: {NUMBER}x the PSS$"],
     "fpgm_cost.py": [rf"^classifier\.0 \(1024, 10240\): exact sums {NUMBER} s; fpgm against exact: Spearman {NUMBER}",
