@@ -236,7 +236,7 @@ def lookups(uri: str) -> dict[str, float]:
 
 
 def _first_epoch_marker(path: str):
-    def on_epoch(config: dict, epoch: int) -> None:  # runs in the trial worker before each epoch
+    def on_epoch(cfg, epoch: int) -> None:  # runs in the trial worker before each epoch
         with open(path, "a") as f:
             f.write(f"{time.time()}\n")
     return on_epoch

@@ -85,8 +85,8 @@ def plain_trial(config: dict, cache_dir: str, log: str) -> None:
     device = train.pick_device(cfg.device)
     train.seed_everything(cfg.seed)
     splits = load_splits(cfg)
-    base_path, _ = ensure_base(trial, cache_dir, splits, device)
-    base_model, _ = load_base(trial, base_path, splits)
+    base_path, _ = ensure_base(cfg, cache_dir, splits, device)
+    base_model, _ = load_base(cfg.model, base_path, splits)
     t = lap("data and base", t)
     p, ft = cfg.prune, cfg.finetune
     example = example_input(splits, device)

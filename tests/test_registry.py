@@ -12,6 +12,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from sweep.cli import main
+from sweep.config.schema import trial_config
 from sweep.config.spec import load_spec
 from sweep.driver.launch import run_one
 from sweep.pruning import load_pruned
@@ -75,7 +76,7 @@ def test_register_best_then_load_both_ways(store, tmp_path):
     checkpoint = mlflow.artifacts.download_artifacts(run_id=best.info.run_id, artifact_path="checkpoint/pruned.pt",
                                                      dst_path=str(tmp_path / "c"), tracking_uri=uri)
     config = load_spec(root / "r0.3.yaml").trial
-    architecture = new_model(config, splits.num_classes, splits.in_channels, source_weights=False)
+    architecture = new_model(trial_config(config).model, splits.num_classes, splits.in_channels, source_weights=False)
     model, plan = load_pruned(checkpoint, architecture)
     with torch.no_grad():
         expected = model.eval()(x).numpy()

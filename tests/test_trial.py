@@ -19,6 +19,7 @@ from sweep.config.spec import parse_spec
 from sweep.pruning import load_pruned
 from sweep.store import claims, tracking
 from sweep.worker.base import base_key
+from sweep.worker.identity import typed_trial
 from sweep.worker.train import evaluate
 from sweep.worker.trial import SweepContext, run_trial, selection_view
 from sweep.zoo.data import batches, load_dataset
@@ -152,7 +153,7 @@ def test_second_trial_shares_the_base(store, configs, l1_trial):
     assert run.data.tags["base_cache"] == "hit"
     [first] = _runs(store, configs[0])
     assert run.data.metrics["base_test_accuracy"] == first.data.metrics["base_test_accuracy"]
-    assert [p.parent.name for p in Path(store.cache_dir).glob("*/base.pt")] == [base_key(configs[1])]
+    assert [p.parent.name for p in Path(store.cache_dir).glob("*/base.pt")] == [base_key(typed_trial(configs[1]))]
 
 
 def test_finished_config_is_not_rerun(store, configs, l1_trial):

@@ -61,12 +61,13 @@ def prepare(spec: SweepSpec, storage: str | None = None, max_batches: int | None
     storage the base is claimed in the tracking store, as a sweep's trials claim it."""
 
     config = spec.trial
-    seed_everything(config["seed"])
-    splits = load_splits(trial_config(config))
-    device = pick_device(config["device"])
-    path, cached = ensure_base(config, cache_dir(resolve_storage(storage), spec.name), splits, device,
+    cfg = trial_config(config)
+    seed_everything(cfg.seed)
+    splits = load_splits(cfg)
+    device = pick_device(cfg.device)
+    path, cached = ensure_base(cfg, cache_dir(resolve_storage(storage), spec.name), splits, device,
                                tracking_uri=tracking.resolve_tracking_uri(tracking_uri), experiment=spec.name)
-    model, info = load_base(config, path, splits)
+    model, info = load_base(cfg.model, path, splits)
     batch_size = config["finetune"]["batch_size"]
     val = _materialise(splits.val, batch_size, False, config["seed"], max_batches)
     calib = None

@@ -288,7 +288,7 @@ def run_sweep(
 
     Bad input (resources the cluster cannot give) raises SpecError before any MLflow data is written.
     `resume` restores the newest interrupted launch if it can (errored trials restart from their checkpoints,
-    under that launch's parent run), and starts afresh otherwise. `on_epoch(config, epoch)` runs in the trial
+    under that launch's parent run), and starts afresh otherwise. `on_epoch(cfg, epoch)` runs in the trial
     workers before each training epoch (it must pickle). A tracking server or Ray address that does not answer
     (within 5 s, and connect_timeout seconds) raises InputError before anything is written.
     """

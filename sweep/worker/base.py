@@ -1,8 +1,8 @@
 """The shared base network: trained (or fine-tuned from source weights) once per sweep, read by every trial.
 
-    path, cached = ensure_base(config, cache_dir, splits, device)    # trains under a file lock, or finds it
-    path, cached = ensure_base(config, "s3://b/sweeps/x/bases", splits, device, tracking_uri=uri, experiment=name)
-    model, info = load_base(config, path, splits)                    # info: accuracies, FLOPs, MACs, params, time
+    path, cached = ensure_base(cfg, cache_dir, splits, device)      # trains under a file lock, or finds it
+    path, cached = ensure_base(cfg, "s3://b/sweeps/x/bases", splits, device, tracking_uri=uri, experiment=name)
+    model, info = load_base(cfg.model, path, splits)               # info: accuracies, FLOPs, MACs, params, time
 
 The base depends only on (model, dataset, base training, seed): `base_key` hashes exactly those, so trials that
 agree there share one file, on every node that mounts the cache folder or reads the bucket. Its accuracy and cost
@@ -23,9 +23,11 @@ from filelock import FileLock
 from mlflow.tracking import MlflowClient
 from torch import nn
 
+from sweep.config.schema import ModelConfig, TrialConfig
 from sweep.store import claims, objects, tracking
+from sweep.worker.identity import identity
 from sweep.worker.measure import count_flops, count_params
-from sweep.worker.train import TrainConfig, evaluate, fit, seed_everything
+from sweep.worker.train import evaluate, fit, seed_everything
 from sweep.zoo.data import DataSplits, batches
 from sweep.zoo.models import build_model
 
@@ -37,23 +39,26 @@ BASES_EXPERIMENT = "{}.bases"  # the sweep's experiment name -> where the claims
 BASE_WAIT_S = 24 * 3600.0
 
 
-def base_key(config: dict, val_source: str = "train") -> str:
+def _base_identity(cfg: TrialConfig) -> dict:
+    known = identity(cfg)
+    return {k: known[k] for k in BASE_KEYS}  # in this order: the base checkpoint records it as written
+
+
+def base_key(cfg: TrialConfig, val_source: str = "train") -> str:
     """What the base network depends on, and nothing else: trials that agree here share it. Where validation comes
     from (DataSplits.val_source) changes what the base trains on (all of train when validation is carved from test)
     and what its base_val_accuracy measured, so a base whose validation is not held out of train has a key of its
     own (the others keep the keys they always had)."""
-    key = {k: config[k] for k in BASE_KEYS}
+    key = _base_identity(cfg)
     if val_source != "train":
         key["val_source"] = val_source
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def new_model(config: dict, num_classes: int, in_channels: int, source_weights: bool = True) -> nn.Module:
+def new_model(model: ModelConfig, num_classes: int, in_channels: int, source_weights: bool = True) -> nn.Module:
     """The trial's architecture headed for the dataset's classes, with its source weights or random ones."""
-    model = config["model"]
-    weights = model["weights"] if source_weights else None
-    return build_model(model.get("name"), num_classes, weights, in_channels, factory=model.get("factory"),
-                       kwargs=model.get("kwargs"))
+    return build_model(model.name, num_classes, model.weights if source_weights else None, in_channels,
+                       factory=model.factory, kwargs=model.kwargs)
 
 
 def example_input(splits: DataSplits, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -68,22 +73,22 @@ def _measure_base(model: nn.Module, splits: DataSplits, device: torch.device, ba
             "base_flops": float(flops), "base_macs": float(flops // 2), "base_params": float(count_params(model))}
 
 
-def _train_base(config: dict, splits: DataSplits, device: torch.device) -> bytes:
+def _train_base(cfg: TrialConfig, splits: DataSplits, device: torch.device) -> bytes:
     """Train (or fine-tune) and measure the base; the checkpoint's bytes."""
-    seed_everything(config["seed"])
-    model = new_model(config, splits.num_classes, splits.in_channels).to(device)
-    cfg = TrainConfig.from_dict(config["base"])
+    seed_everything(cfg.seed)
+    model = new_model(cfg.model, splits.num_classes, splits.in_channels).to(device)
+    train = cfg.base
     start = time.perf_counter()
-    if cfg.epochs > 0:
-        fit(model, batches(splits.train, cfg.batch_size, True, device, seed=config["seed"]), cfg, device)
-    info = {"base_train_time_s": time.perf_counter() - start, **_measure_base(model, splits, device, cfg.batch_size)}
+    if train.epochs > 0:
+        fit(model, batches(splits.train, train.batch_size, True, device, seed=cfg.seed), train, device)
+    info = {"base_train_time_s": time.perf_counter() - start, **_measure_base(model, splits, device, train.batch_size)}
     buffer = io.BytesIO()
     torch.save({"state_dict": model.state_dict(), "info": info,
-                "config": json.dumps({k: config[k] for k in BASE_KEYS}, default=str)}, buffer)
+                "config": json.dumps(_base_identity(cfg), default=str)}, buffer)
     return buffer.getvalue()
 
 
-def ensure_base(config: dict, cache_dir: str | Path, splits: DataSplits, device: torch.device,
+def ensure_base(cfg: TrialConfig, cache_dir: str | Path, splits: DataSplits, device: torch.device,
                 tracking_uri: str | None = None, experiment: str | None = None,
                 lease_s: float = claims.DEFAULT_LEASE_S) -> tuple[str, bool]:
     """Train the base once per key; returns (its checkpoint's location, whether it was already there).
@@ -91,26 +96,26 @@ def ensure_base(config: dict, cache_dir: str | Path, splits: DataSplits, device:
     A folder (local, or one every node mounts): the first trial trains under a file lock, the others wait on it.
     Object storage (a URI): the trial that claims the key in the tracking store (tracking_uri, experiment) trains,
     the others wait for its claim to finish, then read the object."""
-    location = objects.join(str(cache_dir), base_key(config, splits.val_source), BASE_FILE)
+    location = objects.join(str(cache_dir), base_key(cfg, splits.val_source), BASE_FILE)
     if objects.is_uri(location):
         if tracking_uri is None or experiment is None:
             raise ValueError("a base on object storage needs tracking_uri and experiment: the claim lives there")
-        return location, _shared_base(config, location, splits, device, tracking_uri, experiment, lease_s)
+        return location, _shared_base(cfg, location, splits, device, tracking_uri, experiment, lease_s)
     path = Path(location)
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path.with_suffix(".lock"))):  # trials that start together wait for the first one's base
         if path.exists():
             return str(path), True
-        objects.write_bytes(str(path), _train_base(config, splits, device))  # readers never see a half-written base
+        objects.write_bytes(str(path), _train_base(cfg, splits, device))  # readers never see a half-written base
         return str(path), False
 
 
-def _shared_base(config: dict, location: str, splits: DataSplits, device: torch.device, uri: str, experiment: str,
+def _shared_base(cfg: TrialConfig, location: str, splits: DataSplits, device: torch.device, uri: str, experiment: str,
                  lease_s: float) -> bool:
     """Whether the base at location was there already; trains and uploads it if this process wins its claim."""
     if objects.read_bytes(location) is not None:  # the common case once a base exists: one request, no claim
         return True
-    key = base_key(config, splits.val_source)
+    key = base_key(cfg, splits.val_source)
     client = MlflowClient(uri)
     experiment_id = tracking.get_or_create_experiment(client, BASES_EXPERIMENT.format(experiment))
     create = claims.child_run_creator(client, experiment_id, None, tags={"sweep.role": "base", "base_key": key,
@@ -131,7 +136,7 @@ def _shared_base(config: dict, location: str, splits: DataSplits, device: torch.
         # A trainer that died between its upload and its FINISHED status left the object: use it.
         cached = objects.read_bytes(location) is not None
         if not cached:
-            data = _train_base(config, splits, device)
+            data = _train_base(cfg, splits, device)
             claim.lease.check()  # our lease lapsed while training (a paused node): the new holder uploads, not us
             objects.write_bytes(location, data)  # one PUT: a reader sees the whole object or none
     except BaseException:
@@ -141,13 +146,13 @@ def _shared_base(config: dict, location: str, splits: DataSplits, device: torch.
     return cached
 
 
-def load_base(config: dict, path: str | Path, splits: DataSplits) -> tuple[nn.Module, dict]:
+def load_base(model: ModelConfig, path: str | Path, splits: DataSplits) -> tuple[nn.Module, dict]:
     """The base network (on the CPU) and what was measured of it when it was trained (path: a file or an object)."""
     data = objects.read_bytes(str(path))
     if data is None:
         raise FileNotFoundError(f"base network {path}: not there")
     saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     # no source weights: the state_dict replaces every value anyway
-    model = new_model(config, splits.num_classes, splits.in_channels, source_weights=False)
-    model.load_state_dict(saved["state_dict"])
-    return model, saved["info"]
+    network = new_model(model, splits.num_classes, splits.in_channels, source_weights=False)
+    network.load_state_dict(saved["state_dict"])
+    return network, saved["info"]

@@ -21,9 +21,9 @@ from mlflow.tracking import MlflowClient
 
 from sweep.pruning import load_pruned
 from sweep.store import tracking
-from sweep.worker.base import new_model
 from sweep.worker.measure import latency_samples
 from sweep.worker.train import pick_device
+from sweep.zoo.models import build_model
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,10 @@ def _networks(client: MlflowClient, run_id: str) -> tuple[torch.nn.Module, torch
     with tempfile.TemporaryDirectory(prefix="sweep-latency-") as tmp:
         path = tracking.with_retry(client.download_artifacts, run_id, "checkpoint/pruned.pt", tmp)
         arch = torch.load(path, map_location="cpu", weights_only=True)["plan"]["info"]["arch"]
-        base = new_model({"model": arch["model"]}, arch["num_classes"], arch["in_channels"], source_weights=False)
+        # the model section as the trial recorded it, not validated again: its weights file need not be on this node
+        model = arch["model"]
+        base = build_model(model.get("name"), arch["num_classes"], None, arch["in_channels"],
+                           factory=model.get("factory"), kwargs=model.get("kwargs"))
         pruned, _ = load_pruned(path, base)
     return base, pruned, arch
 

@@ -1,7 +1,8 @@
 """One trial: base model -> prune -> fine-tune (or train from scratch) -> measure -> report to Ray Tune and MLflow.
 
 ``run_trial`` is a Ray Tune function trainable (``tune.with_parameters(run_trial, context=ctx)``) and also runs
-standalone, without Ray. Its config is the resolved trial dict of ``sweep.config.spec``.
+standalone, without Ray. Its config is the resolved trial dict of ``sweep.config.spec``, typed once where the trial
+starts (sweep.worker.identity); from there on every step takes the typed config or the section it reads.
 
 Exactly once: every metric point is first kept in the trial's state, and a retried, resumed or restored trial
 continues its own run and logs only the (metric, step) points that run does not hold yet, so each epoch appears once
@@ -28,13 +29,14 @@ import torch
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from sweep.config.arms import CONTROL, NO_CRITERION, canonical
+from sweep.config.arms import CONTROL, NO_CRITERION
 from sweep.config.names import METRICS, section_label, tune_metrics
-from sweep.config.schema import TrainConfig, TrialConfig, trial_config
+from sweep.config.schema import TrainConfig, TrialConfig
 from sweep.pruning import NEEDS_CALIBRATION, PrunePlan, apply_plan, prune, save_pruned
 from sweep.store import claims, tracking
 from sweep.worker import shared_data
 from sweep.worker.base import base_key, ensure_base, example_input, load_base, new_model
+from sweep.worker.identity import identity, typed_trial
 from sweep.worker.measure import count_flops, count_params, size_mb
 from sweep.worker.raycompat import allow_stopped_trials_to_record, quiet_ray_logs
 from sweep.worker.train import (
@@ -51,7 +53,7 @@ from sweep.zoo.models import weights_stats, weights_trained_on
 STATE_FILE = "trial.pt"
 REMOVED_FILE = "removed.json"  # artifact: per layer, its width and the channels removed
 Report = Callable[[dict, "str | None"], None]  # (metrics, checkpoint directory or None)
-EpochHook = Callable[[dict, int], None]  # (trial config, epoch) before each training epoch: progress, fault tests
+EpochHook = Callable[[TrialConfig, int], None]  # (trial config, epoch) before each epoch: progress, fault tests
 # Each data stream of a trial has its own seed, so a strategy that scores channels on data (taylor, apoz) does not
 # change the order in which the fine-tune sees the training set.
 _CALIBRATION_STREAM, _BETWEEN_STEPS_STREAM = 1_000_003, 2_000_003
@@ -167,17 +169,19 @@ def run_trial(config: dict, context: SweepContext, report: Report | None = None,
     Under Ray Tune (``report=None``) it reports to Tune and resumes from ``tune.get_checkpoint()``; standalone,
     ``report(metrics, checkpoint_dir)`` receives each epoch and ``checkpoint_dir`` resumes from one of those
     checkpoints. Returns every metric the run recorded (test metrics included); Tune sees only `selection_view`.
+    `config` (a resolved trial dict, as Tune hands it) is typed here, once; nothing after reads the dict.
     """
     os.environ.pop("MLFLOW_RUN_ID", None)  # would hijack the parent of our run (mlflow issue 15713)
-    config = canonical(config)  # a control trial drawn with any strategy is the one control trial (config.arms)
+    cfg = typed_trial(config)  # a control trial drawn with any strategy is the one control trial (config.arms)
+    chash = tracking.config_hash(identity(cfg))
     if report is None:
         report, checkpoint_dir, trial_id = _tune_reporter()
     else:
         trial_id = "standalone"
     saved = _read_checkpoint(checkpoint_dir)
-    claim, resumed = _claim(config, context, saved["run_id"] if saved else None, trial_id)
+    claim, resumed = _claim(cfg, chash, context, saved["run_id"] if saved else None, trial_id)
     if claim.kind != "claimed":  # finished already (perhaps by a launch that died before Tune heard), or running
-        recorded = tracking.recorded_result(context.tracking_uri, context.experiment, tracking.config_hash(config),
+        recorded = tracking.recorded_result(context.tracking_uri, context.experiment, chash,
                                             run_id=claim.run_id) if claim.kind == "finished" else None
         status = "SKIPPED" if recorded is not None else "HELD"
         report(selection_view({**(recorded or {}), "trial_status": status}), None)
@@ -185,22 +189,21 @@ def run_trial(config: dict, context: SweepContext, report: Report | None = None,
 
     lease = claim.lease
     try:
-        cfg = trial_config(config)  # typed access; `config` itself stays the identity that is hashed and logged
         device = pick_device(cfg.device)
         seed_everything(cfg.seed)
         if official is None:
-            shared = context.shared_data.get(shared_data.data_key(cfg.dataset.model_dump()))  # this node's copy
+            shared = context.shared_data.get(shared_data.data_key(identity(cfg)["dataset"]))  # this node's copy
             official = shared_data.fetch(shared) if shared is not None else None
         splits = load_splits(cfg, official)
         continued = claim.run_id == resumed
-        run = tracking.TrialRun.resume(context.tracking_uri, claim.run_id, config) if continued else \
+        run = tracking.TrialRun.resume(context.tracking_uri, claim.run_id, identity(cfg)) if continued else \
             tracking.TrialRun(MlflowClient(context.tracking_uri), claim.run_id)
         # data.shared: the node's copy, or loaded by this trial
         run.set_tags({"data.shared": "true" if official is not None else "false", **_node_tags(trial_id)})
         if splits.skipped_files:
             run.set_tags({"data.skipped_files": f"{len(splits.skipped_files)}: " + ", ".join(splits.skipped_files)})
         run.set_tags(validation_tags(cfg, splits))
-        result = _pipeline(config, cfg, context, splits, device, run, saved, report)
+        result = _pipeline(cfg, context, splits, device, run, saved, report)
         lease.check()  # someone closed our run after our lease lapsed: do not call it FINISHED
     except SystemExit:  # Ray Tune stops a trial (ASHA) by exiting from inside tune.report
         lease.release("KILLED")
@@ -210,8 +213,7 @@ def run_trial(config: dict, context: SweepContext, report: Report | None = None,
         raise
     lease.release("FINISHED")
     if context.rerun:  # `--force`: this run is now the config's one current run
-        tracking.supersede_earlier(context.tracking_uri, context.experiment, tracking.config_hash(config),
-                                   claim.run_id)
+        tracking.supersede_earlier(context.tracking_uri, context.experiment, chash, claim.run_id)
     # Tune hears of the end after the run is FINISHED: a driver that dies, or a stop, while this report is on its way
     # leaves a complete run, not one a later launch would train again
     report(selection_view({**result, "trial_status": "FINISHED"}), None)
@@ -225,20 +227,19 @@ def sweep_trial(config: dict, context: SweepContext) -> None:
     run_trial(config["trial"], context)  # reports to Tune itself; returning its dict would report it twice
 
 
-def _claim(config: dict, context: SweepContext, checkpoint_run: str | None,
+def _claim(cfg: TrialConfig, chash: str, context: SweepContext, checkpoint_run: str | None,
            trial_id: str) -> tuple[claims.ClaimResult, str | None]:
     """Claim this config in the tracking store (sweep.store.claims): a new run, the continued one, or someone else's.
     Returns the claim and the run this trial set out to continue (its checkpoint's, or its parent's unfinished)."""
     uri, experiment, parent = context.tracking_uri, context.experiment, context.parent_run_id
     client = MlflowClient(uri)
-    chash = tracking.config_hash(config)
     resume = checkpoint_run or tracking.find_trial_run(uri, experiment, chash, parent)
     # One owner per Tune trial, the same for its retries: a retry takes its own run over at once, while another
     # trial of this launch that drew the same config (a random search can) finds it held
     owner = f"{context.launch_id}/{trial_id}"
     result = claims.claim_trial(
         client, tracking.get_or_create_experiment(client, experiment), chash, owner,
-        create_run=lambda tags: tracking.TrialRun.create(uri, experiment, parent, config, tags).run_id,
+        create_run=lambda tags: tracking.TrialRun.create(uri, experiment, parent, identity(cfg), tags).run_id,
         lease_s=context.lease_s, resume_run_id=resume,
         # a run left by a dead launch keeps its lease until it lapses: wait that long rather than skip it
         wait_s=1.5 * context.lease_s if resume else 0.0,
@@ -253,7 +254,7 @@ def load_splits(cfg: TrialConfig, official: DataSplits | None = None) -> DataSpl
     train, it would be images the base memorised."""
     data, model = cfg.dataset, cfg.model
     stats = None if model.factory else weights_stats(model.name, model.weights)  # a plug-in normalises itself
-    seen = data.val_source == "test" or (data.val_source == "auto" and section_label(data.model_dump()) in
+    seen = data.val_source == "test" or (data.val_source == "auto" and section_label(identity(cfg)["dataset"]) in
                                          weights_trained_on(model.name, model.weights, model.factory))
     return load_dataset(data.name, root=data.root, download=data.download, val_fraction=data.val_fraction,
                         seed=cfg.seed, image_size=data.image_size, limit=data.limit, test_limit=data.test_limit,
@@ -265,18 +266,18 @@ def validation_tags(cfg: TrialConfig, splits: DataSplits) -> dict[str, str]:
     """Where the run's validation came from and which split it is: runs with different `data.val_split` measured
     val_accuracy on different images, and `sweep report --register` does not rank them together. The seed is not
     part of it: seeds hold out different images of one source at one size, draws of the same population."""
-    data = {k: v for k, v in cfg.dataset.model_dump().items() if k not in ("download", "test_limit", "val_source")}
+    data = {k: v for k, v in identity(cfg)["dataset"].items() if k not in ("download", "test_limit", "val_source")}
     split = tracking.config_hash({"dataset": data, "source": splits.val_source, "size": len(splits.val)})
     return {"data.val_source": splits.val_source, "data.val_size": str(len(splits.val)), "data.val_split": split}
 
 
-def _pipeline(config, cfg: TrialConfig, context, splits, device, run, saved, report) -> dict:
-    base_path, cached = ensure_base(config, context.cache_dir, splits, device, tracking_uri=context.tracking_uri,
+def _pipeline(cfg: TrialConfig, context, splits, device, run, saved, report) -> dict:
+    base_path, cached = ensure_base(cfg, context.cache_dir, splits, device, tracking_uri=context.tracking_uri,
                                     experiment=context.experiment, lease_s=context.lease_s)
-    base_model, base_info = load_base(config, base_path, splits)
-    run.set_tags({"base_cache": "hit" if cached else "miss", "base_key": base_key(config, splits.val_source)})
+    base_model, base_info = load_base(cfg.model, base_path, splits)
+    run.set_tags({"base_cache": "hit" if cached else "miss", "base_key": base_key(cfg, splits.val_source)})
     state = _resume(cfg, base_model, saved, splits, device) if saved else \
-        _start(config, cfg, base_model, base_info, splits, device, run)
+        _start(cfg, base_model, base_info, splits, device, run)
     _log_new(run, state)  # a continued run gets only what it lacks (a dead worker may have logged some of it)
 
     train_batches = batches(splits.train, state.train.batch_size, True, device, seed=cfg.seed)
@@ -284,7 +285,7 @@ def _pipeline(config, cfg: TrialConfig, context, splits, device, run, saved, rep
     last_checkpoint = time.perf_counter()
     for epoch in range(state.epoch + 1, state.train.epochs + 1):
         if context.on_epoch is not None:
-            context.on_epoch(config, epoch)
+            context.on_epoch(cfg, epoch)
         train_batches.set_epoch(epoch)  # the shuffle depends on (seed, epoch): a resumed trial sees the same order
         start = time.perf_counter()
         loss = train_epoch(state.model, train_batches, state.optimizer, state.scheduler, state.train, device)
@@ -331,14 +332,14 @@ def _train_config(cfg: TrialConfig) -> TrainConfig:
     many epochs as the base had; the finetune arm uses the finetune section."""
     if cfg.prune.arm != "scratch":
         return cfg.finetune
-    return TrainConfig(**{**cfg.base.model_dump(), "epochs": cfg.prune.scratch_epochs or cfg.base.epochs})
+    return cfg.base.model_copy(update={"epochs": cfg.prune.scratch_epochs or cfg.base.epochs})
 
 
-def _start(config, cfg: TrialConfig, base_model, base_info, splits, device, run) -> TrialState:
+def _start(cfg: TrialConfig, base_model, base_info, splits, device, run) -> TrialState:
     train = _train_config(cfg)
     points: dict[str, float] = {}
     with _captured_warnings("sweep.pruning") as warnings:
-        model, plan, prune_time, step_accuracy = _prune(config, cfg, base_model.to(device), splits, device)
+        model, plan, prune_time, step_accuracy = _prune(cfg, base_model.to(device), splits, device)
     if warnings:
         run.set_tags({"prune.warnings": " | ".join(warnings)})
     if "oracle_forward_passes" in plan.info:
@@ -361,7 +362,7 @@ def _start(config, cfg: TrialConfig, base_model, base_info, splits, device, run)
     points["params_reduction"] = 1 - points["params"] / base_info["base_params"]
     if cfg.prune.arm == "scratch":  # the pruned architecture, re-initialised
         seed_everything(cfg.seed)
-        model = apply_plan(new_model(config, splits.num_classes, splits.in_channels, source_weights=False), plan)
+        model = apply_plan(new_model(cfg.model, splits.num_classes, splits.in_channels, source_weights=False), plan)
     model = prepare_model(model, device, train)
     optimizer, scheduler = make_optimizer(model, train, len(batches(splits.train, train.batch_size, True)))
     state = TrialState(model, plan, optimizer, scheduler, train)
@@ -397,9 +398,9 @@ def _channels_removed(plan: PrunePlan, base_model: nn.Module) -> float:
     return (before - sum(r[3] for r in rows)) / before if before else 0.0
 
 
-def _prune(config, cfg: TrialConfig, model, splits, device) -> tuple[nn.Module, PrunePlan, float, list[float]]:
+def _prune(cfg: TrialConfig, model, splits, device) -> tuple[nn.Module, PrunePlan, float, list[float]]:
     p, ft = cfg.prune, cfg.finetune
-    arch = {"model": config["model"], "num_classes": splits.num_classes, "in_channels": splits.in_channels,
+    arch = {"model": identity(cfg)["model"], "num_classes": splits.num_classes, "in_channels": splits.in_channels,
             "image_size": splits.image_size}
     if p.arm == CONTROL:  # the unpruned base, fine-tuned like every pruned network
         return apply_plan(model, PrunePlan(info={"arch": arch})), PrunePlan(info={"arch": arch}), 0.0, []

@@ -1,0 +1,26 @@
+"""A trial's config, typed once where the trial starts, and the one plain dict derived from it.
+
+    cfg = typed_trial(config)   # what Ray Tune (or `sweep trial`) hands a trial -> TrialConfig, validated once
+    identity(cfg)               # the dict the trial is known by: hashed, logged as params and tags, keyed on
+
+identity(cfg) is byte for byte the canonical trial dict the spec lists (SweepSpec.grid_configs): the spec's dicts
+are pydantic dumps of the same models, so validating one and dumping it gives it back. The driver's hashes (which
+configs are finished) and the worker's therefore agree, and stores written before the worker was typed still find
+their runs (tests/test_identity.py pins the hashes literally).
+"""
+
+from __future__ import annotations
+
+from sweep.config.arms import canonical
+from sweep.config.schema import TrialConfig, trial_config
+
+
+def typed_trial(config: dict) -> TrialConfig:
+    """A resolved trial dict, typed; a control or criterion-free scratch trial drawn with any strategy becomes the
+    one trial it computes (sweep.config.arms) first, so it is known by the hash of that one."""
+    return trial_config(canonical(config))
+
+
+def identity(cfg: TrialConfig) -> dict:
+    """The plain dict a trial is known by (a new one each call: callers may keep or change it)."""
+    return cfg.model_dump()
