@@ -373,6 +373,7 @@ MALFORMED = [
     ("memory-text", _spec(resources={"memory": "4GB"}), "resources.memory", "'4GB' is not a number"),
     ("threads-zero", _spec(measure={"threads": 0}), "measure.threads", "0 is not >= 1"),
     ("max-trials-zero", _spec(max_trials=0), "max_trials", "0 is not >= 1"),
+    ("metric-list", _spec(metric=["val_accuracy"]), "metric", "['val_accuracy'] is not a metric name"),
     ("grid-above-max-trials", _spec(max_trials=3), "space",
      "4 trials exceed max_trials (3); shrink the grid or raise max_trials"),
     ("samples-above-max-trials", _spec(search={"algorithm": "random", "num_samples": 5}, max_trials=10),

@@ -1,37 +1,42 @@
 """The schema of a trial and of a sweep: one pydantic model per section, the single source of every setting's type,
-default, check, error message and reference row (docs/spec.md).
+default, constraint, error message and reference row (docs/spec.md).
 
     cfg = trial_config(config)          # a resolved trial dict (from Ray Tune, numpy scalars allowed) -> TrialConfig
     cfg.prune.strategy, cfg.finetune.lr # typed access; SpecError lists every problem, one line each
     ft = TrainConfig.from_dict(config["finetune"], where="finetune")
 
-Each field's check is a plain function that returns the normalised value or raises ValueError("<what is wrong>;
-<how to fix>"); `error_lines` turns pydantic's errors into "<field path>: <what is wrong>; <how to fix>" lines. The
-same checks validate the items of a sweep domain (sweep.config.spec). Rules across fields (an iterative schedule needs
-steps >= 2, ...) are written once in `rules`, over a `View` that holds every value a sweep may give each path, and
-run for one trial too. Only this module and sweep.config.names define names and defaults; the tables in docs/spec.md are
-generated from them (`reference_markdown`, `metrics_markdown`; tests/test_spec.py compares).
+Constraints are pydantic's own (`Field(ge=, gt=, lt=)`, `Literal`, a validator function where a check is ours),
+in strict mode so that text is never read as a number. `error_lines` is the one translator of pydantic's errors into
+"<field path>: <what is wrong>; <how to fix>" lines, reading the field's constraints, `examples` and `title` (the
+name a choice is called by). Rules across fields (an iterative schedule needs steps >= 2, ...) are written once in
+`rules`, over a `View` of every value a sweep may give each path, and run for one trial too. Only this module and
+sweep.config.names define names and defaults; the tables of docs/spec.md are generated from the fields
+(`reference_markdown`, `metrics_markdown`; tests/test_spec.py compares).
 """
 
 import difflib
+import functools
 import itertools
 import math
-import numbers
 import re
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+import types
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PlainValidator,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 
 from sweep.config.names import LEGACY_METRICS, METRICS, PARAMS, selectable_metrics, tune_metrics
 from sweep.errors import InputError
@@ -50,8 +55,7 @@ class SpecError(InputError):
 
 def show(value: Any) -> str:
     """A value as the user wrote it in YAML, on one short line (clipped: not for paths, which are shown whole)."""
-    if type(value).__module__ == "numpy" and hasattr(value, "item"):
-        value = value.item()
+    value = _python(value)
     if value is None or isinstance(value, bool):
         text = {None: "null", True: "true", False: "false"}[value]
     else:
@@ -80,115 +84,48 @@ def _unknown_name(value, names, what: str) -> str:
     return f"unknown {what} {show(value)}; {close(value, names)}choose one of {listing(names)}"
 
 
-# --- checks (each raises ValueError, never TypeError: pydantic reports only ValueErrors) ------------------------
-
-@dataclass(frozen=True)
-class Check:
-    """A field's check (normalised value, or ValueError('<what>; <fix>')), what docs/spec.md says it takes, and which
-    ranges may sweep it: "int" (randint), "float" (uniform, loguniform) or None (grid and choice only)."""
-
-    fn: Callable[[Any], Any]
-    doc: str
-    numeric: str | None = None
+def _python(value: Any) -> Any:
+    """numpy scalars (Ray Tune samples them) as the Python values they hold."""
+    return value.item() if type(value).__module__ == "numpy" and hasattr(value, "item") else value
 
 
-def _typed(kind: Any, fn: Callable[[Any], Any], doc: str, numeric: str | None = None, optional: bool = False):
-    if optional:
-        fn, kind, doc = _nullable(fn), kind | None, f"null or {doc}"
-    return Annotated[kind, PlainValidator(fn), Check(fn, doc, numeric)]
+_NULL_TEXT = ("None", "none", "Null", "NULL")
 
 
-def _is_bool(value: Any) -> bool:
-    return isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"))
-
-
-def _nullable(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    def nullable(value):
-        if value is None:
-            return None
-        if value in ("None", "none", "Null", "NULL"):
-            raise ValueError(f"{show(value)} is text in YAML; write null (or leave the key out)")
-        return check(value)
-    return nullable
-
-
-def Int(lo: int, hi: int | None = None, example: int = 1, optional: bool = False):
-    bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-
-    def check(value):
-        if isinstance(value, numbers.Real) and not _is_bool(value) and not isinstance(value, numbers.Integral) \
-                and math.isfinite(value) and float(value).is_integer():
-            value = int(value)
-        if _is_bool(value) or not isinstance(value, numbers.Integral):
-            raise ValueError(f"{show(value)} is not a whole number; write an integer such as {example}")
-        value = int(value)
-        if value < lo or (hi is not None and value > hi):
-            raise ValueError(f"{value} is not {bounds}; use a whole number {bounds} such as {example}")
-        return value
-    return _typed(int, check, f"integer {bounds}", "int", optional)
+def _null_text(value: Any) -> str:
+    return f"{show(value)} is text in YAML; write null (or leave the key out)"
 
 
 def as_real(value: Any) -> float:
+    """A finite number (not text, not true/false) as a float, or ValueError: for values inside a mapping or a range."""
     if isinstance(value, str):
         raise ValueError(f"{show(value)} is not a number; write a number such as 0.5")  # noqa: TRY004
-    if _is_bool(value) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{show(value)} is not a finite number; write a number such as 0.5")
     return float(value)
 
 
-def Real(lo: float, hi: float | None = None, lo_open=False, hi_open=False, example: float = 0.5,
-         fix: str | None = None, optional: bool = False, doc: str | None = None, then=None, shown: str = ""):
-    """A number in a range; `shown` is the range messages give when it differs (a ratio may be 0 in one case)."""
-    if shown:
-        bounds = shown
-    elif hi is None:
-        bounds = f"{'>' if lo_open else '>='} {lo:g}"
-    else:
-        bounds = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-    fix = fix or f"use a number {'in ' if hi is not None else ''}{bounds} such as {example:g}"
+# --- our checks (each raises ValueError('<what>; <fix>'), which pydantic reports as a value_error) ----------------
 
-    def check(value):
-        number = as_real(value)
-        below = number <= lo if lo_open else number < lo
-        above = hi is not None and (number >= hi if hi_open else number > hi)
-        if below or above:
-            raise ValueError(f"{show(value)} is {'outside' if hi is not None else 'not'} {bounds}; {fix}")
-        return then(value, number) if then else number
-    return _typed(float, check, doc or f"number {'in ' if hi is not None else ''}{bounds}", "float", optional)
+def _integral(value: Any) -> Any:
+    # 3.0 (a YAML float, or a grid of them) is the whole number 3; 3.5 stays a float, which strict int refuses
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
-def OneOf(choices: tuple, what: str, optional: bool = False):
-    def check(value):
-        if value not in choices:
-            raise ValueError(_unknown_name(value, choices, what))
-        return str(value)
-    return _typed(str, check, " \\| ".join(f"`{c}`" for c in choices), optional=optional)
+Whole = Annotated[int, BeforeValidator(_integral)]
 
 
-def Flag():
-    def check(value):
-        if not _is_bool(value):
-            raise ValueError(f"{show(value)} is not true or false; write true or false")
-        return bool(value)
-    return _typed(bool, check, "true \\| false")
-
-
-def Registered(names: Callable[[], list], what: str, doc: str, optional: bool = False):
+def _registered(names, what: str) -> PlainValidator:
+    # Registries are read when a name is checked, not at import time: validating needs only the names, and the
+    # registries live in modules that import torch.
     def check(value):
         known = names()
         if value not in known:
             raise ValueError(_unknown_name(value, known, what))
         return str(value)
-    return _typed(str, check, doc, optional=optional)
+    return PlainValidator(check)
 
 
-def Custom(kind: Any, doc: str, optional: bool = False):
-    """A decorator: the function below is the check of a field of type `kind`."""
-    return lambda fn: _typed(kind, fn, doc, optional=optional)
-
-
-# Registries are imported when a name is checked, not at import time: validating needs only the names, and the
-# registries live in modules that import torch.
 def _strategy_names() -> list:
     from sweep.pruning import STRATEGIES
     return list(STRATEGIES)
@@ -216,11 +153,12 @@ def _looks_like_path(text: str) -> bool:
     return "/" in text or "\\" in text or text.endswith(suffixes) or Path(text).expanduser().exists()
 
 
-@Custom(str, "torchvision weights name (`DEFAULT`) or checkpoint path", optional=True)
-def Weights(value):
+def _weights(value):
     if not isinstance(value, str):
         raise ValueError(f"{show(value)} is not text; "  # noqa: TRY004
                          "give a torchvision weights name such as DEFAULT, a checkpoint path, or null")
+    if value in _NULL_TEXT:
+        raise ValueError(_null_text(value))
     if not _looks_like_path(value):
         return value
     path = Path(value).expanduser()
@@ -230,23 +168,25 @@ def Weights(value):
     return str(path.resolve())  # absolute, because Ray runs each trial in its own working directory
 
 
-@Custom(str, "folder", optional=True)
-def Root(value):
-    if not isinstance(value, str):
-        raise ValueError(  # noqa: TRY004
-            f"{show(value)} is not a folder path; write a path such as data/cifar10, or null")
+def _root(value):
+    if not isinstance(value, str) or value in _NULL_TEXT:
+        raise ValueError(f"{show(value)} is not a folder path; write a path such as data/cifar10, or null")
     return str(Path(value).expanduser().resolve())  # whether it must exist depends on the dataset: see rules
 
 
-_IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+def _matching(pattern: str, problem: str):
+    def check(value):
+        if not isinstance(value, str) or not re.fullmatch(pattern, value):
+            raise ValueError(f"{show(value)} {problem}")
+        return value
+    return PlainValidator(check)
 
 
-@Custom(str, "`package.module:function`", optional=True)
-def Factory(value):
-    if not isinstance(value, str) or not _IMPORT_PATH.fullmatch(value):
-        raise ValueError(f"{show(value)} is not an import path; write package.module:function, such as "
-                         "mypkg.nets:build")
-    return value
+Factory = Annotated[str, _matching(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*",
+                                   "is not an import path; write package.module:function, such as mypkg.nets:build")]
+SafeName = Annotated[str, _matching(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}",
+                                    "is not a safe name (it becomes an MLflow experiment and a folder); use letters, "
+                                    "digits, - _ . such as my_sweep")]
 
 
 def _plain(value: Any) -> bool:
@@ -257,8 +197,7 @@ def _plain(value: Any) -> bool:
     return value is None or isinstance(value, (str, bool, int, float))
 
 
-@Custom(dict[str, Any], "mapping")
-def Kwargs(value):
+def _kwargs(value):
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
         raise ValueError(f"{show(value)} is not a mapping of argument names to values; "
                          "write e.g. kwargs: {width: 2}")
@@ -268,12 +207,7 @@ def Kwargs(value):
     return dict(value)
 
 
-Ratio = Real(0, 1, hi_open=True, shown="(0, 1)", fix="use a fraction such as 0.5",
-             doc="fraction in (0, 1); 0 only with `ratios`")
-
-
-@Custom(dict[str, float], "mapping of module name or pattern to a fraction in [0, 1)")
-def Ratios(value):
+def _ratios(value):
     if not isinstance(value, dict):
         raise ValueError(f"{show(value)} is not a mapping; write e.g. ratios: {{layer4.*: 0.7, fc: 0}}")  # noqa: TRY004
     out, problems = {}, []
@@ -282,7 +216,7 @@ def Ratios(value):
             problems.append(f"{show(key)} is not a module name; write module names or patterns such as layer4.*")
             continue
         try:
-            out[key] = as_real(ratio)
+            out[key] = as_real(_python(ratio))
         except ValueError:
             problems.append(f"{show(ratio)} for {show(key)} is not a number; write a fraction such as 0.5")
             continue
@@ -293,44 +227,30 @@ def Ratios(value):
     return out
 
 
-@Custom(int | float, "integer >= 1, or a fraction in (0, 1)")
-def MinChannels(value):
-    if isinstance(value, numbers.Real) and not _is_bool(value) and float(value).is_integer():
-        value = int(value)
-    channels = isinstance(value, numbers.Integral) and not _is_bool(value) and value >= 1
-    if not (channels or (isinstance(value, numbers.Real) and not _is_bool(value) and 0 < value < 1)):
+def _min_channels(value):
+    number = not isinstance(value, bool) and isinstance(value, (int, float))
+    if number and float(value).is_integer() and value >= 1:
+        return int(value)
+    if not (number and 0 < value < 1):
         raise ValueError(f"{show(value)} is neither a whole number >= 1 nor a fraction in (0, 1); "
                          "use e.g. 1 (channels per layer) or 0.1 (of each layer)")
-    return int(value) if channels else float(value)
+    return float(value)
 
 
-@Custom(list[str], "list of module names or shell patterns")
-def ModuleNames(value):
+def _module_names(value):
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ValueError(f"{show(value)} is not a list of module names; write e.g. [fc, features.0]")
     return list(value)
 
 
-def _gpus(value, number):
+def _gpus(number: float) -> float:
     if number > 1 and not number.is_integer():
-        raise ValueError(f"{show(value)} GPUs cannot be scheduled (only fractions of one GPU are shared); "
+        raise ValueError(f"{number:g} GPUs cannot be scheduled (only fractions of one GPU are shared); "
                          "use a fraction up to 1 such as 0.25, or a whole number")
     return number
 
 
-_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-
-
-@Custom(str, "letters, digits, `-` `_` `.`")
-def SafeName(value):
-    if not isinstance(value, str) or not _SAFE_NAME.fullmatch(value):
-        raise ValueError(f"{show(value)} is not a safe name (it becomes an MLflow experiment and a folder); "
-                         "use letters, digits, - _ . such as my_sweep")
-    return value
-
-
-@Custom(str, "a metric Tune reads each epoch (table below)")
-def Metric(value):
+def _metric(value):
     info = METRICS.get(value) if isinstance(value, str) else None
     why = "test metrics are never used for selection; use val_accuracy"
     if info is not None and not info.selectable:
@@ -339,22 +259,51 @@ def Metric(value):
         raise ValueError(f"{show(value)} is recorded when a trial ends, so no scheduler or search can read it; pick "
                          f"the winner by it with `sweep report NAME --register MODEL --by {value}`, and use a metric "
                          f"Tune reads, such as val_accuracy or flops_reduction")
-    if info is None and value in LEGACY_METRICS:
+    if info is None and isinstance(value, str) and value in LEGACY_METRICS:
         raise ValueError(f"{show(value)} is the old name of {LEGACY_METRICS[value]}, a test metric: {why}")
     if info is None:
         raise ValueError(_unknown_name(value, selectable_metrics(), "metric"))
     return value
 
 
+def _strategies(value):
+    if not isinstance(value, list):
+        raise ValueError(f"{show(value)} is not a list of strategies; write e.g. references: [l1, random]")  # noqa: TRY004
+    known, problems = _strategy_names(), []
+    for i, name in enumerate(value):
+        if name not in known:
+            problems.append(_unknown_name(name, known, "strategy"))
+        elif name in value[:i]:
+            problems.append(f"{show(name)} is listed twice; remove the repeat")
+    if problems:
+        raise ValueError("\n".join(problems))
+    return list(value)
+
+
 # --- the models -------------------------------------------------------------------------------------------------
 
+def _f(default: Any, text: str, *, example: Any = None, what: str | None = None, takes: str | None = None,
+       fix: str | None = None, bounds: str | None = None, **constraints: Any) -> Any:
+    """A field: its default, its meaning in docs/spec.md and its constraints; for messages and the table, the
+    example a fix suggests (else the default), the name its choices go by (`what`), what it takes where the check is
+    ours, and a range or a fix worded otherwise than the constraints read."""
+    extra = {k: v for k, v in (("takes", takes), ("fix", fix), ("bounds", bounds)) if v is not None} or None
+    if isinstance(default, (list, dict)) or (isinstance(default, type) and issubclass(default, BaseModel)):
+        factory = default if isinstance(default, type) else type(default)
+        return Field(default_factory=factory, description=text, json_schema_extra=extra)
+    return Field(default, description=text, title=what, examples=None if example is None else [example],
+                 json_schema_extra=extra, **constraints)
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
-    def _empty(cls, data: Any) -> Any:
-        return {} if data is None else data  # a YAML section with every line commented out
+    def _plain_values(cls, data: Any) -> Any:
+        if data is None:
+            return {}  # a YAML section with every line commented out
+        return {k: _python(v) for k, v in data.items()} if isinstance(data, dict) else data
 
     @classmethod
     def from_dict(cls, data: dict, where: str = ""):
@@ -362,115 +311,115 @@ class Section(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as error:
-            raise SpecError(error_lines(error, where)[0]) from None
-
-
-def _f(default: Any, text: str) -> Any:
-    """A field's default and its description in docs/spec.md."""
-    if isinstance(default, (list, dict)):
-        return Field(default_factory=type(default), description=text)
-    if isinstance(default, type) and issubclass(default, BaseModel):
-        return Field(default_factory=default, description=text)
-    return Field(default, description=text)
+            raise SpecError(error_lines(error, where, model=cls)[0]) from None
 
 
 class ModelConfig(Section):
-    name: Registered(_model_names, "model", "a name from `sweep models`", optional=True) = _f(
+    name: Annotated[str, _registered(_model_names, "model")] | None = _f(
         None, "our zoo (`small_cnn`, `resnet20/32/56/110`, `vgg16_bn_cifar`) or any torchvision classifier; the "
-              "head is replaced for the dataset's classes")
-    weights: Weights = _f(None, "`null` (random init), a torchvision weights name (`DEFAULT`, `IMAGENET1K_V1`) or "
-                                "a local checkpoint (`.pt/.pth/.th`, loaded with `weights_only=True`)")
-    factory: Factory = _f(None, "a plug-in instead of `name`: a function returning the `nn.Module`, imported when "
-                                "the trial runs")
-    kwargs: Kwargs = _f({}, "keyword arguments for the model")
+              "head is replaced for the dataset's classes", takes="a name from `sweep models`")
+    weights: Annotated[str, PlainValidator(_weights)] | None = _f(
+        None, "`null` (random init), a torchvision weights name (`DEFAULT`, `IMAGENET1K_V1`) or a local checkpoint "
+              "(`.pt/.pth/.th`, loaded with `weights_only=True`)",
+        takes="torchvision weights name (`DEFAULT`) or checkpoint path")
+    factory: Factory | None = _f(None, "a plug-in instead of `name`: a function returning the `nn.Module`, imported "
+                                       "when the trial runs", takes="`package.module:function`")
+    kwargs: Annotated[dict, PlainValidator(_kwargs)] = _f({}, "keyword arguments for the model", takes="mapping")
 
 
 class DatasetConfig(Section):
-    name: Registered(_dataset_names, "dataset", "a name from `sweep.zoo.data.dataset_names()`", optional=True) = _f(
+    name: Annotated[str, _registered(_dataset_names, "dataset")] | None = _f(
         None, "`digits` (offline), `mnist`, `fashion_mnist`, `cifar10`, `cifar100`, `flowers102`, `oxford_pets`, "
-              "`imagefolder`")
-    root: Root = _f(None, "where the data lives (null: `$SWEEP_DATA`, then `./data`); must exist unless `download`")
-    download: Flag() = _f(False, "download the data when it is missing")
-    val_fraction: Real(0, 1, lo_open=True, hi_open=True, example=0.1) = _f(
-        0.1, "share of the training data held out for validation (what selection reads); with validation from "
-             "test, share of the test split")
-    val_source: OneOf(("auto", "train", "test"), "validation source") = _f(
+              "`imagefolder`", takes="a name from `sweep.zoo.data.dataset_names()`")
+    root: Annotated[str, PlainValidator(_root)] | None = _f(
+        None, "where the data lives (null: `$SWEEP_DATA`, then `./data`); must exist unless `download`", takes="folder")
+    download: bool = _f(False, "download the data when it is missing")
+    val_fraction: float = _f(0.1, "share of the training data held out for validation (what selection reads); with "
+                                  "validation from test, share of the test split", gt=0, lt=1)
+    val_source: Literal["auto", "train", "test"] = _f(
         "auto", "`train`: validation held out of train (or the dataset's own); `test`: carved from test, disjoint "
                 "from the images `test_accuracy` reads (for weights trained on this dataset's training images); "
-                "`auto`: `test` when the weights declare this dataset (`trained_on`), else `train`")
-    image_size: Int(1, example=32, optional=True) = _f(None, "resize the model input (null: native)")
-    limit: Int(1, example=1000, optional=True) = _f(None, "keep at most this many training examples, drawn per "
-                                                          "class (smoke runs)")
-    test_limit: Int(1, example=1000, optional=True) = _f(None, "keep at most this many test examples")
-    factory: Factory = _f(None, "a plug-in instead of `name`: a function returning the splits, imported when the "
-                                "trial runs")
-    kwargs: Kwargs = _f({}, "keyword arguments for the dataset")
+                "`auto`: `test` when the weights declare this dataset (`trained_on`), else `train`",
+        what="validation source")
+    image_size: Whole | None = _f(None, "resize the model input (null: native)", example=32, ge=1)
+    limit: Whole | None = _f(None, "keep at most this many training examples, drawn per class (smoke runs)",
+                             example=1000, ge=1)
+    test_limit: Whole | None = _f(None, "keep at most this many test examples", example=1000, ge=1)
+    factory: Factory | None = _f(None, "a plug-in instead of `name`: a function returning the splits, imported when "
+                                       "the trial runs", takes="`package.module:function`")
+    kwargs: Annotated[dict, PlainValidator(_kwargs)] = _f({}, "keyword arguments for the dataset", takes="mapping")
 
 
 class TrainConfig(Section):
     """One training run's settings: the `finetune` section (and, with other defaults, `base`)."""
 
-    epochs: Int(0, example=3) = _f(3, "epochs (0: none)")
-    lr: Real(0, lo_open=True, example=0.01) = _f(0.01, "peak learning rate")
-    batch_size: Int(1, example=64) = _f(64, "batch size")
-    optimizer: OneOf(("sgd", "adamw"), "optimizer") = _f("sgd", "optimizer")
-    momentum: Real(0, 1, hi_open=True, example=0.9) = _f(0.9, "SGD momentum")
-    weight_decay: Real(0, example=5e-4) = _f(5e-4, "on weights only, not on BN scales or biases")
-    warmup_epochs: Real(0, example=0.5) = _f(0.0, "linear warm-up, then the schedule below, per step")
-    lr_schedule: OneOf(("cosine", "constant"), "learning-rate schedule") = _f(
-        "cosine", "`cosine`: decay to 0 at the last step; `constant`: hold `lr` (Li et al. 2017 retrain so)")
-    label_smoothing: Real(0, 1, hi_open=True, example=0.1) = _f(0.0, "label smoothing")
-    amp: Flag() = _f(True, "bf16 autocast (GPU only)")
-    channels_last: Flag() = _f(True, "channels-last memory layout (GPU only)")
+    epochs: Whole = _f(3, "epochs (0: none)", ge=0)
+    lr: float = _f(0.01, "peak learning rate", gt=0)
+    batch_size: Whole = _f(64, "batch size", ge=1)
+    optimizer: Literal["sgd", "adamw"] = _f("sgd", "optimizer")
+    momentum: float = _f(0.9, "SGD momentum", ge=0, lt=1)
+    weight_decay: float = _f(5e-4, "on weights only, not on BN scales or biases", ge=0)
+    warmup_epochs: float = _f(0.0, "linear warm-up, then the schedule below, per step", example=0.5, ge=0)
+    lr_schedule: Literal["cosine", "constant"] = _f(
+        "cosine", "`cosine`: decay to 0 at the last step; `constant`: hold `lr` (Li et al. 2017 retrain so)",
+        what="learning-rate schedule")
+    label_smoothing: float = _f(0.0, "label smoothing", example=0.1, ge=0, lt=1)
+    amp: bool = _f(True, "bf16 autocast (GPU only)")
+    channels_last: bool = _f(True, "channels-last memory layout (GPU only)")
 
 
 class BaseTrainConfig(TrainConfig):
     """The `base` section: training of the shared base network; only two defaults differ from `finetune`."""
 
-    epochs: Int(0, example=5) = _f(5, "epochs (0: none)")
-    lr: Real(0, lo_open=True, example=0.05) = _f(0.05, "peak learning rate")
+    epochs: Whole = _f(5, "epochs (0: none)", ge=0)
+    lr: float = _f(0.05, "peak learning rate", gt=0)
 
 
 class PruneConfig(Section):
-    strategy: Registered(_trial_strategy_names, "strategy", "a name from `sweep strategies`, or `none`") = _f(
+    strategy: Annotated[str, _registered(_trial_strategy_names, "strategy")] = _f(
         "l1", "how filters are ranked (`none`: what the `control` arm, and the `scratch` arm under local scope, are "
-              "recorded with: no criterion decides them)")
-    ratio: Ratio = _f(0.5, "share of channels (or FLOPs) to remove")
-    ratios: Ratios = _f({}, "per-module ratios by name or shell pattern (`layer4.*`), overriding `ratio`; needs "
-                            "scope `local` and target `channels`")
-    scope: OneOf(("local", "global"), "scope") = _f(
+              "recorded with: no criterion decides them)", takes="a name from `sweep strategies`, or `none`")
+    ratio: float = _f(0.5, "share of channels (or FLOPs) to remove", ge=0, lt=1, bounds="(0, 1)",
+                      fix="use a fraction such as 0.5", takes="fraction in (0, 1); 0 only with `ratios`")
+    ratios: Annotated[dict, PlainValidator(_ratios)] = _f(
+        {}, "per-module ratios by name or shell pattern (`layer4.*`), overriding `ratio`; needs scope `local` and "
+            "target `channels`", takes="mapping of module name or pattern to a fraction in [0, 1)")
+    scope: Literal["local", "global"] = _f(
         "local", "`local`: each layer loses `ratio`; `global`: channels ranked across layers")
-    target: OneOf(("channels", "flops"), "target") = _f(
+    target: Literal["channels", "flops"] = _f(
         "channels", "what `ratio` counts; `flops`: remove until FLOPs fall by `ratio`")
-    schedule: OneOf(("oneshot", "iterative"), "schedule") = _f(
+    schedule: Literal["oneshot", "iterative"] = _f(
         "oneshot", "`iterative`: `steps` rounds with one fine-tune epoch between them")
-    steps: Int(1, example=3) = _f(1, "pruning rounds (>= 2 with `iterative`)")
-    arm: OneOf(("finetune", "scratch", "control"), "arm") = _f(
+    steps: Whole = _f(1, "pruning rounds (>= 2 with `iterative`)", example=3, ge=1)
+    arm: Literal["finetune", "scratch", "control"] = _f(
         "finetune", "`finetune` the pruned network; `scratch`: re-initialise the pruned architecture and train "
                     "it from scratch (Liu et al. 2019), once per ratio under local scope; `control`: fine-tune the "
                     "unpruned base with the same recipe (one trial per seed and recipe, strategy `none`)")
-    scratch_epochs: Int(1, example=30, optional=True) = _f(None, "epochs of the `scratch` arm (null: `base.epochs`)")
-    min_channels: MinChannels = _f(1, "channels every layer keeps: a count or a fraction")
-    round_to: Int(1, example=8) = _f(1, "round kept widths to a multiple (8 for tensor cores)")
-    ignore: ModuleNames = _f([], "modules never pruned (names or shell patterns such as `layer*.conv2`)")
-    calibration_batches: Int(1, example=4) = _f(4, "batches scored by `taylor` and `apoz`")
-    oracle_batches: Int(1, example=2) = _f(2, "training batches `oracle` measures each unit's loss change on: "
-                                              "(units + 1) x this many forward passes per pruning step")
+    scratch_epochs: Whole | None = _f(None, "epochs of the `scratch` arm (null: `base.epochs`)", example=30, ge=1)
+    min_channels: Annotated[int | float, PlainValidator(_min_channels)] = _f(
+        1, "channels every layer keeps: a count or a fraction", takes="integer >= 1, or a fraction in (0, 1)")
+    round_to: Whole = _f(1, "round kept widths to a multiple (8 for tensor cores)", example=8, ge=1)
+    ignore: Annotated[list, PlainValidator(_module_names)] = _f(
+        [], "modules never pruned (names or shell patterns such as `layer*.conv2`)",
+        takes="list of module names or shell patterns")
+    calibration_batches: Whole = _f(4, "batches scored by `taylor` and `apoz`", ge=1)
+    oracle_batches: Whole = _f(2, "training batches `oracle` measures each unit's loss change on: (units + 1) x "
+                                  "this many forward passes per pruning step", ge=1)
 
 
 class MeasureConfig(Section):
-    batch_size: Int(1, example=1) = _f(1, "batch size of the latency measurement")
-    warmup: Int(0, example=5) = _f(5, "untimed forward passes first")
-    runs: Int(1, example=30) = _f(30, "timed forward passes; latency is their median")
-    threads: Int(1, example=1) = _f(1, "CPU threads latency is measured with (pinned)")
+    batch_size: Whole = _f(1, "batch size of the latency measurement", ge=1)
+    warmup: Whole = _f(5, "untimed forward passes first", ge=0)
+    runs: Whole = _f(30, "timed forward passes; latency is their median", ge=1)
+    threads: Whole = _f(1, "CPU threads latency is measured with (pinned)", ge=1)
 
 
 class TrialConfig(Section):
     """One trial's settings: what `spec.trial`, `spec.grid_configs()` and Ray Tune's configs hold, as a dict."""
 
     name: SafeName | None = _f(None, "the sweep: MLflow experiment and folder name")
-    seed: Int(0, 2**32 - 1, example=0) = _f(0, "seeds data splits, init, shuffling and pruning")
-    device: OneOf(("auto", "cpu", "cuda"), "device") = _f("auto", "`auto`: cuda when available")
+    seed: Whole = _f(0, "seeds data splits, init, shuffling and pruning", ge=0, le=2**32 - 1)
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "`auto`: cuda when available")
     model: ModelConfig = _f(ModelConfig, "the network")
     dataset: DatasetConfig = _f(DatasetConfig, "the data")
     base: BaseTrainConfig = _f(BaseTrainConfig, "training of the shared base network")
@@ -493,39 +442,25 @@ def trial_config(config: dict) -> TrialConfig:
 
 
 class SearchConfig(Section):
-    algorithm: OneOf(("grid", "random", "optuna"), "search algorithm") = _f(
-        "grid", "`grid`: every combination once; `random`, `optuna`: `num_samples` draws")
-    num_samples: Int(1, example=20, optional=True) = _f(None, "trials drawn by `random` and `optuna`")
+    algorithm: Literal["grid", "random", "optuna"] = _f(
+        "grid", "`grid`: every combination once; `random`, `optuna`: `num_samples` draws", what="search algorithm")
+    num_samples: Whole | None = _f(None, "trials drawn by `random` and `optuna`", example=20, ge=1)
 
 
 class SchedulerConfig(Section):
-    name: OneOf(("fifo", "asha"), "scheduler") = _f("fifo", "`asha` stops weak trials early")
-    grace_period: Int(1, example=1) = _f(1, "asha: epochs before a trial may be stopped")
-    reduction_factor: Real(2, fix="use 2 or more, such as 3") = _f(2.0, "asha: keeps 1/factor of the trials")
-    max_t: Int(1, example=10, optional=True) = _f(None, "asha: the last epoch a trial may be stopped at (null, "
-                                                        "and at most: the most epochs a trial trains, less one)")
+    name: Literal["fifo", "asha"] = _f("fifo", "`asha` stops weak trials early", what="scheduler")
+    grace_period: Whole = _f(1, "asha: epochs before a trial may be stopped", ge=1)
+    reduction_factor: float = _f(2.0, "asha: keeps 1/factor of the trials", ge=2, fix="use 2 or more, such as 3")
+    max_t: Whole | None = _f(None, "asha: the last epoch a trial may be stopped at (null, and at most: the most "
+                                   "epochs a trial trains, less one)", example=10, ge=1)
 
 
 class ResourcesConfig(Section):
-    cpu: Real(0, lo_open=True, example=1) = _f(1.0, "CPUs per trial")
-    gpu: Real(0, example=1, then=_gpus, doc="number >= 0: a fraction up to 1, or whole") = _f(
-        0.0, "GPUs per trial; fractions share a card (`0.25`)")
-    memory: Real(0, lo_open=True, example=4, optional=True) = _f(None, "GiB of memory per trial; Ray schedules by it")
-
-
-@Custom(list[str], "list of names from `sweep strategies`")
-def Strategies(value):
-    if not isinstance(value, list):
-        raise ValueError(f"{show(value)} is not a list of strategies; write e.g. references: [l1, random]")  # noqa: TRY004
-    known, problems = _strategy_names(), []
-    for i, name in enumerate(value):
-        if name not in known:
-            problems.append(_unknown_name(name, known, "strategy"))
-        elif name in value[:i]:
-            problems.append(f"{show(name)} is listed twice; remove the repeat")
-    if problems:
-        raise ValueError("\n".join(problems))
-    return list(value)
+    cpu: float = _f(1.0, "CPUs per trial", gt=0)
+    gpu: Annotated[float, AfterValidator(_gpus)] = _f(0.0, "GPUs per trial; fractions share a card (`0.25`)",
+                                                      example=1, ge=0,
+                                                      takes="number >= 0: a fraction up to 1, or whole")
+    memory: float | None = _f(None, "GiB of memory per trial; Ray schedules by it", example=4, gt=0)
 
 
 # What a verdict may compare: accuracies, because the equivalence margin is in accuracy points. Test metrics are
@@ -536,16 +471,18 @@ REPORT_METRICS = ("test_accuracy", "test_top5", "pruned_test_accuracy", "val_acc
 class ReportConfig(Section):
     """The `report` section: the comparisons a sweep declares before it runs, and how its verdicts are decided."""
 
-    references: Strategies = _f([], "strategies every other one is compared with (`[]`: all pairs)")
-    family: OneOf(("references", "all_pairs"), "family", optional=True) = _f(
+    references: Annotated[list, PlainValidator(_strategies)] = _f(
+        [], "strategies every other one is compared with (`[]`: all pairs)",
+        takes="list of names from `sweep strategies`")
+    family: Literal["references", "all_pairs"] | None = _f(
         None, "the comparisons corrected together: `references` (each strategy against each reference) or "
               "`all_pairs` (null: `references` when there are references, else `all_pairs`)")
-    alpha: Real(0, 0.5, lo_open=True, hi_open=True, example=0.05) = _f(0.05, "the family's error rate")
-    correction: OneOf(("holm", "bh", "none"), "correction") = _f(
+    alpha: float = _f(0.05, "the family's error rate", gt=0, lt=0.5)
+    correction: Literal["holm", "bh", "none"] = _f(
         "holm", "`holm` (family-wise), `bh` (Benjamini-Hochberg, false discovery rate) or `none` (warned)")
-    margin: Real(0, 100, lo_open=True, example=1.0) = _f(
-        1.0, "equivalence margin in accuracy points: a difference shown to lie within ±margin is `equivalent`")
-    metric: OneOf(REPORT_METRICS, "report metric") = _f("test_accuracy", "the accuracy verdicts compare")
+    margin: float = _f(1.0, "equivalence margin in accuracy points: a difference shown to lie within ±margin is "
+                            "`equivalent`", gt=0, le=100)
+    metric: Literal[REPORT_METRICS] = _f("test_accuracy", "the accuracy verdicts compare", what="report metric")
 
     def resolved_family(self) -> str:
         return self.family or ("references" if self.references else "all_pairs")
@@ -562,19 +499,22 @@ def report_rules(report: ReportConfig, where: str = "report.") -> list[str]:
 class SweepConfig(TrialConfig):
     """A search-space file: the trial's fixed settings, the space and how the sweep runs."""
 
-    name: SafeName = Field(description="the sweep: MLflow experiment and folder name")
-    space: Any = _f(None, "what varies between trials (below)")
+    name: SafeName = Field(description="the sweep: MLflow experiment and folder name",
+                           json_schema_extra={"takes": "letters, digits, `-` `_` `.`"})
+    space: Any = _f(None, "what varies between trials (below)", takes="see below")
     search: SearchConfig = _f(SearchConfig, "the search algorithm")
     scheduler: SchedulerConfig = _f(SchedulerConfig, "the trial scheduler")
     resources: ResourcesConfig = _f(ResourcesConfig, "per trial")
-    metric: Metric = _f("val_accuracy", "what the scheduler, the search and `best` read")
-    mode: OneOf(("max", "min"), "mode", optional=True) = _f(None, "`max` or `min` (null: the metric's direction)")
-    max_failures: Int(0, example=2) = _f(2, "retries per trial, each from its last checkpoint")
-    checkpoint_every_s: Real(0, example=10) = _f(
+    metric: Annotated[str, PlainValidator(_metric)] = _f(
+        "val_accuracy", "what the scheduler, the search and `best` read",
+        takes="a metric Tune reads each epoch (table below)")
+    mode: Literal["max", "min"] | None = _f(None, "`max` or `min` (null: the metric's direction)")
+    max_failures: Whole = _f(2, "retries per trial, each from its last checkpoint", ge=0)
+    checkpoint_every_s: float = _f(
         10.0, "a trial checkpoints (and writes its epochs to MLflow) each time this many seconds of epochs have "
-              "passed, so a retry redoes at most that much; 0: every epoch")
-    max_concurrent: Int(1, example=2, optional=True) = _f(None, "trials at once (null: as resources allow)")
-    max_trials: Int(1, example=10000) = _f(10000, "refuse a space with more trials than this")
+              "passed, so a retry redoes at most that much; 0: every epoch", ge=0)
+    max_concurrent: Whole | None = _f(None, "trials at once (null: as resources allow)", example=2, ge=1)
+    max_trials: Whole = _f(10000, "refuse a space with more trials than this", ge=1)
     report: ReportConfig = _f(ReportConfig, "the comparisons `sweep report` makes, declared before the runs")
 
 
@@ -601,35 +541,111 @@ def _model_at(cls: type, loc) -> type | None:
     return cls
 
 
+def _field_at(cls: type | None, loc) -> FieldInfo | None:
+    model = cls and _model_at(cls, loc[:-1])
+    return model.model_fields.get(loc[-1]) if model and loc and isinstance(loc[-1], str) else None
+
+
+def _kind(field: FieldInfo) -> Any:
+    """What a field holds without its null: int, float, bool, str, a Literal, or None for a mixed or custom type."""
+    kinds = [a for a in get_args(field.annotation) if a is not type(None)] \
+        if get_origin(field.annotation) in (Union, types.UnionType) else [field.annotation]
+    kind = kinds[0] if len(kinds) == 1 else None
+    return get_args(kind)[0] if get_origin(kind) is Annotated else kind
+
+
+def _nullable(field: FieldInfo) -> bool:
+    return type(None) in get_args(field.annotation)
+
+
+def numeric(field: FieldInfo) -> str | None:
+    """Which ranges may sweep a field: "int" (randint), "float" (uniform, loguniform) or None (grid and choice)."""
+    return {int: "int", float: "float"}.get(_kind(field))
+
+
+def _range(field: FieldInfo) -> tuple[str, bool]:
+    """A number field's range as messages and docs write it ('>= 0', '(0, 1)'), and whether it has an upper end."""
+    limits = {key: getattr(m, key) for m in field.metadata for key in ("ge", "gt", "le", "lt") if hasattr(m, key)}
+    lo, hi = limits.get("ge", limits.get("gt")), limits.get("le", limits.get("lt"))
+    shown = (field.json_schema_extra or {}).get("bounds")
+    if shown or _kind(field) is not int:
+        shown = shown or (f"{'>' if 'gt' in limits else '>='} {lo:g}" if hi is None else
+                          f"{'(' if 'gt' in limits else '['}{lo:g}, {hi:g}{')' if 'lt' in limits else ']'}")
+    else:
+        shown = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+    return shown, hi is not None
+
+
+def _example(field: FieldInfo) -> Any:
+    return field.examples[0] if field.examples else field.default
+
+
+def _field_message(kind: str, value: Any, field: FieldInfo, name: str) -> str | None:
+    """The line for a field's value that failed one of pydantic's own checks, or None when it is not one."""
+    example = _example(field)
+    if kind in ("int_type", "int_from_float", "int_parsing"):
+        return f"{show(value)} is not a whole number; write an integer such as {example}"
+    if kind in ("float_type", "float_parsing", "finite_number"):
+        finite = "" if isinstance(value, str) else " finite"
+        return f"{show(value)} is not a{finite} number; write a number such as 0.5"
+    if kind == "bool_type":
+        return f"{show(value)} is not true or false; write true or false"
+    if kind == "literal_error":
+        return _unknown_name(value, get_args(_kind(field)), field.title or name)
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        bounds, upper = _range(field)
+        if _kind(field) is int:
+            return f"{value} is not {bounds}; use a whole number {bounds} such as {example}"
+        fix = (field.json_schema_extra or {}).get("fix") or \
+            f"use a number {'in ' if upper else ''}{bounds} such as {example:g}"
+        return f"{show(value)} is {'outside' if upper else 'not'} {bounds}; {fix}"
+    return None
+
+
 _MISSING = {"name": "missing; add a sweep name such as name: my_sweep"}
 # Settings that existed once: a spec that still sets one is told what replaced it, not "unknown key".
 _RETIRED = {"resources.process": "removed in 0.2 (every trial runs in its own Ray worker); delete this line, and "
                                  "share a node's data between trials through Ray's object store as before (automatic)"}
 
 
-def error_lines(error: ValidationError, prefix: str = "") -> tuple[list[str], list[tuple]]:
-    """Our one-line messages for pydantic's errors, and the location of each (a tuple of keys)."""
-    root = error.title and {c.__name__: c for c in _MODELS}.get(error.title)
+def _sections() -> Iterator[type]:
+    todo = [Section]
+    while todo:
+        yield (cls := todo.pop())
+        todo += cls.__subclasses__()
+
+
+def error_lines(error: ValidationError, prefix: str = "", model: type | None = None,
+                leaf: str | None = None) -> tuple[list[str], list[tuple]]:
+    """Our one-line messages for pydantic's errors, and the location of each (a tuple of keys). model: the model
+    validated (found by the error's title when not given); leaf: the trial path of the one field validated (a
+    swept value, by field_adapter)."""
+    root = model or next((c for c in _sections() if c.__name__ == error.title), None)
     lines, locs = [], []
     for item in error.errors():
-        loc, kind = tuple(item["loc"]), item["type"]
+        loc, kind, value = tuple(item["loc"]), item["type"], item.get("input")
         path = ".".join(p for p in (prefix, dotted(loc)) if p)
-        if kind == "value_error":
+        info = check_at(leaf) if leaf else _field_at(root, loc)
+        if info is not None and _nullable(info) and isinstance(value, str) and value in _NULL_TEXT:
+            messages = [_null_text(value)]
+        elif kind == "value_error":
             messages = str(item["ctx"]["error"]).split("\n")
         elif kind == "extra_forbidden":
-            model = root and _model_at(root, loc[:-1])
-            messages = [_RETIRED.get(dotted(loc)) or unknown_key(loc[-1], list(model.model_fields) if model else [])]
+            known = _model_at(root, loc[:-1]) if root else None
+            messages = [_RETIRED.get(dotted(loc)) or unknown_key(loc[-1], list(known.model_fields) if known else [])]
         elif kind in ("model_type", "model_attributes_type", "dict_type"):
-            model = root and _model_at(root, loc)
-            first = next(iter(model.model_fields)) if model else "key"
-            messages = [f"{show(item['input'])} is not a mapping; write {path}: {{{first}: ..., ...}}"]
+            known = _model_at(root, loc) if root else None
+            first = next(iter(known.model_fields)) if known else "key"
+            messages = [f"{show(value)} is not a mapping; write {path}: {{{first}: ..., ...}}"]
         elif kind == "missing":
             messages = [_MISSING.get(dotted(loc), "missing; add it")]
         else:
-            messages = [f"{item['msg']}; check this setting"]
+            own = info and _field_message(kind, value, info, (leaf or dotted(loc)).split(".")[-1])
+            messages = [own or f"{item['msg']}; check this setting"]
         for message in messages:
             # Rules (raised by a whole model, at loc ()) write their own paths.
-            lines.append(message if not loc and kind == "value_error" else f"{path or 'trial'}: {message}")
+            lines.append(message if not loc and kind == "value_error" and leaf is None else
+                         f"{path or 'trial'}: {message}")
             locs.append(loc)
     return list(dict.fromkeys(lines)), locs
 
@@ -775,24 +791,26 @@ def rules(view: View) -> list[str]:
     return errors
 
 
-# --- docs/spec.md -------------------------------------------------------------------------------------------------
+# --- a field by its trial path; docs/spec.md -------------------------------------------------------------------
 
-_MODELS = (SweepConfig, TrialConfig, ModelConfig, DatasetConfig, TrainConfig, BaseTrainConfig, PruneConfig,
-           MeasureConfig, SearchConfig, SchedulerConfig, ResourcesConfig, ReportConfig)
-
-
-def check_at(path: str) -> "Check | type | None":
-    """The Check of a trial path's field, the model class of a section path, or None when there is no such path."""
+def check_at(path: str) -> "FieldInfo | type | None":
+    """The field of a trial path, the model class of a section path, or None when there is no such path."""
     node: Any = TrialConfig
     for part in path.split("."):
         field = node.model_fields.get(part) if isinstance(node, type) else None
         if field is None:
             return None
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-            node = field.annotation
-        else:
-            node = next((m for m in field.metadata if isinstance(m, Check)), None)
+        sub = field.annotation
+        node = sub if isinstance(sub, type) and issubclass(sub, BaseModel) else field
     return node
+
+
+@functools.cache
+def field_adapter(path: str) -> TypeAdapter:
+    """A validator of one value of the field at a trial path (a swept item), as strict as the models."""
+    field = check_at(path)
+    kind = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+    return TypeAdapter(kind, config=Section.model_config)
 
 
 def leaf_paths(cls: type = TrialConfig, prefix: str = "") -> list[str]:
@@ -816,10 +834,25 @@ def _yaml(value: Any) -> str:
     return str(value)
 
 
-def _default(field) -> str:
+def _default(field: FieldInfo) -> str:
     if field.is_required():
         return "required"
     return _yaml(field.default_factory() if field.default_factory else field.default)
+
+
+def _takes(field: FieldInfo) -> str:
+    """What a field takes, in words, from its type and constraints (or its own words, where the check is ours)."""
+    kind = _kind(field)
+    if (field.json_schema_extra or {}).get("takes"):
+        text = field.json_schema_extra["takes"]
+    elif kind is bool:
+        text = "true \\| false"
+    elif get_origin(kind) is Literal:
+        text = " \\| ".join(f"`{c}`" for c in get_args(kind))
+    else:
+        bounds, upper = _range(field)
+        text = f"integer {bounds}" if kind is int else f"number {'in ' if upper else ''}{bounds}"
+    return f"null or {text}" if _nullable(field) else text
 
 
 def reference_markdown() -> str:
@@ -835,8 +868,6 @@ def reference_markdown() -> str:
                 continue
             if path in done:
                 continue
-            check = next((m for m in field.metadata if isinstance(m, Check)), None)
-            takes = check.doc if check else ("see below" if name == "space" else "")
             default, paths = _default(field), f"`{path}`"
             if prefix == "base.":  # base and finetune share their fields; only two defaults differ
                 other = TrainConfig.model_fields[name]
@@ -844,7 +875,7 @@ def reference_markdown() -> str:
                 paths += f", `finetune.{name}`"
                 if _default(other) != default:
                     default += f" (base), {_default(other)} (finetune)"
-            rows.append(f"| {paths} | {default} | {takes} | {field.description or ''} |")
+            rows.append(f"| {paths} | {default} | {_takes(field)} | {field.description or ''} |")
 
     walk(SweepConfig, "")
     keys = ", ".join(f"`{k}`" for k in PARAMS)

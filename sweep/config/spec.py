@@ -25,12 +25,12 @@ from typing import Any
 
 import yaml
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
 from sweep.config.arms import unique
 from sweep.config.names import METRICS, PARAMS
 from sweep.config.schema import (
     INVALID,
-    Check,
     SpecError,
     SweepConfig,
     TrialConfig,
@@ -40,8 +40,10 @@ from sweep.config.schema import (
     close,
     dotted,
     error_lines,
+    field_adapter,
     leaf_paths,
     metrics_markdown,
+    numeric,
     reference_markdown,
     report_rules,
     rules,
@@ -312,24 +314,24 @@ class _Builder:
             if isinstance(node, type):
                 check: Callable = lambda v, w, section=path: self.section_item(w, section, v, trial)
             else:
-                check = lambda v, w, field=node: self.check(w, field, v)
+                check = lambda v, w, leaf=path: self.check(w, leaf, v)
             space[path] = self.domain(where, value, check, node)
             self.origin[path] = where
         return space
 
-    def check(self, where: str, field: Check, value: Any) -> Any:
+    def check(self, where: str, path: str, value: Any) -> Any:
         try:
-            return field.fn(value)
-        except ValueError as problem:
-            for message in str(problem).split("\n"):
-                self.error(where, message)
+            return field_adapter(path).validate_python(value)
+        except ValidationError as error:
+            for line in error_lines(error, where, leaf=path)[0]:
+                self.add(line)
             return INVALID
 
     def section_item(self, where: str, section: str, value: Any, trial: dict) -> Any:
         """A swept model/dataset: a name, or a mapping of that section; missing keys come from the fixed section
         (except that an item naming a `name` or a `factory` replaces both)."""
         if not isinstance(value, dict):
-            name = self.check(where, check_at(f"{section}.name"), value)
+            name = self.check(where, f"{section}.name", value)
             return INVALID if name is INVALID else {**trial[section], "name": name, "factory": None}
         fixed = dict(trial[section])
         if "name" in value or "factory" in value:
@@ -341,7 +343,7 @@ class _Builder:
                 self.add(line)
             return INVALID
 
-    def domain(self, where: str, value: Any, check: Callable, node: Check | type) -> Domain:
+    def domain(self, where: str, value: Any, check: Callable, node: FieldInfo | type) -> Domain:
         # A mapping sweeps a setting, except for a whole model/dataset section, whose fixed value is a mapping
         # of its own keys (a lone unknown key there is more likely a misspelt domain such as {grd: [...]}).
         if isinstance(node, type):
@@ -350,7 +352,7 @@ class _Builder:
             sweeps = isinstance(value, dict)
         if not sweeps:
             return Domain("fixed", (check(value, where),))
-        numeric = None if isinstance(node, type) else node.numeric
+        kind_of_number = None if isinstance(node, type) else numeric(node)
         if len(value) != 1:
             self.error(where, f"{show(value)} is not a sweep domain; {_DOMAIN_HELP}")
             return Domain("fixed", (INVALID,))
@@ -371,10 +373,10 @@ class _Builder:
                     self.error(f"{at}[{i}]", f"{show(arg[i])} is listed twice; remove the repeat")
                 seen.add(key)
             return Domain(kind, tuple(items))
-        if numeric is None:
+        if kind_of_number is None:
             self.error(at, "a range needs a numeric setting; use {grid: [...]} or {choice: [...]}")
             return Domain("fixed", (INVALID,))
-        if numeric == "int" and kind != "randint":
+        if kind_of_number == "int" and kind != "randint":
             self.error(at, "this setting takes whole numbers; use {randint: [low, high]} or {grid: [...]}")
             return Domain("fixed", (INVALID,))
         try:
