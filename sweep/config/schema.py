@@ -532,18 +532,37 @@ def dotted(loc) -> str:
     return out
 
 
-def _model_at(cls: type, loc) -> type | None:
-    for part in loc:
-        field = cls.model_fields.get(part) if isinstance(part, str) else None
-        cls = field.annotation if field else None
-        if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _at(cls: type | None, keys) -> "FieldInfo | type | None":
+    """The field at keys below model cls, the model class of a section there, or None when there is no such place."""
+    node: Any = cls
+    for key in keys:
+        field = node.model_fields.get(key) if isinstance(node, type) and isinstance(key, str) else None
+        if field is None:
             return None
-    return cls
+        node = field.annotation if _is_section(field.annotation) else field
+    return node
 
 
-def _field_at(cls: type | None, loc) -> FieldInfo | None:
-    model = cls and _model_at(cls, loc[:-1])
-    return model.model_fields.get(loc[-1]) if model and loc and isinstance(loc[-1], str) else None
+def check_at(path: str) -> "FieldInfo | type | None":
+    """The field of a trial path, the model class of a section path, or None when there is no such path."""
+    return _at(TrialConfig, path.split("."))
+
+
+def fields(cls: type, prefix: str = "") -> Iterator[tuple[str, FieldInfo]]:
+    """Every setting below model cls, by path, in the order of the models."""
+    for name, field in cls.model_fields.items():
+        if _is_section(field.annotation):
+            yield from fields(field.annotation, f"{prefix}{name}.")
+        else:
+            yield prefix + name, field
+
+
+def leaf_paths() -> list[str]:
+    return [path for path, _ in fields(TrialConfig) if path != "name"]
 
 
 def _kind(field: FieldInfo) -> Any:
@@ -625,17 +644,19 @@ def error_lines(error: ValidationError, prefix: str = "", model: type | None = N
     for item in error.errors():
         loc, kind, value = tuple(item["loc"]), item["type"], item.get("input")
         path = ".".join(p for p in (prefix, dotted(loc)) if p)
-        info = check_at(leaf) if leaf else _field_at(root, loc)
+        info = check_at(leaf) if leaf else _at(root, loc)
+        info = info if isinstance(info, FieldInfo) else None
         if info is not None and _nullable(info) and isinstance(value, str) and value in _NULL_TEXT:
             messages = [_null_text(value)]
         elif kind == "value_error":
             messages = str(item["ctx"]["error"]).split("\n")
         elif kind == "extra_forbidden":
-            known = _model_at(root, loc[:-1]) if root else None
-            messages = [_RETIRED.get(dotted(loc)) or unknown_key(loc[-1], list(known.model_fields) if known else [])]
+            known = _at(root, loc[:-1])
+            keys = list(known.model_fields) if isinstance(known, type) else []
+            messages = [_RETIRED.get(dotted(loc)) or unknown_key(loc[-1], keys)]
         elif kind in ("model_type", "model_attributes_type", "dict_type"):
-            known = _model_at(root, loc) if root else None
-            first = next(iter(known.model_fields)) if known else "key"
+            known = _at(root, loc)
+            first = next(iter(known.model_fields)) if isinstance(known, type) else "key"
             messages = [f"{show(value)} is not a mapping; write {path}: {{{first}: ..., ...}}"]
         elif kind == "missing":
             messages = [_MISSING.get(dotted(loc), "missing; add it")]
@@ -791,19 +812,7 @@ def rules(view: View) -> list[str]:
     return errors
 
 
-# --- a field by its trial path; docs/spec.md -------------------------------------------------------------------
-
-def check_at(path: str) -> "FieldInfo | type | None":
-    """The field of a trial path, the model class of a section path, or None when there is no such path."""
-    node: Any = TrialConfig
-    for part in path.split("."):
-        field = node.model_fields.get(part) if isinstance(node, type) else None
-        if field is None:
-            return None
-        sub = field.annotation
-        node = sub if isinstance(sub, type) and issubclass(sub, BaseModel) else field
-    return node
-
+# --- a swept value's validator; docs/spec.md --------------------------------------------------------------------
 
 @functools.cache
 def field_adapter(path: str) -> TypeAdapter:
@@ -811,17 +820,6 @@ def field_adapter(path: str) -> TypeAdapter:
     field = check_at(path)
     kind = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
     return TypeAdapter(kind, config=Section.model_config)
-
-
-def leaf_paths(cls: type = TrialConfig, prefix: str = "") -> list[str]:
-    paths = []
-    for name, field in cls.model_fields.items():
-        sub = field.annotation
-        if isinstance(sub, type) and issubclass(sub, BaseModel):
-            paths += leaf_paths(sub, f"{prefix}{name}.")
-        elif name != "name" or prefix:
-            paths.append(prefix + name)
-    return paths
 
 
 def _yaml(value: Any) -> str:
@@ -858,26 +856,16 @@ def _takes(field: FieldInfo) -> str:
 def reference_markdown() -> str:
     """The table of every search-space setting: path, default, what it takes, what it means."""
     rows = ["| setting | default | takes | meaning |", "|---|---|---|---|"]
-    done = set()
-
-    def walk(cls: type, prefix: str) -> None:
-        for name, field in cls.model_fields.items():
-            sub, path = field.annotation, prefix + name
-            if isinstance(sub, type) and issubclass(sub, BaseModel):
-                walk(sub, path + ".")
-                continue
-            if path in done:
-                continue
-            default, paths = _default(field), f"`{path}`"
-            if prefix == "base.":  # base and finetune share their fields; only two defaults differ
-                other = TrainConfig.model_fields[name]
-                done.add(f"finetune.{name}")
-                paths += f", `finetune.{name}`"
-                if _default(other) != default:
-                    default += f" (base), {_default(other)} (finetune)"
-            rows.append(f"| {paths} | {default} | {_takes(field)} | {field.description or ''} |")
-
-    walk(SweepConfig, "")
+    for path, field in fields(SweepConfig):
+        section, _, name = path.rpartition(".")
+        default, paths = _default(field), f"`{path}`"
+        if section == "finetune":
+            continue  # base and finetune share their fields, in one row; only two defaults differ
+        if section == "base":
+            other = _default(TrainConfig.model_fields[name])
+            paths += f", `finetune.{name}`"
+            default += f" (base), {other} (finetune)" if other != default else ""
+        rows.append(f"| {paths} | {default} | {_takes(field)} | {field.description or ''} |")
     keys = ", ".join(f"`{k}`" for k in PARAMS)
     return "\n".join(rows) + (
         "\n\n`space` values: a fixed value, `{grid: [...]}`, `{choice: [...]}`, `{uniform: [a, b]}`, "
