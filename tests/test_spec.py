@@ -572,3 +572,47 @@ def test_shipped_specs_dump_to_the_pinned_dicts(registries, tmp_path, monkeypatc
     for name in PINNED_SPECS:
         assert json.loads(_spec_dump(name, tmp_path)) == pinned[name], name
         assert _spec_dump(name, tmp_path) == json.dumps(pinned[name], sort_keys=True, indent=1), name
+
+
+def test_every_setting_is_documented_and_every_constraint_explains_itself(registries):
+    """The one error translator covers every field: each number below its range and each near-miss of a choice is
+    refused in one line naming the field, the value and a fix; each row of the table says what it takes and means."""
+    from typing import Literal, get_args, get_origin
+
+    from sweep.config.schema import SweepConfig, _kind, fields, numeric
+
+    checked = 0
+    for path, field in fields(SweepConfig):
+        cells = reference_row(path).strip("| ").split(" | ")
+        assert len(cells) == 4 and all(cell.strip() for cell in cells), (path, cells)  # default, takes, meaning
+        raw = {"name": "doc", "model": {"name": "small_cnn"}, "dataset": {"name": "digits"}}
+        *sections, leaf = path.split(".")
+        node = raw
+        for section in sections:
+            node = node.setdefault(section, {})
+        kind = _kind(field)
+        if numeric(field):
+            bad, expected = -5, f"{path}: -5 is "
+        elif get_origin(kind) is Literal:
+            bad = get_args(kind)[0] + "x"
+            expected = f"{path}: unknown {field.title or leaf} '{bad}'; did you mean '{get_args(kind)[0]}'?"
+        else:
+            continue
+        node[leaf] = bad
+        with pytest.raises(SpecError) as caught:
+            parse_spec(yaml.safe_dump(raw))
+        line = next((e for e in caught.value.errors if e.startswith(f"{path}: ")), "")
+        assert line.startswith(expected) and ("; use " in line or "choose one of " in line), (path, line)
+        if numeric(field):  # text is never read as a number
+            node[leaf] = "7"
+            with pytest.raises(SpecError) as caught:
+                parse_spec(yaml.safe_dump(raw))
+            assert any(e.startswith(f"{path}: '7' is not a") and "; write" in e for e in caught.value.errors), path
+        checked += 1
+    assert checked >= 40, checked
+
+
+def reference_row(path: str) -> str:
+    from sweep.config.spec import reference_markdown
+
+    return next(row for row in reference_markdown().splitlines() if f"`{path}`" in row.split(" | ")[0])

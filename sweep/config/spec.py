@@ -6,9 +6,10 @@
 Every problem is one line "<field path>: <what is wrong>; <how to fix>", and a file's problems are all reported
 together so `sweep validate` can print them before any trial starts. What each setting takes, its default and its
 messages live once, in sweep.config.schema (pydantic models, whence docs/spec.md is generated). Here: the
-YAML is read, the fixed settings are validated by the schema, each item of the `space` by the same field checks
-(so messages name places inside domains: space.ratio.grid[1]), and the rules across fields are applied to every
-value the space can give. A grid is counted, never enumerated, to hold it to `max_trials`.
+YAML is read, the fixed settings are validated by the schema, each item of the `space` by its field's own
+validator and error translator (schema.field_adapter, schema.error_lines: messages name places inside domains,
+space.ratio.grid[1]), and the rules across fields are applied to every value the space can give. A grid is
+counted, never enumerated, to hold it to `max_trials`.
 """
 
 from __future__ import annotations
