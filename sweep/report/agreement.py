@@ -16,17 +16,17 @@ import json
 import math
 import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
+from matplotlib.figure import Figure
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from scipy.stats import hypergeom
 
+from sweep.report.common import groups, markdown_table, save, text
 from sweep.store import tracking
 
 # The artifact sweep.worker.trial writes (its REMOVED_FILE): {layer: {"width": n, "removed": [channel, ...]}}.
@@ -59,8 +59,7 @@ def agreement_table(runs: pd.DataFrame, keys: Sequence[str], removed: dict[str, 
     keys = [k for k in keys if k not in ("strategy", "seed")]
     runs = runs[runs["run_id"].isin(list(removed)) & runs["strategy"].astype(str).ne(NO_CRITERION)]
     rows = []
-    for values, group in runs.groupby([*keys, "seed"], dropna=False, sort=True):
-        setting = dict(zip([*keys, "seed"], values if isinstance(values, tuple) else (values,)))
+    for setting, group in groups(runs, [*keys, "seed"]):
         first = group.drop_duplicates("strategy")
         by_strategy = dict(zip(first["strategy"].astype(str), first["run_id"]))
         for a, b in combinations(sorted(by_strategy), 2):
@@ -91,9 +90,8 @@ def _matrices(means: pd.DataFrame, keys: Sequence[str]) -> list[tuple[str, pd.Da
     """Per setting: (title, strategy x strategy matrix of mean Jaccard, mean chance)."""
     keys = [k for k in keys if k in means and means[k].astype(str).nunique() > 1]
     out = []
-    for values, group in means.groupby(keys, dropna=False, sort=True) if keys else [((), means)]:
-        values = values if isinstance(values, tuple) else (values,)
-        title = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in zip(keys, values))
+    for setting, group in groups(means, keys):
+        title = ", ".join(f"{k} {text(v)}" for k, v in setting.items())
         names = sorted(set(group["strategy_a"]) | set(group["strategy_b"]))
         matrix = pd.DataFrame(np.eye(len(names)), index=names, columns=names)
         for row in group.itertuples():
@@ -111,10 +109,9 @@ def agreement_markdown(means: pd.DataFrame, keys: Sequence[str], missing: int = 
     if missing:
         lines += [f"{missing} run(s) have no {REMOVED_FILE} (recorded by an older release) and are left out.", ""]
     for title, matrix, chance in _matrices(means, keys):
-        head = "| " + " | ".join(["", *matrix.columns]) + " |"
-        rule = "|" + "---|" * (len(matrix.columns) + 1)
-        body = ["| " + " | ".join([name, *(f"{v:.2f}" for v in row)]) + " |" for name, row in matrix.iterrows()]
-        lines += [f"**{title}**" if title else "", "", head, rule, *body, "", f"Chance: {chance:.2f}.", ""]
+        shown = matrix.map(lambda v: f"{v:.2f}")
+        shown.insert(0, "", matrix.index)
+        lines += [f"**{title}**" if title else "", "", markdown_table(shown), "", f"Chance: {chance:.2f}.", ""]
     return lines
 
 
@@ -139,10 +136,7 @@ def plot_agreement(means: pd.DataFrame, keys: Sequence[str], path: str | Path) -
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     fig.colorbar(image, ax=axes[:len(panels)].tolist(), label="Jaccard of removed filters", shrink=0.8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return save(fig, path)
 
 
 def load_removed(client: MlflowClient, run_ids: Iterable[str]) -> dict[str, Removed]:
@@ -161,15 +155,8 @@ def load_removed(client: MlflowClient, run_ids: Iterable[str]) -> dict[str, Remo
     return out
 
 
-@dataclass
-class Agreement:
-    table: pd.DataFrame
-    means: pd.DataFrame
-    markdown: list[str]
-    paths: dict[str, Path] = field(default_factory=dict)
-
-
-def write_agreement(runs: pd.DataFrame, keys: Sequence[str], uri: str, out: Path) -> Agreement | None:
+def write_agreement(runs: pd.DataFrame, keys: Sequence[str], uri: str, out: Path
+                    ) -> tuple[dict[str, Path], list[str]] | None:
     """agreement.csv and agreement.png under `out`, and the summary.md section; None when no two strategies share
     a setting and seed (nothing to compare)."""
     runs = runs[runs["strategy"].astype(str).ne(NO_CRITERION)]
@@ -180,10 +167,9 @@ def write_agreement(runs: pd.DataFrame, keys: Sequence[str], uri: str, out: Path
     if table.empty:
         return None
     means = agreement_means(table, keys)
-    result = Agreement(table, means, agreement_markdown(means, keys, missing=len(runs) - len(removed)))
     table.to_csv(out / "agreement.csv", index=False)
-    result.paths["agreement"] = out / "agreement.csv"
+    paths = {"agreement": out / "agreement.csv"}
     heat_map = plot_agreement(means, keys, out / "agreement.png")
     if heat_map is not None:
-        result.paths["agreement_plot"] = heat_map
-    return result
+        paths["agreement_plot"] = heat_map
+    return paths, agreement_markdown(means, keys, missing=len(runs) - len(removed))

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
 from sweep.config.names import ANALYSIS_KINDS, KIND_TAG
 from sweep.errors import InputError
+from sweep.report.common import markdown_table, save
 from sweep.store import tracking
 
 SENSITIVITY_METRICS = {"val_accuracy": "accuracy", "val_loss": "loss", "ratio": "ratio", "removed": "removed",
@@ -42,16 +44,10 @@ def _children(client: MlflowClient, parent_run_id: str):
     return parent, runs
 
 
-def _save(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
-
-
-def _markdown(table: pd.DataFrame) -> str:
-    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(map(str, row)) + " |" for row in table.itertuples(index=False)]
-    return "\n".join(lines)
+def _log(uri: str, parent_run_id: str, paths: dict[str, Path]) -> None:
+    client = MlflowClient(uri)
+    for path in paths.values():
+        tracking.with_retry(client.log_artifact, parent_run_id, str(path))
 
 
 # --- sensitivity -------------------------------------------------------------------------------------------------
@@ -75,8 +71,7 @@ def load_sensitivity(uri: str, parent_run_id: str) -> tuple[pd.DataFrame, dict]:
     columns = ["layer", "modules", "width", "step", *SENSITIVITY_METRICS.values(), "run_id"]
     table = pd.DataFrame(rows, columns=columns)
     table["removed"] = table["removed"].astype("Int64")
-    order = _model_order(runs)
-    table["_order"] = table["layer"].map(order)
+    table["_order"] = table["layer"].map(_model_order(runs))
     table = table.sort_values(["_order", "ratio"]).drop(columns="_order").reset_index(drop=True)
     info = {**parent.data.params, **parent.data.metrics}
     return table, info
@@ -123,7 +118,7 @@ def plot_sensitivity(table: pd.DataFrame, info: dict, path: str | Path) -> Path:
     axes[0].set_ylabel("Validation accuracy (%), no fine-tune")
     model = info.get("model", "")
     fig.suptitle(f"{model}: each layer group pruned alone ({info.get('strategy', '')})")
-    return _save(fig, Path(path))
+    return save(fig, path)
 
 
 def _labels(table: pd.DataFrame) -> dict[str, str]:
@@ -133,8 +128,6 @@ def _labels(table: pd.DataFrame) -> dict[str, str]:
 
 
 def _colours(n: int) -> list:
-    from matplotlib import colormaps
-
     cmap = colormaps["tab10" if n <= 10 else "viridis"]
     return [cmap(i) for i in range(n)] if n <= 10 else [cmap(x) for x in np.linspace(0, 0.95, n)]
 
@@ -153,7 +146,7 @@ def sensitivity_markdown(name: str, table: pd.DataFrame, info: dict, suggestion:
         (f"{info.get('model', '')} on {info.get('dataset', '')}, strategy {info.get('strategy', '')}: each layer group "
         f"pruned alone, no fine-tune; validation accuracy (%) on {int(float(info.get('val_examples', 0)))} held-out "
         f"examples. Unpruned base: {100 * base:.2f} %."), "",
-        _markdown(shown), "",
+        markdown_table(shown), "",
         f"## Suggested block (tolerated drop {100 * float(info.get('tolerance', 0)):g} point(s))", "",
         "```yaml", suggestion.rstrip(), "```", "",
     ]
@@ -163,7 +156,6 @@ def sensitivity_markdown(name: str, table: pd.DataFrame, info: dict, suggestion:
 def write_sensitivity_report(experiment: str, uri: str, out_dir: str | Path, parent_run_id: str,
                              tolerance: float | None = None, log_to_parent: bool = True
                              ) -> tuple[dict[str, Path], pd.DataFrame]:
-
     table, info = load_sensitivity(uri, parent_run_id)
     if table.empty:
         raise InputError(f"sensitivity run {parent_run_id} of {experiment!r} has no finished layers")
@@ -179,9 +171,7 @@ def write_sensitivity_report(experiment: str, uri: str, out_dir: str | Path, par
     paths = {"sensitivity": plot_sensitivity(table, info, out / "sensitivity.png"),
              "table": out / "sensitivity.csv", "suggested": out / "suggested.yaml", "summary": out / "summary.md"}
     if log_to_parent:
-        client = MlflowClient(uri)
-        for path in paths.values():
-            tracking.with_retry(client.log_artifact, parent_run_id, str(path))
+        _log(uri, parent_run_id, paths)
     return paths, table
 
 
@@ -212,10 +202,8 @@ def load_criteria(uri: str, parent_run_id: str) -> tuple[pd.DataFrame, dict]:
         p, m = run.data.params, run.data.metrics
         row = {"layer": p["layer"], "modules": p.get("modules", p["layer"]), "units": int(p["units"]),
                "_order": int(p.get("layer_index", 0))}
-        for s in strategies:
-            row[f"spearman_{s}"] = m.get(f"spearman_{s}", np.nan)
-        for s in strategies:
-            row[f"spearman_signed_{s}"] = m.get(f"spearman_signed_{s}", np.nan)
+        for name in [f"spearman_{s}" for s in strategies] + [f"spearman_signed_{s}" for s in strategies]:
+            row[name] = m.get(name, np.nan)
         row.update(oracle_mean_abs=m.get("oracle_mean_abs", np.nan), run_id=run.info.run_id)
         rows.append(row)
     table = pd.DataFrame(rows).sort_values("_order").drop(columns="_order").reset_index(drop=True)
@@ -261,7 +249,7 @@ def plot_criteria(table: pd.DataFrame, info: dict, path: str | Path) -> Path:
     bars.grid(axis="x", alpha=0.3)
     fig.suptitle(f"{info.get('model', '')} on {info.get('dataset', '')}: criteria vs the oracle "
                  f"(Molchanov et al. 2017, Table 1)")
-    return _save(fig, Path(path))
+    return save(fig, path)
 
 
 def criteria_markdown(name: str, table: pd.DataFrame, info: dict) -> str:
@@ -277,7 +265,7 @@ def criteria_markdown(name: str, table: pd.DataFrame, info: dict) -> str:
         (f"{info.get('model', '')} on {info.get('dataset', '')}: Spearman's rank correlation between each strategy's "
         f"per-filter scores and the oracle |Δ loss| (the held-out loss change when that filter alone is removed, "
         f"on {examples} validation examples), per layer group; the last row is the mean over layers."), "",
-        _markdown(shown), "",
+        markdown_table(shown), "",
     ])
 
 
@@ -293,9 +281,7 @@ def write_criteria_report(experiment: str, uri: str, out_dir: str | Path, parent
     paths = {"criteria": plot_criteria(table, info, out / "criteria.png"), "table": out / "criteria.csv",
              "summary": out / "summary.md"}
     if log_to_parent:
-        client = MlflowClient(uri)
-        for path in paths.values():
-            tracking.with_retry(client.log_artifact, parent_run_id, str(path))
+        _log(uri, parent_run_id, paths)
     return paths, table
 
 

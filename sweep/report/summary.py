@@ -17,13 +17,14 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import yaml
 from matplotlib.axes import Axes
-from matplotlib.figure import Figure  # no pyplot: no global figure state, no GUI backend
+from matplotlib.figure import Figure
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from scipy.stats import t as student_t
@@ -34,6 +35,7 @@ from sweep.errors import InputError
 from sweep.report import stats
 from sweep.report.agreement import write_agreement
 from sweep.report.analyses import write_analysis_report
+from sweep.report.common import groups, markdown_table, save, text
 from sweep.store import tracking
 
 log = logging.getLogger(__name__)
@@ -153,9 +155,8 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
     """One row per group of like runs: n (seeds), and for each summary metric mean, std and 95 % CI half-width."""
     keys = settings(df)
     rows = []
-    for values, group in df.groupby(keys, dropna=False, sort=True) if keys else [((), df)]:  # no setting differs
-        row = dict(zip(keys, values if isinstance(values, tuple) else (values,)))
-        row["n"] = len(group)
+    for setting, group in groups(df, keys):
+        row = {**setting, "n": len(group)}
         for name in SUMMARY_METRICS:
             mean, std, half, _ = interval(group[name])
             row.update({name: mean, f"{name}_std": std, f"{name}_ci95": half})
@@ -223,37 +224,31 @@ def paired_table(df: pd.DataFrame, config: ReportConfig | str | list | None = No
     metric, margin = config.metric, config.margin / 100
     runs = df[~_is_control(df)]
     keys = [k for k in settings(runs) if k != "strategy"]
-    rows = []
-    for values, group in runs.groupby(keys, dropna=False, sort=True) if keys else [((), runs)]:
+    rows, tests = [], []
+    for setting, group in groups(runs, keys):
         # one value per seed and strategy (runs that differ only in how latency was timed share a seed)
         per_seed = group.groupby(["seed", "strategy"])[metric].mean().unstack("strategy")
         for strategy, reference in _comparisons(per_seed.columns, config):
             both = per_seed[[strategy, reference]].dropna()
             test = stats.paired(both[strategy].to_numpy(), both[reference].to_numpy(), margin)
-            row = dict(zip(keys, values if isinstance(values, tuple) else (values,)))
-            row.update(strategy=strategy, reference=reference, post_hoc=reference in post_hoc, pairs=test.n,
-                       difference=test.difference, ci_low=test.ci_low, ci_high=test.ci_high,
-                       ci95=(test.ci_high - test.ci_low) / 2, sd=test.sd, p=test.p_t, p_sign_flip=test.p_sign_flip,
-                       p_equivalence=test.p_equivalence, testable=test.testable, constant=test.constant,
-                       flops_reduction=group.loc[group["strategy"] == strategy, "flops_reduction"].mean())
-            rows.append(row)
+            tests.append(test)
+            rows.append({**setting, "strategy": strategy, "reference": reference, "post_hoc": reference in post_hoc,
+                         "pairs": test.n, "difference": test.difference, "ci_low": test.ci_low,
+                         "ci_high": test.ci_high, "ci95": (test.ci_high - test.ci_low) / 2, "sd": test.sd,
+                         "p": test.p_t, "p_sign_flip": test.p_sign_flip, "p_equivalence": test.p_equivalence,
+                         "flops_reduction": group.loc[group["strategy"] == strategy, "flops_reduction"].mean()})
     table = pd.DataFrame(rows)
     if table.empty:
         return table
     for column in ("p", "p_sign_flip", "p_equivalence"):
         table[f"{column}_adjusted"] = stats.adjust(table[column], config.correction)
     lone = stats.level(config.alpha, config.correction, len(table))
-    table["detectable"] = [stats.detectable(sd, n, lone) for sd, n in zip(table["sd"], table["pairs"])]
-    table["detectable_t"] = [stats.detectable(sd, n, lone, sign_flip=False) for sd, n in zip(table["sd"],
-                                                                                                table["pairs"])]
-    verdicts = []
-    for row in table.itertuples(index=False):
-        test = stats.Paired(row.pairs, row.difference, row.sd, row.ci_low, row.ci_high, row.p, row.p_sign_flip,
-                            row.p_equivalence, row.constant)
-        verdicts.append(stats.outcome(test, row.p_adjusted, row.p_sign_flip_adjusted, row.p_equivalence_adjusted,
-                                      config.alpha))
-    table["verdict"], table["why"] = zip(*verdicts)
-    return table.drop(columns=["testable", "constant"])
+    for column, sign_flip in (("detectable", True), ("detectable_t", False)):
+        table[column] = [stats.detectable(t.sd, t.n, lone, sign_flip=sign_flip) for t in tests]
+    table["verdict"], table["why"] = zip(*(
+        stats.outcome(test, row.p_adjusted, row.p_sign_flip_adjusted, row.p_equivalence_adjusted, config.alpha)
+        for test, row in zip(tests, table.itertuples(index=False))))
+    return table
 
 
 def control_table(df: pd.DataFrame, metric: str = ACCURACY) -> pd.DataFrame:
@@ -267,8 +262,7 @@ def control_table(df: pd.DataFrame, metric: str = ACCURACY) -> pd.DataFrame:
     shared = [k for k in keys if k not in _PRUNE_PARAMS and not k.startswith("prune.")]
     controls = df[control]
     rows = []
-    for values, group in df[~control].groupby(keys, dropna=False, sort=True):
-        where = dict(zip(keys, values if isinstance(values, tuple) else (values,)))
+    for where, group in groups(df[~control], keys):
         match = controls
         for key in shared:
             match = match[match[key].astype(str) == str(where[key])]
@@ -285,7 +279,7 @@ def _unset(value) -> bool:
 
 def _where(row: pd.Series, keys: list[str]) -> str:
     """A setting in words: its keys that have a value."""
-    return ", ".join(f"{k} {_text(row[k])}" for k in keys if not _unset(row[k])) or "all runs"
+    return ", ".join(f"{k} {text(row[k])}" for k in keys if not _unset(row[k])) or "all runs"
 
 
 def _varying(table: pd.DataFrame, keys) -> list[str]:
@@ -313,10 +307,13 @@ def _detectable(row) -> str:
 _POST_HOC = " (post hoc)"
 
 
+def _compared(row) -> str:
+    return f"{row.strategy} vs {row.reference}{_POST_HOC if row.post_hoc else ''}"
+
+
 def verdict_line(row) -> str:
     """One comparison in words: outcome, difference with its 95 % CI, raw and adjusted p, what it could detect."""
-    reference = f"{row.reference}{_POST_HOC if row.post_hoc else ''}"
-    head = f"{row.strategy} vs {reference}: **{row.verdict}**"
+    head = f"{_compared(row)}: **{row.verdict}**"
     if row.pairs < 2 or pd.isna(row.difference):
         return f"{head} ({row.why})"
     if pd.isna(row.ci_low):
@@ -334,13 +331,12 @@ def verdicts(pairs: pd.DataFrame) -> list[str]:
     """Markdown: a heading per setting (only what differs between settings), then one line per comparison."""
     if pairs.empty:
         return []
-    keys = _varying(pairs, [c for c in pairs.columns if c not in PAIR_COLUMNS])
+    keys = _settings_of_pairs(pairs)
     lines = []
-    for _, group in pairs.groupby(keys, dropna=False, sort=True) if keys else [((), pairs)]:
-        first = group.iloc[0]
+    for _, group in groups(pairs, keys):
         removed = group["flops_reduction"].mean()
         share = "" if pd.isna(removed) else f" ({100 * removed:.0f} % FLOPs removed)"
-        lines += [f"**{_where(first, keys)}**{share}", ""]
+        lines += [f"**{_where(group.iloc[0], keys)}**{share}", ""]
         lines += [f"- {verdict_line(row)}" for row in group.itertuples(index=False)]
         lines.append("")
     return lines
@@ -349,6 +345,10 @@ def verdicts(pairs: pd.DataFrame) -> list[str]:
 PAIR_COLUMNS = ("strategy", "reference", "post_hoc", "pairs", "difference", "ci_low", "ci_high", "ci95", "sd", "p",
                 "p_sign_flip", "p_equivalence", "p_adjusted", "p_sign_flip_adjusted", "p_equivalence_adjusted",
                 "detectable", "detectable_t", "verdict", "why", "flops_reduction")
+
+
+def _settings_of_pairs(pairs: pd.DataFrame) -> list[str]:
+    return _varying(pairs, [c for c in pairs.columns if c not in PAIR_COLUMNS])
 
 
 def significance_counts(pairs: pd.DataFrame, alpha: float = 0.05) -> dict[str, int]:
@@ -362,21 +362,16 @@ def plan_lines(pairs: pd.DataFrame, delta_points: float, config: ReportConfig) -
     """Per setting, the seeds each comparison needs to detect delta points with 80 % power under the family's
     correction, from the SD of its paired differences."""
     lone = stats.level(config.alpha, config.correction, len(pairs))
-    keys = _varying(pairs, [c for c in pairs.columns if c not in PAIR_COLUMNS])
+    keys = _settings_of_pairs(pairs)
     lines = []
-    for _, group in pairs.groupby(keys, dropna=False, sort=True) if keys else [((), pairs)]:
+    for _, group in groups(pairs, keys):
         parts = []
         for row in group.itertuples(index=False):
             need = stats.seeds_needed(row.sd, delta_points / 100, lone)
-            what = f"{row.strategy} vs {row.reference}{_POST_HOC if row.post_hoc else ''}"
-            parts.append(f"{what} {need} (paired SD {_points(row.sd)} points)" if need is not None
-                         else f"{what} – (no paired SD yet: run at least 2 seeds with different outcomes)")
+            parts.append(f"{_compared(row)} {need} (paired SD {_points(row.sd)} points)" if need is not None
+                         else f"{_compared(row)} – (no paired SD yet: run at least 2 seeds with different outcomes)")
         lines.append(f"- {_where(group.iloc[0], keys)}: " + "; ".join(parts))
     return lines
-
-
-def _text(value) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 # --- plots ------------------------------------------------------------------------------------------------------
@@ -386,7 +381,7 @@ def _series(table: pd.DataFrame) -> pd.Series:
     others = [k for k in settings_of(table) if k not in (*PANEL_KEYS, "strategy", "ratio")]
     label = table["strategy"].astype(str)
     for column in others:
-        label = label + f" {column}=" + table[column].map(_text)
+        label = label + f" {column}=" + table[column].map(text)
     return label
 
 
@@ -397,17 +392,26 @@ def settings_of(table: pd.DataFrame) -> list[str]:
 PANEL_KEYS = ("model", "dataset")  # accuracies of different models, or of one on different tasks, share no scale
 
 
-def _panels(table: pd.DataFrame) -> tuple[Figure, list[tuple[str, pd.DataFrame, Axes, dict]]]:
-    """One panel per model and dataset: (title, the table's rows, axes, {column: value} that selects its runs)."""
+def _accuracy_plot(runs: pd.DataFrame, table: pd.DataFrame, path: str | Path, title: str, xlabel: str,
+                   draw: Callable[[Axes, pd.DataFrame, list[str]], None]) -> Path:
+    """The frame of the accuracy plots: a panel per model and dataset, whose groups draw(ax, rows, strategies)
+    draws, with its unpruned bases and a legend that lists fronts and bases last."""
     keys = [k for k in PANEL_KEYS if k in table]
     names = table[keys].astype(str)
     panels = sorted({tuple(row) for row in names.itertuples(index=False)})
     if not panels:
         raise ReportError("nothing to plot: no finished trials")
     fig = Figure(figsize=(6.8 * len(panels), 5.0), layout="constrained")
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    return fig, [(" on ".join(values), table[(names == values).all(axis=1)], ax, dict(zip(keys, values)))
-                 for values, ax in zip(panels, axes)]
+    order = sorted(table["strategy"].astype(str).unique())
+    for values, ax in zip(panels, fig.subplots(1, len(panels), squeeze=False)[0]):
+        draw(ax, table[(names == values).all(axis=1)], order)
+        _base_line(ax, runs, dict(zip(keys, values)))
+        ax.set(title=f"{' on '.join(values)}: {title}", xlabel=xlabel, ylabel="Test top-1 accuracy (%)")
+        ax.grid(alpha=0.3)
+        handles, labels = ax.get_legend_handles_labels()
+        last = sorted(range(len(labels)), key=lambda i: labels[i].startswith(("Pareto front", "unpruned base")))
+        ax.legend([handles[i] for i in last], [labels[i] for i in last], fontsize="x-small", framealpha=0.7)
+    return save(fig, path)
 
 
 def _base_line(ax: Axes, runs: pd.DataFrame, where: dict) -> None:
@@ -416,24 +420,17 @@ def _base_line(ax: Axes, runs: pd.DataFrame, where: dict) -> None:
     for column, value in where.items():
         runs = runs[runs[column].astype(str) == value]
     runs = runs[runs["base_test_accuracy"].notna()]
-    keys = _varying(runs, [k for k in settings(runs) if k in ("weights",) or k.startswith(_BASE_PREFIXES)])
     styles = ["--", ":", "-.", (0, (5, 1, 1, 1))]
-    for i, (values, group) in enumerate(runs.groupby(keys, dropna=False, sort=True) if keys else [((), runs)]):
+    for i, (setting, group) in enumerate(groups(runs, _varying(runs, _base_keys(settings(runs))))):
         mean = 100 * group["base_test_accuracy"].mean()
-        named = " ".join(f"{k}={_text(v)}" for k, v in zip(keys, values if isinstance(values, tuple) else (values,)))
+        named = " ".join(f"{k}={text(v)}" for k, v in setting.items())
         ax.axhline(mean, color="black", linestyle=styles[i % len(styles)], linewidth=1,
                    label=f"unpruned base{' ' + named if named else ''} ({mean:.1f}%)")
 
 
-_BASE_PREFIXES = ("base.", "model.", "dataset.")  # params a base depends on (sweep.worker.base.BASE_KEYS)
-
-
-def _finish_axes(ax: Axes, title: str, xlabel: str, ylabel: str = "Test top-1 accuracy (%)") -> None:
-    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    ax.grid(alpha=0.3)
-    handles, labels = ax.get_legend_handles_labels()
-    order = sorted(range(len(labels)), key=lambda i: labels[i].startswith(("Pareto front", "unpruned base")))
-    ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize="x-small", framealpha=0.7)
+def _base_keys(keys: list[str]) -> list[str]:
+    """The settings an unpruned base depends on (sweep.worker.base.BASE_KEYS)."""
+    return [k for k in keys if k in ("model", "weights", "dataset") or k.startswith(("base.", "model.", "dataset."))]
 
 
 _VARIANTS = [{"linestyle": "-"}, {"linestyle": "--", "mfc": "none"}, {"linestyle": ":"}, {"linestyle": "-.",
@@ -471,36 +468,28 @@ def pareto_front(df: pd.DataFrame, x: str = "flops_reduction", y: str = ACCURACY
 
 def plot_pareto(runs: pd.DataFrame, table: pd.DataFrame, path: str | Path) -> Path:
     """Mean test accuracy (95 % CI) against the mean FLOPs reduction achieved, with the Pareto front of means."""
-    fig, panels = _panels(table)
-    order = sorted(table["strategy"].astype(str).unique())
-    for title, sub, ax, where in panels:
+    def draw(ax: Axes, sub: pd.DataFrame, order: list[str]) -> None:
         for label, rows, variant in _each_series(table, sub):
             _errorbars(ax, rows, "flops_reduction", ACCURACY, label, order, variant, linestyle="none", alpha=0.9)
         front = sub[pareto_front(sub)].sort_values("flops_reduction")
         ax.step(100 * front["flops_reduction"], 100 * front[ACCURACY], where="pre", color="black", linewidth=1.2,
                 alpha=0.6, label="Pareto front (means)")
-        _base_line(ax, runs, where)
-        _finish_axes(ax, f"{title}: accuracy vs FLOPs removed (mean, 95% CI)", "FLOPs removed (%), achieved")
-    return _save(fig, path)
+    return _accuracy_plot(runs, table, path, "accuracy vs FLOPs removed (mean, 95% CI)", "FLOPs removed (%), achieved",
+                          draw)
 
 
 def plot_levels(runs: pd.DataFrame, table: pd.DataFrame, path: str | Path) -> Path:
     """Test accuracy at each pruning level, against the fraction of channels actually removed."""
-    fig, panels = _panels(table)
-    order = sorted(table["strategy"].astype(str).unique())
-    for title, sub, ax, where in panels:
+    def draw(ax: Axes, sub: pd.DataFrame, order: list[str]) -> None:
         for label, rows, variant in _each_series(table, sub):
             _errorbars(ax, rows, "channels_removed", ACCURACY, label, order, variant)
-        _base_line(ax, runs, where)
-        _finish_axes(ax, f"{title}: accuracy at each pruning level (mean, 95% CI)", "Channels removed (%), achieved")
-    return _save(fig, path)
+    return _accuracy_plot(runs, table, path, "accuracy at each pruning level (mean, 95% CI)",
+                          "Channels removed (%), achieved", draw)
 
 
 def plot_finetune(runs: pd.DataFrame, table: pd.DataFrame, path: str | Path) -> Path:
     """Accuracy right after pruning (dashed, hollow) and after training (solid): what fine-tuning recovers."""
-    fig, panels = _panels(table)
-    order = sorted(table["strategy"].astype(str).unique())
-    for title, sub, ax, where in panels:
+    def draw(ax: Axes, sub: pd.DataFrame, order: list[str]) -> None:
         before_drawn = set()
         for label, rows, variant in _each_series(table, sub):
             _errorbars(ax, rows, "flops_reduction", ACCURACY, f"{label}: trained", order, variant)
@@ -509,16 +498,14 @@ def plot_finetune(runs: pd.DataFrame, table: pd.DataFrame, path: str | Path) -> 
                 before_drawn.add(strategy)
                 _errorbars(ax, rows, "flops_reduction", "pruned_test_accuracy", f"{strategy}: right after pruning",
                            order, linestyle=(0, (1, 3)), mfc="none", alpha=0.6)
-        _base_line(ax, runs, where)
-        _finish_axes(ax, f"{title}: before vs after fine-tuning", "FLOPs removed (%), achieved")
-    return _save(fig, path)
+    return _accuracy_plot(runs, table, path, "before vs after fine-tuning", "FLOPs removed (%), achieved", draw)
 
 
 def plot_train_time(table: pd.DataFrame, path: str | Path) -> Path:
     """Wall-clock training time per trial by group (mean, 95 % CI; the lower bar stops at zero)."""
     labels = table["model"].astype(str) + " " + _series(table)
     if "ratio" in table:
-        labels = labels + " ratio=" + table["ratio"].map(_text)
+        labels = labels + " ratio=" + table["ratio"].map(text)
     mean, half = table["train_time_s"], table["train_time_s_ci95"].fillna(0)
     # Horizontal bars: a group's label names every setting that differs and can be long; the figure grows with
     # the longest label and the number of groups, so the axes keep their size.
@@ -533,7 +520,7 @@ def plot_train_time(table: pd.DataFrame, path: str | Path) -> Path:
     ax.set_yticks(rows, labels, fontsize="x-small")
     ax.set(title="Training time per trial (mean, 95% CI)", xlabel="Wall-clock time (s)")
     ax.grid(axis="x", alpha=0.3)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def plot_layers(runs: pd.DataFrame, uri: str, path: str | Path) -> Path | None:
@@ -565,14 +552,7 @@ def plot_layers(runs: pd.DataFrame, uri: str, path: str | Path) -> Path | None:
            ylim=(0, 105))
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    return _save(fig, path)
-
-
-def _save(fig: Figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return save(fig, path)
 
 
 # --- the written report -----------------------------------------------------------------------------------------
@@ -583,36 +563,26 @@ def _pm(mean: float, half: float, scale: float = 100, digits: int = 1) -> str:
     return f"{scale * mean:.{digits}f}" + ("" if pd.isna(half) else f" ± {scale * half:.{digits}f}")
 
 
-def _markdown(table: pd.DataFrame) -> str:
-    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(map(str, row)) + " |" for row in table.itertuples(index=False)]
-    return "\n".join(lines)
-
-
 def _cell(value) -> str:
-    return "–" if _unset(value) else _text(value)
+    return "–" if _unset(value) else text(value)
 
 
 def _bases(runs: pd.DataFrame, keys: list[str]) -> list[str]:
     """One "<what> NN.N %" per unpruned base: named by the base settings that differ between bases (a setting some
     bases lack is left out of their names), never one mean over different bases."""
-    base = runs["base_test_accuracy"].dropna()
-    if base.empty:
+    runs = runs[runs["base_test_accuracy"].notna()]
+    if runs.empty:
         return []
-    base_keys = [k for k in keys if k in ("model", "weights", "dataset") or k.startswith(("base.", "model.",
-                                                                                       "dataset."))]
-    per = runs.loc[base.index].groupby(base_keys, dropna=False, sort=True)["base_test_accuracy"].mean() \
-        if base_keys else pd.Series([base.mean()], index=[()])
+    base_keys = _base_keys(keys)
+    per = [(setting, group["base_test_accuracy"].mean()) for setting, group in groups(runs, base_keys)]
     if len(per) == 1:
-        return [f"Unpruned base: {100 * per.iloc[0]:.1f} % test accuracy.", ""]
-    frame = per.index.to_frame(index=False) if isinstance(per.index, pd.MultiIndex) else \
-        pd.DataFrame({base_keys[0]: per.index})
-    differ = _varying(frame, base_keys)
+        return [f"Unpruned base: {100 * per[0][1]:.1f} % test accuracy.", ""]
+    differ = _varying(pd.DataFrame([setting for setting, _ in per]), base_keys)
     named = []
-    for (_, row), value in zip(frame.iterrows(), per.to_numpy()):
-        words = [(_text(row[k]) if k in ("model", "dataset") else f"{k} {_text(row[k])}") for k in differ
-                 if not _unset(row[k])]
-        named.append(f"{' '.join(words)} {100 * value:.1f} %")
+    for setting, mean in per:
+        words = [(text(setting[k]) if k in ("model", "dataset") else f"{k} {text(setting[k])}") for k in differ
+                 if not _unset(setting[k])]
+        named.append(f"{' '.join(words)} {100 * mean:.1f} %")
     return [f"Unpruned bases, test accuracy: {', '.join(named)}.", ""]
 
 
@@ -624,14 +594,11 @@ def leak_warnings(runs: pd.DataFrame, points: float = LEAK_POINTS) -> list[str]:
     images may be ones its weights were trained on, and then every selection by val_accuracy reads memorised images.
     Means over the base's seeds; a base is told apart by the base settings that differ."""
     runs = runs.dropna(subset=["base_val_accuracy", "base_test_accuracy"])
-    keys = _varying(runs, [k for k in settings(runs) if k in ("model", "weights", "dataset")
-                           or k.startswith(_BASE_PREFIXES)])
     lines = []
-    for values, group in runs.groupby(keys, dropna=False, sort=True) if keys else [((), runs)]:
+    for setting, group in groups(runs, _varying(runs, _base_keys(settings(runs)))):
         val, test = 100 * group["base_val_accuracy"].mean(), 100 * group["base_test_accuracy"].mean()
         if val - test > points:
-            values = values if isinstance(values, tuple) else (values,)
-            named = " ".join(f"{k} {_text(v)}" for k, v in zip(keys, values))
+            named = " ".join(f"{k} {text(v)}" for k, v in setting.items())
             lines.append(f"**Warning:** the unpruned base{' (' + named + ')' if named else ''} scores {val:.1f} % on "
                          f"validation but {test:.1f} % on test ({val - test:.1f} points more): its validation images "
                          "may be ones its weights were trained on, and selection by val_accuracy would read memorised "
@@ -706,7 +673,7 @@ def summary_markdown(experiment: str, runs: pd.DataFrame, table: pd.DataFrame, p
              "multiply-adds.", ""]
     parts += _bases(runs, keys)
     parts += leak_warnings(runs)
-    parts += ["## Groups", "", _markdown(shown), ""]
+    parts += ["## Groups", "", markdown_table(shown), ""]
     if not pairs.empty:
         parts += _family_text(pairs, config, changed or [])
         parts += verdicts(pairs)
@@ -771,7 +738,7 @@ def report_config(declared: ReportConfig, overrides: dict) -> tuple[ReportConfig
         if name == "references":
             changed += [f"reference {r}" for r in value if r not in declared.references]
         elif value != before:
-            changed.append(f"{name} {_text(value)} (declared: {_text(before)})")
+            changed.append(f"{name} {text(value)} (declared: {text(before)})")
     return config, changed
 
 
@@ -834,9 +801,10 @@ def write_report(experiment: str, tracking_uri: str | None = None, out_dir: str 
         paths["layers"] = layers
     agreement = write_agreement(runs[~_is_control(runs)], [k for k in settings(runs) if k != "strategy"], uri, out)
     if agreement is not None:  # its section closes summary.md
-        paths.update(agreement.paths)
+        written, section = agreement
+        paths.update(written)
         with paths["summary"].open("a", encoding="utf-8") as summary_md:
-            summary_md.write("\n".join(["", *agreement.markdown]))
+            summary_md.write("\n".join(["", *section]))
     if log_to_parent:
         parent = tracking.newest_parent_run(client, experiment)
         if parent is not None:
