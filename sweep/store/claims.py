@@ -4,10 +4,10 @@ The claim IS the trial's MLflow child run: a RUNNING run tagged ``config_hash=H`
 ``sweep.lease_until`` (unix seconds) lies in the future. Its holder renews the lease from a daemon thread
 (:class:`Lease`); a holder that dies (SIGKILL, OOM kill, lost node) stops renewing, and whoever next looks at H
 closes its run FAILED with the tags ``sweep.closed_by`` and ``sweep.closed_reason``. Everything goes through an
-``MlflowClient``, so it works the same on ``sqlite:///...`` and on ``http://`` tracking servers: no local file lock.
+``Store``, so it works the same on ``sqlite:///...`` and on ``http://`` tracking servers: no local file lock.
 
     owner = f"{launch_id}/{tune_trial_id}"                     # the same for every retry of one Tune trial
-    result = claim_trial(client, experiment_id, chash, owner, create_run=make_run, resume_run_id=run_id)
+    result = claim_trial(store, experiment_id, chash, owner, create_run=make_run, resume_run_id=run_id)
     if result.kind == "finished": ...                        # report the recorded result, do not train
     elif result.kind == "held": ...                          # another launch runs it right now: skip (or wait_s=...)
     else:
@@ -31,10 +31,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from mlflow.entities import Run
-from mlflow.tracking import MlflowClient
+from mlflow.entities import Run, RunTag
 
 from sweep.store import tracking
+from sweep.store.store import Store, StoreLike
 
 log = logging.getLogger(__name__)
 
@@ -100,24 +100,25 @@ def _live_adopters(run: Run, now: float, except_owner: str | None = None) -> lis
     return out
 
 
-def _runs_for(client: MlflowClient, experiment_id: str, config_hash: str) -> list[Run]:
+def _runs_for(store: Store, experiment_id: str, config_hash: str) -> list[Run]:
     """Active runs tagged config_hash=H: one query filtered on the tag (MLflow joins the tags table), never a scan."""
     if not re.fullmatch(r"[A-Za-z0-9_.\-]+", config_hash):
         raise ValueError(f"config_hash {config_hash!r}: expected letters, digits, '_', '.', '-'")
-    return tracking.all_runs(client, experiment_id, f"tags.{HASH_TAG} = '{config_hash}'")
+    return store.runs(experiment_id, f"tags.{HASH_TAG} = '{config_hash}'")
 
 
-def _close(client: MlflowClient, run: Run, status: str, closer: str, reason: str) -> bool:
+def _close(store: StoreLike, run: Run, status: str, closer: str, reason: str) -> bool:
     """End a dead run with the reason tags; re-read first so a holder that just finished or renewed, or a resumer
     that is adopting it, is left alone."""
-    fresh = tracking.with_retry(client.get_run, run.info.run_id)
+    store = Store.of(store)
+    fresh = store.get_run(run.info.run_id)
     if fresh.info.status != "RUNNING" or _lease_until(fresh) != _lease_until(run) \
             or _live_adopters(fresh, time.time()):
         return False
     run_id = run.info.run_id
-    tracking.with_retry(client.set_tag, run_id, CLOSED_BY_TAG, closer)
-    tracking.with_retry(client.set_tag, run_id, CLOSED_REASON_TAG, reason)
-    tracking.with_retry(client.set_terminated, run_id, status=status)
+    store.set_tag(run_id, CLOSED_BY_TAG, closer)
+    store.set_tag(run_id, CLOSED_REASON_TAG, reason)
+    store.set_terminated(run_id, status=status)
     log.warning("closed run %s as %s: %s", run_id, status, reason)
     return True
 
@@ -142,8 +143,8 @@ class Lease:
     after our lease lapsed), ``lost`` is set and renewal stops. ``check()`` raises LeaseLost then.
     """
 
-    def __init__(self, client: MlflowClient, run_id: str, owner: str, lease_s: float = DEFAULT_LEASE_S):
-        self.client, self.run_id, self.owner, self.lease_s = client, run_id, owner, float(lease_s)
+    def __init__(self, store: StoreLike, run_id: str, owner: str, lease_s: float = DEFAULT_LEASE_S):
+        self.store, self.run_id, self.owner, self.lease_s = Store.of(store), run_id, owner, float(lease_s)
         self.until = time.time() + self.lease_s
         self.lost = threading.Event()
         self.renewals = 0
@@ -151,9 +152,9 @@ class Lease:
         self._thread = threading.Thread(target=self._loop, name=f"lease-{run_id[:8]}", daemon=True)
 
     @classmethod
-    def acquire(cls, client: MlflowClient, run_id: str, owner: str, lease_s: float = DEFAULT_LEASE_S) -> Lease:
+    def acquire(cls, store: StoreLike, run_id: str, owner: str, lease_s: float = DEFAULT_LEASE_S) -> Lease:
         """Put a lease on a run we own outright (the driver's parent run) and start renewing it."""
-        lease = cls(client, run_id, owner, lease_s)
+        lease = cls(store, run_id, owner, lease_s)
         lease._write()
         return lease.start()
 
@@ -163,13 +164,12 @@ class Lease:
 
     def _write(self) -> None:
         until = time.time() + self.lease_s
-        tracking.with_retry(self.client.log_batch, self.run_id,
-                            tags=[_tag(OWNER_TAG, self.owner), _tag(LEASE_TAG, f"{until:.3f}")],
-                            attempts=3, seconds=self.lease_s / 3)
+        self.store.bounded(3, self.lease_s / 3).log_batch(
+            self.run_id, tags=[RunTag(OWNER_TAG, self.owner), RunTag(LEASE_TAG, f"{until:.3f}")])
         self.until = until
 
     def _renew_once(self) -> None:
-        run = tracking.with_retry(self.client.get_run, self.run_id, attempts=3, seconds=self.lease_s / 6)
+        run = self.store.bounded(3, self.lease_s / 6).get_run(self.run_id)
         if run.info.status != "RUNNING" or run.data.tags.get(OWNER_TAG) != self.owner:
             reason = run.data.tags.get(CLOSED_REASON_TAG, f"status {run.info.status}")
             log.error("lease on run %s lost: %s", self.run_id, reason)
@@ -203,9 +203,9 @@ class Lease:
             self._thread.join(timeout=self.lease_s)
         if status is None or self.lost.is_set():
             return
-        run = tracking.with_retry(self.client.get_run, self.run_id)
+        run = self.store.get_run(self.run_id)
         if run.info.status == "RUNNING" and run.data.tags.get(OWNER_TAG) == self.owner:
-            tracking.with_retry(self.client.set_terminated, self.run_id, status=status)
+            self.store.set_terminated(self.run_id, status=status)
         else:
             log.error("run %s was not ended %s: it is %s, owner %s (closed or taken over after our lease lapsed)",
                       self.run_id, status, run.info.status, run.data.tags.get(OWNER_TAG))
@@ -216,12 +216,6 @@ class Lease:
     def __exit__(self, kind, value, tb) -> None:
         self.release("FINISHED" if kind is None else "KILLED" if issubclass(kind, (KeyboardInterrupt, SystemExit))
                      else "FAILED")
-
-
-def _tag(key: str, value: str):
-    from mlflow.entities import RunTag
-
-    return RunTag(key, value)
 
 
 # --- claiming ----------------------------------------------------------------------------------------------------
@@ -242,24 +236,25 @@ def claim_tags(config_hash: str, owner: str, lease_s: float, now: float | None =
     return {HASH_TAG: config_hash, OWNER_TAG: owner, LEASE_TAG: f"{now + lease_s:.3f}"}
 
 
-def child_run_creator(client: MlflowClient, experiment_id: str, parent_run_id: str | None,
+def child_run_creator(store: StoreLike, experiment_id: str, parent_run_id: str | None,
                       tags: dict[str, str] | None = None, run_name: str | None = None) -> Callable[[dict], str]:
     """A create_run for claim_trial: a child run of parent_run_id with our tags plus the claim's; returns its id."""
+    store = Store.of(store)
 
     def create(claim: dict[str, str]) -> str:
         all_tags = {**(tags or {}), **claim}
         if parent_run_id is not None:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        run = tracking.with_retry(client.create_run, experiment_id, tags=all_tags, run_name=run_name)
+        run = store.create_run(experiment_id, tags=all_tags, run_name=run_name)
         return run.info.run_id
 
     return create
 
 
-def _yield(client: MlflowClient, run_id: str, rival: str) -> None:
-    tracking.with_retry(client.set_tag, run_id, CLOSED_REASON_TAG, f"yielded to {rival}")
-    tracking.with_retry(client.set_terminated, run_id, status="KILLED")
-    tracking.with_retry(client.delete_run, run_id)
+def _yield(store: Store, run_id: str, rival: str) -> None:
+    store.set_tag(run_id, CLOSED_REASON_TAG, f"yielded to {rival}")
+    store.set_terminated(run_id, status="KILLED")
+    store.delete_run(run_id)
 
 
 def _rivals(runs: list[Run], owner: str, now: float, lease_s: float,
@@ -282,7 +277,7 @@ def _rivals(runs: list[Run], owner: str, now: float, lease_s: float,
     return finished, live
 
 
-def claim_trial(client: MlflowClient, experiment_id: str, config_hash: str, owner: str,
+def claim_trial(store: StoreLike, experiment_id: str, config_hash: str, owner: str,
                 create_run: Callable[[dict[str, str]], str], lease_s: float = DEFAULT_LEASE_S,
                 resume_run_id: str | None = None, wait_s: float = 0.0, max_attempts: int = MAX_ATTEMPTS,
                 backoff_s: float = BACKOFF_S, ignore_finished_before: float | None = None) -> ClaimResult:
@@ -297,6 +292,7 @@ def claim_trial(client: MlflowClient, experiment_id: str, config_hash: str, owne
     """
     if lease_s <= 0:
         raise ValueError(f"lease_s: {lease_s} must be positive")
+    store = Store.of(store)
     deadline = time.monotonic() + max(0.0, wait_s)
     poll = min(max(lease_s / 6, 0.2), 5.0)
     closed: list[str] = []
@@ -304,7 +300,7 @@ def claim_trial(client: MlflowClient, experiment_id: str, config_hash: str, owne
     last_rival: str | None = None
     for _ in range(max_attempts * 4 + int(wait_s / poll) + 2):  # every path through the loop sleeps or returns
         now = time.time()
-        runs = _runs_for(client, experiment_id, config_hash)
+        runs = _runs_for(store, experiment_id, config_hash)
         finished, live = _rivals(runs, owner, now, lease_s, ignore_finished_before)
         live_ids = {r.info.run_id for r in live}
         if finished:
@@ -315,10 +311,10 @@ def claim_trial(client: MlflowClient, experiment_id: str, config_hash: str, owne
             if rid == resume_run_id or run.info.status != "RUNNING" or rid in live_ids:
                 continue
             if not _running_live(run, now, lease_s):
-                if _close(client, run, "FAILED", owner, _dead_reason(run, lease_s)):
+                if _close(store, run, "FAILED", owner, _dead_reason(run, lease_s)):
                     closed.append(rid)
             elif run.data.tags.get(OWNER_TAG) == owner:
-                if _close(client, run, "FAILED", owner, f"superseded: owner {owner} started this config again"):
+                if _close(store, run, "FAILED", owner, f"superseded: owner {owner} started this config again"):
                     closed.append(rid)
         if live:
             last_rival = live[0].info.run_id
@@ -331,9 +327,9 @@ def claim_trial(client: MlflowClient, experiment_id: str, config_hash: str, owne
         attempts += 1
         resume = next((r for r in runs if r.info.run_id == resume_run_id), None)
         if resume is not None:
-            result = _adopt(client, experiment_id, config_hash, owner, resume, lease_s, ignore_finished_before)
+            result = _adopt(store, experiment_id, config_hash, owner, resume, lease_s, ignore_finished_before)
         else:
-            result = _create(client, experiment_id, config_hash, owner, create_run, lease_s, ignore_finished_before)
+            result = _create(store, experiment_id, config_hash, owner, create_run, lease_s, ignore_finished_before)
         if isinstance(result, ClaimResult):
             result.closed, result.attempts = closed, attempts
             return result
@@ -343,63 +339,65 @@ def claim_trial(client: MlflowClient, experiment_id: str, config_hash: str, owne
     return ClaimResult("held", last_rival, None, closed, attempts)
 
 
-def _recheck(client, experiment_id, config_hash, owner, lease_s, ignore_finished_before=None
+def _recheck(store, experiment_id, config_hash, owner, lease_s, ignore_finished_before=None
              ) -> ClaimResult | str | None:
     """After registering: a FINISHED run -> ClaimResult finished; a live rival -> its run id; none -> None."""
-    runs = _runs_for(client, experiment_id, config_hash)
+    runs = _runs_for(Store.of(store), experiment_id, config_hash)
     finished, live = _rivals(runs, owner, time.time(), lease_s, ignore_finished_before)
     if finished:
         return ClaimResult("finished", finished[0].info.run_id)
     return live[0].info.run_id if live else None
 
 
-def _create(client, experiment_id, config_hash, owner, create_run, lease_s, ignore_finished_before
+def _create(store, experiment_id, config_hash, owner, create_run, lease_s, ignore_finished_before
             ) -> ClaimResult | str:
     run_id = create_run(claim_tags(config_hash, owner, lease_s))
-    outcome = _recheck(client, experiment_id, config_hash, owner, lease_s, ignore_finished_before)
+    outcome = _recheck(store, experiment_id, config_hash, owner, lease_s, ignore_finished_before)
     if outcome is None:
-        return ClaimResult("claimed", run_id, Lease(client, run_id, owner, lease_s).start())
+        return ClaimResult("claimed", run_id, Lease(store, run_id, owner, lease_s).start())
     rival = outcome.run_id if isinstance(outcome, ClaimResult) else outcome
-    _yield(client, run_id, rival)
+    _yield(store, run_id, rival)
     return outcome
 
 
-def _adopt(client, experiment_id, config_hash, owner, run: Run, lease_s, ignore_finished_before
+def _adopt(store, experiment_id, config_hash, owner, run: Run, lease_s, ignore_finished_before
            ) -> ClaimResult | str:
     run_id = run.info.run_id
     key = ADOPT_PREFIX + _key_part(owner)
-    tracking.with_retry(client.set_tag, run_id, key, f"{time.time() + lease_s:.3f}")
-    outcome = _recheck(client, experiment_id, config_hash, owner, lease_s, ignore_finished_before)
+    store.set_tag(run_id, key, f"{time.time() + lease_s:.3f}")
+    outcome = _recheck(store, experiment_id, config_hash, owner, lease_s, ignore_finished_before)
     if outcome is None:
-        lease = Lease(client, run_id, owner, lease_s)
+        lease = Lease(store, run_id, owner, lease_s)
         lease._write()  # owner and lease first, RUNNING next, the adopt tag last: a claim is visible throughout
-        tracking.with_retry(client.update_run, run_id, status="RUNNING")
-        clear_closed_tags(client, run_id, run)  # it was closed as dead; it lives again
-        tracking.with_retry(client.delete_tag, run_id, key)
+        store.update_run(run_id, status="RUNNING")
+        clear_closed_tags(store, run_id, run)  # it was closed as dead; it lives again
+        store.delete_tag(run_id, key)
         return ClaimResult("claimed", run_id, lease.start())
-    tracking.with_retry(client.delete_tag, run_id, key)
+    store.delete_tag(run_id, key)
     return outcome
 
 
-def clear_closed_tags(client: MlflowClient, run_id: str, run: Run | None = None) -> None:
+def clear_closed_tags(store: StoreLike, run_id: str, run: Run | None = None) -> None:
     """Remove the tags a closer left on a run that lives again (adopted, or a resumed launch's parent): they would
     contradict its status."""
-    run = run or tracking.with_retry(client.get_run, run_id)
+    store = Store.of(store)
+    run = run or store.get_run(run_id)
     for stale in (CLOSED_BY_TAG, CLOSED_REASON_TAG):
         if stale in run.data.tags:
-            tracking.with_retry(client.delete_tag, run_id, stale)
+            store.delete_tag(run_id, stale)
 
 
 # --- closing what dead owners left -------------------------------------------------------------------------------
 
 
-def holder_alive(client: MlflowClient, run_id: str, lease_s: float) -> bool:
+def holder_alive(store: StoreLike, run_id: str, lease_s: float) -> bool:
     """Whether a RUNNING run's holder is alive: it renews the lease (every lease_s / 3) before the lease lapses.
     Returns within about lease_s / 3 for a live holder, and once the lease lapses (at most lease_s) for a dead one."""
+    store = Store.of(store)
     first = None
     deadline = time.time() + 1.5 * lease_s  # bounded: a holder that neither renews nor lapses counts as alive
     while time.time() < deadline:
-        run = tracking.with_retry(client.get_run, run_id)
+        run = store.get_run(run_id)
         if not _running_live(run, time.time(), lease_s):
             return False
         until = _lease_until(run)
@@ -411,24 +409,25 @@ def holder_alive(client: MlflowClient, run_id: str, lease_s: float) -> bool:
     return True
 
 
-def outlive_dead_launches(client: MlflowClient, experiment_id: str, lease_s: float) -> None:
+def outlive_dead_launches(store: StoreLike, experiment_id: str, lease_s: float) -> None:
     """Wait out the leases of launches of this experiment whose driver died moments ago (it stopped renewing its
     parent run's lease), and of their trials' runs: a new launch would otherwise find those configs held and skip
     them. A launch that is alive (an overlapping one) renews within lease_s / 3 and is left to its runs."""
-    for parent in tracking.running_parents(client, experiment_id):
+    store = Store.of(store)
+    for parent in tracking.running_parents(store, experiment_id):
         if not _running_live(parent, time.time(), lease_s):
             continue  # lapsed already: close_dead_runs closes it and its trials' runs
         log.warning("another launch of this experiment holds its lease (run %s); checking whether its driver is "
                     "alive (at most %.0f s)", parent.info.run_id, lease_s)
-        if holder_alive(client, parent.info.run_id, lease_s):
+        if holder_alive(store, parent.info.run_id, lease_s):
             continue
-        trials = tracking.all_runs(client, experiment_id, "attributes.status = 'RUNNING' and "
-                                   f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        trials = store.runs(experiment_id, "attributes.status = 'RUNNING' and "
+                            f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
         for run in trials:  # the driver's workers died with it: their leases lapse within lease_s
-            holder_alive(client, run.info.run_id, lease_s)
+            holder_alive(store, run.info.run_id, lease_s)
 
 
-def close_dead_runs(client: MlflowClient, experiment_id: str, now: float | None = None, closer: str | None = None,
+def close_dead_runs(store: StoreLike, experiment_id: str, now: float | None = None, closer: str | None = None,
                     lease_s: float = DEFAULT_LEASE_S) -> list[str]:
     """Close every RUNNING run of the experiment whose holder is dead; return their ids.
 
@@ -436,13 +435,15 @@ def close_dead_runs(client: MlflowClient, experiment_id: str, now: float | None 
     are ended FAILED (a later launch reruns the config), parent runs KILLED (as an interrupted launch is), each with
     ``sweep.closed_by`` and ``sweep.closed_reason``. One query filtered on status, not a scan of all runs.
     """
+    store = Store.of(store)
     now = time.time() if now is None else now
     closer = closer or new_owner_id("closer")
     closed = []
-    for run in tracking.all_runs(client, experiment_id, "attributes.status = 'RUNNING'"):
+    for run in store.runs(experiment_id, "attributes.status = 'RUNNING'"):
+
         if _running_live(run, now, lease_s) or _live_adopters(run, now):
             continue
         status = "KILLED" if run.data.tags.get("sweep.role") == tracking.PARENT_ROLE else "FAILED"
-        if _close(client, run, status, closer, _dead_reason(run, lease_s)):
+        if _close(store, run, status, closer, _dead_reason(run, lease_s)):
             closed.append(run.info.run_id)
     return closed

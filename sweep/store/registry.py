@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 
 from sweep.config.names import LEGACY_METRICS, METRICS, selectable_metrics
 from sweep.errors import InputError
 from sweep.pruning import load_pruned
 from sweep.store import tracking
+from sweep.store.store import Store
 from sweep.zoo.models import build_model
 
 MODEL_DIR = "registered_model"  # artifact folder of the trial run that holds the pyfunc model
@@ -106,10 +106,10 @@ def candidates(experiment: str, by: str = "val_accuracy", tracking_uri: str | No
     (params equal to `where`); runs a forced rerun replaced are never among them."""
     check_by(by)
     uri = tracking.resolve_tracking_uri(tracking_uri)
-    client = MlflowClient(uri)
-    if tracking.find_experiment_id(client, experiment) is None:
+    store = Store(uri)
+    if store.experiment_id(experiment) is None:
         raise RegistryError(f"NAME: no sweep '{experiment}' in {uri}; check the name or --tracking-uri")
-    runs = tracking.current(tracking.child_runs(client, experiment, "attributes.status = 'FINISHED'"))
+    runs = tracking.current(tracking.child_runs(store, experiment, "attributes.status = 'FINISHED'"))
     if launch is not None:
         runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == launch]
         if not runs:
@@ -152,7 +152,7 @@ def _param(params: dict, key: str):
     return None if value in (None, "None", "null") else value
 
 
-def _architecture(client: MlflowClient, run, checkpoint: Path) -> dict:
+def _architecture(run, checkpoint: Path) -> dict:
     """What rebuilds the base network: the run's model params, and classes/channels from its params or weights."""
     params = run.data.params
     kwargs = _param(params, "model.kwargs")
@@ -179,15 +179,15 @@ def register_best(experiment: str, model_name: str, by: str = "val_accuracy", tr
     """Register the best trial's pruned network (see `best_run`) as a new version of `model_name`."""
     uri = tracking.resolve_tracking_uri(tracking_uri)
     run = best_run(experiment, by, uri, launch, where)
-    client = MlflowClient(uri)
+    store = Store(uri)
     with tempfile.TemporaryDirectory(prefix="sweep-register-") as tmp:
         tmp = Path(tmp)
         try:
-            checkpoint = Path(tracking.with_retry(client.download_artifacts, run.info.run_id, CHECKPOINT, str(tmp)))
+            checkpoint = Path(store.download_artifacts(run.info.run_id, CHECKPOINT, str(tmp)))
         except Exception as e:
             raise RegistryError(f"run {run.info.run_id} has no {CHECKPOINT} artifact ({type(e).__name__}); "
                                 f"it cannot be registered") from e
-        arch = _architecture(client, run, checkpoint)
+        arch = _architecture(run, checkpoint)
         (tmp / "architecture.json").write_text(json.dumps(arch, indent=2), encoding="utf-8")
         network = load_network(tmp / "architecture.json", checkpoint)  # fails here, not at load time, if it cannot
         tensor = mlflow.types.TensorSpec
@@ -204,13 +204,14 @@ def register_best(experiment: str, model_name: str, by: str = "val_accuracy", tr
             metadata={"sweep.experiment": experiment, "sweep.run_id": run.info.run_id, "sweep.by": by,
                       f"sweep.{by}": run.data.metrics[by]})
         # Artifacts only: the FINISHED trial run keeps its status, metrics and end time.
-        tracking.with_retry(client.log_artifacts, run.info.run_id, str(local), MODEL_DIR)
+        store.log_artifacts(run.info.run_id, local, MODEL_DIR)
     try:
-        tracking.with_retry(client.create_registered_model, model_name,
-                            description="Pruned networks chosen from sweeps by `sweep report --register`")
+        store.create_registered_model(model_name,
+                                      description="Pruned networks chosen from sweeps by `sweep report --register`")
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise RegistryError(f"--register: cannot create registered model '{model_name}': {e.message}") from e
     tags = {"sweep.experiment": experiment, "sweep.by": by, f"sweep.{by}": str(run.data.metrics[by])}
-    return tracking.with_retry(client.create_model_version, model_name, f"{run.info.artifact_uri}/{MODEL_DIR}",
-                               run_id=run.info.run_id, tags=tags)
+    return store.create_model_version(model_name, f"{run.info.artifact_uri}/{MODEL_DIR}", run_id=run.info.run_id,
+                                      tags=tags)
+

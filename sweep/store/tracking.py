@@ -1,13 +1,11 @@
 """MLflow bookkeeping: one parent run per launch, one nested child run per trial.
 
-Everything goes through an explicit `MlflowClient(uri)`: no fluent `mlflow.start_run`, no global active run, so the
-code is safe in Ray workers and threads, and a leaked `MLFLOW_RUN_ID` (mlflow issue 15713) cannot re-parent a trial.
+Everything goes through a `Store` (sweep.store.store); a function here that takes one also takes a client or a URI.
 """
 
 from __future__ import annotations
 
 import functools
-import gc
 import hashlib
 import json
 import logging
@@ -15,17 +13,15 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 
 from sweep.config.names import PARAMS, section_label
 from sweep.store.client import resolve_tracking_uri, with_retry  # noqa: F401 -- callers use tracking.resolve_tracking_uri
+from sweep.store.store import Store, StoreLike
 from sweep.store.view import COLOR_TAG, SUPERSEDED_TAG, experiment_tags, mark_experiment, run_color
 
 log = logging.getLogger(__name__)
@@ -60,7 +56,7 @@ def init_store(uri: str) -> None:
     """
     db = _sqlite_path(uri)
     if db is None or not db.parent.is_dir():
-        with_retry(MlflowClient(uri).search_experiments, max_results=1)  # a missing folder fails here, as before
+        Store(uri).connect()  # a missing folder fails here, as before
         return
     from filelock import FileLock, Timeout
 
@@ -69,10 +65,10 @@ def init_store(uri: str) -> None:
         lock.acquire()
     except (Timeout, OSError) as error:  # a read-only folder (the store exists) or a stuck lock holder: go on unlocked
         log.warning("could not lock %s.lock (%s); opening the store without it", db, error)
-        with_retry(MlflowClient(uri).search_experiments, max_results=1)
+        Store(uri).connect()
         return
     try:
-        with_retry(MlflowClient(uri).search_experiments, max_results=1)
+        Store(uri).connect()
     finally:
         lock.release()
 
@@ -144,66 +140,36 @@ def _artifact_location(uri: str, name: str) -> str | None:
     return (db.parent / "mlruns" / safe_name(name)).as_uri()
 
 
-def get_or_create_experiment(client: MlflowClient, name: str) -> str:
+def get_or_create_experiment(store: StoreLike, name: str) -> str:
     """Experiment id for `name`, creating it if needed (safe when several processes race to create it)."""
-    experiment = with_retry(client.get_experiment_by_name, name)
+    store = Store.of(store)
+    experiment = store.get_experiment_by_name(name)
     if experiment is None:
         try:
-            location = _artifact_location(client.tracking_uri, name)
+            location = _artifact_location(store.tracking_uri, name)
             # the UI opens on the trials: experiment kind and a saved comparison view (sweep.store.view)
-            return with_retry(client.create_experiment, name, artifact_location=location, tags=experiment_tags())
+            return store.create_experiment(name, location, experiment_tags())
         except MlflowException as exc:
             if "already exists" not in str(exc).lower() and exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-            experiment = with_retry(client.get_experiment_by_name, name)
+            experiment = store.get_experiment_by_name(name)
     if experiment.lifecycle_stage == "deleted":
         raise ValueError(
             f"MLflow experiment {name!r} is deleted: restore it (MlflowClient().restore_experiment"
             f"({experiment.experiment_id!r})) or choose another sweep name"
         )
-    mark_experiment(client, experiment.experiment_id, experiment.tags)  # an older experiment: writes what it lacks
+    mark_experiment(store, experiment.experiment_id, experiment.tags)  # an older experiment: writes what it lacks
     return experiment.experiment_id
 
 
-def find_experiment_id(client: MlflowClient, name: str) -> str | None:
-    experiment = with_retry(client.get_experiment_by_name, name)
-    return None if experiment is None or experiment.lifecycle_stage == "deleted" else experiment.experiment_id
+def find_experiment_id(store: StoreLike, name: str) -> str | None:
+    return Store.of(store).experiment_id(name)
 
 
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Python's cyclic GC off for the block. A search page of 1000 runs makes ~100,000 SQLAlchemy objects, and the
-    collections they trigger (each scanning every live object) took 60 % of a 2,000-run search here (16.4 s -> 6.4 s
-    with it off). Reference counting still frees everything; cycles are collected when it is back on."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
-def all_runs(client: MlflowClient, experiment_id: str, filter_string: str = "", max_results: int | None = None
+def all_runs(store: StoreLike, experiment_id: str, filter_string: str = "", max_results: int | None = None
              ) -> list[Run]:
-    """Every active run of an experiment matching filter_string, newest first (follows MLflow's pagination);
-    max_results: only the newest that many."""
-    runs: list[Run] = []
-    token = None
-    with _gc_paused():
-        while True:
-            page = with_retry(
-                client.search_runs,
-                [experiment_id],
-                filter_string=filter_string,
-                order_by=["attributes.start_time DESC"],
-                page_token=token,
-                **({"max_results": max_results} if max_results else {}),
-            )
-            runs.extend(page)
-            token = page.token
-            if not token or (max_results and len(runs) >= max_results):
-                return runs[:max_results] if max_results else runs
+    """Store.runs, for callers that hold a client."""
+    return Store.of(store).runs(experiment_id, filter_string, max_results)
 
 
 def _now_ms() -> int:
@@ -215,17 +181,16 @@ def _base_tags() -> dict[str, str]:
     return {"git_commit": commit} if commit else {}
 
 
-def start_parent_run(uri: str, experiment: str, spec_text: str, tags: dict | None = None) -> str:
+def start_parent_run(store: StoreLike, experiment: str, spec_text: str, tags: dict | None = None) -> str:
     """Open the launch's parent run (tag sweep.role=parent, artifact spec.yaml) and return its id."""
-    client = MlflowClient(uri)
-    experiment_id = get_or_create_experiment(client, experiment)
+    store = Store.of(store)
+    experiment_id = get_or_create_experiment(store, experiment)
     run_tags = {**_base_tags(), "sweep.name": experiment, "sweep.role": PARENT_ROLE}
     run_tags.update({key: str(value) for key, value in (tags or {}).items()})
     run_name = f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run = with_retry(client.create_run, experiment_id, tags=run_tags, run_name=run_name)
-    run_id = run.info.run_id
-    with_retry(client.log_batch, run_id, params=[Param("sweep.name", experiment)])
-    with_retry(client.log_text, run_id, spec_text, "spec.yaml")
+    run_id = store.create_run(experiment_id, run_tags, run_name).info.run_id
+    store.log_batch(run_id, params=[Param("sweep.name", experiment)])
+    store.log_text(run_id, spec_text, "spec.yaml")
     return run_id
 
 
@@ -234,31 +199,33 @@ def _check_status(status: str) -> None:
         raise ValueError(f"run status {status!r} is invalid: use one of {', '.join(TERMINAL_STATUSES)}")
 
 
-def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+def end_run(store: StoreLike, run_id: str, status: str = "FINISHED") -> None:
     _check_status(status)
-    with_retry(MlflowClient(uri).set_terminated, run_id, status=status)
+    Store.of(store).set_terminated(run_id, status)
 
 
-def child_runs(client: MlflowClient, experiment: str, filter_string: str = "") -> list[Run]:
+def child_runs(store: StoreLike, experiment: str, filter_string: str = "") -> list[Run]:
     """Trial runs (not parents) of an experiment matching filter_string, newest first; [] if it does not exist."""
-    experiment_id = find_experiment_id(client, experiment)
+    store = Store.of(store)
+    experiment_id = store.experiment_id(experiment)
     if experiment_id is None:
         return []
-    runs = all_runs(client, experiment_id, filter_string)
+    runs = store.runs(experiment_id, filter_string)
     return [r for r in runs if r.data.tags.get("sweep.role") != PARENT_ROLE and "config_hash" in r.data.tags]
 
 
-def running_parents(client: MlflowClient, experiment_id: str) -> list[Run]:
+def running_parents(store: StoreLike, experiment_id: str) -> list[Run]:
     """Parent runs of launches that are (or were, until their lease lapses) running, newest first."""
-    return all_runs(client, experiment_id, f"attributes.status = 'RUNNING' and tags.`sweep.role` = '{PARENT_ROLE}'")
+    return all_runs(store, experiment_id, f"attributes.status = 'RUNNING' and tags.`sweep.role` = '{PARENT_ROLE}'")
 
 
-def newest_parent_run(client: MlflowClient, experiment: str) -> str | None:
+def newest_parent_run(store: StoreLike, experiment: str) -> str | None:
     """Run id of the latest launch's parent run, or None."""
-    experiment_id = find_experiment_id(client, experiment)
+    store = Store.of(store)
+    experiment_id = store.experiment_id(experiment)
     if experiment_id is None:
         return None
-    parents = all_runs(client, experiment_id, f"tags.`sweep.role` = '{PARENT_ROLE}'")
+    parents = store.runs(experiment_id, f"tags.`sweep.role` = '{PARENT_ROLE}'")
     return parents[0].info.run_id if parents else None
 
 
@@ -267,41 +234,41 @@ def newest_parent_run(client: MlflowClient, experiment: str) -> str | None:
 FINISHED_LOOKUP_MAX = 200
 
 
-def finished_trials(uri: str, experiment: str, hashes: list[str] | None = None) -> dict[str, str]:
+def finished_trials(store: StoreLike, experiment: str, hashes: list[str] | None = None) -> dict[str, str]:
     """config_hash -> run_id of the newest FINISHED child run per config: what a re-run can skip.
 
     With `hashes` (at most FINISHED_LOOKUP_MAX), only those configs are looked up, one filtered query each, so a
     small launch into an experiment of 10,000 runs does not read them all; otherwise (or without) one full scan."""
-    client = MlflowClient(uri)
+    store = Store.of(store)
     if hashes is not None and len(hashes) <= FINISHED_LOOKUP_MAX:
-        experiment_id = find_experiment_id(client, experiment)
+        experiment_id = store.experiment_id(experiment)
         if experiment_id is None:
             return {}
         done = {}
         for chash in dict.fromkeys(hashes):
             if not re.fullmatch(r"[A-Za-z0-9_.\-]+", chash):
                 raise ValueError(f"config_hash {chash!r}: expected letters, digits, '_', '.', '-'")
-            runs = all_runs(client, experiment_id, f"tags.config_hash = '{chash}' and attributes.status = 'FINISHED'",
-                            max_results=1)
+            runs = store.runs(experiment_id, f"tags.config_hash = '{chash}' and attributes.status = 'FINISHED'",
+                              max_results=1)
             if runs:
                 done[chash] = runs[0].info.run_id
         return done
     done: dict[str, str] = {}
-    for run in child_runs(client, experiment, "attributes.status = 'FINISHED'"):
+    for run in child_runs(store, experiment, "attributes.status = 'FINISHED'"):
         done.setdefault(run.data.tags["config_hash"], run.info.run_id)  # runs come newest first
     return done
 
 
-def supersede_earlier(uri: str, experiment: str, config_hash: str, run_id: str) -> list[str]:
+def supersede_earlier(store: StoreLike, experiment: str, config_hash: str, run_id: str) -> list[str]:
     """A forced rerun of a config, once FINISHED, replaces the config's earlier FINISHED runs: each is tagged
     SUPERSEDED_TAG=<run_id> (kept, never deleted) and left out of reports, the saved UI view and registration.
     Returns the runs it tagged. Called only after run_id finished, so a failed rerun leaves the earlier run current."""
-    client = MlflowClient(uri)
-    earlier = child_runs(client, experiment, f"tags.config_hash = '{config_hash}' and attributes.status = 'FINISHED' "
-                                             f"and tags.`{SUPERSEDED_TAG}` IS NULL")
+    store = Store.of(store)
+    earlier = child_runs(store, experiment, f"tags.config_hash = '{config_hash}' and attributes.status = 'FINISHED' "
+                                            f"and tags.`{SUPERSEDED_TAG}` IS NULL")
     replaced = [run.info.run_id for run in earlier if run.info.run_id != run_id]
     for old in replaced:
-        with_retry(client.set_tag, old, SUPERSEDED_TAG, run_id)
+        store.set_tag(old, SUPERSEDED_TAG, run_id)
     return replaced
 
 
@@ -310,19 +277,19 @@ def current(runs: list[Run]) -> list[Run]:
     return [run for run in runs if SUPERSEDED_TAG not in run.data.tags]
 
 
-def close_children(uri: str, experiment: str, parent_run_id: str, status: str = "KILLED") -> None:
+def close_children(store: StoreLike, experiment: str, parent_run_id: str, status: str = "KILLED") -> None:
     """End the parent's child runs still RUNNING: stopped from outside (ASHA, Ctrl-C) when its launch ends."""
     _check_status(status)
-    client = MlflowClient(uri)
-    running = child_runs(client, experiment,
+    store = Store.of(store)
+    running = child_runs(store, experiment,
                          f"attributes.status = 'RUNNING' and tags.`mlflow.parentRunId` = '{parent_run_id}'")
     for run in running:
-        with_retry(client.set_terminated, run.info.run_id, status=status)
+        store.set_terminated(run.info.run_id, status)
 
 
-def find_trial_run(uri: str, experiment: str, config_hash: str, parent_run_id: str | None) -> str | None:
+def find_trial_run(store: StoreLike, experiment: str, config_hash: str, parent_run_id: str | None) -> str | None:
     """The newest unfinished child run of this parent for this config: a retried trial continues it."""
-    for run in child_runs(MlflowClient(uri), experiment, f"tags.config_hash = '{config_hash}'"):
+    for run in child_runs(store, experiment, f"tags.config_hash = '{config_hash}'"):
         if run.info.status != "FINISHED" and run.data.tags.get("mlflow.parentRunId") == parent_run_id:
             return run.info.run_id
     return None
@@ -338,20 +305,20 @@ def _run_name(trial_config: dict) -> str:
     return "-".join(str(p) for p in parts if p is not None)
 
 
-def recorded_result(uri: str, experiment: str, config_hash: str, run_id: str | None = None,
+def recorded_result(store: StoreLike, experiment: str, config_hash: str, run_id: str | None = None,
                     rerun: bool = False) -> dict[str, float] | None:
     """The metrics of a FINISHED run that makes running this trial unnecessary, else None.
 
     With run_id (a trial restored from its checkpoint): that run, if it finished (the driver may have died after
     it finished but before Tune heard). Otherwise the config's newest FINISHED run, unless rerun.
     """
-    client = MlflowClient(uri)
+    store = Store.of(store)
     if run_id is not None:
-        run = with_retry(client.get_run, run_id)
+        run = store.get_run(run_id)
         return dict(run.data.metrics) if run.info.status == "FINISHED" else None
     if rerun:
         return None
-    runs = child_runs(client, experiment, f"tags.config_hash = '{config_hash}' and attributes.status = 'FINISHED'")
+    runs = child_runs(store, experiment, f"tags.config_hash = '{config_hash}' and attributes.status = 'FINISHED'")
     return dict(runs[0].data.metrics) if runs else None
 
 
@@ -362,16 +329,16 @@ class TrialRun:
     nothing is logged twice: `log_points` sends only what the run lacks.
     """
 
-    def __init__(self, client: MlflowClient, run_id: str, present: set[tuple[str, int]] | None = None):
-        self.client = client
+    def __init__(self, store: StoreLike, run_id: str, present: set[tuple[str, int]] | None = None):
+        self.store = Store.of(store)
         self.run_id = run_id
         self.present = present or set()
 
     @classmethod
-    def create(cls, uri: str, experiment: str, parent_run_id: str | None, trial_config: dict,
+    def create(cls, store: StoreLike, experiment: str, parent_run_id: str | None, trial_config: dict,
                tags: dict[str, str] | None = None) -> TrialRun:
         """A new child run of parent_run_id with the trial's tags (plus `tags`, such as a claim's) and params."""
-        client = MlflowClient(uri)
+        store = Store.of(store)
         run_tags = {
             **_base_tags(),
             "config_hash": config_hash(trial_config),
@@ -382,24 +349,24 @@ class TrialRun:
         }
         if parent_run_id is not None:
             run_tags["mlflow.parentRunId"] = parent_run_id
-        experiment_id = get_or_create_experiment(client, experiment)
-        run = with_retry(client.create_run, experiment_id, tags=run_tags, run_name=run_tags["mlflow.runName"])
+        experiment_id = get_or_create_experiment(store, experiment)
+        run = store.create_run(experiment_id, run_tags, run_tags["mlflow.runName"])
         params = [Param(k, v) for k, v in flat_params(trial_config).items()]
         for i in range(0, len(params), 100):  # MLflow accepts at most 100 params per batch
-            with_retry(client.log_batch, run.info.run_id, params=params[i : i + 100])
-        return cls(client, run.info.run_id)
+            store.log_batch(run.info.run_id, params=params[i : i + 100])
+        return cls(store, run.info.run_id)
 
     @classmethod
-    def resume(cls, uri: str, run_id: str, trial_config: dict) -> TrialRun:
+    def resume(cls, store: StoreLike, run_id: str, trial_config: dict) -> TrialRun:
         """An existing run continued (a retry, a resume), knowing every point it already holds. It gets the params
         it lacks: a worker killed between creating the run and logging them (two requests) left it without."""
-        client = MlflowClient(uri)
-        with_retry(client.update_run, run_id, status="RUNNING")
-        run = with_retry(client.get_run, run_id)
+        store = Store.of(store)
+        store.update_run(run_id, "RUNNING")
+        run = store.get_run(run_id)
         missing = [Param(k, v) for k, v in flat_params(trial_config).items() if k not in run.data.params]
         for i in range(0, len(missing), 100):
-            with_retry(client.log_batch, run_id, params=missing[i : i + 100])
-        return cls(client, run_id, _present_points(client, run_id, run))
+            store.log_batch(run_id, params=missing[i : i + 100])
+        return cls(store, run_id, _present_points(store, run_id, run))
 
     def log_points(self, points: list[tuple[str, int, float]]) -> None:
         """(metric, step, value) points the run does not hold yet, in one request (one sqlite transaction)."""
@@ -407,19 +374,20 @@ class TrialRun:
         new = [(name, step, value) for name, step, value in points if (name, step) not in self.present]
         for i in range(0, len(new), 1000):  # MLflow's limit per batch
             batch = [Metric(name, value, ts, step) for name, step, value in new[i : i + 1000]]
-            with_retry(self.client.log_batch, self.run_id, metrics=batch)
+            self.store.log_batch(self.run_id, metrics=batch)
         self.present.update((name, step) for name, step, _ in new)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        with_retry(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+        self.store.log_batch(self.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
 
     def log_artifact(self, local_path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        with_retry(self.client.log_artifact, self.run_id, str(local_path), artifact_path)
+        self.store.log_artifact(self.run_id, local_path, artifact_path)
 
     def finish(self, status: str = "FINISHED") -> None:
         _check_status(status)
-        with_retry(self.client.set_terminated, self.run_id, status=status)
+        self.store.set_terminated(self.run_id, status)
 
 
-def _present_points(client: MlflowClient, run_id: str, run: Run) -> set[tuple[str, int]]:
-    return {(key, m.step) for key in run.data.metrics for m in with_retry(client.get_metric_history, run_id, key)}
+def _present_points(store: Store, run_id: str, run: Run) -> set[tuple[str, int]]:
+    return {(key, m.step) for key in run.data.metrics for m in store.get_metric_history(run_id, key)}
+

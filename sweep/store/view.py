@@ -1,6 +1,6 @@
 """The MLflow UI, opened on what a sweep is for: its trials side by side.
 
-    mark_experiment(client, experiment_id)            # once per experiment: its kind and a saved comparison view
+    mark_experiment(store, experiment_id)             # once per experiment: its kind and a saved comparison view
     view_url("http://127.0.0.1:5000", experiment_id)  # the runs table of that view; chart=True for the chart
 
 Why each piece (checked against the MLflow 3.17 UI bundle, `mlflow/server/js/build`):
@@ -29,7 +29,8 @@ import shlex
 import time
 from urllib.parse import quote, urlencode
 
-from sweep.store.client import resolve_tracking_uri, with_retry
+from sweep.store.client import resolve_tracking_uri
+from sweep.store.store import Store
 
 KIND_TAG = "mlflow.experimentKind"
 KIND = "custom_model_development"  # the UI's value for training runs (others: genai_development, ...)
@@ -119,19 +120,20 @@ def experiment_tags() -> dict[str, str]:
     return {KIND_TAG: KIND, VIEW_TAG: _view_tag_value(), VERSION_TAG: VIEW_VERSION}
 
 
-def mark_experiment(client, experiment_id: str, tags: dict | None = None) -> None:
+def mark_experiment(store: Store, experiment_id: str, tags: dict | None = None) -> None:
     """Set the experiment's kind and saved view where missing or outdated; `tags`: the experiment's, if known.
 
     Writes nothing when both are current, so calling it on every get_or_create costs no database write.
     """
     if tags is None:
-        tags = with_retry(client.get_experiment, experiment_id).tags
+        tags = store.get_experiment(experiment_id).tags
     for key, value in experiment_tags().items():
         current = tags.get(key)
         outdated = current is None or (key != VIEW_TAG and current != value) or (
             key == VIEW_TAG and tags.get(VERSION_TAG) != VIEW_VERSION)
         if outdated:
-            with_retry(client.set_experiment_tag, experiment_id, key, value)
+            store.set_experiment_tag(experiment_id, key, value)
+
 
 
 def server_url(tracking_uri: str | None) -> str:
