@@ -153,14 +153,13 @@ def sensitivity_markdown(name: str, table: pd.DataFrame, info: dict, suggestion:
     return "\n".join(parts)
 
 
-def write_sensitivity_report(experiment: str, uri: str, out_dir: str | Path, parent_run_id: str,
-                             tolerance: float | None = None, log_to_parent: bool = True
+def write_sensitivity_report(experiment: str, uri: str, out_dir: str | Path, parent_run_id: str
                              ) -> tuple[dict[str, Path], pd.DataFrame]:
+    """sensitivity.csv, suggested.yaml, summary.md and sensitivity.png, also logged to the parent run."""
     table, info = load_sensitivity(uri, parent_run_id)
     if table.empty:
         raise InputError(f"sensitivity run {parent_run_id} of {experiment!r} has no finished layers")
-    tolerance = float(info.get("tolerance", 0.01)) if tolerance is None else tolerance
-    info["tolerance"] = tolerance
+    info["tolerance"] = tolerance = float(info.get("tolerance", 0.01))
     out = Path(out_dir) / tracking.safe_name(experiment)
     out.mkdir(parents=True, exist_ok=True)
     base = float(info["base_val_accuracy"])
@@ -170,8 +169,7 @@ def write_sensitivity_report(experiment: str, uri: str, out_dir: str | Path, par
     (out / "summary.md").write_text(sensitivity_markdown(experiment, table, info, suggestion), encoding="utf-8")
     paths = {"sensitivity": plot_sensitivity(table, info, out / "sensitivity.png"),
              "table": out / "sensitivity.csv", "suggested": out / "suggested.yaml", "summary": out / "summary.md"}
-    if log_to_parent:
-        _log(uri, parent_run_id, paths)
+    _log(uri, parent_run_id, paths)
     return paths, table
 
 
@@ -269,8 +267,9 @@ def criteria_markdown(name: str, table: pd.DataFrame, info: dict) -> str:
     ])
 
 
-def write_criteria_report(experiment: str, uri: str, out_dir: str | Path, parent_run_id: str,
-                          log_to_parent: bool = True) -> tuple[dict[str, Path], pd.DataFrame]:
+def write_criteria_report(experiment: str, uri: str, out_dir: str | Path, parent_run_id: str
+                          ) -> tuple[dict[str, Path], pd.DataFrame]:
+    """criteria.csv, summary.md and criteria.png, also logged to the parent run."""
     table, info = load_criteria(uri, parent_run_id)
     if table.empty:
         raise InputError(f"criteria run {parent_run_id} of {experiment!r} has no finished layers")
@@ -280,8 +279,7 @@ def write_criteria_report(experiment: str, uri: str, out_dir: str | Path, parent
     (out / "summary.md").write_text(criteria_markdown(experiment, table, info), encoding="utf-8")
     paths = {"criteria": plot_criteria(table, info, out / "criteria.png"), "table": out / "criteria.csv",
              "summary": out / "summary.md"}
-    if log_to_parent:
-        _log(uri, parent_run_id, paths)
+    _log(uri, parent_run_id, paths)
     return paths, table
 
 
@@ -296,9 +294,7 @@ def suggest(table: pd.DataFrame, base_accuracy: float, tolerance: float) -> tupl
     for layer, rows in table.groupby("layer", sort=False):
         rows = rows.sort_values("ratio")
         ok = (base_accuracy - rows["accuracy"]).le(tolerance + 1e-12).to_numpy()
-        allowed = 0
-        while allowed < len(ok) and ok[allowed]:
-            allowed += 1
+        allowed = next((i for i, within in enumerate(ok) if not within), len(ok))  # how many ratios in a row
         if allowed == 0:
             ignore.append(layer)
         else:

@@ -120,8 +120,8 @@ def level(alpha: float, correction: str, family_size: int) -> float:
     return alpha if correction == "none" else alpha / max(1, family_size)
 
 
-def detectable(sd: float, n: int, level: float, power: float = POWER, sign_flip: bool = True) -> float:
-    """The smallest true difference (same unit as sd) that the paired comparison finds with the given power at this
+def detectable(sd: float, n: int, level: float, sign_flip: bool = True) -> float:
+    """The smallest true difference (same unit as sd) that the paired comparison finds with POWER at this
     level: the t-test's (statsmodels TTestPower), or infinite when the sign-flip test, which a verdict also needs
     (sign_flip=False: the t-test alone), cannot reach the level with n pairs at all. NaN without an SD (n < 2,
     constant differences)."""
@@ -129,7 +129,7 @@ def detectable(sd: float, n: int, level: float, power: float = POWER, sign_flip:
         return math.nan
     if sign_flip and smallest_sign_flip_p(n) >= level:
         return math.inf
-    return float(TTestPower().solve_power(nobs=n, alpha=level, power=power, alternative="two-sided")) * sd
+    return float(TTestPower().solve_power(nobs=n, alpha=level, power=POWER, alternative="two-sided")) * sd
 
 
 def seeds_for_sign_flip(level: float) -> int:
@@ -140,16 +140,16 @@ def seeds_for_sign_flip(level: float) -> int:
     return n
 
 
-def seeds_needed(sd: float, delta: float, level: float, power: float = POWER) -> int | None:
-    """Seeds (pairs) a comparison needs to find a true difference of delta with the given power at this level, from
+def seeds_needed(sd: float, delta: float, level: float) -> int | None:
+    """Seeds (pairs) a comparison needs to find a true difference of delta with POWER at this level, from
     the SD of its paired differences (statsmodels TTestPower.solve_power), and at least as many as the sign-flip
     test needs to be able to agree. None without an SD to plan from."""
     if not sd > 0 or not delta > 0:
         return None
-    nobs = float(TTestPower().solve_power(effect_size=delta / sd, alpha=level, power=power, alternative="two-sided"))
+    nobs = float(TTestPower().solve_power(effect_size=delta / sd, alpha=level, power=POWER, alternative="two-sided"))
     if math.isnan(nobs):  # the root finder fails when a handful of pairs already suffice: count up instead
         nobs = next(n for n in range(2, 10_000)
-                    if TTestPower().power(delta / sd, n, level, alternative="two-sided") >= power)
+                    if TTestPower().power(delta / sd, n, level, alternative="two-sided") >= POWER)
     return max(2, math.ceil(nobs), seeds_for_sign_flip(level))
 
 

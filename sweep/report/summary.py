@@ -358,12 +358,15 @@ def significance_counts(pairs: pd.DataFrame, alpha: float = 0.05) -> dict[str, i
             **{name: int((stats.adjust(p, name) < alpha).sum()) for name in ("holm", "bh")}}
 
 
-def plan_lines(pairs: pd.DataFrame, delta_points: float, config: ReportConfig) -> list[str]:
-    """Per setting, the seeds each comparison needs to detect delta points with 80 % power under the family's
-    correction, from the SD of its paired differences."""
+def _plan(pairs: pd.DataFrame, delta_points: float, config: ReportConfig) -> list[str]:
+    """The section of summary.md that says, per setting, the seeds each comparison needs to detect delta points with
+    80 % power under the family's correction, from the SD of its paired differences."""
     lone = stats.level(config.alpha, config.correction, len(pairs))
     keys = _settings_of_pairs(pairs)
-    lines = []
+    lines = [f"## Seeds needed to detect {delta_points:g} points", "",
+             f"With 80 % power at level {lone:.2g} (alpha {config.alpha:g}, "
+             f"{stats.CORRECTION_NAMES[config.correction]} over {len(pairs)} comparisons), from each comparison's "
+             "observed paired SD; at least as many as the sign-flip test needs to reach that level:", ""]
     for _, group in groups(pairs, keys):
         parts = []
         for row in group.itertuples(index=False):
@@ -371,7 +374,7 @@ def plan_lines(pairs: pd.DataFrame, delta_points: float, config: ReportConfig) -
             parts.append(f"{_compared(row)} {need} (paired SD {_points(row.sd)} points)" if need is not None
                          else f"{_compared(row)} – (no paired SD yet: run at least 2 seeds with different outcomes)")
         lines.append(f"- {_where(group.iloc[0], keys)}: " + "; ".join(parts))
-    return lines
+    return lines + [""]
 
 
 # --- plots ------------------------------------------------------------------------------------------------------
@@ -589,15 +592,15 @@ def _bases(runs: pd.DataFrame, keys: list[str]) -> list[str]:
 LEAK_POINTS = 3.0  # a base's validation accuracy this far above its test accuracy is worth a warning
 
 
-def leak_warnings(runs: pd.DataFrame, points: float = LEAK_POINTS) -> list[str]:
-    """A warning per base whose validation accuracy exceeds its test accuracy by more than `points`: its validation
+def leak_warnings(runs: pd.DataFrame) -> list[str]:
+    """A warning per base whose validation accuracy exceeds its test accuracy by more than LEAK_POINTS: its validation
     images may be ones its weights were trained on, and then every selection by val_accuracy reads memorised images.
     Means over the base's seeds; a base is told apart by the base settings that differ."""
     runs = runs.dropna(subset=["base_val_accuracy", "base_test_accuracy"])
     lines = []
     for setting, group in groups(runs, _varying(runs, _base_keys(settings(runs)))):
         val, test = 100 * group["base_val_accuracy"].mean(), 100 * group["base_test_accuracy"].mean()
-        if val - test > points:
+        if val - test > LEAK_POINTS:
             named = " ".join(f"{k} {text(v)}" for k, v in setting.items())
             lines.append(f"**Warning:** the unpruned base{' (' + named + ')' if named else ''} scores {val:.1f} % on "
                          f"validation but {test:.1f} % on test ({val - test:.1f} points more): its validation images "
@@ -678,13 +681,7 @@ def summary_markdown(experiment: str, runs: pd.DataFrame, table: pd.DataFrame, p
         parts += _family_text(pairs, config, changed or [])
         parts += verdicts(pairs)
         if plan is not None:
-            lone = stats.level(config.alpha, config.correction, len(pairs))
-            parts += [f"## Seeds needed to detect {plan:g} points", "",
-                      f"With 80 % power at level {lone:.2g} (alpha {config.alpha:g}, "
-                      f"{stats.CORRECTION_NAMES[config.correction]} over {len(pairs)} comparisons), from each "
-                      "comparison's observed paired SD; at least as many as the sign-flip test needs to reach that "
-                      "level:", ""]
-            parts += plan_lines(pairs, plan, config) + [""]
+            parts += _plan(pairs, plan, config)
     if control is not None and not control.empty:
         ckeys = _varying(control, [c for c in control.columns if c not in ("pairs", "difference", "ci95")])
         parts += ["## Against the unpruned control (the base fine-tuned with the same recipe, paired by seed)", ""]
@@ -743,7 +740,7 @@ def report_config(declared: ReportConfig, overrides: dict) -> tuple[ReportConfig
 
 
 def write_report(experiment: str, tracking_uri: str | None = None, out_dir: str | Path = "reports",
-                 reference: str | list[str] | None = None, log_to_parent: bool = True, *,
+                 reference: str | list[str] | None = None, *,
                  family: str | None = None, alpha: float | None = None, correction: str | None = None,
                  margin: float | None = None, plan: float | None = None,
                  runs_csv: str | Path | None = None) -> dict[str, Path]:
@@ -805,9 +802,8 @@ def write_report(experiment: str, tracking_uri: str | None = None, out_dir: str 
         paths.update(written)
         with paths["summary"].open("a", encoding="utf-8") as summary_md:
             summary_md.write("\n".join(["", *section]))
-    if log_to_parent:
-        parent = tracking.newest_parent_run(client, experiment)
-        if parent is not None:
-            for path in paths.values():
-                tracking.with_retry(client.log_artifact, parent, str(path), "report")
+    parent = tracking.newest_parent_run(client, experiment)
+    if parent is not None:
+        for path in paths.values():
+            tracking.with_retry(client.log_artifact, parent, str(path), "report")
     return paths
