@@ -577,9 +577,7 @@ def test_shipped_specs_dump_to_the_pinned_dicts(registries, tmp_path, monkeypatc
 def test_every_setting_is_documented_and_every_constraint_explains_itself(registries):
     """The one error translator covers every field: each number below its range and each near-miss of a choice is
     refused in one line naming the field, the value and a fix; each row of the table says what it takes and means."""
-    from typing import Literal, get_args, get_origin
-
-    from sweep.config.schema import SweepConfig, _kind, fields, numeric
+    from sweep.config.schema import SweepConfig, choices, fields, numeric
 
     checked = 0
     for path, field in fields(SweepConfig):
@@ -590,12 +588,11 @@ def test_every_setting_is_documented_and_every_constraint_explains_itself(regist
         node = raw
         for section in sections:
             node = node.setdefault(section, {})
-        kind = _kind(field)
         if numeric(field):
             bad, expected = -5, f"{path}: -5 is "
-        elif get_origin(kind) is Literal:
-            bad = get_args(kind)[0] + "x"
-            expected = f"{path}: unknown {field.title or leaf} '{bad}'; did you mean '{get_args(kind)[0]}'?"
+        elif choices(field):
+            bad = choices(field)[0] + "x"
+            expected = f"{path}: unknown {field.title or leaf} '{bad}'; did you mean '{choices(field)[0]}'?"
         else:
             continue
         node[leaf] = bad

@@ -577,6 +577,12 @@ def _nullable(field: FieldInfo) -> bool:
     return type(None) in get_args(field.annotation)
 
 
+def choices(field: FieldInfo) -> tuple:
+    """The values a `Literal` field takes (not its null); () for any other field."""
+    kind = _kind(field)
+    return get_args(kind) if get_origin(kind) is Literal else ()
+
+
 def numeric(field: FieldInfo) -> str | None:
     """Which ranges may sweep a field: "int" (randint), "float" (uniform, loguniform) or None (grid and choice)."""
     return {int: "int", float: "float"}.get(_kind(field))
@@ -610,7 +616,7 @@ def _field_message(kind: str, value: Any, field: FieldInfo, name: str) -> str | 
     if kind == "bool_type":
         return f"{show(value)} is not true or false; write true or false"
     if kind == "literal_error":
-        return _unknown_name(value, get_args(_kind(field)), field.title or name)
+        return _unknown_name(value, choices(field), field.title or name)
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         bounds, upper = _range(field)
         if _kind(field) is int:
@@ -627,35 +633,26 @@ _RETIRED = {"resources.process": "removed in 0.2 (every trial runs in its own Ra
                                  "share a node's data between trials through Ray's object store as before (automatic)"}
 
 
-def _sections() -> Iterator[type]:
-    todo = [Section]
-    while todo:
-        yield (cls := todo.pop())
-        todo += cls.__subclasses__()
-
-
 def error_lines(error: ValidationError, prefix: str = "", model: type | None = None,
                 leaf: str | None = None) -> tuple[list[str], list[tuple]]:
     """Our one-line messages for pydantic's errors, and the location of each (a tuple of keys). model: the model
-    validated (found by the error's title when not given); leaf: the trial path of the one field validated (a
-    swept value, by field_adapter)."""
-    root = model or next((c for c in _sections() if c.__name__ == error.title), None)
+    validated; leaf, instead: the trial path of the one field validated (a swept value, by field_adapter)."""
     lines, locs = [], []
     for item in error.errors():
         loc, kind, value = tuple(item["loc"]), item["type"], item.get("input")
         path = ".".join(p for p in (prefix, dotted(loc)) if p)
-        info = check_at(leaf) if leaf else _at(root, loc)
+        info = check_at(leaf) if leaf else _at(model, loc)
         info = info if isinstance(info, FieldInfo) else None
         if info is not None and _nullable(info) and isinstance(value, str) and value in _NULL_TEXT:
             messages = [_null_text(value)]
         elif kind == "value_error":
             messages = str(item["ctx"]["error"]).split("\n")
         elif kind == "extra_forbidden":
-            known = _at(root, loc[:-1])
+            known = _at(model, loc[:-1])
             keys = list(known.model_fields) if isinstance(known, type) else []
             messages = [_RETIRED.get(dotted(loc)) or unknown_key(loc[-1], keys)]
         elif kind in ("model_type", "model_attributes_type", "dict_type"):
-            known = _at(root, loc)
+            known = _at(model, loc)
             first = next(iter(known.model_fields)) if isinstance(known, type) else "key"
             messages = [f"{show(value)} is not a mapping; write {path}: {{{first}: ..., ...}}"]
         elif kind == "missing":
@@ -845,8 +842,8 @@ def _takes(field: FieldInfo) -> str:
         text = field.json_schema_extra["takes"]
     elif kind is bool:
         text = "true \\| false"
-    elif get_origin(kind) is Literal:
-        text = " \\| ".join(f"`{c}`" for c in get_args(kind))
+    elif choices(field):
+        text = " \\| ".join(f"`{c}`" for c in choices(field))
     else:
         bounds, upper = _range(field)
         text = f"integer {bounds}" if kind is int else f"number {'in ' if upper else ''}{bounds}"

@@ -272,7 +272,7 @@ class _Builder:
         try:
             return SweepConfig.model_validate(raw, context={"spec": True})
         except ValidationError as error:
-            lines, locs = error_lines(error)
+            lines, locs = error_lines(error, model=SweepConfig)
         for line in lines:
             self.add(line)
         cleaned = copy.deepcopy(raw)
@@ -340,7 +340,7 @@ class _Builder:
         try:
             return check_at(section).model_validate({**fixed, **value}).model_dump()
         except ValidationError as error:
-            for line in error_lines(error, prefix=where)[0]:
+            for line in error_lines(error, where, model=check_at(section))[0]:
                 self.add(line)
             return INVALID
 
