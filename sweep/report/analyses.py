@@ -24,19 +24,6 @@ SENSITIVITY_METRICS = {"val_accuracy": "accuracy", "val_loss": "loss", "ratio": 
                        "accuracy_drop": "accuracy_drop", "flops_reduction": "flops_reduction"}
 
 
-def analysis_parent(uri: str, experiment: str) -> tuple[str, str] | None:
-    """(parent run id, kind) of the experiment's newest parent run when it is an analysis, else None."""
-    client = MlflowClient(uri)
-    experiment_id = tracking.find_experiment_id(client, experiment)
-    if experiment_id is None:
-        return None
-    parents = tracking.all_runs(client, experiment_id, f"tags.`sweep.role` = '{tracking.PARENT_ROLE}'")
-    if not parents:
-        return None
-    kind = parents[0].data.tags.get(KIND_TAG)
-    return (parents[0].info.run_id, kind) if kind in ANALYSIS_KINDS else None
-
-
 def _children(client: MlflowClient, parent_run_id: str):
     parent = tracking.with_retry(client.get_run, parent_run_id)
     runs = tracking.all_runs(client, parent.info.experiment_id,
@@ -177,14 +164,16 @@ def write_sensitivity_report(experiment: str, uri: str, out_dir: str | Path, par
 
 
 def write_analysis_report(experiment: str, uri: str, out_dir: str | Path = "reports") -> dict[str, Path] | None:
-    """The report of the experiment's newest analysis parent, or None when its newest parent is a pruning sweep."""
-    found = analysis_parent(uri, experiment)
-    if found is None:
+    """The report of the experiment's newest parent run when it is an analysis (its tag sweep.kind), else None."""
+    client = MlflowClient(uri)
+    experiment_id = tracking.find_experiment_id(client, experiment)
+    parents = [] if experiment_id is None else \
+        tracking.all_runs(client, experiment_id, f"tags.`sweep.role` = '{tracking.PARENT_ROLE}'")
+    kind = parents[0].data.tags.get(KIND_TAG) if parents else None
+    if kind not in ANALYSIS_KINDS:
         return None
-    parent, kind = found
-    if kind == "sensitivity":
-        return write_sensitivity_report(experiment, uri, out_dir, parent)[0]
-    return write_criteria_report(experiment, uri, out_dir, parent)[0]
+    write = write_sensitivity_report if kind == "sensitivity" else write_criteria_report
+    return write(experiment, uri, out_dir, parents[0].info.run_id)[0]
 
 
 # --- criteria ----------------------------------------------------------------------------------------------------

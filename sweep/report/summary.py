@@ -191,12 +191,9 @@ def _comparisons(strategies, config: ReportConfig) -> list[tuple[str, str]]:
         for reference in references:
             pairs += [(s, reference) for s in order if s != reference and (reference, s) not in pairs]
         return pairs
-    pairs = []
-    for i, later in enumerate(order):
-        for earlier in order[:i]:
-            # a reference is the side compared with, whatever the order
-            pairs.append((earlier, later) if later in references and earlier not in references else (later, earlier))
-    return pairs
+    # all pairs: later vs earlier, except that a reference is the side compared with, whatever the order
+    return [(earlier, later) if later in references and earlier not in references else (later, earlier)
+            for i, later in enumerate(order) for earlier in order[:i]]
 
 
 def as_config(config: ReportConfig | str | list | None) -> ReportConfig:
