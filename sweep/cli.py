@@ -309,14 +309,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _print_ui_links(name: str, tracking_uri: str | None) -> None:
-    from mlflow.tracking import MlflowClient
-
-    from sweep.store import tracking
     from sweep.store.client import resolve_tracking_uri
+    from sweep.store.store import Store
     from sweep.store.view import how_to_open
 
     uri = resolve_tracking_uri(tracking_uri)
-    experiment_id = tracking.find_experiment_id(MlflowClient(uri), name)
+    experiment_id = Store(uri).experiment_id(name)
     if experiment_id is not None:
         print("\n".join(how_to_open(uri, experiment_id)))
 

@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from mlflow.tracking import MlflowClient
 from torch import nn
 
 from sweep.analysis.common import (
@@ -48,6 +47,7 @@ from sweep.pruning import NEEDS_CALIBRATION, STRATEGIES, ChannelGraph, analyse
 from sweep.pruning.oracle import loss_changes
 from sweep.report.analyses import write_criteria_report
 from sweep.store import tracking
+from sweep.store.store import Store
 from sweep.worker.train import pick_device
 
 KIND = "criteria"
@@ -246,7 +246,7 @@ def run_criteria(spec, strategies: Sequence[str] | None = None, layers: int | Se
                 means[f"mean_{key}"] = float(np.mean(values))
     log_parent_metrics(uri, parent, {**means, "wall_time_s": seconds})
     with _tmp_csv(units, "oracle_units.csv") as path:
-        tracking.with_retry(MlflowClient(uri).log_artifact, parent, str(path))
+        Store(uri).log_artifact(parent, path)
     paths, table = write_criteria_report(name, uri, out_dir, parent)
     tracking.end_run(uri, parent, "FINISHED")
     return CriteriaOutcome(name, parent, table, units, paths, seconds)

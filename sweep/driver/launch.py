@@ -24,7 +24,6 @@ from typing import Any
 import pandas as pd
 import yaml
 from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 
 from sweep.config.names import PARAMS, section_label
 from sweep.config.spec import SpecError, SweepSpec
@@ -44,6 +43,7 @@ from sweep.errors import InputError
 from sweep.report import summary as report
 from sweep.store import claims, objects, tracking
 from sweep.store.client import ServerWatch, check_tracking_server, down_for
+from sweep.store.store import Store
 from sweep.worker import latency, raycompat, shared_data
 from sweep.worker.trial import EpochHook, SweepContext, run_trial, sweep_trial
 
@@ -185,24 +185,24 @@ def _pending_grid(spec: SweepSpec, uri: str, force: bool) -> tuple[list[dict], i
     return pending, len(configs) - len(pending)
 
 
-def _check_resumable(client: MlflowClient, spec: SweepSpec, lease_s: float) -> None:
+def _check_resumable(store: Store, spec: SweepSpec, lease_s: float) -> None:
     """--resume continues the newest launch as it was launched: refuse one whose driver is alive (two drivers would
     share one Tune folder and close each other's runs), and a spec that changed since (Tune restores the old one)."""
-    parent = tracking.newest_parent_run(client, spec.name)
+    parent = tracking.newest_parent_run(store, spec.name)
     if parent is None:
         return
-    run = tracking.with_retry(client.get_run, parent)
+    run = store.get_run(parent)
     if run.info.status == "FINISHED":  # nothing to resume: --resume starts afresh
         return
     if run.info.status == "RUNNING":
         print(f"the launch to resume holds its lease; checking whether its driver is alive (at most {lease_s:.0f} s)")
-        if claims.holder_alive(client, parent, lease_s):
+        if claims.holder_alive(store, parent, lease_s):
             raise InputError(f"--resume: sweep {spec.name} is running in another process (launch "
                              f"{run.data.tags.get(claims.OWNER_TAG, '?')} keeps renewing its lease): let it finish, "
                              "or stop it, then resume")
     with tempfile.TemporaryDirectory(prefix="sweep-spec-") as tmp:
         try:
-            old = yaml.safe_load(Path(client.download_artifacts(parent, "spec.yaml", tmp)).read_text("utf-8"))
+            old = yaml.safe_load(Path(store.download_artifacts(parent, "spec.yaml", tmp)).read_text("utf-8"))
         except (MlflowException, OSError, yaml.YAMLError):  # an older launch without its spec: nothing to compare
             return
     new = yaml.safe_load(spec.source_text)
@@ -213,13 +213,12 @@ def _check_resumable(client: MlflowClient, spec: SweepSpec, lease_s: float) -> N
                          "launch the new spec (configs that finished are skipped)")
 
 
-def _interrupted_launch(uri: str, spec: SweepSpec) -> tuple[str, str] | None:
+def _interrupted_launch(store: Store, spec: SweepSpec) -> tuple[str, str] | None:
     """The newest unfinished launch of this sweep whose Tune state can be restored: (parent run id, Tune folder)."""
-    client = MlflowClient(uri)
-    parent = tracking.newest_parent_run(client, spec.name)
+    parent = tracking.newest_parent_run(store, spec.name)
     if parent is None:
         return None
-    run = tracking.with_retry(client.get_run, parent)
+    run = store.get_run(parent)
     path = run.data.tags.get("sweep.tune_path")
     if run.info.status == "FINISHED" or path is None or not _restorable(path):
         return None
@@ -345,17 +344,17 @@ def _launch(spec: SweepSpec, uri: str, storage: str, resume: bool, force: bool, 
     from ray import tune
 
     tracking.init_store(uri)  # here, in the driver: trial workers creating the schema in parallel would race
-    client, launch_id, lease_s = MlflowClient(uri), claims.new_owner_id("launch"), lease_seconds()
+    store, launch_id, lease_s = Store(uri), claims.new_owner_id("launch"), lease_seconds()
     if resume:
-        _check_resumable(client, spec, lease_s)
-    experiment_id = tracking.find_experiment_id(client, spec.name)
+        _check_resumable(store, spec, lease_s)
+    experiment_id = store.experiment_id(spec.name)
     if experiment_id is not None:  # runs left RUNNING by launches that died: close them, saying why
         if not resume:  # (--resume waited for its own launch above)
-            claims.outlive_dead_launches(client, experiment_id, lease_s)
-        closed = claims.close_dead_runs(client, experiment_id, closer=launch_id, lease_s=lease_s)
+            claims.outlive_dead_launches(store, experiment_id, lease_s)
+        closed = claims.close_dead_runs(store, experiment_id, closer=launch_id, lease_s=lease_s)
         if closed:
             print(f"closed {len(closed)} runs left RUNNING by a launch that died (tag sweep.closed_reason)")
-    interrupted = _interrupted_launch(uri, spec) if resume else None
+    interrupted = _interrupted_launch(store, spec) if resume else None
     if resume and interrupted is None:
         print(f"nothing to resume for sweep {spec.name}: starting it afresh")
     pending, skipped = [], 0
@@ -369,12 +368,13 @@ def _launch(spec: SweepSpec, uri: str, storage: str, resume: bool, force: bool, 
 
     if interrupted is not None:
         parent, experiment_path = interrupted
-        tracking.with_retry(client.update_run, parent, status="RUNNING")
-        claims.clear_closed_tags(client, parent)  # it was closed as dead (lease expired); it lives again
+        store.update_run(parent, "RUNNING")
+        claims.clear_closed_tags(store, parent)  # it was closed as dead (lease expired); it lives again
     else:
         experiment_path = new_launch_path(storage, spec.name)
-        parent = tracking.start_parent_run(uri, spec.name, spec.source_text, tags={"sweep.tune_path": experiment_path})
-    parent_lease = claims.Lease.acquire(client, parent, launch_id, lease_s)  # a dead driver's parent gets closed
+        parent = tracking.start_parent_run(store, spec.name, spec.source_text,
+                                           tags={"sweep.tune_path": experiment_path})
+    parent_lease = claims.Lease.acquire(store, parent, launch_id, lease_s)  # a dead driver's parent gets closed
     try:
         # with --force the trial must not return a recorded result either
         context = SweepContext(uri, spec.name, parent, cache_dir(storage, spec.name), rerun=force, on_epoch=on_epoch,
@@ -399,8 +399,8 @@ def _launch(spec: SweepSpec, uri: str, storage: str, resume: bool, force: bool, 
         _measure_latency(spec, uri, parent)
     except BaseException:
         parent_lease.release()
-        tracking.close_children(uri, spec.name, parent)
-        tracking.end_run(uri, parent, "KILLED")
+        tracking.close_children(store, spec.name, parent)
+        tracking.end_run(store, parent, "KILLED")
         raise
     frame = summary_frame(result_grid, early_stopping=spec.scheduler["name"] != "fifo")
     return _finish(spec, uri, storage, parent, parent_lease, frame, skipped, experiment_path)

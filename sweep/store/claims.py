@@ -440,7 +440,6 @@ def close_dead_runs(store: StoreLike, experiment_id: str, now: float | None = No
     closer = closer or new_owner_id("closer")
     closed = []
     for run in store.runs(experiment_id, "attributes.status = 'RUNNING'"):
-
         if _running_live(run, now, lease_s) or _live_adopters(run, now):
             continue
         status = "KILLED" if run.data.tags.get("sweep.role") == tracking.PARENT_ROLE else "FAILED"

@@ -1,7 +1,7 @@
 """The connection to MLflow: which store a sweep writes to, and calls that ride out a busy sqlite file.
 
-Every module of sweep.store calls MLflow through `with_retry`; nothing outside sweep.store talks to MLflow directly
-except through sweep.store's functions.
+`sweep.store.store.Store` makes every MLflow call through `with_retry`; nothing outside sweep.store talks to MLflow
+except through a Store or sweep.store's functions (report/ still wraps a few calls of its own client).
 """
 
 from __future__ import annotations

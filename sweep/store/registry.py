@@ -214,4 +214,3 @@ def register_best(experiment: str, model_name: str, by: str = "val_accuracy", tr
     tags = {"sweep.experiment": experiment, "sweep.by": by, f"sweep.{by}": str(run.data.metrics[by])}
     return store.create_model_version(model_name, f"{run.info.artifact_uri}/{MODEL_DIR}", run_id=run.info.run_id,
                                       tags=tags)
-

@@ -390,4 +390,3 @@ class TrialRun:
 
 def _present_points(store: Store, run_id: str, run: Run) -> set[tuple[str, int]]:
     return {(key, m.step) for key in run.data.metrics for m in store.get_metric_history(run_id, key)}
-

@@ -135,7 +135,6 @@ def mark_experiment(store: Store, experiment_id: str, tags: dict | None = None) 
             store.set_experiment_tag(experiment_id, key, value)
 
 
-
 def server_url(tracking_uri: str | None) -> str:
     """The web address of the UI for a store: the server itself, or where `mlflow ui` serves a database store."""
     uri = resolve_tracking_uri(tracking_uri)

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
-from mlflow.tracking import MlflowClient
 from torch import nn
 
 from sweep.config.schema import ModelConfig, TrialConfig
 from sweep.store import claims, objects, tracking
+from sweep.store.store import Store
 from sweep.worker.identity import identity
 from sweep.worker.measure import count_flops, count_params
 from sweep.worker.train import evaluate, fit, seed_everything
@@ -116,12 +116,13 @@ def _shared_base(cfg: TrialConfig, location: str, splits: DataSplits, device: to
     if objects.read_bytes(location) is not None:  # the common case once a base exists: one request, no claim
         return True
     key = base_key(cfg, splits.val_source)
-    client = MlflowClient(uri)
-    experiment_id = tracking.get_or_create_experiment(client, BASES_EXPERIMENT.format(experiment))
-    create = claims.child_run_creator(client, experiment_id, None, tags={"sweep.role": "base", "base_key": key,
-                                                                          "base_location": location},
+    store = Store(uri)
+    experiment_id = tracking.get_or_create_experiment(store, BASES_EXPERIMENT.format(experiment))
+    create = claims.child_run_creator(store, experiment_id, None, tags={"sweep.role": "base", "base_key": key,
+                                                                         "base_location": location},
                                       run_name=f"base {key}")
-    claim = claims.claim_trial(client, experiment_id, f"base-{key}", claims.new_owner_id("base"), create,
+    claim = claims.claim_trial(store, experiment_id,
+ f"base-{key}", claims.new_owner_id("base"), create,
                                lease_s=lease_s, wait_s=BASE_WAIT_S)
     if claim.kind == "held":
         raise RuntimeError(f"base {key}: still being trained by run {claim.run_id} (experiment "

@@ -17,10 +17,10 @@ import statistics
 import tempfile
 
 import torch
-from mlflow.tracking import MlflowClient
 
 from sweep.pruning import load_pruned
 from sweep.store import tracking
+from sweep.store.store import Store
 from sweep.worker.measure import latency_samples
 from sweep.worker.train import pick_device
 from sweep.zoo.models import build_model
@@ -48,18 +48,18 @@ def runs_to_measure(uri: str, experiment: str, own_parent: str | None = None) ->
     one run would log its latency twice)."""
     # Only runs without the latency.device tag (measure_runs writes it): a filtered query, not a read of every
     # FINISHED run. A run killed between its latency metrics and its tags has latency_ms: the check below skips it.
-    client = MlflowClient(uri)
-    runs = tracking.child_runs(client, experiment, "attributes.status = 'FINISHED' and tags.`latency.device` IS NULL")
-    experiment_id = tracking.find_experiment_id(client, experiment)
-    live = {r.info.run_id for r in tracking.running_parents(client, experiment_id)} if runs else set()
+    store = Store(uri)
+    runs = tracking.child_runs(store, experiment, "attributes.status = 'FINISHED' and tags.`latency.device` IS NULL")
+    experiment_id = store.experiment_id(experiment)
+    live = {r.info.run_id for r in tracking.running_parents(store, experiment_id)} if runs else set()
     return [run.info.run_id for run in runs if "latency_ms" not in run.data.metrics
             and run.data.tags.get("mlflow.parentRunId") not in live - {own_parent}]
 
 
-def _networks(client: MlflowClient, run_id: str) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
+def _networks(store: Store, run_id: str) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
     """(base architecture, pruned network, architecture info) rebuilt from the run's checkpoint/pruned.pt."""
     with tempfile.TemporaryDirectory(prefix="sweep-latency-") as tmp:
-        path = tracking.with_retry(client.download_artifacts, run_id, "checkpoint/pruned.pt", tmp)
+        path = store.download_artifacts(run_id, "checkpoint/pruned.pt", tmp)
         arch = torch.load(path, map_location="cpu", weights_only=True)["plan"]["info"]["arch"]
         # the model section as the trial recorded it, not validated again: its weights file need not be on this node
         model = arch["model"]
@@ -71,15 +71,15 @@ def _networks(client: MlflowClient, run_id: str) -> tuple[torch.nn.Module, torch
 
 def measure_runs(uri: str, run_ids: list[str]) -> int:
     """Measure each run's pruned network and its base architecture; log latency, speed-up and how it was taken."""
-    client = MlflowClient(uri)
+    store = Store(uri)
     base_latency: dict[str, float] = {}  # per base architecture: many trials share one
     for run_id in run_ids:
-        run = tracking.with_retry(client.get_run, run_id)
+        run = store.get_run(run_id)
         params = run.data.params
         device = pick_device(params.get("device", "auto"))
         try:
             settings = {key: int(params[f"measure.{key}"]) for key in ("threads", "batch_size", "warmup", "runs")}
-            base, pruned, arch = _networks(client, run_id)
+            base, pruned, arch = _networks(store, run_id)
             shape = (arch["in_channels"], arch["image_size"], arch["image_size"])
             after = latency_stats(pruned.eval(), shape, device, **settings)
             key = json.dumps([arch, settings, str(device)], sort_keys=True, default=str)
@@ -88,11 +88,11 @@ def measure_runs(uri: str, run_ids: list[str]) -> int:
         except Exception as error:  # an older release's run, no checkpoint, out of memory: this run, not the phase
             log.warning("latency of run %s not measured: %s", run_id, error)
             # latency.device marks it as handled, so later launches do not try again; the reason says why
-            tracking.TrialRun(client, run_id).set_tags({"latency.device": "not measured",
-                                                        "latency.skipped": " ".join(str(error).split())[:500]})
+            tracking.TrialRun(store, run_id).set_tags({"latency.device": "not measured",
+                                                       "latency.skipped": " ".join(str(error).split())[:500]})
             continue
         metrics = {**after, "base_latency_ms": base_latency[key], "speedup": base_latency[key] / after["latency_ms"]}
-        trial_run = tracking.TrialRun(client, run_id)
+        trial_run = tracking.TrialRun(store, run_id)
         trial_run.log_points([(name, 0, value) for name, value in metrics.items()])
         trial_run.set_tags({"latency.device": str(device), "latency.threads": settings["threads"],
                             "latency.batch_size": settings["batch_size"], "latency.runs": settings["runs"],

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from mlflow.tracking import MlflowClient
 from torch import nn
 
 from sweep.config.arms import CONTROL, NO_CRITERION
@@ -34,6 +33,7 @@ from sweep.config.names import METRICS, section_label, tune_metrics
 from sweep.config.schema import TrainConfig, TrialConfig
 from sweep.pruning import NEEDS_CALIBRATION, PrunePlan, apply_plan, prune, save_pruned
 from sweep.store import claims, tracking
+from sweep.store.store import Store
 from sweep.worker import shared_data
 from sweep.worker.base import base_key, ensure_base, example_input, load_base, new_model
 from sweep.worker.identity import identity, typed_trial
@@ -179,9 +179,10 @@ def run_trial(config: dict, context: SweepContext, report: Report | None = None,
     else:
         trial_id = "standalone"
     saved = _read_checkpoint(checkpoint_dir)
-    claim, resumed = _claim(cfg, chash, context, saved["run_id"] if saved else None, trial_id)
+    store = Store(context.tracking_uri)
+    claim, resumed = _claim(store, cfg, chash, context, saved["run_id"] if saved else None, trial_id)
     if claim.kind != "claimed":  # finished already (perhaps by a launch that died before Tune heard), or running
-        recorded = tracking.recorded_result(context.tracking_uri, context.experiment, chash,
+        recorded = tracking.recorded_result(store, context.experiment, chash,
                                             run_id=claim.run_id) if claim.kind == "finished" else None
         status = "SKIPPED" if recorded is not None else "HELD"
         report(selection_view({**(recorded or {}), "trial_status": status}), None)
@@ -196,8 +197,8 @@ def run_trial(config: dict, context: SweepContext, report: Report | None = None,
             official = shared_data.fetch(shared) if shared is not None else None
         splits = load_splits(cfg, official)
         continued = claim.run_id == resumed
-        run = tracking.TrialRun.resume(context.tracking_uri, claim.run_id, identity(cfg)) if continued else \
-            tracking.TrialRun(MlflowClient(context.tracking_uri), claim.run_id)
+        run = tracking.TrialRun.resume(store, claim.run_id, identity(cfg)) if continued else \
+            tracking.TrialRun(store, claim.run_id)
         # data.shared: the node's copy, or loaded by this trial
         run.set_tags({"data.shared": "true" if official is not None else "false", **_node_tags(trial_id)})
         if splits.skipped_files:
@@ -213,7 +214,7 @@ def run_trial(config: dict, context: SweepContext, report: Report | None = None,
         raise
     lease.release("FINISHED")
     if context.rerun:  # `--force`: this run is now the config's one current run
-        tracking.supersede_earlier(context.tracking_uri, context.experiment, chash, claim.run_id)
+        tracking.supersede_earlier(store, context.experiment, chash, claim.run_id)
     # Tune hears of the end after the run is FINISHED: a driver that dies, or a stop, while this report is on its way
     # leaves a complete run, not one a later launch would train again
     report(selection_view({**result, "trial_status": "FINISHED"}), None)
@@ -227,19 +228,18 @@ def sweep_trial(config: dict, context: SweepContext) -> None:
     run_trial(config["trial"], context)  # reports to Tune itself; returning its dict would report it twice
 
 
-def _claim(cfg: TrialConfig, chash: str, context: SweepContext, checkpoint_run: str | None,
+def _claim(store: Store, cfg: TrialConfig, chash: str, context: SweepContext, checkpoint_run: str | None,
            trial_id: str) -> tuple[claims.ClaimResult, str | None]:
     """Claim this config in the tracking store (sweep.store.claims): a new run, the continued one, or someone else's.
     Returns the claim and the run this trial set out to continue (its checkpoint's, or its parent's unfinished)."""
-    uri, experiment, parent = context.tracking_uri, context.experiment, context.parent_run_id
-    client = MlflowClient(uri)
-    resume = checkpoint_run or tracking.find_trial_run(uri, experiment, chash, parent)
+    experiment, parent = context.experiment, context.parent_run_id
+    resume = checkpoint_run or tracking.find_trial_run(store, experiment, chash, parent)
     # One owner per Tune trial, the same for its retries: a retry takes its own run over at once, while another
     # trial of this launch that drew the same config (a random search can) finds it held
     owner = f"{context.launch_id}/{trial_id}"
     result = claims.claim_trial(
-        client, tracking.get_or_create_experiment(client, experiment), chash, owner,
-        create_run=lambda tags: tracking.TrialRun.create(uri, experiment, parent, identity(cfg), tags).run_id,
+        store, tracking.get_or_create_experiment(store, experiment), chash, owner,
+        create_run=lambda tags: tracking.TrialRun.create(store, experiment, parent, identity(cfg), tags).run_id,
         lease_s=context.lease_s, resume_run_id=resume,
         # a run left by a dead launch keeps its lease until it lapses: wait that long rather than skip it
         wait_s=1.5 * context.lease_s if resume else 0.0,
