@@ -533,7 +533,7 @@ def test_reference_tables_are_generated_from_the_schema_and_the_metric_table():
     from sweep.config.spec import metrics_markdown, reference_markdown
 
     readme = (QUICKSTART.parents[1] / "docs" / "spec.md").read_text(encoding="utf-8")
-    fix = "docs/spec.md is out of date: regenerate its tables with `python -m sweep.config.schema`"
+    fix = "docs/spec.md is out of date: regenerate its tables with `python -m sweep.config.reference`"
     assert _between(readme, "schema") == reference_markdown(), fix
     assert _between(readme, "metrics") == metrics_markdown(), fix
     table = reference_markdown()
@@ -577,7 +577,8 @@ def test_shipped_specs_dump_to_the_pinned_dicts(registries, tmp_path, monkeypatc
 def test_every_setting_is_documented_and_every_constraint_explains_itself(registries):
     """The one error translator covers every field: each number below its range and each near-miss of a choice is
     refused in one line naming the field, the value and a fix; each row of the table says what it takes and means."""
-    from sweep.config.schema import SweepConfig, choices, fields, numeric
+    from sweep.config.explain import choices, fields, numeric
+    from sweep.config.schema import SweepConfig
 
     checked = 0
     for path, field in fields(SweepConfig):

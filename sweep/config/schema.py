@@ -1,28 +1,20 @@
 """The schema of a trial and of a sweep: one pydantic model per section, the single source of every setting's type,
-default, constraint, error message and reference row (docs/spec.md).
+default, constraint and meaning (docs/spec.md is generated from the fields: sweep.config.reference).
 
     cfg = trial_config(config)          # a resolved trial dict (from Ray Tune, numpy scalars allowed) -> TrialConfig
     cfg.prune.strategy, cfg.finetune.lr # typed access; SpecError lists every problem, one line each
     ft = TrainConfig.from_dict(config["finetune"], where="finetune")
 
-Constraints are pydantic's own (`Field(ge=, gt=, lt=)`, `Literal`, a validator function where a check is ours),
-in strict mode so that text is never read as a number. `error_lines` is the one translator of pydantic's errors into
-"<field path>: <what is wrong>; <how to fix>" lines, reading the field's constraints, `examples` and `title` (the
-name a choice is called by). Rules across fields (an iterative schedule needs steps >= 2, ...) are written once in
-`rules`, over a `View` of every value a sweep may give each path, and run for one trial too. Only this module and
-sweep.config.names define names and defaults; the tables of docs/spec.md are generated from the fields
-(`reference_markdown`, `metrics_markdown`; tests/test_spec.py compares).
+Constraints are pydantic's own (`Field(ge=, gt=, lt=)`, `Literal`, a validator function where a check is ours), in
+strict mode so that text is never read as a number. Pydantic's errors become our one-line messages in one place
+(sweep.config.explain.error_lines); a check of ours raises ValueError("<what is wrong>; <how to fix>"). Rules across
+fields live in sweep.config.rules; TrialConfig runs them on itself, a sweep on every value its space can give.
 """
 
-import difflib
 import functools
-import itertools
-import math
 import re
-import types
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -38,7 +30,10 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
-from sweep.config.names import LEGACY_METRICS, METRICS, PARAMS, selectable_metrics, tune_metrics
+from sweep.config.explain import error_lines, fields, locate
+from sweep.config.messages import NULL_TEXT, as_real, null_text, python_value, show, unknown_name
+from sweep.config.names import LEGACY_METRICS, METRICS, selectable_metrics, tune_metrics
+from sweep.config.rules import View, looks_like_path, rules
 from sweep.errors import InputError
 
 
@@ -49,60 +44,6 @@ class SpecError(InputError):
         lines = [errors] if isinstance(errors, str) else list(errors)
         self.errors = [" ".join(line.splitlines()) for line in lines]
         super().__init__("\n".join(self.errors))
-
-
-# --- messages ---------------------------------------------------------------------------------------------------
-
-def show(value: Any) -> str:
-    """A value as the user wrote it in YAML, on one short line (clipped: not for paths, which are shown whole)."""
-    value = _python(value)
-    if value is None or isinstance(value, bool):
-        text = {None: "null", True: "true", False: "false"}[value]
-    else:
-        text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def listing(names) -> str:
-    names = [str(n) for n in names]
-    return ", ".join(names) if len(names) <= 25 else ", ".join(names[:25]) + f", ... ({len(names)} in all)"
-
-
-def close(word: Any, candidates) -> str:
-    # cutoff 0.5 rather than difflib's 0.6, so short names such as 'l3' still get a suggestion ('l2')
-    match = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.5)
-    return f"did you mean '{match[0]}'? " if match else ""
-
-
-def unknown_key(key: Any, known) -> str:
-    return f"unknown key; {close(key, known)}known keys: {listing(known)}"
-
-
-def _unknown_name(value, names, what: str) -> str:
-    if not isinstance(value, str):
-        return f"{show(value)} is not a {what} name; choose one of {listing(names)}"
-    return f"unknown {what} {show(value)}; {close(value, names)}choose one of {listing(names)}"
-
-
-def _python(value: Any) -> Any:
-    """numpy scalars (Ray Tune samples them) as the Python values they hold."""
-    return value.item() if type(value).__module__ == "numpy" and hasattr(value, "item") else value
-
-
-_NULL_TEXT = ("None", "none", "Null", "NULL")
-
-
-def _null_text(value: Any) -> str:
-    return f"{show(value)} is text in YAML; write null (or leave the key out)"
-
-
-def as_real(value: Any) -> float:
-    """A finite number (not text, not true/false) as a float, or ValueError: for values inside a mapping or a range."""
-    if isinstance(value, str):
-        raise ValueError(f"{show(value)} is not a number; write a number such as 0.5")  # noqa: TRY004
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{show(value)} is not a finite number; write a number such as 0.5")
-    return float(value)
 
 
 # --- our checks (each raises ValueError('<what>; <fix>'), which pydantic reports as a value_error) ----------------
@@ -121,7 +62,7 @@ def _registered(names, what: str) -> PlainValidator:
     def check(value):
         known = names()
         if value not in known:
-            raise ValueError(_unknown_name(value, known, what))
+            raise ValueError(unknown_name(value, known, what))
         return str(value)
     return PlainValidator(check)
 
@@ -147,19 +88,13 @@ def _dataset_names() -> list:
     return list(dataset_names())
 
 
-def _looks_like_path(text: str) -> bool:
-    # Same reading as sweep.zoo.models: anything else is a torchvision weights name such as DEFAULT.
-    suffixes = (".pt", ".pth", ".th", ".ckpt")
-    return "/" in text or "\\" in text or text.endswith(suffixes) or Path(text).expanduser().exists()
-
-
 def _weights(value):
     if not isinstance(value, str):
         raise ValueError(f"{show(value)} is not text; "  # noqa: TRY004
                          "give a torchvision weights name such as DEFAULT, a checkpoint path, or null")
-    if value in _NULL_TEXT:
-        raise ValueError(_null_text(value))
-    if not _looks_like_path(value):
+    if value in NULL_TEXT:
+        raise ValueError(null_text(value))
+    if not looks_like_path(value):
         return value
     path = Path(value).expanduser()
     if not path.is_file():
@@ -169,7 +104,7 @@ def _weights(value):
 
 
 def _root(value):
-    if not isinstance(value, str) or value in _NULL_TEXT:
+    if not isinstance(value, str) or value in NULL_TEXT:
         raise ValueError(f"{show(value)} is not a folder path; write a path such as data/cifar10, or null")
     return str(Path(value).expanduser().resolve())  # whether it must exist depends on the dataset: see rules
 
@@ -216,7 +151,7 @@ def _ratios(value):
             problems.append(f"{show(key)} is not a module name; write module names or patterns such as layer4.*")
             continue
         try:
-            out[key] = as_real(_python(ratio))
+            out[key] = as_real(python_value(ratio))
         except ValueError:
             problems.append(f"{show(ratio)} for {show(key)} is not a number; write a fraction such as 0.5")
             continue
@@ -262,7 +197,7 @@ def _metric(value):
     if info is None and isinstance(value, str) and value in LEGACY_METRICS:
         raise ValueError(f"{show(value)} is the old name of {LEGACY_METRICS[value]}, a test metric: {why}")
     if info is None:
-        raise ValueError(_unknown_name(value, selectable_metrics(), "metric"))
+        raise ValueError(unknown_name(value, selectable_metrics(), "metric"))
     return value
 
 
@@ -272,7 +207,7 @@ def _strategies(value):
     known, problems = _strategy_names(), []
     for i, name in enumerate(value):
         if name not in known:
-            problems.append(_unknown_name(name, known, "strategy"))
+            problems.append(unknown_name(name, known, "strategy"))
         elif name in value[:i]:
             problems.append(f"{show(name)} is listed twice; remove the repeat")
     if problems:
@@ -303,7 +238,7 @@ class Section(BaseModel):
     def _plain_values(cls, data: Any) -> Any:
         if data is None:
             return {}  # a YAML section with every line commented out
-        return {k: _python(v) for k, v in data.items()} if isinstance(data, dict) else data
+        return {k: python_value(v) for k, v in data.items()} if isinstance(data, dict) else data
 
     @classmethod
     def from_dict(cls, data: dict, where: str = ""):
@@ -518,298 +453,14 @@ class SweepConfig(TrialConfig):
     report: ReportConfig = _f(ReportConfig, "the comparisons `sweep report` makes, declared before the runs")
 
 
-# --- pydantic's errors as our lines ------------------------------------------------------------------------------
-
-def dotted(loc) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part == "[key]":
-            continue
-        else:
-            out += f".{part}" if out else str(part)
-    return out
-
-
-def _is_section(annotation: Any) -> bool:
-    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
-
-
-def _at(cls: type | None, keys) -> "FieldInfo | type | None":
-    """The field at keys below model cls, the model class of a section there, or None when there is no such place."""
-    node: Any = cls
-    for key in keys:
-        field = node.model_fields.get(key) if isinstance(node, type) and isinstance(key, str) else None
-        if field is None:
-            return None
-        node = field.annotation if _is_section(field.annotation) else field
-    return node
-
-
 def check_at(path: str) -> "FieldInfo | type | None":
     """The field of a trial path, the model class of a section path, or None when there is no such path."""
-    return _at(TrialConfig, path.split("."))
-
-
-def fields(cls: type, prefix: str = "") -> Iterator[tuple[str, FieldInfo]]:
-    """Every setting below model cls, by path, in the order of the models."""
-    for name, field in cls.model_fields.items():
-        if _is_section(field.annotation):
-            yield from fields(field.annotation, f"{prefix}{name}.")
-        else:
-            yield prefix + name, field
+    return locate(TrialConfig, path.split("."))
 
 
 def leaf_paths() -> list[str]:
     return [path for path, _ in fields(TrialConfig) if path != "name"]
 
-
-def _kind(field: FieldInfo) -> Any:
-    """What a field holds without its null: int, float, bool, str, a Literal, or None for a mixed or custom type."""
-    kinds = [a for a in get_args(field.annotation) if a is not type(None)] \
-        if get_origin(field.annotation) in (Union, types.UnionType) else [field.annotation]
-    kind = kinds[0] if len(kinds) == 1 else None
-    return get_args(kind)[0] if get_origin(kind) is Annotated else kind
-
-
-def _nullable(field: FieldInfo) -> bool:
-    return type(None) in get_args(field.annotation)
-
-
-def choices(field: FieldInfo) -> tuple:
-    """The values a `Literal` field takes (not its null); () for any other field."""
-    kind = _kind(field)
-    return get_args(kind) if get_origin(kind) is Literal else ()
-
-
-def numeric(field: FieldInfo) -> str | None:
-    """Which ranges may sweep a field: "int" (randint), "float" (uniform, loguniform) or None (grid and choice)."""
-    return {int: "int", float: "float"}.get(_kind(field))
-
-
-def _range(field: FieldInfo) -> tuple[str, bool]:
-    """A number field's range as messages and docs write it ('>= 0', '(0, 1)'), and whether it has an upper end."""
-    limits = {key: getattr(m, key) for m in field.metadata for key in ("ge", "gt", "le", "lt") if hasattr(m, key)}
-    lo, hi = limits.get("ge", limits.get("gt")), limits.get("le", limits.get("lt"))
-    shown = (field.json_schema_extra or {}).get("bounds")
-    if shown or _kind(field) is not int:
-        shown = shown or (f"{'>' if 'gt' in limits else '>='} {lo:g}" if hi is None else
-                          f"{'(' if 'gt' in limits else '['}{lo:g}, {hi:g}{')' if 'lt' in limits else ']'}")
-    else:
-        shown = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-    return shown, hi is not None
-
-
-def _example(field: FieldInfo) -> Any:
-    return field.examples[0] if field.examples else field.default
-
-
-def _field_message(kind: str, value: Any, field: FieldInfo, name: str) -> str | None:
-    """The line for a field's value that failed one of pydantic's own checks, or None when it is not one."""
-    example = _example(field)
-    if kind in ("int_type", "int_from_float", "int_parsing"):
-        return f"{show(value)} is not a whole number; write an integer such as {example}"
-    if kind in ("float_type", "float_parsing", "finite_number"):
-        finite = "" if isinstance(value, str) else " finite"
-        return f"{show(value)} is not a{finite} number; write a number such as 0.5"
-    if kind == "bool_type":
-        return f"{show(value)} is not true or false; write true or false"
-    if kind == "literal_error":
-        return _unknown_name(value, choices(field), field.title or name)
-    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        bounds, upper = _range(field)
-        if _kind(field) is int:
-            return f"{value} is not {bounds}; use a whole number {bounds} such as {example}"
-        fix = (field.json_schema_extra or {}).get("fix") or \
-            f"use a number {'in ' if upper else ''}{bounds} such as {example:g}"
-        return f"{show(value)} is {'outside' if upper else 'not'} {bounds}; {fix}"
-    return None
-
-
-_MISSING = {"name": "missing; add a sweep name such as name: my_sweep"}
-# Settings that existed once: a spec that still sets one is told what replaced it, not "unknown key".
-_RETIRED = {"resources.process": "removed in 0.2 (every trial runs in its own Ray worker); delete this line, and "
-                                 "share a node's data between trials through Ray's object store as before (automatic)"}
-
-
-def error_lines(error: ValidationError, prefix: str = "", model: type | None = None,
-                leaf: str | None = None) -> tuple[list[str], list[tuple]]:
-    """Our one-line messages for pydantic's errors, and the location of each (a tuple of keys). model: the model
-    validated; leaf, instead: the trial path of the one field validated (a swept value, by field_adapter)."""
-    lines, locs = [], []
-    for item in error.errors():
-        loc, kind, value = tuple(item["loc"]), item["type"], item.get("input")
-        path = ".".join(p for p in (prefix, dotted(loc)) if p)
-        info = check_at(leaf) if leaf else _at(model, loc)
-        info = info if isinstance(info, FieldInfo) else None
-        if info is not None and _nullable(info) and isinstance(value, str) and value in _NULL_TEXT:
-            messages = [_null_text(value)]
-        elif kind == "value_error":
-            messages = str(item["ctx"]["error"]).split("\n")
-        elif kind == "extra_forbidden":
-            known = _at(model, loc[:-1])
-            keys = list(known.model_fields) if isinstance(known, type) else []
-            messages = [_RETIRED.get(dotted(loc)) or unknown_key(loc[-1], keys)]
-        elif kind in ("model_type", "model_attributes_type", "dict_type"):
-            known = _at(model, loc)
-            first = next(iter(known.model_fields)) if isinstance(known, type) else "key"
-            messages = [f"{show(value)} is not a mapping; write {path}: {{{first}: ..., ...}}"]
-        elif kind == "missing":
-            messages = [_MISSING.get(dotted(loc), "missing; add it")]
-        else:
-            own = info and _field_message(kind, value, info, (leaf or dotted(loc)).split(".")[-1])
-            messages = [own or f"{item['msg']}; check this setting"]
-        for message in messages:
-            # Rules (raised by a whole model, at loc ()) write their own paths.
-            lines.append(message if not loc and kind == "value_error" and leaf is None else
-                         f"{path or 'trial'}: {message}")
-            locs.append(loc)
-    return list(dict.fromkeys(lines)), locs
-
-
-# --- rules across fields -----------------------------------------------------------------------------------------
-
-class View:
-    """The values a sweep can give each trial path, and where each comes from (for messages). With only a trial
-    dict it is that one trial. `space` maps paths to sweep domains (see sweep.config.spec.Domain); `invalid` holds paths
-    that already failed their check, which the rules then skip."""
-
-    def __init__(self, trial: dict, space: dict | None = None, origin: dict | None = None,
-                 invalid: frozenset = frozenset()):
-        self.trial, self.space, self.origin, self.invalid = trial, space or {}, origin or {}, invalid
-
-    def where(self, path: str) -> str:
-        return self.origin.get(path, path)
-
-    def leaf(self, at: str, leaf: str) -> str:
-        """Where to report a leaf of a combination from `sections` (at: the section, or a swept item of it)."""
-        return self.where(f"{at}.{leaf}") if at in ("model", "dataset") else f"{at}.{leaf}"
-
-    def _bad(self, path: str) -> bool:
-        return any(path == p or path.startswith(p + ".") for p in self.invalid)
-
-    def _items(self, path: str) -> list[tuple[Any, str]]:
-        domain, at = self.space[path], self.origin[path]
-        if domain.kind == "fixed":
-            return [(domain.values[0], at)]
-        return [(v, f"{at}.{domain.kind}[{i}]") for i, v in enumerate(domain.values)]
-
-    def values(self, path: str) -> list[tuple[Any, str]]:
-        """(value, where) for each value a trial may take at path; a range gives its two ends."""
-        if self._bad(path):
-            return []
-        section, _, leaf = path.partition(".")
-        if path in self.space:
-            items = self._items(path)
-        elif leaf and section in self.space:
-            items = [(v[leaf], f"{at}.{leaf}") for v, at in self._items(section) if isinstance(v, dict)]
-        else:
-            node = self.trial
-            for part in path.split("."):
-                node = node[part]
-            items = [(node, path)]
-        return [(v, at) for v, at in items if v is not INVALID]
-
-    def options(self, path: str) -> list:
-        return [v for v, _ in self.values(path)]
-
-    def sections(self, section: str, leaves: tuple) -> Iterator[tuple[dict, str]]:
-        """Each combination of a section's leaves a trial may have, and where a problem with it is reported."""
-        if self._bad(section):
-            return
-        if section in self.space:
-            yield from ((v, at) for v, at in self._items(section) if isinstance(v, dict))
-            return
-        for combo in itertools.product(*(self.options(f"{section}.{leaf}") for leaf in leaves)):
-            yield dict(zip(leaves, combo)), section
-
-
-INVALID = object()  # stands in for a value that failed its check, so rules skip it instead of re-reporting
-
-_BUNDLED = {"digits"}  # ships inside scikit-learn: never reads a root
-
-
-def rules(view: View) -> list[str]:
-    """Problems across fields, one line each, for every combination the sweep (or the one trial) can have."""
-    errors: list[str] = []
-
-    def error(where: str, message: str) -> None:
-        errors.append(f"{where}: {message}")
-
-    for section, example in (("model", "small_cnn"), ("dataset", "digits")):
-        leaves = ("name", "factory", "kwargs", "weights")[:4 if section == "model" else 3]
-        for item, at in view.sections(section, leaves):
-            name, factory = item["name"], item["factory"]
-            if name is None and factory is None:
-                error(f"{at}.name" if at != section else f"{section}.name", f"missing; name the {section}, such "
-                      f"as {section}: {{name: {example}}}, or give {section}.factory")
-            elif name is not None and factory is not None:
-                error(view.leaf(at, "factory"), f"given together with {section}.name; give one of {section}.name and "
-                                       f"{section}.factory")
-            elif factory is None and item["kwargs"]:
-                error(view.leaf(at, "kwargs"),
-                      f"only a {section}.factory takes kwargs; remove them or use {section}.factory")
-            weights = item.get("weights")
-            if factory is not None and weights is not None and not _looks_like_path(weights):
-                error(view.leaf(at, "weights"), f"{show(weights)} is not a checkpoint file; a model.factory loads "
-                                                "only a local checkpoint (.pt/.pth/.th/.ckpt), or null")
-
-    for dataset, at in view.sections("dataset", ("name", "root", "download", "factory")):
-        name, root, download = dataset["name"], dataset["root"], dataset["download"]
-        where = view.leaf(at, "root")
-        if dataset["factory"] or name is None or name in _BUNDLED or (name != "imagefolder" and download):
-            continue
-        reads = f"{name}{'' if name == 'imagefolder' else ' with download: false'} reads local files"
-        if root is None and name == "imagefolder":
-            error(where, "imagefolder needs a root folder; set dataset.root to a folder of images")
-        elif root is not None and not Path(root).is_dir():
-            error(where, f"{str(root)!r} does not exist ({reads}); point it at an existing folder"
-                         + ("" if name == "imagefolder" else ", or set download: true"))
-
-    if "iterative" in view.options("prune.schedule"):
-        too_few = [s for s in view.options("prune.steps") if s < 2]
-        if too_few:
-            error(view.where("prune.steps"), f"an iterative schedule needs steps >= 2, got {too_few[0]:g}; "
-                                             "set prune.steps such as 3, or use schedule: oneshot")
-
-    # a swept setting that no trial reads would run the same trials twice, reported as different groups
-    swept = sorted(path for path, domain in view.space.items() if domain.kind != "fixed")
-    if "prune.steps" in swept and "iterative" not in view.options("prune.schedule"):
-        error(view.where("prune.steps"), "steps counts only with schedule: iterative, so these trials would all be "
-                                         "the same; sweep schedule: iterative as well, or fix steps")
-    arms = view.options("prune.arm")
-    for strategy, at in view.values("prune.strategy"):
-        local = view.options("prune.scope") == ["local"] and view.options("prune.target") == ["channels"]
-        if strategy == "none" and not (set(arms) <= {"control"} or (set(arms) <= {"control", "scratch"} and local)):
-            error(at, "none prunes nothing and is what the control arm records; use arm: control for an unpruned "
-                      "control, or name a strategy such as l1")
-    if not {"finetune", "control"} & set(arms):
-        for path in (p for p in swept if p.startswith("finetune.")):
-            error(view.where(path), "the scratch arm trains with the base's settings, so finetune values change "
-                                    "nothing; sweep base.* or prune.scratch_epochs, or include arm: finetune")
-
-    if "scratch" in view.options("prune.arm") and None in view.options("prune.scratch_epochs") \
-            and 0 in view.options("base.epochs"):
-        error("prune.scratch_epochs", "the scratch arm trains the pruned architecture from new weights for "
-                                      "scratch_epochs (null: base.epochs), and base.epochs is 0 (a pretrained base); "
-                                      "set prune.scratch_epochs, such as 30")
-
-    ratios = view.options("prune.ratios")
-    if (not ratios or not all(ratios)) and arms != ["control"]:  # the control arm is recorded with ratio 0
-        for ratio, at in view.values("prune.ratio"):
-            if ratio == 0:
-                error(at, "0 is outside (0, 1); use a fraction such as 0.5 (0 only with per-module prune.ratios)")
-    if any(ratios):
-        for path, bad, fix in (("prune.scope", "global", "local"), ("prune.target", "flops", "channels")):
-            if bad in view.options(path):
-                error(view.where("prune.ratios"), f"per-module ratios cannot be combined with {path}: {bad} (the "
-                                                  f"pruner does not support it); use {path}: {fix}, or remove "
-                                                  "prune.ratios")
-    return errors
-
-
-# --- a swept value's validator; docs/spec.md --------------------------------------------------------------------
 
 @functools.cache
 def field_adapter(path: str) -> TypeAdapter:
@@ -817,82 +468,3 @@ def field_adapter(path: str) -> TypeAdapter:
     field = check_at(path)
     kind = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
     return TypeAdapter(kind, config=Section.model_config)
-
-
-def _yaml(value: Any) -> str:
-    if value is None or isinstance(value, bool):
-        return {None: "null", True: "true", False: "false"}[value]
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, (list, dict)):
-        return "[]" if isinstance(value, list) and not value else "{}" if not value else str(value)
-    return str(value)
-
-
-def _default(field: FieldInfo) -> str:
-    if field.is_required():
-        return "required"
-    return _yaml(field.default_factory() if field.default_factory else field.default)
-
-
-def _takes(field: FieldInfo) -> str:
-    """What a field takes, in words, from its type and constraints (or its own words, where the check is ours)."""
-    kind = _kind(field)
-    if (field.json_schema_extra or {}).get("takes"):
-        text = field.json_schema_extra["takes"]
-    elif kind is bool:
-        text = "true \\| false"
-    elif choices(field):
-        text = " \\| ".join(f"`{c}`" for c in choices(field))
-    else:
-        bounds, upper = _range(field)
-        text = f"integer {bounds}" if kind is int else f"number {'in ' if upper else ''}{bounds}"
-    return f"null or {text}" if _nullable(field) else text
-
-
-def reference_markdown() -> str:
-    """The table of every search-space setting: path, default, what it takes, what it means."""
-    rows = ["| setting | default | takes | meaning |", "|---|---|---|---|"]
-    for path, field in fields(SweepConfig):
-        section, _, name = path.rpartition(".")
-        default, paths = _default(field), f"`{path}`"
-        if section == "finetune":
-            continue  # base and finetune share their fields, in one row; only two defaults differ
-        if section == "base":
-            other = _default(TrainConfig.model_fields[name])
-            paths += f", `finetune.{name}`"
-            default += f" (base), {other} (finetune)" if other != default else ""
-        rows.append(f"| {paths} | {default} | {_takes(field)} | {field.description or ''} |")
-    keys = ", ".join(f"`{k}`" for k in PARAMS)
-    return "\n".join(rows) + (
-        "\n\n`space` values: a fixed value, `{grid: [...]}`, `{choice: [...]}`, `{uniform: [a, b]}`, "
-        "`{loguniform: [a, b]}`, `{randint: [a, b]}` (both ends included). Keys: the shorthands " + keys +
-        ", or any dotted path such as `finetune.lr`. Sweeping `model` or `dataset` with whole sections as items "
-        "(`{grid: [small_cnn, {name: resnet20, weights: r20.th}]}`) compares architectures or tasks.\n")
-
-
-def metrics_markdown() -> str:
-    """The table of sweep.config.names.METRICS."""
-    rows = ["| metric | meaning | better | unit | recorded | selectable |", "|---|---|---|---|---|---|"]
-    tune = tune_metrics()
-    for name, info in METRICS.items():
-        better = "higher" if info.direction == "max" else "lower"
-        selectable = "yes" if name in tune else "`--by` only" if info.selectable else "no"
-        rows.append(f"| `{name}` | {info.meaning} | {better} | {info.unit} | {info.when} | {selectable} |")
-    return "\n".join(rows) + "\n"
-
-
-def write_reference_tables(path: str = "docs/spec.md") -> None:
-    """Replace the generated tables between the marker comments of docs/spec.md (`python -m sweep.config.schema`)."""
-    text = Path(path).read_text(encoding="utf-8")
-    for name, table in (("schema", reference_markdown()), ("metrics", metrics_markdown())):
-        begin, end = f"<!-- {name}:begin -->\n", f"<!-- {name}:end -->"
-        head, rest = text.split(begin)
-        text = head + begin + table + end + rest.split(end, 1)[1]
-    Path(path).write_text(text, encoding="utf-8")
-
-
-if __name__ == "__main__":
-    import sys
-
-    write_reference_tables(*sys.argv[1:2])

@@ -5,9 +5,9 @@
 
 Every problem is one line "<field path>: <what is wrong>; <how to fix>", and a file's problems are all reported
 together so `sweep validate` can print them before any trial starts. What each setting takes, its default and its
-messages live once, in sweep.config.schema (pydantic models, whence docs/spec.md is generated). Here: the
+meaning live once, in sweep.config.schema (pydantic models, whence docs/spec.md is generated). Here: the
 YAML is read, the fixed settings are validated by the schema, each item of the `space` by its field's own
-validator and error translator (schema.field_adapter, schema.error_lines: messages name places inside domains,
+validator and the error translator (schema.field_adapter, explain.error_lines: messages name places inside domains,
 space.ratio.grid[1]), and the rules across fields are applied to every value the space can give. A grid is
 counted, never enumerated, to hold it to `max_trials`.
 """
@@ -29,26 +29,19 @@ from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
 from sweep.config.arms import unique
+from sweep.config.explain import dotted, error_lines, numeric
+from sweep.config.messages import as_real, close, show
 from sweep.config.names import METRICS, PARAMS
+from sweep.config.reference import metrics_markdown, reference_markdown
+from sweep.config.rules import INVALID, View, rules
 from sweep.config.schema import (
-    INVALID,
     SpecError,
     SweepConfig,
     TrialConfig,
-    View,
-    as_real,
     check_at,
-    close,
-    dotted,
-    error_lines,
     field_adapter,
     leaf_paths,
-    metrics_markdown,
-    numeric,
-    reference_markdown,
     report_rules,
-    rules,
-    show,
     trial_config,
 )
 from sweep.zoo.plugin import resolve_factory
@@ -324,7 +317,7 @@ class _Builder:
         try:
             return field_adapter(path).validate_python(value)
         except ValidationError as error:
-            for line in error_lines(error, where, leaf=path)[0]:
+            for line in error_lines(error, where, model=TrialConfig, leaf=path)[0]:
                 self.add(line)
             return INVALID
 

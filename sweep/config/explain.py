@@ -1,0 +1,152 @@
+"""pydantic's errors as our lines: `error_lines` is the one translator, reading each field's constraints (`ge`,
+`gt`, `lt`, `le`), its `examples` (the fix's example; else its default), its `title` (the name its choices go by)
+and the words a field keeps in `json_schema_extra` (`fix`, `bounds`, `takes`). What the messages say of a field and
+what docs/spec.md says of it (sweep.config.reference) come from the same functions here."""
+
+import types
+from collections.abc import Iterator
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
+
+from sweep.config.messages import NULL_TEXT, null_text, show, unknown_key, unknown_name
+
+
+def dotted(loc) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part == "[key]":
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def locate(cls: type | None, keys) -> "FieldInfo | type | None":
+    """The field at keys below model cls, the model class of a section there, or None when there is no such place."""
+    node: Any = cls
+    for key in keys:
+        field = node.model_fields.get(key) if isinstance(node, type) and isinstance(key, str) else None
+        if field is None:
+            return None
+        node = field.annotation if is_section(field.annotation) else field
+    return node
+
+
+def fields(cls: type, prefix: str = "") -> Iterator[tuple[str, FieldInfo]]:
+    """Every setting below model cls, by path, in the order of the models."""
+    for name, field in cls.model_fields.items():
+        if is_section(field.annotation):
+            yield from fields(field.annotation, f"{prefix}{name}.")
+        else:
+            yield prefix + name, field
+
+
+def kind_of(field: FieldInfo) -> Any:
+    """What a field holds without its null: int, float, bool, str, a Literal, or None for a mixed or custom type."""
+    kinds = [a for a in get_args(field.annotation) if a is not type(None)] \
+        if get_origin(field.annotation) in (Union, types.UnionType) else [field.annotation]
+    kind = kinds[0] if len(kinds) == 1 else None
+    return get_args(kind)[0] if get_origin(kind) is Annotated else kind
+
+
+def nullable(field: FieldInfo) -> bool:
+    return type(None) in get_args(field.annotation)
+
+
+def choices(field: FieldInfo) -> tuple:
+    """The values a `Literal` field takes (not its null); () for any other field."""
+    kind = kind_of(field)
+    return get_args(kind) if get_origin(kind) is Literal else ()
+
+
+def numeric(field: FieldInfo) -> str | None:
+    """Which ranges may sweep a field: "int" (randint), "float" (uniform, loguniform) or None (grid and choice)."""
+    return {int: "int", float: "float"}.get(kind_of(field))
+
+
+def value_range(field: FieldInfo) -> tuple[str, bool]:
+    """A number field's range as messages and docs write it ('>= 0', '(0, 1)'), and whether it has an upper end."""
+    limits = {key: getattr(m, key) for m in field.metadata for key in ("ge", "gt", "le", "lt") if hasattr(m, key)}
+    lo, hi = limits.get("ge", limits.get("gt")), limits.get("le", limits.get("lt"))
+    shown = (field.json_schema_extra or {}).get("bounds")
+    if shown or kind_of(field) is not int:
+        shown = shown or (f"{'>' if 'gt' in limits else '>='} {lo:g}" if hi is None else
+                          f"{'(' if 'gt' in limits else '['}{lo:g}, {hi:g}{')' if 'lt' in limits else ']'}")
+    else:
+        shown = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+    return shown, hi is not None
+
+
+def _example(field: FieldInfo) -> Any:
+    return field.examples[0] if field.examples else field.default
+
+
+def _field_message(kind: str, value: Any, field: FieldInfo, name: str) -> str | None:
+    """The line for a field's value that failed one of pydantic's own checks, or None when it is not one."""
+    example = _example(field)
+    if kind in ("int_type", "int_from_float", "int_parsing"):
+        return f"{show(value)} is not a whole number; write an integer such as {example}"
+    if kind in ("float_type", "float_parsing", "finite_number"):
+        finite = "" if isinstance(value, str) else " finite"
+        return f"{show(value)} is not a{finite} number; write a number such as 0.5"
+    if kind == "bool_type":
+        return f"{show(value)} is not true or false; write true or false"
+    if kind == "literal_error":
+        return unknown_name(value, choices(field), field.title or name)
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        bounds, upper = value_range(field)
+        if kind_of(field) is int:
+            return f"{value} is not {bounds}; use a whole number {bounds} such as {example}"
+        fix = (field.json_schema_extra or {}).get("fix") or \
+            f"use a number {'in ' if upper else ''}{bounds} such as {example:g}"
+        return f"{show(value)} is {'outside' if upper else 'not'} {bounds}; {fix}"
+    return None
+
+
+_MISSING = {"name": "missing; add a sweep name such as name: my_sweep"}
+# Settings that existed once: a spec that still sets one is told what replaced it, not "unknown key".
+_RETIRED = {"resources.process": "removed in 0.2 (every trial runs in its own Ray worker); delete this line, and "
+                                 "share a node's data between trials through Ray's object store as before (automatic)"}
+
+
+def error_lines(error: ValidationError, prefix: str = "", model: type | None = None,
+                leaf: str | None = None) -> tuple[list[str], list[tuple]]:
+    """Our one-line messages for pydantic's errors, and the location of each (a tuple of keys). model: the model
+    validated, and leaf: the path below it of the one field validated (a swept value, by schema.field_adapter)."""
+    lines, locs = [], []
+    for item in error.errors():
+        loc, kind, value = tuple(item["loc"]), item["type"], item.get("input")
+        path = ".".join(p for p in (prefix, dotted(loc)) if p)
+        info = locate(model, leaf.split(".") if leaf else loc)
+        info = info if isinstance(info, FieldInfo) else None
+        if info is not None and nullable(info) and isinstance(value, str) and value in NULL_TEXT:
+            messages = [null_text(value)]
+        elif kind == "value_error":
+            messages = str(item["ctx"]["error"]).split("\n")
+        elif kind == "extra_forbidden":
+            known = locate(model, loc[:-1])
+            keys = list(known.model_fields) if isinstance(known, type) else []
+            messages = [_RETIRED.get(dotted(loc)) or unknown_key(loc[-1], keys)]
+        elif kind in ("model_type", "model_attributes_type", "dict_type"):
+            known = locate(model, loc)
+            first = next(iter(known.model_fields)) if isinstance(known, type) else "key"
+            messages = [f"{show(value)} is not a mapping; write {path}: {{{first}: ..., ...}}"]
+        elif kind == "missing":
+            messages = [_MISSING.get(dotted(loc), "missing; add it")]
+        else:
+            own = info and _field_message(kind, value, info, (leaf or dotted(loc)).split(".")[-1])
+            messages = [own or f"{item['msg']}; check this setting"]
+        for message in messages:
+            # Rules (raised by a whole model, at loc ()) write their own paths.
+            lines.append(message if not loc and kind == "value_error" and leaf is None else
+                         f"{path or 'trial'}: {message}")
+            locs.append(loc)
+    return list(dict.fromkeys(lines)), locs
