@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from mlflow.entities import Metric, Param
 from torch import nn
 
 from sweep.config.names import KIND_TAG
@@ -23,6 +22,7 @@ from sweep.config.spec import SweepSpec
 from sweep.driver.session import cache_dir, resolve_storage
 from sweep.store import tracking
 from sweep.store.store import Store
+from sweep.store.tracking import TrialRun
 from sweep.worker.base import ensure_base, example_input, load_base
 from sweep.worker.train import evaluate, pick_device, seed_everything
 from sweep.worker.trial import load_splits
@@ -102,49 +102,26 @@ def in_task(resources: dict) -> None:
 
 
 def start_parent(uri: str, experiment: str, spec_text: str, kind: str, params: dict[str, Any]) -> str:
-    store = Store(uri)
-    run_id = tracking.start_parent_run(store, experiment, spec_text, tags={KIND_TAG: kind})
-    store.log_batch(run_id, params=[Param(k, tracking._param_value(v)) for k, v in params.items()])
+    run_id = tracking.start_parent_run(uri, experiment, spec_text, tags={KIND_TAG: kind})
+    TrialRun(uri, run_id).log_params(params)
     return run_id
 
 
-class ChildRun:
-    """One layer's MLflow child run (written from a Ray task)."""
-
-    def __init__(self, store: Store, run_id: str):
-        self.store, self.run_id = store, run_id
-
-    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        """All of one step's metrics in one request (one sqlite write)."""
-        ts = tracking._now_ms()
-        batch = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
-        if batch:
-            self.store.log_batch(self.run_id, metrics=batch)
-
-    def log_artifact(self, path: str | Path) -> None:
-        self.store.log_artifact(self.run_id, path)
-
-    def finish(self, status: str = "FINISHED") -> None:
-        self.store.set_terminated(self.run_id, status)
-
-
 def log_parent_metrics(uri: str, run_id: str, metrics: dict[str, float]) -> None:
-    ChildRun(Store(uri), run_id).log_metrics(metrics)
+    TrialRun(uri, run_id).log_metrics(metrics)
 
 
 def open_child(uri: str, experiment: str, parent_run_id: str, kind: str, run_name: str,
-               params: dict[str, Any]) -> ChildRun:
+               params: dict[str, Any]) -> TrialRun:
     """A child run of one layer. It has no `config_hash` tag: the pruning report and the incremental grid of
     `sweep run` never mistake it for a trial."""
     store = Store(uri)
     experiment_id = tracking.get_or_create_experiment(store, experiment)
     tags = {"mlflow.parentRunId": parent_run_id, KIND_TAG: kind, "sweep.name": experiment,
             "mlflow.runName": run_name, **tracking._base_tags()}
-    run = store.create_run(experiment_id, tags, run_name)
-    batch = [Param(k, tracking._param_value(v)) for k, v in params.items()]
-    for i in range(0, len(batch), 100):
-        store.log_batch(run.info.run_id, params=batch[i:i + 100])
-    return ChildRun(store, run.info.run_id)
+    run = TrialRun(store, store.create_run(experiment_id, tags, run_name).info.run_id)
+    run.log_params(params)
+    return run
 
 
 def experiment_name(spec: SweepSpec, kind: str, experiment: str | None = None) -> str:

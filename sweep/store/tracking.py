@@ -323,7 +323,7 @@ def recorded_result(store: StoreLike, experiment: str, config_hash: str, run_id:
 
 
 class TrialRun:
-    """One trial's MLflow child run, created by the trial worker.
+    """One trial's MLflow child run, created by the trial worker (an analysis logs each layer's run through one too).
 
     `present` holds the (metric, step) points the run already has when it was continued (a retry, a resume), so
     nothing is logged twice: `log_points` sends only what the run lacks.
@@ -350,11 +350,9 @@ class TrialRun:
         if parent_run_id is not None:
             run_tags["mlflow.parentRunId"] = parent_run_id
         experiment_id = get_or_create_experiment(store, experiment)
-        run = store.create_run(experiment_id, run_tags, run_tags["mlflow.runName"])
-        params = [Param(k, v) for k, v in flat_params(trial_config).items()]
-        for i in range(0, len(params), 100):  # MLflow accepts at most 100 params per batch
-            store.log_batch(run.info.run_id, params=params[i : i + 100])
-        return cls(store, run.info.run_id)
+        trial_run = cls(store, store.create_run(experiment_id, run_tags, run_tags["mlflow.runName"]).info.run_id)
+        trial_run.log_params(flat_params(trial_config))
+        return trial_run
 
     @classmethod
     def resume(cls, store: StoreLike, run_id: str, trial_config: dict) -> TrialRun:
@@ -363,10 +361,19 @@ class TrialRun:
         store = Store.of(store)
         store.update_run(run_id, "RUNNING")
         run = store.get_run(run_id)
-        missing = [Param(k, v) for k, v in flat_params(trial_config).items() if k not in run.data.params]
-        for i in range(0, len(missing), 100):
-            store.log_batch(run_id, params=missing[i : i + 100])
-        return cls(store, run_id, _present_points(store, run_id, run))
+        trial_run = cls(store, run_id, _present_points(store, run_id, run))
+        trial_run.log_params({k: v for k, v in flat_params(trial_config).items() if k not in run.data.params})
+        return trial_run
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """As MLflow params (values cut to MAX_PARAM_CHARS), at most 100 in a request: MLflow's limit."""
+        batch = [Param(k, _param_value(v)) for k, v in params.items()]
+        for i in range(0, len(batch), 100):
+            self.store.log_batch(self.run_id, params=batch[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        """One step's metrics, in one request."""
+        self.log_points([(name, step, float(value)) for name, value in metrics.items()])
 
     def log_points(self, points: list[tuple[str, int, float]]) -> None:
         """(metric, step, value) points the run does not hold yet, in one request (one sqlite transaction)."""
