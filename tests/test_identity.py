@@ -147,7 +147,8 @@ def test_the_criteria_study_keeps_its_hashes(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     spec = load_spec(SPACES / "cifar10_resnet20_criteria.yaml")
     drawn = [c for c in _drawn(spec.trial) if c["prune"]["arm"] != "scratch"]  # its base has no epochs to copy
-    rows = _check(spec.grid_configs() + drawn)
+    # the first ten seeds: the configs a store recorded before seeds 10-12 were added to the spec (RESULTS.md)
+    rows = _check([c for c in spec.grid_configs() if c["seed"] < 10] + drawn)
     assert len(rows) == 172  # 160 fine-tuned, a control trial per seed, 2 drawn
     root = str(tmp_path.resolve())
     assert _digest([[row[0].replace(root, "<root>"), json.dumps(row[4]).replace(root, "<root>")] for row in rows]) \
