@@ -222,6 +222,9 @@ def mlflow_server(postgres, tmp_path):
                 server.wait(timeout=10)
 
 
+# slow (about 60 s with the servers' start and stop): the suite's 10 minutes; the writers' side is the sqlite test's
+# above, and the default suite reaches a tracking server in test_addresses (a dead one) and test_mlflow_ui
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_eight_writers_on_a_postgres_backed_tracking_server(mlflow_server, capfd):
     tracking.init_store(mlflow_server)
