@@ -1,10 +1,19 @@
 """The two pruners the coverage benches compare, each as (model, example) -> (pruned model, PrunePlan): ours, and
 Torch-Pruning's MetaPruner at the same settings (L1 at 0.5, local, the classifier kept) with its groups read back
-as our plan, so one equivalence check judges both. Not a bench: the smoke test skips `_` files."""
+as our plan, so one equivalence check judges both; and how those benches run one model and side in a process of
+its own (memory, crashes, a time limit). Not a bench: the smoke test skips `_` files."""
 
 from __future__ import annotations
 
 import copy
+import importlib.util
+import json
+import logging
+import os
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -46,3 +55,42 @@ def torch_pruning(model: torch.nn.Module, x: torch.Tensor):
             alive[name] = [c for c in alive[name] if c not in gone]
         group.prune()
     return pruned, plan
+
+
+def installed_sides(sides: list[str]) -> list[str]:
+    """The sides asked for, less Torch-Pruning's where it is not installed (said in a line)."""
+    if "tp" in sides and importlib.util.find_spec("torch_pruning") is None:
+        print("torch_pruning is not installed (pip install -e '.[bench]'): the tp side is left out")
+        return [s for s in sides if s != "tp"]
+    return sides
+
+
+def child(run_one: Callable[[str, str], dict], name: str, side: str) -> None:
+    """A bench's `--one MODEL SIDE` process: its result as the last line of stdout, nothing else said."""
+    logging.disable(logging.WARNING)
+    warnings.simplefilter("ignore")
+    print(json.dumps(run_one(name, side)))
+
+
+def in_own_process(script: str, threads: int, name: str, side: str, timeout: float) -> dict:
+    """`script --one name side` in a child process: its result, or why there is none (crashed, killed, timeout)."""
+    try:
+        proc = subprocess.run([sys.executable, script, "--threads", str(threads), "--one", name, side],
+                              capture_output=True, text=True, timeout=timeout, env=os.environ, check=False)
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "note": f"over {timeout} s"}
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    if proc.returncode == -9:  # SIGKILL: the kernel's OOM killer, when memory ran out
+        return {"status": "killed", "note": "SIGKILL (out of memory?)"}
+    return {"status": "crashed", "note": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+
+
+def print_counts(results: dict[str, dict[str, dict]], sides: list[str]) -> None:
+    """Per side, how many models ended in each status."""
+    for side in sides:
+        counts: dict[str, int] = {}
+        for row in results.values():
+            counts[row[side]["status"]] = counts.get(row[side]["status"], 0) + 1
+        print(f"{side}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + f" (of {len(results)})")

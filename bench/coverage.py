@@ -23,16 +23,11 @@ Without torch_pruning installed, the tp side is left out with a note.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
-import os
-import subprocess
-import sys
 import time
 
 import torch
 import torchvision
-from _pruners import ours, torch_pruning
+from _pruners import child, in_own_process, installed_sides, ours, print_counts, torch_pruning
 
 BIG = 300_000_000  # parameters; above this, float64 copies do not fit next to other jobs
 
@@ -101,16 +96,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.smoke:
         args.models = ["resnet18"]
-    if "tp" in args.sides and importlib.util.find_spec("torch_pruning") is None:
-        print("torch_pruning is not installed (pip install -e '.[bench]'): the tp side is left out")
-        args.sides = [s for s in args.sides if s != "tp"]
+    args.sides = installed_sides(args.sides)
     if args.one:
-        import logging
-        import warnings
-
-        logging.disable(logging.WARNING)
-        warnings.simplefilter("ignore")
-        print(json.dumps(run_one(*args.one)))
+        child(run_one, *args.one)
         return
 
     results: dict[str, dict[str, dict]] = {}
@@ -119,19 +107,7 @@ def main() -> None:
         results[name] = {}
         for side in args.sides:
             start = time.perf_counter()
-            try:
-                proc = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--one", name, side],
-                                      capture_output=True, text=True, timeout=args.timeout, env=os.environ, check=False)
-                lines = proc.stdout.strip().splitlines()
-                if proc.returncode == 0 and lines:
-                    results[name][side] = json.loads(lines[-1])
-                elif proc.returncode == -9:  # SIGKILL: the kernel's OOM killer, when memory ran out
-                    results[name][side] = {"status": "killed", "note": "SIGKILL (out of memory?)"}
-                else:
-                    results[name][side] = {"status": "crashed", "note": (proc.stderr.strip().splitlines()
-                                                                         or ["no output"])[-1][:200]}
-            except subprocess.TimeoutExpired:
-                results[name][side] = {"status": "timeout", "note": f"over {args.timeout} s"}
+            results[name][side] = in_own_process(__file__, args.threads, name, side, args.timeout)
             results[name][side]["seconds"] = time.perf_counter() - start
         row = results[name]
         cells = "".join(f"  {row[s]['status']:<11} {100 * row[s]['flops_removed']:>5.1f}%" if "flops_removed" in row[s]
@@ -139,11 +115,7 @@ def main() -> None:
         notes = "; ".join(f"{s}: {row[s]['note'][:110]}" for s in args.sides if "note" in row[s])
         print(f"{name:<22}{cells}  {notes}", flush=True)
     print()
-    for side in args.sides:
-        counts: dict[str, int] = {}
-        for row in results.values():
-            counts[row[side]["status"]] = counts.get(row[side]["status"], 0) + 1
-        print(f"{side}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + f" (of {len(results)})")
+    print_counts(results, args.sides)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ statistics and affines are randomised too, in float64. Its result is:
 - equivalent: the pruned model computes what the original computes with the removed channels
   zeroed (and LayerNorms over the kept channels), relative error < 1e-6;
 - refused: a one-line PruningError before touching the model; wrong: the outputs differ;
-  crashed: any other exception, or a pruned model that does not run; timeout: over --timeout.
+  crashed: any other exception, or a pruned model that does not run; killed: out of memory (SIGKILL);
+  timeout: over --timeout.
 
 FLOPs removed count conv and Linear FLOPs (torch.utils.flop_counter) of one image. Prune time is
 the wall time of the prune call alone (analysis, scoring and surgery), one run, in float64.
@@ -24,13 +25,11 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
-import subprocess
 import sys
 import time
 
 import torch
-from _pruners import ours, torch_pruning
+from _pruners import child, in_own_process, installed_sides, ours, print_counts, torch_pruning
 
 # One model per family whose models are convolutional (timm 1.0.31), the smallest that stands for it.
 FAMILIES = {
@@ -128,16 +127,9 @@ def main() -> None:
         sys.exit("timm is not installed: pip install -e '.[timm]'")
     if args.smoke:
         args.models = ["lcnet_050"]
-    if "tp" in args.sides and importlib.util.find_spec("torch_pruning") is None:
-        print("torch_pruning is not installed (pip install -e '.[bench]'): the tp side is left out")
-        args.sides = [s for s in args.sides if s != "tp"]
+    args.sides = installed_sides(args.sides)
     if args.one:
-        import logging
-        import warnings
-
-        logging.disable(logging.WARNING)
-        warnings.simplefilter("ignore")
-        print(json.dumps(run_one(*args.one)))
+        child(run_one, *args.one)
         return
 
     family = {model: fam for fam, model in FAMILIES.items()}
@@ -147,17 +139,7 @@ def main() -> None:
     for name in args.models:
         results[name] = {}
         for side in args.sides:
-            try:
-                proc = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--one", name, side],
-                                      capture_output=True, text=True, timeout=args.timeout, env=os.environ, check=False)
-                lines = proc.stdout.strip().splitlines()
-                if proc.returncode == 0 and lines:
-                    results[name][side] = json.loads(lines[-1])
-                else:
-                    results[name][side] = {"status": "crashed", "note": (proc.stderr.strip().splitlines()
-                                                                         or ["no output"])[-1][:200]}
-            except subprocess.TimeoutExpired:
-                results[name][side] = {"status": "timeout", "note": f"over {args.timeout} s"}
+            results[name][side] = in_own_process(__file__, args.threads, name, side, args.timeout)
         row = results[name]
         cells = ""
         for s in args.sides:
@@ -168,11 +150,7 @@ def main() -> None:
         notes = "; ".join(f"{s}: {row[s]['note'][:160]}" for s in args.sides if "note" in row[s])
         print(f"{family.get(name, ''):<20} {name:<22}{cells} | {notes}", flush=True)
     print()
-    for side in args.sides:
-        counts: dict[str, int] = {}
-        for row in results.values():
-            counts[row[side]["status"]] = counts.get(row[side]["status"], 0) + 1
-        print(f"{side}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + f" (of {len(results)})")
+    print_counts(results, args.sides)
     if "ours" in args.sides and "tp" in args.sides:
         both = [r for r in results.values() if "prune_s" in r["ours"] and "prune_s" in r["tp"]]
         if both:
