@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from mlflow.entities import Experiment, Metric, Param, Run, RunTag
+from mlflow.entities import Experiment, FileInfo, Metric, Param, Run, RunTag
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
@@ -141,6 +141,9 @@ class Store:
 
     def download_artifacts(self, run_id: str, path: str, dst_path: str) -> str:
         return self._call("download_artifacts", run_id, path, dst_path)
+
+    def list_artifacts(self, run_id: str) -> list[FileInfo]:
+        return self._call("list_artifacts", run_id)
 
     def create_registered_model(self, name: str, description: str) -> None:
         self._call("create_registered_model", name, description=description)
