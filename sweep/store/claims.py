@@ -1,20 +1,11 @@
 """Trial claims in the MLflow tracking store: two launches (or two machines) never run the same config at once.
 
-The claim IS the trial's MLflow child run: a RUNNING run tagged ``config_hash=H`` whose lease tag
-``sweep.lease_until`` (unix seconds) lies in the future. Its holder renews the lease from a daemon thread
-(:class:`Lease`); a holder that dies (SIGKILL, OOM kill, lost node) stops renewing, and whoever next looks at H
-closes its run FAILED with the tags ``sweep.closed_by`` and ``sweep.closed_reason``. Everything goes through an
-``Store``, so it works the same on ``sqlite:///...`` and on ``http://`` tracking servers: no local file lock.
-
-    owner = f"{launch_id}/{tune_trial_id}"                     # the same for every retry of one Tune trial
-    result = claim_trial(store, experiment_id, chash, owner, create_run=make_run, resume_run_id=run_id)
-    if result.kind == "finished": ...                        # report the recorded result, do not train
-    elif result.kind == "held": ...                          # another launch runs it right now: skip (or wait_s=...)
-    else:
-        try: train(run_id=result.run_id); result.lease.check()
-        finally: result.lease.release("FINISHED" or "FAILED")
-
-The protocol and why two owners can never both proceed on one config: docs/design.md, "The claim protocol".
+The claim is the trial's MLflow child run, RUNNING, tagged ``config_hash=H`` and carrying a lease
+(``sweep.lease_until``) that its holder renews from a daemon thread (:class:`Lease`); whoever next looks at H closes
+the run of a holder that stopped renewing, FAILED with the tags ``sweep.closed_by`` and ``sweep.closed_reason``.
+`claim_trial` answers *claimed* (train, then ``result.lease.release(status)``), *finished* or *held*. Everything goes
+through a `Store`, so it works alike on sqlite and on a tracking server. The protocol, and why two owners never both
+proceed on one config: docs/design.md, "The claim protocol".
 """
 
 from __future__ import annotations
@@ -43,22 +34,18 @@ OWNER_TAG = "sweep.owner"
 CLOSED_BY_TAG = "sweep.closed_by"
 CLOSED_REASON_TAG = "sweep.closed_reason"
 ADOPT_PREFIX = "sweep.adopt."
-HASH_TAG = "config_hash"
 DEFAULT_LEASE_S = 60.0
 MAX_ATTEMPTS = 20
 BACKOFF_S = 0.5  # a yielded claim sleeps uniform(0, BACKOFF_S * 2**k), k = yields so far (at most 4)
-
-ClaimKind = Literal["claimed", "finished", "held"]
 
 
 class LeaseLost(RuntimeError):
     """Our claim was closed by someone else (our lease lapsed): stop and record nothing as a result."""
 
 
-def new_owner_id(prefix: str = "") -> str:
+def new_owner_id(prefix: str) -> str:
     """A launch/worker id unique across machines: host, pid and a random suffix (tag-key safe)."""
-    base = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    return f"{prefix}-{base}" if prefix else base
+    return f"{prefix}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def _key_part(owner: str) -> str:
@@ -77,14 +64,11 @@ def _lease_until(run: Run) -> float | None:
 
 
 def _running_live(run: Run, now: float, lease_s: float) -> bool:
-    """A RUNNING run whose holder counts as alive: a future lease, or (no lease tag: an older release) a recent
-    start."""
+    """RUNNING with a future lease, or (no lease tag: an older release) started less than lease_s ago."""
     if run.info.status != "RUNNING":
         return False
     until = _lease_until(run)
-    if until is None:
-        return (run.info.start_time or 0) / 1000 + lease_s > now
-    return until > now
+    return (run.info.start_time or 0) / 1000 + lease_s > now if until is None else until > now
 
 
 def _live_adopters(run: Run, now: float, except_owner: str | None = None) -> list[str]:
@@ -98,13 +82,6 @@ def _live_adopters(run: Run, now: float, except_owner: str | None = None) -> lis
             except ValueError:
                 continue
     return out
-
-
-def _runs_for(store: Store, experiment_id: str, config_hash: str) -> list[Run]:
-    """Active runs tagged config_hash=H: one query filtered on the tag (MLflow joins the tags table), never a scan."""
-    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", config_hash):
-        raise ValueError(f"config_hash {config_hash!r}: expected letters, digits, '_', '.', '-'")
-    return store.runs(experiment_id, f"tags.{HASH_TAG} = '{config_hash}'")
 
 
 def _close(store: StoreLike, run: Run, status: str, closer: str, reason: str) -> bool:
@@ -124,16 +101,11 @@ def _close(store: StoreLike, run: Run, status: str, closer: str, reason: str) ->
 
 
 def _dead_reason(run: Run, lease_s: float) -> str:
-    owner = run.data.tags.get(OWNER_TAG, "unknown")
     until = _lease_until(run)
     if until is None:
-        started = (run.info.start_time or 0) / 1000
-        return (f"no lease (started {_iso(started)} by an older release) and not finished after {lease_s:g} s; "
-                f"presumed dead")
-    return f"lease expired at {_iso(until)}; owner {owner} stopped renewing"
-
-
-# --- the lease ---------------------------------------------------------------------------------------------------
+        return (f"no lease (started {_iso((run.info.start_time or 0) / 1000)} by an older release) and not finished "
+                f"after {lease_s:g} s; presumed dead")
+    return f"lease expired at {_iso(until)}; owner {run.data.tags.get(OWNER_TAG, 'unknown')} stopped renewing"
 
 
 class Lease:
@@ -179,8 +151,7 @@ class Lease:
         self.renewals += 1
 
     def _loop(self) -> None:
-        period = self.lease_s / 3
-        while not self._stop.wait(period):
+        while not self._stop.wait(self.lease_s / 3):
             try:
                 self._renew_once()
             except Exception as error:  # a store hiccup: try again next period; lapse only when the lease runs out
@@ -210,85 +181,65 @@ class Lease:
             log.error("run %s was not ended %s: it is %s, owner %s (closed or taken over after our lease lapsed)",
                       self.run_id, status, run.info.status, run.data.tags.get(OWNER_TAG))
 
-    def __enter__(self) -> Lease:
-        return self
-
-    def __exit__(self, kind, value, tb) -> None:
-        self.release("FINISHED" if kind is None else "KILLED" if issubclass(kind, (KeyboardInterrupt, SystemExit))
-                     else "FAILED")
-
-
-# --- claiming ----------------------------------------------------------------------------------------------------
-
 
 @dataclass
 class ClaimResult:
-    kind: ClaimKind
+    kind: Literal["claimed", "finished", "held"]
     run_id: str | None          # claimed: our run; finished: the FINISHED run; held: the live rival's run
     lease: Lease | None = None  # claimed only: renewing; release it when the trial ends
     closed: list[str] = field(default_factory=list)  # dead runs of this config closed on the way
     attempts: int = 0           # registrations made (1 when there was no race)
 
 
-def claim_tags(config_hash: str, owner: str, lease_s: float, now: float | None = None) -> dict[str, str]:
+def claim_tags(config_hash: str, owner: str, lease_s: float) -> dict[str, str]:
     """The tags a new claim run must be created with (in the create request itself, so rivals see a live lease)."""
-    now = time.time() if now is None else now
-    return {HASH_TAG: config_hash, OWNER_TAG: owner, LEASE_TAG: f"{now + lease_s:.3f}"}
+    return {"config_hash": config_hash, OWNER_TAG: owner, LEASE_TAG: f"{time.time() + lease_s:.3f}"}
 
 
 def child_run_creator(store: StoreLike, experiment_id: str, parent_run_id: str | None,
                       tags: dict[str, str] | None = None, run_name: str | None = None) -> Callable[[dict], str]:
     """A create_run for claim_trial: a child run of parent_run_id with our tags plus the claim's; returns its id."""
     store = Store.of(store)
-
-    def create(claim: dict[str, str]) -> str:
-        all_tags = {**(tags or {}), **claim}
-        if parent_run_id is not None:
-            all_tags["mlflow.parentRunId"] = parent_run_id
-        run = store.create_run(experiment_id, tags=all_tags, run_name=run_name)
-        return run.info.run_id
-
-    return create
-
-
-def _yield(store: Store, run_id: str, rival: str) -> None:
-    store.set_tag(run_id, CLOSED_REASON_TAG, f"yielded to {rival}")
-    store.set_terminated(run_id, status="KILLED")
-    store.delete_run(run_id)
+    parent = {} if parent_run_id is None else {"mlflow.parentRunId": parent_run_id}
+    return lambda claim: store.create_run(experiment_id, {**(tags or {}), **claim, **parent}, run_name).info.run_id
 
 
 def _rivals(runs: list[Run], owner: str, now: float, lease_s: float,
             ignore_finished_before: float | None = None) -> tuple[list[Run], list[Run]]:
-    """(FINISHED runs, other owners' live claims) among one config's runs.
-
-    Our own registrations carry our owner id (a new run's owner tag, our adopt tag), so they never count. FINISHED
-    runs that ended before ignore_finished_before (unix seconds) do not count either (a forced rerun).
-    """
+    """(FINISHED runs, other owners' live claims) among one config's runs. Our own registrations (a new run's owner
+    tag, our adopt tag) never count, nor FINISHED runs that ended before ignore_finished_before (a forced rerun)."""
     finished, live = [], []
     for run in runs:
         if run.info.status == "FINISHED":
-            ended = (run.info.end_time or 0) / 1000
-            if ignore_finished_before is None or ended >= ignore_finished_before:
+            if ignore_finished_before is None or (run.info.end_time or 0) / 1000 >= ignore_finished_before:
                 finished.append(run)
-        elif _live_adopters(run, now, except_owner=owner):
-            live.append(run)
-        elif _running_live(run, now, lease_s) and run.data.tags.get(OWNER_TAG) != owner:
+        elif _live_adopters(run, now, except_owner=owner) or (
+                _running_live(run, now, lease_s) and run.data.tags.get(OWNER_TAG) != owner):
             live.append(run)
     return finished, live
+
+
+def _recheck(store: StoreLike, experiment_id: str, config_hash: str, owner: str, lease_s: float,
+             ignore_finished_before: float | None = None) -> ClaimResult | str | None:
+    """After registering: a FINISHED run -> ClaimResult finished; a live rival -> its run id; none -> None."""
+    runs = Store.of(store).runs(experiment_id, tracking.hash_filter(config_hash))
+    finished, live = _rivals(runs, owner, time.time(), lease_s, ignore_finished_before)
+    if finished:
+        return ClaimResult("finished", finished[0].info.run_id)
+    return live[0].info.run_id if live else None
 
 
 def claim_trial(store: StoreLike, experiment_id: str, config_hash: str, owner: str,
                 create_run: Callable[[dict[str, str]], str], lease_s: float = DEFAULT_LEASE_S,
                 resume_run_id: str | None = None, wait_s: float = 0.0, max_attempts: int = MAX_ATTEMPTS,
                 backoff_s: float = BACKOFF_S, ignore_finished_before: float | None = None) -> ClaimResult:
-    """Claim config_hash for owner (see the module docstring for the protocol and its proof).
+    """Claim config_hash for owner (docs/design.md, "The claim protocol").
 
-    create_run(tags) creates the trial's RUNNING child run with at least `tags` (config_hash, owner, lease) in the
-    create request and returns its run id; `child_run_creator` makes one. resume_run_id: the run this caller
-    continues (its checkpoint names it). wait_s: how long to wait for a live holder to finish or die before
-    answering "held" (0: answer at once). At most max_attempts registrations; a yield sleeps a random, bounded time.
-    ignore_finished_before: `sweep run --force` passes its launch's start time, so runs that finished before it
-    are run again while one that another launch finishes meanwhile still counts.
+    create_run(tags) creates the trial's RUNNING child run with at least `tags` in the create request and returns
+    its id (`child_run_creator` makes one). resume_run_id: the run this caller continues (its checkpoint names it).
+    wait_s: how long to wait for a live holder to finish or die before answering "held". At most max_attempts
+    registrations. ignore_finished_before: `sweep run --force` passes its launch's start time, so runs that finished
+    before it are run again while one that another launch finishes meanwhile still counts.
     """
     if lease_s <= 0:
         raise ValueError(f"lease_s: {lease_s} must be positive")
@@ -300,22 +251,24 @@ def claim_trial(store: StoreLike, experiment_id: str, config_hash: str, owner: s
     last_rival: str | None = None
     for _ in range(max_attempts * 4 + int(wait_s / poll) + 2):  # every path through the loop sleeps or returns
         now = time.time()
-        runs = _runs_for(store, experiment_id, config_hash)
+        runs = store.runs(experiment_id, tracking.hash_filter(config_hash))
         finished, live = _rivals(runs, owner, now, lease_s, ignore_finished_before)
-        live_ids = {r.info.run_id for r in live}
         if finished:
             return ClaimResult("finished", finished[0].info.run_id, None, closed, attempts)
-        # (c) close the dead: RUNNING, lease lapsed; ours from an earlier attempt when it is not the run we resume
+        # close the dead: RUNNING, lease lapsed; ours from an earlier attempt when it is not the run we resume
+        live_ids = {r.info.run_id for r in live}
         for run in runs:
             rid = run.info.run_id
             if rid == resume_run_id or run.info.status != "RUNNING" or rid in live_ids:
                 continue
             if not _running_live(run, now, lease_s):
-                if _close(store, run, "FAILED", owner, _dead_reason(run, lease_s)):
-                    closed.append(rid)
+                reason = _dead_reason(run, lease_s)
             elif run.data.tags.get(OWNER_TAG) == owner:
-                if _close(store, run, "FAILED", owner, f"superseded: owner {owner} started this config again"):
-                    closed.append(rid)
+                reason = f"superseded: owner {owner} started this config again"
+            else:
+                continue
+            if _close(store, run, "FAILED", owner, reason):
+                closed.append(rid)
         if live:
             last_rival = live[0].info.run_id
             if time.monotonic() + poll > deadline:
@@ -325,61 +278,40 @@ def claim_trial(store: StoreLike, experiment_id: str, config_hash: str, owner: s
         if attempts >= max_attempts:
             break
         attempts += 1
+        # register: a new run, or our adopt tag on the run we resume (it cannot be created again)
         resume = next((r for r in runs if r.info.run_id == resume_run_id), None)
-        if resume is not None:
-            result = _adopt(store, experiment_id, config_hash, owner, resume, lease_s, ignore_finished_before)
+        adopt_key = ADOPT_PREFIX + _key_part(owner)
+        if resume is None:
+            run_id = create_run(claim_tags(config_hash, owner, lease_s))
         else:
-            result = _create(store, experiment_id, config_hash, owner, create_run, lease_s, ignore_finished_before)
-        if isinstance(result, ClaimResult):
-            result.closed, result.attempts = closed, attempts
-            return result
-        last_rival = result
+            run_id = resume.info.run_id
+            store.set_tag(run_id, adopt_key, f"{time.time() + lease_s:.3f}")
+        outcome = _recheck(store, experiment_id, config_hash, owner, lease_s, ignore_finished_before)
+        if outcome is None:
+            lease = Lease(store, run_id, owner, lease_s)
+            if resume is not None:
+                lease._write()  # owner and lease first, RUNNING next, the adopt tag last: a claim is visible throughout
+                store.update_run(run_id, status="RUNNING")
+                clear_closed_tags(store, run_id, resume)  # it was closed as dead; it lives again
+                store.delete_tag(run_id, adopt_key)
+            return ClaimResult("claimed", run_id, lease.start(), closed, attempts)
+        last_rival = outcome.run_id if isinstance(outcome, ClaimResult) else outcome
+        if resume is None:  # yield: ended KILLED, then deleted (it never ran anything)
+            store.set_tag(run_id, CLOSED_REASON_TAG, f"yielded to {last_rival}")
+            store.set_terminated(run_id, status="KILLED")
+            store.delete_run(run_id)
+        else:
+            store.delete_tag(run_id, adopt_key)
+        if isinstance(outcome, ClaimResult):
+            outcome.closed, outcome.attempts = closed, attempts
+            return outcome
         yields += 1
         time.sleep(random.uniform(0, backoff_s * 2 ** min(yields, 4)))
     return ClaimResult("held", last_rival, None, closed, attempts)
 
 
-def _recheck(store, experiment_id, config_hash, owner, lease_s, ignore_finished_before=None
-             ) -> ClaimResult | str | None:
-    """After registering: a FINISHED run -> ClaimResult finished; a live rival -> its run id; none -> None."""
-    runs = _runs_for(Store.of(store), experiment_id, config_hash)
-    finished, live = _rivals(runs, owner, time.time(), lease_s, ignore_finished_before)
-    if finished:
-        return ClaimResult("finished", finished[0].info.run_id)
-    return live[0].info.run_id if live else None
-
-
-def _create(store, experiment_id, config_hash, owner, create_run, lease_s, ignore_finished_before
-            ) -> ClaimResult | str:
-    run_id = create_run(claim_tags(config_hash, owner, lease_s))
-    outcome = _recheck(store, experiment_id, config_hash, owner, lease_s, ignore_finished_before)
-    if outcome is None:
-        return ClaimResult("claimed", run_id, Lease(store, run_id, owner, lease_s).start())
-    rival = outcome.run_id if isinstance(outcome, ClaimResult) else outcome
-    _yield(store, run_id, rival)
-    return outcome
-
-
-def _adopt(store, experiment_id, config_hash, owner, run: Run, lease_s, ignore_finished_before
-           ) -> ClaimResult | str:
-    run_id = run.info.run_id
-    key = ADOPT_PREFIX + _key_part(owner)
-    store.set_tag(run_id, key, f"{time.time() + lease_s:.3f}")
-    outcome = _recheck(store, experiment_id, config_hash, owner, lease_s, ignore_finished_before)
-    if outcome is None:
-        lease = Lease(store, run_id, owner, lease_s)
-        lease._write()  # owner and lease first, RUNNING next, the adopt tag last: a claim is visible throughout
-        store.update_run(run_id, status="RUNNING")
-        clear_closed_tags(store, run_id, run)  # it was closed as dead; it lives again
-        store.delete_tag(run_id, key)
-        return ClaimResult("claimed", run_id, lease.start())
-    store.delete_tag(run_id, key)
-    return outcome
-
-
 def clear_closed_tags(store: StoreLike, run_id: str, run: Run | None = None) -> None:
-    """Remove the tags a closer left on a run that lives again (adopted, or a resumed launch's parent): they would
-    contradict its status."""
+    """Remove the tags a closer left on a run that lives again (adopted, or a resumed launch's parent)."""
     store = Store.of(store)
     run = run or store.get_run(run_id)
     for stale in (CLOSED_BY_TAG, CLOSED_REASON_TAG):
@@ -387,15 +319,12 @@ def clear_closed_tags(store: StoreLike, run_id: str, run: Run | None = None) -> 
             store.delete_tag(run_id, stale)
 
 
-# --- closing what dead owners left -------------------------------------------------------------------------------
-
-
 def holder_alive(store: StoreLike, run_id: str, lease_s: float) -> bool:
-    """Whether a RUNNING run's holder is alive: it renews the lease (every lease_s / 3) before the lease lapses.
-    Returns within about lease_s / 3 for a live holder, and once the lease lapses (at most lease_s) for a dead one."""
+    """Whether a RUNNING run's holder renews its lease: answers within about lease_s / 3 for a live holder, and once
+    the lease lapses (at most lease_s) for a dead one; a holder that neither renews nor lapses counts as alive."""
     store = Store.of(store)
     first = None
-    deadline = time.time() + 1.5 * lease_s  # bounded: a holder that neither renews nor lapses counts as alive
+    deadline = time.time() + 1.5 * lease_s
     while time.time() < deadline:
         run = store.get_run(run_id)
         if not _running_live(run, time.time(), lease_s):
@@ -410,9 +339,8 @@ def holder_alive(store: StoreLike, run_id: str, lease_s: float) -> bool:
 
 
 def outlive_dead_launches(store: StoreLike, experiment_id: str, lease_s: float) -> None:
-    """Wait out the leases of launches of this experiment whose driver died moments ago (it stopped renewing its
-    parent run's lease), and of their trials' runs: a new launch would otherwise find those configs held and skip
-    them. A launch that is alive (an overlapping one) renews within lease_s / 3 and is left to its runs."""
+    """Wait out the leases of launches whose driver died moments ago, and of their trials' runs: a new launch would
+    otherwise find those configs held and skip them. A live (overlapping) launch is left to its runs."""
     store = Store.of(store)
     for parent in tracking.running_parents(store, experiment_id):
         if not _running_live(parent, time.time(), lease_s):
@@ -429,12 +357,8 @@ def outlive_dead_launches(store: StoreLike, experiment_id: str, lease_s: float) 
 
 def close_dead_runs(store: StoreLike, experiment_id: str, now: float | None = None, closer: str | None = None,
                     lease_s: float = DEFAULT_LEASE_S) -> list[str]:
-    """Close every RUNNING run of the experiment whose holder is dead; return their ids.
-
-    Dead: its lease expired, or it has no lease tag (an older release) and started more than lease_s ago. Trial runs
-    are ended FAILED (a later launch reruns the config), parent runs KILLED (as an interrupted launch is), each with
-    ``sweep.closed_by`` and ``sweep.closed_reason``. One query filtered on status, not a scan of all runs.
-    """
+    """Close every RUNNING run of the experiment whose holder is dead (`_running_live`); return their ids. Trial
+    runs are ended FAILED (a later launch reruns the config), parent runs KILLED (as an interrupted launch is)."""
     store = Store.of(store)
     now = time.time() if now is None else now
     closer = closer or new_owner_id("closer")

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 
@@ -31,8 +32,8 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 PARENT_ROLE = "parent"
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 MAX_PARAM_CHARS = 500
-# Not a param: "name" is the experiment (tag sweep.name).
-_NOT_PARAMS = {"name"}
+_NOT_PARAMS = {"name"}  # not a param: "name" is the experiment (tag sweep.name)
+
 
 def _sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
@@ -55,22 +56,18 @@ def init_store(uri: str) -> None:
     while the second waits, then finds it there. A server URI needs nothing: the server created its schema.
     """
     db = _sqlite_path(uri)
-    if db is None or not db.parent.is_dir():
-        Store(uri).connect()  # a missing folder fails here, as before
-        return
-    from filelock import FileLock, Timeout
-
-    lock = FileLock(str(db) + ".lock", timeout=STORE_LOCK_SECONDS)
+    lock = None if db is None or not db.parent.is_dir() else FileLock(f"{db}.lock", timeout=STORE_LOCK_SECONDS)
     try:
-        lock.acquire()
+        if lock is not None:
+            lock.acquire()
     except (Timeout, OSError) as error:  # a read-only folder (the store exists) or a stuck lock holder: go on unlocked
         log.warning("could not lock %s.lock (%s); opening the store without it", db, error)
-        Store(uri).connect()
-        return
+        lock = None
     try:
-        Store(uri).connect()
+        Store(uri).connect()  # a missing folder fails here
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 def config_hash(trial_config: dict) -> str:
@@ -83,6 +80,13 @@ def _param_value(value: Any) -> str:
     if isinstance(value, (list, dict)):
         value = json.dumps(value, default=str)
     return str(value)[:MAX_PARAM_CHARS]
+
+
+def hash_filter(chash: str) -> str:
+    """The search filter for one config's runs; the hash is checked first, as it goes into the filter's text."""
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", chash):
+        raise ValueError(f"config_hash {chash!r}: expected letters, digits, '_', '.', '-'")
+    return f"tags.config_hash = '{chash}'"
 
 
 def _flatten(trial_config: dict) -> dict[str, Any]:
@@ -172,10 +176,6 @@ def all_runs(store: StoreLike, experiment_id: str, filter_string: str = "", max_
     return Store.of(store).runs(experiment_id, filter_string, max_results)
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 def _base_tags() -> dict[str, str]:
     commit = code_version()
     return {"git_commit": commit} if commit else {}
@@ -246,10 +246,7 @@ def finished_trials(store: StoreLike, experiment: str, hashes: list[str] | None 
             return {}
         done = {}
         for chash in dict.fromkeys(hashes):
-            if not re.fullmatch(r"[A-Za-z0-9_.\-]+", chash):
-                raise ValueError(f"config_hash {chash!r}: expected letters, digits, '_', '.', '-'")
-            runs = store.runs(experiment_id, f"tags.config_hash = '{chash}' and attributes.status = 'FINISHED'",
-                              max_results=1)
+            runs = store.runs(experiment_id, f"{hash_filter(chash)} and attributes.status = 'FINISHED'", max_results=1)
             if runs:
                 done[chash] = runs[0].info.run_id
         return done
@@ -361,7 +358,8 @@ class TrialRun:
         store = Store.of(store)
         store.update_run(run_id, "RUNNING")
         run = store.get_run(run_id)
-        trial_run = cls(store, run_id, _present_points(store, run_id, run))
+        trial_run = cls(store, run_id, {(key, m.step) for key in run.data.metrics
+                                        for m in store.get_metric_history(run_id, key)})
         trial_run.log_params({k: v for k, v in flat_params(trial_config).items() if k not in run.data.params})
         return trial_run
 
@@ -377,7 +375,7 @@ class TrialRun:
 
     def log_points(self, points: list[tuple[str, int, float]]) -> None:
         """(metric, step, value) points the run does not hold yet, in one request (one sqlite transaction)."""
-        ts = _now_ms()
+        ts = int(time.time() * 1000)
         new = [(name, step, value) for name, step, value in points if (name, step) not in self.present]
         for i in range(0, len(new), 1000):  # MLflow's limit per batch
             batch = [Metric(name, value, ts, step) for name, step, value in new[i : i + 1000]]
@@ -394,6 +392,3 @@ class TrialRun:
         _check_status(status)
         self.store.set_terminated(self.run_id, status)
 
-
-def _present_points(store: Store, run_id: str, run: Run) -> set[tuple[str, int]]:
-    return {(key, m.step) for key in run.data.metrics for m in store.get_metric_history(run_id, key)}
