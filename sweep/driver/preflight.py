@@ -2,16 +2,14 @@
 
     preflight(load_spec("search_spaces/quickstart.yaml"))   # SpecError: one line per problem, field first
 
-The parser knows names and ranges; only loading can tell that a dataset folder holds no dataset, that a checkpoint
-is corrupt or belongs to another architecture, or that the pruner cannot handle a model (channel shuffle). Each of
-these would otherwise fail every trial after Ray has started, possibly hours into a sweep. Every distinct
-(model, weights, dataset) is checked once: load the dataset's splits, build the model, trace it for the pruner.
-Nothing is downloaded here: torchvision weights are checked by name, and a dataset the trials will download is
-not loaded.
+Only loading can tell that a dataset folder holds no dataset, that a checkpoint is corrupt or belongs to another
+architecture, or that the pruner cannot handle a model: each would otherwise fail every trial after Ray started.
+Every distinct (model, weights, dataset) is loaded, built and traced once; nothing is downloaded here.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -27,31 +25,6 @@ from sweep.store import objects
 from sweep.worker.shared_data import data_key
 from sweep.zoo.data import DataError, DataSplits, load_dataset, load_official
 from sweep.zoo.models import MODELS, ModelError, build_model
-
-# Trial paths whose values decide what a check loads. Everything else (training, pruning ratios) cannot make
-# loading fail, so other swept settings are not multiplied out.
-_SECTIONS = ("model", "dataset")
-_LEAVES = ("prune.ignore",)
-
-
-def _combinations(spec: SweepSpec) -> list[dict]:
-    """The distinct model/dataset/ignore settings the sweep's trials can have (one trial dict each)."""
-    paths = [p for p in spec.space if p in _SECTIONS or p.split(".")[0] in _SECTIONS or p in _LEAVES]
-    seen, out = set(), []
-    # A domain's values are the items of a grid or choice, or both ends of a range.
-    for values in itertools.product(*(spec.space[p].values for p in paths)):
-        config = json.loads(json.dumps(spec.trial))  # a deep copy; the trial dict is plain JSON data
-        for path, value in zip(paths, values):
-            *parents, leaf = path.split(".")
-            node = config
-            for part in parents:
-                node = node[part]
-            node[leaf] = value
-        key = json.dumps([config["model"], config["dataset"], config["prune"]["ignore"]], sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            out.append(config)
-    return out
 
 
 def _load(dataset: dict, seed: int) -> tuple[tuple[int, int, int] | None, DataSplits | None]:
@@ -106,7 +79,14 @@ def preflight(spec: SweepSpec) -> dict[str, DataSplits]:
     shapes: dict[str, tuple | None] = {}
     officials: dict[str, DataSplits] = {}
     checked: set[str] = set()
-    for config in _combinations(spec):
+    # Only these paths decide what loads (training or pruning settings cannot make loading fail); a domain's values
+    # are the items of a grid or choice, or both ends of a range.
+    paths = [p for p in spec.space if p.split(".")[0] in ("model", "dataset") or p == "prune.ignore"]
+    for values in itertools.product(*(spec.space[p].values for p in paths)):
+        config = json.loads(json.dumps(spec.trial))  # a deep copy; the trial dict is plain JSON data
+        for path, value in zip(paths, values):
+            *parents, leaf = path.split(".")
+            functools.reduce(dict.__getitem__, parents, config)[leaf] = value
         dataset_key = json.dumps(config["dataset"], sort_keys=True)
         if dataset_key not in shapes:
             try:
@@ -149,22 +129,10 @@ def _probe(folder: Path) -> str | None:
     return None
 
 
-def _nearest_existing(path: Path) -> Path:
-    for candidate in (path, *path.parents):
-        if candidate.exists():
-            return candidate
-    return Path("/")
-
-
 def check_writable(storage: str, tracking_uri: str) -> None:
-    """Fail before Ray starts, and before the MLflow store is opened, if the sweep could not write its results.
-
-    storage: the resolved --storage folder (it may not exist yet: then the nearest existing folder above it must
-    take the new folder), or object storage (an object is written and deleted there). tracking_uri: the resolved
-    MLflow URI; for a sqlite store its folder must exist and take new files (sqlite writes a journal beside the
-    database). Server URIs are not checked here. Raises StorageError, one line per problem, naming --storage or
-    --tracking-uri and the fix.
-    """
+    """Before Ray starts and the MLflow store opens: StorageError (naming --storage or --tracking-uri and the fix) if
+    the resolved storage (a folder that may not exist yet, or object storage) or a sqlite store's folder (sqlite
+    writes a journal beside the database) cannot take new files. Server URIs are not checked here."""
     errors = []
     if objects.is_uri(storage):
         why = objects.probe_writable(storage)
@@ -174,7 +142,7 @@ def check_writable(storage: str, tracking_uri: str) -> None:
                           "or an instance profile; AWS_ENDPOINT_URL for an S3-compatible server)")
     else:
         folder = Path(storage)
-        target = _nearest_existing(folder)
+        target = next((p for p in (folder, *folder.parents) if p.exists()), Path("/"))
         why = "is not a folder" if not target.is_dir() else _probe(target)
         if why:
             where = str(folder) if target == folder else f"{folder} (its nearest existing folder {target})"
@@ -192,4 +160,4 @@ def check_writable(storage: str, tracking_uri: str) -> None:
                 errors.append(f"--tracking-uri: {tracking_uri}: folder {db.parent} is not writable ({why}); pass "
                               "--tracking-uri sqlite:///<writable folder>/mlflow.db or fix its permissions")
     if errors:
-        raise StorageError(" | ".join(errors) if len(errors) > 1 else errors[0])
+        raise StorageError(" | ".join(errors))

@@ -29,20 +29,18 @@ def _span(seconds: float) -> str:
 
 
 class CompactProgress(ProgressReporter):
-    """Counts, elapsed time, a time-left estimate and the best trial so far by the spec's (validation) metric."""
+    """Counts, elapsed time, a time-left estimate and the best trial so far by the spec's (validation) metric.
 
-    # No stream attribute: Tune pickles its reporter with the Tuner, and sys.stdout is looked up when written to.
+    outage(): seconds the tracking server has not answered, None while it does. It must pickle, as Tune pickles its
+    reporter (a module-level function such as functools.partial(client.down_for, uri)); for the same reason there is
+    no stream attribute: sys.stdout is looked up when written to."""
+
     def __init__(self, metric: str, mode: str, describe: Callable[[dict], str], every_s: float = 10.0,
                  outage: Callable[[], float | None] | None = None):
-        """outage(): seconds the tracking server has not answered, None while it does (it must pickle, as Tune
-        pickles its reporter: a module-level function such as functools.partial(client.down_for, uri))."""
-        self.metric, self.mode, self.describe, self.every_s = metric, mode, describe, every_s
-        self.outage = outage
-        self.start = time.time()
-        self.last_time, self.last_state = 0.0, ""
+        self.metric, self.mode, self.describe, self.every_s, self.outage = metric, mode, describe, every_s, outage
+        self.start, self.last_time, self.last_state = time.time(), 0.0, ""
 
-    def setup(self, start_time: float | None = None, total_samples: int | None = None, metric: str | None = None,
-              mode: str | None = None, **kwargs: Any) -> None:
+    def setup(self, start_time: float | None = None, **kwargs: Any) -> None:
         self.start = start_time or time.time()
 
     def line(self, trials: list) -> tuple[str, str]:
@@ -61,8 +59,7 @@ class CompactProgress(ProgressReporter):
             if isinstance(value, (int, float)) and math.isfinite(value) \
                     and (best is None or (value > best[0]) == (self.mode == "max")):  # NaN: a trial with no value
                 best = (value, trial)
-        finished = sum(ended.values())
-        elapsed = time.time() - self.start
+        finished, elapsed = sum(ended.values()), time.time() - self.start
         state = [f"{finished}/{len(trials)} done", f"{running} running", f"{ended['FAILED']} failed",
                  f"{ended['SKIPPED'] + ended['HELD']} skipped"]
         if best is not None:
@@ -82,8 +79,7 @@ class CompactProgress(ProgressReporter):
     def report(self, trials: list, done: bool, *sys_info: str) -> None:
         line, self.last_state = self.line(trials)
         self.last_time = time.time()
-        if sys.stdout.isatty():  # in place: one line that updates
-            sys.stdout.write("\r\033[K" + line + ("\n" if done else ""))
-        else:  # a log file: a line per change, at most one per `every_s` while nothing changes
-            sys.stdout.write(line + "\n")
+        # a terminal: one line updated in place; a log file: a line per change, at most one per every_s otherwise
+        tty = sys.stdout.isatty()
+        sys.stdout.write(("\r\033[K" + line + ("\n" if done else "")) if tty else line + "\n")
         sys.stdout.flush()

@@ -4,14 +4,12 @@ folder, or object storage such as s3://bucket/sweeps)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 from sweep.config.spec import SpecError, SweepSpec
@@ -45,12 +43,7 @@ def start_ray(address: str | None = None, num_cpus: int | None = None,
     os.environ.update(WORKER_ENV)  # this driver's own runs, and local workers (they inherit it)
     if address is not None:
         check_address(address, connect_timeout)
-        with _stderr_held() as held:
-            try:
-                ray.init(address=address, runtime_env={"env_vars": WORKER_ENV})
-            except ConnectionError as error:  # the GCS answered but refused us: token authentication, most often
-                raise InputError(_refused(address, error)) from None
-            held.keep = True
+        _connect(address)
         return True
     os.environ[_LOCAL_ONLY_ENV] = "0"  # for processes Ray starts from here; they import ray afresh
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report to the internet from a local run
@@ -68,30 +61,27 @@ def start_ray(address: str | None = None, num_cpus: int | None = None,
     return True
 
 
-class _Held:
-    keep = False  # replay what was held (the connection worked: Ray's own lines are worth seeing)
+def _connect(address: str) -> None:
+    """ray.init on a cluster, holding what is written to file descriptor 2 meanwhile: Ray's C++ client writes a
+    warning per retry straight there ("Failed to get cluster ID from GCS server: Unauthenticated", 20 of them before
+    ray.init gives up). Replayed once connected; dropped on failure, where our one line says what went wrong."""
+    import ray
 
-
-@contextlib.contextmanager
-def _stderr_held() -> Iterator[_Held]:
-    """Hold what is written to file descriptor 2 while Ray connects: its C++ client writes a warning per retry
-    straight there ("Failed to get cluster ID from GCS server: Unauthenticated", 20 of them before ray.init gives
-    up). Replayed when `keep` is set; dropped on failure, where our one line says what went wrong."""
-    held = _Held()
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as sink:
         os.dup2(sink.fileno(), 2)
         try:
-            yield held
+            ray.init(address=address, runtime_env={"env_vars": WORKER_ENV})
+        except ConnectionError as error:  # the GCS answered but refused us: token authentication, most often
+            raise InputError(_refused(address, error)) from None
         finally:
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
-            if held.keep:
-                sink.seek(0)
-                sys.stderr.write(sink.read().decode(errors="replace"))
-                sys.stderr.flush()
+        sink.seek(0)
+        sys.stderr.write(sink.read().decode(errors="replace"))
+        sys.stderr.flush()
 
 
 def _host_port(address: str) -> tuple[str, int] | None:
@@ -113,14 +103,11 @@ def _host_port(address: str) -> tuple[str, int] | None:
 
 def check_address(address: str, timeout: float) -> None:
     """A Ray address that does not accept a connection within timeout seconds: InputError naming it and the fix.
-
-    ray.init would retry such an address for ever ("Failed to get cluster ID from GCS server" every ~40 s). A
-    cluster that is starting gets the whole timeout: refused connections are retried until then."""
+    (ray.init would retry it for ever.) A cluster that is starting gets the whole timeout: refusals are retried."""
     target = _host_port(address)
     if target is None:
         return
     deadline = time.monotonic() + timeout
-    why = "no answer"
     while True:
         try:
             with socket.create_connection(target, timeout=max(0.1, min(2.0, deadline - time.monotonic()))):
@@ -135,11 +122,6 @@ def check_address(address: str, timeout: float) -> None:
                      "head's GCS port, 6379 by default, or ray://HEAD:10001), or wait longer with --connect-timeout")
 
 
-def _token_available() -> bool:
-    return bool(os.environ.get("RAY_AUTH_TOKEN")) or Path(os.environ.get(
-        "RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token")).expanduser().is_file()
-
-
 def _refused(address: str, error: Exception) -> str:
     """One line for a cluster that answered and refused the driver."""
     text = " ".join(str(error).split())[:200]
@@ -148,7 +130,9 @@ def _refused(address: str, error: Exception) -> str:
                 "(`ray start --head`), or give its address (HEAD:6379 or ray://HEAD:10001), or leave --address out "
                 "for a local Ray")
     if os.environ.get(_AUTH_MODE_ENV, "").lower() != "token":
-        where = "the token this machine has (~/.ray/auth_token or $RAY_AUTH_TOKEN)" if _token_available() else \
+        token = os.environ.get("RAY_AUTH_TOKEN") or Path(os.environ.get(
+            "RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token")).expanduser().is_file()
+        where = "the token this machine has (~/.ray/auth_token or $RAY_AUTH_TOKEN)" if token else \
             "the cluster's token in ~/.ray/auth_token or $RAY_AUTH_TOKEN (`ray get-auth-token` on the head)"
         return (f"--address {address}: Ray refused the connection ({text}); a cluster with token authentication "
                 f"(Ray's default once ~/.ray/auth_token exists) needs {_AUTH_MODE_ENV}=token and {where}: "
@@ -163,20 +147,18 @@ def check_resources(spec: SweepSpec) -> None:
     import ray
 
     nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
-    want = spec.resources
-    total_gpus = sum(node.get("GPU", 0) for node in nodes)
-    errors = []
-    if want["gpu"] > 0 and total_gpus == 0:
+    want, errors = spec.resources, []
+    most = {key: max((node.get(key, 0) for node in nodes), default=0) for key in ("GPU", "CPU", "memory")}
+    if want["gpu"] > 0 and most["GPU"] == 0:
         errors.append(f"resources.gpu: {want['gpu']:g} GPU per trial requested but the Ray cluster has no GPUs; "
                       "set resources.gpu: 0 (with device: auto or cpu), or run on a cluster with GPUs (--address)")
-    elif want["gpu"] > max((node.get("GPU", 0) for node in nodes), default=0):
+    elif want["gpu"] > most["GPU"]:
         errors.append(f"resources.gpu: {want['gpu']:g} GPUs per trial but no node has that many; "
                       "ask for at most the GPUs of one node")
-    most_cpus = max((node.get("CPU", 0) for node in nodes), default=0)
-    if want["cpu"] > most_cpus:
-        errors.append(f"resources.cpu: {want['cpu']:g} CPUs per trial but the largest node has {most_cpus:g}; "
-                      f"set resources.cpu to at most {most_cpus:g}")
-    most_gib = max((node.get("memory", 0) for node in nodes), default=0) / 2**30
+    if want["cpu"] > most["CPU"]:
+        errors.append(f"resources.cpu: {want['cpu']:g} CPUs per trial but the largest node has {most['CPU']:g}; "
+                      f"set resources.cpu to at most {most['CPU']:g}")
+    most_gib = most["memory"] / 2**30
     if want.get("memory") and want["memory"] > most_gib:  # Tune would wait for such a node forever, silently
         errors.append(f"resources.memory: {want['memory']:g} GiB per trial but the largest node offers Ray "
                       f"{most_gib:.1f} GiB; set resources.memory to at most {most_gib:.1f}")
@@ -184,22 +166,19 @@ def check_resources(spec: SweepSpec) -> None:
         raise SpecError(errors)
 
 
-# --- storage and MLflow --------------------------------------------------------------------------------------
+# --- storage --------------------------------------------------------------------------------------------------
 
 
 def resolve_storage(storage: str | None) -> str:
     """Where the sweep keeps Tune state, checkpoints and bases: an absolute folder (default ./sweep_results; Ray
     needs it absolute), or object storage as given (s3://bucket/prefix, gs://..., whatever pyarrow.fs reads)."""
     path = storage or DEFAULT_STORAGE
-    if objects.is_uri(path):
-        return path.rstrip("/")
-    return str(Path(path).expanduser().resolve())
+    return path.rstrip("/") if objects.is_uri(path) else str(Path(path).expanduser().resolve())
 
 
 def reports_dir(storage: str | None) -> str:
-    """The one folder `sweep run` and `sweep report` write a sweep's report into (as NAME/): <storage>/reports, beside
-    the sweep's other results (default ./sweep_results/reports); ./reports when the storage is a bucket, for the
-    report is files for a person to open on this machine."""
+    """The one folder `sweep run` and `sweep report` write a sweep's report into (as NAME/): <storage>/reports;
+    ./reports when the storage is a bucket, for the report is files for a person to open on this machine."""
     path = resolve_storage(storage)
     return "reports" if objects.is_uri(path) else os.path.join(path, "reports")
 
@@ -210,7 +189,5 @@ def cache_dir(storage: str, name: str) -> str:
 
 
 def new_launch_path(storage: str, name: str) -> str:
-    """Each launch has its own Tune folder, <storage>/<name>/launches/<time>-<random>: overlapping launches of one
-    spec never write into each other's Tune state."""
-    launch = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    return objects.join(storage, name, "launches", launch)
+    """<storage>/<name>/launches/<time>-<random>: overlapping launches never write into each other's Tune state."""
+    return objects.join(storage, name, "launches", f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
