@@ -204,7 +204,7 @@ def register_best(experiment: str, model_name: str, by: str = "val_accuracy", tr
             metadata={"sweep.experiment": experiment, "sweep.run_id": run.info.run_id, "sweep.by": by,
                       f"sweep.{by}": run.data.metrics[by]})
         # Artifacts only: the FINISHED trial run keeps its status, metrics and end time.
-        store.log_artifacts(run.info.run_id, local, MODEL_DIR)
+        store.log_artifacts(run.info.run_id, str(local), MODEL_DIR)
     try:
         store.create_registered_model(model_name,
                                       description="Pruned networks chosen from sweeps by `sweep report --register`")
