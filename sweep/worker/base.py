@@ -1,13 +1,9 @@
-"""The shared base network: trained (or fine-tuned from source weights) once per sweep, read by every trial.
+"""The shared base network: trained (or fine-tuned from source weights) once per `base_key`, read by every trial
+on every node, its accuracy and cost measured once and stored beside the weights. A folder elects the trainer with a
+file lock, object storage with a claim in the tracking store (docs/design.md, "Sharing the base network").
 
-    path, cached = ensure_base(cfg, cache_dir, splits, device)      # trains under a file lock, or finds it
-    path, cached = ensure_base(cfg, "s3://b/sweeps/x/bases", splits, device, tracking_uri=uri, experiment=name)
+    path, cached = ensure_base(cfg, cache_dir, splits, device)      # or an s3:// cache, with tracking_uri, experiment
     model, info = load_base(cfg.model, path, splits)               # info: accuracies, FLOPs, MACs, params, time
-
-The base depends only on (model, dataset, base training, seed): `base_key` hashes exactly those, so trials that
-agree there share one file, on every node that mounts the cache folder or reads the bucket. Its accuracy and cost
-are measured once, with it, and stored beside the weights. On object storage there is no file lock: the trainer
-is elected through the tracking store instead (a claim on the key; docs/design.md, "Sharing the base network").
 """
 
 from __future__ import annotations
@@ -45,10 +41,8 @@ def _base_identity(cfg: TrialConfig) -> dict:
 
 
 def base_key(cfg: TrialConfig, val_source: str = "train") -> str:
-    """What the base network depends on, and nothing else: trials that agree here share it. Where validation comes
-    from (DataSplits.val_source) changes what the base trains on (all of train when validation is carved from test)
-    and what its base_val_accuracy measured, so a base whose validation is not held out of train has a key of its
-    own (the others keep the keys they always had)."""
+    """What the base network depends on, and nothing else. A validation carved from test (val_source) changes what
+    the base trains on and what base_val_accuracy measured: such a base has a key of its own (others keep theirs)."""
     key = _base_identity(cfg)
     if val_source != "train":
         key["val_source"] = val_source
@@ -65,14 +59,6 @@ def example_input(splits: DataSplits, device: torch.device | str = "cpu") -> tor
     return torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size, device=device)
 
 
-def _measure_base(model: nn.Module, splits: DataSplits, device: torch.device, batch_size: int) -> dict:
-    val = evaluate(model, batches(splits.val, batch_size, False, device), device, splits.num_classes)
-    test = evaluate(model, batches(splits.test, batch_size, False, device), device, splits.num_classes)
-    flops = count_flops(model, example_input(splits, device))
-    return {"base_val_accuracy": val["accuracy"], "base_test_accuracy": test["accuracy"],
-            "base_flops": float(flops), "base_macs": float(flops // 2), "base_params": float(count_params(model))}
-
-
 def _train_base(cfg: TrialConfig, splits: DataSplits, device: torch.device) -> bytes:
     """Train (or fine-tune) and measure the base; the checkpoint's bytes."""
     seed_everything(cfg.seed)
@@ -81,7 +67,13 @@ def _train_base(cfg: TrialConfig, splits: DataSplits, device: torch.device) -> b
     start = time.perf_counter()
     if train.epochs > 0:
         fit(model, batches(splits.train, train.batch_size, True, device, seed=cfg.seed), train, device)
-    info = {"base_train_time_s": time.perf_counter() - start, **_measure_base(model, splits, device, train.batch_size)}
+    train_time = time.perf_counter() - start
+    val, test = (evaluate(model, batches(split, train.batch_size, False, device), device, splits.num_classes)
+                 for split in (splits.val, splits.test))
+    flops = count_flops(model, example_input(splits, device))
+    info = {"base_train_time_s": train_time, "base_val_accuracy": val["accuracy"],
+            "base_test_accuracy": test["accuracy"], "base_flops": float(flops), "base_macs": float(flops // 2),
+            "base_params": float(count_params(model))}
     buffer = io.BytesIO()
     torch.save({"state_dict": model.state_dict(), "info": info,
                 "config": json.dumps(_base_identity(cfg), default=str)}, buffer)
@@ -91,11 +83,8 @@ def _train_base(cfg: TrialConfig, splits: DataSplits, device: torch.device) -> b
 def ensure_base(cfg: TrialConfig, cache_dir: str | Path, splits: DataSplits, device: torch.device,
                 tracking_uri: str | None = None, experiment: str | None = None,
                 lease_s: float = claims.DEFAULT_LEASE_S) -> tuple[str, bool]:
-    """Train the base once per key; returns (its checkpoint's location, whether it was already there).
-
-    A folder (local, or one every node mounts): the first trial trains under a file lock, the others wait on it.
-    Object storage (a URI): the trial that claims the key in the tracking store (tracking_uri, experiment) trains,
-    the others wait for its claim to finish, then read the object."""
+    """Train the base once per key; returns (its checkpoint's location, whether it was already there). On object
+    storage the claim on the key lives in the tracking store (tracking_uri, experiment)."""
     location = objects.join(str(cache_dir), base_key(cfg, splits.val_source), BASE_FILE)
     if objects.is_uri(location):
         if tracking_uri is None or experiment is None:
@@ -115,24 +104,21 @@ def _shared_base(cfg: TrialConfig, location: str, splits: DataSplits, device: to
     """Whether the base at location was there already; trains and uploads it if this process wins its claim."""
     if objects.read_bytes(location) is not None:  # the common case once a base exists: one request, no claim
         return True
-    key = base_key(cfg, splits.val_source)
+    key, bases = base_key(cfg, splits.val_source), BASES_EXPERIMENT.format(experiment)
     store = Store(uri)
-    experiment_id = tracking.get_or_create_experiment(store, BASES_EXPERIMENT.format(experiment))
-    create = claims.child_run_creator(store, experiment_id, None, tags={"sweep.role": "base", "base_key": key,
-                                                                         "base_location": location},
-                                      run_name=f"base {key}")
-    claim = claims.claim_trial(store, experiment_id,
- f"base-{key}", claims.new_owner_id("base"), create,
+    experiment_id = tracking.get_or_create_experiment(store, bases)
+    create = claims.child_run_creator(store, experiment_id, None, run_name=f"base {key}",
+                                      tags={"sweep.role": "base", "base_key": key, "base_location": location})
+    claim = claims.claim_trial(store, experiment_id, f"base-{key}", claims.new_owner_id("base"), create,
                                lease_s=lease_s, wait_s=BASE_WAIT_S)
     if claim.kind == "held":
-        raise RuntimeError(f"base {key}: still being trained by run {claim.run_id} (experiment "
-                           f"{BASES_EXPERIMENT.format(experiment)}) after {BASE_WAIT_S:.0f} s")
+        raise RuntimeError(f"base {key}: still being trained by run {claim.run_id} (experiment {bases}) after "
+                           f"{BASE_WAIT_S:.0f} s")
     if claim.kind == "finished":
         if objects.read_bytes(location) is None:
-            raise RuntimeError(f"base {key}: run {claim.run_id} of experiment {BASES_EXPERIMENT.format(experiment)} "
-                               f"finished it but {location} is gone; delete that run to have the base trained again")
+            raise RuntimeError(f"base {key}: run {claim.run_id} of experiment {bases} finished it but {location} is "
+                               "gone; delete that run to have the base trained again")
         return True
-    assert claim.lease is not None
     try:
         # A trainer that died between its upload and its FINISHED status left the object: use it.
         cached = objects.read_bytes(location) is not None

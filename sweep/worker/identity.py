@@ -3,10 +3,8 @@
     cfg = typed_trial(config)   # what Ray Tune (or `sweep trial`) hands a trial -> TrialConfig, validated once
     identity(cfg)               # the dict the trial is known by: hashed, logged as params and tags, keyed on
 
-identity(cfg) is byte for byte the canonical trial dict the spec lists (SweepSpec.grid_configs): the spec's dicts
-are pydantic dumps of the same models, so validating one and dumping it gives it back. The driver's hashes (which
-configs are finished) and the worker's therefore agree, and stores written before the worker was typed still find
-their runs (tests/test_identity.py pins the hashes literally).
+identity(cfg) is byte for byte the canonical trial dict the spec lists (SweepSpec.grid_configs), a pydantic dump of
+the same model, so the driver's and the worker's hashes agree (tests/test_identity.py pins them literally).
 """
 
 from __future__ import annotations

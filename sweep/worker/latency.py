@@ -1,10 +1,6 @@
-"""Latency that means something: measured after the trials, one model at a time, with a pinned thread count.
-
-Trials share a node's CPUs while they train, so a latency timed inside a trial measures its neighbours as much as
-the network (identical pruned networks measured 3 to 48 ms in one sweep). The sweep therefore measures every
-finished trial of a launch in one measurement phase, after Tune returns: one task, one model at a time, warm-up,
-median and interquartile range, the thread count pinned, and the conditions recorded as tags (latency.*) on each
-run. A launch that dies before the phase leaves runs without latency; the next launch's phase measures them.
+"""Latency measured after the trials, one model at a time, with a pinned thread count: timed inside a trial that
+shares the CPUs it measures its neighbours too (identical pruned networks measured 3 to 48 ms in one sweep). The
+conditions are tags (latency.*) on each run; runs a dead launch left unmeasured are measured by the next launch.
 """
 
 from __future__ import annotations
@@ -43,11 +39,9 @@ def latency_stats(model: torch.nn.Module, input_shape: tuple[int, int, int], dev
 
 
 def runs_to_measure(uri: str, experiment: str, own_parent: str | None = None) -> list[str]:
-    """FINISHED trial runs of the experiment that have no latency yet: this launch's (own_parent), a dead launch's,
-    a single trial's; never those of another launch still running, which measures its own (two launches measuring
-    one run would log its latency twice)."""
-    # Only runs without the latency.device tag (measure_runs writes it): a filtered query, not a read of every
-    # FINISHED run. A run killed between its latency metrics and its tags has latency_ms: the check below skips it.
+    """FINISHED trial runs without latency (no latency.device tag, which measure_runs writes): this launch's, a dead
+    launch's, a single trial's; never another live launch's, which measures its own (else it is logged twice)."""
+    # A run killed between its latency metrics and its tags has latency_ms: the check below skips it.
     store = Store(uri)
     runs = tracking.child_runs(store, experiment, "attributes.status = 'FINISHED' and tags.`latency.device` IS NULL")
     experiment_id = store.experiment_id(experiment)

@@ -49,9 +49,8 @@ def size_mb(model: nn.Module) -> float:
     return buffer.getbuffer().nbytes / 1e6
 
 
-def latency_samples(
-    model: nn.Module, example_input: Tensor, device: torch.device | str, warmup: int = 5, runs: int = 30
-) -> list[float]:
+def latency_samples(model: nn.Module, example_input: Tensor, device: torch.device | str, warmup: int = 5,
+                    runs: int = 30) -> list[float]:
     """Wall-clock milliseconds of `runs` forward passes on `device`, after `warmup` untimed passes."""
     if warmup < 0 or runs < 1:
         raise ValueError(f"latency needs warmup >= 0 and runs >= 1, got warmup={warmup}, runs={runs}")
@@ -82,8 +81,7 @@ def latency_samples(
     return times
 
 
-def latency_ms(
-    model: nn.Module, example_input: Tensor, device: torch.device | str, warmup: int = 5, runs: int = 30
-) -> float:
+def latency_ms(model: nn.Module, example_input: Tensor, device: torch.device | str, warmup: int = 5,
+               runs: int = 30) -> float:
     """Median wall-clock milliseconds of one forward pass on `device`, after `warmup` untimed passes."""
     return statistics.median(latency_samples(model, example_input, device, warmup, runs))

@@ -3,11 +3,9 @@
     refs = publish(officials)                      # driver: the official splits preflight loaded, put once
     splits = load_dataset(..., official=fetch(refs[data_key(dataset)]))   # trial: zero-copy, then its own carving
 
-Only uint8 tensor splits (TensorImages) travel this way. Their tensors go into the object store as numpy arrays,
-which Ray hands back as read-only views of the node's shared memory: every trial on a node maps the same pages,
-and a node other than the driver's fetches the object once. A trial carves its seed's validation split and its
-`limit` out of those pages by index (TensorImages.subset), so N trials on a node hold the images once, not N times.
-File-based splits (photos decoded per item) and dataset factories are loaded by each trial as before.
+Only uint8 tensor splits (TensorImages) travel, as numpy arrays that Ray hands back as read-only views of the node's
+shared memory; a trial carves its validation split and `limit` out of them by index (TensorImages.subset), so N
+trials on a node hold the images once. File-based splits and dataset factories are loaded by each trial.
 """
 
 from __future__ import annotations
@@ -23,11 +21,6 @@ import torch
 from sweep.zoo.data import DataSplits, TensorImages
 
 _SPLITS = ("train", "val", "test")
-
-
-def enabled() -> bool:
-    """$SWEEP_SHARE_DATA=0 makes every trial load its own copy (the baseline of bench/data_sharing.py)."""
-    return os.environ.get("SWEEP_SHARE_DATA", "1") != "0"
 
 
 def data_key(dataset: dict) -> str | None:
@@ -63,7 +56,7 @@ def publish(officials: dict[str, DataSplits]) -> dict[str, Any]:
     """Put each shareable dataset in the object store (driver side): data key -> ObjectRef."""
     import ray
 
-    if not enabled():
+    if os.environ.get("SWEEP_SHARE_DATA", "1") == "0":  # every trial loads its own copy (bench/data_sharing.py)
         return {}
     return {key: ray.put(_to_arrays(official)) for key, official in officials.items() if shareable(official)}
 

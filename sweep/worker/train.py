@@ -1,7 +1,4 @@
-"""Train and evaluate loops: SGD/AdamW, warm-up + cosine per step, label smoothing, bf16 on GPU.
-
-No Ray and no MLflow here: a trial wires these loops to its reporting through the callbacks.
-"""
+"""Train and evaluate loops: SGD/AdamW, warm-up + cosine per step, label smoothing, bf16 on GPU. No Ray, no MLflow."""
 
 from __future__ import annotations
 
@@ -16,10 +13,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
-# The training settings (fields, defaults, checks) live once, in the schema: TrainConfig is the `finetune` section
-# (`base` is a subclass with two other defaults). TrainConfig(epochs=2, lr=0.1) validates; TrainConfig.from_dict(d,
-# where="finetune") raises SpecError (a ValueError) with one line per problem.
-from sweep.config.schema import TrainConfig
+from sweep.config.schema import TrainConfig  # the `finetune` section (`base`: a subclass with other defaults)
 
 
 def seed_everything(seed: int) -> None:
@@ -66,13 +60,9 @@ def _lr_factor(step: int, warmup: int, total: int, schedule: str = "cosine") -> 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int) -> tuple[Optimizer, LRScheduler]:
     # Decaying BN scales and biases only shrinks them toward a worse optimum: decay matrices and kernels only.
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    groups = [
-        {"params": ps, "weight_decay": wd, "name": name}
-        for name, ps, wd in (("decay", decay, cfg.weight_decay), ("no_decay", no_decay, 0.0))
-        if ps
-    ]
+    groups = [{"params": ps, "weight_decay": wd, "name": name} for name, ps, wd in (
+        ("decay", [p for p in params if p.ndim > 1], cfg.weight_decay),
+        ("no_decay", [p for p in params if p.ndim <= 1], 0.0)) if ps]
     if cfg.optimizer == "sgd":
         optimizer: Optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     else:
@@ -84,21 +74,12 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int) -> 
 
 
 def _to_device(x: Tensor, y: Tensor, device: torch.device, channels_last: bool) -> tuple[Tensor, Tensor]:
-    if channels_last and x.ndim == 4:
-        x = x.to(device, non_blocking=True, memory_format=torch.channels_last)
-    else:
-        x = x.to(device, non_blocking=True)
-    return x, y.to(device, non_blocking=True)
+    layout = torch.channels_last if channels_last and x.ndim == 4 else torch.preserve_format
+    return x.to(device, non_blocking=True, memory_format=layout), y.to(device, non_blocking=True)
 
 
-def train_epoch(
-    model: nn.Module,
-    batches: Iterable[tuple[Tensor, Tensor]],
-    optimizer: Optimizer,
-    scheduler: LRScheduler,
-    cfg: TrainConfig,
-    device: torch.device | str,
-) -> float:
+def train_epoch(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], optimizer: Optimizer,
+                scheduler: LRScheduler, cfg: TrainConfig, device: torch.device | str) -> float:
     """One pass over `batches`, one optimizer and scheduler step per batch; returns the mean per-sample loss."""
     device = torch.device(device)
     on_gpu = device.type == "cuda"
@@ -159,7 +140,4 @@ def fit(model: nn.Module, train_batches: Iterable[tuple[Tensor, Tensor]], cfg: T
     device = torch.device(device)
     prepare_model(model, device, cfg)
     optimizer, scheduler = make_optimizer(model, cfg, len(train_batches))
-    losses = []
-    for _ in range(cfg.epochs):
-        losses.append(train_epoch(model, train_batches, optimizer, scheduler, cfg, device))
-    return losses
+    return [train_epoch(model, train_batches, optimizer, scheduler, cfg, device) for _ in range(cfg.epochs)]
