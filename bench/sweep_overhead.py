@@ -48,7 +48,7 @@ from sweep.worker import train  # noqa: E402
 from sweep.worker.base import ensure_base, example_input, load_base  # noqa: E402
 from sweep.worker.measure import count_flops  # noqa: E402
 from sweep.worker.trial import load_splits  # noqa: E402
-from sweep.zoo.data import batches  # noqa: E402
+from sweep.zoo.batching import batches  # noqa: E402
 
 SPACE = """
 name: {name}

@@ -1,10 +1,11 @@
-"""Training throughput: the trial's loop (sweep.worker.train over sweep.zoo.data.batches) against a plain PyTorch loop.
+"""Training throughput: the trial's loop (sweep.worker.train over sweep.zoo.batching.batches) against a plain PyTorch
+loop.
 
 Data: synthetic CIFAR-shaped images (uint8, 3x32x32, random pixels, 10 labels), held exactly as the CIFAR-10
 loader holds them (a TensorImages split with CIFAR-10 statistics, 4-pixel random shift and horizontal flip).
 Pixel values do not change the cost of a training step, and synthetic data runs anywhere (no files to decode).
 
-- ours:  sweep.worker.train.train_epoch over sweep.zoo.data.batches: the split lives on the device, augmentation and
+- ours:  sweep.worker.train.train_epoch over sweep.zoo.batching.batches: the split lives on the device, augmentation and
          normalisation are batched tensor ops there; on a GPU also bf16 autocast and channels_last.
 - plain: the textbook loop: a Dataset of the same uint8 tensors with per-sample torchvision transforms
          (RandomCrop(32, padding=4), RandomHorizontalFlip, Normalize), DataLoader(shuffle=True, batch 128,
@@ -39,7 +40,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from sweep.worker.train import TrainConfig, make_optimizer, prepare_model, train_epoch
-from sweep.zoo.data import TensorImages, batches
+from sweep.zoo.batching import batches
+from sweep.zoo.images import TensorImages
 from sweep.zoo.models import build_model
 
 BATCH = 128

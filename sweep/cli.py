@@ -418,7 +418,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     from sweep.pruning import NEEDS_CALIBRATION, PruningError, prune, save_pruned
     from sweep.worker.measure import count_flops, count_params
-    from sweep.zoo.data import batches
+    from sweep.zoo.batching import batches
     from sweep.zoo.models import ModelError, build_model
 
     block, shape, splits = _prune_network(args)

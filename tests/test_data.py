@@ -1,5 +1,6 @@
-"""sweep.zoo.data: every loader on local files (real data where shared/data has it, tiny fakes in the real formats
-otherwise), the splits, and `batches` (on-device tensor path and DataLoader path). Nothing is downloaded."""
+"""sweep.zoo.data, images and batching: every loader on local files (real data where shared/data has it, tiny fakes
+in the real formats otherwise), the splits, and `batches` (on-device tensor path and DataLoader path). Nothing is
+downloaded."""
 
 import gzip
 import math
@@ -16,17 +17,9 @@ from PIL import Image
 from scipy.io import savemat
 from torchvision.datasets import ImageFolder
 
-from sweep.zoo.data import (
-    DATASETS,
-    DataError,
-    DataSplits,
-    FileImages,
-    TensorImages,
-    batches,
-    dataset_names,
-    load_dataset,
-    load_official,
-)
+from sweep.zoo.batching import batches
+from sweep.zoo.data import DATASETS, DataError, DataSplits, dataset_names, load_dataset, load_official
+from sweep.zoo.images import FileImages, TensorImages
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MNIST = DATA / "mnist"

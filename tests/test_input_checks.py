@@ -19,7 +19,8 @@ import pytest
 from PIL import Image
 
 from sweep.driver.preflight import StorageError, check_writable
-from sweep.zoo.data import DataError, batches, load_dataset
+from sweep.zoo.batching import batches
+from sweep.zoo.data import DataError, load_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 # ../shared/data beside the checkout, or $SWEEP_SHARED_DATA (a worktree elsewhere); absent in a user's clone: skip

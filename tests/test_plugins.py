@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from sweep.zoo.data import DataError, DataSplits, batches, load_dataset
+from sweep.zoo.batching import batches
+from sweep.zoo.data import DataError, DataSplits, load_dataset
 from sweep.zoo.models import ModelError, build_model
 
 pytestmark = pytest.mark.e2e  # starts Ray and runs real sweeps (`-m 'not e2e'` leaves them out)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from sweep.worker import shared_data
-from sweep.zoo.data import batches, load_dataset, load_official
+from sweep.zoo.batching import batches
+from sweep.zoo.data import load_dataset, load_official
 
 pytestmark = pytest.mark.e2e
 

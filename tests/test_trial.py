@@ -22,7 +22,8 @@ from sweep.worker.base import base_key
 from sweep.worker.identity import typed_trial
 from sweep.worker.train import evaluate
 from sweep.worker.trial import SweepContext, run_trial, selection_view
-from sweep.zoo.data import batches, load_dataset
+from sweep.zoo.batching import batches
+from sweep.zoo.data import load_dataset
 from sweep.zoo.models import build_model
 
 SPACE = """

@@ -26,7 +26,7 @@ from sweep.store.tracking import TrialRun
 from sweep.worker.base import ensure_base, example_input, load_base
 from sweep.worker.train import evaluate, pick_device, seed_everything
 from sweep.worker.trial import load_splits
-from sweep.zoo.data import batches
+from sweep.zoo.batching import batches
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 

@@ -24,7 +24,8 @@ from sweep.store.store import Store
 from sweep.worker.identity import identity
 from sweep.worker.measure import count_flops, count_params
 from sweep.worker.train import evaluate, fit, seed_everything
-from sweep.zoo.data import DataSplits, batches
+from sweep.zoo.batching import batches
+from sweep.zoo.data import DataSplits
 from sweep.zoo.models import build_model
 
 BASE_KEYS = ("model", "dataset", "base", "seed")

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from sweep.zoo.data import DataSplits, TensorImages
+from sweep.zoo.data import DataSplits
+from sweep.zoo.images import TensorImages
 
 _SPLITS = ("train", "val", "test")
 

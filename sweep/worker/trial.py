@@ -47,7 +47,8 @@ from sweep.worker.train import (
     seed_everything,
     train_epoch,
 )
-from sweep.zoo.data import DataSplits, batches, load_dataset
+from sweep.zoo.batching import batches
+from sweep.zoo.data import DataSplits, load_dataset
 from sweep.zoo.models import weights_stats, weights_trained_on
 
 STATE_FILE = "trial.pt"

@@ -1,48 +1,34 @@
-"""Datasets: a registry of loaders that return train/val/test splits, and `batches` to iterate a split.
+"""Datasets: a registry of loaders that return train/val/test splits, and your own through a factory.
 
     splits = load_dataset("cifar10", root="data", image_size=32)      # DataError names the field and the fix
-    for x, y in batches(splits.train, 128, train=True, device="cuda"):   # one `for` = one epoch
-        ...
 
-A split is one of two kinds:
-- TensorImages: the whole split as one uint8 tensor at native resolution (digits, MNIST, Fashion-MNIST, CIFAR).
-  `batches` moves it to the device once and augments, resizes and normalises there with batched tensor ops:
-  no DataLoader, no workers, no per-image Python.
-- FileImages: images decoded from disk per item (ImageFolder, Flowers102, Oxford-IIIT Pet); `batches` uses a
-  DataLoader with workers.
-Indexing a split gives the evaluation view (resized, normalised, never augmented); augmentation happens only in
-`batches(..., train=True, augment=True)`.
-
-torchvision is used to download (download: true) and to scan folders; the files themselves are read here, so
-local copies need no checksums to match (MNIST's .gz may stay compressed, a CIFAR copy may be re-packed).
+How a split holds its images is sweep.zoo.images; iterating one, sweep.zoo.batching. torchvision is used to download
+(download: true) and to scan folders; the files themselves are read here, so local copies need no checksums to match
+(MNIST's .gz may stay compressed, a CIFAR copy may be re-packed).
 """
 
 from __future__ import annotations
 
 import codecs
-import copy
 import gzip
 import logging
 import math
 import os
 import pickle
 import struct
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from dataclasses import field as _field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
-from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset, Subset
 from torchvision import datasets as tvd
-from torchvision import transforms as T
 
 from sweep.errors import InputError
+from sweep.zoo.images import FileImages, TensorImages, decoded, photo_transforms, unreadable
 from sweep.zoo.plugin import resolve_factory
 
 log = logging.getLogger(__name__)
@@ -74,138 +60,11 @@ _MNIST_STATS = ((0.1307,), (0.3081,))
 _FASHION_STATS = ((0.2860,), (0.3530,))
 _CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 _CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
-_IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # photos: matches ImageNet-pretrained weights
 
 MAX_BAD_FRACTION = 0.01  # unreadable image files a file-based dataset may lose (skipped, counted); more is an error
-_DEVICE_BYTES = 200 * 2**20  # a tensor split up to this size lives on the device; a larger one stays in host memory
-_MAX_WORKERS = 8
-
-
-# ---------------------------------------------------------------------------------------------------- splits
-
-class TensorImages(Dataset):
-    """A split held as one uint8 tensor N x C x H x W at native resolution, with int64 labels.
-
-    A subset is an index into the same tensor, never a copy: every trial on a node can read one shared copy of the
-    official split (sweep.worker.shared_data) and still carve its own seed's validation split out of it.
-    `pad` is the random-shift range of training augmentation in native pixels, `flip` adds horizontal flips.
-    """
-
-    def __init__(self, images: Tensor, labels: Tensor, stats: tuple, image_size: int, pad: int, flip: bool,
-                 index: Tensor | None = None):
-        self.base, self.index, self.labels = images, index, labels  # labels are this view's, one per example
-        self.mean, self.std = stats
-        self.image_size, self.pad, self.flip = image_size, pad, flip
-        self._placed: dict[str, tuple[Tensor, Tensor, Tensor | None]] = {}  # storage device -> tensors there
-
-    @property
-    def images(self) -> Tensor:
-        """This view's images as one tensor (a copy for a subset)."""
-        return self.base if self.index is None else self.base[self.index]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        row = i if self.index is None else int(self.index[i])
-        return self.prepare(self.base[row][None])[0], int(self.labels[i])
-
-    def subset(self, idx: Tensor) -> TensorImages:
-        index = idx if self.index is None else self.index[idx]
-        return TensorImages(self.base, self.labels[idx], (self.mean, self.std), self.image_size, self.pad,
-                            self.flip, index)
-
-    def placed(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(all images, this view's labels, this view's rows of the images or None) on the device, copied once."""
-        key = str(device)
-        if key not in self._placed:
-            index = None if self.index is None else self.index.to(device)
-            self._placed[key] = (self.base.to(device), self.labels.to(device), index)
-        return self._placed[key]
-
-    def normalised(self, stats: tuple) -> TensorImages:
-        """The same images, normalised with other (mean, std)."""
-        view = copy.copy(self)
-        view.mean, view.std = stats
-        return view
-
-    def prepare(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """uint8 batch -> float batch at image_size, normalised; augmented when a generator is given."""
-        x = x.float().div_(255)
-        if generator is not None:
-            x = _random_shift(x, self.pad, generator)
-            if self.flip:
-                x = _random_flip(x, generator)
-        if x.shape[-1] != self.image_size:
-            x = TF.resize(x, [self.image_size, self.image_size], antialias=True)
-        return TF.normalize(x, self.mean, self.std)
-
-
-def _random_shift(x: Tensor, pad: int, g: torch.Generator) -> Tensor:
-    """Per image, a random crop of the zero-padded image (as RandomCrop(size, padding=pad)), in one gather."""
-    n, c, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    dy, dx = torch.randint(0, 2 * pad + 1, (2, n, 1, 1, 1), generator=g, device=x.device)
-    rows = dy + torch.arange(h, device=x.device).view(1, 1, h, 1)
-    cols = dx + torch.arange(w, device=x.device).view(1, 1, 1, w)
-    batch = torch.arange(n, device=x.device).view(n, 1, 1, 1)
-    channel = torch.arange(c, device=x.device).view(1, c, 1, 1)
-    return padded[batch, channel, rows, cols]
-
-
-def _random_flip(x: Tensor, g: torch.Generator) -> Tensor:
-    flip = torch.rand(len(x), generator=g, device=x.device) < 0.5
-    return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-
-
-class FileImages(Dataset):
-    """A split of image files, decoded per item; `train_tf` applies only to the view made by `with_augment(True)`."""
-
-    def __init__(self, samples: list[tuple[str, int]], train_tf: Callable, eval_tf: Callable):
-        self.samples = samples
-        self.labels = torch.tensor([label for _, label in samples], dtype=torch.long)
-        self.train_tf, self.eval_tf = train_tf, eval_tf
-        self.augment = False
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        path, label = self.samples[i]
-        with Image.open(path) as image:
-            rgb = image.convert("RGB")
-        return (self.train_tf if self.augment else self.eval_tf)(rgb), label
-
-    def subset(self, idx: Tensor) -> FileImages:
-        return FileImages([self.samples[i] for i in idx.tolist()], self.train_tf, self.eval_tf)
-
-    def normalised(self, stats: tuple) -> FileImages:
-        """The same files, normalised with other (mean, std): the Normalize step of both transforms is replaced."""
-        def swap(tf: Callable) -> Callable:
-            steps = [T.Normalize(*stats) if isinstance(s, T.Normalize) else s for s in tf.transforms]
-            return T.Compose(steps)
-
-        view = copy.copy(self)
-        view.train_tf, view.eval_tf = swap(self.train_tf), swap(self.eval_tf)
-        return view
-
-    def with_augment(self, augment: bool) -> FileImages:
-        view = copy.copy(self)
-        view.augment = augment
-        return view
-
-
-def _photo_transforms(size: int, stats: tuple) -> tuple[Callable, Callable]:
-    """Train and eval transforms for photographs."""
-    finish = [T.ToTensor(), T.Normalize(*stats)]
-    if size <= 64:
-        # Small inputs (CIFAR as JPEG files): a RandomResizedCrop would throw away most of a 32-pixel image, so
-        # augment as for CIFAR instead, with a shift of an eighth of the side.
-        fit = [T.Resize(size), T.CenterCrop(size)]
-        return (T.Compose([*fit, T.RandomCrop(size, padding=size // 8), T.RandomHorizontalFlip(), *finish]),
-                T.Compose([*fit, *finish]))
-    return (T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), *finish]),
-            T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size), *finish]))
+# The seed that carves validation out of the test split: the same images for every trial seed, so each seed's
+# test_accuracy is measured on the same images and every run's validation split is the same one.
+_TEST_CARVE_SEED = 0
 
 
 def _holdout(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
@@ -222,14 +81,8 @@ def _holdout(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor
     return (~held).nonzero().flatten(), held.nonzero().flatten()
 
 
-# The seed that carves validation out of the test split: the same images for every trial seed, so each seed's
-# test_accuracy is measured on the same images and every run's validation split is the same one.
-_TEST_CARVE_SEED = 0
-
-
 def _carved_from_test(splits: DataSplits, val_fraction: float, where: str) -> DataSplits:
-    """val_fraction of test as validation (per class), the rest as test: for a base whose weights were trained on
-    this dataset's training images, which a validation split held out of train would hold too. train stays whole."""
+    """val_fraction of test as validation (per class), the rest as test; train stays whole (see `load_dataset`)."""
     kept, held = _holdout(splits.test.labels, val_fraction, _TEST_CARVE_SEED)
     if len(held) == 0 or len(kept) == 0:
         raise DataError(f"dataset.val_fraction: {val_fraction} of {len(splits.test)} test examples leaves "
@@ -239,8 +92,7 @@ def _carved_from_test(splits: DataSplits, val_fraction: float, where: str) -> Da
 
 
 def _with_validation(official: DataSplits, val_fraction: float, seed: int) -> DataSplits:
-    """Official splits without a validation split get one: val_fraction of train held out, deterministic in seed.
-    The official test split stays whole, and a dataset's own validation split is used as it is."""
+    """A dataset's own validation split as it is; else val_fraction of train held out, deterministic in seed."""
     if official.val is not None:
         return replace(official, val_source="dataset")
     train = official.train
@@ -249,59 +101,6 @@ def _with_validation(official: DataSplits, val_fraction: float, seed: int) -> Da
         raise DataError(f"dataset.val_fraction: {val_fraction} of {len(train)} training examples holds out none; "
                         f"raise val_fraction or use more data")
     return replace(official, train=train.subset(kept), val=train.subset(held))
-
-
-# ---------------------------------------------------------------------------------------------------- file checks
-
-_CHECKED: dict[tuple[str, int, int], str | None] = {}  # (path, size, mtime_ns) -> why unreadable (None: fine)
-
-
-def unreadable(path: str) -> str | None:
-    """Why an image file cannot be used, or None: missing, empty, or a header PIL cannot identify or verify.
-
-    Reads the header only (PIL's verify; about 0.1 ms a file with a warm page cache, 0.8 ms cold, on hymenoptera),
-    not the pixels: a file whose header is intact but whose body is cut short still fails when decoded.
-    """
-    try:
-        stat = os.stat(path)
-    except OSError as error:
-        return f"cannot be read ({error.strerror or type(error).__name__})"
-    key = (path, stat.st_size, stat.st_mtime_ns)
-    if key not in _CHECKED:
-        if stat.st_size == 0:
-            _CHECKED[key] = "is empty"
-        else:
-            try:
-                with Image.open(path) as image:
-                    image.verify()
-                _CHECKED[key] = None
-            except Exception as error:  # PIL raises OSError, SyntaxError, struct.error, ... for broken files
-                _CHECKED[key] = f"is not a readable image ({type(error).__name__}: {' '.join(str(error).split())})"
-    return _CHECKED[key]
-
-
-def _readable(samples: list[tuple[str, int]]) -> tuple[list[tuple[str, int]], list[tuple[str, str]]]:
-    """(the samples whose files can be read, [(path, why)] for the others), in the original order."""
-    good, bad = [], []
-    for path, label in samples:
-        why = unreadable(path)
-        if why is None:
-            good.append((path, label))
-        else:
-            bad.append((path, why))
-    return good, bad
-
-
-def _allow_bad(name: str, total: int, bad: list[tuple[str, str]], max_bad_fraction: float) -> list[str]:
-    """Up to max_bad_fraction of a dataset's files may be unreadable: skipped and returned; more is a DataError."""
-    allowed = math.floor(total * max_bad_fraction)
-    if len(bad) > allowed:
-        path, why = bad[0]
-        raise DataError(f"dataset.root: {path} {why}; {len(bad)} of {total} {name} image files are unreadable, more "
-                        f"than the {allowed} ({max_bad_fraction:.0%}) a sweep may skip; replace or remove them")
-    if bad:
-        log.warning("%s: skipping %d unreadable image files of %d (first: %s %s)", name, len(bad), total, *bad[0])
-    return [path for path, _ in bad]
 
 
 # ---------------------------------------------------------------------------------------------------- loaders
@@ -410,9 +209,28 @@ def _cifar_loader(name: str, tv_class: type, train_files: list[str], test_files:
     return load
 
 
-def _folder(path: Path, transforms: tuple[Callable, Callable], bad: list[tuple[str, str]],
-            classes: list[str] | None = None) -> tuple[FileImages, list[str], int]:
-    """The images of path/<class>/, without unreadable files (appended to `bad`); also the classes and file count."""
+def _file_splits(name: str, parts: list[list[tuple[str, int]]], size: int) -> tuple[list[FileImages], list[str]]:
+    """FileImages of each part's (path, label) samples, without unreadable files, and the paths left out.
+
+    Every file's header is checked first: unreadable files (up to MAX_BAD_FRACTION of all) are left out of every
+    split, the same ones in every trial; more than that is a DataError naming the first.
+    """
+    bad = [(path, why) for part in parts for path, _ in part if (why := unreadable(path)) is not None]
+    total = sum(map(len, parts))
+    allowed = math.floor(total * MAX_BAD_FRACTION)
+    if len(bad) > allowed:
+        path, why = bad[0]
+        raise DataError(f"dataset.root: {path} {why}; {len(bad)} of {total} {name} image files are unreadable, more "
+                        f"than the {allowed} ({MAX_BAD_FRACTION:.0%}) a sweep may skip; replace or remove them")
+    if bad:
+        log.warning("%s: skipping %d unreadable image files of %d (first: %s %s)", name, len(bad), total, *bad[0])
+    skipped = [path for path, _ in bad]
+    drop, transforms = set(skipped), photo_transforms(size)
+    return [FileImages([s for s in part if s[0] not in drop], *transforms) for part in parts], skipped
+
+
+def _folder(path: Path, classes: list[str] | None = None) -> tvd.ImageFolder:
+    """The images of path/<class>/, in the classes of train/ when given."""
     try:
         found = tvd.ImageFolder(str(path))
     except FileNotFoundError as e:
@@ -420,80 +238,28 @@ def _folder(path: Path, transforms: tuple[Callable, Callable], bad: list[tuple[s
     if classes is not None and found.classes != classes:
         raise DataError(f"dataset.root: {path} has classes {found.classes} but train/ has {classes}; "
                         f"use the same class folders in every split")
-    good, unusable = _readable(found.samples)
-    bad.extend(unusable)
-    return FileImages(good, *transforms), found.classes, len(found.samples)
+    return found
 
 
-def _imagefolder(root: Path, download: bool, image_size: int | None,
-                 max_bad_fraction: float = MAX_BAD_FRACTION) -> DataSplits:
+def _imagefolder(root: Path, download: bool, image_size: int | None) -> DataSplits:
     """Local images in root/train/<class>/ and root/test/<class>/ or root/val/<class>/ (or all three).
 
     With only train/ and val/, val/ is the test split (as in hymenoptera) and validation is held out of train/.
-    Every file's header is checked first: unreadable files (up to max_bad_fraction) are left out of every split,
-    the same ones in every trial, and listed in `skipped_files`; more than that is a DataError.
     """
     test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
     if not (root / "train").is_dir() or test_dir is None:
         raise _missing(root, "imagefolder", root / ("train" if test_dir else "test"),
                        fix="point dataset.root at a folder with train/<class>/ and test/<class>/ or val/<class>/")
     size = image_size or 224
-    transforms = _photo_transforms(size, _IMAGENET_STATS)
-    bad: list[tuple[str, str]] = []
-    train, classes, total = _folder(root / "train", transforms, bad)
-    test, _, count = _folder(test_dir, transforms, bad, classes)
-    total += count
-    val = None
-    if test_dir.name == "test" and (root / "val").is_dir():
-        val, _, count = _folder(root / "val", transforms, bad, classes)
-        total += count
-    skipped = _allow_bad("imagefolder", total, bad, max_bad_fraction)
-    parts = [train, val, test] if val is not None else [train, test]
-    decoded = _decoded(parts, size)
-    if decoded is not None:
-        train, val, test = decoded if val is not None else (decoded[0], None, decoded[1])
-    return DataSplits("imagefolder", len(classes), 3, size, train, val, test, skipped)
+    train = _folder(root / "train")
+    dirs = [test_dir] + ([root / "val"] if test_dir.name == "test" and (root / "val").is_dir() else [])
+    samples = [train.samples] + [_folder(d, train.classes).samples for d in dirs]
+    parts, skipped = _file_splits("imagefolder", samples, size)
+    first, test, *val = decoded(parts, size) or parts
+    return DataSplits("imagefolder", len(train.classes), 3, size, first, val[0] if val else None, test, skipped)
 
 
-_DECODE_MAX_SIDE = 64  # small photos (CIFAR as JPEG files) are decoded once into uint8 tensors
-
-
-def _decoded(parts: list[FileImages], size: int) -> list[TensorImages] | None:
-    """Splits of small photos, all square and of one side, decoded once into TensorImages; else None.
-
-    Decoding 60,000 CIFAR JPEGs takes seconds, once, where a DataLoader decodes every image again in every epoch;
-    the uint8 tensor (184 MB) is what nodes share (sweep.worker.shared_data). Augmentation is the same as for such files
-    (a shift of an eighth of the side, and flips); only photos above 64 pixels get RandomResizedCrop.
-    """
-    first = next((p.samples[0][0] for p in parts if p.samples), None)
-    if first is None or size > _DECODE_MAX_SIDE:
-        return None
-    with Image.open(first) as image:
-        side = image.size[0]
-    if image.size != (side, side) or side > _DECODE_MAX_SIDE:
-        return None
-
-    def pixels(path: str) -> np.ndarray | None:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB")) if image.size == (side, side) else None
-
-    paths = [path for p in parts for path, _ in p.samples]
-    # PIL decodes without the GIL: threads use every core.
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        arrays = list(pool.map(pixels, paths, chunksize=256))
-    if any(a is None for a in arrays):  # mixed sizes: keep decoding per item, with the file transforms
-        return None
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-    out, start = [], 0
-    for p in parts:
-        out.append(TensorImages(images[start:start + len(p)], p.labels, _IMAGENET_STATS, size, pad=side // 8,
-                                flip=True))
-        start += len(p)
-    return out
-
-
-def _flowers102(root: Path, download: bool, image_size: int | None,
-                max_bad_fraction: float = MAX_BAD_FRACTION) -> DataSplits:
+def _flowers102(root: Path, download: bool, image_size: int | None) -> DataSplits:
     """Oxford 102 Flowers in ROOT/flowers-102/ (jpg/, imagelabels.mat, setid.mat), torchvision's layout.
 
     It ships its own validation split (10 images per class), used as is: val_fraction does not apply.
@@ -508,53 +274,29 @@ def _flowers102(root: Path, download: bool, image_size: int | None,
             raise _missing(root, "flowers102", base / needed)
     labels = np.atleast_1d(loadmat(str(base / "imagelabels.mat"), squeeze_me=True)["labels"]) - 1
     ids = loadmat(str(base / "setid.mat"), squeeze_me=True)
+    samples = [[(str(base / "jpg" / f"image_{i:05d}.jpg"), int(labels[i - 1]))
+                for i in np.atleast_1d(ids[key]).tolist()] for key in ("trnid", "valid", "tstid")]
     size = image_size or 224
-    transforms = _photo_transforms(size, _IMAGENET_STATS)
-
-    bad: list[tuple[str, str]] = []
-    total = 0
-
-    def part(key: str) -> FileImages:
-        nonlocal total
-        samples = [(str(base / "jpg" / f"image_{i:05d}.jpg"), int(labels[i - 1]))
-                   for i in np.atleast_1d(ids[key]).tolist()]
-        good, unusable = _readable(samples)
-        bad.extend(unusable)
-        total += len(samples)
-        return FileImages(good, *transforms)
-
-    train, val, test = part("trnid"), part("valid"), part("tstid")
-    skipped = _allow_bad("flowers102", total, bad, max_bad_fraction)
+    (train, val, test), skipped = _file_splits("flowers102", samples, size)
     return DataSplits("flowers102", 102, 3, size, train, val, test, skipped)
 
 
-def _oxford_pets(root: Path, download: bool, image_size: int | None,
-                 max_bad_fraction: float = MAX_BAD_FRACTION) -> DataSplits:
+def _oxford_pets(root: Path, download: bool, image_size: int | None) -> DataSplits:
     """Oxford-IIIT Pet in ROOT/oxford-iiit-pet/ (images/, annotations/trainval.txt and test.txt), 37 breeds."""
     base = root / "oxford-iiit-pet"
     if download and not (base / "annotations" / "test.txt").exists():
         tvd.OxfordIIITPet(str(root), download=True)
-    size = image_size or 224
-    transforms = _photo_transforms(size, _IMAGENET_STATS)
 
-    bad: list[tuple[str, str]] = []
-    total = 0
-
-    def part(split: str) -> FileImages:
-        nonlocal total
+    def samples(split: str) -> list[tuple[str, int]]:
         listing = base / "annotations" / f"{split}.txt"
         if not listing.exists():
             raise _missing(root, "oxford_pets", listing)
-        rows = [line.split() for line in listing.read_text().splitlines() if line.strip()]
         # A row is "<image name> <class 1..37> <species> <breed id>".
-        samples = [(str(base / "images" / f"{row[0]}.jpg"), int(row[1]) - 1) for row in rows]
-        good, unusable = _readable(samples)
-        bad.extend(unusable)
-        total += len(samples)
-        return FileImages(good, *transforms)
+        rows = [line.split() for line in listing.read_text().splitlines() if line.strip()]
+        return [(str(base / "images" / f"{row[0]}.jpg"), int(row[1]) - 1) for row in rows]
 
-    trainval, test = part("trainval"), part("test")
-    skipped = _allow_bad("oxford_pets", total, bad, max_bad_fraction)
+    size = image_size or 224
+    (trainval, test), skipped = _file_splits("oxford_pets", [samples("trainval"), samples("test")], size)
     return DataSplits("oxford_pets", 37, 3, size, trainval, None, test, skipped)
 
 
@@ -578,15 +320,12 @@ def dataset_names() -> list[str]:
 # ---------------------------------------------------------------------------------------------------- your own data
 
 class UserImages(Dataset):
-    """A split from a dataset factory: any map-style Dataset whose items are (CxHxW float tensor, class index).
+    """A split from a dataset factory: any map-style Dataset whose items are (CxHxW float tensor, class index),
+    with the `labels` and `subset` the sweep needs of a split. Augmentation is the dataset's own (its transforms)."""
 
-    Adds what the sweep needs of a split: `labels` (a tensor, for held-out validation and `limit`) and `subset`.
-    Items are returned as the user's dataset gives them: augmentation is the dataset's own (its transforms).
-    """
-
-    def __init__(self, data: Dataset, labels: Tensor | None = None, field: str = "dataset.factory"):
+    def __init__(self, data: Dataset, labels: Tensor | None = None):
         self.data = data
-        self.labels = labels if labels is not None else _labels_of(data, field)
+        self.labels = labels if labels is not None else _labels_of(data)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -596,15 +335,15 @@ class UserImages(Dataset):
         return x, int(y)
 
     def subset(self, idx: Tensor) -> UserImages:
-        return UserImages(torch.utils.data.Subset(self.data, idx.tolist()), self.labels[idx])
+        return UserImages(Subset(self.data, idx.tolist()), self.labels[idx])
 
 
-def _labels_of(data: Dataset, field: str) -> Tensor:
+def _labels_of(data: Dataset) -> Tensor:
     """Class indices of every item: torchvision's `targets` / a `labels` attribute, else one pass over the items."""
     try:
         n = len(data)
     except TypeError:
-        raise DataError(f"{field}: a split is a {type(data).__name__} without len(); return a map-style "
+        raise DataError(f"dataset.factory: a split is a {type(data).__name__} without len(); return a map-style "
                         f"torch Dataset (with __len__ and __getitem__)") from None
     for attribute in ("targets", "labels"):
         values = getattr(data, attribute, None)
@@ -620,12 +359,9 @@ def _labels_of(data: Dataset, field: str) -> Tensor:
 
 _SPLIT_KEYS = ("train", "val", "test")
 _INFO_KEYS = ("num_classes", "in_channels", "image_size", "name")
-
-
 def _from_factory(factory: str, kwargs: dict | None, root: str | None, val_fraction: float, seed: int,
                   val_from_test: bool = False) -> DataSplits:
     """Call a dataset factory and make its result a DataSplits (see `load_dataset`)."""
-
     field = "dataset.factory"
     load = resolve_factory(factory, field, DataError)
     kwargs = dict(kwargs or {})
@@ -702,20 +438,14 @@ def load_dataset(name: str | None, root: str | None = None, download: bool = Fal
                  test_limit: int | None = None, stats: tuple | None = None, *,
                  factory: str | None = None, kwargs: dict | None = None, official: DataSplits | None = None,
                  val_from_test: bool = False) -> DataSplits:
-    """Load a registered dataset's train/val/test splits, or your own through `factory`.
+    """Load a registered dataset's train/val/test splits, or your own through `factory` (docs/own-model.md).
 
     root defaults to $SWEEP_DATA, then ./data; nothing is downloaded unless `download`. image_size resizes the
     model input (e.g. digits 8 -> 32, or 224 for ImageNet models). limit keeps at most `limit` examples of the
     official training split (validation is carved from those, val_fraction of them); test_limit cuts the test
     split. Both are drawn per class, deterministic in seed. stats (mean, std) replaces the dataset's own
-    normalisation, for weights that were trained with another one.
-
-    factory="my_pkg.data:load" imports `load` and calls `load(**kwargs)` (plus `root=` when a root is given). It
-    returns a DataSplits, or a dict {"train", "val", "test"} of map-style torch Datasets (val may be missing or
-    None: val_fraction of train is then held out), or a tuple (train, val, test) / (train, test). Items are
-    (CxHxW float tensor, int class); num_classes (else len(train.classes) or the largest label + 1), in_channels and
-    image_size (else from the first train item, which must be square) may be given as dict keys. image_size,
-    download and stats do not apply: the factory's own transforms decide the input.
+    normalisation, for weights that were trained with another one. image_size, download and stats do not apply to a
+    factory: its own transforms decide the input.
 
     official: the splits `load_official(name, root, download, image_size)` returned (perhaps in another process,
     through sweep.worker.shared_data), to carve this seed's splits out of without loading them again.
@@ -773,83 +503,3 @@ def _take(data: Dataset, limit: int, seed: int) -> Dataset:
     return data.subset(_holdout(data.labels, limit / len(data), seed)[1])
 
 
-# ---------------------------------------------------------------------------------------------------- batches
-
-def _batch_count(n: int, batch_size: int, drop_last: bool) -> int:
-    return n // batch_size if drop_last else math.ceil(n / batch_size)
-
-
-class _TensorBatches:
-    """Batches of a TensorImages split: indexed, augmented and normalised on the device."""
-
-    def __init__(self, data: TensorImages, batch_size: int, train: bool, device: torch.device, seed: int,
-                 augment: bool):
-        self.data, self.batch_size, self.train, self.device = data, batch_size, train, device
-        self.seed, self.augment, self.epoch = seed, augment, 0
-        # Training drops a last partial batch (when there is a full one): equal steps, and BatchNorm never sees 1.
-        self.drop_last = train and len(data) >= batch_size
-        small = data.base.numel() * data.base.element_size() <= _DEVICE_BYTES
-        self.store = device if small else torch.device("cpu")
-
-    def __len__(self) -> int:
-        return _batch_count(len(self.data), self.batch_size, self.drop_last)
-
-    def set_epoch(self, epoch: int) -> None:
-        """The next pass is this epoch: its shuffle and augmentation depend on (seed, epoch) alone."""
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        images, labels, rows = self.data.placed(self.store)
-        epoch_seed = self.seed * 100_003 + self.epoch
-        self.epoch += 1
-        n = len(self.data)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed)) if self.train \
-            else torch.arange(n)
-        order = order.to(self.store)
-        augment = torch.Generator(device=self.device).manual_seed(epoch_seed) if self.train and self.augment else None
-        for k in range(len(self)):
-            idx = order[k * self.batch_size:(k + 1) * self.batch_size]
-            x = images[idx if rows is None else rows[idx]].to(self.device, non_blocking=True)
-            yield self.data.prepare(x, augment), labels[idx].to(self.device, non_blocking=True)
-
-
-class _LoaderBatches:
-    """Batches of any other Dataset through a DataLoader; FileImages augment in its workers."""
-
-    def __init__(self, data: Dataset, batch_size: int, train: bool, device: torch.device, seed: int,
-                 augment: bool):
-        if isinstance(data, FileImages):
-            data = data.with_augment(train and augment)
-        workers = min(_MAX_WORKERS, os.cpu_count() or 1)
-        self.device, self.seed = device, seed
-        drop_last = train and len(data) >= batch_size  # as in _TensorBatches
-        # Workers are not persistent: each pass seeds its workers' augmentation from the generator, so a pass is
-        # fully determined by (seed, epoch) once set_epoch has been called.
-        self.loader = DataLoader(data, batch_size=batch_size, shuffle=train, drop_last=drop_last,
-                                 num_workers=workers, pin_memory=device.type == "cuda",
-                                 generator=torch.Generator().manual_seed(seed))
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def set_epoch(self, epoch: int) -> None:
-        """The next pass is this epoch: its shuffle and augmentation depend on (seed, epoch) alone."""
-        self.loader.generator.manual_seed(self.seed * 100_003 + epoch)
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        for x, y in self.loader:
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
-
-def batches(data: Dataset, batch_size: int, train: bool, device: torch.device | str = "cpu", seed: int = 0,
-            augment: bool = True) -> Iterable[tuple[Tensor, Tensor]]:
-    """Re-iterable batches of a split: each `for` is one epoch; len() is the number of batches per epoch.
-
-    train: reshuffled every epoch (deterministic in seed and epoch), augmented unless augment=False, last partial
-    batch dropped. Otherwise: fixed order, no augmentation, every example once.
-    """
-    if batch_size < 1:
-        raise DataError(f"batch_size: {batch_size} is less than 1; use a positive batch size")
-    device = torch.device(device)
-    kind = _TensorBatches if isinstance(data, TensorImages) else _LoaderBatches
-    return kind(data, batch_size, train, device, seed, augment)
