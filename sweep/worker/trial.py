@@ -36,7 +36,8 @@ from sweep.worker.identity import identity, typed_trial
 from sweep.worker.measure import count_flops, count_params, size_mb
 from sweep.worker.raycompat import allow_stopped_trials_to_record, quiet_ray_logs
 from sweep.worker.train import evaluate, make_optimizer, pick_device, prepare_model, seed_everything, train_epoch
-from sweep.zoo.data import DataSplits, batches, load_dataset
+from sweep.zoo.batching import batches
+from sweep.zoo.data import DataSplits, load_dataset
 from sweep.zoo.models import weights_stats, weights_trained_on
 
 STATE_FILE = "trial.pt"
