@@ -3,23 +3,8 @@
     mark_experiment(store, experiment_id)             # once per experiment: its kind and a saved comparison view
     view_url("http://127.0.0.1:5000", experiment_id)  # the runs table of that view; chart=True for the chart
 
-Why each piece (checked against the MLflow 3.17 UI bundle, `mlflow/server/js/build`):
-- An MLflow 3 experiment without the tag `mlflow.experimentKind` may open on the GenAI overview (traces, tokens:
-  "No data"), and a child run's breadcrumb then says "Evaluations". `custom_model_development` is the value the
-  UI's own "experiment type" selector writes for classical training runs.
-- The runs table nests child runs under collapsed parent rows, and the charts compare only the rows shown, so a sweep
-  shows two parents and "Model metrics (0)". Which columns, filter, sort and charts the page shows lives in the
-  browser (local storage), not in the URL; the one way to hand a page its state is a *saved view*: an experiment tag
-  `mlflow.sharedViewState.<key>` holding the state, opened by `?viewStateShareKey=<key>` (what the UI's Share button
-  makes). The view here filters to trial runs (they carry tag `config_hash`, parents do not), so they are the rows
-  and what the charts compare; shows the metrics a pruning comparison needs as its first columns, then strategy,
-  ratio and seed; groups the rows by strategy and sorts by validation accuracy; and adds two large scatter charts of
-  accuracy against FLOPs reduction, a point per trial coloured by its strategy (tag mlflow.runColor, set on each trial
-  run: the UI has no "colour by param", and its grouped charts would average over ratios).
-- What the view state cannot do (MLflow 3.17): round the table's values, close the MLflow Assistant panel (the UI opens
-  it once on a local server's first visit; closed, it stays closed), or hide the chart toolbar.
-- What a URL cannot do: a sqlite store has no web server, so the URL assumes `mlflow ui` started as printed by
-  `ui_command`. The browser keeps the user's own layout once they change it ("Exit shared view" returns to it).
+Why each piece, and what a saved view cannot do (checked against the MLflow 3.17 UI bundle): docs/design.md,
+"The MLflow UI".
 """
 
 from __future__ import annotations
@@ -29,14 +14,13 @@ import shlex
 import time
 from urllib.parse import quote, urlencode
 
-from sweep.store.client import resolve_tracking_uri
+from sweep.store.client import is_server, resolve_tracking_uri
 from sweep.store.store import Store
 
 KIND_TAG = "mlflow.experimentKind"
 KIND = "custom_model_development"  # the UI's value for training runs (others: genai_development, ...)
 VIEW_KEY = "sweep-compare"
-VIEW_TAG_PREFIX = "mlflow.sharedViewState."
-VIEW_TAG = VIEW_TAG_PREFIX + VIEW_KEY
+VIEW_TAG = "mlflow.sharedViewState." + VIEW_KEY
 VIEW_NAME = "sweep: compare trials"
 VIEW_VERSION = "3"  # bump when the view below changes: experiments marked before get the new one
 VERSION_TAG = "sweep.view_version"
@@ -51,8 +35,6 @@ TRIAL_FILTER = f"tags.config_hash LIKE '%' and tags.`{SUPERSEDED_TAG}` IS NULL"
 METRIC_COLUMNS = ["val_accuracy", "test_accuracy", "flops_reduction", "params", "latency_ms", "train_time_s"]
 PARAM_COLUMNS = ["strategy", "ratio", "seed", "scope", "target", "schedule", "model", "dataset"]
 SCATTERS = [("flops_reduction", "val_accuracy"), ("flops_reduction", "test_accuracy")]
-SORT_METRIC = "val_accuracy"
-GROUP_PARAM = "strategy"
 RUN_NAME_COLUMN = "attributes.`Run Name`"  # its column id in the runs table
 # One colour per strategy, the same in every sweep, on every chart: a trial run carries its strategy's colour in
 # the tag the UI reads for a run's colour (it otherwise hashes the run id: one colour per trial).
@@ -83,7 +65,7 @@ def view_state() -> dict:
     return {
         # search facets
         "searchFilter": TRIAL_FILTER,
-        "orderByKey": _column("metrics", SORT_METRIC),
+        "orderByKey": _column("metrics", "val_accuracy"),
         "orderByAsc": False,
         "startTime": "ALL",
         "lifecycleFilter": "Active",
@@ -104,7 +86,7 @@ def view_state() -> dict:
         "runListHidden": False,
         # the table's rows grouped by strategy (a group row holds its trials' means); the charts keep one point per
         # trial, coloured by its strategy (COLOR_TAG), not one averaged point per strategy across ratios
-        "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "param", "groupByData": GROUP_PARAM}]},
+        "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "param", "groupByData": "strategy"}]},
         "groupsExpanded": {},  # every group open
         "useGroupedValuesInCharts": False,
     }
@@ -128,27 +110,21 @@ def mark_experiment(store: Store, experiment_id: str, tags: dict | None = None) 
     if tags is None:
         tags = store.get_experiment(experiment_id).tags
     for key, value in experiment_tags().items():
-        current = tags.get(key)
-        outdated = current is None or (key != VIEW_TAG and current != value) or (
-            key == VIEW_TAG and tags.get(VERSION_TAG) != VIEW_VERSION)
-        if outdated:
+        # the view's value holds its time of writing: it is outdated when its version is
+        if key not in tags or (tags.get(VERSION_TAG) != VIEW_VERSION if key == VIEW_TAG else tags[key] != value):
             store.set_experiment_tag(experiment_id, key, value)
 
 
 def server_url(tracking_uri: str | None) -> str:
     """The web address of the UI for a store: the server itself, or where `mlflow ui` serves a database store."""
     uri = resolve_tracking_uri(tracking_uri)
-    if uri.startswith(("http://", "https://")):
-        return uri.rstrip("/")
-    return DEFAULT_SERVER
+    return uri.rstrip("/") if is_server(uri) else DEFAULT_SERVER
 
 
 def ui_command(tracking_uri: str | None) -> str | None:
     """The command that serves the UI for a database store (loopback only); None for a tracking server."""
     uri = resolve_tracking_uri(tracking_uri)
-    if uri.startswith(("http://", "https://")):
-        return None
-    return f"mlflow ui --backend-store-uri {shlex.quote(uri)} --host 127.0.0.1 --port 5000"
+    return None if is_server(uri) else f"mlflow ui --backend-store-uri {shlex.quote(uri)} --host 127.0.0.1 --port 5000"
 
 
 def view_url(server: str | None, experiment_id: str, chart: bool = False) -> str:
@@ -169,10 +145,7 @@ def run_url(server: str | None, experiment_id: str, run_id: str) -> str:
 
 def how_to_open(tracking_uri: str | None, experiment_id: str) -> list[str]:
     """Lines to print after a sweep or a report: how to start the UI if needed, and the views to open."""
-    lines = []
     command = ui_command(tracking_uri)
-    if command:
-        lines.append(f"MLflow UI: {command}")
-    lines.append(f"  trials table: {view_url(tracking_uri, experiment_id)}")
-    lines.append(f"  trade-off chart: {view_url(tracking_uri, experiment_id, chart=True)}")
-    return lines
+    return ([f"MLflow UI: {command}"] if command else []) + [
+        f"  trials table: {view_url(tracking_uri, experiment_id)}",
+        f"  trade-off chart: {view_url(tracking_uri, experiment_id, chart=True)}"]
