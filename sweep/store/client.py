@@ -1,8 +1,5 @@
-"""The connection to MLflow: which store a sweep writes to, and calls that ride out a busy sqlite file.
-
-`sweep.store.store.Store` makes every MLflow call through `with_retry`; nothing outside sweep.store talks to MLflow
-except through a Store or sweep.store's functions (report/ still wraps a few calls of its own client).
-"""
+"""The connection to MLflow: which store a sweep writes to, whether a server answers, and `with_retry`, which
+`sweep.store.store.Store` puts around every call so that it rides out a busy sqlite file."""
 
 from __future__ import annotations
 
@@ -34,10 +31,6 @@ RETRY_ATTEMPTS = 10
 RETRY_SECONDS = 120.0
 
 
-def _is_lock_error(exc: BaseException) -> bool:
-    return isinstance(exc, (MlflowException, _SqlOperationalError)) and "locked" in str(exc).lower()
-
-
 def with_retry(
     fn: Callable[..., T], *args: Any, attempts: int = RETRY_ATTEMPTS, seconds: float = RETRY_SECONDS, **kwargs: Any
 ) -> T:
@@ -49,7 +42,8 @@ def with_retry(
         try:
             return fn(*args, **kwargs)
         except Exception as exc:
-            if not _is_lock_error(exc) or attempt >= attempts or time.monotonic() + delay > deadline:
+            locked = isinstance(exc, (MlflowException, _SqlOperationalError)) and "locked" in str(exc).lower()
+            if not locked or attempt >= attempts or time.monotonic() + delay > deadline:
                 raise
             log.debug("sqlite locked (attempt %d/%d), retrying in %.2fs", attempt, attempts, delay)
             time.sleep(delay * random.uniform(0.5, 1.5))  # jitter: writers that collided must not retry in lockstep

@@ -3,15 +3,10 @@
     version = register_best("quickstart", "digits-pruned", by="val_accuracy")   # a ModelVersion
     model = mlflow.pyfunc.load_model("models:/digits-pruned/1")                  # predict(N x C x H x W float32)
 
-The winner is the FINISHED trial run with the best value of `by`, a metric a selection may read (never a test
-metric: choosing on test data would make its test number optimistic), among the current runs (a forced rerun's
-earlier run is not one) of one launch (`launch`, its parent run id) and/or one group (`where`, params that must
-match). Runs whose validation accuracy was measured on different validation splits are never ranked together.
-The registered model holds the run's `checkpoint/pruned.pt` (plan + state_dict, as `sweep.pruning.save_pruned`
-writes it), `architecture.json` (the base network: model name or factory and kwargs, classes, input channels) and
-this package's model code; loading rebuilds the base network with `build_model`, applies the plan and loads the
-weights (`sweep.pruning.load_pruned`). Loading needs `sweep` installed, and for a `model.factory` network the
-factory's module importable.
+The winner is the FINISHED current trial run (a forced rerun's earlier run is not one) with the best value of `by`,
+a metric a selection may read (never a test metric), of one launch (`launch`) and/or group (`where`), all measured
+on one validation split. The model holds the run's `checkpoint/pruned.pt`, an `architecture.json` and this package's
+model code (pyfunc_model.py), no pickle; loading needs `sweep` installed (docs/comparing.md, "Register the winner").
 """
 
 from __future__ import annotations
@@ -55,7 +50,6 @@ class PrunedNetwork(mlflow.pyfunc.PythonModel):
 
 def load_network(architecture: str | Path, checkpoint: str | Path) -> torch.nn.Module:
     """The pruned network from an architecture.json and a pruned.pt, in eval mode, on the CPU."""
-
     arch = json.loads(Path(architecture).read_text(encoding="utf-8"))
     base = build_model(arch.get("model"), arch["num_classes"], None, arch["in_channels"],
                        factory=arch.get("factory"), kwargs=arch.get("kwargs"))
@@ -121,7 +115,8 @@ def candidates(experiment: str, by: str = "val_accuracy", tracking_uri: str | No
             raise RegistryError(f"--where: no trial of '{experiment}' has param '{key}'; use one of {', '.join(known)}")
         runs = [r for r in runs if _matches(r.data.params, key, wanted)]
     if not runs:
-        raise RegistryError(f"--where: no FINISHED trial of '{experiment}' has {_listed(where)}; check the values "
+        listed = ", ".join(f"{k}={v}" for k, v in (where or {}).items())
+        raise RegistryError(f"--where: no FINISHED trial of '{experiment}' has {listed}; check the values "
                             f"(the report's runs.csv lists every run's params)")
     runs = [r for r in runs if by in r.data.metrics]
     if not runs:
@@ -133,10 +128,6 @@ def candidates(experiment: str, by: str = "val_accuracy", tracking_uri: str | No
                             f"splits (tag {VAL_SPLIT_TAG}), so their values do not compare; name one group or launch "
                             f"with --where param=value,... or --launch PARENT_RUN_ID")
     return runs
-
-
-def _listed(where: dict[str, str] | None) -> str:
-    return ", ".join(f"{k}={v}" for k, v in (where or {}).items())
 
 
 def best_run(experiment: str, by: str = "val_accuracy", tracking_uri: str | None = None,

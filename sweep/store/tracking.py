@@ -49,12 +49,9 @@ def store_exists(uri: str) -> bool:
 
 
 def init_store(uri: str) -> None:
-    """Create the database and its schema now, in the driver: parallel first use by trial workers races.
-
-    Two launches on one fresh sqlite file race too (alembic: "expected to match one row when updating ... in
-    'alembic_version'; 0 found"): a file lock beside the database (`<db>.lock`) lets the first create the schema
-    while the second waits, then finds it there. A server URI needs nothing: the server created its schema.
-    """
+    """Create the database and its schema now, in the driver: parallel first use by trial workers races, and so do
+    two launches on one fresh sqlite file (alembic: "expected to match one row when updating ... in
+    'alembic_version'"), hence a file lock beside the database. A server created its schema itself."""
     db = _sqlite_path(uri)
     lock = None if db is None or not db.parent.is_dir() else FileLock(f"{db}.lock", timeout=STORE_LOCK_SECONDS)
     try:
@@ -89,21 +86,16 @@ def hash_filter(chash: str) -> str:
     return f"tags.config_hash = '{chash}'"
 
 
-def _flatten(trial_config: dict) -> dict[str, Any]:
-    """One level: `finetune.lr`. A mapping inside a section (`prune.ratios`, `model.kwargs`) is one JSON value: its
-    keys are the user's (module patterns such as `layer1.*.conv1`), which MLflow would refuse in a param name."""
+def flat_params(trial_config: dict) -> dict[str, str]:
+    """MLflow params: the user-facing names first, then every other setting as a dotted key (`finetune.lr`). A
+    mapping inside a section (`prune.ratios`, `model.kwargs`) is one JSON value: its keys are the user's (module
+    patterns such as `layer1.*.conv1`), which MLflow would refuse in a param name."""
     flat: dict[str, Any] = {}
     for key, value in trial_config.items():
         if isinstance(value, dict):
             flat.update({f"{key}.{leaf}": setting for leaf, setting in value.items() if setting != {}})  # {}: unset
-        else:
+        elif key not in _NOT_PARAMS:
             flat[key] = value
-    return flat
-
-
-def flat_params(trial_config: dict) -> dict[str, str]:
-    """MLflow params: the user-facing names first, then every other setting as a dotted key (`finetune.lr`)."""
-    flat = _flatten({k: v for k, v in trial_config.items() if k not in _NOT_PARAMS})
     params: dict[str, str] = {}
     for name, dotted in PARAMS.items():
         if dotted in flat:
@@ -158,10 +150,8 @@ def get_or_create_experiment(store: StoreLike, name: str) -> str:
                 raise
             experiment = store.get_experiment_by_name(name)
     if experiment.lifecycle_stage == "deleted":
-        raise ValueError(
-            f"MLflow experiment {name!r} is deleted: restore it (MlflowClient().restore_experiment"
-            f"({experiment.experiment_id!r})) or choose another sweep name"
-        )
+        raise ValueError(f"MLflow experiment {name!r} is deleted: restore it (MlflowClient().restore_experiment"
+                         f"({experiment.experiment_id!r})) or choose another sweep name")
     mark_experiment(store, experiment.experiment_id, experiment.tags)  # an older experiment: writes what it lacks
     return experiment.experiment_id
 
@@ -261,7 +251,7 @@ def supersede_earlier(store: StoreLike, experiment: str, config_hash: str, run_i
     SUPERSEDED_TAG=<run_id> (kept, never deleted) and left out of reports, the saved UI view and registration.
     Returns the runs it tagged. Called only after run_id finished, so a failed rerun leaves the earlier run current."""
     store = Store.of(store)
-    earlier = child_runs(store, experiment, f"tags.config_hash = '{config_hash}' and attributes.status = 'FINISHED' "
+    earlier = child_runs(store, experiment, f"{hash_filter(config_hash)} and attributes.status = 'FINISHED' "
                                             f"and tags.`{SUPERSEDED_TAG}` IS NULL")
     replaced = [run.info.run_id for run in earlier if run.info.run_id != run_id]
     for old in replaced:
@@ -286,7 +276,7 @@ def close_children(store: StoreLike, experiment: str, parent_run_id: str, status
 
 def find_trial_run(store: StoreLike, experiment: str, config_hash: str, parent_run_id: str | None) -> str | None:
     """The newest unfinished child run of this parent for this config: a retried trial continues it."""
-    for run in child_runs(store, experiment, f"tags.config_hash = '{config_hash}'"):
+    for run in child_runs(store, experiment, hash_filter(config_hash)):
         if run.info.status != "FINISHED" and run.data.tags.get("mlflow.parentRunId") == parent_run_id:
             return run.info.run_id
     return None
@@ -315,7 +305,7 @@ def recorded_result(store: StoreLike, experiment: str, config_hash: str, run_id:
         return dict(run.data.metrics) if run.info.status == "FINISHED" else None
     if rerun:
         return None
-    runs = child_runs(store, experiment, f"tags.config_hash = '{config_hash}' and attributes.status = 'FINISHED'")
+    runs = child_runs(store, experiment, f"{hash_filter(config_hash)} and attributes.status = 'FINISHED'")
     return dict(runs[0].data.metrics) if runs else None
 
 
@@ -389,6 +379,5 @@ class TrialRun:
         self.store.log_artifact(self.run_id, local_path, artifact_path)
 
     def finish(self, status: str = "FINISHED") -> None:
-        _check_status(status)
-        self.store.set_terminated(self.run_id, status)
+        end_run(self.store, self.run_id, status)
 
