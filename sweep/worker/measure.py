@@ -12,15 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 
 def _param_device_dtype(model: nn.Module) -> tuple[torch.device | None, torch.dtype]:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.device, p.dtype
-    return None, torch.get_default_dtype()
-
-
-def _is_channels_last(model: nn.Module) -> bool:
-    kernel = next((p for p in model.parameters() if p.ndim == 4), None)
-    return kernel is not None and not kernel.is_contiguous() and kernel.is_contiguous(memory_format=torch.channels_last)
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return (None, torch.get_default_dtype()) if p is None else (p.device, p.dtype)
 
 
 def count_flops(model: nn.Module, example_input: Tensor) -> int:
@@ -59,7 +52,9 @@ def latency_samples(model: nn.Module, example_input: Tensor, device: torch.devic
     if model_device is not None and model_device.type != device.type:
         raise ValueError(f"model is on {model_device} but latency was asked on {device}: call model.to(device) first")
     x = example_input.to(device=device, dtype=dtype)
-    if x.ndim == 4 and _is_channels_last(model):
+    kernel = next((p for p in model.parameters() if p.ndim == 4), None)
+    if x.ndim == 4 and kernel is not None and not kernel.is_contiguous() and \
+            kernel.is_contiguous(memory_format=torch.channels_last):
         x = x.contiguous(memory_format=torch.channels_last)  # time the layout the model runs in, not a conversion
     # CUDA launches are asynchronous: without a sync the clock would only measure the launch.
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

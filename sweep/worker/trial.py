@@ -204,9 +204,8 @@ def run_trial(config: dict, context: SweepContext, report: Report | None = None,
 
 
 def sweep_trial(config: dict, context: SweepContext) -> None:
-    """The Tune trainable (the trial dict under one key, so a grid can be any list of configs). It lives here, not in
-    sweep.driver, because Ray imports a trainable's module in every worker, and the driver's pandas and matplotlib
-    would cost each worker's start about 2 s."""
+    """The Tune trainable (the trial dict under one key, so a grid can be any list of configs). Not in sweep.driver:
+    Ray imports it in every worker, and the driver's pandas and matplotlib would cost each start about 2 s."""
     run_trial(config["trial"], context)  # reports to Tune itself; returning its dict would report it twice
 
 
