@@ -24,17 +24,26 @@ _DEVICE_BYTES = 200 * 2**20  # a tensor split up to this size lives on the devic
 _MAX_WORKERS = 8
 
 
-class _TensorBatches:
-    """Batches of a TensorImages split: indexed, augmented and normalised on the device."""
+class _Batches:
+    """A TensorImages split is indexed, augmented and normalised on the device; any other goes through a DataLoader
+    (FileImages augment in its workers)."""
 
-    def __init__(self, data: TensorImages, batch_size: int, train: bool, device: torch.device, seed: int,
+    def __init__(self, data: Dataset, batch_size: int, train: bool, device: torch.device, seed: int,
                  augment: bool):
         self.data, self.batch_size, self.train, self.device = data, batch_size, train, device
-        self.seed, self.augment, self.epoch = seed, augment, 0
+        self.seed, self.augment, self.epoch, self.loader = seed, augment, 0, None
         # Training drops a last partial batch (when there is a full one): equal steps, and BatchNorm never sees 1.
         self.drop_last = train and len(data) >= batch_size
-        small = data.base.numel() * data.base.element_size() <= _DEVICE_BYTES
-        self.store = device if small else torch.device("cpu")
+        if isinstance(data, TensorImages):
+            small = data.base.numel() * data.base.element_size() <= _DEVICE_BYTES
+            self.store = device if small else torch.device("cpu")
+        else:
+            # Workers are not persistent: each pass seeds its workers' augmentation from the generator, so a pass is
+            # fully determined by (seed, epoch) once set_epoch has been called.
+            self.loader = DataLoader(data.with_augment(train and augment) if isinstance(data, FileImages) else data,
+                                     batch_size, shuffle=train, drop_last=self.drop_last,
+                                     num_workers=min(_MAX_WORKERS, os.cpu_count() or 1),
+                                     pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed))
 
     def __len__(self) -> int:
         n = len(self.data)
@@ -43,8 +52,14 @@ class _TensorBatches:
     def set_epoch(self, epoch: int) -> None:
         """The next pass is this epoch: its shuffle and augmentation depend on (seed, epoch) alone."""
         self.epoch = epoch
+        if self.loader is not None:
+            self.loader.generator.manual_seed(self.seed * 100_003 + epoch)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        if self.loader is not None:
+            for x, y in self.loader:
+                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            return
         images, labels, rows = self.data.placed(self.store)
         epoch_seed = self.seed * 100_003 + self.epoch
         self.epoch += 1
@@ -59,31 +74,6 @@ class _TensorBatches:
             yield self.data.prepare(x, augment), labels[idx].to(self.device, non_blocking=True)
 
 
-class _LoaderBatches:
-    """Batches of any other Dataset through a DataLoader; FileImages augment in its workers."""
-
-    def __init__(self, data: Dataset, batch_size: int, train: bool, device: torch.device, seed: int,
-                 augment: bool):
-        if isinstance(data, FileImages):
-            data = data.with_augment(train and augment)
-        self.device, self.seed = device, seed
-        # Workers are not persistent: each pass seeds its workers' augmentation from the generator, so a pass is
-        # fully determined by (seed, epoch) once set_epoch has been called.
-        self.loader = DataLoader(data, batch_size, shuffle=train, drop_last=train and len(data) >= batch_size,
-                                 num_workers=min(_MAX_WORKERS, os.cpu_count() or 1),
-                                 pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed))
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.loader.generator.manual_seed(self.seed * 100_003 + epoch)
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        for x, y in self.loader:
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
-
 def batches(data: Dataset, batch_size: int, train: bool, device: torch.device | str = "cpu", seed: int = 0,
             augment: bool = True) -> Iterable[tuple[Tensor, Tensor]]:
     """Re-iterable batches of a split: each `for` is one epoch; len() is the number of batches per epoch.
@@ -93,5 +83,4 @@ def batches(data: Dataset, batch_size: int, train: bool, device: torch.device | 
     """
     if batch_size < 1:
         raise DataError(f"batch_size: {batch_size} is less than 1; use a positive batch size")
-    kind = _TensorBatches if isinstance(data, TensorImages) else _LoaderBatches
-    return kind(data, batch_size, train, torch.device(device), seed, augment)
+    return _Batches(data, batch_size, train, torch.device(device), seed, augment)

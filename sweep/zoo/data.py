@@ -19,6 +19,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from dataclasses import field as _field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -139,23 +140,19 @@ def _read_idx(raw: Path, stem: str, root: Path, name: str) -> Tensor:
     return torch.frombuffer(bytearray(data[4 + 4 * len(dims):]), dtype=torch.uint8).view(dims)
 
 
-def _idx_loader(name: str, tv_class: type, stats: tuple) -> Callable[..., DataSplits]:
+def _idx(name: str, tv_class: type, stats: tuple, root: Path, download: bool, image_size: int | None) -> DataSplits:
     """MNIST-like sets: four IDX files in ROOT/<torchvision class name>/raw/."""
+    raw = root / tv_class.__name__ / "raw"
+    if download and not any(raw.glob("t10k-labels-idx1-ubyte*")):
+        tv_class(str(root), train=False, download=True)  # fetches all four files
 
-    def load(root: Path, download: bool, image_size: int | None) -> DataSplits:
-        raw = root / tv_class.__name__ / "raw"
-        if download and not any(raw.glob("t10k-labels-idx1-ubyte*")):
-            tv_class(str(root), train=False, download=True)  # fetches all four files
+    def part(prefix: str) -> TensorImages:
+        images = _read_idx(raw, f"{prefix}-images-idx3-ubyte", root, name).unsqueeze(1)
+        labels = _read_idx(raw, f"{prefix}-labels-idx1-ubyte", root, name).long()
+        return TensorImages(images, labels, stats, image_size or 28, pad=2, flip=False)
 
-        def part(prefix: str) -> TensorImages:
-            images = _read_idx(raw, f"{prefix}-images-idx3-ubyte", root, name).unsqueeze(1)
-            labels = _read_idx(raw, f"{prefix}-labels-idx1-ubyte", root, name).long()
-            return TensorImages(images, labels, stats, image_size or 28, pad=2, flip=False)
-
-        train, test = part("train"), part("t10k")
-        return DataSplits(name, 10, 1, train.image_size, train, None, test)
-
-    return load
+    train, test = part("train"), part("t10k")
+    return DataSplits(name, 10, 1, train.image_size, train, None, test)
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -177,36 +174,32 @@ class _ArrayUnpickler(pickle.Unpickler):
         return self._ALLOWED[module, name]
 
 
-def _cifar_loader(name: str, tv_class: type, train_files: list[str], test_files: list[str], label_key: str,
-                  num_classes: int, stats: tuple) -> Callable[..., DataSplits]:
+def _cifar(name: str, tv_class: type, train_files: list[str], test_files: list[str], label_key: str,
+           num_classes: int, stats: tuple, root: Path, download: bool, image_size: int | None) -> DataSplits:
     """CIFAR-10/100: torchvision's python pickles in ROOT/cifar-10-batches-py/ or ROOT/cifar-100-python/."""
+    base = root / tv_class.base_folder
+    if download and not all((base / f).exists() for f in train_files + test_files):
+        tv_class(str(root), download=True)
 
-    def load(root: Path, download: bool, image_size: int | None) -> DataSplits:
-        base = root / tv_class.base_folder
-        if download and not all((base / f).exists() for f in train_files + test_files):
-            tv_class(str(root), download=True)
+    def part(files: list[str]) -> TensorImages:
+        images, labels = [], []
+        for file in files:
+            if not (base / file).exists():
+                raise _missing(root, name, base / file)
+            try:
+                with open(base / file, "rb") as f:
+                    entry = _ArrayUnpickler(f, encoding="latin1").load()
+                images.append(torch.from_numpy(np.asarray(entry["data"], dtype=np.uint8)))
+                labels += entry[label_key]
+            except (pickle.UnpicklingError, KeyError, TypeError, EOFError) as e:
+                raise DataError(f"dataset.root: {base / file} is not a {name} batch ({e!r}); "
+                                f"replace it or use download: true") from None
+        # Rows are 1024 red, then 1024 green, then 1024 blue values, each 32x32 row-major.
+        return TensorImages(torch.cat(images).view(-1, 3, 32, 32), torch.tensor(labels, dtype=torch.long),
+                            stats, image_size or 32, pad=4, flip=True)
 
-        def part(files: list[str]) -> TensorImages:
-            images, labels = [], []
-            for file in files:
-                if not (base / file).exists():
-                    raise _missing(root, name, base / file)
-                try:
-                    with open(base / file, "rb") as f:
-                        entry = _ArrayUnpickler(f, encoding="latin1").load()
-                    images.append(torch.from_numpy(np.asarray(entry["data"], dtype=np.uint8)))
-                    labels += entry[label_key]
-                except (pickle.UnpicklingError, KeyError, TypeError, EOFError) as e:
-                    raise DataError(f"dataset.root: {base / file} is not a {name} batch ({e!r}); "
-                                    f"replace it or use download: true") from None
-            # Rows are 1024 red, then 1024 green, then 1024 blue values, each 32x32 row-major.
-            return TensorImages(torch.cat(images).view(-1, 3, 32, 32), torch.tensor(labels, dtype=torch.long),
-                                stats, image_size or 32, pad=4, flip=True)
-
-        train, test = part(train_files), part(test_files)
-        return DataSplits(name, num_classes, 3, train.image_size, train, None, test)
-
-    return load
+    train, test = part(train_files), part(test_files)
+    return DataSplits(name, num_classes, 3, train.image_size, train, None, test)
 
 
 def _file_splits(name: str, parts: list[list[tuple[str, int]]], size: int) -> tuple[list[FileImages], list[str]]:
@@ -302,11 +295,11 @@ def _oxford_pets(root: Path, download: bool, image_size: int | None) -> DataSpli
 
 DATASETS: dict[str, Callable[..., DataSplits]] = {
     "digits": _digits,
-    "mnist": _idx_loader("mnist", tvd.MNIST, _MNIST_STATS),
-    "fashion_mnist": _idx_loader("fashion_mnist", tvd.FashionMNIST, _FASHION_STATS),
-    "cifar10": _cifar_loader("cifar10", tvd.CIFAR10, [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
-                             "labels", 10, _CIFAR10_STATS),
-    "cifar100": _cifar_loader("cifar100", tvd.CIFAR100, ["train"], ["test"], "fine_labels", 100, _CIFAR100_STATS),
+    "mnist": partial(_idx, "mnist", tvd.MNIST, _MNIST_STATS),
+    "fashion_mnist": partial(_idx, "fashion_mnist", tvd.FashionMNIST, _FASHION_STATS),
+    "cifar10": partial(_cifar, "cifar10", tvd.CIFAR10, [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+                       "labels", 10, _CIFAR10_STATS),
+    "cifar100": partial(_cifar, "cifar100", tvd.CIFAR100, ["train"], ["test"], "fine_labels", 100, _CIFAR100_STATS),
     "flowers102": _flowers102,
     "oxford_pets": _oxford_pets,
     "imagefolder": _imagefolder,

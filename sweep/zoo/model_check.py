@@ -35,7 +35,6 @@ def family(name: str) -> str:
 
 def check(name: str) -> str | None:
     """None if the pruner can trace `name`, else its reason in one line."""
-
     side = 32 if name in MODELS else 224
     x = torch.zeros(1, 3, side, side)
     with warnings.catch_warnings():
@@ -60,15 +59,11 @@ def pruner_support(names: list[str] | None = None) -> list[tuple[str, bool, str]
     groups: dict[str, list[str]] = {}
     for name in names:
         groups.setdefault(family(name), []).append(name)
-    verdict: dict[str, tuple[str, str | None]] = {}
-    for key, members in groups.items():
-        representative = min(members, key=_cost)
-        verdict[key] = representative, check(representative)
+    checked = {key: min(members, key=_cost) for key, members in groups.items()}
+    reasons = {key: check(name) for key, name in checked.items()}
     rows = []
     for name in names:
-        representative, reason = verdict[family(name)]
-        note = reason or ""
-        if representative != name:
-            note = f"as {representative}" + (f": {reason}" if reason else "")
+        checked_as, reason = checked[family(name)], reasons[family(name)]
+        note = (reason or "") if checked_as == name else f"as {checked_as}" + (f": {reason}" if reason else "")
         rows.append((name, reason is None, note))
     return rows

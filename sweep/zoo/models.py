@@ -1,9 +1,8 @@
 """Model registry: our small CIFAR zoo plus every torchvision classifier, weights loading, head swaps.
 
-`build_model(name, num_classes, weights, in_channels)` is the one entry point a trial needs:
-random init, torchvision's pretrained weights, or a local checkpoint, with the classifier
-replaced for the target dataset and the stem adapted to its channel count.
-Every zoo model traces with torch.fx, because the pruner works on the traced graph.
+`build_model(name, num_classes, weights, in_channels)` is the one entry point a trial needs: random init,
+torchvision's pretrained weights, or a local checkpoint, with the classifier replaced for the target dataset and the
+stem adapted to its channel count. Every zoo model traces with torch.fx, because the pruner works on the traced graph.
 """
 
 from __future__ import annotations
@@ -11,6 +10,7 @@ from __future__ import annotations
 import difflib
 import pickle
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ import torchvision
 from torch import Tensor, nn
 
 from sweep.errors import InputError
+from sweep.zoo.images import IMAGENET_STATS
 from sweep.zoo.plugin import resolve_factory
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".th", ".ckpt")
@@ -66,20 +67,14 @@ class CifarResNet(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
-        self.layer1 = self._stage(16, 16, n, stride=1)
-        self.layer2 = self._stage(16, 32, n, stride=2)
-        self.layer3 = self._stage(32, 64, n, stride=2)
+        for i, (planes, stride) in enumerate(((16, 1), (32, 2), (64, 2)), 1):
+            blocks = [BasicBlock(planes // stride, planes, stride)] + [BasicBlock(planes, planes) for _ in range(n - 1)]
+            setattr(self, f"layer{i}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)  # any input size: 8x8 digits as well as 32x32
         self.linear = nn.Linear(64, num_classes)
         for m in self.modules():  # the reference code's init
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)
-
-    @staticmethod
-    def _stage(in_planes: int, planes: int, n: int, stride: int) -> nn.Sequential:
-        blocks = [BasicBlock(in_planes, planes, stride)]
-        blocks += [BasicBlock(planes, planes) for _ in range(n - 1)]
-        return nn.Sequential(*blocks)
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
@@ -90,15 +85,15 @@ class CifarResNet(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # VGG-16-BN for 32x32 inputs and a small CNN for quick runs.
 
-VGG16_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
-
 
 class CifarVGG(nn.Module):
-    def __init__(self, cfg: list, num_classes: int = 10, in_channels: int = 3):
+    CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3):
         super().__init__()
         layers: list[nn.Module] = []
         c = in_channels
-        for v in cfg:
+        for v in self.CFG:
             if v == "M":
                 # ceil_mode keeps a 1x1 map at 1x1, so 8x8 inputs survive all five pools
                 layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
@@ -133,38 +128,12 @@ class SmallCNN(nn.Module):
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
-def small_cnn(num_classes: int, in_channels: int = 3) -> nn.Module:
-    return SmallCNN(num_classes, in_channels)
-
-
-def resnet20(num_classes: int, in_channels: int = 3) -> nn.Module:
-    return CifarResNet(3, num_classes, in_channels)
-
-
-def resnet32(num_classes: int, in_channels: int = 3) -> nn.Module:
-    return CifarResNet(5, num_classes, in_channels)
-
-
-def resnet56(num_classes: int, in_channels: int = 3) -> nn.Module:
-    return CifarResNet(9, num_classes, in_channels)
-
-
-def resnet110(num_classes: int, in_channels: int = 3) -> nn.Module:
-    return CifarResNet(18, num_classes, in_channels)
-
-
-def vgg16_bn_cifar(num_classes: int, in_channels: int = 3) -> nn.Module:
-    return CifarVGG(VGG16_CFG, num_classes, in_channels)
-
-
 MODELS: dict[str, Callable[[int, int], nn.Module]] = {
-    "small_cnn": small_cnn,
-    "resnet20": resnet20,
-    "resnet32": resnet32,
-    "resnet56": resnet56,
-    "resnet110": resnet110,
-    "vgg16_bn_cifar": vgg16_bn_cifar,
+    "small_cnn": SmallCNN,
+    **{f"resnet{6 * n + 2}": partial(CifarResNet, n) for n in (3, 5, 9, 18)},
+    "vgg16_bn_cifar": CifarVGG,
 }
+small_cnn = SmallCNN  # the zoo's quick network as a factory path too: "sweep.zoo.models:small_cnn"
 
 
 def _torchvision_names() -> list[str]:
@@ -394,11 +363,10 @@ def build_model(name: str | None, num_classes: int, weights: str | None = None, 
 # ---------------------------------------------------------------------------------------------
 # Normalisation: pretrained weights expect inputs normalised as in their own training.
 
-_IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 # The public CIFAR ResNet checkpoints of He et al.'s architecture (Yerlan Idelbayev's) were trained on inputs
 # normalised with ImageNet's mean and std, not CIFAR's: feeding them CIFAR-normalised images costs accuracy.
 KNOWN_CHECKPOINT_STATS = {
-    f"{stem}.th": _IMAGENET_STATS
+    f"{stem}.th": IMAGENET_STATS
     for stem in ("resnet20-12fca82f", "resnet32-d509ac18", "resnet44-014dd654", "resnet56-4bfd9763",
                  "resnet110-1d1ed7c2", "resnet1202-f3b1deed")
 }

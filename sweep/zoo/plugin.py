@@ -32,14 +32,8 @@ def _sibling_modules(missing: str) -> list[str]:
 
 def resolve_factory(path: str, field: str, error: type[Exception]) -> Callable:
     """The callable named by "package.module:function" (a dotted attribute path after the colon is allowed); a problem
-    raises `error` with one line naming `field`, and the nearest name when a module or function is misspelt.
-
-    The working directory is put on sys.path first, when absent: `sweep` is a console script, and a console script's
-    sys.path holds its own bin/ folder, not the directory it was started from, so `mynets.py` beside the search space
-    would not import though `python -c "import mynets"` works there. Ray gives its workers the driver's sys.path as it
-    was when Ray started (`sweep run` resolves factories before, when it checks the spec) and starts them in the
-    driver's working directory (a cluster: runtime_env's `working_dir`, or `py_modules` for a package); Tune then moves
-    each trial into a folder of its own and records where it started in $TUNE_ORIG_WORKING_DIR, also put on the path.
+    raises `error` with one line naming `field`, and the nearest name when a module or function is misspelt. The
+    working directory goes on sys.path first (docs/design.md, "The zoo": why, and how Ray workers find the module).
     """
     module_name, colon, attribute = str(path).partition(":")
     if not colon or not module_name or not attribute or any(not part.isidentifier() for part in

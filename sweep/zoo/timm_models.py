@@ -1,13 +1,5 @@
-"""timm's networks as a model factory: a sweep of any timm CNN is one line of a spec.
-
-    model: {factory: "sweep.zoo.timm_models:create", kwargs: {name: resnet50}}                       # random init
-    model: {factory: "sweep.zoo.timm_models:create", kwargs: {name: resnet50, checkpoint: w/r50.pth}} # local weights
-    model: {factory: "sweep.zoo.timm_models:create", kwargs: {name: resnet50, pretrained: true}}     # timm's cache
-
-A checkpoint is a file of the model's pretrained weights (.pth, .bin or .safetensors, with its original classifier):
-timm loads it, replaces the classifier for the sweep's classes and adapts the first conv to its channels, as it does
-for weights it downloads. `pretrained: true` reads timm's own cache (Hugging Face Hub), which needs the network the
-first time. timm is an optional dependency: `pip install -e ".[timm]"`.
+"""timm's networks as a model factory, `sweep.zoo.timm_models:create`, with kwargs `name` and, for weights, a local
+`checkpoint` or `pretrained: true` (timm's cache): docs/own-model.md. timm is optional: `pip install -e ".[timm]"`.
 """
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
 """torch and torchvision must be one matching pair: the same build (CPU, or the same CUDA) and versions released
 together. A mismatch (easy to get: a CPU torch from the CPU index beside a CUDA torchvision from PyPI) otherwise ends
 the first trial with `RuntimeError: operator torchvision::nms does not exist`, which names neither cause nor fix.
-
-    problem = torch_pair_problem()   # None, or one line naming both versions and the pip command that fixes it
-
-Commands that build models call it first; it costs what they pay anyway: importing torch and torchvision.
+Commands that build models call `torch_pair_problem()` first: one line naming both versions and the fix, or None.
 """
 
 from __future__ import annotations
@@ -21,7 +18,7 @@ _SYMPTOMS = ("torchvision::", "different CUDA major versions", "Couldn't load cu
 
 
 def _split(version: str) -> tuple[tuple[int, ...], str]:
-    """('2.5.1+cpu') -> ((2, 5, 1), 'cpu'): the release numbers and the build tag ('' for a PyPI wheel)."""
+    """'2.5.1+cpu' -> ((2, 5, 1), 'cpu'): the release numbers and the build tag ('' for a PyPI wheel)."""
     release, _, tag = version.partition("+")
     numbers = re.match(r"\d+(\.\d+)*", release)
     return (tuple(int(n) for n in numbers.group(0).split(".")) if numbers else ()), tag
@@ -35,13 +32,6 @@ def matching_torchvision(torch_version: str) -> str | None:
     return f"0.15.{patch + 1}" if minor == 0 else f"0.{minor + 15}.{patch}"
 
 
-def _build(tag: str, cuda: str | None = None) -> str:
-    """'cpu', 'cu124', or '' when a version string does not say (a PyPI wheel: CUDA on Linux, CPU elsewhere)."""
-    if tag:
-        return tag
-    return f"cu{cuda.replace('.', '')}" if cuda else ""
-
-
 def _describe(build: str) -> str:
     if build == "cpu":
         return "a CPU build"
@@ -50,12 +40,11 @@ def _describe(build: str) -> str:
 
 def fix_command(torch_version: str) -> str:
     """The pip command that installs the torchvision of this torch, the same build, keeping torch."""
-    release = ".".join(map(str, _split(torch_version)[0]))
+    release, tag = _split(torch_version)
     vision = matching_torchvision(torch_version) or "<the torchvision of your torch, see github.com/pytorch/vision>"
-    tag = _split(torch_version)[1]
     index = f" --index-url {INDEX}/{tag}" if tag else ""
     # a local tag (+cpu) already satisfies `==0.20.1`: without --force-reinstall pip would keep the wrong build
-    return f"pip install --force-reinstall --no-deps torch=={release} torchvision=={vision}{index}"
+    return f"pip install --force-reinstall --no-deps torch=={'.'.join(map(str, release))} torchvision=={vision}{index}"
 
 
 def pair_problem(torch_version: str, vision_version: str, torch_cuda: str | None = None,
@@ -68,7 +57,8 @@ def pair_problem(torch_version: str, vision_version: str, torch_cuda: str | None
     """
     expected = matching_torchvision(torch_version)
     (t_release, t_tag), (v_release, v_tag) = _split(torch_version), _split(vision_version)
-    t_build, v_build = _build(t_tag, torch_cuda), _build(v_tag)
+    # a build tag, else (a PyPI wheel: CUDA on Linux, CPU elsewhere) torch's CUDA version; '' when neither says
+    t_build, v_build = t_tag or (f"cu{torch_cuda.replace('.', '')}" if torch_cuda else ""), v_tag
     why = []
     if expected is not None and v_release[:2] != _split(expected)[0][:2]:
         why.append(f"torchvision {expected} goes with torch {'.'.join(map(str, t_release))}")
