@@ -29,9 +29,8 @@ class ModelError(InputError):
     """Bad model configuration; the message names the field and the fix."""
 
 
-# ---------------------------------------------------------------------------------------------
-# CIFAR ResNets (He et al. 2016, section 4.2), module names as in akamaster/pytorch_resnet_cifar10
-# so that its published checkpoints load unchanged.
+# ---------- CIFAR ResNets (He et al. 2016, section 4.2), module names as in akamaster/pytorch_resnet_cifar10 so
+# that its published checkpoints load unchanged.
 
 
 class PadShortcut(nn.Module):
@@ -82,9 +81,7 @@ class CifarResNet(nn.Module):
         return self.linear(torch.flatten(self.avgpool(x), 1))
 
 
-# ---------------------------------------------------------------------------------------------
-# VGG-16-BN for 32x32 inputs and a small CNN for quick runs.
-
+# ---------- VGG-16-BN for 32x32 inputs and a small CNN for quick runs
 
 class CifarVGG(nn.Module):
     CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
@@ -144,9 +141,7 @@ def model_names() -> list[str]:
     return list(MODELS) + _torchvision_names()
 
 
-# ---------------------------------------------------------------------------------------------
-# Heads and stems: found by position, so one rule covers every torchvision family.
-
+# ---------- heads and stems: found by position, so one rule covers every torchvision family
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
@@ -212,9 +207,7 @@ def _drop_aux_heads(model: nn.Module) -> None:
                 setattr(model, name, None)
 
 
-# ---------------------------------------------------------------------------------------------
-# Weights: a torchvision weights name or a local checkpoint.
-
+# ---------- weights: a torchvision weights name or a local checkpoint
 
 def load_checkpoint_state(path: str | Path) -> dict[str, Tensor]:
     """A checkpoint's state dict: unwraps {"state_dict": ...} / {"model": ...}, strips "module."."""
@@ -360,8 +353,7 @@ def build_model(name: str | None, num_classes: int, weights: str | None = None, 
     return _from_torchvision(name, weights, num_classes, in_channels)
 
 
-# ---------------------------------------------------------------------------------------------
-# Normalisation: pretrained weights expect inputs normalised as in their own training.
+# ---------- normalisation: pretrained weights expect inputs normalised as in their own training
 
 # The public CIFAR ResNet checkpoints of He et al.'s architecture (Yerlan Idelbayev's) were trained on inputs
 # normalised with ImageNet's mean and std, not CIFAR's: feeding them CIFAR-normalised images costs accuracy.
