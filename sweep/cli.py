@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,41 +36,58 @@ from sweep.errors import InputError
 USER_ERROR = 2
 FAILED = 1  # some trial failed after its retries, or something failed while running
 INTERRUPTED = 130  # the shell's code for Ctrl-C
+_TRACKING_HELP = "MLflow store (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give one such as 2") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is less than 1; give 1 or more")
-    return value
+def _checked(convert: Callable[[str], Any], ok: Callable[[Any], bool], kind: str, bad: str) -> Callable[[str], Any]:
+    """An argparse type: `convert` the text, refusing text that is not `kind` and values that fail `ok` (`bad`)."""
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {kind}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(bad.format(text=text, value=value))
+        return value
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give one such as 15") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} is not above 0; give a number of seconds such as 15")
-    return value
+_positive_int = _checked(int, lambda v: v >= 1, "a whole number; give one such as 2",
+                         "{value} is less than 1; give 1 or more")
+_positive_float = _checked(float, lambda v: v > 0, "a number; give one such as 15",
+                           "{text} is not above 0; give a number of seconds such as 15")
+_fraction = _checked(float, lambda v: 0 < v < 1, "a number; give a fraction such as 0.5",
+                     "{value:g} is outside (0, 1); give a fraction such as 0.5")
+_tolerance = _checked(float, lambda v: 0 <= v < 1, "a number; give a fraction such as 0.01",
+                      "{value:g} is outside [0, 1); give a fraction such as 0.01 (one point)")
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a fraction such as 0.5") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"{value:g} is outside (0, 1); give a fraction such as 0.5")
-    return value
+def _names(text: str) -> list[str]:
+    return [s for s in text.split(",") if s]
+
+
+def _fractions(text: str) -> list[float]:
+    return [_fraction(part) for part in text.split(",") if part.strip()]
+
+
+def _layers(text: str) -> int | list[str]:
+    return _positive_int(text) if text.strip().isdigit() else _names(text)
 
 
 def _min_channels(text: str) -> int | float:
     value = float(text)
     return int(value) if value >= 1 and value.is_integer() else value  # 2 channels, or a fraction such as 0.1
+
+
+def _json_mapping(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({error.msg}); write an object such as "
+                                         "'{\"width\": 8}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object; write one such as '{{\"width\": 8}}'")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(default: a local Ray)")
     run.add_argument("--connect-timeout", type=_positive_float, default=15.0, metavar="SECONDS",
                      help="give up on an --address that does not answer after this long (default 15)")
-    _tracking_option(run)
+    run.add_argument("--tracking-uri", help=_TRACKING_HELP)
     run.add_argument("--storage", help="Tune state, checkpoints and base models: a folder (default ./sweep_results; "
                                        "on a cluster one every node mounts) or object storage such as "
                                        "s3://BUCKET/sweeps")
@@ -102,13 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = command("report", help="tables and plots of a sweep's finished trials")
     report.add_argument("name", metavar="NAME", help="the sweep name (MLflow experiment)")
-    _tracking_option(report)
+    report.add_argument("--tracking-uri", help=_TRACKING_HELP)
     report.add_argument("--storage", help="the sweep's folder, as given to `sweep run` (default ./sweep_results)")
     report.add_argument("--out", metavar="DIR", help="output folder (default: <storage>/reports, where `sweep run` "
                                                      "writes it)")
     # Which comparisons, and how they are corrected, is the spec's `report:` block, declared before the runs; each
     # of these flags overrides it after the runs, and the report labels what it changed "post hoc".
-    report.add_argument("--reference", type=lambda t: [s for s in t.split(",") if s], metavar="STRATEGY[,...]",
+    report.add_argument("--reference", type=_names, metavar="STRATEGY[,...]",
                         help="compare every strategy with these, seed by seed (post hoc; default: the spec's "
                              "report.references, else all pairs)")
     report.add_argument("--family", help="references | all_pairs: the comparisons corrected together (post hoc)")
@@ -132,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     trial = command("trial", help="run one trial here, without Ray (the first config of the space)")
     trial.add_argument("space", metavar="CONFIG.yaml")
-    _tracking_option(trial)
+    trial.add_argument("--tracking-uri", help=_TRACKING_HELP)
     trial.add_argument("--storage", help="folder holding the shared base models (default ./sweep_results)")
     trial.add_argument("--force", action="store_true", help="run even if this config already has a FINISHED run; "
                        "the new run supersedes it (tag sweep.superseded_by, kept but left out of reports)")
@@ -174,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     criteria = command("criteria", help="rank correlation of each strategy's filter scores with the "
                        "oracle (the loss change when each filter is removed), per layer")
     criteria.add_argument("space", metavar="SPACE.yaml", help="its model, dataset, base and prune settings")
-    criteria.add_argument("--strategies", type=lambda t: [s for s in t.split(",") if s], metavar="S,S,...",
+    criteria.add_argument("--strategies", type=_names, metavar="S,S,...",
                           help="strategies to judge (default: all but oracle)")
     criteria.add_argument("--layers", type=_layers, metavar="N|NAME,...",
                           help="how many layer groups (evenly spread), or their names (default: all)")
@@ -186,63 +203,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _json_mapping(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({error.msg}); write an object such as "
-                                         "'{\"width\": 8}'") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object; write one such as '{{\"width\": 8}}'")
-    return value
-
-
-def _fractions(text: str) -> list[float]:
-    return [_fraction(part) for part in text.split(",") if part.strip()]
-
-
-def _tolerance(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a fraction such as 0.01") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"{value:g} is outside [0, 1); give a fraction such as 0.01 (one point)")
-    return value
-
-
-def _layers(text: str) -> int | list[str]:
-    return _positive_int(text) if text.strip().isdigit() else [s for s in text.split(",") if s]
-
-
 def _analysis_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", type=_positive_int, metavar="N",
                         help="held-out batches to measure on (default: the whole validation split)")
     parser.add_argument("--experiment", help="MLflow experiment (default: <spec name>.<command>)")
     parser.add_argument("--address", help="Ray cluster to join: 'auto' or ray://HOST:PORT (default: local Ray)")
-    _tracking_option(parser)
+    parser.add_argument("--tracking-uri", help=_TRACKING_HELP)
     parser.add_argument("--storage", help="folder holding the spec's shared base models (default ./sweep_results)")
     parser.add_argument("--out", default="reports", metavar="DIR", help="output folder (default: reports)")
-
-
-def _tracking_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tracking-uri", help="MLflow store (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
 
 
 # --- commands -------------------------------------------------------------------------------------------------
 
 
-def _check_torch_pair() -> None:
-    """A torch/torchvision mismatch is bad input found before anything ran: one line with the fix, exit code 2."""
-    from sweep.zoo.torch_pair import torch_pair_problem
-
-    problem = torch_pair_problem()
-    if problem:
-        raise InputError(problem)
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    _check_torch_pair()  # before anything imports torchvision
     from sweep.config.spec import load_spec
     from sweep.driver.launch import run_sweep
 
@@ -252,9 +226,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                         verbose=0 if args.quiet else 2 if args.verbose else 1, connect_timeout=args.connect_timeout)
     if outcome.parent_run_id is not None:
         _print_ui_links(spec.name, args.tracking_uri)
-    if outcome.interrupted:
-        return INTERRUPTED
-    return FAILED if outcome.failed else 0
+    return INTERRUPTED if outcome.interrupted else FAILED if outcome.failed else 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -270,8 +242,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             _print_errors(error.errors, path)
             status = USER_ERROR
             continue
-        count = spec.num_trials()  # counted, not built
-        print(f"ok: {path} ({count} trials)")
+        print(f"ok: {path} ({spec.num_trials()} trials)")  # counted, not built
     return status
 
 
@@ -286,21 +257,17 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise InputError(f"{'--launch' if args.launch else '--where'}: chooses what --register ranks; add "
                          "--register MODEL_NAME, or leave it out")
     if args.register:  # refuse a test metric, an unknown group or unlike validation splits before writing anything
-        from sweep.store.registry import candidates, parse_where
+        from sweep.store.registry import candidates, parse_where, register_best  # torch: only when registering
 
         candidates(args.name, args.by, args.tracking_uri, args.launch, parse_where(args.where))
     out_dir = args.out or reports_dir(args.storage)  # where `sweep run` writes it: one report folder
     paths = write_report(args.name, args.tracking_uri, out_dir=out_dir, reference=args.reference, family=args.family,
                          alpha=args.alpha, correction=args.correction, margin=args.margin, plan=args.plan,
                          runs_csv=args.runs_csv)
-    print(Path(paths["summary"]).read_text(encoding="utf-8"))
-    for name, path in paths.items():
-        print(f"{name}: {path}")
+    _print_paths(paths)
     if not args.runs_csv:  # a runs.csv names no store to open
         _print_ui_links(args.name, args.tracking_uri)
     if args.register:
-        from sweep.store.registry import parse_where, register_best
-
         version = register_best(args.name, args.register, by=args.by, tracking_uri=args.tracking_uri,
                                 launch=args.launch, where=parse_where(args.where))
         print(f"registered: {version.name} version {version.version} (run {version.run_id}, best {args.by}); "
@@ -332,16 +299,12 @@ def epoch_line(metrics: dict, seconds: float) -> str | None:
     if "epoch" not in metrics or "trial_status" in metrics:
         return None
     shown = [f"{name} {_number(metrics[name])}" for name, info in METRICS.items()
-             if info.when == "epoch" and name != "epoch" and name in metrics and not _missing(metrics[name])]
+             if info.when == "epoch" and name != "epoch" and name in metrics
+             and not (isinstance(metrics[name], float) and math.isnan(metrics[name]))]
     return f"epoch {_number(metrics['epoch'])}: {', '.join(shown)} ({seconds:.1f} s)\n"
 
 
-def _missing(value: Any) -> bool:
-    return isinstance(value, float) and math.isnan(value)
-
-
 def cmd_trial(args: argparse.Namespace) -> int:
-    _check_torch_pair()  # before anything imports torchvision
     import torch
 
     from sweep.config.spec import load_spec
@@ -413,7 +376,6 @@ def _prune_network(args: argparse.Namespace) -> tuple[dict, tuple[int, int, int]
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    _check_torch_pair()  # before anything imports torchvision
     import torch
 
     from sweep.pruning import NEEDS_CALIBRATION, PruningError, prune, save_pruned
@@ -448,12 +410,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
                        target=args.target, calibration=calibration, min_channels=args.min_channels,
                        round_to=args.round_to, steps=args.steps, seed=args.seed)
     except PruningError as exc:
-        if not str(exc).startswith("example_inputs:"):
-            raise InputError(str(exc)) from None
-        why = str(exc).partition(f"{tuple(example.shape)} (")[2].rpartition("); pass")[0]
-        side, network = args.input_size, args.model or args.factory or block["name"] or block["factory"]
-        raise InputError(f"--input-size: {network} does not run at {side}x{side} ({why}); pass the size it expects, "
-                         "e.g. --input-size 224") from None
+        try:  # the network itself fails at this size: name the flag that sets it, with the network's own error
+            with torch.no_grad():
+                model(example)
+        except Exception as error:
+            why = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+            side, network = args.input_size, args.model or args.factory or block["name"] or block["factory"]
+            raise InputError(f"--input-size: {network} does not run at {side}x{side} ({why}); pass the size it "
+                             "expects, e.g. --input-size 224") from None
+        raise InputError(str(exc)) from None
 
     rows = result.plan.channel_counts(model)
     width = max([len("layer"), *(len(r[0]) for r in rows)])
@@ -471,7 +436,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_analysis(paths: dict) -> None:
+def _print_paths(paths: dict) -> None:
     print(Path(paths["summary"]).read_text(encoding="utf-8"))
     for name, path in paths.items():
         print(f"{name}: {path}")
@@ -485,7 +450,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
                               tolerance=args.tolerance, tracking_uri=args.tracking_uri, storage=args.storage,
                               address=args.address, out_dir=args.out, max_batches=args.batches,
                               experiment=args.experiment, spec_path=args.space)
-    _print_analysis(outcome.paths)
+    _print_paths(outcome.paths)
     print(f"{len(outcome.table)} prunes in {outcome.seconds:.1f} s; MLflow experiment {outcome.experiment}")
     return 0
 
@@ -498,7 +463,7 @@ def cmd_criteria(args: argparse.Namespace) -> int:
                            tracking_uri=args.tracking_uri, storage=args.storage, address=args.address,
                            out_dir=args.out, max_batches=args.batches, experiment=args.experiment,
                            spec_path=args.space)
-    _print_analysis(outcome.paths)
+    _print_paths(outcome.paths)
     print(f"{len(outcome.units)} filters removed one at a time in {outcome.seconds:.1f} s; "
           f"MLflow experiment {outcome.experiment}")
     return 0
@@ -554,14 +519,6 @@ def _print_errors(lines: Sequence[str], source: str | None = None) -> None:
         print(f"error: {where}{_one_line(line)}", file=sys.stderr)
 
 
-def _log_traceback(error: BaseException) -> str:
-    """Write the traceback to a log file and return its path: the screen gets one line, the file the details."""
-    handle, path = tempfile.mkstemp(prefix=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".log")
-    with os.fdopen(handle, "w", encoding="utf-8") as log:
-        traceback.print_exception(error, file=log)
-    return path
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -570,6 +527,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sweep.config.spec import SpecError
 
     try:
+        if args.command in ("run", "trial", "prune"):  # before anything imports torchvision
+            from sweep.zoo.torch_pair import torch_pair_problem
+
+            if problem := torch_pair_problem():  # a mismatch is bad input found before anything ran
+                raise InputError(problem)
         return COMMANDS[args.command](args)
     except SpecError as error:
         _print_errors(error.errors, getattr(args, "space", None))
@@ -589,8 +551,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         lines = [line for line in str(error).splitlines() if line.strip()]
         # Ray wraps a remote error's whole traceback in its message: its last line says what went wrong.
         first = _one_line(lines[-1] if lines and lines[0].startswith("Traceback") else lines[0] if lines else "")
-        print(f"error: {type(error).__name__}: {first} (traceback in {_log_traceback(error)}; "
-              "--debug prints it here)", file=sys.stderr)
+        handle, log = tempfile.mkstemp(prefix=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".log")
+        with os.fdopen(handle, "w", encoding="utf-8") as file:  # the screen gets one line, the file the details
+            traceback.print_exception(error, file=file)
+        print(f"error: {type(error).__name__}: {first} (traceback in {log}; --debug prints it here)", file=sys.stderr)
         return FAILED
 
 

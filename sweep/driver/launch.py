@@ -3,9 +3,8 @@
     outcome = run_sweep(load_spec("search_spaces/quickstart.yaml"))     # local Ray on loopback
     outcome = run_sweep(spec, address="auto")                           # join a running cluster
 
-Grid sweeps are incremental: every grid point whose exact config (tracking.config_hash) already has a FINISHED run in
-the experiment is left out before Tune starts, so re-running a spec with one more strategy costs only the new trials.
-Random and optuna sweeps cannot be enumerated up front; there the trial itself returns the recorded result.
+Grid sweeps are incremental: grid points whose config (tracking.config_hash) already has a FINISHED run are left out
+before Tune starts. Random and optuna sweeps cannot be enumerated up front; there the trial returns the recorded result.
 """
 
 from __future__ import annotations
@@ -27,22 +26,13 @@ from mlflow.exceptions import MlflowException
 
 from sweep.config.names import PARAMS, section_label
 from sweep.config.spec import SpecError, SweepSpec
+from sweep.driver import session
 from sweep.driver.preflight import check_writable, preflight
 from sweep.driver.progress import CompactProgress
-from sweep.driver.session import (
-    DEFAULT_CONNECT_TIMEOUT_S,
-    cache_dir,
-    check_address,
-    check_resources,
-    new_launch_path,
-    reports_dir,
-    resolve_storage,
-    start_ray,
-)
 from sweep.errors import InputError
 from sweep.report import summary as report
 from sweep.store import claims, objects, tracking
-from sweep.store.client import ServerWatch, check_tracking_server, down_for
+from sweep.store.client import ServerWatch, check_tracking_server, down_for, resolve_tracking_uri
 from sweep.store.store import Store
 from sweep.worker import latency, raycompat, shared_data
 from sweep.worker.trial import EpochHook, SweepContext, run_trial, sweep_trial
@@ -52,6 +42,10 @@ _ALWAYS_SHOWN = ("model.name", "prune.strategy", "prune.ratio")
 _PROGRESS_METRICS = {"epoch": "epoch", "val_accuracy": "val_acc", "flops_reduction": "flops_red"}
 # What Tune holds of a trial's end (never a test metric: those are in MLflow and the report).
 _SUMMARY_METRICS = ["val_accuracy", "pruned_val_accuracy", "flops_reduction", "params_reduction", "channels_removed"]
+# Tune's output settings during a fit. The new output engine ignores our CLIReporter, and its own columns would show
+# the whole nested trial dict instead of strategy, ratio and model. num_to_keep forces an experiment snapshot every
+# num_to_keep checkpoints of a trial, by design here (one checkpoint per epoch), so Tune's warning about it is noise.
+_TUNE_OUTPUT = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
 
 
 @dataclasses.dataclass
@@ -83,12 +77,10 @@ def _progress_reporter(spec: SweepSpec, verbose: int, uri: str) -> Any:
     shown = list(dict.fromkeys([*_ALWAYS_SHOWN, *swept]))
     if verbose < 2:
         def describe(config: dict) -> str:
-            trial = config.get("trial", {})
-            values = []
+            trial, values = config.get("trial", {}), []
             for path in shown:
-                value = trial
-                for part in path.split("."):
-                    value = value.get(part, {}) if isinstance(value, dict) else {}
+                value = functools.reduce(lambda node, part: node.get(part, {}) if isinstance(node, dict) else {},
+                                         path.split("."), trial)
                 section = path.removesuffix(".name")
                 if section in ("model", "dataset") and not value:  # a plug-in: its factory path
                     value = section_label(trial.get(section, {}))
@@ -104,59 +96,45 @@ def _progress_reporter(spec: SweepSpec, verbose: int, uri: str) -> Any:
                             print_intermediate_tables=True)
 
 
-def _scheduler(spec: SweepSpec) -> Any:
-    if spec.scheduler["name"] == "fifo":
-        return None
-    from ray.tune.schedulers import ASHAScheduler
-
-    # max_t (config.spec) lies below every trial's last epoch, and stop_last_trials=False: a trial past it is never
-    # stopped, so one that trained in full always runs its test and saves its network.
-    return ASHAScheduler(time_attr="epoch", max_t=spec.scheduler["max_t"],
-                         grace_period=spec.scheduler["grace_period"],
-                         reduction_factor=spec.scheduler["reduction_factor"], stop_last_trials=False)
-
-
-def _search(spec: SweepSpec) -> Any:
-    if spec.search["algorithm"] != "optuna":
-        return None
-    from ray.tune.search.optuna import OptunaSearch
-
-    return OptunaSearch(seed=spec.trial["seed"])
-
-
 def _new_tuner(spec: SweepSpec, param_space: dict, trainable: Any, experiment_path: str,
-               max_concurrent: int | None, verbose: int, uri: str, reuse_workers: bool = True) -> Any:
+               max_concurrent: int | None, verbose: int, uri: str) -> Any:
     from ray import tune
 
+    scheduler = search = None
+    if spec.scheduler["name"] != "fifo":
+        from ray.tune.schedulers import ASHAScheduler
+
+        # max_t (config.spec) lies below every trial's last epoch, and stop_last_trials=False: a trial past it is
+        # never stopped, so one that trained in full always runs its test and saves its network.
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=spec.scheduler["max_t"],
+                                  grace_period=spec.scheduler["grace_period"],
+                                  reduction_factor=spec.scheduler["reduction_factor"], stop_last_trials=False)
+    if spec.search["algorithm"] == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search = OptunaSearch(seed=spec.trial["seed"])
     return tune.Tuner(
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(
-            metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples(), search_alg=_search(spec),
-            scheduler=_scheduler(spec), max_concurrent_trials=max_concurrent or spec.max_concurrent,
+            metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples(), search_alg=search,
+            scheduler=scheduler, max_concurrent_trials=max_concurrent or spec.max_concurrent,
             trial_dirname_creator=_trial_dirname,
             # A new worker per trial costs seconds (process start, import torch and mlflow); every trial of a
             # sweep asks for the same resources, so one worker can run trial after trial.
-            reuse_actors=reuse_workers,
+            reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             # a launch path is <storage>/<name>/launches/<launch>, '/'-separated on object storage too
             name=experiment_path.rsplit("/", 1)[-1], storage_path=experiment_path.rsplit("/", 1)[0],
             verbose=min(verbose, 1), progress_reporter=_progress_reporter(spec, verbose, uri),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-            # Ray snapshots the whole experiment state (every trial's config and result: 34 MB at 1,000 trials) each
-            # time a trial has checkpointed num_to_keep times since the last snapshot; with 1 that is every checkpoint,
-            # quadratic in trials. 2 keeps one older checkpoint per trial on disk and halved Tune's wall for 300
+            # Ray snapshots the whole experiment state each time a trial has checkpointed num_to_keep times since
+            # the last snapshot; with 1 that is every checkpoint, quadratic in trials. 2 halved Tune's wall for 300
             # one-checkpoint trials (bench/tune_snapshot.py); the snapshot never points at a deleted checkpoint.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         ),
     )
-
-
-# Tune's output settings during a fit. The new output engine ignores our CLIReporter, and its own columns would show
-# the whole nested trial dict instead of strategy, ratio and model. num_to_keep forces an experiment snapshot every
-# num_to_keep checkpoints of a trial, by design here (one checkpoint per epoch), so Tune's warning about it is noise.
-_TUNE_OUTPUT = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
 
 
 @contextmanager
@@ -173,7 +151,6 @@ def _tune_output() -> Iterator[None]:
                 os.environ[name] = value
 
 
-
 def _pending_grid(spec: SweepSpec, uri: str, force: bool) -> tuple[list[dict], int]:
     """The grid configs still to run and how many were skipped because they already finished."""
     configs = spec.grid_configs()
@@ -185,15 +162,14 @@ def _pending_grid(spec: SweepSpec, uri: str, force: bool) -> tuple[list[dict], i
     return pending, len(configs) - len(pending)
 
 
-def _check_resumable(store: Store, spec: SweepSpec, lease_s: float) -> None:
-    """--resume continues the newest launch as it was launched: refuse one whose driver is alive (two drivers would
-    share one Tune folder and close each other's runs), and a spec that changed since (Tune restores the old one)."""
+def _resumable(store: Store, spec: SweepSpec, lease_s: float) -> tuple[str, str] | None:
+    """The newest unfinished launch, to continue as it was launched: (parent run id, Tune folder), None when there is
+    none whose Tune state can be restored. InputError if its driver is alive (two drivers would share one Tune
+    folder and close each other's runs), or if the spec changed since (Tune restores the old one)."""
     parent = tracking.newest_parent_run(store, spec.name)
-    if parent is None:
-        return
-    run = store.get_run(parent)
-    if run.info.status == "FINISHED":  # nothing to resume: --resume starts afresh
-        return
+    run = None if parent is None else store.get_run(parent)
+    if run is None or run.info.status == "FINISHED":  # nothing to resume: --resume starts afresh
+        return None
     if run.info.status == "RUNNING":
         print(f"the launch to resume holds its lease; checking whether its driver is alive (at most {lease_s:.0f} s)")
         if claims.holder_alive(store, parent, lease_s):
@@ -204,27 +180,33 @@ def _check_resumable(store: Store, spec: SweepSpec, lease_s: float) -> None:
         try:
             old = yaml.safe_load(Path(store.download_artifacts(parent, "spec.yaml", tmp)).read_text("utf-8"))
         except (MlflowException, OSError, yaml.YAMLError):  # an older launch without its spec: nothing to compare
-            return
+            old = None
     new = yaml.safe_load(spec.source_text)
     if isinstance(old, dict) and isinstance(new, dict) and old != new:
         changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
         raise InputError(f"--resume: the spec's {', '.join(changed)} changed since the launch being resumed, which "
                          "continues as it was launched; undo the change to resume it, or run without --resume to "
                          "launch the new spec (configs that finished are skipped)")
-
-
-def _interrupted_launch(store: Store, spec: SweepSpec) -> tuple[str, str] | None:
-    """The newest unfinished launch of this sweep whose Tune state can be restored: (parent run id, Tune folder)."""
-    parent = tracking.newest_parent_run(store, spec.name)
-    if parent is None:
-        return None
-    run = store.get_run(parent)
     path = run.data.tags.get("sweep.tune_path")
-    if run.info.status == "FINISHED" or path is None or not _restorable(path):
+    if path is None or not _restorable(path):
         return None
     from ray import tune
 
     return (parent, path) if tune.Tuner.can_restore(path) else None
+
+
+def _restorable(experiment_path: str) -> bool:
+    """Tune rewrites its experiment state in place: a driver killed mid-write leaves a truncated file, from which
+    Tune would restart every trial without its config. Drop such files; restore from an older intact one, if any."""
+    states = sorted(objects.list_files(experiment_path, "experiment_state-", ".json"), key=lambda item: item[1])
+    for state, _ in reversed(states):
+        try:
+            json.loads(objects.read_bytes(state) or b"")
+            return True
+        except (OSError, ValueError):
+            print(f"ignoring a damaged Tune state file: {state}", file=sys.stderr)
+            objects.delete(state)
+    return False
 
 
 # --- results ---------------------------------------------------------------------------------------------
@@ -247,69 +229,50 @@ def summary_frame(result_grid: Any, early_stopping: bool = False) -> pd.DataFram
     for result in result_grid:
         config = (result.config or {}).get("trial", {})
         prune, metrics = config.get("prune", {}), result.metrics or {}
-        row = {
-            "model": section_label(config.get("model", {})), "strategy": prune.get("strategy"),  # plug-in: mypkg:build
-            "ratio": prune.get("ratio"), "scope": prune.get("scope"), "target": prune.get("target"),
-            "status": _status(result, early_stopping),
-        }
-        row.update({name: metrics.get(name) for name in _SUMMARY_METRICS})
-        row["error"] = None if result.error is None else " ".join(str(result.error).split())[:200]
-        rows.append(row)
+        rows.append({
+            "model": section_label(config.get("model", {})),  # a plug-in: mypkg:build
+            **{key: prune.get(key) for key in ("strategy", "ratio", "scope", "target")},
+            "status": _status(result, early_stopping), **{name: metrics.get(name) for name in _SUMMARY_METRICS},
+            "error": None if result.error is None else " ".join(str(result.error).split())[:200]})
     columns = ["model", "strategy", "ratio", "scope", "target", "status", *_SUMMARY_METRICS, "error"]
     frame = pd.DataFrame(rows, columns=columns)
     frame[_SUMMARY_METRICS] = frame[_SUMMARY_METRICS].astype(float)
     return frame.sort_values(["model", "strategy", "ratio"], kind="stable").reset_index(drop=True)
 
 
-def _print_summary(frame: pd.DataFrame) -> None:
-    shown = frame.drop(columns=["error"] if frame["error"].isna().all() else [])
-    with pd.option_context("display.max_columns", None, "display.width", 200, "display.max_colwidth", 80):
-        print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-
-
 # --- the sweep -----------------------------------------------------------------------------------------------
 
 
-def run_sweep(
-    spec: SweepSpec,
-    address: str | None = None,
-    tracking_uri: str | None = None,
-    storage: str | None = None,
-    resume: bool = False,
-    force: bool = False,
-    max_concurrent: int | None = None,
-    verbose: int = 1,
-    reuse_workers: bool = True,
-    on_epoch: EpochHook | None = None,
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S,
-) -> SweepOutcome:
+def run_sweep(spec: SweepSpec, address: str | None = None, tracking_uri: str | None = None, storage: str | None = None,
+              resume: bool = False, force: bool = False, max_concurrent: int | None = None, verbose: int = 1,
+              on_epoch: EpochHook | None = None,
+              connect_timeout: float = session.DEFAULT_CONNECT_TIMEOUT_S) -> SweepOutcome:
     """Run the sweep's new trials on Ray Tune, recording them in MLflow under one parent run for this launch.
 
-    Bad input (resources the cluster cannot give) raises SpecError before any MLflow data is written.
-    `resume` restores the newest interrupted launch if it can (errored trials restart from their checkpoints,
-    under that launch's parent run), and starts afresh otherwise. `on_epoch(cfg, epoch)` runs in the trial
-    workers before each training epoch (it must pickle). A tracking server or Ray address that does not answer
-    (within 5 s, and connect_timeout seconds) raises InputError before anything is written.
+    Bad input (resources the cluster cannot give, a tracking server or Ray address that does not answer) raises
+    SpecError or InputError before any MLflow data is written. `resume` restores the newest interrupted launch if it
+    can (errored trials restart from their checkpoints, under its parent run), else starts afresh. `on_epoch(cfg,
+    epoch)` runs in the trial workers before each training epoch (it must pickle).
     """
-    storage = resolve_storage(storage)
-    uri = tracking.resolve_tracking_uri(tracking_uri)
+    storage = session.resolve_storage(storage)
+    uri = resolve_tracking_uri(tracking_uri)
     os.environ.pop("MLFLOW_RUN_ID", None)  # local workers inherit it, and it would re-parent every trial run
 
     check_tracking_server(uri)  # MLflow's own client would retry a dead server for about 4 minutes
     if address is not None:
-        check_address(address, connect_timeout)  # now, not after the data is loaded; ray.init would hang on it
+        session.check_address(address, connect_timeout)  # now, not after the data is loaded; ray.init would hang
     check_writable(storage, uri)  # a read-only --storage or store folder: one line now, not a crash mid-sweep
     if not (resume or force) and spec.search["algorithm"] == "grid" and tracking.store_exists(uri):
         pending, skipped = _pending_grid(spec, uri, force)
         if not pending:  # answered from the store alone: no data to load, no Ray to start
             return _nothing_to_run(spec, skipped)
     officials = preflight(spec)  # models, checkpoints and data the trials will need: fail now, not in every trial
-    owns_ray = start_ray(address, connect_timeout=connect_timeout)
+    owns_ray = session.start_ray(address, connect_timeout=connect_timeout)
     try:
-        check_resources(spec)
+        session.check_resources(spec)
         shared = shared_data.publish(officials)  # the trials of a node read one copy of the images
         del officials
-        return _launch(spec, uri, storage, resume, force, max_concurrent, verbose, reuse_workers, on_epoch, shared)
+        return _launch(spec, uri, storage, resume, force, max_concurrent, verbose, on_epoch, shared)
     finally:
         if owns_ray:
             import ray
@@ -323,30 +286,13 @@ def _nothing_to_run(spec: SweepSpec, skipped: int) -> SweepOutcome:
     return SweepOutcome(spec.name, None, 0, skipped, 0, None, "")
 
 
-def _restorable(experiment_path: str) -> bool:
-    """Tune rewrites its experiment state in place after every checkpoint: a driver killed mid-write leaves a
-    truncated file that Tune cannot restore from (it would restart every trial without its config). Drop such
-    files; restore from an older intact one, or start afresh when none is left. (On object storage an upload is
-    whole or absent, but the same check costs one read.)"""
-    states = sorted(objects.list_files(experiment_path, "experiment_state-", ".json"), key=lambda item: item[1])
-    for state, _ in reversed(states):
-        try:
-            json.loads(objects.read_bytes(state) or b"")
-            return True
-        except (OSError, ValueError):
-            print(f"ignoring a damaged Tune state file: {state}", file=sys.stderr)
-            objects.delete(state)
-    return False
-
-
 def _launch(spec: SweepSpec, uri: str, storage: str, resume: bool, force: bool, max_concurrent: int | None,
-            verbose: int, reuse_workers: bool, on_epoch: EpochHook | None, shared: dict) -> SweepOutcome:
+            verbose: int, on_epoch: EpochHook | None, shared: dict) -> SweepOutcome:
     from ray import tune
 
     tracking.init_store(uri)  # here, in the driver: trial workers creating the schema in parallel would race
     store, launch_id, lease_s = Store(uri), claims.new_owner_id("launch"), lease_seconds()
-    if resume:
-        _check_resumable(store, spec, lease_s)
+    interrupted = _resumable(store, spec, lease_s) if resume else None
     experiment_id = store.experiment_id(spec.name)
     if experiment_id is not None:  # runs left RUNNING by launches that died: close them, saying why
         if not resume:  # (--resume waited for its own launch above)
@@ -354,7 +300,6 @@ def _launch(spec: SweepSpec, uri: str, storage: str, resume: bool, force: bool, 
         closed = claims.close_dead_runs(store, experiment_id, closer=launch_id, lease_s=lease_s)
         if closed:
             print(f"closed {len(closed)} runs left RUNNING by a launch that died (tag sweep.closed_reason)")
-    interrupted = _interrupted_launch(store, spec) if resume else None
     if resume and interrupted is None:
         print(f"nothing to resume for sweep {spec.name}: starting it afresh")
     pending, skipped = [], 0
@@ -371,29 +316,30 @@ def _launch(spec: SweepSpec, uri: str, storage: str, resume: bool, force: bool, 
         store.update_run(parent, "RUNNING")
         claims.clear_closed_tags(store, parent)  # it was closed as dead (lease expired); it lives again
     else:
-        experiment_path = new_launch_path(storage, spec.name)
+        experiment_path = session.new_launch_path(storage, spec.name)
         parent = tracking.start_parent_run(store, spec.name, spec.source_text,
                                            tags={"sweep.tune_path": experiment_path})
     parent_lease = claims.Lease.acquire(store, parent, launch_id, lease_s)  # a dead driver's parent gets closed
     try:
         # with --force the trial must not return a recorded result either
-        context = SweepContext(uri, spec.name, parent, cache_dir(storage, spec.name), rerun=force, on_epoch=on_epoch,
-                               launch_id=launch_id, lease_s=lease_s, shared_data=shared,
+        context = SweepContext(uri, spec.name, parent, session.cache_dir(storage, spec.name), rerun=force,
+                               on_epoch=on_epoch, launch_id=launch_id, lease_s=lease_s, shared_data=shared,
                                checkpoint_every_s=spec.checkpoint_every_s,
                                log_every_epoch=spec.scheduler["name"] != "fifo")
-        trainable = tune.with_resources(tune.with_parameters(sweep_trial, context=context), _trial_resources(spec))
+        resources = {"cpu": spec.resources["cpu"], "gpu": spec.resources["gpu"]}
+        if spec.resources.get("memory"):
+            resources["memory"] = spec.resources["memory"] * 2**30  # GiB in the spec, bytes for Ray
+        trainable = tune.with_resources(tune.with_parameters(sweep_trial, context=context), resources)
         if interrupted is not None:
             print(f"resuming the sweep at {experiment_path}")
             tuner = tune.Tuner.restore(experiment_path, trainable, resume_errored=True)
         else:
             grid = tune.grid_search(pending) if spec.search["algorithm"] == "grid" else spec.param_space()
-            tuner = _new_tuner(spec, {"trial": grid}, trainable, experiment_path, max_concurrent, verbose, uri,
-                               reuse_workers)
+            tuner = _new_tuner(spec, {"trial": grid}, trainable, experiment_path, max_concurrent, verbose, uri)
         raycompat.retry_oom_killed_trials()  # else one OOM-killed trial raises out of fit and ends the sweep
         if verbose:
-            count = len(pending) or spec.num_trials()
-            print(f"{count} trials on Ray; the first one to start trains the shared base network, the others wait "
-                  f"for it (trial workers take a few seconds to start)")
+            print(f"{len(pending) or spec.num_trials()} trials on Ray; the first one to start trains the shared base "
+                  "network, the others wait for it (trial workers take a few seconds to start)")
         with _tune_output(), ServerWatch(uri):  # the progress line says when the tracking server stops answering
             result_grid = tuner.fit()
         _measure_latency(spec, uri, parent)
@@ -407,16 +353,8 @@ def _launch(spec: SweepSpec, uri: str, storage: str, resume: bool, force: bool, 
 
 
 def lease_seconds() -> float:
-    """How long a claim outlives its holder's last renewal: $SWEEP_LEASE_SECONDS, else 60 s. Shorter leases let a
-    resumed or overlapping launch take over a dead launch's trials sooner, at the cost of more renewal writes."""
+    """How long a claim outlives its holder's last renewal: $SWEEP_LEASE_SECONDS, else 60 s."""
     return float(os.environ.get("SWEEP_LEASE_SECONDS", claims.DEFAULT_LEASE_S))
-
-
-def _trial_resources(spec: SweepSpec) -> dict[str, float]:
-    resources = {"cpu": spec.resources["cpu"], "gpu": spec.resources["gpu"]}
-    if spec.resources.get("memory"):
-        resources["memory"] = spec.resources["memory"] * 2**30  # GiB in the spec, bytes for Ray
-    return resources
 
 
 def _measure_latency(spec: SweepSpec, uri: str, parent: str) -> None:
@@ -426,28 +364,26 @@ def _measure_latency(spec: SweepSpec, uri: str, parent: str) -> None:
     run_ids = latency.runs_to_measure(uri, spec.name, own_parent=parent)
     if not run_ids:
         return
-    if measures_in_driver():
-        # Ray is this machine alone and Tune has returned: the driver is idle on the very node the trials ran on.
-        # A Ray task would first start a fresh worker process (importing torch, MLflow and sweep: about 5 s) to
-        # time networks that take milliseconds. latency_stats pins the thread count and restores it; fork_rng
-        # keeps the driver's random state as it was. On a GPU node the driver sees the GPU the trials used.
-        print(f"measuring latency of {len(run_ids)} pruned networks, one at a time, in this process")
+    here = measures_in_driver()
+    print(f"measuring latency of {len(run_ids)} pruned networks, one at a time" + (", in this process" if here else ""))
+    if here:
+        # Ray is this machine alone and Tune has returned: the driver is idle on the node the trials ran on, where
+        # a Ray task would first start a fresh worker (about 5 s of imports) to time networks that take
+        # milliseconds. latency_stats pins and restores the thread count; fork_rng keeps the driver's random state.
         import torch
 
         with torch.random.fork_rng(devices=[]):
             latency.measure_runs(uri, run_ids)
         return
     # On a cluster the measurement belongs on a worker node (where the trials ran, with the GPU they asked for).
-    print(f"measuring latency of {len(run_ids)} pruned networks, one at a time")
     threads = spec.trial["measure"]["threads"]
     task = ray.remote(latency.measure_runs).options(num_cpus=threads, num_gpus=1 if spec.resources["gpu"] else 0)
     ray.get(task.remote(uri, run_ids))
 
 
 def measures_in_driver() -> bool:
-    """True when the connected Ray is one node, this process's own (a local Ray, or a one-node cluster started on
-    this machine): the latency phase then runs here. False on a multi-node cluster and under Ray Client (ray://),
-    whose driver runs on another machine."""
+    """True when the connected Ray is one node, this process's own: the latency phase then runs here. False on a
+    multi-node cluster and under Ray Client (ray://), whose driver runs on another machine."""
     import ray
 
     if ray.util.client.ray.is_connected():
@@ -459,33 +395,27 @@ def measures_in_driver() -> bool:
 def _finish(spec: SweepSpec, uri: str, storage: str, parent: str, parent_lease: claims.Lease, frame: pd.DataFrame,
             skipped: int, experiment_path: str) -> SweepOutcome:
     """Close the launch: orphaned trial runs, the report, the parent run's status, the summary table. The parent's
-    lease is renewed until its status is set: a report of a large store takes a while, and another launch must not
-    take the parent for dead meanwhile."""
+    lease is renewed until its status is set: another launch must not take it for dead while the report is written."""
     tracking.close_children(uri, spec.name, parent)
-    interrupted = int((frame["status"] == "INTERRUPTED").sum())
-    failed = int((frame["status"] == "FAILED").sum())
-    skipped += int((frame["status"] == "SKIPPED").sum())
-    held = int((frame["status"] == "HELD").sum())
-    ran = int(frame["status"].isin(["FINISHED", "FAILED", "STOPPED"]).sum())
-    _write_report(spec.name, uri, storage)
+    count = {status: int(n) for status, n in frame["status"].value_counts().items()}
+    interrupted, failed, held, stopped = (count.get(s, 0) for s in ("INTERRUPTED", "FAILED", "HELD", "STOPPED"))
+    skipped += count.get("SKIPPED", 0)
+    ran = count.get("FINISHED", 0) + failed + stopped
+    try:
+        print(f"report: {report.write_report(spec.name, uri, out_dir=session.reports_dir(storage))['summary'].parent}")
+    except report.ReportError as error:  # no finished trial yet: nothing to tabulate
+        print(f"no report: {error}", file=sys.stderr)
     parent_lease.release("KILLED" if interrupted else "FAILED" if failed else "FINISHED")
     print(f"\nsweep {spec.name}: {ran} trials ran, {skipped} skipped (already finished), {failed} failed"
           + (f", {held} left to another trial running the same config" if held else ""))
-    _print_summary(frame)
+    shown = frame.drop(columns=["error"] if frame["error"].isna().all() else [])
+    with pd.option_context("display.max_columns", None, "display.width", 200, "display.max_colwidth", 80):
+        print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if interrupted:
         print(f"interrupted with {interrupted} trials unfinished: `sweep run --resume` continues them")
-    elif (frame["status"] == "STOPPED").any():
-        print(f"{int((frame['status'] == 'STOPPED').sum())} trials were stopped early by {spec.scheduler['name']}")
+    elif stopped:
+        print(f"{stopped} trials were stopped early by {spec.scheduler['name']}")
     return SweepOutcome(spec.name, parent, ran, skipped, failed, frame, experiment_path, interrupted, held)
-
-
-def _write_report(name: str, uri: str, storage: str) -> None:
-    try:
-        paths = report.write_report(name, uri, out_dir=reports_dir(storage))
-    except report.ReportError as error:  # no finished trial yet: nothing to tabulate
-        print(f"no report: {error}", file=sys.stderr)
-        return
-    print(f"report: {paths['summary'].parent}")
 
 
 # --- one trial, without Ray ---------------------------------------------------------------------------------
@@ -503,15 +433,13 @@ def single_config(spec: SweepSpec) -> tuple[dict, int]:
 
 def run_one(spec: SweepSpec, tracking_uri: str | None = None, storage: str | None = None,
             on_report: Callable[[dict, str | None], None] | None = None, force: bool = False) -> dict:
-    """One trial in this process, without Ray, logged to MLflow like a sweep's trial (no parent run).
-
-    It shares the sweep's base-model cache, and returns the recorded metrics if this config already finished.
-    """
-    uri = tracking.resolve_tracking_uri(tracking_uri)
+    """One trial in this process, without Ray, logged to MLflow like a sweep's trial (no parent run), sharing the
+    sweep's base-model cache; the recorded metrics if this config already finished."""
+    uri = resolve_tracking_uri(tracking_uri)
     config, _ = single_config(spec)  # run_trial itself keeps MLFLOW_RUN_ID from re-parenting the run
     tracking.init_store(uri)
-    context = SweepContext(uri, spec.name, None, cache_dir(resolve_storage(storage), spec.name), rerun=force,
-                           lease_s=lease_seconds())
+    context = SweepContext(uri, spec.name, None, session.cache_dir(session.resolve_storage(storage), spec.name),
+                           rerun=force, lease_s=lease_seconds())
     result = run_trial(config, context, report=on_report or (lambda metrics, checkpoint: None))
     if result.get("skipped"):
         return result
