@@ -93,8 +93,7 @@ def _close(store: StoreLike, run: Run, status: str, closer: str, reason: str) ->
             or _live_adopters(fresh, time.time()):
         return False
     run_id = run.info.run_id
-    store.set_tag(run_id, CLOSED_BY_TAG, closer)
-    store.set_tag(run_id, CLOSED_REASON_TAG, reason)
+    store.log_batch(run_id, tags=[RunTag(CLOSED_BY_TAG, closer), RunTag(CLOSED_REASON_TAG, reason)])
     store.set_terminated(run_id, status=status)
     log.warning("closed run %s as %s: %s", run_id, status, reason)
     return True

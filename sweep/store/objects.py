@@ -1,11 +1,6 @@
-"""Files in a sweep's storage, which is a local folder or object storage (s3://, gs://, ... through pyarrow.fs, the
-way Ray Tune reads the same location).
-
-    write_bytes("s3://bucket/sweeps/x/bases/ab12/base.pt", data)   # one PUT: readers see all of it or nothing
-    read_bytes("/mnt/shared/sweeps/x/bases/ab12/base.pt")          # None when it is not there
-
-Credentials and endpoint come from where pyarrow looks for them (for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
-AWS_ENDPOINT_URL, AWS_DEFAULT_REGION, an instance profile), as for Ray Tune.
+"""Files in a sweep's storage, a local folder or object storage (s3://, gs://, ... through pyarrow.fs, as Ray Tune
+reads the same location). Credentials and endpoint come from where pyarrow looks for them (for S3: AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_DEFAULT_REGION, an instance profile).
 """
 
 from __future__ import annotations

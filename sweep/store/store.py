@@ -22,9 +22,8 @@ from sweep.store.client import RETRY_ATTEMPTS, RETRY_SECONDS, with_retry
 
 @contextmanager
 def _gc_paused() -> Iterator[None]:
-    """Python's cyclic GC off for the block. A search page of 1000 runs makes ~100,000 SQLAlchemy objects, and the
-    collections they trigger (each scanning every live object) took 60 % of a 2,000-run search here (16.4 s -> 6.4 s
-    with it off). Reference counting still frees everything; cycles are collected when it is back on."""
+    """Python's cyclic GC off for the block: the collections that a search's ~100 SQLAlchemy objects a run trigger
+    took most of a large search's time (docs/benchmarks/scale.md); cycles are collected once it is back on."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
