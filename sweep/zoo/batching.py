@@ -25,9 +25,6 @@ _MAX_WORKERS = 8
 
 
 class _Batches:
-    """A TensorImages split is indexed, augmented and normalised on the device; any other goes through a DataLoader
-    (FileImages augment in its workers)."""
-
     def __init__(self, data: Dataset, batch_size: int, train: bool, device: torch.device, seed: int,
                  augment: bool):
         self.data, self.batch_size, self.train, self.device = data, batch_size, train, device

@@ -9,6 +9,7 @@ Indexing a split gives the evaluation view (resized, normalised, never augmented
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -144,29 +145,29 @@ def photo_transforms(size: int) -> tuple[Callable, Callable]:
             T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size), *finish]))
 
 
-_CHECKED: dict[tuple[str, int, int], str | None] = {}  # (path, size, mtime_ns) -> why unreadable (None: fine)
-
-
 def unreadable(path: str) -> str | None:
     """Why an image file cannot be used, or None: missing, empty, or a header PIL cannot identify or verify.
 
-    Reads the header only (PIL's verify; about 0.1 ms a file with a warm page cache, 0.8 ms cold, on hymenoptera),
-    not the pixels: a file whose header is intact but whose body is cut short still fails when decoded.
+    Reads the header only (PIL's verify: about 0.1 ms a file), not the pixels: a file whose header is intact but
+    whose body is cut short still fails when decoded. Remembered while the file's size and mtime stay the same.
     """
     try:
         stat = os.stat(path)
     except OSError as error:
         return f"cannot be read ({error.strerror or type(error).__name__})"
-    key = (path, stat.st_size, stat.st_mtime_ns)
-    if key not in _CHECKED:
-        _CHECKED[key] = "is empty" if stat.st_size == 0 else None
-        if stat.st_size:
-            try:
-                with Image.open(path) as image:
-                    image.verify()
-            except Exception as error:  # PIL raises OSError, SyntaxError, struct.error, ... for broken files
-                _CHECKED[key] = f"is not a readable image ({type(error).__name__}: {' '.join(str(error).split())})"
-    return _CHECKED[key]
+    return _verified(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.cache
+def _verified(path: str, size: int, mtime_ns: int) -> str | None:
+    if size == 0:
+        return "is empty"
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as error:  # PIL raises OSError, SyntaxError, struct.error, ... for broken files
+        return f"is not a readable image ({type(error).__name__}: {' '.join(str(error).split())})"
+    return None
 
 
 def decoded(parts: list[FileImages], size: int) -> list[TensorImages] | None:
