@@ -144,24 +144,19 @@ def _param(params: dict, key: str):
 
 
 def _architecture(run, checkpoint: Path) -> dict:
-    """What rebuilds the base network: the run's model params, and classes/channels from its params or weights."""
+    """What rebuilds the base network: the run's model params, and classes/channels read off its weights (no param
+    holds them). Pruning never touches the stem's inputs nor the head's outputs, so the first conv's input channels
+    and the last layer's outputs are the base network's."""
     params = run.data.params
     kwargs = _param(params, "model.kwargs")
     factory = _param(params, "model.factory")
     # the `model` param names a plug-in by its factory path; build_model takes that as factory, not as a name
     arch = {"model": None if factory else _param(params, "model"), "factory": factory,
             "kwargs": json.loads(kwargs) if kwargs else None}
-    for key in ("num_classes", "in_channels"):
-        value = _param(params, key) or _param(params, f"dataset.{key}")
-        if value is not None:
-            arch[key] = int(value)
-    if "num_classes" not in arch or "in_channels" not in arch:
-        # Not logged as params: read them off the weights. Pruning never touches the stem's inputs nor the head's
-        # outputs, so the first conv's input channels and the last layer's outputs are the base network's.
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
-        weights = [v for k, v in state.items() if k.endswith("weight") and v.dim() >= 2]
-        arch.setdefault("in_channels", int(next(v for v in weights if v.dim() == 4).shape[1]))
-        arch.setdefault("num_classes", int(weights[-1].shape[0]))
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    weights = [v for k, v in state.items() if k.endswith("weight") and v.dim() >= 2]
+    arch["in_channels"] = int(next(v for v in weights if v.dim() == 4).shape[1])
+    arch["num_classes"] = int(weights[-1].shape[0])
     return arch
 
 
