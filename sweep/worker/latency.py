@@ -68,8 +68,7 @@ def measure_runs(uri: str, run_ids: list[str]) -> int:
     store = Store(uri)
     base_latency: dict[str, float] = {}  # per base architecture: many trials share one
     for run_id in run_ids:
-        run = store.get_run(run_id)
-        params = run.data.params
+        params, trial_run = store.get_run(run_id).data.params, tracking.TrialRun(store, run_id)
         device = pick_device(params.get("device", "auto"))
         try:
             settings = {key: int(params[f"measure.{key}"]) for key in ("threads", "batch_size", "warmup", "runs")}
@@ -82,14 +81,11 @@ def measure_runs(uri: str, run_ids: list[str]) -> int:
         except Exception as error:  # an older release's run, no checkpoint, out of memory: this run, not the phase
             log.warning("latency of run %s not measured: %s", run_id, error)
             # latency.device marks it as handled, so later launches do not try again; the reason says why
-            tracking.TrialRun(store, run_id).set_tags({"latency.device": "not measured",
-                                                       "latency.skipped": " ".join(str(error).split())[:500]})
+            trial_run.set_tags({"latency.device": "not measured",
+                                "latency.skipped": " ".join(str(error).split())[:500]})
             continue
         metrics = {**after, "base_latency_ms": base_latency[key], "speedup": base_latency[key] / after["latency_ms"]}
-        trial_run = tracking.TrialRun(store, run_id)
-        trial_run.log_points([(name, 0, value) for name, value in metrics.items()])
-        trial_run.set_tags({"latency.device": str(device), "latency.threads": settings["threads"],
-                            "latency.batch_size": settings["batch_size"], "latency.runs": settings["runs"],
-                            "latency.warmup": settings["warmup"], "latency.host": socket.gethostname(),
-                            "latency.load_1min": f"{os.getloadavg()[0]:.2f}"})
+        trial_run.log_metrics(metrics)
+        trial_run.set_tags({"latency.device": str(device), **{f"latency.{k}": v for k, v in settings.items()},
+                            "latency.host": socket.gethostname(), "latency.load_1min": f"{os.getloadavg()[0]:.2f}"})
     return len(run_ids)

@@ -84,7 +84,7 @@ def train_epoch(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], opti
     device = torch.device(device)
     on_gpu = device.type == "cuda"
     model.train()
-    # Summed on the device so the loop only syncs with the GPU when a callback wants each loss.
+    # Summed on the device: one GPU sync per epoch, not per batch.
     loss_sum = torch.zeros((), device=device)
     seen = 0
     for x, y in batches:
@@ -135,9 +135,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device:
 
 def fit(model: nn.Module, train_batches: Iterable[tuple[Tensor, Tensor]], cfg: TrainConfig,
         device: torch.device | str) -> list[float]:
-    """Train cfg.epochs epochs with one schedule across them (the shared base's training); returns each epoch's
-    mean training loss."""
-    device = torch.device(device)
+    """cfg.epochs epochs with one schedule across them (the shared base's training); each epoch's mean loss."""
     prepare_model(model, device, cfg)
     optimizer, scheduler = make_optimizer(model, cfg, len(train_batches))
     return [train_epoch(model, train_batches, optimizer, scheduler, cfg, device) for _ in range(cfg.epochs)]
