@@ -1,21 +1,6 @@
-"""Trials that compute the same thing are one trial: the spec lists them once and a trial's identity says so.
-
-    canonical(config)   # the trial dict with the settings its arm never reads set to one value
-
-- The `control` arm is the base fine-tuned with the fine-tune recipe and nothing pruned: every strategy and ratio
-  gives the same trial, so it is recorded as strategy `none`, ratio 0 (its FLOPs reduction is 0) and the other
-  pruning settings at their defaults.
-- The `scratch` arm re-initialises the pruned architecture. Under local scope with a channel target every criterion
-  removes the same number of channels from each layer, so every strategy yields one architecture (and one initial
-  state): the scratch trial of a ratio is one trial, recorded as strategy `none`, not one per criterion (that would
-  be an A/A comparison of one network with itself).
-
-Spec expansion (sweep.config.spec) lists each canonical config once, so no compute goes to copies; a trial started
-with any other form (a random search draws them) takes the canonical one first, so its config hash finds the copy's
-run and is skipped.
-"""
-
-from __future__ import annotations
+"""Trials that compute the same thing are one trial: the spec lists each once, and a trial started in another form
+(a random search draws them) takes the canonical one first, so its config hash finds the copy's run. Which trials
+those are, and why: docs/design.md, "The config layer"."""
 
 import copy
 import json
@@ -26,17 +11,11 @@ CONTROL = "control"
 NO_CRITERION = "none"  # the strategy of a trial whose result no criterion decides
 
 
-def criterion_free(prune: dict) -> bool:
-    """Whether the trial's result is the same for every strategy."""
-    if prune.get("arm") == CONTROL:
-        return True
-    return prune.get("arm") == "scratch" and prune.get("scope") == "local" and prune.get("target") == "channels"
-
-
 def canonical(config: dict) -> dict:
     """The trial dict with what its arm never reads fixed to one value (a new dict; `config` is untouched)."""
     prune = config.get("prune", {})
-    if not criterion_free(prune):
+    local = prune.get("scope") == "local" and prune.get("target") == "channels"
+    if not (prune.get("arm") == CONTROL or (prune.get("arm") == "scratch" and local)):  # the same for every strategy
         return config
     out = copy.deepcopy(config)
     if prune["arm"] == CONTROL:

@@ -1,11 +1,5 @@
 """The names a user sees: one table of metrics and one of parameters, read by the spec, the trial, the tracking,
-the progress display, the report and the tables of docs/spec.md (tests check them).
-
-A metric's `when` says at which point of a trial it is recorded; `selectable` says whether a scheduler, a search
-algorithm or a "best" may read it. Test metrics never are: they are logged once and never optimised.
-"""
-
-from __future__ import annotations
+the progress display, the report and the tables of docs/spec.md (tests check them)."""
 
 from dataclasses import dataclass
 
@@ -14,9 +8,9 @@ from dataclasses import dataclass
 class MetricInfo:
     meaning: str
     direction: str  # "max" or "min": which way is better
-    unit: str  # "fraction" (0..1), "count", "ms", "s", "MB" or "epoch"
+    unit: str  # "fraction" (0..1), "count", "nats", "ms", "s", "MB", "x" or "epoch"
     when: str  # "epoch" (one value per fine-tune epoch, step = epoch), "prune", "base" or "end" (once)
-    selectable: bool = True
+    selectable: bool = True  # may a scheduler, a search or "best" read it? test metrics: never (logged once)
 
 
 METRICS: dict[str, MetricInfo] = {
