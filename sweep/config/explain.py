@@ -1,7 +1,5 @@
-"""pydantic's errors as our lines: `error_lines` is the one translator, reading each field's constraints (`ge`,
-`gt`, `lt`, `le`), its `examples` (the fix's example; else its default), its `title` (the name its choices go by)
-and the words a field keeps in `json_schema_extra` (`fix`, `bounds`, `takes`). What the messages say of a field and
-what docs/spec.md says of it (sweep.config.reference) come from the same functions here."""
+"""pydantic's errors as our lines: `error_lines` is the one translator (docs/design.md, "The config layer"). What the
+messages say of a field and what docs/spec.md says of it (sweep.config.reference) come from the functions here."""
 
 import types
 from collections.abc import Iterator
@@ -10,19 +8,11 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
-from sweep.config.messages import NULL_TEXT, null_text, show, unknown_key, unknown_name
+from sweep.config.messages import NULL_TEXT, close, listing, null_text, show, unknown_name
 
 
 def dotted(loc) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part == "[key]":
-            continue
-        else:
-            out += f".{part}" if out else str(part)
-    return out
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc if p != "[key]").removeprefix(".")
 
 
 def is_section(annotation: Any) -> bool:
@@ -85,32 +75,8 @@ def value_range(field: FieldInfo) -> tuple[str, bool]:
     return shown, hi is not None
 
 
-def _example(field: FieldInfo) -> Any:
-    return field.examples[0] if field.examples else field.default
-
-
-def _field_message(kind: str, value: Any, field: FieldInfo, name: str) -> str | None:
-    """The line for a field's value that failed one of pydantic's own checks, or None when it is not one."""
-    example = _example(field)
-    if kind in ("int_type", "int_from_float", "int_parsing"):
-        return f"{show(value)} is not a whole number; write an integer such as {example}"
-    if kind in ("float_type", "float_parsing", "finite_number"):
-        finite = "" if isinstance(value, str) else " finite"
-        return f"{show(value)} is not a{finite} number; write a number such as 0.5"
-    if kind == "bool_type":
-        return f"{show(value)} is not true or false; write true or false"
-    if kind == "literal_error":
-        return unknown_name(value, choices(field), field.title or name)
-    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        bounds, upper = value_range(field)
-        if kind_of(field) is int:
-            return f"{value} is not {bounds}; use a whole number {bounds} such as {example}"
-        fix = (field.json_schema_extra or {}).get("fix") or \
-            f"use a number {'in ' if upper else ''}{bounds} such as {example:g}"
-        return f"{show(value)} is {'outside' if upper else 'not'} {bounds}; {fix}"
-    return None
-
-
+_INT, _FLOAT = ("int_type", "int_from_float", "int_parsing"), ("float_type", "float_parsing", "finite_number")
+_BOUND = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
 _MISSING = {"name": "missing; add a sweep name such as name: my_sweep"}
 # Settings that existed once: a spec that still sets one is told what replaced it, not "unknown key".
 _RETIRED = {"resources.process": "removed in 0.2 (every trial runs in its own Ray worker); delete this line, and "
@@ -127,26 +93,40 @@ def error_lines(error: ValidationError, prefix: str = "", model: type | None = N
         path = ".".join(p for p in (prefix, dotted(loc)) if p)
         info = locate(model, leaf.split(".") if leaf else loc)
         info = info if isinstance(info, FieldInfo) else None
+        example = info and (info.examples[0] if info.examples else info.default)
         if info is not None and nullable(info) and isinstance(value, str) and value in NULL_TEXT:
-            messages = [null_text(value)]
+            message = null_text(value)
         elif kind == "value_error":
-            messages = str(item["ctx"]["error"]).split("\n")
+            message = str(item["ctx"]["error"])
         elif kind == "extra_forbidden":
             known = locate(model, loc[:-1])
             keys = list(known.model_fields) if isinstance(known, type) else []
-            messages = [_RETIRED.get(dotted(loc)) or unknown_key(loc[-1], keys)]
+            message = _RETIRED.get(dotted(loc)) or f"unknown key; {close(loc[-1], keys)}known keys: {listing(keys)}"
         elif kind in ("model_type", "model_attributes_type", "dict_type"):
             known = locate(model, loc)
             first = next(iter(known.model_fields)) if isinstance(known, type) else "key"
-            messages = [f"{show(value)} is not a mapping; write {path}: {{{first}: ..., ...}}"]
+            message = f"{show(value)} is not a mapping; write {path}: {{{first}: ..., ...}}"
         elif kind == "missing":
-            messages = [_MISSING.get(dotted(loc), "missing; add it")]
-        else:
-            own = info and _field_message(kind, value, info, (leaf or dotted(loc)).split(".")[-1])
-            messages = [own or f"{item['msg']}; check this setting"]
-        for message in messages:
+            message = _MISSING.get(dotted(loc), "missing; add it")
+        elif info is None or kind not in (*_INT, *_FLOAT, *_BOUND, "bool_type", "literal_error"):
+            message = f"{item['msg']}; check this setting"
+        elif kind in _INT:
+            message = f"{show(value)} is not a whole number; write an integer such as {example}"
+        elif kind in _FLOAT:
+            finite = "" if isinstance(value, str) else " finite"
+            message = f"{show(value)} is not a{finite} number; write a number such as 0.5"
+        elif kind == "bool_type":
+            message = f"{show(value)} is not true or false; write true or false"
+        elif kind == "literal_error":
+            message = unknown_name(value, choices(info), info.title or (leaf or dotted(loc)).split(".")[-1])
+        else:  # a bound
+            bounds, upper = value_range(info)
+            fix = (info.json_schema_extra or {}).get("fix") or \
+                f"use a number {'in ' if upper else ''}{bounds} such as {example:g}"
+            message = f"{value} is not {bounds}; use a whole number {bounds} such as {example}" \
+                if kind_of(info) is int else f"{show(value)} is {'outside' if upper else 'not'} {bounds}; {fix}"
+        for line in message.split("\n") if kind == "value_error" else [message]:
             # Rules (raised by a whole model, at loc ()) write their own paths.
-            lines.append(message if not loc and kind == "value_error" and leaf is None else
-                         f"{path or 'trial'}: {message}")
+            lines.append(line if not loc and kind == "value_error" and leaf is None else f"{path or 'trial'}: {line}")
             locs.append(loc)
     return list(dict.fromkeys(lines)), locs

@@ -1,18 +1,17 @@
-"""The words of every message: a value as the user wrote it, a list of names, "did you mean", an unknown key or
+"""The words of every message: a value as the user wrote it, a list of names, "did you mean", an unknown
 name. Every line a user reads about a spec reads "<field path>: <what is wrong>; <how to fix>"."""
 
 import difflib
 import math
 from typing import Any
 
+YAML_WORDS = {None: "null", True: "true", False: "false"}
+
 
 def show(value: Any) -> str:
     """A value as the user wrote it in YAML, on one short line (clipped: not for paths, which are shown whole)."""
     value = python_value(value)
-    if value is None or isinstance(value, bool):
-        text = {None: "null", True: "true", False: "false"}[value]
-    else:
-        text = repr(value)
+    text = YAML_WORDS[value] if value is None or isinstance(value, bool) else repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -25,10 +24,6 @@ def close(word: Any, candidates) -> str:
     # cutoff 0.5 rather than difflib's 0.6, so short names such as 'l3' still get a suggestion ('l2')
     match = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.5)
     return f"did you mean '{match[0]}'? " if match else ""
-
-
-def unknown_key(key: Any, known) -> str:
-    return f"unknown key; {close(key, known)}known keys: {listing(known)}"
 
 
 def unknown_name(value, names, what: str) -> str:

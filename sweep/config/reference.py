@@ -7,17 +7,16 @@ from typing import Any
 from pydantic.fields import FieldInfo
 
 from sweep.config.explain import choices, fields, kind_of, nullable, value_range
+from sweep.config.messages import YAML_WORDS
 from sweep.config.names import METRICS, PARAMS, tune_metrics
 from sweep.config.schema import SweepConfig, TrainConfig
 
 
 def _yaml(value: Any) -> str:
     if value is None or isinstance(value, bool):
-        return {None: "null", True: "true", False: "false"}[value]
+        return YAML_WORDS[value]
     if isinstance(value, float):
         return f"{value:g}"
-    if isinstance(value, (list, dict)):
-        return "[]" if isinstance(value, list) and not value else "{}" if not value else str(value)
     return str(value)
 
 
@@ -74,17 +73,13 @@ def metrics_markdown() -> str:
     return "\n".join(rows) + "\n"
 
 
-def write_reference_tables(path: str = "docs/spec.md") -> None:
-    """Replace the generated tables between the marker comments of docs/spec.md (`python -m sweep.config.reference`)."""
-    text = Path(path).read_text(encoding="utf-8")
+if __name__ == "__main__":  # rewrite the tables between the marker comments of docs/spec.md (or the path given)
+    import sys
+
+    path = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/spec.md")
+    text = path.read_text(encoding="utf-8")
     for name, table in (("schema", reference_markdown()), ("metrics", metrics_markdown())):
         begin, end = f"<!-- {name}:begin -->\n", f"<!-- {name}:end -->"
         head, rest = text.split(begin)
         text = head + begin + table + end + rest.split(end, 1)[1]
-    Path(path).write_text(text, encoding="utf-8")
-
-
-if __name__ == "__main__":
-    import sys
-
-    write_reference_tables(*sys.argv[1:2])
+    path.write_text(text, encoding="utf-8")
