@@ -489,7 +489,7 @@ def test_a_huge_grid_is_counted_not_built(registries, monkeypatch):
 
 
 def test_typed_access_to_a_trial_config(registries):
-    from sweep.config.spec import TrialConfig, trial_config
+    from sweep.config.schema import TrialConfig, trial_config
     from sweep.worker.train import TrainConfig
 
     spec = load_spec(QUICKSTART)
@@ -530,7 +530,7 @@ def _between(text: str, name: str) -> str:
 
 def test_reference_tables_are_generated_from_the_schema_and_the_metric_table():
     from sweep.config.names import METRICS, PARAMS
-    from sweep.config.spec import metrics_markdown, reference_markdown
+    from sweep.config.reference import metrics_markdown, reference_markdown
 
     readme = (QUICKSTART.parents[1] / "docs" / "spec.md").read_text(encoding="utf-8")
     fix = "docs/spec.md is out of date: regenerate its tables with `python -m sweep.config.reference`"
@@ -611,6 +611,6 @@ def test_every_setting_is_documented_and_every_constraint_explains_itself(regist
 
 
 def reference_row(path: str) -> str:
-    from sweep.config.spec import reference_markdown
+    from sweep.config.reference import reference_markdown
 
     return next(row for row in reference_markdown().splitlines() if f"`{path}`" in row.split(" | ")[0])

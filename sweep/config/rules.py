@@ -1,7 +1,5 @@
-"""Rules across fields, written once over a `View`: every value a sweep may give each trial path (a grid is not
-enumerated: a range gives its two ends, a grid its items), or the one trial a TrialConfig holds. A pydantic
-model_validator sees one trial; these rules must also hold for a space of a million trials without building them,
-so they read a View, and TrialConfig's model_validator runs them on a View of itself."""
+"""Rules across fields, written once over a `View` of every value a sweep (or the one trial of a TrialConfig) may
+give each trial path, never enumerating a grid (why: docs/design.md, "The config layer")."""
 
 import itertools
 from collections.abc import Iterator
@@ -18,9 +16,8 @@ def looks_like_path(text: str) -> bool:
 
 
 class View:
-    """The values a sweep can give each trial path, and where each comes from (for messages). With only a trial
-    dict it is that one trial. `space` maps paths to sweep domains (see sweep.config.spec.Domain); `invalid` holds paths
-    that already failed their check, which the rules then skip."""
+    """The values a sweep can give each trial path, and where each comes from (for messages); with only a trial dict,
+    that one trial. `space`: path -> sweep.config.spec.Domain; `invalid`: paths that failed their own check."""
 
     def __init__(self, trial: dict, space: dict | None = None, origin: dict | None = None,
                  invalid: frozenset = frozenset()):
@@ -33,8 +30,8 @@ class View:
         """Where to report a leaf of a combination from `sections` (at: the section, or a swept item of it)."""
         return self.where(f"{at}.{leaf}") if at in ("model", "dataset") else f"{at}.{leaf}"
 
-    def _bad(self, path: str) -> bool:
-        return any(path == p or path.startswith(p + ".") for p in self.invalid)
+    def ok(self, *paths: str) -> bool:
+        return not any(p == bad or p.startswith(bad + ".") for p in paths for bad in self.invalid)
 
     def _items(self, path: str) -> list[tuple[Any, str]]:
         domain, at = self.space[path], self.origin[path]
@@ -44,7 +41,7 @@ class View:
 
     def values(self, path: str) -> list[tuple[Any, str]]:
         """(value, where) for each value a trial may take at path; a range gives its two ends."""
-        if self._bad(path):
+        if not self.ok(path):
             return []
         section, _, leaf = path.partition(".")
         if path in self.space:
@@ -63,7 +60,7 @@ class View:
 
     def sections(self, section: str, leaves: tuple) -> Iterator[tuple[dict, str]]:
         """Each combination of a section's leaves a trial may have, and where a problem with it is reported."""
-        if self._bad(section):
+        if not self.ok(section):
             return
         if section in self.space:
             yield from ((v, at) for v, at in self._items(section) if isinstance(v, dict))
@@ -89,8 +86,8 @@ def rules(view: View) -> list[str]:
         for item, at in view.sections(section, leaves):
             name, factory = item["name"], item["factory"]
             if name is None and factory is None:
-                error(f"{at}.name" if at != section else f"{section}.name", f"missing; name the {section}, such "
-                      f"as {section}: {{name: {example}}}, or give {section}.factory")
+                error(f"{at}.name", f"missing; name the {section}, such as {section}: {{name: {example}}}, or give "
+                                    f"{section}.factory")
             elif name is not None and factory is not None:
                 error(view.leaf(at, "factory"), f"given together with {section}.name; give one of {section}.name and "
                                        f"{section}.factory")

@@ -1,14 +1,8 @@
 """The schema of a trial and of a sweep: one pydantic model per section, the single source of every setting's type,
-default, constraint and meaning (docs/spec.md is generated from the fields: sweep.config.reference).
+default, constraint and meaning (docs/design.md, "The config layer"; docs/spec.md is generated from the fields).
 
     cfg = trial_config(config)          # a resolved trial dict (from Ray Tune, numpy scalars allowed) -> TrialConfig
     cfg.prune.strategy, cfg.finetune.lr # typed access; SpecError lists every problem, one line each
-    ft = TrainConfig.from_dict(config["finetune"], where="finetune")
-
-Constraints are pydantic's own (`Field(ge=, gt=, lt=)`, `Literal`, a validator function where a check is ours), in
-strict mode so that text is never read as a number. Pydantic's errors become our one-line messages in one place
-(sweep.config.explain.error_lines); a check of ours raises ValueError("<what is wrong>; <how to fix>"). Rules across
-fields live in sweep.config.rules; TrialConfig runs them on itself, a sweep on every value its space can give.
 """
 
 import functools
@@ -30,7 +24,7 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
-from sweep.config.explain import error_lines, fields, locate
+from sweep.config.explain import error_lines, locate
 from sweep.config.messages import NULL_TEXT, as_real, null_text, python_value, show, unknown_name
 from sweep.config.names import LEGACY_METRICS, METRICS, selectable_metrics, tune_metrics
 from sweep.config.rules import View, looks_like_path, rules
@@ -48,12 +42,8 @@ class SpecError(InputError):
 
 # --- our checks (each raises ValueError('<what>; <fix>'), which pydantic reports as a value_error) ----------------
 
-def _integral(value: Any) -> Any:
-    # 3.0 (a YAML float, or a grid of them) is the whole number 3; 3.5 stays a float, which strict int refuses
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
-Whole = Annotated[int, BeforeValidator(_integral)]
+# 3.0 (a YAML float, or a grid of them) is the whole number 3; 3.5 stays a float, which strict int refuses
+Whole = Annotated[int, BeforeValidator(lambda v: int(v) if isinstance(v, float) and v.is_integer() else v)]
 
 
 def _registered(names, what: str) -> PlainValidator:
@@ -70,12 +60,6 @@ def _registered(names, what: str) -> PlainValidator:
 def _strategy_names() -> list:
     from sweep.pruning import STRATEGIES
     return list(STRATEGIES)
-
-
-def _trial_strategy_names() -> list:
-    # `none`: the control arm, and the scratch arm under local scope, whose result no criterion decides
-    # (sweep.config.arms)
-    return [*_strategy_names(), "none"]
 
 
 def _model_names() -> list:
@@ -134,8 +118,7 @@ def _plain(value: Any) -> bool:
 
 def _kwargs(value):
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        raise ValueError(f"{show(value)} is not a mapping of argument names to values; "
-                         "write e.g. kwargs: {width: 2}")
+        raise ValueError(f"{show(value)} is not a mapping of argument names to values; write e.g. kwargs: {{width: 2}}")
     if not _plain(value):
         raise ValueError(f"{show(value)} holds something other than text, numbers, true/false, null, lists and "
                          "mappings; quote it or pass it another way")
@@ -186,18 +169,17 @@ def _gpus(number: float) -> float:
 
 
 def _metric(value):
-    info = METRICS.get(value) if isinstance(value, str) else None
+    info, old = (METRICS.get(value), LEGACY_METRICS.get(value)) if isinstance(value, str) else (None, None)
     why = "test metrics are never used for selection; use val_accuracy"
-    if info is not None and not info.selectable:
+    if info is None:
+        raise ValueError(f"{show(value)} is the old name of {old}, a test metric: {why}" if old else
+                         unknown_name(value, selectable_metrics(), "metric"))
+    if not info.selectable:
         raise ValueError(f"{show(value)} is not selectable: {why}")
-    if info is not None and value not in tune_metrics():
+    if value not in tune_metrics():
         raise ValueError(f"{show(value)} is recorded when a trial ends, so no scheduler or search can read it; pick "
                          f"the winner by it with `sweep report NAME --register MODEL --by {value}`, and use a metric "
                          f"Tune reads, such as val_accuracy or flops_reduction")
-    if info is None and isinstance(value, str) and value in LEGACY_METRICS:
-        raise ValueError(f"{show(value)} is the old name of {LEGACY_METRICS[value]}, a test metric: {why}")
-    if info is None:
-        raise ValueError(unknown_name(value, selectable_metrics(), "metric"))
     return value
 
 
@@ -311,7 +293,8 @@ class BaseTrainConfig(TrainConfig):
 
 
 class PruneConfig(Section):
-    strategy: Annotated[str, _registered(_trial_strategy_names, "strategy")] = _f(
+    # `none`: the control arm, and the scratch arm under local scope, whose result no criterion decides (config.arms)
+    strategy: Annotated[str, _registered(lambda: [*_strategy_names(), "none"], "strategy")] = _f(
         "l1", "how filters are ranked (`none`: what the `control` arm, and the `scratch` arm under local scope, are "
               "recorded with: no criterion decides them)", takes="a name from `sweep strategies`, or `none`")
     ratio: float = _f(0.5, "share of channels (or FLOPs) to remove", ge=0, lt=1, bounds="(0, 1)",
@@ -434,8 +417,7 @@ def report_rules(report: ReportConfig, where: str = "report.") -> list[str]:
 class SweepConfig(TrialConfig):
     """A search-space file: the trial's fixed settings, the space and how the sweep runs."""
 
-    name: SafeName = Field(description="the sweep: MLflow experiment and folder name",
-                           json_schema_extra={"takes": "letters, digits, `-` `_` `.`"})
+    name: SafeName = _f(..., "the sweep: MLflow experiment and folder name", takes="letters, digits, `-` `_` `.`")
     space: Any = _f(None, "what varies between trials (below)", takes="see below")
     search: SearchConfig = _f(SearchConfig, "the search algorithm")
     scheduler: SchedulerConfig = _f(SchedulerConfig, "the trial scheduler")
@@ -456,10 +438,6 @@ class SweepConfig(TrialConfig):
 def check_at(path: str) -> "FieldInfo | type | None":
     """The field of a trial path, the model class of a section path, or None when there is no such path."""
     return locate(TrialConfig, path.split("."))
-
-
-def leaf_paths() -> list[str]:
-    return [path for path, _ in fields(TrialConfig) if path != "name"]
 
 
 @functools.cache

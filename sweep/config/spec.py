@@ -1,18 +1,9 @@
-"""Search-space YAML -> validated SweepSpec -> Ray Tune param_space.
+"""Search-space YAML -> validated SweepSpec -> Ray Tune param_space (how a spec is checked: docs/design.md, "The
+config layer").
 
     spec = load_spec("search_spaces/quickstart.yaml")    # SpecError lists every problem, one line each
     tuner_space = spec.param_space()                     # nested trial dict, swept leaves are tune domains
-
-Every problem is one line "<field path>: <what is wrong>; <how to fix>", and a file's problems are all reported
-together so `sweep validate` can print them before any trial starts. What each setting takes, its default and its
-meaning live once, in sweep.config.schema (pydantic models, whence docs/spec.md is generated). Here: the
-YAML is read, the fixed settings are validated by the schema, each item of the `space` by its field's own
-validator and the error translator (schema.field_adapter, explain.error_lines: messages name places inside domains,
-space.ratio.grid[1]), and the rules across fields are applied to every value the space can give. A grid is
-counted, never enumerated, to hold it to `max_trials`.
 """
-
-from __future__ import annotations
 
 import copy
 import itertools
@@ -29,25 +20,12 @@ from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
 from sweep.config.arms import unique
-from sweep.config.explain import dotted, error_lines, numeric
+from sweep.config.explain import dotted, error_lines, fields, numeric
 from sweep.config.messages import as_real, close, show
 from sweep.config.names import METRICS, PARAMS
-from sweep.config.reference import metrics_markdown, reference_markdown
 from sweep.config.rules import INVALID, View, rules
-from sweep.config.schema import (
-    SpecError,
-    SweepConfig,
-    TrialConfig,
-    check_at,
-    field_adapter,
-    leaf_paths,
-    report_rules,
-    trial_config,
-)
+from sweep.config.schema import SpecError, SweepConfig, TrialConfig, check_at, field_adapter, report_rules
 from sweep.zoo.plugin import resolve_factory
-
-__all__ = ["Domain", "SpecError", "SweepSpec", "TrialConfig", "load_spec", "metrics_markdown", "parse_spec",
-           "reference_markdown", "trial_config"]
 
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 _DOMAIN_HELP = "write a fixed value or one of {grid: [...]}, {choice: [...]}, {uniform: [low, high]}, " \
@@ -63,18 +41,16 @@ class Domain:
     values: tuple  # fixed: (value,); grid/choice: the items; uniform/loguniform/randint: (low, high)
 
     def to_tune(self) -> Any:
-        # Imported here, not at the top: validating a spec should not pay for importing Ray.
-        from ray import tune
+        from ray import tune  # here, not at the top: validating a spec should not pay for importing Ray
 
         if self.kind == "fixed":
             return copy.deepcopy(self.values[0])
         if self.kind in ("grid", "choice"):
-            items = copy.deepcopy(list(self.values))
-            return tune.grid_search(items) if self.kind == "grid" else tune.choice(items)
+            return (tune.grid_search if self.kind == "grid" else tune.choice)(copy.deepcopy(list(self.values)))
         low, high = self.values
         if self.kind == "randint":
             return tune.randint(low, high + 1)  # Ray's upper bound is exclusive
-        return tune.uniform(low, high) if self.kind == "uniform" else tune.loguniform(low, high)
+        return (tune.uniform if self.kind == "uniform" else tune.loguniform)(low, high)
 
 
 def _set(config: dict, path: str, value: Any) -> None:
@@ -114,11 +90,10 @@ class SweepSpec:
         if self.search["algorithm"] != "grid":
             raise SpecError(f"search.algorithm: '{self.search['algorithm']}' samples its trials, so there is no "
                             "fixed list of them; use algorithm: grid to enumerate a grid")
-        paths = list(self.space)
         configs = []
-        for combination in itertools.product(*(self.space[p].values for p in paths)):
+        for combination in itertools.product(*(domain.values for domain in self.space.values())):
             config = copy.deepcopy(self.trial)
-            for path, value in zip(paths, combination):
+            for path, value in zip(self.space, combination):
                 _set(config, path, copy.deepcopy(value))
             configs.append(config)
         return unique(configs)  # a control or criterion-free scratch trial once, not once per strategy (config.arms)
@@ -169,20 +144,6 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float",
                               list("-+0123456789."))
 
 
-def _yaml_error(error: yaml.YAMLError, source: str) -> str:
-    mark = getattr(error, "problem_mark", None)
-    where = f"{source}: line {mark.line + 1}, column {mark.column + 1}" if mark else source
-    problem = getattr(error, "problem", None) or str(error)
-    if isinstance(error, _DuplicateKey):
-        return f"{where}: {problem}; keep only one of them"
-    return f"{where}: {problem} (not valid YAML); check indentation, brackets and quotes on or just before that line"
-
-
-def _type_name(value: Any) -> str:
-    names = {list: "a list", str: "text", int: "a number", float: "a number", bool: "true/false"}
-    return names.get(type(value), type(value).__name__)
-
-
 def load_spec(path: str | Path) -> SweepSpec:
     """Read and validate a search-space YAML file; raises SpecError listing every problem."""
     path = Path(path)
@@ -202,11 +163,16 @@ def parse_spec(text: str, source: str = "<string>") -> SweepSpec:
     try:
         raw = yaml.load(text, Loader=_Loader)  # _Loader is a yaml.SafeLoader
     except yaml.YAMLError as error:
-        raise SpecError(_yaml_error(error, source)) from None
+        mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None) or str(error)
+        where = f"{source}: line {mark.line + 1}, column {mark.column + 1}" if mark else source
+        fix = "; keep only one of them" if isinstance(error, _DuplicateKey) else \
+            " (not valid YAML); check indentation, brackets and quotes on or just before that line"
+        raise SpecError(f"{where}: {problem}{fix}") from None
     if raw is None:
         raise SpecError(f"{source}: the file is empty; start from search_spaces/quickstart.yaml")
     if not isinstance(raw, dict):
-        raise SpecError(f"{source}: the top level is {_type_name(raw)}, not a mapping; "
+        names = {list: "a list", str: "text", int: "a number", float: "a number", bool: "true/false"}
+        raise SpecError(f"{source}: the top level is {names.get(type(raw), type(raw).__name__)}, not a mapping; "
                         "write settings as key: value lines such as name: my_sweep")
     return _Builder(text).build(raw)
 
@@ -238,9 +204,6 @@ class _Builder:
     def add(self, line: str) -> None:
         if line not in self.errors:
             self.errors.append(line)
-
-    def ok(self, *paths: str) -> bool:
-        return not any(p == bad or p.startswith(bad + ".") for p in paths for bad in self.invalid)
 
     def build(self, raw: dict) -> SweepSpec:
         top = self.read_settings(raw)
@@ -294,7 +257,8 @@ class _Builder:
                 path = key  # items are whole sections, e.g. {name: resnet20, weights: r20.th}
             node = check_at(path) if path != "name" else None
             if node is None:
-                self.error(where, f"no such setting; {close(key, [*PARAMS, *leaf_paths()])}"
+                leaves = [leaf for leaf, _ in fields(TrialConfig) if leaf != "name"]
+                self.error(where, f"no such setting; {close(key, [*PARAMS, *leaves])}"
                                   f"use a shorthand ({', '.join(PARAMS)}) or a dotted path such as finetune.lr")
                 continue
             if isinstance(node, type) and path not in _SECTIONS:
@@ -337,6 +301,10 @@ class _Builder:
                 self.add(line)
             return INVALID
 
+    def fail(self, where: str, message: str) -> Domain:
+        self.error(where, message)
+        return Domain("fixed", (INVALID,))
+
     def domain(self, where: str, value: Any, check: Callable, node: FieldInfo | type) -> Domain:
         # A mapping sweeps a setting, except for a whole model/dataset section, whose fixed value is a mapping
         # of its own keys (a lone unknown key there is more likely a misspelt domain such as {grd: [...]}).
@@ -346,19 +314,15 @@ class _Builder:
             sweeps = isinstance(value, dict)
         if not sweeps:
             return Domain("fixed", (check(value, where),))
-        kind_of_number = None if isinstance(node, type) else numeric(node)
         if len(value) != 1:
-            self.error(where, f"{show(value)} is not a sweep domain; {_DOMAIN_HELP}")
-            return Domain("fixed", (INVALID,))
+            return self.fail(where, f"{show(value)} is not a sweep domain; {_DOMAIN_HELP}")
         (kind, arg), = value.items()
         at = f"{where}.{kind}"
         if kind not in KINDS:
-            self.error(at, f"unknown domain; {close(kind, KINDS)}{_DOMAIN_HELP}")
-            return Domain("fixed", (INVALID,))
+            return self.fail(at, f"unknown domain; {close(kind, KINDS)}{_DOMAIN_HELP}")
         if kind in ("grid", "choice"):
             if not isinstance(arg, list) or not arg:
-                self.error(at, f"{show(arg)} is not a non-empty list; write {kind}: [a, b, ...]")
-                return Domain("fixed", (INVALID,))
+                return self.fail(at, f"{show(arg)} is not a non-empty list; write {kind}: [a, b, ...]")
             items = [check(item, f"{at}[{i}]") for i, item in enumerate(arg)]
             seen = set()
             for i, item in enumerate(items):
@@ -367,44 +331,37 @@ class _Builder:
                     self.error(f"{at}[{i}]", f"{show(arg[i])} is listed twice; remove the repeat")
                 seen.add(key)
             return Domain(kind, tuple(items))
+        kind_of_number = None if isinstance(node, type) else numeric(node)
         if kind_of_number is None:
-            self.error(at, "a range needs a numeric setting; use {grid: [...]} or {choice: [...]}")
-            return Domain("fixed", (INVALID,))
+            return self.fail(at, "a range needs a numeric setting; use {grid: [...]} or {choice: [...]}")
         if kind_of_number == "int" and kind != "randint":
-            self.error(at, "this setting takes whole numbers; use {randint: [low, high]} or {grid: [...]}")
-            return Domain("fixed", (INVALID,))
+            return self.fail(at, "this setting takes whole numbers; use {randint: [low, high]} or {grid: [...]}")
         try:
-            if not isinstance(arg, list) or len(arg) != 2:
-                raise ValueError
-            low, high = (as_real(v) for v in arg)
+            low, high = (as_real(v) for v in arg) if isinstance(arg, list) and len(arg) == 2 else ()
         except ValueError:
-            self.error(at, f"{show(arg)} is not [low, high]; write {kind}: [low, high] with two numbers")
-            return Domain("fixed", (INVALID,))
+            return self.fail(at, f"{show(arg)} is not [low, high]; write {kind}: [low, high] with two numbers")
         if kind == "randint":
             if not (low.is_integer() and high.is_integer()):
-                self.error(at, f"{show(arg)} are not whole numbers; write randint: [low, high] with integers")
-                return Domain("fixed", (INVALID,))
+                return self.fail(at, f"{show(arg)} are not whole numbers; write randint: [low, high] with integers")
             low, high = int(low), int(high)
         if low >= high:
-            self.error(at, f"low {low:g} is not below high {high:g}; write [low, high] with low < high")
-        elif kind == "loguniform" and low <= 0:
-            self.error(f"{at}[0]", f"{low:g} is not > 0 (a log scale starts above zero); use a low such as 1e-4")
-        else:
-            return Domain(kind, (check(low, f"{at}[0]"), check(high, f"{at}[1]")))
-        return Domain("fixed", (INVALID,))
+            return self.fail(at, f"low {low:g} is not below high {high:g}; write [low, high] with low < high")
+        if kind == "loguniform" and low <= 0:
+            return self.fail(f"{at}[0]", f"{low:g} is not > 0 (a log scale starts above zero); use a low such as 1e-4")
+        return Domain(kind, (check(low, f"{at}[0]"), check(high, f"{at}[1]")))
 
     # -- how the sweep runs ---------------------------------------------------------------------------------------
 
     def check_settings(self, top: SweepConfig, raw_scheduler: Any, space: dict, view: View) -> tuple:
         """The sweep settings' rules; returns (search, scheduler, mode) as the spec holds them."""
-        if "cuda" in view.options("device") and self.ok("resources.gpu") and top.resources.gpu == 0:
+        if "cuda" in view.options("device") and view.ok("resources.gpu") and top.resources.gpu == 0:
             self.error(view.where("device"), "'cuda' needs a GPU for each trial but resources.gpu is 0; "
                                              "set resources.gpu (such as 1 or 0.25), or device: auto")
 
         search = top.search.model_dump()
         algorithm, num_samples = search["algorithm"], search["num_samples"]
-        if algorithm == "grid" and self.ok("search.algorithm"):
-            if num_samples not in (None, 1) and self.ok("search.num_samples"):
+        if algorithm == "grid" and view.ok("search.algorithm"):
+            if num_samples not in (None, 1) and view.ok("search.num_samples"):
                 self.error("search.num_samples", "a grid runs every combination once; remove num_samples, "
                                                  "or sweep seed (such as seed: {grid: [0, 1, 2]}) for repeats")
             search["num_samples"] = 1
@@ -412,8 +369,8 @@ class _Builder:
                 if domain.kind not in ("fixed", "grid"):
                     self.error(f"{self.origin[path]}.{domain.kind}", "grid search takes only {grid: [...]} or fixed "
                                "values; use {grid: [...]}, or search: {algorithm: random, num_samples: 20}")
-        elif self.ok("search.algorithm"):
-            if num_samples is None and self.ok("search.num_samples"):
+        elif view.ok("search.algorithm"):
+            if num_samples is None and view.ok("search.num_samples"):
                 self.error("search.num_samples", f"{algorithm} search needs num_samples; add num_samples such as 20")
             if all(domain.kind in ("fixed", "grid") and INVALID not in domain.values for domain in space.values()):
                 self.error("search.algorithm", f"{algorithm} search samples nothing here (every key of space is fixed "
@@ -429,12 +386,12 @@ class _Builder:
                                        "true/false and null; sweep whole sections with grid or random search")
 
         count = _grid_size(space) * (search["num_samples"] or 1)
-        if count > top.max_trials and self.ok("max_trials", "search"):
+        if count > top.max_trials and view.ok("max_trials", "search"):
             where, fix = ("space", "shrink the grid") if algorithm == "grid" else ("search.num_samples", "sample fewer")
             self.error(where, f"{count:,} trials exceed max_trials ({top.max_trials:,}); {fix} or raise max_trials")
 
         scheduler = top.scheduler.model_dump()
-        if scheduler["name"] == "asha" or not self.ok("scheduler.name"):
+        if scheduler["name"] == "asha" or not view.ok("scheduler.name"):
             self.check_asha(scheduler, view)
         else:
             for key in raw_scheduler if isinstance(raw_scheduler, dict) else ():
@@ -442,18 +399,18 @@ class _Builder:
                     self.error(f"scheduler.{key}", f"only asha uses {key}; remove it or set scheduler.name: asha")
             scheduler = {"name": scheduler["name"]}
 
-        if self.ok("report.references", "report.family"):
+        if view.ok("report.references", "report.family"):
             for line in report_rules(top.report):
                 self.add(line)
             strategies = set(view.options("prune.strategy"))
             for reference in top.report.references:
-                if strategies and reference not in strategies and self.ok("prune.strategy"):
+                if strategies and reference not in strategies and view.ok("prune.strategy"):
                     self.error("report.references", f"{reference!r} is not among the sweep's strategies "
                                f"({', '.join(sorted(map(str, strategies)))}), so nothing would be compared with it; "
                                "add it to the space's strategy, or remove it from the references")
 
         direction = METRICS[top.metric].direction
-        if top.mode is not None and top.mode != direction and self.ok("metric", "mode"):
+        if top.mode is not None and top.mode != direction and view.ok("metric", "mode"):
             better = "higher" if direction == "max" else "lower"
             self.error("mode", f"{top.mode} optimises {top.metric} the wrong way ({better} is better); "
                                f"use mode: {direction}, or leave mode out")
@@ -463,17 +420,17 @@ class _Builder:
         """ASHA's rules; sets scheduler["max_t"], its top rung, below the last epoch a trial trains: a trial stopped
         at its last epoch has trained in full, and stopping it would only lose its test and its saved network."""
         arms = set(view.options("prune.arm"))
-        if {"finetune", "scratch"} <= arms and self.ok("scheduler.name"):
+        if {"finetune", "scratch"} <= arms and view.ok("scheduler.name"):
             self.error("scheduler.name", "asha compares trials at equal epochs, where a scratch trial (new weights) "
                        "trails a fine-tuned one by design: it would stop the scratch arm for that alone; compare the "
                        "arms with scheduler: fifo")
         budgets = view.options("finetune.epochs") if "finetune" in arms else []
         if "scratch" in arms:
             budgets += [s or b for s in view.options("prune.scratch_epochs") for b in view.options("base.epochs")]
-        if not budgets or not self.ok("scheduler.max_t", "scheduler.grace_period"):
+        if not budgets or not view.ok("scheduler.max_t", "scheduler.grace_period"):
             return
         grace, last = scheduler["grace_period"], max(budgets) - 1
-        if len(set(budgets)) > 1 and self.ok("scheduler.name"):
+        if len(set(budgets)) > 1 and view.ok("scheduler.name"):
             self.error("scheduler.name", f"asha decides how many epochs each trial gets, and these trials train "
                        f"{min(budgets)} to {last + 1}: it would stop the shorter ones at their last epoch; give every "
                        "trial the same epochs, or sweep epochs with scheduler: fifo")
@@ -503,13 +460,9 @@ def _plugin_problems(view: View) -> list[str]:
     return problems
 
 
-def _is_domain(value: Any) -> bool:
-    return isinstance(value, dict) and len(value) == 1 and next(iter(value)) in KINDS
-
-
 def _sweeps_sections(value: Any) -> bool:
     """Whether a space value for model/dataset holds whole sections (mappings) rather than names."""
-    if _is_domain(value):
+    if isinstance(value, dict) and len(value) == 1 and next(iter(value)) in KINDS:
         items = next(iter(value.values()))
         return isinstance(items, list) and any(isinstance(item, dict) for item in items)
     return isinstance(value, dict)
