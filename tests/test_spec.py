@@ -422,6 +422,13 @@ def test_malformed_spec_gives_one_line_naming_the_field(request, text, field, de
     assert detail in named[0] and "; " in named[0], named[0]  # what is wrong; how to fix it
 
 
+def test_two_bad_grid_values_are_two_errors_not_a_repeat():
+    with pytest.raises(SpecError) as caught:
+        parse_spec(_spec(space={"ratio": {"grid": [2, 3]}}))
+    assert [e.split(":")[0] for e in caught.value.errors] == ["space.ratio.grid[0]", "space.ratio.grid[1]"]
+    assert not any("listed twice" in e for e in caught.value.errors), caught.value.errors
+
+
 # --- new fields, typed access, the grid count, README --------------------------------------------------------------
 
 def test_new_fields_default_and_parse(registries):

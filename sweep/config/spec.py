@@ -327,7 +327,7 @@ class _Builder:
             seen = set()
             for i, item in enumerate(items):
                 key = None if item is INVALID else json.dumps(item, sort_keys=True, default=str)
-                if key in seen:
+                if key is not None and key in seen:  # two bad values are two errors, not a repeat
                     self.error(f"{at}[{i}]", f"{show(arg[i])} is listed twice; remove the repeat")
                 seen.add(key)
             return Domain(kind, tuple(items))
