@@ -1,5 +1,5 @@
 """What `sweep sensitivity` and `sweep criteria` share: the spec's base network (the sweep's own shared base), the
-held-out batches, the local or remote Ray, and the MLflow parent and child runs.
+held-out batches, one Ray task and one MLflow child run per layer group under a parent run.
 
 The driver loads the data and the base once and hands them to the Ray tasks through the object store, so a task
 neither reads the dataset nor needs the base-model cache folder (which on a cluster would have to be shared).
@@ -7,9 +7,12 @@ neither reads the dataset nor needs the base-model cache folder (which on a clus
 
 from __future__ import annotations
 
+import json
 import os
-import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,7 @@ from torch import nn
 from sweep.config.names import KIND_TAG
 from sweep.config.schema import trial_config
 from sweep.config.spec import SweepSpec
-from sweep.driver.session import cache_dir, resolve_storage
+from sweep.driver.session import cache_dir, resolve_storage, start_ray
 from sweep.store import tracking
 from sweep.store.store import Store
 from sweep.store.tracking import TrialRun
@@ -47,19 +50,13 @@ class Setup:
 
 
 def _materialise(data, batch_size: int, train: bool, seed: int, limit: int | None) -> Batches:
-    out: Batches = []
-    for x, y in batches(data, batch_size, train, "cpu", seed=seed):
-        out.append((x.cpu(), y.cpu()))
-        if limit is not None and len(out) >= limit:
-            break
-    return out
+    return [(x.cpu(), y.cpu()) for x, y in islice(batches(data, batch_size, train, "cpu", seed=seed), limit)]
 
 
 def prepare(spec: SweepSpec, storage: str | None = None, max_batches: int | None = None,
             calibration: bool = True, tracking_uri: str | None = None) -> Setup:
     """Load the spec's dataset, and train (or find) its shared base under ``<storage>/<name>/bases``; on object
     storage the base is claimed in the tracking store, as a sweep's trials claim it."""
-
     config = spec.trial
     cfg = trial_config(config)
     seed_everything(cfg.seed)
@@ -76,66 +73,57 @@ def prepare(spec: SweepSpec, storage: str | None = None, max_batches: int | None
     return Setup(spec.name, config, model.eval(), example_input(splits), val, calib, splits.num_classes, info, cached)
 
 
-def base_metrics(setup: Setup, device: torch.device | str = "cpu") -> dict[str, float]:
+def base_metrics(setup: Setup) -> dict[str, float]:
     """The base's accuracy and loss on exactly the held-out batches the analysis uses."""
-    m = evaluate(setup.model.to(device), setup.val, device, setup.num_classes)
-    setup.model.cpu()
+    m = evaluate(setup.model, setup.val, "cpu", setup.num_classes)
     return {"base_val_accuracy": m["accuracy"], "base_val_loss": m["loss"],
             "val_examples": float(sum(len(y) for _, y in setup.val))}
 
 
-# --- Ray ---------------------------------------------------------------------------------------------------------
+def run_layers(spec: SweepSpec, kind: str, store: Store, experiment: str | None, spec_path: str | Path | None,
+               params: dict[str, Any], metrics: dict[str, float], task: Callable[[dict, int], Any], job: dict,
+               count: int, address: str | None) -> tuple[str, TrialRun, list]:
+    """Open the parent run of an analysis (experiment `<spec name>.<kind>`, beside the spec's pruning sweep) with
+    its params and metrics, run task(job, i) for i < count as Ray tasks (what one trial of the spec asks for), and
+    return (experiment, parent run, their results); the parent ends FAILED if a task fails."""
+    import ray
+
+    name = experiment or f"{spec.name}.{kind}"
+    text = Path(spec_path).read_text(encoding="utf-8") if spec_path is not None and Path(spec_path).exists() \
+        else json.dumps(spec.trial, indent=2, default=str)
+    parent = TrialRun(store, tracking.start_parent_run(store, name, text, tags={KIND_TAG: kind}))
+    parent.log_params(params)
+    parent.log_metrics(metrics)
+    started = start_ray(address)
+    try:
+        shared = ray.put({**job, "uri": store.tracking_uri, "experiment": name, "parent": parent.run_id,
+                          "kind": kind, "resources": spec.resources})
+        remote = ray.remote(task).options(num_cpus=spec.resources.get("cpu", 1),
+                                          num_gpus=spec.resources.get("gpu", 0), max_retries=1)
+        return name, parent, ray.get([remote.remote(shared, i) for i in range(count)])
+    except BaseException:
+        parent.finish("FAILED")
+        raise
+    finally:
+        if started:
+            ray.shutdown()
 
 
-def task_options(config: dict, resources: dict) -> dict[str, Any]:
-    """One task per layer asks what one trial of the spec asks for."""
-    return {"num_cpus": resources.get("cpu", 1), "num_gpus": resources.get("gpu", 0), "max_retries": 1}
-
-
-def in_task(resources: dict) -> None:
-    """Inside a Ray task: as many torch threads as CPUs granted; MLflow's run id must not leak (issue 15713)."""
-    os.environ.pop("MLFLOW_RUN_ID", None)
-    torch.set_num_threads(max(1, int(resources.get("cpu", 1))))
-
-
-# --- MLflow ------------------------------------------------------------------------------------------------------
-
-
-def start_parent(uri: str, experiment: str, spec_text: str, kind: str, params: dict[str, Any]) -> str:
-    run_id = tracking.start_parent_run(uri, experiment, spec_text, tags={KIND_TAG: kind})
-    TrialRun(uri, run_id).log_params(params)
-    return run_id
-
-
-def log_parent_metrics(uri: str, run_id: str, metrics: dict[str, float]) -> None:
-    TrialRun(uri, run_id).log_metrics(metrics)
-
-
-def open_child(uri: str, experiment: str, parent_run_id: str, kind: str, run_name: str,
-               params: dict[str, Any]) -> TrialRun:
-    """A child run of one layer. It has no `config_hash` tag: the pruning report and the incremental grid of
-    `sweep run` never mistake it for a trial."""
-    store = Store(uri)
-    experiment_id = tracking.get_or_create_experiment(store, experiment)
-    tags = {"mlflow.parentRunId": parent_run_id, KIND_TAG: kind, "sweep.name": experiment,
+@contextmanager
+def layer_run(job: dict, run_name: str, params: dict[str, Any]) -> Iterator[TrialRun]:
+    """Inside a Ray task: the layer's child run, ended FINISHED, or FAILED if the block raises. It has no
+    `config_hash` tag, so the pruning report and the incremental grid of `sweep run` never take it for a trial."""
+    os.environ.pop("MLFLOW_RUN_ID", None)  # MLflow's run id must not leak into the task (mlflow issue 15713)
+    torch.set_num_threads(max(1, int(job["resources"].get("cpu", 1))))  # as many threads as CPUs granted
+    store = Store(job["uri"])
+    tags = {"mlflow.parentRunId": job["parent"], KIND_TAG: job["kind"], "sweep.name": job["experiment"],
             "mlflow.runName": run_name, **tracking._base_tags()}
-    run = TrialRun(store, store.create_run(experiment_id, tags, run_name).info.run_id)
+    run = TrialRun(store, store.create_run(tracking.get_or_create_experiment(store, job["experiment"]), tags,
+                                           run_name).info.run_id)
     run.log_params(params)
-    return run
-
-
-def experiment_name(spec: SweepSpec, kind: str, experiment: str | None = None) -> str:
-    """`<spec name>.<kind>`: the analyses of a spec live beside, not inside, its pruning sweep."""
-    return experiment or f"{spec.name}.{kind}"
-
-
-def spec_text(spec: SweepSpec, path: str | Path | None) -> str:
-    if path is not None and Path(path).exists():
-        return Path(path).read_text(encoding="utf-8")
-    import json
-
-    return json.dumps(spec.trial, indent=2, default=str)
-
-
-def now() -> float:
-    return time.perf_counter()
+    try:
+        yield run
+    except BaseException:
+        run.finish("FAILED")
+        raise
+    run.finish("FINISHED")

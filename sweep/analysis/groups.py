@@ -6,13 +6,11 @@ listed in `modules` ("conv1 +9 tied" for a CIFAR ResNet's stream, whose 16 chann
 
     groups = layer_groups(model, example)
     one = prune_group(model, example, groups, groups[3], 0.5, "l1")        # that group alone, 50 % of its filters
-    per = prune_per_layer(model, example, {"layer1.*.conv1": 0.625}, "l1")  # prune.ratios before the pruner has it
+    per = prune_per_layer(model, example, {"layer1.*.conv1": 0.625}, "l1")  # a spec's prune.ratios
 """
 
 from __future__ import annotations
 
-import fnmatch
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -37,23 +35,17 @@ class LayerGroup:
         return self.name if len(self.modules) == 1 else f"{self.name} +{len(self.modules) - 1} tied"
 
 
-def _producers_by_layer(graph: ChannelGraph) -> list[set[str]]:
-    found: list[set[str]] = [set() for _ in graph.layers]
-    for label, (module, _) in graph.producer.items():
-        unit = graph.unit_of_label[label]
-        if unit >= 0:
-            found[graph.unit_layer[unit]].add(module)
-    return found
-
-
 def groups_of(model: nn.Module, graph: ChannelGraph) -> list[LayerGroup]:
     """The layer groups of an analysed model, in the order of their first producer in the model."""
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    widths = graph.layer_width
+    producers: list[set[str]] = [set() for _ in graph.layers]
+    for label, (module, _) in graph.producer.items():
+        if graph.unit_of_label[label] >= 0:
+            producers[graph.unit_layer[graph.unit_of_label[label]]].add(module)
     groups = []
-    for i, modules in enumerate(_producers_by_layer(graph)):
+    for i, modules in enumerate(producers):
         ranked = sorted(modules, key=lambda m: order.get(m, len(order)))
-        groups.append(LayerGroup(i, ranked[0], ranked, widths[i], list(graph.layers[i])))
+        groups.append(LayerGroup(i, ranked[0], ranked, graph.layer_width[i], list(graph.layers[i])))
     return sorted(groups, key=lambda g: order.get(g.name, len(order)))
 
 
@@ -67,52 +59,19 @@ def prune_group(model: nn.Module, example: torch.Tensor, groups: Sequence[LayerG
                 ratio: float, strategy: str = "l1", calibration: Calibration | None = None,
                 ignore: Sequence[str] = (), min_channels: float = 1, round_to: int = 1,
                 seed: int = 0) -> PruneResult:
-    """``prune()`` of ``group`` alone at ``ratio``: every other group is passed to the pruner as ignored.
-
-    The pruner scores the group on the whole network as usual, so this is exactly what a sweep with that ratio and
-    every other layer in ``prune.ignore`` removes.
-    """
+    """``prune()`` of ``group`` alone at ``ratio``, every other group ignored: exactly what a sweep with that ratio
+    and every other layer in ``prune.ignore`` removes (the group is scored on the whole network as usual)."""
     others = [m for g in groups if g.index != group.index for m in g.modules]
     return prune(model, example, strategy=strategy, ratio=ratio, scope="local", calibration=calibration,
                  min_channels=min_channels, round_to=round_to, ignore=[*ignore, *others], seed=seed)
-
-
-def _matches(name: str, pattern: str) -> bool:
-    return name == pattern or fnmatch.fnmatchcase(name, pattern)
-
-
-def _pruner_takes_ratios() -> bool:
-    return "ratios" in inspect.signature(prune).parameters
 
 
 def prune_per_layer(model: nn.Module, example: torch.Tensor, ratios: dict[str, float], strategy: str = "l1",
                     ignore: Sequence[str] = (), calibration: Calibration | None = None, seed: int = 0
                     ) -> tuple[nn.Module, PrunePlan]:
     """Prune each layer group at the ratio of the first pattern of ``ratios`` that matches one of its convs (0: keep
-    it whole); groups that match no pattern, or match ``ignore``, keep every filter. This is a spec's
-    ``prune: {ratio: 0, ratios: {...}}``.
-
-    With a pruner that takes ``ratios=`` (branch `pruner`) this is one ``prune()`` call. Before it, the stand-in
-    makes one call per distinct ratio, each with every other group ignored, and composes the plans; with the
-    magnitude criteria (l1, l2, fpgm, bn_scale) that equals pruning all groups at once, because a group's filters do
-    not change when another group loses filters. (The stand-in matches a tied group by its first conv only.)
-    """
-    if _pruner_takes_ratios():
-        result = prune(model, example, strategy=strategy, ratio=0, ratios=dict(ratios), calibration=calibration,
-                       ignore=list(ignore), seed=seed)
-        return result.model, result.plan
-    wanted: dict[float, list[str]] = {}
-    for g in layer_groups(model, example, ignore):
-        ratio = next((r for p, r in ratios.items() if _matches(g.name, p)), None)
-        if ratio:  # None (no pattern) and 0 keep the group whole
-            wanted.setdefault(float(ratio), []).append(g.name)
-    current, plan = model, PrunePlan()
-    for ratio, names in wanted.items():
-        groups = layer_groups(current, example, ignore)
-        keep = [m for g in groups if g.name not in names for m in g.modules]
-        step = prune(current, example, strategy=strategy, ratio=ratio, calibration=calibration,
-                     ignore=[*ignore, *keep], seed=seed)
-        plan = plan.then(step.plan, model)
-        current = step.model
-    plan.info = {"strategy": strategy, "ratios": dict(ratios), "ignore": list(ignore)}
-    return current, plan
+    it whole); groups that match no pattern, or match ``ignore``, keep every filter: a spec's
+    ``prune: {ratio: 0, ratios: {...}}``."""
+    result = prune(model, example, strategy=strategy, ratio=0, ratios=dict(ratios), calibration=calibration,
+                   ignore=list(ignore), seed=seed)
+    return result.model, result.plan

@@ -1,13 +1,7 @@
 """Criteria agreement: for each pair of strategies, the per-layer Jaccard overlap of the filters they remove, at the
-same seed and settings, beside the overlap two independent random choices of those sizes would have.
-
-    removed = load_removed(client, runs["run_id"])            # each run's removed.json (written by the trial)
-    table = agreement_table(runs, ["model", "ratio"], removed)  # one row per (setting, seed, pair, layer)
-    means = agreement_means(table, ["model", "ratio"])          # one row per (setting, pair)
-
-Two criteria that remove the same filters must tie; two that agree no more than chance remove unrelated ones.
-A layer counts when either strategy removed some of its channels; every conv and Linear counts once, so the
-coupled convs of a residual stream (which lose the same channels) each count.
+same seed and settings, beside the overlap two independent random choices of those sizes would have. Two criteria
+that remove the same filters must tie. A layer counts when either strategy removed some of its channels; every conv
+and Linear counts once, so the coupled convs of a residual stream (which lose the same channels) each count.
 """
 
 from __future__ import annotations
@@ -23,15 +17,14 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 from scipy.stats import hypergeom
 
+from sweep.config.arms import NO_CRITERION
 from sweep.report.common import groups, markdown_table, save, text
-from sweep.store import tracking
+from sweep.store.store import Store
 
 # The artifact sweep.worker.trial writes (its REMOVED_FILE): {layer: {"width": n, "removed": [channel, ...]}}.
 REMOVED_FILE = "removed.json"
-NO_CRITERION = "none"  # the control and scratch arms' strategy: no criterion chose their filters
 Removed = dict[str, dict]
 COLUMNS = ["seed", "strategy_a", "strategy_b", "layer", "width", "removed_a", "removed_b", "jaccard", "chance"]
 
@@ -139,30 +132,30 @@ def plot_agreement(means: pd.DataFrame, keys: Sequence[str], path: str | Path) -
     return save(fig, path)
 
 
-def load_removed(client: MlflowClient, run_ids: Iterable[str]) -> dict[str, Removed]:
-    """Each run's removed.json; runs without one (older releases, the control arm) are left out."""
+def load_removed(store: Store, run_ids: Iterable[str]) -> dict[str, Removed]:
+    """Each run's removed.json; runs without one (older releases, the control arm) or with an unreadable one are
+    left out."""
     out = {}
     with tempfile.TemporaryDirectory(prefix="sweep-agreement-") as tmp:
         for run_id in run_ids:
-            files = {a.path for a in tracking.with_retry(client.list_artifacts, run_id)}
-            if REMOVED_FILE not in files:
+            if REMOVED_FILE not in {a.path for a in store.list_artifacts(run_id)}:
                 continue
             try:
-                local = tracking.with_retry(client.download_artifacts, run_id, REMOVED_FILE, f"{tmp}/{run_id}")
+                local = store.download_artifacts(run_id, REMOVED_FILE, f"{tmp}/{run_id}")
                 out[run_id] = json.loads(Path(local).read_text(encoding="utf-8"))
-            except (MlflowException, OSError, ValueError):  # an unreadable record: the run is left out, as above
+            except (MlflowException, OSError, ValueError):
                 continue
     return out
 
 
-def write_agreement(runs: pd.DataFrame, keys: Sequence[str], uri: str, out: Path
+def write_agreement(runs: pd.DataFrame, keys: Sequence[str], store: Store, out: Path
                     ) -> tuple[dict[str, Path], list[str]] | None:
     """agreement.csv and agreement.png under `out`, and the summary.md section; None when no two strategies share
     a setting and seed (nothing to compare)."""
     runs = runs[runs["strategy"].astype(str).ne(NO_CRITERION)]
     if runs["strategy"].nunique() < 2:
         return None
-    removed = load_removed(MlflowClient(uri), runs["run_id"])
+    removed = load_removed(store, runs["run_id"])
     table = agreement_table(runs, keys, removed)
     if table.empty:
         return None

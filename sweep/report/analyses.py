@@ -1,8 +1,7 @@
 """Tables and plots of `sweep sensitivity` and `sweep criteria`, from the MLflow store alone.
 
-`sweep report NAME` comes here when the experiment's newest parent run carries the tag `sweep.kind`
-(sensitivity or criteria); the commands themselves end by calling the same functions, so what they print and what a
-later report shows are the same numbers.
+`sweep report NAME` comes here when the experiment's newest parent run carries the tag `sweep.kind`; the commands
+themselves end by calling the same functions, so what they print and what a later report shows are the same numbers.
 """
 
 from __future__ import annotations
@@ -13,63 +12,70 @@ import numpy as np
 import pandas as pd
 from matplotlib import colormaps
 from matplotlib.figure import Figure
-from mlflow.tracking import MlflowClient
 
 from sweep.config.names import ANALYSIS_KINDS, KIND_TAG
 from sweep.errors import InputError
 from sweep.report.common import markdown_table, save
 from sweep.store import tracking
+from sweep.store.store import Store
 
 SENSITIVITY_METRICS = {"val_accuracy": "accuracy", "val_loss": "loss", "ratio": "ratio", "removed": "removed",
                        "accuracy_drop": "accuracy_drop", "flops_reduction": "flops_reduction"}
 
 
-def _children(client: MlflowClient, parent_run_id: str):
-    parent = tracking.with_retry(client.get_run, parent_run_id)
-    runs = tracking.all_runs(client, parent.info.experiment_id,
-                             f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'FINISHED'")
-    return parent, runs
+def _children(store: Store, parent_run_id: str):
+    parent = store.get_run(parent_run_id)
+    return parent, store.runs(parent.info.experiment_id, f"tags.`mlflow.parentRunId` = '{parent_run_id}' and "
+                                                         "attributes.status = 'FINISHED'")
 
 
-def _log(uri: str, parent_run_id: str, paths: dict[str, Path]) -> None:
-    client = MlflowClient(uri)
-    for path in paths.values():
-        tracking.with_retry(client.log_artifact, parent_run_id, str(path))
+def _folder(kind: str, experiment: str, table: pd.DataFrame, out_dir: str | Path, parent_run_id: str) -> Path:
+    if table.empty:
+        raise InputError(f"{kind} run {parent_run_id} of {experiment!r} has no finished layers")
+    out = Path(out_dir) / tracking.safe_name(experiment)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_analysis_report(experiment: str, store: Store, out_dir: str | Path = "reports") -> dict[str, Path] | None:
+    """The report of the experiment's newest parent run when it is an analysis (its tag sweep.kind), else None."""
+    experiment_id = store.experiment_id(experiment)
+    parents = [] if experiment_id is None else \
+        store.runs(experiment_id, f"tags.`sweep.role` = '{tracking.PARENT_ROLE}'")
+    kind = parents[0].data.tags.get(KIND_TAG) if parents else None
+    if kind not in ANALYSIS_KINDS:
+        return None
+    write = write_sensitivity_report if kind == "sensitivity" else write_criteria_report
+    return write(experiment, store, out_dir, parents[0].info.run_id)[0]
+
+
+def _labels(table: pd.DataFrame) -> dict[str, str]:
+    """Layer group -> its name, with the number of convs tied to it (a residual stream)."""
+    return {r.layer: r.layer + (f" +{str(r.modules).count(',')} tied" if "," in str(r.modules) else "")
+            for r in table.drop_duplicates("layer").itertuples()}
 
 
 # --- sensitivity -------------------------------------------------------------------------------------------------
 
-
-def load_sensitivity(uri: str, parent_run_id: str) -> tuple[pd.DataFrame, dict]:
+def load_sensitivity(store: Store, parent_run_id: str) -> tuple[pd.DataFrame, dict]:
     """One row per (layer, ratio) as the child runs recorded them, layers in model order; and the parent's
     params and metrics (base_val_accuracy, strategy, tolerance, ...)."""
-    client = MlflowClient(uri)
-    parent, runs = _children(client, parent_run_id)
+    parent, runs = _children(store, parent_run_id)
     rows = []
     for run in runs:
         p = run.data.params
         history = {}
         for metric, column in SENSITIVITY_METRICS.items():
-            for m in tracking.with_retry(client.get_metric_history, run.info.run_id, metric):
+            for m in store.get_metric_history(run.info.run_id, metric):
                 history.setdefault(m.step, {})[column] = m.value
-        for step, values in history.items():
-            rows.append({"layer": p["layer"], "modules": p["modules"], "width": int(p["width"]), "step": step,
-                         **values, "run_id": run.info.run_id})
-    columns = ["layer", "modules", "width", "step", *SENSITIVITY_METRICS.values(), "run_id"]
-    table = pd.DataFrame(rows, columns=columns)
+        rows += [{"layer": p["layer"], "modules": p["modules"], "width": int(p["width"]), "step": step, **values,
+                  "run_id": run.info.run_id} for step, values in history.items()]
+    table = pd.DataFrame(rows, columns=["layer", "modules", "width", "step", *SENSITIVITY_METRICS.values(), "run_id"])
     table["removed"] = table["removed"].astype("Int64")
-    table["_order"] = table["layer"].map(_model_order(runs))
-    table = table.sort_values(["_order", "ratio"]).drop(columns="_order").reset_index(drop=True)
-    info = {**parent.data.params, **parent.data.metrics}
-    return table, info
-
-
-def _model_order(runs) -> dict[str, int]:
-    """Layers in the order the tasks were submitted (model order), read from the child runs' layer_index."""
-    order = {}
-    for run in runs:
-        order[run.data.params["layer"]] = int(run.data.params.get("layer_index", len(order)))
-    return order
+    # layers in the order the tasks were submitted (model order): the child runs' layer_index
+    order = {r.data.params["layer"]: int(r.data.params.get("layer_index", i)) for i, r in enumerate(runs)}
+    table = table.assign(_order=table["layer"].map(order)).sort_values(["_order", "ratio"])
+    return table.drop(columns="_order").reset_index(drop=True), {**parent.data.params, **parent.data.metrics}
 
 
 def _panels(layers: list[str]) -> list[tuple[str, list[str]]]:
@@ -86,9 +92,8 @@ def _panels(layers: list[str]) -> list[tuple[str, list[str]]]:
 
 def plot_sensitivity(table: pd.DataFrame, info: dict, path: str | Path) -> Path:
     """Accuracy vs fraction of filters pruned, one line per layer group (Li et al. 2017, Fig. 2)."""
-    layers = list(dict.fromkeys(table["layer"]))
     labels = _labels(table)
-    panels = _panels(layers)
+    panels = _panels(list(dict.fromkeys(table["layer"])))
     fig = Figure(figsize=(5.2 * len(panels), 4.6), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
     base = float(info.get("base_val_accuracy", np.nan))
@@ -103,15 +108,8 @@ def plot_sensitivity(table: pd.DataFrame, info: dict, path: str | Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize="x-small", ncol=2 if len(members) > 10 else 1)
     axes[0].set_ylabel("Validation accuracy (%), no fine-tune")
-    model = info.get("model", "")
-    fig.suptitle(f"{model}: each layer group pruned alone ({info.get('strategy', '')})")
+    fig.suptitle(f"{info.get('model', '')}: each layer group pruned alone ({info.get('strategy', '')})")
     return save(fig, path)
-
-
-def _labels(table: pd.DataFrame) -> dict[str, str]:
-    """Layer group -> its name, with the number of convs tied to it (a residual stream)."""
-    return {r.layer: r.layer + (f" +{str(r.modules).count(',')} tied" if "," in str(r.modules) else "")
-            for r in table.drop_duplicates("layer").itertuples()}
 
 
 def _colours(n: int) -> list:
@@ -128,151 +126,33 @@ def sensitivity_markdown(name: str, table: pd.DataFrame, info: dict, suggestion:
     for ratio in grid.columns:
         shown[f"{100 * ratio:g}%"] = grid[ratio].map(lambda v: "–" if pd.isna(v) else f"{100 * v:.1f}").to_numpy()
     base = float(info.get("base_val_accuracy", np.nan))
-    parts = [
+    return "\n".join([
         f"# Sensitivity `{name}`", "",
         (f"{info.get('model', '')} on {info.get('dataset', '')}, strategy {info.get('strategy', '')}: each layer group "
-        f"pruned alone, no fine-tune; validation accuracy (%) on {int(float(info.get('val_examples', 0)))} held-out "
-        f"examples. Unpruned base: {100 * base:.2f} %."), "",
+         f"pruned alone, no fine-tune; validation accuracy (%) on {int(float(info.get('val_examples', 0)))} held-out "
+         f"examples. Unpruned base: {100 * base:.2f} %."), "",
         markdown_table(shown), "",
         f"## Suggested block (tolerated drop {100 * float(info.get('tolerance', 0)):g} point(s))", "",
         "```yaml", suggestion.rstrip(), "```", "",
-    ]
-    return "\n".join(parts)
-
-
-def write_sensitivity_report(experiment: str, uri: str, out_dir: str | Path, parent_run_id: str
-                             ) -> tuple[dict[str, Path], pd.DataFrame]:
-    """sensitivity.csv, suggested.yaml, summary.md and sensitivity.png, also logged to the parent run."""
-    table, info = load_sensitivity(uri, parent_run_id)
-    if table.empty:
-        raise InputError(f"sensitivity run {parent_run_id} of {experiment!r} has no finished layers")
-    info["tolerance"] = tolerance = float(info.get("tolerance", 0.01))
-    out = Path(out_dir) / tracking.safe_name(experiment)
-    out.mkdir(parents=True, exist_ok=True)
-    base = float(info["base_val_accuracy"])
-    suggestion = suggestion_yaml(table, base, tolerance, f"{experiment}, strategy {info.get('strategy')}")
-    table.to_csv(out / "sensitivity.csv", index=False)
-    (out / "suggested.yaml").write_text(suggestion, encoding="utf-8")
-    (out / "summary.md").write_text(sensitivity_markdown(experiment, table, info, suggestion), encoding="utf-8")
-    paths = {"sensitivity": plot_sensitivity(table, info, out / "sensitivity.png"),
-             "table": out / "sensitivity.csv", "suggested": out / "suggested.yaml", "summary": out / "summary.md"}
-    _log(uri, parent_run_id, paths)
-    return paths, table
-
-
-# --- both --------------------------------------------------------------------------------------------------------
-
-
-def write_analysis_report(experiment: str, uri: str, out_dir: str | Path = "reports") -> dict[str, Path] | None:
-    """The report of the experiment's newest parent run when it is an analysis (its tag sweep.kind), else None."""
-    client = MlflowClient(uri)
-    experiment_id = tracking.find_experiment_id(client, experiment)
-    parents = [] if experiment_id is None else \
-        tracking.all_runs(client, experiment_id, f"tags.`sweep.role` = '{tracking.PARENT_ROLE}'")
-    kind = parents[0].data.tags.get(KIND_TAG) if parents else None
-    if kind not in ANALYSIS_KINDS:
-        return None
-    write = write_sensitivity_report if kind == "sensitivity" else write_criteria_report
-    return write(experiment, uri, out_dir, parents[0].info.run_id)[0]
-
-
-# --- criteria ----------------------------------------------------------------------------------------------------
-
-
-def load_criteria(uri: str, parent_run_id: str) -> tuple[pd.DataFrame, dict]:
-    """One row per layer group (model order): units, spearman_<strategy> and spearman_signed_<strategy>."""
-    client = MlflowClient(uri)
-    parent, runs = _children(client, parent_run_id)
-    strategies = parent.data.params.get("strategies", "").split(",")
-    rows = []
-    for run in runs:
-        p, m = run.data.params, run.data.metrics
-        row = {"layer": p["layer"], "modules": p.get("modules", p["layer"]), "units": int(p["units"]),
-               "_order": int(p.get("layer_index", 0))}
-        for name in [f"spearman_{s}" for s in strategies] + [f"spearman_signed_{s}" for s in strategies]:
-            row[name] = m.get(name, np.nan)
-        row.update(oracle_mean_abs=m.get("oracle_mean_abs", np.nan), run_id=run.info.run_id)
-        rows.append(row)
-    table = pd.DataFrame(rows).sort_values("_order").drop(columns="_order").reset_index(drop=True)
-    info = {**parent.data.params, **parent.data.metrics, "strategy_list": strategies}
-    return table, info
-
-
-def with_mean(table: pd.DataFrame) -> pd.DataFrame:
-    """The table plus a last row 'mean' (over the layers whose correlation is defined)."""
-    numeric = table.select_dtypes("number")
-    mean = numeric.mean(skipna=True).to_dict()
-    mean.update(layer="mean", modules="", units=int(table["units"].sum()), run_id="")
-    return pd.concat([table, pd.DataFrame([mean])], ignore_index=True)
-
-
-def plot_criteria(table: pd.DataFrame, info: dict, path: str | Path) -> Path:
-    """Spearman rho of each strategy against the oracle: per layer (heatmap) and the mean over layers (bars)."""
-    strategies = info["strategy_list"]
-    values = table[[f"spearman_{s}" for s in strategies]].to_numpy(float)
-    height = max(3.5, 0.32 * len(table) + 1.6)
-    fig = Figure(figsize=(4.0 + 0.9 * len(strategies) + 4.2, height), layout="constrained")
-    heat, bars = fig.subplots(1, 2, width_ratios=[0.9 * len(strategies) + 2.5, 4.2])
-    image = heat.imshow(values, cmap="RdBu", vmin=-1, vmax=1, aspect="auto")
-    heat.set_xticks(range(len(strategies)), strategies, rotation=30, ha="right")
-    labels = _labels(table)
-    heat.set_yticks(range(len(table)), [f"{labels[layer]} ({n})" for layer, n in zip(table["layer"], table["units"])],
-                    fontsize="small")
-    if len(table) * len(strategies) <= 400:
-        for (i, j), v in np.ndenumerate(values):
-            heat.text(j, i, "–" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize="x-small",
-                      color="white" if abs(v) > 0.6 else "black")
-    heat.set_title("per layer group (units)")
-    fig.colorbar(image, ax=heat, shrink=0.8, label="Spearman ρ vs oracle |Δloss|")
-    means = np.nanmean(values, axis=0) if len(table) else np.full(len(strategies), np.nan)
-    order = np.argsort(-np.nan_to_num(means, nan=-2))
-    colours = ["tab:blue" if m >= 0 else "tab:red" for m in means[order]]
-    drawn = bars.barh([strategies[i] for i in order][::-1], means[order][::-1], color=colours[::-1])
-    bars.bar_label(drawn, fmt="%.2f", fontsize="small", padding=2)
-    low = np.nanmin(means) if np.isfinite(means).any() else 0.0
-    bars.set(xlim=(min(-0.15, low - 0.3), 1.15), title="mean over layers",
-             xlabel="Spearman ρ")
-    bars.axvline(0, color="black", linewidth=0.8)
-    bars.grid(axis="x", alpha=0.3)
-    fig.suptitle(f"{info.get('model', '')} on {info.get('dataset', '')}: criteria vs the oracle "
-                 f"(Molchanov et al. 2017, Table 1)")
-    return save(fig, path)
-
-
-def criteria_markdown(name: str, table: pd.DataFrame, info: dict) -> str:
-    strategies = info["strategy_list"]
-    full = with_mean(table)
-    labels = {**_labels(table), "mean": "mean"}
-    shown = pd.DataFrame({"layer": full["layer"].map(labels), "units": full["units"].astype(int)})
-    for s in strategies:
-        shown[s] = full[f"spearman_{s}"].map(lambda v: "–" if pd.isna(v) else f"{v:.2f}")
-    examples = int(float(info.get("val_examples", 0)))
-    return "\n".join([
-        f"# Criteria vs oracle `{name}`", "",
-        (f"{info.get('model', '')} on {info.get('dataset', '')}: Spearman's rank correlation between each strategy's "
-        f"per-filter scores and the oracle |Δ loss| (the held-out loss change when that filter alone is removed, "
-        f"on {examples} validation examples), per layer group; the last row is the mean over layers."), "",
-        markdown_table(shown), "",
     ])
 
 
-def write_criteria_report(experiment: str, uri: str, out_dir: str | Path, parent_run_id: str
-                          ) -> tuple[dict[str, Path], pd.DataFrame]:
-    """criteria.csv, summary.md and criteria.png, also logged to the parent run."""
-    table, info = load_criteria(uri, parent_run_id)
-    if table.empty:
-        raise InputError(f"criteria run {parent_run_id} of {experiment!r} has no finished layers")
-    out = Path(out_dir) / tracking.safe_name(experiment)
-    out.mkdir(parents=True, exist_ok=True)
-    with_mean(table).to_csv(out / "criteria.csv", index=False)
-    (out / "summary.md").write_text(criteria_markdown(experiment, table, info), encoding="utf-8")
-    paths = {"criteria": plot_criteria(table, info, out / "criteria.png"), "table": out / "criteria.csv",
-             "summary": out / "summary.md"}
-    _log(uri, parent_run_id, paths)
+def write_sensitivity_report(experiment: str, store: Store, out_dir: str | Path, parent_run_id: str
+                             ) -> tuple[dict[str, Path], pd.DataFrame]:
+    """sensitivity.csv, suggested.yaml, summary.md and sensitivity.png, also logged to the parent run."""
+    table, info = load_sensitivity(store, parent_run_id)
+    out = _folder("sensitivity", experiment, table, out_dir, parent_run_id)
+    info["tolerance"] = tolerance = float(info.get("tolerance", 0.01))
+    suggestion = suggestion_yaml(table, float(info["base_val_accuracy"]), tolerance,
+                                 f"{experiment}, strategy {info.get('strategy')}")
+    table.to_csv(out / "sensitivity.csv", index=False)
+    (out / "suggested.yaml").write_text(suggestion, encoding="utf-8")
+    (out / "summary.md").write_text(sensitivity_markdown(experiment, table, info, suggestion), encoding="utf-8")
+    paths = {"sensitivity": plot_sensitivity(table, info, out / "sensitivity.png"), "table": out / "sensitivity.csv",
+             "suggested": out / "suggested.yaml", "summary": out / "summary.md"}
+    for path in paths.values():
+        store.log_artifact(parent_run_id, path)
     return paths, table
-
-
-# --- what to do with it ------------------------------------------------------------------------------------------
 
 
 def suggest(table: pd.DataFrame, base_accuracy: float, tolerance: float) -> tuple[dict[str, float], list[str]]:
@@ -295,6 +175,7 @@ def suggestion_yaml(table: pd.DataFrame, base_accuracy: float, tolerance: float,
     """The `prune:` block a later search space can take over: per-layer `ratios` and `ignore`."""
     ratios, ignore = suggest(table, base_accuracy, tolerance)
     tied = {r.layer: r.modules for r in table.drop_duplicates("layer").itertuples() if "," in str(r.modules)}
+    key = lambda name: name if all(c.isalnum() or c in "._-" for c in name) else f'"{name}"'
     lines = [
         f"# Suggested by `sweep sensitivity` ({source}):",
         "# for each layer group, the largest tested ratio up to which its validation accuracy, pruned alone",
@@ -305,13 +186,91 @@ def suggestion_yaml(table: pd.DataFrame, base_accuracy: float, tolerance: float,
         "prune:",
         *(["  ratio: 0"] if ratios else []),
         "  ratios:" + ("" if ratios else " {}"),
+        *(f"    {key(layer)}: {ratio:g}" + (f"  # with {len(tied[layer].split(',')) - 1} tied convs"
+                                            if layer in tied else "") for layer, ratio in ratios.items()),
+        "  ignore: [" + ", ".join(map(key, ignore)) + "]",
     ]
-    for layer, ratio in ratios.items():
-        note = f"  # with {len(tied[layer].split(',')) - 1} tied convs" if layer in tied else ""
-        lines.append(f"    {_yaml_key(layer)}: {ratio:g}{note}")
-    lines.append("  ignore: [" + ", ".join(_yaml_key(layer) for layer in ignore) + "]")
     return "\n".join(lines) + "\n"
 
 
-def _yaml_key(name: str) -> str:
-    return name if all(c.isalnum() or c in "._-" for c in name) else f'"{name}"'
+# --- criteria ----------------------------------------------------------------------------------------------------
+
+def load_criteria(store: Store, parent_run_id: str) -> tuple[pd.DataFrame, dict]:
+    """One row per layer group (model order): units, spearman_<strategy> and spearman_signed_<strategy>."""
+    parent, runs = _children(store, parent_run_id)
+    strategies = parent.data.params.get("strategies", "").split(",")
+    names = [f"spearman_{s}" for s in strategies] + [f"spearman_signed_{s}" for s in strategies]
+    rows = [{"layer": r.data.params["layer"], "modules": r.data.params.get("modules", r.data.params["layer"]),
+             "units": int(r.data.params["units"]), "_order": int(r.data.params.get("layer_index", 0)),
+             **{name: r.data.metrics.get(name, np.nan) for name in names},
+             "oracle_mean_abs": r.data.metrics.get("oracle_mean_abs", np.nan), "run_id": r.info.run_id} for r in runs]
+    table = pd.DataFrame(rows).sort_values("_order").drop(columns="_order").reset_index(drop=True)
+    return table, {**parent.data.params, **parent.data.metrics, "strategy_list": strategies}
+
+
+def with_mean(table: pd.DataFrame) -> pd.DataFrame:
+    """The table plus a last row 'mean' (over the layers whose correlation is defined)."""
+    mean = table.select_dtypes("number").mean(skipna=True).to_dict()
+    mean.update(layer="mean", modules="", units=int(table["units"].sum()), run_id="")
+    return pd.concat([table, pd.DataFrame([mean])], ignore_index=True)
+
+
+def plot_criteria(table: pd.DataFrame, info: dict, path: str | Path) -> Path:
+    """Spearman rho of each strategy against the oracle: per layer (heatmap) and the mean over layers (bars)."""
+    strategies = info["strategy_list"]
+    values = table[[f"spearman_{s}" for s in strategies]].to_numpy(float)
+    fig = Figure(figsize=(4.0 + 0.9 * len(strategies) + 4.2, max(3.5, 0.32 * len(table) + 1.6)), layout="constrained")
+    heat, bars = fig.subplots(1, 2, width_ratios=[0.9 * len(strategies) + 2.5, 4.2])
+    image = heat.imshow(values, cmap="RdBu", vmin=-1, vmax=1, aspect="auto")
+    heat.set_xticks(range(len(strategies)), strategies, rotation=30, ha="right")
+    labels = _labels(table)
+    heat.set_yticks(range(len(table)), [f"{labels[layer]} ({n})" for layer, n in zip(table["layer"], table["units"])],
+                    fontsize="small")
+    if len(table) * len(strategies) <= 400:
+        for (i, j), v in np.ndenumerate(values):
+            heat.text(j, i, "–" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize="x-small",
+                      color="white" if abs(v) > 0.6 else "black")
+    heat.set_title("per layer group (units)")
+    fig.colorbar(image, ax=heat, shrink=0.8, label="Spearman ρ vs oracle |Δloss|")
+    means = np.nanmean(values, axis=0) if len(table) else np.full(len(strategies), np.nan)
+    order = np.argsort(-np.nan_to_num(means, nan=-2))
+    colours = ["tab:blue" if m >= 0 else "tab:red" for m in means[order]]
+    drawn = bars.barh([strategies[i] for i in order][::-1], means[order][::-1], color=colours[::-1])
+    bars.bar_label(drawn, fmt="%.2f", fontsize="small", padding=2)
+    low = np.nanmin(means) if np.isfinite(means).any() else 0.0
+    bars.set(xlim=(min(-0.15, low - 0.3), 1.15), title="mean over layers", xlabel="Spearman ρ")
+    bars.axvline(0, color="black", linewidth=0.8)
+    bars.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"{info.get('model', '')} on {info.get('dataset', '')}: criteria vs the oracle "
+                 f"(Molchanov et al. 2017, Table 1)")
+    return save(fig, path)
+
+
+def criteria_markdown(name: str, table: pd.DataFrame, info: dict) -> str:
+    full = with_mean(table)
+    labels = {**_labels(table), "mean": "mean"}
+    shown = pd.DataFrame({"layer": full["layer"].map(labels), "units": full["units"].astype(int)})
+    for s in info["strategy_list"]:
+        shown[s] = full[f"spearman_{s}"].map(lambda v: "–" if pd.isna(v) else f"{v:.2f}")
+    return "\n".join([
+        f"# Criteria vs oracle `{name}`", "",
+        (f"{info.get('model', '')} on {info.get('dataset', '')}: Spearman's rank correlation between each strategy's "
+         f"per-filter scores and the oracle |Δ loss| (the held-out loss change when that filter alone is removed, "
+         f"on {int(float(info.get('val_examples', 0)))} validation examples), per layer group; the last row is the "
+         "mean over layers."), "",
+        markdown_table(shown), "",
+    ])
+
+
+def write_criteria_report(experiment: str, store: Store, out_dir: str | Path, parent_run_id: str
+                          ) -> tuple[dict[str, Path], pd.DataFrame]:
+    """criteria.csv, summary.md and criteria.png, also logged to the parent run."""
+    table, info = load_criteria(store, parent_run_id)
+    out = _folder("criteria", experiment, table, out_dir, parent_run_id)
+    with_mean(table).to_csv(out / "criteria.csv", index=False)
+    (out / "summary.md").write_text(criteria_markdown(experiment, table, info), encoding="utf-8")
+    paths = {"criteria": plot_criteria(table, info, out / "criteria.png"), "table": out / "criteria.csv",
+             "summary": out / "summary.md"}
+    for path in paths.values():
+        store.log_artifact(parent_run_id, path)
+    return paths, table

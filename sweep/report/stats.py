@@ -1,14 +1,6 @@
 """Paired comparisons over seeds, for verdicts one could defend in review: every number comes from scipy.stats or
-statsmodels, never a hand-written formula.
-
-    test = paired(a, b, margin=0.01)                 # one comparison: a - b per seed, t-test, sign-flip, TOST
-    adjusted = adjust([0.01, 0.04, 0.2], "holm")      # over the whole declared family
-    detectable(sd=0.016, n=3, level=0.05 / 12)       # the smallest difference found 80 % of the time
-    seeds_needed(sd=0.016, delta=0.01, level=0.05 / 12)
-
-Units are the data's: accuracies and margins as fractions (the report converts to points). "Level" is the
-per-comparison significance level a lone difference must reach under the family's correction: alpha / m for Holm
-and Benjamini-Hochberg (their first step), alpha without correction.
+statsmodels, never a hand-written formula. Units are the data's (accuracies and margins as fractions). "Level" is
+the per-comparison level a lone difference must reach under the family's correction (see `level`).
 """
 
 from __future__ import annotations
@@ -76,8 +68,8 @@ def paired(a: np.ndarray, b: np.ndarray, margin: float) -> Paired:
 
 
 def sign_flip_p(diff: np.ndarray) -> float:
-    """Two-sided p of the mean paired difference under random sign flips (scipy.stats.permutation_test): exact, all
-    2^n flips, up to _EXACT_UP_TO pairs. Its smallest value is 2 / 2^n: 0.25 at n = 3, 0.0625 at n = 5."""
+    """Two-sided p of the mean paired difference under random sign flips (scipy.stats.permutation_test): exact up to
+    _EXACT_UP_TO pairs. Its smallest value is 2 / 2^n: 0.25 at n = 3, 0.0625 at n = 5."""
     diff = np.asarray(diff, float)
     resamples = np.inf if len(diff) <= _EXACT_UP_TO else 2**_EXACT_UP_TO
     result = stats.permutation_test((diff,), np.mean, permutation_type="samples", n_resamples=resamples,
@@ -121,10 +113,9 @@ def level(alpha: float, correction: str, family_size: int) -> float:
 
 
 def detectable(sd: float, n: int, level: float, sign_flip: bool = True) -> float:
-    """The smallest true difference (same unit as sd) that the paired comparison finds with POWER at this
-    level: the t-test's (statsmodels TTestPower), or infinite when the sign-flip test, which a verdict also needs
-    (sign_flip=False: the t-test alone), cannot reach the level with n pairs at all. NaN without an SD (n < 2,
-    constant differences)."""
+    """The smallest true difference (unit of sd) the t-test finds with POWER at this level; infinite when the
+    sign-flip test, which a verdict also needs (sign_flip=False: the t-test alone), cannot reach the level with n
+    pairs. NaN without an SD (n < 2, constant differences)."""
     if n < 2 or not sd > 0:
         return math.nan
     if sign_flip and smallest_sign_flip_p(n) >= level:
@@ -141,9 +132,8 @@ def seeds_for_sign_flip(level: float) -> int:
 
 
 def seeds_needed(sd: float, delta: float, level: float) -> int | None:
-    """Seeds (pairs) a comparison needs to find a true difference of delta with POWER at this level, from
-    the SD of its paired differences (statsmodels TTestPower.solve_power), and at least as many as the sign-flip
-    test needs to be able to agree. None without an SD to plan from."""
+    """Seeds (pairs) a comparison needs to find a true difference of delta with POWER at this level, from the SD of
+    its paired differences, and at least as many as the sign-flip test needs. None without an SD to plan from."""
     if not sd > 0 or not delta > 0:
         return None
     nobs = float(TTestPower().solve_power(effect_size=delta / sd, alpha=level, power=POWER, alternative="two-sided"))

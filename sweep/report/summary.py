@@ -5,11 +5,9 @@
     pairs = paired_table(runs, "random")        # each strategy against a reference over matching seeds
     write_report("quickstart")                  # summary.md, CSVs and plots, also logged to the parent run
 
-Honest by construction: runs are grouped by *every* setting that differs between them (read from the logged
-params), except the seed; a difference is called a win only when its 95 % confidence interval excludes zero;
-accuracies are test accuracies (logged once per run, never used for selection); x axes are the reductions actually
-achieved, not the nominal ratio. Units: accuracies and reductions are fractions in the data, percent in text and
-plots; FLOPs count 2 per multiply-add (`macs` holds the multiply-adds).
+Runs are grouped by every setting that differs between them but the seed; accuracies are test accuracies (never
+used for selection); x axes are the reductions achieved, not the nominal ratio. Accuracies and reductions are
+fractions in the data, percent in text and plots; FLOPs count 2 per multiply-add (`macs`: the multiply-adds).
 """
 
 from __future__ import annotations
@@ -26,9 +24,9 @@ import yaml
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 from scipy.stats import t as student_t
 
+from sweep.config.arms import CONTROL
 from sweep.config.names import LEGACY_METRICS, METRICS
 from sweep.config.schema import ReportConfig, report_rules
 from sweep.errors import InputError
@@ -37,6 +35,7 @@ from sweep.report.agreement import write_agreement
 from sweep.report.analyses import write_analysis_report
 from sweep.report.common import groups, markdown_table, save, text
 from sweep.store import tracking
+from sweep.store.store import Store, StoreLike
 
 log = logging.getLogger(__name__)
 
@@ -65,20 +64,16 @@ def _style(strategy: str, order: list[str]) -> tuple[str, str]:
     return _EXTRA_STYLES[unknown.index(strategy) % len(_EXTRA_STYLES)]
 
 
-# --- loading ----------------------------------------------------------------------------------------------------
-
 def load_runs(experiment: str, tracking_uri: str | None = None, parent_run_id: str | None = None,
               status: str | None = "FINISHED") -> pd.DataFrame:
     """One row per trial run (child runs only; a config rerun with --force: its newest run); status=None: all.
-
-    Columns: run_id, status, config_hash, every logged param (numeric ones as numbers), every metric of
-    sweep.config.names.METRICS (runs of older releases are read through LEGACY_METRICS).
-    """
+    Columns: run_id, status, config_hash, every param (numeric ones as numbers), every metric of METRICS (runs of
+    older releases are read through LEGACY_METRICS)."""
     if status is not None and status not in STATUSES:
         raise ValueError(f"status {status!r} is invalid: use one of {', '.join(STATUSES)} or None for all")
     uri = tracking.resolve_tracking_uri(tracking_uri)
-    client = MlflowClient(uri)
-    if tracking.find_experiment_id(client, experiment) is None:
+    store = Store(uri)
+    if store.experiment_id(experiment) is None:
         raise ReportError(f"MLflow experiment {experiment!r} not found at {uri}: check the sweep name or "
                           "--tracking-uri")
     filters = [f"attributes.status = '{status}'"] if status else []
@@ -86,7 +81,7 @@ def load_runs(experiment: str, tracking_uri: str | None = None, parent_run_id: s
         filters.append(f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
     rows = []
     # a run a forced rerun of its config replaced (tag sweep.superseded_by) is kept in the store, never reported
-    for run in tracking.current(tracking.child_runs(client, experiment, " and ".join(filters))):
+    for run in tracking.current(tracking.child_runs(store, experiment, " and ".join(filters))):
         if not {"model", "strategy"} <= run.data.params.keys():  # no group to put it in: say so, do not guess
             log.warning("run %s left out of the report: it has no model or strategy param (a worker of an older "
                         "release killed before it logged them)", run.info.run_id)
@@ -127,22 +122,18 @@ def read_runs_csv(path: str | Path) -> pd.DataFrame:
 
 def settings(df: pd.DataFrame) -> list[str]:
     """The params that differ between runs (the seed and where-things-live excepted): what tells groups apart."""
-    params = [c for c in df.columns if c not in METRICS and c not in ("run_id", "status", "config_hash")]
-    varying = [c for c in params if c not in NOT_SETTINGS and df[c].astype(str).nunique(dropna=False) > 1]
+    varying = _varying(df, [c for c in df.columns if c not in (*METRICS, *NOT_SETTINGS, "run_id", "status",
+                                                                 "config_hash")])
     first = [c for c in ("model", "strategy") if c in df.columns]
     return first + [c for c in varying if c not in first]
 
-
-# --- statistics -------------------------------------------------------------------------------------------------
 
 def interval(values: pd.Series) -> tuple[float, float, float, int]:
     """(mean, std, half-width of the 95 % t interval, n) of the values present; the interval needs n >= 2."""
     v = values.dropna().to_numpy(float)
     n = len(v)
-    if n == 0:
-        return math.nan, math.nan, math.nan, 0
-    if n == 1:
-        return float(v[0]), math.nan, math.nan, 1
+    if n < 2:
+        return (float(v[0]) if n else math.nan), math.nan, math.nan, n
     std = float(v.std(ddof=1))
     return float(v.mean()), std, float(student_t.ppf(0.975, n - 1) * std / math.sqrt(n)), n
 
@@ -168,7 +159,6 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
 # Prune settings: what a control run (the unpruned base fine-tuned with the same recipe) does not share with the
 # pruned runs it is paired with. Logged under their short names (sweep.config.names.PARAMS) or as prune.*.
 _PRUNE_PARAMS = {"strategy", "ratio", "scope", "target", "schedule", "steps", "arm"}
-CONTROL = "control"  # the `arm` of the unpruned control
 
 
 def _is_control(df: pd.DataFrame) -> pd.Series:
@@ -206,16 +196,9 @@ def as_config(config: ReportConfig | str | list | None) -> ReportConfig:
 
 def paired_table(df: pd.DataFrame, config: ReportConfig | str | list | None = None,
                  post_hoc: frozenset[str] | set[str] = frozenset()) -> pd.DataFrame:
-    """Every comparison of the declared family, paired by seed within each setting, with its verdict.
-
-    config: the report section (a strategy's name: that reference; None: all pairs, Holm, alpha 0.05, margin 1).
-    Columns: the settings, strategy, reference (the side compared with), post_hoc (a reference not declared before
-    the runs), pairs, difference (mean of strategy - reference), ci_low / ci_high (95 %), ci95 (half-width), sd,
-    p (paired t), p_sign_flip (exact sign-flip), p_equivalence (TOST against ±margin), their adjusted values over
-    the whole family (p_adjusted, ...), detectable (the difference found with 80 % power at the level a lone
-    difference must reach; inf when the sign-flip test cannot reach it with so few seeds), detectable_t (the
-    t-test's alone), verdict (better / worse / equivalent / inconclusive), why, flops_reduction. Fractions, as
-    the metric. Control runs (arm `control`) are no strategy: see control_table.
+    """Every comparison of the declared family, paired by seed within each setting, with its verdict; columns as
+    docs/analyses.md "Reading a verdict" lists them, fractions as the metric. config: the report section (a
+    strategy's name: that reference; None: all pairs, Holm, alpha 0.05, margin 1). Control runs: see control_table.
     """
     config = as_config(config)
     metric, margin = config.metric, config.margin / 100
@@ -260,9 +243,7 @@ def control_table(df: pd.DataFrame, metric: str = ACCURACY) -> pd.DataFrame:
     controls = df[control]
     rows = []
     for where, group in groups(df[~control], keys):
-        match = controls
-        for key in shared:
-            match = match[match[key].astype(str) == str(where[key])]
+        match = controls[(controls[shared].astype(str) == [str(where[k]) for k in shared]).all(axis=1)]
         diff = (group.groupby("seed")[metric].mean() - match.groupby("seed")[metric].mean()).dropna()
         mean, _, half, n = interval(diff)
         rows.append({**where, "pairs": n, "difference": mean, "ci95": half})
@@ -270,12 +251,11 @@ def control_table(df: pd.DataFrame, metric: str = ACCURACY) -> pd.DataFrame:
 
 
 def _unset(value) -> bool:
-    """A setting a group does not have: NaN (no such param) or null in the spec (logged as the text None)."""
+    """NaN (no such param) or null in the spec (logged as the text None)."""
     return pd.isna(value) or value == "None"
 
 
 def _where(row: pd.Series, keys: list[str]) -> str:
-    """A setting in words: its keys that have a value."""
     return ", ".join(f"{k} {text(row[k])}" for k in keys if not _unset(row[k])) or "all runs"
 
 
@@ -339,13 +319,8 @@ def verdicts(pairs: pd.DataFrame) -> list[str]:
     return lines
 
 
-PAIR_COLUMNS = ("strategy", "reference", "post_hoc", "pairs", "difference", "ci_low", "ci_high", "ci95", "sd", "p",
-                "p_sign_flip", "p_equivalence", "p_adjusted", "p_sign_flip_adjusted", "p_equivalence_adjusted",
-                "detectable", "detectable_t", "verdict", "why", "flops_reduction")
-
-
 def _settings_of_pairs(pairs: pd.DataFrame) -> list[str]:
-    return _varying(pairs, [c for c in pairs.columns if c not in PAIR_COLUMNS])
+    return _varying(pairs, pairs.columns[:pairs.columns.get_loc("strategy")])  # paired_table puts them first
 
 
 def significance_counts(pairs: pd.DataFrame, alpha: float = 0.05) -> dict[str, int]:
@@ -356,8 +331,7 @@ def significance_counts(pairs: pd.DataFrame, alpha: float = 0.05) -> dict[str, i
 
 
 def _plan(pairs: pd.DataFrame, delta_points: float, config: ReportConfig) -> list[str]:
-    """The section of summary.md that says, per setting, the seeds each comparison needs to detect delta points with
-    80 % power under the family's correction, from the SD of its paired differences."""
+    """The section of summary.md: per setting, the seeds each comparison needs to detect delta points."""
     lone = stats.level(config.alpha, config.correction, len(pairs))
     keys = _settings_of_pairs(pairs)
     lines = [f"## Seeds needed to detect {delta_points:g} points", "",
@@ -373,8 +347,6 @@ def _plan(pairs: pd.DataFrame, delta_points: float, config: ReportConfig) -> lis
         lines.append(f"- {_where(group.iloc[0], keys)}: " + "; ".join(parts))
     return lines + [""]
 
-
-# --- plots ------------------------------------------------------------------------------------------------------
 
 def _series(table: pd.DataFrame) -> pd.Series:
     """A legend label per row: the strategy plus every other setting that varies, except the x-axis ones."""
@@ -394,8 +366,8 @@ PANEL_KEYS = ("model", "dataset")  # accuracies of different models, or of one o
 
 def _accuracy_plot(runs: pd.DataFrame, table: pd.DataFrame, path: str | Path, title: str, xlabel: str,
                    draw: Callable[[Axes, pd.DataFrame, list[str]], None]) -> Path:
-    """The frame of the accuracy plots: a panel per model and dataset, whose groups draw(ax, rows, strategies)
-    draws, with its unpruned bases and a legend that lists fronts and bases last."""
+    """A panel per model and dataset, whose groups draw(ax, rows, strategies) draws, with its unpruned bases and a
+    legend that lists fronts and bases last."""
     keys = [k for k in PANEL_KEYS if k in table]
     names = table[keys].astype(str)
     panels = sorted({tuple(row) for row in names.itertuples(index=False)})
@@ -415,22 +387,25 @@ def _accuracy_plot(runs: pd.DataFrame, table: pd.DataFrame, path: str | Path, ti
 
 
 def _base_line(ax: Axes, runs: pd.DataFrame, where: dict) -> None:
-    """The unpruned bases of the runs of one panel: one line per base (its settings that differ in the label), never
-    one mean over different bases."""
+    """One line per unpruned base of the panel's runs (its settings that differ in the label), never a mean over
+    different bases."""
     for column, value in where.items():
         runs = runs[runs[column].astype(str) == value]
-    runs = runs[runs["base_test_accuracy"].notna()]
     styles = ["--", ":", "-.", (0, (5, 1, 1, 1))]
-    for i, (setting, group) in enumerate(groups(runs, _varying(runs, _base_keys(settings(runs))))):
+    for i, (setting, group) in enumerate(_per_base(runs)):
         mean = 100 * group["base_test_accuracy"].mean()
         named = " ".join(f"{k}={text(v)}" for k, v in setting.items())
         ax.axhline(mean, color="black", linestyle=styles[i % len(styles)], linewidth=1,
                    label=f"unpruned base{' ' + named if named else ''} ({mean:.1f}%)")
 
 
-def _base_keys(keys: list[str]) -> list[str]:
-    """The settings an unpruned base depends on (sweep.worker.base.BASE_KEYS)."""
-    return [k for k in keys if k in ("model", "weights", "dataset") or k.startswith(("base.", "model.", "dataset."))]
+def _per_base(runs: pd.DataFrame, column: str = "base_test_accuracy") -> list[tuple[dict, pd.DataFrame]]:
+    """The runs that have `column`, one group per unpruned base: by the settings a base depends on
+    (sweep.worker.base.BASE_KEYS) that differ between them."""
+    runs = runs[runs[column].notna()]
+    keys = [k for k in settings(runs) if k in ("model", "weights", "dataset") or k.startswith(("base.", "model.",
+                                                                                               "dataset."))]
+    return list(groups(runs, _varying(runs, keys)))
 
 
 _VARIANTS = [{"linestyle": "-"}, {"linestyle": "--", "mfc": "none"}, {"linestyle": ":"}, {"linestyle": "-.",
@@ -507,8 +482,7 @@ def plot_train_time(table: pd.DataFrame, path: str | Path) -> Path:
     if "ratio" in table:
         labels = labels + " ratio=" + table["ratio"].map(text)
     mean, half = table["train_time_s"], table["train_time_s_ci95"].fillna(0)
-    # Horizontal bars: a group's label names every setting that differs and can be long; the figure grows with
-    # the longest label and the number of groups, so the axes keep their size.
+    # horizontal bars, the figure growing with the longest label and the number of groups: the axes keep their size
     longest = int(labels.str.len().max()) if len(labels) else 0
     fig = Figure(figsize=(6.4 + 0.065 * longest, max(3.0, 0.32 * len(table) + 1.6)), layout="constrained")
     ax = fig.subplots()
@@ -523,25 +497,22 @@ def plot_train_time(table: pd.DataFrame, path: str | Path) -> Path:
     return save(fig, path)
 
 
-def plot_layers(runs: pd.DataFrame, uri: str, path: str | Path) -> Path | None:
+def plot_layers(runs: pd.DataFrame, store: Store, path: str | Path) -> Path | None:
     """Channels kept per layer, one line per strategy, at the pruning level nearest half: which layers a criterion
-    spares. Reads one run's channels.csv artifact per strategy (the first seed), of one model and dataset (the first
-    by name): layers of different networks share no axis."""
+    spares. One run's channels.csv per strategy (the first seed), of the first model and dataset by name."""
     if "ratio" not in runs or runs["ratio"].isna().all():
         return None
     for column in (k for k in PANEL_KEYS if k in runs):
         runs = runs[runs[column].astype(str) == sorted(runs[column].astype(str).unique())[0]]
     level = runs.loc[(runs["ratio"] - 0.5).abs().idxmin(), "ratio"]
     chosen = runs[runs["ratio"] == level].sort_values("seed").groupby("strategy").head(1)
-    client = MlflowClient(uri)
     fig = Figure(figsize=(9, 4.8), layout="constrained")
     ax = fig.subplots()
     order = sorted(runs["strategy"].astype(str).unique())
     for _, run in chosen.iterrows():
-        files = {a.path for a in tracking.with_retry(client.list_artifacts, run["run_id"])}
-        if "channels.csv" not in files:  # runs of older releases have no table
+        if "channels.csv" not in {a.path for a in store.list_artifacts(run["run_id"])}:  # older releases: no table
             continue
-        layers = pd.read_csv(tracking.with_retry(client.download_artifacts, run["run_id"], "channels.csv"))
+        layers = pd.read_csv(store.download_artifacts(run["run_id"], "channels.csv"))
         colour, marker = _style(str(run["strategy"]), order)
         ax.plot(range(len(layers)), 100 * layers["channels_after"] / layers["channels_before"], color=colour,
                 marker=marker, markersize=4, label=str(run["strategy"]))
@@ -555,8 +526,6 @@ def plot_layers(runs: pd.DataFrame, uri: str, path: str | Path) -> Path | None:
     return save(fig, path)
 
 
-# --- the written report -----------------------------------------------------------------------------------------
-
 def _pm(mean: float, half: float, scale: float = 100, digits: int = 1) -> str:
     if pd.isna(mean):
         return "–"
@@ -567,22 +536,16 @@ def _cell(value) -> str:
     return "–" if _unset(value) else text(value)
 
 
-def _bases(runs: pd.DataFrame, keys: list[str]) -> list[str]:
-    """One "<what> NN.N %" per unpruned base: named by the base settings that differ between bases (a setting some
-    bases lack is left out of their names), never one mean over different bases."""
-    runs = runs[runs["base_test_accuracy"].notna()]
-    if runs.empty:
+def _bases(runs: pd.DataFrame) -> list[str]:
+    """One "<what> NN.N %" per unpruned base, named by the base settings that differ (a setting some bases lack is
+    left out of their names), never one mean over different bases."""
+    if runs["base_test_accuracy"].isna().all():
         return []
-    base_keys = _base_keys(keys)
-    per = [(setting, group["base_test_accuracy"].mean()) for setting, group in groups(runs, base_keys)]
+    per = [(setting, group["base_test_accuracy"].mean()) for setting, group in _per_base(runs)]
     if len(per) == 1:
         return [f"Unpruned base: {100 * per[0][1]:.1f} % test accuracy.", ""]
-    differ = _varying(pd.DataFrame([setting for setting, _ in per]), base_keys)
-    named = []
-    for setting, mean in per:
-        words = [(text(setting[k]) if k in ("model", "dataset") else f"{k} {text(setting[k])}") for k in differ
-                 if not _unset(setting[k])]
-        named.append(f"{' '.join(words)} {100 * mean:.1f} %")
+    named = [" ".join(text(v) if k in ("model", "dataset") else f"{k} {text(v)}" for k, v in setting.items()
+                      if not _unset(v)) + f" {100 * mean:.1f} %" for setting, mean in per]
     return [f"Unpruned bases, test accuracy: {', '.join(named)}.", ""]
 
 
@@ -590,12 +553,10 @@ LEAK_POINTS = 3.0  # a base's validation accuracy this far above its test accura
 
 
 def leak_warnings(runs: pd.DataFrame) -> list[str]:
-    """A warning per base whose validation accuracy exceeds its test accuracy by more than LEAK_POINTS: its validation
-    images may be ones its weights were trained on, and then every selection by val_accuracy reads memorised images.
-    Means over the base's seeds; a base is told apart by the base settings that differ."""
-    runs = runs.dropna(subset=["base_val_accuracy", "base_test_accuracy"])
+    """A warning per base (told apart by the base settings that differ) whose validation accuracy, mean over its
+    seeds, exceeds its test accuracy by more than LEAK_POINTS: its validation images may be memorised ones."""
     lines = []
-    for setting, group in groups(runs, _varying(runs, _base_keys(settings(runs)))):
+    for setting, group in _per_base(runs.dropna(subset=["base_val_accuracy"])):
         val, test = 100 * group["base_val_accuracy"].mean(), 100 * group["base_test_accuracy"].mean()
         if val - test > LEAK_POINTS:
             named = " ".join(f"{k} {text(v)}" for k, v in setting.items())
@@ -671,7 +632,7 @@ def summary_markdown(experiment: str, runs: pd.DataFrame, table: pd.DataFrame, p
              "Values are mean ± the half-width of a 95 % t interval over seeds (n); accuracies are test accuracies, "
              "logged once per run and never used for selection. FLOPs count 2 per multiply-add; MACs are "
              "multiply-adds.", ""]
-    parts += _bases(runs, keys)
+    parts += _bases(runs)
     parts += leak_warnings(runs)
     parts += ["## Groups", "", markdown_table(shown), ""]
     if not pairs.empty:
@@ -688,20 +649,19 @@ def summary_markdown(experiment: str, runs: pd.DataFrame, table: pd.DataFrame, p
     return "\n".join(parts)
 
 
-# --- which comparisons: declared in the spec, or chosen at report time (post hoc) ---------------------------------
-
 FLAGS = {"references": "--reference", "family": "--family", "alpha": "--alpha", "correction": "--correction",
          "margin": "--margin", "metric": "--metric"}
 
 
-def declared_config(client: MlflowClient, experiment: str) -> ReportConfig:
+def declared_config(store: StoreLike, experiment: str) -> ReportConfig:
     """The `report:` block of the newest launch's spec (spec.yaml on its parent run); the defaults without one."""
-    parent = tracking.newest_parent_run(client, experiment)
+    store = Store.of(store)
+    parent = tracking.newest_parent_run(store, experiment)
     if parent is None:
         return ReportConfig()
     with tempfile.TemporaryDirectory(prefix="sweep-report-") as tmp:
         try:
-            path = tracking.with_retry(client.download_artifacts, parent, "spec.yaml", tmp)
+            path = store.download_artifacts(parent, "spec.yaml", tmp)
             raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         except (MlflowException, OSError, yaml.YAMLError):  # a launch of an older release, without its spec
             return ReportConfig()
@@ -750,14 +710,14 @@ def write_report(experiment: str, tracking_uri: str | None = None, out_dir: str 
     """
     if runs_csv is None:
         uri = tracking.resolve_tracking_uri(tracking_uri)
-        analysis = write_analysis_report(experiment, uri, out_dir)
+        store = Store(uri)
+        analysis = write_analysis_report(experiment, store, out_dir)
         if analysis is not None:
             return analysis
         runs = load_runs(experiment, uri)
         if runs.empty:
             raise ReportError(f"MLflow experiment {experiment!r} has no finished trials yet: run the sweep first")
-        client = MlflowClient(uri)
-        declared = declared_config(client, experiment)
+        declared = declared_config(store, experiment)
     else:
         runs, declared = read_runs_csv(runs_csv), ReportConfig()  # no spec to declare anything: all is post hoc
     references = [reference] if isinstance(reference, str) else reference
@@ -790,17 +750,17 @@ def write_report(experiment: str, tracking_uri: str | None = None, out_dir: str 
         paths["control"] = out / "control.csv"
     if runs_csv is not None:
         return paths
-    layers = plot_layers(runs, uri, out / "layers.png")
+    layers = plot_layers(runs, store, out / "layers.png")
     if layers is not None:
         paths["layers"] = layers
-    agreement = write_agreement(runs[~_is_control(runs)], [k for k in settings(runs) if k != "strategy"], uri, out)
+    agreement = write_agreement(runs[~_is_control(runs)], [k for k in settings(runs) if k != "strategy"], store, out)
     if agreement is not None:  # its section closes summary.md
         written, section = agreement
         paths.update(written)
         with paths["summary"].open("a", encoding="utf-8") as summary_md:
             summary_md.write("\n".join(["", *section]))
-    parent = tracking.newest_parent_run(client, experiment)
+    parent = tracking.newest_parent_run(store, experiment)
     if parent is not None:
         for path in paths.values():
-            tracking.with_retry(client.log_artifact, parent, str(path), "report")
+            store.log_artifact(parent, path, "report")
     return paths
