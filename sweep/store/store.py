@@ -1,8 +1,7 @@
 """One MLflow tracking store behind one `MlflowClient`, with the sqlite-lock retry inside every call.
 
-Everything in sweep talks to MLflow through a `Store` (report/ still holds a few clients of its own): no fluent
-`mlflow.start_run`, no global active run, so the code is safe in Ray workers and threads, and a leaked
-`MLFLOW_RUN_ID` (mlflow issue 15713) cannot re-parent a trial. Callers never wrap a call in `with_retry`.
+Everything in sweep talks to MLflow through a `Store`: no fluent `mlflow.start_run`, no global active run, so the
+code is safe in Ray workers and threads, and a leaked `MLFLOW_RUN_ID` (mlflow issue 15713) cannot re-parent a trial.
 """
 
 from __future__ import annotations
@@ -43,7 +42,7 @@ class Store:
 
     @classmethod
     def of(cls, where: Store | MlflowClient | str) -> Store:
-        """The store a caller names: a Store as it is, or one over a client (report/ and tests hold those) or URI."""
+        """The store a caller names: a Store as it is, or one over a client (tests and benches hold those) or a URI."""
         return where if isinstance(where, Store) else cls(where)
 
     def bounded(self, attempts: int, seconds: float) -> Store:
@@ -92,5 +91,5 @@ class Store:
         self.__getattr__("log_artifact")(run_id, str(local_path), artifact_path)
 
 
-# What the store's functions accept: the Store itself, or what report/ and tests still hold (a client, a URI).
+# What the store's functions accept: the Store itself, or what tests and benches hold (a client, a URI).
 StoreLike = Store | MlflowClient | str

@@ -21,7 +21,7 @@ from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 
 from sweep.config.names import PARAMS, section_label
-from sweep.store.client import resolve_tracking_uri, with_retry  # noqa: F401 -- callers use tracking.resolve_tracking_uri
+from sweep.store.client import resolve_tracking_uri, with_retry  # noqa: F401 -- re-exported
 from sweep.store.store import Store, StoreLike
 from sweep.store.view import COLOR_TAG, SUPERSEDED_TAG, experiment_tags, mark_experiment, run_color
 
