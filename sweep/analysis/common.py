@@ -38,15 +38,13 @@ Batches = list[tuple[torch.Tensor, torch.Tensor]]
 class Setup:
     """The base network and the data an analysis runs on, all on the CPU (tasks move them to their device)."""
 
-    name: str  # the spec's name: its base cache and the prefix of the analysis experiments
     config: dict  # the spec's trial dict
     model: nn.Module
     example: torch.Tensor
     val: Batches  # held-out batches: the spec's validation split (or its first `max_batches` batches)
     calibration: Batches | None  # training batches for the data-driven criteria (taylor, apoz)
     num_classes: int
-    base_info: dict  # what ensure_base measured when it trained the base
-    base_cached: bool
+    base_cached: bool  # the spec's shared base was found, not trained
 
 
 def _materialise(data, batch_size: int, train: bool, seed: int, limit: int | None) -> Batches:
@@ -64,13 +62,13 @@ def prepare(spec: SweepSpec, storage: str | None = None, max_batches: int | None
     device = pick_device(cfg.device)
     path, cached = ensure_base(cfg, cache_dir(resolve_storage(storage), spec.name), splits, device,
                                tracking_uri=tracking.resolve_tracking_uri(tracking_uri), experiment=spec.name)
-    model, info = load_base(cfg.model, path, splits)
+    model, _ = load_base(cfg.model, path, splits)
     batch_size = config["finetune"]["batch_size"]
     val = _materialise(splits.val, batch_size, False, config["seed"], max_batches)
     calib = None
     if calibration:  # as a trial gathers them for taylor and apoz: the first batches of its training epoch
         calib = _materialise(splits.train, batch_size, True, config["seed"], config["prune"]["calibration_batches"])
-    return Setup(spec.name, config, model.eval(), example_input(splits), val, calib, splits.num_classes, info, cached)
+    return Setup(config, model.eval(), example_input(splits), val, calib, splits.num_classes, cached)
 
 
 def base_metrics(setup: Setup) -> dict[str, float]:

@@ -293,11 +293,9 @@ def verdict_line(row) -> str:
     head = f"{_compared(row)}: **{row.verdict}**"
     if row.pairs < 2 or pd.isna(row.difference):
         return f"{head} ({row.why})"
-    if pd.isna(row.ci_low):
-        size = f"{_points(row.difference, sign=True)} points at every seed"
-    else:
-        size = f"{_points(row.difference, sign=True)} points (95 % CI {_points(row.ci_low, True)} to " \
-               f"{_points(row.ci_high, True)})"
+    ci = "at every seed" if pd.isna(row.ci_low) else f"(95 % CI {_points(row.ci_low, True)} to " \
+                                                     f"{_points(row.ci_high, True)})"
+    size = f"{_points(row.difference, sign=True)} points {ci}"
     tests = f"p {_p(row.p)}, adjusted {_p(row.p_adjusted)}; sign-flip p {_p(row.p_sign_flip)}, adjusted " \
             f"{_p(row.p_sign_flip_adjusted)}"
     why = f"; {row.why}" if row.why else ""
@@ -313,9 +311,8 @@ def verdicts(pairs: pd.DataFrame) -> list[str]:
     for _, group in groups(pairs, keys):
         removed = group["flops_reduction"].mean()
         share = "" if pd.isna(removed) else f" ({100 * removed:.0f} % FLOPs removed)"
-        lines += [f"**{_where(group.iloc[0], keys)}**{share}", ""]
-        lines += [f"- {verdict_line(row)}" for row in group.itertuples(index=False)]
-        lines.append("")
+        lines += [f"**{_where(group.iloc[0], keys)}**{share}", "",
+                  *(f"- {verdict_line(row)}" for row in group.itertuples(index=False)), ""]
     return lines
 
 
