@@ -66,31 +66,21 @@ def l2(model, graph, calibration, generator) -> torch.Tensor:
     return _filters(model, graph, lambda w: w.norm(dim=1))
 
 
-# FPGM on wide layers. Exact pairwise distances cost rows^2 x dim multiply-adds, against rows x dim for l1.
-# _EXACT_LIMIT = 1e10 of them, about 0.3 s on one CPU thread here: every conv layer of torchvision's CNNs stays under
-# it (Wide ResNet-50-2's widest: 9.7e9, ResNet-50's 4.3e9, VGG's 1.2e9) and is scored exactly, except the widest 1x1
-# convs of RegNetX-32GF and RegNetY-16GF and up. Over it: VGG's and AlexNet's classifier Linears and the MLPs of
-# ViT-L/H, Swin-B and ConvNeXt-B/L. VGG-16's first Linear, 4096 rows of 25088, is 4.2e11: alone it made fpgm cost 15x l1
-# (BENCHMARKS.md, "FPGM cost"). Over the limit, and with at least 4 x _SKETCH_DIM rows (with fewer a sketch saves
-# little), the inner products come from a Gaussian random projection of the centred rows to k = _SKETCH_DIM dims
-# (Johnson-Lindenstrauss): rows x dim x k + rows^2 x k of work. The squared norms stay exact (rows x dim): a sketch
-# distorts each squared norm by about sqrt(2/k), 9 % at k = 256, far more than those of a randomly initialised
-# layer's rows differ (about sqrt(2/dim), 1 % at dim = 25088), and the norms drive the distance sums there: with
-# sketched norms the ranking of VGG-16's first Linear was unrelated to the exact one
-# (Spearman 0.09); with exact norms it is 0.9995, and the errors of the sketched inner products cancel to first order
-# in each sum because the rows are centred. k = 256, not 128: 0.9995 against 0.9975 there and 0.99 against 0.98 on
-# a 512 x 20000 layer, for about 0.3 s more on VGG-16. The projection's generator has a fixed seed: the same weights
-# always get the same scores, whatever the pruning seed.
+# FPGM on wide layers (figures: docs/benchmarks/fpgm-cost.md). Exact pairwise distances cost rows^2 x dim
+# multiply-adds: up to _EXACT_LIMIT (every torchvision conv but RegNet's widest) they are exact. Over it (VGG's
+# classifier, ViT-L's MLPs) inner products come from a Gaussian projection of the centred rows to _SKETCH_DIM dims;
+# squared norms stay exact, since a sketch distorts them (~9 %) far more than a random init's rows differ (~1 %),
+# while the inner products' errors cancel to first order in each sum, the rows being centred. k = 256, not 128:
+# Spearman 0.9995 against the exact ranking on VGG-16's first Linear, not 0.9975, for about 0.3 s more.
 _EXACT_LIMIT = 10**10
 _SKETCH_DIM = 256
-_SKETCH_SEED = 0
 
 
 def _sketch_dim(rows: int, dim: int) -> int | None:
-    """The projection width FPGM uses for a layer of this shape, or None for exact distances."""
-    if rows * rows * dim <= _EXACT_LIMIT or rows < 4 * _SKETCH_DIM or dim <= _SKETCH_DIM:
-        return None
-    return _SKETCH_DIM
+    """The projection width FPGM uses for a layer of this shape, or None for exact distances (a sketch of fewer
+    than 4 x k rows saves little)."""
+    exact = rows * rows * dim <= _EXACT_LIMIT or rows < 4 * _SKETCH_DIM or dim <= _SKETCH_DIM
+    return None if exact else _SKETCH_DIM
 
 
 def _distance_sums(w: torch.Tensor, sketch_dim: int | None | str = "auto") -> torch.Tensor:
@@ -107,7 +97,7 @@ def _distance_sums(w: torch.Tensor, sketch_dim: int | None | str = "auto") -> to
         sq = (w * w).sum(1)
         gram = w @ w.T
     else:
-        g = torch.Generator().manual_seed(_SKETCH_SEED)
+        g = torch.Generator().manual_seed(0)  # fixed: the same weights always get the same scores
         proj = (torch.randn(w.shape[1], k, generator=g, dtype=torch.float32) / k**0.5).to(w.device)
         sq = torch.empty(w.shape[0], dtype=w.dtype, device=w.device)
         sketch = torch.empty(w.shape[0], k, dtype=w.dtype, device=w.device)
@@ -141,9 +131,7 @@ def _consumers(model: nn.Module, graph: ChannelGraph):
     (1/repeats, so a channel flattened into H*W Linear inputs counts like one conv input)."""
     out = []
     for m in graph.members:
-        if m.role != "in":
-            continue
-        if bool((m.units < 0).all()):
+        if m.role != "in" or bool((m.units < 0).all()):
             continue
         units = _binned(graph, m)
         repeats = torch.bincount(units, minlength=graph.num_units + 1).double()
@@ -208,18 +196,17 @@ def taylor(model, graph, calibration, generator) -> torch.Tensor:
             x.register_hook(on_grad)
         return hook
 
-    class _Batches:  # sums each batch's contributions before taking the absolute value
-        def __iter__(self_inner):
-            nonlocal total, samples
-            for batch in calibration:
-                batch_sums.clear()
-                yield batch
-                if batch_sums:
-                    per_sample = torch.stack(batch_sums).sum(0)
-                    total += per_sample.abs().sum(0)
-                    samples += per_sample.shape[0]
+    def batches():  # sums each batch's contributions before taking the absolute value
+        nonlocal total, samples
+        for batch in calibration:
+            batch_sums.clear()
+            yield batch
+            if batch_sums:
+                per_sample = torch.stack(batch_sums).sum(0)
+                total += per_sample.abs().sum(0)
+                samples += per_sample.shape[0]
 
-    _run_calibration(model, graph, None if calibration is None else _Batches(), pre_hook, backward=True)
+    _run_calibration(model, graph, None if calibration is None else batches(), pre_hook, backward=True)
     return (total / max(samples, 1))[:-1]
 
 

@@ -1,20 +1,12 @@
 """Trace a network with torch.fx and find which channels must be removed together.
 
-Every channel that a conv or Linear produces gets an integer *label*. Walking the traced
-graph, each tensor carries the label of each of its channels and the dim they sit on (1, or
-the last one in channels-last code), so wherever a label goes — norm layers, depthwise and
-grouped convs, concat offsets, flatten into a Linear, a permute — is recorded as a
-*member*: (module, role, label per position). Ops that force channels to be equal
-(residual add, squeeze-excitation mul) *tie* labels with a union-find; ties to label 0,
-``FIXED``, mean "never remove" (network inputs and outputs, zero padding, unknown
-parameters). A *unit* is a set of tied labels, removed as one; a *layer* is the set of
-units sharing producers, ranked and rounded together.
-
-Norm layers, convs and Linears count by what they are, wherever their forward lives: a subclass
-that calls F.batch_norm / F.conv2d / F.linear itself (timm's norm + act layers) is sliced like
-the torch module, and a conv whose weight is computed per filter from its own parameters (weight
-standardisation) loses filters but keeps its inputs. A network torch.fx cannot trace is traced
-along one forward pass of the example inputs instead (`_ConcreteTracer`).
+Every channel that a conv or Linear produces gets an integer *label*. Walking the traced graph, each tensor
+carries the label of each of its channels and the dim they sit on (1, or the last one in channels-last code), so
+wherever a label goes (norm layers, depthwise and grouped convs, concat offsets, flatten into a Linear, a permute)
+is recorded as a *member*: (module, role, label per position). Ops that force channels to be equal (residual add,
+squeeze-excitation mul) *tie* labels with a union-find; ties to label 0, ``FIXED``, mean "never remove" (network
+inputs and outputs, zero padding, unknown parameters). A *unit* is a set of tied labels, removed as one; a *layer*
+is the set of units sharing producers, ranked and rounded together.
 """
 
 from __future__ import annotations
@@ -32,6 +24,8 @@ from torch import nn
 from torch.fx._symbolic_trace import _maybe_revert_all_patches  # private, but in every torch from 2.1 on
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .surgery import _NORMS
+
 FIXED = 0
 
 
@@ -39,8 +33,7 @@ class PruningError(ValueError):
     """The pruner refuses: the message names the argument, op or module and the fix."""
 
 
-# Modules and functions that keep every channel where it is (0 stays 0 for the
-# element-wise ones, which the zeroed-channel equivalence relies on).
+# Modules and functions that keep every channel where it is (0 stays 0: the zeroed-channel equivalence relies on it).
 _POINTWISE_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
     nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
@@ -56,7 +49,6 @@ _SPATIAL_MODULES = (
 )
 # Padding with zeros keeps a zeroed channel zero; any other constant would not.
 _CONSTANT_PADS = (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)
-_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
 _POINTWISE_FUNCTIONS = {
     "relu", "relu_", "relu6", "hardtanh", "leaky_relu", "elu", "gelu", "silu", "sigmoid", "tanh",
     "hardswish", "hardsigmoid", "mish", "softplus", "dropout", "dropout1d", "dropout2d", "dropout3d",
@@ -69,10 +61,6 @@ _SPATIAL_FUNCTIONS = {
 _ELEMENTWISE_BINARY = {"add", "add_", "iadd", "sub", "sub_", "isub", "mul", "mul_", "imul",
                        "truediv", "div", "div_", "itruediv"}
 _METADATA = {"size", "dim", "getattr", "numel", "_assert", "is_floating_point"}
-_REDUCTIONS = {"mean", "sum", "amax", "amin", "max", "min", "std", "var", "norm"}
-_CONV_FUNCTIONS = {"conv1d", "conv2d", "conv3d"}
-# Per-channel statistics: each channel is normalised on its own (group_norm ties whole groups).
-_NORM_FUNCTIONS = {"batch_norm", "instance_norm", "group_norm"}
 _NORM_STATE = ("weight", "bias", "running_mean", "running_var")
 # Ops that carry a parameter to where it is used without mixing its entries: a view, or a scalar factor.
 _PARAM_CARRIERS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous", "to", "float", "double",
@@ -88,23 +76,16 @@ class _UnionFind:
         return len(self.parent) - 1
 
     def find(self, x: int) -> int:
-        root = x
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[x] != root:
-            self.parent[x], x = root, self.parent[x]
-        return root
+        while self.parent[x] != x:
+            self.parent[x] = x = self.parent[self.parent[x]]  # path halving
+        return x
 
     def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra == rb:
-            return
-        if rb == FIXED:  # keep FIXED as the root of its class
-            ra, rb = rb, ra
+        ra, rb = sorted((self.find(a), self.find(b)))  # FIXED (0) stays the root of its class
         self.parent[rb] = ra
 
     def fixed(self, x: int) -> bool:
-        return self.find(x) == self.find(FIXED)
+        return self.find(x) == FIXED
 
 
 @dataclass
@@ -154,16 +135,13 @@ def matches(name: str, pattern: str) -> bool:
 
 def _module_path(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack")
-    if stack:
-        return list(stack.values())[-1][0] or "<root>"
-    return "<root>"
+    return (list(stack.values())[-1][0] if stack else "") or "<root>"
 
 
 def _op_name(node: fx.Node) -> str:
-    if node.op == "call_module":
-        return str(node.target)
-    target = node.target
-    return getattr(target, "__name__", str(target)).strip("_") if not isinstance(target, str) else target
+    if isinstance(node.target, str):  # a module or method name
+        return node.target
+    return getattr(node.target, "__name__", str(node.target)).strip("_")
 
 
 def _shape(node) -> tuple[int, ...] | None:
@@ -191,8 +169,7 @@ class _Concrete:
     def __int__(self) -> int:
         return int(self.tracer.concrete(self))
 
-    def __index__(self) -> int:
-        return int(self.tracer.concrete(self))
+    __index__ = __int__
 
     def __float__(self) -> float:
         return float(self.tracer.concrete(self))
@@ -235,21 +212,13 @@ class _ConcreteTracer(fx.Tracer):
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         node = proxy.node
-        value = lambda a: self._value(a) if isinstance(a, fx.Node) else a  # noqa: E731
-        a = fx.node.map_aggregate(node.args, value)
-        kw = fx.node.map_aggregate(node.kwargs, value)
+        a, kw = fx.node.map_arg((node.args, node.kwargs), self._value)
         # fx patches Module.__call__ and __getattr__ while it traces; the value is computed without them
         with _maybe_revert_all_patches():
             if kind == "placeholder":
                 node.meta["concrete"] = self.inputs.pop(0) if self.inputs else (node.args[0] if node.args else None)
-            elif kind == "get_attr":
-                node.meta["concrete"] = _fetch(self.root, target)
-            elif kind == "call_function":
-                node.meta["concrete"] = target(*a, **kw)
-            elif kind == "call_method":
-                node.meta["concrete"] = getattr(a[0], target)(*a[1:], **kw)
-            elif kind == "call_module":
-                node.meta["concrete"] = self.root.get_submodule(target)(*a, **kw)
+            else:
+                node.meta["concrete"] = _run(self.root, kind, target, a, kw)
         # a value computed from tensor contents (item(), tolist()) stays data whatever is done with it
         node.meta["data"] = kind == "call_method" and target in ("item", "tolist") or any(
             n.meta.get("data") for n in node.all_input_nodes)
@@ -282,6 +251,17 @@ class _ConcreteTracer(fx.Tracer):
 def _fetch(root: nn.Module, target: str):
     owner, _, attr = target.rpartition(".")
     return getattr(root.get_submodule(owner), attr)
+
+
+def _run(root: nn.Module, op: str, target, args, kwargs):
+    """The value of one fx node of ``root``'s graph, given its arguments' values."""
+    if op == "get_attr":
+        return _fetch(root, target)
+    if op == "call_function":
+        return target(*args, **kwargs)
+    if op == "call_method":
+        return getattr(args[0], target)(*args[1:], **kwargs)
+    return root.get_submodule(target)(*args, **kwargs)
 
 
 @contextlib.contextmanager
@@ -347,8 +327,21 @@ class _Analyser:
         self.shapes: dict[fx.Node, fx.Node] = {}  # a whole-shape value -> the tensor it describes
         self.reads: dict[fx.Node, set[fx.Node]] = {}  # a value -> the tensors whose channel count it carries
         self.same_width: list[tuple[fx.Node, fx.Node]] = []  # (read tensor, tensor a view shapes with that count)
+        # functions and methods by name, once their first argument is a tensor with channels
+        self.handlers = {
+            **dict.fromkeys(_POINTWISE_FUNCTIONS, lambda n: (self.slots[n.args[0]], self.axis[n.args[0]])),
+            **dict.fromkeys(_SPATIAL_FUNCTIONS, self._spatial), "unsqueeze": self._unsqueeze,
+            "flatten": lambda n: self._flatten(n, self._arg(n, 1, "start_dim", 0), self._arg(n, 2, "end_dim", -1)),
+            "view": self._reshape, "reshape": self._reshape, "layer_norm": self._layer_norm,
+            **dict.fromkeys(("permute", "transpose", "swapaxes"), self._permute),
+            # per-channel statistics: each channel is normalised on its own (group_norm ties whole groups)
+            **dict.fromkeys(("batch_norm", "instance_norm", "group_norm"), self._functional_norm),
+            **dict.fromkeys(("conv1d", "conv2d", "conv3d", "linear"), self._functional_layer),
+            "softmax": self._softmax, "log_softmax": self._softmax, "matmul": self._matmul, "bmm": self._matmul,
+            **dict.fromkeys(("mean", "sum", "amax", "amin", "max", "min", "std", "var", "norm"), self._reduction),
+            "pad": self._pad,
+        }
 
-    # -- helpers -----------------------------------------------------------
     def _ignored(self, name: str) -> bool:
         return any(matches(name, i) for i in self.ignore)
 
@@ -357,6 +350,8 @@ class _Analyser:
         return ([FIXED] * shape[1], 1) if shape is not None and len(shape) >= 2 else None
 
     def _member(self, module: str, role: str, labels: list[int]) -> None:
+        if role in ("bn", "dw") and self._ignored(module):  # an ignored norm or depthwise conv keeps its channels
+            self._fix(labels)
         key = (module, role)
         if key in self.members:  # a module called twice must see the same channels both times
             self._tie(self.members[key], labels)
@@ -396,16 +391,11 @@ class _Analyser:
     def _live(self, node) -> bool:
         return node in self.slots and any(not self.uf.fixed(x) for x in self.slots[node])
 
-    def _tensor_args(self, node: fx.Node) -> list[fx.Node]:
-        found: list[fx.Node] = []
-        fx.node.map_arg((node.args, node.kwargs),
-                        lambda a: found.append(a) if a in self.slots or a in self.pieces else None)
-        return found
-
     def _unknown(self, node: fx.Node, what: str):
         """An op we do not understand: safe only if no removable channel flows into it."""
-        labels = [x for a in self._tensor_args(node)
-                  for x in (self.slots[a] if a in self.slots else [y for p, _ in self.pieces[a] for y in p])]
+        labels: list[int] = []
+        fx.node.map_arg((node.args, node.kwargs), lambda a: labels.extend(
+            self.slots[a] if a in self.slots else [y for p, _ in self.pieces.get(a, ()) for y in p]))
         live = sorted({self.producer[x][0] for x in labels if not self.uf.fixed(x) and x in self.producer})
         if live:
             raise PruningError(
@@ -427,7 +417,6 @@ class _Analyser:
     def _arg(self, node: fx.Node, i: int, name: str, default=None):
         return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
 
-    # -- modules -----------------------------------------------------------
     def _conv(self, node: fx.Node, name: str, m: nn.modules.conv._ConvNd):
         src = node.args[0]
         x = self._channels(src, 1)
@@ -442,8 +431,6 @@ class _Analyser:
         if m.groups == m.in_channels:
             mult = m.out_channels // m.in_channels
             out = [x[j // mult] for j in range(m.out_channels)]
-            if self._ignored(name):
-                self._fix(out)
             self._member(name, "dw", out)
             self.dw_mult[name] = mult
             return out, 1
@@ -478,8 +465,6 @@ class _Analyser:
         x = self.slots[src]
         if isinstance(m, nn.GroupNorm):
             self._tie_groups(x, m.num_groups)
-        if self._ignored(name):
-            self._fix(x)
         self._member(name, "bn", x)
         return x, axis
 
@@ -502,7 +487,6 @@ class _Analyser:
             self.kept_whole[name] = type(m).__name__
         return self._unknown(node, f"module {type(m).__name__}")
 
-    # -- functions and methods ---------------------------------------------
     def _spatial(self, node: fx.Node):
         """Pooling and resizing act on the dims after the channels."""
         src = node.args[0]
@@ -526,8 +510,6 @@ class _Analyser:
         if len(normalized) != 1 or not isinstance(module, nn.LayerNorm):
             return self._unknown(node, "layer_norm over channels, not from a LayerNorm module,")
         x = self.slots[src]
-        if self._ignored(owner):
-            self._fix(x)
         self._member(owner, "bn", x)
         return x, axis
 
@@ -541,11 +523,11 @@ class _Analyser:
             node = tensors[0]
         return node if isinstance(node, fx.Node) else None
 
-    def _functional_norm(self, node: fx.Node, name: str):
+    def _functional_norm(self, node: fx.Node):
         """F.batch_norm / instance_norm / group_norm as a norm layer's own forward calls it (timm's norm + act
         layers, a GroupNorm subclass): the module is sliced as a norm layer; weights of any other module are
         sliced as per-channel parameters."""
-        src = node.args[0]
+        src, name = node.args[0], _op_name(node)
         x, axis = self.slots[src], self.axis[src]
         if not self._live(src):
             return x, axis
@@ -565,8 +547,6 @@ class _Analyser:
                 return self._unknown(node, "group_norm not from a GroupNorm module:")
             self._tie_groups(x, groups)
         if isinstance(module, _NORMS) and all(p.target.rpartition(".")[2] in _NORM_STATE for p in sources):
-            if self._ignored(owner):
-                self._fix(x)
             self._member(owner, "bn", x)
         else:
             for p in sources:
@@ -574,31 +554,24 @@ class _Analyser:
                 self._param_member(p, max(range(len(shape)), key=shape.__getitem__), x)
         return x, axis
 
-    def _functional_linear(self, node: fx.Node):
-        """F.linear with a Linear module's own weight (timm's Linear subclass calls it from its forward)."""
+    def _functional_layer(self, node: fx.Node):
+        """F.linear / F.conv*d with a Linear's or a conv's weight: as is (timm's Linear subclass, a conv that pads
+        first), or a conv weight computed from the conv's parameters (weight standardisation: ScaledStdConv2d)."""
         weight, bias = self._arg(node, 1, "weight"), self._arg(node, 2, "bias")
-        owner = weight.target.rpartition(".")[0] if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
-        m = self.model.get_submodule(owner) if owner is not None else None
-        if not isinstance(m, nn.Linear) or weight.target != f"{owner}.weight" \
-                or not (bias is None or isinstance(bias, fx.Node) and bias.target == f"{owner}.bias"):
-            return self._unknown(node, "op")
-        return self._linear(node, owner, m)
-
-    def _functional_conv(self, node: fx.Node):
-        """F.conv*d with a conv module's weight: as is (a conv that pads first), or computed from it (weight
-        standardisation: ScaledStdConv2d, StdConv2d)."""
-        weight, bias = self._arg(node, 1, "weight"), self._arg(node, 2, "bias")
-        if not isinstance(weight, fx.Node):
+        linear = _op_name(node) == "linear"
+        if not isinstance(weight, fx.Node) or linear and weight.op != "get_attr":
             return self._unknown(node, "op")
         owner = weight.target.rpartition(".")[0] if weight.op == "get_attr" else _weight_owner(self.gm, weight)
         m = self.model.get_submodule(owner) if owner is not None else None
-        groups = self._arg(node, 6, "groups", 1)
-        if not isinstance(m, nn.modules.conv._ConvNd) or m.transposed or groups != m.groups \
-                or not (bias is None or isinstance(bias, fx.Node) and bias.target == f"{owner}.bias"):
+        if not isinstance(m, nn.Linear if linear else nn.modules.conv._ConvNd) \
+                or not (bias is None or isinstance(bias, fx.Node) and bias.target == f"{owner}.bias") \
+                or not linear and (m.transposed or self._arg(node, 6, "groups", 1) != m.groups):
             return self._unknown(node, "op")
-        if weight.op == "get_attr":
-            return self._conv(node, owner, m) if weight.target == f"{owner}.weight" else self._unknown(node, "op")
-        return self._standardised_conv(node, owner, m, weight)
+        if weight.op != "get_attr":
+            return self._standardised_conv(node, owner, m, weight)
+        if weight.target != f"{owner}.weight":
+            return self._unknown(node, "op")
+        return self._linear(node, owner, m) if linear else self._conv(node, owner, m)
 
     def _standardised_conv(self, node: fx.Node, name: str, m: nn.modules.conv._ConvNd, weight: fx.Node):
         """A conv whose weight is computed from its own parameters, each filter on its own (checked: changing
@@ -648,26 +621,6 @@ class _Analyser:
             return self._unknown(node, "op")
         return self.slots[src], self.axis[src]  # over another dim (split attention's radix): channels apart
 
-    def _stack(self, node: fx.Node):
-        """torch.stack: like a cat on a new dim, every stacked tensor must keep the same channels."""
-        tensors = self._arg(node, 0, "tensors")
-        rank = len(_shape(node))
-        dim = self._arg(node, 1, "dim", 0) % rank
-        live = [t for t in tensors if self._live(t)]
-        if not live:
-            return self._fixed_slots(node)
-        axes = {self.axis[t] for t in live}
-        if len(axes) > 1:
-            return self._unknown(node, "stack of tensors with channels on different dims:")
-        t = axes.pop()
-        first = self.slots[live[0]]
-        for a in tensors:
-            if a in live:
-                self._tie(first, self.slots[a])
-            else:
-                self._fix(first)
-        return first, t + (dim <= t)
-
     def _param_member(self, node: fx.Node, aligned_dim: int, labels: list[int]) -> None:
         """A per-channel parameter (e.g. ConvNeXt's layer scale) sliced with the channels it scales."""
         shape = _shape(node)
@@ -715,42 +668,37 @@ class _Analyser:
                 self._fix(labels)
         return labels, t
 
-    def _cat(self, node: fx.Node):
+    def _cat(self, node: fx.Node, stack: bool = False):
+        """cat, or stack (a cat on a new dim): joined on another dim than channels, all keep the same channels."""
         tensors = self._arg(node, 0, "tensors")
-        rank = len(_shape(node))
-        dim = self._arg(node, 1, "dim", 0) % rank
+        dim = self._arg(node, 1, "dim", 0) % len(_shape(node))
         live = [t for t in tensors if self._live(t)]
         if not live:
             return self._fixed_slots(node)
         axes = {self.axis[t] for t in live}
         if len(axes) > 1:
-            return self._unknown(node, "cat of tensors with channels on different dims:")
+            return self._unknown(node, f"{'stack' if stack else 'cat'} of tensors with channels on different dims:")
         t = axes.pop()
-        if dim == t:
+        if dim == t and not stack:
             return [x for a in tensors for x in (self.slots[a] if a in live else [FIXED] * _shape(a)[t])], t
         first = self.slots[live[0]]
         for a in tensors:
             if a in live:
                 self._tie(first, self.slots[a])
-            elif _shape(a)[t] > 1:
+            elif stack or _shape(a)[t] > 1:
                 self._fix(first)
-        return first, t
+        return first, t + (stack and dim <= t)
 
     def _chunk(self, node: fx.Node) -> None:
         """torch.chunk/split along channels: pieces of equal width, so every piece loses the same positions."""
-        src = node.args[0]
-        name = _op_name(node)
-        shape = _shape(src)
+        src, metas = node.args[0], node.meta["tensor_meta"]
         labels, axis = self.slots[src], self.axis[src]
-        size_arg = self._arg(node, 1, "chunks" if name == "chunk" else "split_size_or_sections")
-        dim = self._arg(node, 2, "dim", 0) % len(shape)
-        metas = node.meta["tensor_meta"]
-        if dim != axis:
+        if self._arg(node, 2, "dim", 0) % len(_shape(src)) != axis:
             self.pieces[node] = [(labels, axis) for _ in metas]
             return
         widths = [tuple(meta.shape)[axis] for meta in metas]
         # chunk(n) recomputes the cut from the pruned width; split's sizes are literals in the code
-        if name == "chunk" and isinstance(size_arg, int) and len(set(widths)) == 1:
+        if _op_name(node) == "chunk" and isinstance(self._arg(node, 1, "chunks"), int) and len(set(widths)) == 1:
             self._tie_blocks(labels, len(widths))
         else:
             self._fix(labels)
@@ -768,27 +716,19 @@ class _Analyser:
         index = index if isinstance(index, tuple) else (index,)
         if any(isinstance(i, fx.Node) or not isinstance(i, (int, slice, type(None), type(Ellipsis))) for i in index):
             return self._unknown(node, "indexing")
-        consumed = sum(not (i is None or i is Ellipsis) for i in index)
-        dim, out_dim, new_axis = 0, 0, None
+        # spell the index out in full: the Ellipsis (or the end) stands for every dim the index does not name
+        k = next((j for j, i in enumerate(index) if i is Ellipsis), len(index))
+        index = index[:k] + (slice(None),) * (rank - sum(i is not None and i is not Ellipsis for i in index)) \
+            + index[k + 1:]
+        dim = out_dim = 0
         for i in index:
-            if i is Ellipsis:
-                skip = rank - consumed
-                if dim <= axis < dim + skip:
-                    new_axis = out_dim + axis - dim
-                dim, out_dim = dim + skip, out_dim + skip
-            elif i is None:
-                out_dim += 1
-            else:
-                if dim == axis:
-                    if i != slice(None):  # literal positions would pick other channels once some are gone
-                        self._fix(labels)
-                        return self._fixed_slots(node)
-                    new_axis = out_dim
-                dim += 1
-                out_dim += isinstance(i, slice)
-        if new_axis is None:  # the channel dim is beyond the index
-            new_axis = out_dim + axis - dim
-        return labels, new_axis
+            if dim == axis and i is not None:
+                if i != slice(None):  # literal positions would pick other channels once some are gone
+                    self._fix(labels)
+                    return self._fixed_slots(node)
+                return labels, out_dim
+            dim += i is not None
+            out_dim += i is None or isinstance(i, slice)
 
     def _pad(self, node: fx.Node):
         src = node.args[0]
@@ -822,11 +762,9 @@ class _Analyser:
         name = _op_name(node)
         if name in ("transpose", "swapaxes"):
             a, b = (d % rank for d in node.args[1:3])
-            order = list(range(rank))
-            order[a], order[b] = b, a
-        else:
-            order = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
-            order = [d % rank for d in (order or node.kwargs["dims"])]
+            return self.slots[src], {a: b, b: a}.get(axis, axis)
+        order = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+        order = [d % rank for d in (order or node.kwargs["dims"])]
         return self.slots[src], order.index(axis)
 
     def _unsqueeze(self, node: fx.Node):
@@ -955,7 +893,7 @@ class _Analyser:
         if self._size_read(node, name):
             return None
         self._follow_sizes(node, name)
-        if node.op == "call_function" and node.target in (operator.getitem,):
+        if node.target is operator.getitem:
             return self._getitem(node)
         if name in _METADATA:
             return None
@@ -964,44 +902,13 @@ class _Analyser:
             return self._chunk(node)
         if _shape(node) is None:  # returns no tensor (e.g. a tuple): its outputs are opaque
             return self._unknown(node, "op")
-        first = node.args[0] if node.args else None
-        if name in ("cat", "concat", "concatenate"):
-            return self._cat(node)
-        if name == "stack":
-            return self._stack(node)
+        if name in ("cat", "concat", "concatenate", "stack"):
+            return self._cat(node, stack=name == "stack")
         if name in _ELEMENTWISE_BINARY:  # `1 - x` too: the tensor need not come first
             return self._binary(node)
-        if first not in self.slots:
+        if (node.args[0] if node.args else None) not in self.slots or name not in self.handlers:
             return self._unknown(node, "op")
-        if name in _POINTWISE_FUNCTIONS:
-            return self.slots[first], self.axis[first]
-        if name in _SPATIAL_FUNCTIONS:
-            return self._spatial(node)
-        if name == "flatten":
-            return self._flatten(node, self._arg(node, 1, "start_dim", 0), self._arg(node, 2, "end_dim", -1))
-        if name in ("view", "reshape"):
-            return self._reshape(node)
-        if name in ("permute", "transpose", "swapaxes"):
-            return self._permute(node)
-        if name == "unsqueeze":
-            return self._unsqueeze(node)
-        if name == "layer_norm":
-            return self._layer_norm(node)
-        if name in _NORM_FUNCTIONS:
-            return self._functional_norm(node, name)
-        if name in _CONV_FUNCTIONS:
-            return self._functional_conv(node)
-        if name == "linear":
-            return self._functional_linear(node)
-        if name in ("softmax", "log_softmax"):
-            return self._softmax(node)
-        if name in ("matmul", "bmm"):
-            return self._matmul(node)
-        if name == "pad":
-            return self._pad(node)
-        if name in _REDUCTIONS:
-            return self._reduction(node)
-        return self._unknown(node, "op")
+        return self.handlers[name](node)
 
     def run(self) -> None:
         for node in self.gm.graph.nodes:
@@ -1033,10 +940,8 @@ def _signature(weight: fx.Node) -> tuple:
     """What computes ``weight``, up to which module's parameters it reads: ops, constants and how they connect."""
     nodes = _ancestors(weight)
     position = {n: i for i, n in enumerate(nodes)}
-    link = lambda a: ("node", position[a]) if isinstance(a, fx.Node) else a  # noqa: E731
     return tuple((n.op, n.target.rpartition(".")[2] if n.op == "get_attr" else n.target,
-                  repr(fx.node.map_aggregate(n.args, link)), repr(fx.node.map_aggregate(n.kwargs, link)))
-                 for n in nodes)
+                  repr(fx.node.map_arg((n.args, n.kwargs), lambda a: ("node", position[a])))) for n in nodes)
 
 
 def _weight_owner(gm: fx.GraphModule, weight: fx.Node) -> str | None:
@@ -1051,17 +956,11 @@ def _weight_owner(gm: fx.GraphModule, weight: fx.Node) -> str | None:
 def _evaluate(gm: fx.GraphModule, weight: fx.Node, values: dict[str, torch.Tensor]) -> torch.Tensor:
     """``weight`` computed with the parameters in ``values`` (by qualified name) replacing the module's."""
     env: dict[fx.Node, object] = {}
-    load = lambda a: env[a] if isinstance(a, fx.Node) else a  # noqa: E731
     for n in _ancestors(weight):
-        args, kwargs = fx.node.map_aggregate(n.args, load), fx.node.map_aggregate(n.kwargs, load)
-        if n.op == "get_attr":
-            env[n] = values[n.target] if n.target in values else _fetch(gm, n.target)
-        elif n.op == "call_function":
-            env[n] = n.target(*args, **kwargs)
-        elif n.op == "call_method":
-            env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
+        if n.op == "get_attr" and n.target in values:
+            env[n] = values[n.target]
         else:
-            env[n] = gm.get_submodule(n.target)(*args, **kwargs)
+            env[n] = _run(gm, n.op, n.target, *fx.node.map_arg((n.args, n.kwargs), env.__getitem__))
     return env[weight]
 
 
@@ -1093,9 +992,7 @@ def _check_per_filter(gm: fx.GraphModule, m: nn.modules.conv._ConvNd, name: str,
                 changed = (_evaluate(gm, weight, moved) != base).flatten(1).any(1)
                 if (changed & ~chosen).any():
                     return None
-        zeroed = {t: v.clone() for t, v in state.items()}
-        for v in zeroed.values():
-            v[0] = 0
+        zeroed = {t: torch.cat([torch.zeros_like(v[:1]), v[1:]]) for t, v in state.items()}
         if _evaluate(gm, weight, zeroed)[0].any():
             return None
     return extra
@@ -1138,27 +1035,21 @@ def _finish(a: _Analyser) -> ChannelGraph:
     members += [Member(module, "out", labels) for module, labels in a.producer_labels.items()]
 
     unit_of_root: dict[int, int] = {}
-    unit_of_label = [-1] * len(uf.parent)
-    fixed = uf.find(FIXED)
-    for label in range(1, len(uf.parent)):
-        root = uf.find(label)
-        if root == fixed:
-            continue
-        unit_of_label[label] = unit_of_root.setdefault(root, len(unit_of_root))
+    unit_of_label = [-1] + [-1 if uf.fixed(x) else unit_of_root.setdefault(uf.find(x), len(unit_of_root))
+                            for x in range(1, len(uf.parent))]
     num_units = len(unit_of_root)
     unit_table = torch.as_tensor(unit_of_label, dtype=torch.long)
     for m in members:
         m.units = unit_table[torch.as_tensor(m.labels, dtype=torch.long)]
 
     # Units are in one layer when they share a producer module (residual stages span many).
-    layer_uf = _UnionFind()
-    for _ in range(num_units + len(a.producer_labels)):
-        layer_uf.new()
-    module_index = {m: num_units + 1 + i for i, m in enumerate(a.producer_labels)}
-    for label, (module, _) in a.producer.items():
-        unit = unit_of_label[label]
-        if unit >= 0:
-            layer_uf.union(unit + 1, module_index[module])
+    layer_uf = _UnionFind()  # node u + 1 is unit u
+    layer_uf.parent += range(1, num_units + 1)
+    live_units = {module: [unit_of_label[x] + 1 for x in labels if unit_of_label[x] >= 0]
+                  for module, labels in a.producer_labels.items()}
+    for units in live_units.values():
+        for u in units[1:]:
+            layer_uf.union(units[0], u)
     layers_by_root: dict[int, list[int]] = {}
     for unit in range(num_units):
         layers_by_root.setdefault(layer_uf.find(unit + 1), []).append(unit)
@@ -1168,9 +1059,9 @@ def _finish(a: _Analyser) -> ChannelGraph:
         for u in units:
             unit_layer[u] = i
     layer_modules: list[set[str]] = [set() for _ in layers]
-    for label, (module, _) in a.producer.items():
-        if unit_of_label[label] >= 0:
-            layer_modules[unit_layer[unit_of_label[label]]].add(module)
+    for module, units in live_units.items():
+        if units:
+            layer_modules[unit_layer[units[0] - 1]].add(module)
 
     def sizes(module: str) -> tuple[int, int]:  # tied outputs (e.g. a depthwise multiplier) count once
         labels = a.producer_labels[module]

@@ -65,22 +65,19 @@ def _select_local(graph, scores, ratio, limits, round_to) -> list[int]:
 
 
 def _select_global(graph, scores, ratio, limits, round_to) -> list[int]:
-    # Molchanov et al.'s layer-wise L2 normalisation makes scores comparable across layers; we
-    # scale it by sqrt(width) (i.e. divide by the RMS) so that a 4096-wide Linear is not
-    # emptied before a 64-wide conv loses anything.
+    # Molchanov et al.'s layer-wise L2 normalisation makes scores comparable across layers; we scale it by
+    # sqrt(width) (i.e. divide by the RMS) so that a 4096-wide Linear is not emptied before a 64-wide conv loses any.
     normalised = scores.clone()
     for units in graph.layers:
         idx = torch.as_tensor(units)
         normalised[idx] = scores[idx] * len(units) ** 0.5 / (scores[idx].norm() + 1e-12)
     budget = int(ratio * sum(graph.layer_width) + 1e-9)
-    taken = [0] * len(graph.layers)
     chosen: list[list[int]] = [[] for _ in graph.layers]
     for u in torch.argsort(normalised).tolist():
         if budget == 0:
             break
         layer = graph.unit_layer[u]
-        if taken[layer] < limits[layer]:
-            taken[layer] += 1
+        if len(chosen[layer]) < limits[layer]:
             chosen[layer].append(u)
             budget -= 1
         else:
@@ -277,16 +274,14 @@ def prune(
     if ratios is not None:
         plan.info["ratios"] = dict(ratios)
     generator = torch.Generator().manual_seed(seed)
-    base_flops = None
     for step in range(1, steps + 1):
         graph = analyse(current, inputs, ignore)
-        if base_flops is None:
+        if step == 1:
             _check_prunable(model, graph)
-        base_flops = graph.total_flops if base_flops is None else base_flops
+            base_flops = graph.total_flops
         goal = ratio * step / steps
-        step_ratio = _step_ratio(ratio, step, steps)
-        if ratios is not None:
-            step_ratio = [_step_ratio(r, step, steps) for r in _layer_ratios(graph, ratio, ratios)]
+        step_ratio = _step_ratio(ratio, step, steps) if ratios is None else [
+            _step_ratio(r, step, steps) for r in _layer_ratios(graph, ratio, ratios)]
         scores = STRATEGIES[strategy](current, graph, calibration, generator)
         step_plan = _one_step(current, graph, scores, step_ratio, scope, target,
                               base_flops * (1 - goal), _limits(graph, min_channels), round_to)

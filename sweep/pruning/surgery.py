@@ -53,17 +53,7 @@ def _conv(m: _ConvNd, out: torch.Tensor, inp: torch.Tensor) -> None:
             -1, -1, *weight.shape[2:]))
         m.groups = len(parts[0])
     _set(m, "weight", weight)
-    if m.bias is not None:
-        _set(m, "bias", m.bias[out])
-    m.out_channels = len(out)
-    m.in_channels = len(inp)
-
-
-def _linear(m: nn.Linear, out: torch.Tensor, inp: torch.Tensor) -> None:
-    _set(m, "weight", m.weight.index_select(0, out).index_select(1, inp))
-    if m.bias is not None:
-        _set(m, "bias", m.bias[out])
-    m.out_features, m.in_features = len(out), len(inp)
+    m.out_channels, m.in_channels = len(out), len(inp)
 
 
 def _norm(m: nn.Module, out: torch.Tensor) -> None:
@@ -131,9 +121,12 @@ def remove_channels(model: nn.Module, removed: dict[str, list[int]], removed_in:
             if isinstance(m, _ConvNd):
                 _conv(m, out, inp)
             elif isinstance(m, nn.Linear):
-                _linear(m, out, inp)
+                _set(m, "weight", m.weight.index_select(0, out).index_select(1, inp))
+                m.out_features, m.in_features = len(out), len(inp)
             elif isinstance(m, torch.Tensor):
                 owner, _, attr = name.rpartition(".")
                 _set(model.get_submodule(owner), attr, m.index_select(_channel_dim(m), out))
             else:
                 _norm(m, out)
+            if isinstance(m, (_ConvNd, nn.Linear)) and m.bias is not None:
+                _set(m, "bias", m.bias[out])
