@@ -59,11 +59,8 @@ def criterion_scores(model: nn.Module, graph: ChannelGraph, strategies: Sequence
                      ) -> dict[str, np.ndarray]:
     """Each strategy's score per unit, computed as prune() computes them (one generator per strategy, seeded)."""
     registry = {**STRATEGIES, **(extra or {})}
-    out = {}
-    for name in [*strategies, *(extra or {})]:
-        generator = torch.Generator().manual_seed(seed)
-        out[name] = registry[name](model, graph, calibration, generator).double().cpu().numpy()
-    return out
+    return {name: registry[name](model, graph, calibration, torch.Generator().manual_seed(seed)).double().cpu().numpy()
+            for name in [*strategies, *(extra or {})]}
 
 
 @dataclass

@@ -51,8 +51,7 @@ def groups_of(model: nn.Module, graph: ChannelGraph) -> list[LayerGroup]:
 
 def layer_groups(model: nn.Module, example: torch.Tensor, ignore: Sequence[str] = ()) -> list[LayerGroup]:
     """Every group of filters the pruner can remove from ``model`` (apart from ``ignore``)."""
-    graph = analyse(model, (example,), tuple(ignore))
-    return groups_of(model, graph)
+    return groups_of(model, analyse(model, (example,), tuple(ignore)))
 
 
 def prune_group(model: nn.Module, example: torch.Tensor, groups: Sequence[LayerGroup], group: LayerGroup,

@@ -264,9 +264,7 @@ def _varying(table: pd.DataFrame, keys) -> list[str]:
 
 
 def _p(value: float) -> str:
-    if pd.isna(value):
-        return "–"
-    return f"{value:.2g}" if value >= 0.001 else "< 0.001"
+    return "–" if pd.isna(value) else f"{value:.2g}" if value >= 0.001 else "< 0.001"
 
 
 def _points(value: float, sign: bool = False) -> str:
@@ -731,17 +729,15 @@ def write_report(experiment: str, tracking_uri: str | None = None, out_dir: str 
     control = control_table(runs, config.metric)
     out = Path(out_dir) / tracking.safe_name(experiment)
     out.mkdir(parents=True, exist_ok=True)
-    runs.to_csv(out / "runs.csv", index=False)
-    table.to_csv(out / "summary.csv", index=False)
-    pairs.to_csv(out / "paired.csv", index=False)
+    paths = {"runs": out / "runs.csv", "summary_csv": out / "summary.csv", "paired": out / "paired.csv"}
+    for frame, path in zip((runs, table, pairs), paths.values()):
+        frame.to_csv(path, index=False)
     (out / "summary.md").write_text(summary_markdown(experiment, runs, table, pairs, config, changed, control, plan),
                                     encoding="utf-8")
-    paths = {"runs": out / "runs.csv", "summary_csv": out / "summary.csv", "paired": out / "paired.csv",
-             "summary": out / "summary.md",
-             "pareto": plot_pareto(runs, table, out / "pareto.png"),
-             "levels": plot_levels(runs, table, out / "levels.png"),
-             "finetune": plot_finetune(runs, table, out / "finetune.png"),
-             "train_time": plot_train_time(table, out / "train_time.png")}
+    paths |= {"summary": out / "summary.md", "pareto": plot_pareto(runs, table, out / "pareto.png"),
+              "levels": plot_levels(runs, table, out / "levels.png"),
+              "finetune": plot_finetune(runs, table, out / "finetune.png"),
+              "train_time": plot_train_time(table, out / "train_time.png")}
     if not control.empty:
         control.to_csv(out / "control.csv", index=False)
         paths["control"] = out / "control.csv"
