@@ -1,6 +1,7 @@
 """The documents a person reads: README stays the short front door, and every link in README.md, BENCHMARKS.md,
 RESULTS.md and docs/ leads to a file (and a heading) that exists."""
 
+import importlib
 import re
 from pathlib import Path
 
@@ -48,3 +49,17 @@ def test_the_link_check_can_fail(tmp_path):
 def test_readme_is_short():
     """The front door: what it is, two commands, one result, the commands, links (detail lives in docs/)."""
     assert len((ROOT / "README.md").read_bytes()) <= 12 * 1024
+
+
+SWEEP_IMPORT = re.compile(r"^\s*from (sweep(?:\.\w+)*) import ([\w, ]+)$", re.M)
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if "```python" in p.read_text(encoding="utf-8")],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_python_examples_import_names_that_exist(page):
+    """A reader pastes these lines: every `from sweep... import name` in a python block must import (the examples
+    rotted once when the modules moved into folders)."""
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), flags=re.S)
+    missing = [f"{module}.{name.strip()}" for block in blocks for module, names in SWEEP_IMPORT.findall(block)
+               for name in names.split(",") if not hasattr(importlib.import_module(module), name.strip())]
+    assert not missing, missing
