@@ -24,3 +24,14 @@ def test_best_skips_trials_without_a_value_and_counts_held_ones_as_skipped():
         for order in ([held, *done, running], [*done, running, held]):
             _, state = progress.line(order)
             assert state == f"3/4 done · 1 running · 0 failed · 1 skipped · best {metric} {best} (ratio 0.7)", state
+
+
+def test_counts_the_planned_trials_when_tune_creates_them_one_at_a_time():
+    """With --max-concurrent 1 Tune had created one trial of 18 and the line read '0/1 done'."""
+    progress = CompactProgress("val_accuracy", "max", lambda config: "", total=18)
+    running = _trial(Trial.RUNNING, {"val_accuracy": 0.5}, 0.3)
+    done = _trial(Trial.TERMINATED, {"val_accuracy": 0.6, "trial_status": "FINISHED"}, 0.3)
+    line, state = progress.line([done, running])
+    assert state.startswith("1/18 done · 1 running"), state
+    assert "left" in line  # 17 to go, from the one that finished
+    assert CompactProgress("val_accuracy", "max", lambda config: "").line([done, running])[1].startswith("1/2 done")

@@ -36,8 +36,9 @@ class CompactProgress(ProgressReporter):
     no stream attribute: sys.stdout is looked up when written to."""
 
     def __init__(self, metric: str, mode: str, describe: Callable[[dict], str], every_s: float = 10.0,
-                 outage: Callable[[], float | None] | None = None):
+                 outage: Callable[[], float | None] | None = None, total: int = 0):
         self.metric, self.mode, self.describe, self.every_s, self.outage = metric, mode, describe, every_s, outage
+        self.total = total  # the trials planned: with --max-concurrent Tune creates them one at a time
         self.start, self.last_time, self.last_state = time.time(), 0.0, ""
 
     def setup(self, start_time: float | None = None, **kwargs: Any) -> None:
@@ -59,13 +60,13 @@ class CompactProgress(ProgressReporter):
             if isinstance(value, (int, float)) and math.isfinite(value) \
                     and (best is None or (value > best[0]) == (self.mode == "max")):  # NaN: a trial with no value
                 best = (value, trial)
-        finished, elapsed = sum(ended.values()), time.time() - self.start
-        state = [f"{finished}/{len(trials)} done", f"{running} running", f"{ended['FAILED']} failed",
+        finished, elapsed, planned = sum(ended.values()), time.time() - self.start, max(self.total, len(trials))
+        state = [f"{finished}/{planned} done", f"{running} running", f"{ended['FAILED']} failed",
                  f"{ended['SKIPPED'] + ended['HELD']} skipped"]
         if best is not None:
             state.append(f"best {self.metric} {best[0]:.4g} ({self.describe(best[1].config)})")
-        left = [f"about {_span(elapsed / finished * (len(trials) - finished))} left"] \
-            if ended["DONE"] and finished < len(trials) else []
+        left = [f"about {_span(elapsed / finished * (planned - finished))} left"] \
+            if ended["DONE"] and finished < planned else []
         down = self.outage() if self.outage is not None else None
         outage = [] if down is None else [f"tracking server unreachable for {_span(down)}; retrying"]
         line = f"[{_clock(elapsed)}] " + " · ".join(state[:4] + outage + left + state[4:])
