@@ -1,8 +1,8 @@
 """Importance criteria: one score per removable unit, higher means keep.
 
-Each criterion is one function ``(model, graph, calibration, generator) -> Tensor[num_units]``
-in the ``STRATEGIES`` registry. A unit's score aggregates (means) the scores of its members,
-so tied channels of a residual stream are judged together.
+Each criterion is one function ``(model, graph, calibration, generator) -> Tensor[num_units]`` in the ``STRATEGIES``
+registry. A unit's score aggregates (means) the scores of its members, so tied channels of a residual stream are
+judged together.
 """
 
 from __future__ import annotations

@@ -158,7 +158,7 @@ def _first_line(exc: BaseException) -> str:
 _FIXED_METADATA = {"device", "dtype", "layout", "is_cuda", "ndim", "requires_grad", "is_sparse"}
 
 
-class _Concrete:
+class _ConcreteProxy(fx.Proxy):
     """What a proxy of `_ConcreteTracer` adds: it knows the value its node takes on the example inputs, so Python
     that needs a plain value (``int``, ``range``, ``if``) gets it, and the tracer notes that the graph is specialised
     on it."""
@@ -181,21 +181,17 @@ class _Concrete:
         return _ConcreteAttribute(self, k)
 
 
-class _ConcreteProxy(_Concrete, fx.Proxy):
-    pass
-
-
-class _ConcreteAttribute(_Concrete, fx.proxy.Attribute):
+class _ConcreteAttribute(_ConcreteProxy, fx.proxy.Attribute):
     pass
 
 
 class _ConcreteTracer(fx.Tracer):
     """torch.fx tracing that runs each op on the example inputs as it records it (one forward pass).
 
-    Control flow then takes the branch the example takes instead of failing, which specialises the graph
-    on that branch. That is sound for pruning when the branch depends only on metadata (a device, a spatial
-    size, a channel count, which the analysis then keeps whole so that it cannot change); a branch on tensor
-    values is refused, since other inputs could take a branch never seen.
+    Control flow then takes the branch the example takes instead of failing, which specialises the graph on that
+    branch. That is sound for pruning when the branch depends only on metadata (a device, a spatial size, a channel
+    count, which the analysis then keeps whole so that it cannot change); a branch on tensor values is refused, since
+    other inputs could take a branch never seen.
     """
 
     def __init__(self, inputs: tuple[torch.Tensor, ...]):
@@ -281,8 +277,8 @@ def trace(model: nn.Module, inputs: tuple[torch.Tensor, ...] = ()) -> tuple[fx.G
     failed). Eval mode: a norm layer traced through (timm's BatchNormAct2d) would otherwise bake in training=True,
     and the shape pass would move its running statistics.
 
-    Plain torch.fx first; when it fails (control flow, len() of a tensor), a trace that runs one forward
-    pass on ``inputs`` alongside (see `_ConcreteTracer`)."""
+    Plain torch.fx first; when it fails (control flow, len() of a tensor), a trace that runs one forward pass on
+    ``inputs`` alongside (see `_ConcreteTracer`)."""
     with _eval_mode(model):
         try:
             return fx.symbolic_trace(model), []

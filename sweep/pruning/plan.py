@@ -18,10 +18,9 @@ from .surgery import in_out_sizes, remove_channels, sizes_of
 class PrunePlan:
     """Channels removed from the ORIGINAL model, by qualified module name.
 
-    ``removed``: output channels of every conv, Linear and norm layer that lost some, and of
-    per-channel parameters (e.g. ConvNeXt's ``layer_scale``), named by their qualified name.
-    ``removed_in``: input channels of every conv and Linear that lost some (after a
-    flatten, a channel is several consecutive Linear inputs).
+    ``removed``: output channels of every conv, Linear and norm layer that lost some, and of per-channel parameters
+    (e.g. ConvNeXt's ``layer_scale``), named by their qualified name. ``removed_in``: input channels of every conv
+    and Linear that lost some (after a flatten, a channel is several consecutive Linear inputs).
     """
 
     removed: dict[str, list[int]] = field(default_factory=dict)

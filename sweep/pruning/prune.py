@@ -200,12 +200,6 @@ def _check_prunable(model: nn.Module, graph: ChannelGraph) -> None:
         log.warning("model: no channel of %s can be removed outside the ignored modules", type(model).__name__)
 
 
-def _copy_sharing_tensors(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` whose parameters and buffers are the original's tensors (see `_own_tensors`)."""
-    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    return copy.deepcopy(model, memo)
-
-
 def _own_tensors(copied: nn.Module, original: nn.Module) -> None:
     """Give ``copied`` its own copy of every tensor it still shares with ``original`` (tied ones stay tied)."""
     theirs = {id(t) for t in itertools.chain(original.parameters(), original.buffers())}
@@ -268,7 +262,8 @@ def prune(
     # Without calibration nothing writes to the copy's tensors before surgery replaces those it slices, so the copy
     # starts out sharing them and owns them after each step: copying a ResNet-50's weights was 40 % of prune time.
     shared = strategy not in NEEDS_CALIBRATION
-    current = _copy_sharing_tensors(model) if shared else copy.deepcopy(model)
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())} if shared else {}
+    current = copy.deepcopy(model, memo)  # a memo of the original's tensors: the copy shares them
     plan = PrunePlan(info={"strategy": strategy, "ratio": ratio, "scope": scope, "target": target,
                            "steps": steps, "min_channels": min_channels, "round_to": round_to})
     if ratios is not None:

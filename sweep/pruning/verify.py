@@ -1,8 +1,8 @@
 """The property that defines correct structural pruning, as code: what a pruned model must compute.
 
-A pruned model equals the original with every removed channel zeroed where it is made (its
-filters, biases and norm parameters). One refinement: a LayerNorm over channels computes its
-mean and variance over the channels that are kept, which no zeroing can express.
+A pruned model equals the original with every removed channel zeroed where it is made (its filters, biases and norm
+parameters). One refinement: a LayerNorm over channels computes its mean and variance over the channels that are
+kept, which no zeroing can express.
 """
 
 from __future__ import annotations
