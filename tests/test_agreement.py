@@ -17,7 +17,9 @@ from sweep.driver.session import reports_dir
 from sweep.pruning import analyse, prune
 from sweep.report import agreement
 from sweep.report.agreement import agreement_markdown, agreement_means, agreement_table, chance_jaccard, jaccard
+from sweep.report.summary import load_runs, loss_curves
 from sweep.store import tracking
+from sweep.store.store import Store
 from sweep.worker import trial
 from sweep.zoo.models import build_model
 
@@ -127,7 +129,7 @@ name: agree
 dataset: {{name: digits, limit: 200}}
 model: {{name: small_cnn}}
 base: {{epochs: 2, batch_size: 32}}
-finetune: {{epochs: 1, batch_size: 32}}
+finetune: {{epochs: 2, batch_size: 32}}
 measure: {{batch_size: 1, warmup: 1, runs: 2}}
 prune: {{ratio: 0.5, oracle_batches: {batches}}}
 space:
@@ -169,4 +171,14 @@ def test_sweep_with_oracle_and_random_reports_their_agreement(local_ray, tmp_pat
     assert "## Criteria agreement" in summary and "| oracle | 1.00 |" in summary
     assert (out / "agreement.png").exists()
     logged = {Path(a.path).name for a in client.list_artifacts(outcome.parent_run_id, "report")}
-    assert {"agreement.csv", "agreement.png"} <= logged
+    assert {"agreement.csv", "agreement.png", "curves.png"} <= logged
+
+    # the loss curves: each group's per-epoch mean of what its runs logged, epochs 1 and 2
+    curves = loss_curves(load_runs("agree", sqlite_uri), Store(sqlite_uri))
+    assert set(curves["group"]) == {"strategy=oracle", "strategy=random"} and set(curves["epoch"]) == {1, 2}
+    for run in runs:
+        assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 2
+    for (group, metric, epoch), row in curves.set_index(["group", "metric", "epoch"]).iterrows():
+        logged_values = [h.value for run in runs if f"strategy={run.data.params['strategy']}" == group
+                         for h in client.get_metric_history(run.info.run_id, metric) if h.step == epoch]
+        assert row["n"] == 2 and row["mean"] == pytest.approx(np.mean(logged_values))

@@ -521,6 +521,39 @@ def plot_layers(runs: pd.DataFrame, store: Store, path: str | Path) -> Path | No
     return save(fig, path)
 
 
+CURVES = ("train_loss", "val_loss")
+
+
+def loss_curves(runs: pd.DataFrame, store: Store) -> pd.DataFrame:
+    """Each group's fine-tune losses by epoch, mean over its seeds (MLflow's per-epoch history of every run):
+    columns group, metric, epoch, mean, n. Empty when no run logged a history (older releases)."""
+    keys = [k for k in settings(runs) if k not in PANEL_KEYS]
+    rows = []
+    for key, group in runs.groupby(keys, dropna=False, sort=True) if keys else [((), runs)]:
+        label = " ".join(f"{k}={text(v)}" for k, v in zip(keys, key if isinstance(key, tuple) else (key,)))
+        for metric in CURVES:
+            history = pd.DataFrame([(h.step, h.value) for run_id in group["run_id"]
+                                    for h in store.get_metric_history(run_id, metric)], columns=["epoch", "value"])
+            for epoch, values in history.groupby("epoch"):
+                rows.append((label, metric, epoch, values["value"].mean(), len(values)))
+    return pd.DataFrame(rows, columns=["group", "metric", "epoch", "mean", "n"])
+
+
+def plot_curves(runs: pd.DataFrame, store: Store, path: str | Path) -> Path | None:
+    """Training and validation loss per fine-tune epoch, one line per group: did the fine-tune learn?"""
+    curves = loss_curves(runs, store)
+    if curves.empty:
+        return None
+    fig = Figure(figsize=(12, 4.8), layout="constrained")
+    for ax, metric in zip(fig.subplots(1, 2), CURVES):
+        for label, line in curves[curves["metric"] == metric].groupby("group", sort=False):
+            ax.plot(line["epoch"], line["mean"], marker=".", label=label)
+        ax.set(title=f"{metric} per epoch (mean over seeds)", xlabel="fine-tune epoch", ylabel=metric)
+        ax.grid(alpha=0.3)
+    ax.legend(fontsize="x-small")
+    return save(fig, path)
+
+
 def _pm(mean: float, half: float, scale: float = 100, digits: int = 1) -> str:
     if pd.isna(mean):
         return "–"
@@ -743,9 +776,10 @@ def write_report(experiment: str, tracking_uri: str | None = None, out_dir: str 
         paths["control"] = out / "control.csv"
     if runs_csv is not None:
         return paths
-    layers = plot_layers(runs, store, out / "layers.png")
-    if layers is not None:
-        paths["layers"] = layers
+    for name, drawn in (("layers", plot_layers(runs, store, out / "layers.png")),
+                        ("curves", plot_curves(runs, store, out / "curves.png"))):
+        if drawn is not None:
+            paths[name] = drawn
     agreement = write_agreement(runs[~_is_control(runs)], [k for k in settings(runs) if k != "strategy"], store, out)
     if agreement is not None:  # its section closes summary.md
         written, section = agreement
