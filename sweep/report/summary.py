@@ -544,13 +544,14 @@ def plot_curves(runs: pd.DataFrame, store: Store, path: str | Path) -> Path | No
     curves = loss_curves(runs, store)
     if curves.empty:
         return None
-    fig = Figure(figsize=(12, 4.8), layout="constrained")
+    groups = curves["group"].nunique()
+    fig = Figure(figsize=(12, 4.8 + 0.1 * groups), layout="constrained")
     for ax, metric in zip(fig.subplots(1, 2), CURVES):
         for label, line in curves[curves["metric"] == metric].groupby("group", sort=False):
             ax.plot(line["epoch"], line["mean"], marker=".", label=label)
         ax.set(title=f"{metric} per epoch (mean over seeds)", xlabel="fine-tune epoch", ylabel=metric)
         ax.grid(alpha=0.3)
-    ax.legend(fontsize="x-small")
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize="x-small")
     return save(fig, path)
 
 
