@@ -23,6 +23,7 @@ import pandas as pd
 import yaml
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from mlflow.exceptions import MlflowException
 from scipy.stats import t as student_t
 
@@ -550,6 +551,7 @@ def plot_curves(runs: pd.DataFrame, store: Store, path: str | Path) -> Path | No
         for label, line in curves[curves["metric"] == metric].groupby("group", sort=False):
             ax.plot(line["epoch"], line["mean"], marker=".", label=label)
         ax.set(title=f"{metric} per epoch (mean over seeds)", xlabel="fine-tune epoch", ylabel=metric)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize="x-small")
     return save(fig, path)
