@@ -15,7 +15,9 @@ from mlflow.tracking import MlflowClient
 from sweep.analysis.common import prepare
 from sweep.analysis.criteria_rank import oracle, run_criteria, spearman
 from sweep.cli import main
+from sweep.config.names import KIND_TAG
 from sweep.config.spec import load_spec
+from sweep.errors import InputError
 from sweep.pruning import analyse, apply_plan, prune
 from sweep.pruning.prune import _plan_for  # what removing exactly these units means to the pruner
 from sweep.report.summary import write_report
@@ -190,3 +192,12 @@ def test_resnet20_criteria_on_sampled_layers(local_ray, resnet20_spec, tmp_path,
         removed = _loss(_removed(setup.model, graph, row["unit"]), setup) - base
         assert row["delta_loss"] == pytest.approx(zeroed, abs=1e-5)
         assert row["delta_loss"] == pytest.approx(removed, abs=1e-5)
+
+
+def test_report_of_a_criteria_run_without_finished_layers_says_so(sqlite_uri, tmp_path):
+    """A criteria analysis whose every layer task failed: the report's own one-line error, not a KeyError."""
+    parent = tracking.start_parent_run(sqlite_uri, "crit_empty", "{}\n", tags={KIND_TAG: "criteria"})
+    MlflowClient(sqlite_uri).log_param(parent, "strategies", "l1,taylor")
+    tracking.end_run(sqlite_uri, parent, "FAILED")
+    with pytest.raises(InputError, match=f"criteria run {parent} of 'crit_empty' has no finished layers"):
+        write_report("crit_empty", sqlite_uri, out_dir=tmp_path)

@@ -204,7 +204,8 @@ def load_criteria(store: Store, parent_run_id: str) -> tuple[pd.DataFrame, dict]
              "units": int(r.data.params["units"]), "_order": int(r.data.params.get("layer_index", 0)),
              **{name: r.data.metrics.get(name, np.nan) for name in names},
              "oracle_mean_abs": r.data.metrics.get("oracle_mean_abs", np.nan), "run_id": r.info.run_id} for r in runs]
-    table = pd.DataFrame(rows).sort_values("_order").drop(columns="_order").reset_index(drop=True)
+    columns = ["layer", "modules", "units", "_order", *names, "oracle_mean_abs", "run_id"]  # also when none finished
+    table = pd.DataFrame(rows, columns=columns).sort_values("_order").drop(columns="_order").reset_index(drop=True)
     return table, {**parent.data.params, **parent.data.metrics, "strategy_list": strategies}
 
 
