@@ -530,8 +530,8 @@ def loss_curves(runs: pd.DataFrame, store: Store) -> pd.DataFrame:
     columns group, metric, epoch, mean, n. Empty when no run logged a history (older releases)."""
     keys = [k for k in settings(runs) if k not in PANEL_KEYS]
     rows = []
-    for key, group in runs.groupby(keys, dropna=False, sort=True) if keys else [((), runs)]:
-        label = " ".join(f"{k}={text(v)}" for k, v in zip(keys, key if isinstance(key, tuple) else (key,)))
+    for where, group in groups(runs, keys):
+        label = " ".join(f"{k}={text(v)}" for k, v in where.items())
         for metric in CURVES:
             history = pd.DataFrame([(h.step, h.value) for run_id in group["run_id"]
                                     for h in store.get_metric_history(run_id, metric)], columns=["epoch", "value"])
@@ -545,8 +545,7 @@ def plot_curves(runs: pd.DataFrame, store: Store, path: str | Path) -> Path | No
     curves = loss_curves(runs, store)
     if curves.empty:
         return None
-    groups = curves["group"].nunique()
-    fig = Figure(figsize=(12, 4.8 + 0.1 * groups), layout="constrained")
+    fig = Figure(figsize=(12, 4.8 + 0.1 * curves["group"].nunique()), layout="constrained")
     for ax, metric in zip(fig.subplots(1, 2), CURVES):
         for label, line in curves[curves["metric"] == metric].groupby("group", sort=False):
             ax.plot(line["epoch"], line["mean"], marker=".", label=label)
