@@ -27,8 +27,10 @@ def test_best_skips_trials_without_a_value_and_counts_held_ones_as_skipped():
 
 
 def test_counts_the_planned_trials_when_tune_creates_them_one_at_a_time():
-    """With --max-concurrent 1 Tune had created one trial of 18 and the line read '0/1 done'."""
-    progress = CompactProgress("val_accuracy", "max", lambda config: "", total=18)
+    """With --max-concurrent 1 Tune had created one trial of 18 and the line read '0/1 done': the count is the total
+    Tune hands to setup()."""
+    progress = CompactProgress("val_accuracy", "max", lambda config: "")
+    progress.setup(start_time=None, total_samples=18, metric="val_accuracy", mode="max")  # as Tune calls it
     running = _trial(Trial.RUNNING, {"val_accuracy": 0.5}, 0.3)
     done = _trial(Trial.TERMINATED, {"val_accuracy": 0.6, "trial_status": "FINISHED"}, 0.3)
     line, state = progress.line([done, running])

@@ -322,9 +322,9 @@ def test_a_plugin_is_named_by_its_factory_path_in_the_params():
 def test_the_progress_line_names_a_plugin_by_its_factory_path(plugin):
     spec = parse_spec(f"name: p\nmodel: {{factory: '{plugin}:build'}}\ndataset: {{factory: '{plugin}:load'}}\n"
                       "space: {strategy: {grid: [l1, fpgm]}}\n")
-    describe = _progress_reporter(spec, 1, "sqlite:///unused.db", 4).describe
+    describe = _progress_reporter(spec, 1, "sqlite:///unused.db").describe
     assert describe({"trial": spec.grid_configs()[0]}) == f"model {plugin}:build, strategy l1, ratio 0.5"
-    table = _progress_reporter(spec, 2, "sqlite:///unused.db", 4)  # --verbose: Tune's table, a column per setting
+    table = _progress_reporter(spec, 2, "sqlite:///unused.db")  # --verbose: Tune's table, a column per setting
     assert table._parameter_columns["trial/model/factory"] == "model"
 
 

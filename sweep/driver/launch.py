@@ -68,7 +68,7 @@ def _trial_dirname(trial: Any) -> str:
     return f"trial_{trial.trial_id}"  # Tune's default puts the whole (nested, long) config into the folder name
 
 
-def _progress_reporter(spec: SweepSpec, verbose: int, uri: str, total: int) -> Any:
+def _progress_reporter(spec: SweepSpec, verbose: int, uri: str) -> Any:
     """One compact line (sweep.driver.progress); with --verbose, Tune's table of every trial."""
     from ray import tune
 
@@ -86,8 +86,7 @@ def _progress_reporter(spec: SweepSpec, verbose: int, uri: str, total: int) -> A
                     value = section_label(trial.get(section, {}))
                 values.append(f"{short.get(path, path)} {value}")
             return ", ".join(values)
-        return CompactProgress(spec.metric, spec.mode, describe, outage=functools.partial(down_for, uri),
-                               total=total)
+        return CompactProgress(spec.metric, spec.mode, describe, outage=functools.partial(down_for, uri))
     # a plug-in section that is not swept: Tune's table shows its factory path (its name is null)
     plugin = {f"{s}.name": f"{s}.factory" for s in ("model", "dataset")
               if s not in spec.space and not spec.trial[s].get("name") and spec.trial[s].get("factory")}
@@ -98,7 +97,7 @@ def _progress_reporter(spec: SweepSpec, verbose: int, uri: str, total: int) -> A
 
 
 def _new_tuner(spec: SweepSpec, param_space: dict, trainable: Any, experiment_path: str,
-               max_concurrent: int | None, verbose: int, uri: str, total: int) -> Any:
+               max_concurrent: int | None, verbose: int, uri: str) -> Any:
     from ray import tune
 
     scheduler = search = None
@@ -128,7 +127,7 @@ def _new_tuner(spec: SweepSpec, param_space: dict, trainable: Any, experiment_pa
         run_config=tune.RunConfig(
             # a launch path is <storage>/<name>/launches/<launch>, '/'-separated on object storage too
             name=experiment_path.rsplit("/", 1)[-1], storage_path=experiment_path.rsplit("/", 1)[0],
-            verbose=min(verbose, 1), progress_reporter=_progress_reporter(spec, verbose, uri, total),
+            verbose=min(verbose, 1), progress_reporter=_progress_reporter(spec, verbose, uri),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             # Ray snapshots the whole experiment state each time a trial has checkpointed num_to_keep times since
             # the last snapshot; with 1 that is every checkpoint, quadratic in trials. 2 halved Tune's wall for 300
@@ -336,8 +335,7 @@ def _launch(spec: SweepSpec, uri: str, storage: str, resume: bool, force: bool, 
             tuner = tune.Tuner.restore(experiment_path, trainable, resume_errored=True)
         else:
             grid = tune.grid_search(pending) if spec.search["algorithm"] == "grid" else spec.param_space()
-            tuner = _new_tuner(spec, {"trial": grid}, trainable, experiment_path, max_concurrent, verbose, uri,
-                               len(pending) or spec.num_trials())
+            tuner = _new_tuner(spec, {"trial": grid}, trainable, experiment_path, max_concurrent, verbose, uri)
         raycompat.retry_oom_killed_trials()  # else one OOM-killed trial raises out of fit and ends the sweep
         if verbose:
             print(f"{len(pending) or spec.num_trials()} trials on Ray; the first one to start trains the shared base "

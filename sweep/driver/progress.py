@@ -36,13 +36,14 @@ class CompactProgress(ProgressReporter):
     no stream attribute: sys.stdout is looked up when written to."""
 
     def __init__(self, metric: str, mode: str, describe: Callable[[dict], str], every_s: float = 10.0,
-                 outage: Callable[[], float | None] | None = None, total: int = 0):
+                 outage: Callable[[], float | None] | None = None):
         self.metric, self.mode, self.describe, self.every_s, self.outage = metric, mode, describe, every_s, outage
-        self.total = total  # the trials planned: with --max-concurrent Tune creates them one at a time
+        self.total = 0
         self.start, self.last_time, self.last_state = time.time(), 0.0, ""
 
-    def setup(self, start_time: float | None = None, **kwargs: Any) -> None:
-        self.start = start_time or time.time()
+    def setup(self, start_time: float | None = None, total_samples: int | None = None, **kwargs: Any) -> None:
+        # the trials planned, from Tune: with --max-concurrent it creates them one at a time
+        self.start, self.total = start_time or time.time(), total_samples or 0
 
     def line(self, trials: list) -> tuple[str, str]:
         """(the line, what it says apart from the clock: a change there is worth a new line in a log)."""
