@@ -269,8 +269,8 @@ def test_two_resumers_of_one_run_never_both_proceed(sqlite_uri):
     run = plain_client.get_run(first.run_id)
     assert claims.ADOPT_PREFIX + "A" not in run.data.tags and run.info.status == "FAILED"  # A withdrew
     # B's re-check (after A withdrew) finds no rival: B proceeds and owns R.
-    b_outcome = claims._recheck(plain_client, experiment_id, "cfgA", "B", 30)
-    assert b_outcome is None
+    runs = tracking.all_runs(plain_client, experiment_id, tracking.hash_filter("cfgA"))
+    assert claims._rivals(runs, "B", time.time(), 30) == ([], [])
 
 
 def test_a_forced_rerun_ignores_only_runs_finished_before_it(sqlite_uri):

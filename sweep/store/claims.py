@@ -1,11 +1,10 @@
 """Trial claims in the MLflow tracking store: two launches (or two machines) never run the same config at once.
 
-The claim is the trial's MLflow child run, RUNNING, tagged ``config_hash=H`` and carrying a lease
-(``sweep.lease_until``) that its holder renews from a daemon thread (:class:`Lease`); whoever next looks at H closes
-the run of a holder that stopped renewing, FAILED with the tags ``sweep.closed_by`` and ``sweep.closed_reason``.
-`claim_trial` answers *claimed* (train, then ``result.lease.release(status)``), *finished* or *held*. Everything goes
-through a `Store`, so it works alike on sqlite and on a tracking server. The protocol, and why two owners never both
-proceed on one config: docs/design.md, "The claim protocol".
+The claim is the trial's RUNNING MLflow child run tagged ``config_hash=H``, with a lease (``sweep.lease_until``) that
+its holder renews (:class:`Lease`); whoever next looks at H closes a run whose holder stopped renewing, FAILED with
+the tags ``sweep.closed_by`` and ``sweep.closed_reason``. `claim_trial` answers *claimed* (train, then
+``result.lease.release(status)``), *finished* or *held*. The protocol, and why two owners never both proceed on one
+config: docs/design.md, "The claim protocol".
 """
 
 from __future__ import annotations
@@ -56,11 +55,16 @@ def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-def _lease_until(run: Run) -> float | None:
+def _seconds(tag: str | None) -> float | None:
+    """A time tag's unix seconds; None if it is missing or not a number."""
     try:
-        return float(run.data.tags[LEASE_TAG])
-    except (KeyError, ValueError):
+        return float(tag)
+    except (TypeError, ValueError):
         return None
+
+
+def _lease_until(run: Run) -> float | None:
+    return _seconds(run.data.tags.get(LEASE_TAG))
 
 
 def _running_live(run: Run, now: float, lease_s: float) -> bool:
@@ -71,17 +75,11 @@ def _running_live(run: Run, now: float, lease_s: float) -> bool:
     return (run.info.start_time or 0) / 1000 + lease_s > now if until is None else until > now
 
 
-def _live_adopters(run: Run, now: float, except_owner: str | None = None) -> list[str]:
+def _adopted(run: Run, now: float, except_owner: str | None = None) -> bool:
+    """Whether run carries a live adopt tag (of an owner other than except_owner)."""
     skip = None if except_owner is None else ADOPT_PREFIX + _key_part(except_owner)
-    out = []
-    for key, value in run.data.tags.items():
-        if key.startswith(ADOPT_PREFIX) and key != skip:
-            try:
-                if float(value) > now:
-                    out.append(key[len(ADOPT_PREFIX):])
-            except ValueError:
-                continue
-    return out
+    return any(key.startswith(ADOPT_PREFIX) and key != skip and (_seconds(value) or 0) > now
+               for key, value in run.data.tags.items())
 
 
 def _close(store: StoreLike, run: Run, status: str, closer: str, reason: str) -> bool:
@@ -89,8 +87,7 @@ def _close(store: StoreLike, run: Run, status: str, closer: str, reason: str) ->
     that is adopting it, is left alone."""
     store = Store.of(store)
     fresh = store.get_run(run.info.run_id)
-    if fresh.info.status != "RUNNING" or _lease_until(fresh) != _lease_until(run) \
-            or _live_adopters(fresh, time.time()):
+    if fresh.info.status != "RUNNING" or _lease_until(fresh) != _lease_until(run) or _adopted(fresh, time.time()):
         return False
     run_id = run.info.run_id
     store.log_batch(run_id, tags=[RunTag(CLOSED_BY_TAG, closer), RunTag(CLOSED_REASON_TAG, reason)])
@@ -117,9 +114,8 @@ class Lease:
     def __init__(self, store: StoreLike, run_id: str, owner: str, lease_s: float = DEFAULT_LEASE_S):
         self.store, self.run_id, self.owner, self.lease_s = Store.of(store), run_id, owner, float(lease_s)
         self.until = time.time() + self.lease_s
-        self.lost = threading.Event()
+        self.lost, self._stop = threading.Event(), threading.Event()
         self.renewals = 0
-        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"lease-{run_id[:8]}", daemon=True)
 
     @classmethod
@@ -139,26 +135,21 @@ class Lease:
             self.run_id, tags=[RunTag(OWNER_TAG, self.owner), RunTag(LEASE_TAG, f"{until:.3f}")])
         self.until = until
 
-    def _renew_once(self) -> None:
-        run = self.store.bounded(3, self.lease_s / 6).get_run(self.run_id)
-        if run.info.status != "RUNNING" or run.data.tags.get(OWNER_TAG) != self.owner:
-            reason = run.data.tags.get(CLOSED_REASON_TAG, f"status {run.info.status}")
-            log.error("lease on run %s lost: %s", self.run_id, reason)
-            self.lost.set()
-            return
-        self._write()
-        self.renewals += 1
-
     def _loop(self) -> None:
-        while not self._stop.wait(self.lease_s / 3):
+        while not self.lost.is_set() and not self._stop.wait(self.lease_s / 3):
             try:
-                self._renew_once()
+                run = self.store.bounded(3, self.lease_s / 6).get_run(self.run_id)
+                if run.info.status != "RUNNING" or run.data.tags.get(OWNER_TAG) != self.owner:
+                    reason = run.data.tags.get(CLOSED_REASON_TAG, f"status {run.info.status}")
+                    log.error("lease on run %s lost: %s", self.run_id, reason)
+                    self.lost.set()
+                else:
+                    self._write()
+                    self.renewals += 1
             except Exception as error:  # a store hiccup: try again next period; lapse only when the lease runs out
                 log.warning("renewing the lease on run %s failed: %s", self.run_id, error)
                 if time.time() > self.until:
                     self.lost.set()
-            if self.lost.is_set():
-                return
 
     def check(self) -> None:
         """Raise LeaseLost if the claim was taken from us: call before recording a result."""
@@ -207,25 +198,11 @@ def _rivals(runs: list[Run], owner: str, now: float, lease_s: float,
             ignore_finished_before: float | None = None) -> tuple[list[Run], list[Run]]:
     """(FINISHED runs, other owners' live claims) among one config's runs. Our own registrations (a new run's owner
     tag, our adopt tag) never count, nor FINISHED runs that ended before ignore_finished_before (a forced rerun)."""
-    finished, live = [], []
-    for run in runs:
-        if run.info.status == "FINISHED":
-            if ignore_finished_before is None or (run.info.end_time or 0) / 1000 >= ignore_finished_before:
-                finished.append(run)
-        elif _live_adopters(run, now, except_owner=owner) or (
-                _running_live(run, now, lease_s) and run.data.tags.get(OWNER_TAG) != owner):
-            live.append(run)
+    finished = [run for run in runs if run.info.status == "FINISHED" and (
+        ignore_finished_before is None or (run.info.end_time or 0) / 1000 >= ignore_finished_before)]
+    live = [run for run in runs if run.info.status != "FINISHED" and (_adopted(run, now, except_owner=owner) or (
+        _running_live(run, now, lease_s) and run.data.tags.get(OWNER_TAG) != owner))]
     return finished, live
-
-
-def _recheck(store: StoreLike, experiment_id: str, config_hash: str, owner: str, lease_s: float,
-             ignore_finished_before: float | None = None) -> ClaimResult | str | None:
-    """After registering: a FINISHED run -> ClaimResult finished; a live rival -> its run id; none -> None."""
-    runs = Store.of(store).runs(experiment_id, tracking.hash_filter(config_hash))
-    finished, live = _rivals(runs, owner, time.time(), lease_s, ignore_finished_before)
-    if finished:
-        return ClaimResult("finished", finished[0].info.run_id)
-    return live[0].info.run_id if live else None
 
 
 def claim_trial(store: StoreLike, experiment_id: str, config_hash: str, owner: str,
@@ -245,13 +222,34 @@ def claim_trial(store: StoreLike, experiment_id: str, config_hash: str, owner: s
     store = Store.of(store)
     deadline = time.monotonic() + max(0.0, wait_s)
     poll = min(max(lease_s / 6, 0.2), 5.0)
+    adopt_key = ADOPT_PREFIX + _key_part(owner)
     closed: list[str] = []
-    attempts, yields = 0, 0
-    last_rival: str | None = None
-    for _ in range(max_attempts * 4 + int(wait_s / poll) + 2):  # every path through the loop sleeps or returns
+    attempts, rival = 0, None
+    mine, resume = None, None  # the run we registered on, until its re-check; the run we resume, if we do
+    for _ in range(max_attempts * 4 + int(wait_s / poll) + 2):  # every pass registers, sleeps or returns
         now = time.time()
         runs = store.runs(experiment_id, tracking.hash_filter(config_hash))
         finished, live = _rivals(runs, owner, now, lease_s, ignore_finished_before)
+        if mine is not None:  # the re-check after registering: ours unless a rival is visible now
+            if not finished and not live:
+                lease = Lease(store, mine, owner, lease_s)
+                if resume is not None:
+                    lease._write()  # owner and lease first, RUNNING next, the adopt tag last: visible throughout
+                    store.update_run(mine, status="RUNNING")
+                    clear_closed_tags(store, mine, resume)  # it was closed as dead; it lives again
+                    store.delete_tag(mine, adopt_key)
+                return ClaimResult("claimed", mine, lease.start(), closed, attempts)
+            rival = (finished or live)[0].info.run_id  # yield to it
+            if resume is None:  # ended KILLED, then deleted (it never ran anything)
+                store.set_tag(mine, CLOSED_REASON_TAG, f"yielded to {rival}")
+                store.set_terminated(mine, status="KILLED")
+                store.delete_run(mine)
+            else:
+                store.delete_tag(mine, adopt_key)
+            mine = None
+            if not finished:
+                time.sleep(random.uniform(0, backoff_s * 2 ** min(attempts, 4)))
+                continue
         if finished:
             return ClaimResult("finished", finished[0].info.run_id, None, closed, attempts)
         # close the dead: RUNNING, lease lapsed; ours from an earlier attempt when it is not the run we resume
@@ -269,9 +267,9 @@ def claim_trial(store: StoreLike, experiment_id: str, config_hash: str, owner: s
             if _close(store, run, "FAILED", owner, reason):
                 closed.append(rid)
         if live:
-            last_rival = live[0].info.run_id
+            rival = live[0].info.run_id
             if time.monotonic() + poll > deadline:
-                return ClaimResult("held", last_rival, None, closed, attempts)
+                return ClaimResult("held", rival, None, closed, attempts)
             time.sleep(poll)
             continue
         if attempts >= max_attempts:
@@ -279,34 +277,12 @@ def claim_trial(store: StoreLike, experiment_id: str, config_hash: str, owner: s
         attempts += 1
         # register: a new run, or our adopt tag on the run we resume (it cannot be created again)
         resume = next((r for r in runs if r.info.run_id == resume_run_id), None)
-        adopt_key = ADOPT_PREFIX + _key_part(owner)
         if resume is None:
-            run_id = create_run(claim_tags(config_hash, owner, lease_s))
+            mine = create_run(claim_tags(config_hash, owner, lease_s))
         else:
-            run_id = resume.info.run_id
-            store.set_tag(run_id, adopt_key, f"{time.time() + lease_s:.3f}")
-        outcome = _recheck(store, experiment_id, config_hash, owner, lease_s, ignore_finished_before)
-        if outcome is None:
-            lease = Lease(store, run_id, owner, lease_s)
-            if resume is not None:
-                lease._write()  # owner and lease first, RUNNING next, the adopt tag last: a claim is visible throughout
-                store.update_run(run_id, status="RUNNING")
-                clear_closed_tags(store, run_id, resume)  # it was closed as dead; it lives again
-                store.delete_tag(run_id, adopt_key)
-            return ClaimResult("claimed", run_id, lease.start(), closed, attempts)
-        last_rival = outcome.run_id if isinstance(outcome, ClaimResult) else outcome
-        if resume is None:  # yield: ended KILLED, then deleted (it never ran anything)
-            store.set_tag(run_id, CLOSED_REASON_TAG, f"yielded to {last_rival}")
-            store.set_terminated(run_id, status="KILLED")
-            store.delete_run(run_id)
-        else:
-            store.delete_tag(run_id, adopt_key)
-        if isinstance(outcome, ClaimResult):
-            outcome.closed, outcome.attempts = closed, attempts
-            return outcome
-        yields += 1
-        time.sleep(random.uniform(0, backoff_s * 2 ** min(yields, 4)))
-    return ClaimResult("held", last_rival, None, closed, attempts)
+            mine = resume.info.run_id
+            store.set_tag(mine, adopt_key, f"{time.time() + lease_s:.3f}")
+    return ClaimResult("held", rival, None, closed, attempts)
 
 
 def clear_closed_tags(store: StoreLike, run_id: str, run: Run | None = None) -> None:
@@ -354,16 +330,16 @@ def outlive_dead_launches(store: StoreLike, experiment_id: str, lease_s: float) 
             holder_alive(store, run.info.run_id, lease_s)
 
 
-def close_dead_runs(store: StoreLike, experiment_id: str, now: float | None = None, closer: str | None = None,
+def close_dead_runs(store: StoreLike, experiment_id: str, closer: str | None = None,
                     lease_s: float = DEFAULT_LEASE_S) -> list[str]:
     """Close every RUNNING run of the experiment whose holder is dead (`_running_live`); return their ids. Trial
     runs are ended FAILED (a later launch reruns the config), parent runs KILLED (as an interrupted launch is)."""
     store = Store.of(store)
-    now = time.time() if now is None else now
+    now = time.time()
     closer = closer or new_owner_id("closer")
     closed = []
     for run in store.runs(experiment_id, "attributes.status = 'RUNNING'"):
-        if _running_live(run, now, lease_s) or _live_adopters(run, now):
+        if _running_live(run, now, lease_s) or _adopted(run, now):
             continue
         status = "KILLED" if run.data.tags.get("sweep.role") == tracking.PARENT_ROLE else "FAILED"
         if _close(store, run, status, closer, _dead_reason(run, lease_s)):
