@@ -17,7 +17,6 @@ Modules are imported inside the commands: listing names or validating a spec sho
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import json
 import math
@@ -36,7 +35,6 @@ from sweep.errors import InputError
 USER_ERROR = 2
 FAILED = 1  # some trial failed after its retries, or something failed while running
 INTERRUPTED = 130  # the shell's code for Ctrl-C
-_TRACKING_HELP = "MLflow store (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
 
 
 def _checked(convert: Callable[[str], Any], ok: Callable[[Any], bool], kind: str, bad: str) -> Callable[[str], Any]:
@@ -90,127 +88,116 @@ def _json_mapping(text: str) -> dict:
     return value
 
 
+def _o(*flags: str, **settings: Any) -> tuple[tuple[str, ...], dict]:
+    return flags, settings
+
+
+_TRACKING = _o("--tracking-uri", help="MLflow store (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+_SPACE = _o("space", metavar="SPACE.yaml", help="its model, dataset, base and prune settings")
+_ANALYSIS = [  # sensitivity's and criteria's
+    _o("--batches", type=_positive_int, metavar="N",
+       help="held-out batches to measure on (default: the whole validation split)"),
+    _o("--experiment", help="MLflow experiment (default: <spec name>.<command>)"),
+    _o("--address", help="Ray cluster to join: 'auto' or ray://HOST:PORT (default: local Ray)"), _TRACKING,
+    _o("--storage", help="folder holding the spec's shared base models (default ./sweep_results)"),
+    _o("--out", default="reports", metavar="DIR", help="output folder (default: reports)")]
+# Each command: its help and its options.
+_PARSER = {
+    "run": ("run a sweep on Ray Tune (only the trials not finished yet)", [
+        _o("space", metavar="SPACE.yaml"),
+        _o("--address", help="Ray cluster to join: HEAD:6379, 'auto' or ray://HEAD:10001 (default: a local Ray)"),
+        _o("--connect-timeout", type=_positive_float, default=15.0, metavar="SECONDS",
+           help="give up on an --address that does not answer after this long (default 15)"), _TRACKING,
+        _o("--storage", help="Tune state, checkpoints and base models: a folder (default ./sweep_results; on a cluster "
+                             "one every node mounts) or object storage such as s3://BUCKET/sweeps"),
+        _o("--resume", action="store_true", help="restore the interrupted sweep from --storage"),
+        _o("--force", action="store_true", help="rerun trials that already finished"),
+        _o("--max-concurrent", type=_positive_int, metavar="N", help="at most N trials at once"),
+        _o("--quiet", action="store_true", help="no progress line"),
+        _o("--verbose", action="store_true", help="Ray Tune's table of every trial instead of one line")]),
+    "validate": ("check search spaces; print every problem", [_o("spaces", nargs="+", metavar="SPACE.yaml")]),
+    "report": ("tables and plots of a sweep's finished trials", [
+        _o("name", metavar="NAME", help="the sweep name (MLflow experiment)"), _TRACKING,
+        _o("--storage", help="the sweep's folder, as given to `sweep run` (default ./sweep_results)"),
+        _o("--out", metavar="DIR", help="output folder (default: <storage>/reports, where `sweep run` writes it)"),
+        # Which comparisons, and how they are corrected, is the spec's `report:` block, declared before the runs;
+        # each of these flags overrides it after the runs, and the report labels what it changed "post hoc".
+        _o("--reference", type=_names, metavar="STRATEGY[,...]", help="compare every strategy with these, seed by "
+           "seed (post hoc; default: the spec's report.references, else all pairs)"),
+        _o("--family", help="references | all_pairs: the comparisons corrected together (post hoc)"),
+        _o("--alpha", type=float, help="the family's error rate (post hoc; default 0.05)"),
+        _o("--correction", help="holm | bh | none (post hoc; default holm)"),
+        _o("--margin", type=float, metavar="POINTS",
+           help="equivalence margin in accuracy points (post hoc; default 1)"),
+        _o("--plan", type=_positive_float, metavar="DELTA",
+           help="also say how many seeds each comparison needs to detect DELTA accuracy points"),
+        _o("--runs-csv", metavar="RUNS.csv", help="report from a runs.csv written by an earlier report instead of "
+           "MLflow (no plot of layers, nothing logged); NAME is then only the title"),
+        _o("--register", metavar="MODEL_NAME",
+           help="register the best trial's pruned network in the MLflow Model Registry under this name"),
+        _o("--by", default="val_accuracy", metavar="METRIC",
+           help="what --register picks the best trial by (default val_accuracy; never a test metric)"),
+        _o("--launch", metavar="PARENT_RUN_ID",
+           help="--register chooses among this launch's trials only (its parent run id)"),
+        _o("--where", metavar="PARAM=VALUE,...",
+           help="--register chooses among the trials with these params only, e.g. strategy=l1,ratio=0.5")]),
+    "trial": ("run one trial here, without Ray (the first config of the space)", [
+        _o("space", metavar="CONFIG.yaml"), _TRACKING,
+        _o("--storage", help="folder holding the shared base models (default ./sweep_results)"),
+        _o("--force", action="store_true", help="run even if this config already has a FINISHED run; the new run "
+           "supersedes it (tag sweep.superseded_by, kept but left out of reports)")]),
+    "prune": ("prune one model and show what was removed (no training)", [
+        _o("--model", help="a name from `sweep models`"),
+        _o("--factory", metavar="PKG.MODULE:FUNCTION",
+           help="your own network: a function called with num_classes, in_channels and --kwargs"),
+        _o("--spec", metavar="SPACE.yaml", help="the model block of a search space (and, unless given below, its "
+           "dataset's classes, channels and size)"),
+        _o("--kwargs", type=_json_mapping, metavar="JSON",
+           help="keyword arguments for --factory, such as '{\"width\": 8}'"),
+        _o("--weights", help="torchvision weights name (such as DEFAULT) or checkpoint path"),
+        _o("--num-classes", type=_positive_int, help="(default 10, or the --spec dataset's)"),
+        _o("--in-channels", type=_positive_int, help="(default 3, or the --spec dataset's)"),
+        _o("--input-size", type=_positive_int, help="input height and width (default 32, or the --spec dataset's)"),
+        _o("--strategy", default="l1", help="a name from `sweep strategies` (default l1)"),
+        _o("--ratio", type=_fraction, default=0.5, help="fraction of channels or FLOPs to remove"),
+        _o("--scope", default="local", help="local (each layer) or global (ranked across layers)"),
+        _o("--target", default="channels", help="what --ratio counts: channels or flops"),
+        _o("--steps", type=_positive_int, default=1),
+        _o("--min-channels", type=_min_channels, default=1, help="per layer: a count or a fraction"),
+        _o("--round-to", type=_positive_int, default=1), _o("--seed", type=int, default=0),
+        _o("--out", metavar="PRUNED.pt", help="save the pruned model (plan + state_dict)")]),
+    "sensitivity": ("prune each layer group alone at several ratios (no fine-tune): accuracy per layer and ratio, "
+                    "and a suggested prune block", [
+        _SPACE, _o("--ratios", type=_fractions, metavar="R,R,...",
+                   help="fractions of each group's filters (default 0.1,0.2,...,0.9)"),
+        _o("--strategy", help="which filters go (default: the spec's prune.strategy)"),
+        _o("--tolerance", type=_tolerance, default=0.01,
+           help="accuracy drop the suggested block tolerates, a fraction (default 0.01)"), *_ANALYSIS]),
+    "criteria": ("rank correlation of each strategy's filter scores with the oracle (the loss change when each filter "
+                 "is removed), per layer", [
+        _SPACE, _o("--strategies", type=_names, metavar="S,S,...",
+                   help="strategies to judge (default: all but oracle)"),
+        _o("--layers", type=_layers, metavar="N|NAME,...",
+           help="how many layer groups (evenly spread), or their names (default: all)"), *_ANALYSIS]),
+    "models": ("list model names and whether the pruner handles each",
+               [_o("--names", action="store_true", help="names only, one a line (no pruner check)")]),
+    "strategies": ("list pruning strategies", []),
+}
+NETWORK = ("--model", "--factory", "--spec")  # sweep prune's network: exactly one of them
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sweep", description="Ray-distributed CNN pruning sweeps, tracked in MLflow.",
                                      allow_abbrev=False)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="print tracebacks instead of one-line errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    command = functools.partial(commands.add_parser, parents=[common])  # every command takes --debug
-
-    run = command("run", help="run a sweep on Ray Tune (only the trials not finished yet)")
-    run.add_argument("space", metavar="SPACE.yaml")
-    run.add_argument("--address", help="Ray cluster to join: HEAD:6379, 'auto' or ray://HEAD:10001 "
-                                       "(default: a local Ray)")
-    run.add_argument("--connect-timeout", type=_positive_float, default=15.0, metavar="SECONDS",
-                     help="give up on an --address that does not answer after this long (default 15)")
-    run.add_argument("--tracking-uri", help=_TRACKING_HELP)
-    run.add_argument("--storage", help="Tune state, checkpoints and base models: a folder (default ./sweep_results; "
-                                       "on a cluster one every node mounts) or object storage such as "
-                                       "s3://BUCKET/sweeps")
-    run.add_argument("--resume", action="store_true", help="restore the interrupted sweep from --storage")
-    run.add_argument("--force", action="store_true", help="rerun trials that already finished")
-    run.add_argument("--max-concurrent", type=_positive_int, metavar="N", help="at most N trials at once")
-    run.add_argument("--quiet", action="store_true", help="no progress line")
-    run.add_argument("--verbose", action="store_true", help="Ray Tune's table of every trial instead of one line")
-
-    validate = command("validate", help="check search spaces; print every problem")
-    validate.add_argument("spaces", nargs="+", metavar="SPACE.yaml")
-
-    report = command("report", help="tables and plots of a sweep's finished trials")
-    report.add_argument("name", metavar="NAME", help="the sweep name (MLflow experiment)")
-    report.add_argument("--tracking-uri", help=_TRACKING_HELP)
-    report.add_argument("--storage", help="the sweep's folder, as given to `sweep run` (default ./sweep_results)")
-    report.add_argument("--out", metavar="DIR", help="output folder (default: <storage>/reports, where `sweep run` "
-                                                     "writes it)")
-    # Which comparisons, and how they are corrected, is the spec's `report:` block, declared before the runs; each
-    # of these flags overrides it after the runs, and the report labels what it changed "post hoc".
-    report.add_argument("--reference", type=_names, metavar="STRATEGY[,...]",
-                        help="compare every strategy with these, seed by seed (post hoc; default: the spec's "
-                             "report.references, else all pairs)")
-    report.add_argument("--family", help="references | all_pairs: the comparisons corrected together (post hoc)")
-    report.add_argument("--alpha", type=float, help="the family's error rate (post hoc; default 0.05)")
-    report.add_argument("--correction", help="holm | bh | none (post hoc; default holm)")
-    report.add_argument("--margin", type=float, metavar="POINTS",
-                        help="equivalence margin in accuracy points (post hoc; default 1)")
-    report.add_argument("--plan", type=_positive_float, metavar="DELTA",
-                        help="also say how many seeds each comparison needs to detect DELTA accuracy points")
-    report.add_argument("--runs-csv", metavar="RUNS.csv",
-                        help="report from a runs.csv written by an earlier report instead of MLflow (no plot of "
-                             "layers, nothing logged); NAME is then only the title")
-    report.add_argument("--register", metavar="MODEL_NAME",
-                        help="register the best trial's pruned network in the MLflow Model Registry under this name")
-    report.add_argument("--by", default="val_accuracy", metavar="METRIC",
-                        help="what --register picks the best trial by (default val_accuracy; never a test metric)")
-    report.add_argument("--launch", metavar="PARENT_RUN_ID",
-                        help="--register chooses among this launch's trials only (its parent run id)")
-    report.add_argument("--where", metavar="PARAM=VALUE,...",
-                        help="--register chooses among the trials with these params only, e.g. strategy=l1,ratio=0.5")
-
-    trial = command("trial", help="run one trial here, without Ray (the first config of the space)")
-    trial.add_argument("space", metavar="CONFIG.yaml")
-    trial.add_argument("--tracking-uri", help=_TRACKING_HELP)
-    trial.add_argument("--storage", help="folder holding the shared base models (default ./sweep_results)")
-    trial.add_argument("--force", action="store_true", help="run even if this config already has a FINISHED run; "
-                       "the new run supersedes it (tag sweep.superseded_by, kept but left out of reports)")
-
-    prune = command("prune", help="prune one model and show what was removed (no training)")
-    network = prune.add_mutually_exclusive_group(required=True)
-    network.add_argument("--model", help="a name from `sweep models`")
-    network.add_argument("--factory", metavar="PKG.MODULE:FUNCTION",
-                         help="your own network: a function called with num_classes, in_channels and --kwargs")
-    network.add_argument("--spec", metavar="SPACE.yaml", help="the model block of a search space (and, unless given "
-                                                             "below, its dataset's classes, channels and size)")
-    prune.add_argument("--kwargs", type=_json_mapping, metavar="JSON", help="keyword arguments for --factory, such "
-                                                                            "as '{\"width\": 8}'")
-    prune.add_argument("--weights", help="torchvision weights name (such as DEFAULT) or checkpoint path")
-    prune.add_argument("--num-classes", type=_positive_int, help="(default 10, or the --spec dataset's)")
-    prune.add_argument("--in-channels", type=_positive_int, help="(default 3, or the --spec dataset's)")
-    prune.add_argument("--input-size", type=_positive_int, help="input height and width (default 32, or the --spec "
-                                                                "dataset's)")
-    prune.add_argument("--strategy", default="l1", help="a name from `sweep strategies` (default l1)")
-    prune.add_argument("--ratio", type=_fraction, default=0.5, help="fraction of channels or FLOPs to remove")
-    prune.add_argument("--scope", default="local", help="local (each layer) or global (ranked across layers)")
-    prune.add_argument("--target", default="channels", help="what --ratio counts: channels or flops")
-    prune.add_argument("--steps", type=_positive_int, default=1)
-    prune.add_argument("--min-channels", type=_min_channels, default=1, help="per layer: a count or a fraction")
-    prune.add_argument("--round-to", type=_positive_int, default=1)
-    prune.add_argument("--seed", type=int, default=0)
-    prune.add_argument("--out", metavar="PRUNED.pt", help="save the pruned model (plan + state_dict)")
-
-    sensitivity = command("sensitivity", help="prune each layer group alone at several ratios (no "
-                          "fine-tune): accuracy per layer and ratio, and a suggested prune block")
-    sensitivity.add_argument("space", metavar="SPACE.yaml", help="its model, dataset, base and prune settings")
-    sensitivity.add_argument("--ratios", type=_fractions, metavar="R,R,...",
-                             help="fractions of each group's filters (default 0.1,0.2,...,0.9)")
-    sensitivity.add_argument("--strategy", help="which filters go (default: the spec's prune.strategy)")
-    sensitivity.add_argument("--tolerance", type=_tolerance, default=0.01,
-                             help="accuracy drop the suggested block tolerates, a fraction (default 0.01)")
-    _analysis_options(sensitivity)
-
-    criteria = command("criteria", help="rank correlation of each strategy's filter scores with the "
-                       "oracle (the loss change when each filter is removed), per layer")
-    criteria.add_argument("space", metavar="SPACE.yaml", help="its model, dataset, base and prune settings")
-    criteria.add_argument("--strategies", type=_names, metavar="S,S,...",
-                          help="strategies to judge (default: all but oracle)")
-    criteria.add_argument("--layers", type=_layers, metavar="N|NAME,...",
-                          help="how many layer groups (evenly spread), or their names (default: all)")
-    _analysis_options(criteria)
-
-    models = command("models", help="list model names and whether the pruner handles each")
-    models.add_argument("--names", action="store_true", help="names only, one a line (no pruner check)")
-    command("strategies", help="list pruning strategies")
+    for name, (text, options) in _PARSER.items():
+        command = commands.add_parser(name, parents=[common], help=text)  # every command takes --debug
+        network = command.add_mutually_exclusive_group(required=True) if name == "prune" else command
+        for flags, settings in options:
+            (network if flags[0] in NETWORK else command).add_argument(*flags, **settings)
     return parser
-
-
-def _analysis_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batches", type=_positive_int, metavar="N",
-                        help="held-out batches to measure on (default: the whole validation split)")
-    parser.add_argument("--experiment", help="MLflow experiment (default: <spec name>.<command>)")
-    parser.add_argument("--address", help="Ray cluster to join: 'auto' or ray://HOST:PORT (default: local Ray)")
-    parser.add_argument("--tracking-uri", help=_TRACKING_HELP)
-    parser.add_argument("--storage", help="folder holding the spec's shared base models (default ./sweep_results)")
-    parser.add_argument("--out", default="reports", metavar="DIR", help="output folder (default: reports)")
 
 
 # --- commands -------------------------------------------------------------------------------------------------
