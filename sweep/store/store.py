@@ -9,27 +9,12 @@ from __future__ import annotations
 import functools
 import gc
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from sweep.store.client import RETRY_ATTEMPTS, RETRY_SECONDS, with_retry
-
-
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Python's cyclic GC off for the block: the collections that a search's ~100 SQLAlchemy objects a run trigger
-    took most of a large search's time (docs/benchmarks/scale.md); cycles are collected once it is back on."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 class Store:
@@ -59,21 +44,23 @@ class Store:
         return functools.partial(with_retry, value, attempts=self.attempts, seconds=self.seconds) if callable(value) \
             else value
 
-    def connect(self) -> None:
-        """One query: creates a fresh database's schema, and fails here on a store that cannot be opened."""
-        self.search_experiments(max_results=1)
-
     def experiment_id(self, name: str) -> str | None:
         """The id of the active experiment `name`; None if there is none or it is deleted."""
         experiment = self.get_experiment_by_name(name)
         return None if experiment is None or experiment.lifecycle_stage == "deleted" else experiment.experiment_id
 
-    def runs(self, experiment_id: str, filter_string: str = "", max_results: int | None = None) -> list[Run]:
+    def runs(self, experiment_id: str | None, filter_string: str = "", max_results: int | None = None) -> list[Run]:
         """Every active run of an experiment matching filter_string, newest first (follows MLflow's pagination);
-        max_results: only the newest that many."""
+        max_results: only the newest that many. No experiment (None): no runs."""
+        if experiment_id is None:
+            return []
         runs: list[Run] = []
         token = None
-        with _gc_paused():
+        # Python's cyclic GC off meanwhile: the collections that a search's ~100 SQLAlchemy objects a run trigger took
+        # most of a large search's time (docs/benchmarks/scale.md); cycles are collected once it is back on.
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
             while True:
                 page = self.search_runs([experiment_id], filter_string=filter_string,
                                         order_by=["attributes.start_time DESC"], page_token=token,
@@ -82,6 +69,9 @@ class Store:
                 token = page.token
                 if not token or (max_results and len(runs) >= max_results):
                     return runs[:max_results] if max_results else runs
+        finally:
+            if was_enabled:
+                gc.enable()
 
     def create_run(self, experiment_id: str, tags: dict[str, str], run_name: str | None = None) -> Run:
         """MlflowClient.create_run with the tags second (its second parameter is start_time)."""

@@ -5,6 +5,7 @@ Everything goes through a `Store` (sweep.store.store); a function here that take
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -32,14 +33,12 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 PARENT_ROLE = "parent"
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
 MAX_PARAM_CHARS = 500
-_NOT_PARAMS = {"name"}  # not a param: "name" is the experiment (tag sweep.name)
+STORE_LOCK_SECONDS = 300.0
+FINISHED = "attributes.status = 'FINISHED'"
 
 
 def _sqlite_path(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
-
-
-STORE_LOCK_SECONDS = 300.0
 
 
 def store_exists(uri: str) -> bool:
@@ -53,18 +52,13 @@ def init_store(uri: str) -> None:
     two launches on one fresh sqlite file (alembic: "expected to match one row when updating ... in
     'alembic_version'"), hence a file lock beside the database. A server created its schema itself."""
     db = _sqlite_path(uri)
-    lock = None if db is None or not db.parent.is_dir() else FileLock(f"{db}.lock", timeout=STORE_LOCK_SECONDS)
-    try:
-        if lock is not None:
-            lock.acquire()
-    except (Timeout, OSError) as error:  # a read-only folder (the store exists) or a stuck lock holder: go on unlocked
-        log.warning("could not lock %s.lock (%s); opening the store without it", db, error)
-        lock = None
-    try:
-        Store(uri).connect()  # a missing folder fails here
-    finally:
-        if lock is not None:
-            lock.release()
+    with contextlib.ExitStack() as stack:
+        if db is not None and db.parent.is_dir():
+            try:
+                stack.enter_context(FileLock(f"{db}.lock", timeout=STORE_LOCK_SECONDS))
+            except (Timeout, OSError) as error:  # a read-only folder (the store exists) or a stuck lock holder
+                log.warning("could not lock %s.lock (%s); opening the store without it", db, error)
+        Store(uri).search_experiments(max_results=1)  # creates a fresh database's schema; a missing folder fails here
 
 
 def config_hash(trial_config: dict) -> str:
@@ -94,12 +88,9 @@ def flat_params(trial_config: dict) -> dict[str, str]:
     for key, value in trial_config.items():
         if isinstance(value, dict):
             flat.update({f"{key}.{leaf}": setting for leaf, setting in value.items() if setting != {}})  # {}: unset
-        elif key not in _NOT_PARAMS:
+        elif key != "name":  # not a param: "name" is the experiment (tag sweep.name)
             flat[key] = value
-    params: dict[str, str] = {}
-    for name, dotted in PARAMS.items():
-        if dotted in flat:
-            params[name] = _param_value(flat.pop(dotted))
+    params = {name: _param_value(flat.pop(dotted)) for name, dotted in PARAMS.items() if dotted in flat}
     for section in ("model", "dataset"):  # a plug-in is named by its factory path, not "None"
         if isinstance(trial_config.get(section), dict) and section in params:
             params[section] = _param_value(section_label(trial_config[section]))
@@ -128,22 +119,16 @@ def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_.") or "experiment"
 
 
-def _artifact_location(uri: str, name: str) -> str | None:
-    # Keep a sqlite store self-contained: artifacts beside the .db file, not in whatever cwd created the experiment.
-    db = _sqlite_path(uri)
-    if db is None:
-        return None  # a server or database store decides its own artifact root
-    return (db.parent / "mlruns" / safe_name(name)).as_uri()
-
-
 def get_or_create_experiment(store: StoreLike, name: str) -> str:
     """Experiment id for `name`, creating it if needed (safe when several processes race to create it)."""
     store = Store.of(store)
     experiment = store.get_experiment_by_name(name)
     if experiment is None:
-        try:
-            location = _artifact_location(store.tracking_uri, name)
-            # the UI opens on the trials: experiment kind and a saved comparison view (sweep.store.view)
+        # A sqlite store keeps its artifacts beside the .db file, not in whatever cwd created the experiment; a server
+        # or database store decides its own artifact root.
+        db = _sqlite_path(store.tracking_uri)
+        location = None if db is None else (db.parent / "mlruns" / safe_name(name)).as_uri()
+        try:  # the UI opens on the trials: experiment kind and a saved comparison view (sweep.store.view)
             return store.create_experiment(name, location, experiment_tags())
         except MlflowException as exc:
             if "already exists" not in str(exc).lower() and exc.error_code != "RESOURCE_ALREADY_EXISTS":
@@ -175,32 +160,24 @@ def start_parent_run(store: StoreLike, experiment: str, spec_text: str, tags: di
     """Open the launch's parent run (tag sweep.role=parent, artifact spec.yaml) and return its id."""
     store = Store.of(store)
     experiment_id = get_or_create_experiment(store, experiment)
-    run_tags = {**_base_tags(), "sweep.name": experiment, "sweep.role": PARENT_ROLE}
-    run_tags.update({key: str(value) for key, value in (tags or {}).items()})
-    run_name = f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_id = store.create_run(experiment_id, run_tags, run_name).info.run_id
+    run_tags = {**_base_tags(), "sweep.name": experiment, "sweep.role": PARENT_ROLE,
+                **{key: str(value) for key, value in (tags or {}).items()}}
+    run_id = store.create_run(experiment_id, run_tags, f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}").info.run_id
     store.log_batch(run_id, params=[Param("sweep.name", experiment)])
     store.log_text(run_id, spec_text, "spec.yaml")
     return run_id
 
 
-def _check_status(status: str) -> None:
+def end_run(store: StoreLike, run_id: str, status: str = "FINISHED") -> None:
     if status not in TERMINAL_STATUSES:
         raise ValueError(f"run status {status!r} is invalid: use one of {', '.join(TERMINAL_STATUSES)}")
-
-
-def end_run(store: StoreLike, run_id: str, status: str = "FINISHED") -> None:
-    _check_status(status)
     Store.of(store).set_terminated(run_id, status)
 
 
 def child_runs(store: StoreLike, experiment: str, filter_string: str = "") -> list[Run]:
     """Trial runs (not parents) of an experiment matching filter_string, newest first; [] if it does not exist."""
     store = Store.of(store)
-    experiment_id = store.experiment_id(experiment)
-    if experiment_id is None:
-        return []
-    runs = store.runs(experiment_id, filter_string)
+    runs = store.runs(store.experiment_id(experiment), filter_string)
     return [r for r in runs if r.data.tags.get("sweep.role") != PARENT_ROLE and "config_hash" in r.data.tags]
 
 
@@ -212,10 +189,7 @@ def running_parents(store: StoreLike, experiment_id: str) -> list[Run]:
 def newest_parent_run(store: StoreLike, experiment: str) -> str | None:
     """Run id of the latest launch's parent run, or None."""
     store = Store.of(store)
-    experiment_id = store.experiment_id(experiment)
-    if experiment_id is None:
-        return None
-    parents = store.runs(experiment_id, f"tags.`sweep.role` = '{PARENT_ROLE}'")
+    parents = store.runs(store.experiment_id(experiment), f"tags.`sweep.role` = '{PARENT_ROLE}'", max_results=1)
     return parents[0].info.run_id if parents else None
 
 
@@ -230,18 +204,15 @@ def finished_trials(store: StoreLike, experiment: str, hashes: list[str] | None 
     With `hashes` (at most FINISHED_LOOKUP_MAX), only those configs are looked up, one filtered query each, so a
     small launch into an experiment of 10,000 runs does not read them all; otherwise (or without) one full scan."""
     store = Store.of(store)
+    done: dict[str, str] = {}
     if hashes is not None and len(hashes) <= FINISHED_LOOKUP_MAX:
         experiment_id = store.experiment_id(experiment)
-        if experiment_id is None:
-            return {}
-        done = {}
-        for chash in dict.fromkeys(hashes):
-            runs = store.runs(experiment_id, f"{hash_filter(chash)} and attributes.status = 'FINISHED'", max_results=1)
+        for chash in dict.fromkeys(hashes) if experiment_id is not None else ():
+            runs = store.runs(experiment_id, f"{hash_filter(chash)} and {FINISHED}", max_results=1)
             if runs:
                 done[chash] = runs[0].info.run_id
         return done
-    done: dict[str, str] = {}
-    for run in child_runs(store, experiment, "attributes.status = 'FINISHED'"):
+    for run in child_runs(store, experiment, FINISHED):
         done.setdefault(run.data.tags["config_hash"], run.info.run_id)  # runs come newest first
     return done
 
@@ -251,7 +222,7 @@ def supersede_earlier(store: StoreLike, experiment: str, config_hash: str, run_i
     SUPERSEDED_TAG=<run_id> (kept, never deleted) and left out of reports, the saved UI view and registration.
     Returns the runs it tagged. Called only after run_id finished, so a failed rerun leaves the earlier run current."""
     store = Store.of(store)
-    earlier = child_runs(store, experiment, f"{hash_filter(config_hash)} and attributes.status = 'FINISHED' "
+    earlier = child_runs(store, experiment, f"{hash_filter(config_hash)} and {FINISHED} "
                                             f"and tags.`{SUPERSEDED_TAG}` IS NULL")
     replaced = [run.info.run_id for run in earlier if run.info.run_id != run_id]
     for old in replaced:
@@ -264,22 +235,18 @@ def current(runs: list[Run]) -> list[Run]:
     return [run for run in runs if SUPERSEDED_TAG not in run.data.tags]
 
 
-def close_children(store: StoreLike, experiment: str, parent_run_id: str, status: str = "KILLED") -> None:
-    """End the parent's child runs still RUNNING: stopped from outside (ASHA, Ctrl-C) when its launch ends."""
-    _check_status(status)
+def close_children(store: StoreLike, experiment: str, parent_run_id: str) -> None:
+    """End KILLED the parent's child runs still RUNNING: stopped from outside (ASHA, Ctrl-C) when its launch ends."""
     store = Store.of(store)
-    running = child_runs(store, experiment,
-                         f"attributes.status = 'RUNNING' and tags.`mlflow.parentRunId` = '{parent_run_id}'")
-    for run in running:
-        store.set_terminated(run.info.run_id, status)
+    for run in child_runs(store, experiment,
+                          f"attributes.status = 'RUNNING' and tags.`mlflow.parentRunId` = '{parent_run_id}'"):
+        store.set_terminated(run.info.run_id, "KILLED")
 
 
 def find_trial_run(store: StoreLike, experiment: str, config_hash: str, parent_run_id: str | None) -> str | None:
     """The newest unfinished child run of this parent for this config: a retried trial continues it."""
-    for run in child_runs(store, experiment, hash_filter(config_hash)):
-        if run.info.status != "FINISHED" and run.data.tags.get("mlflow.parentRunId") == parent_run_id:
-            return run.info.run_id
-    return None
+    return next((run.info.run_id for run in child_runs(store, experiment, hash_filter(config_hash))
+                 if run.info.status != "FINISHED" and run.data.tags.get("mlflow.parentRunId") == parent_run_id), None)
 
 
 def _run_name(trial_config: dict) -> str:
@@ -305,7 +272,7 @@ def recorded_result(store: StoreLike, experiment: str, config_hash: str, run_id:
         return dict(run.data.metrics) if run.info.status == "FINISHED" else None
     if rerun:
         return None
-    runs = child_runs(store, experiment, f"{hash_filter(config_hash)} and attributes.status = 'FINISHED'")
+    runs = child_runs(store, experiment, f"{hash_filter(config_hash)} and {FINISHED}")
     return dict(runs[0].data.metrics) if runs else None
 
 
@@ -333,9 +300,8 @@ class TrialRun:
             "mlflow.runName": _run_name(trial_config),
             COLOR_TAG: run_color(trial_config.get("prune", {}).get("strategy")),  # charts colour trials by strategy
             **(tags or {}),
+            **({} if parent_run_id is None else {"mlflow.parentRunId": parent_run_id}),
         }
-        if parent_run_id is not None:
-            run_tags["mlflow.parentRunId"] = parent_run_id
         experiment_id = get_or_create_experiment(store, experiment)
         trial_run = cls(store, store.create_run(experiment_id, run_tags, run_tags["mlflow.runName"]).info.run_id)
         trial_run.log_params(flat_params(trial_config))
@@ -380,4 +346,3 @@ class TrialRun:
 
     def finish(self, status: str = "FINISHED") -> None:
         end_run(self.store, self.run_id, status)
-
