@@ -1,10 +1,6 @@
-"""`batches`: iterate a split, one `for` an epoch.
-
-    for x, y in batches(splits.train, 128, train=True, device="cuda"):
-        ...
-
-A TensorImages split moves to the device once and is augmented, resized and normalised there with batched tensor
-ops: no DataLoader, no workers, no per-image Python. Any other split goes through a DataLoader with workers.
+"""`batches`: iterate a split, one `for` an epoch. A TensorImages split moves to the device once and is augmented,
+resized and normalised there with batched tensor ops: no DataLoader, no workers, no per-image Python. Any other split
+goes through a DataLoader with workers.
 """
 
 from __future__ import annotations

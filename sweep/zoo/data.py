@@ -1,10 +1,7 @@
-"""Datasets: a registry of loaders that return train/val/test splits, and your own through a factory.
+"""Datasets: a registry of loaders that return train/val/test splits (`load_dataset`), and your own through a factory.
 
-    splits = load_dataset("cifar10", root="data", image_size=32)      # DataError names the field and the fix
-
-How a split holds its images is sweep.zoo.images; iterating one, sweep.zoo.batching. torchvision is used to download
-(download: true) and to scan folders; the files themselves are read here, so local copies need no checksums to match
-(MNIST's .gz may stay compressed, a CIFAR copy may be re-packed).
+torchvision downloads (download: true) and scans folders; the files themselves are read here, so local copies need no
+checksums to match (MNIST's .gz may stay compressed, a CIFAR copy may be re-packed).
 """
 
 from __future__ import annotations
@@ -50,17 +47,8 @@ class DataSplits:
     test: Dataset
     # Image files left out because they cannot be read (at most MAX_BAD_FRACTION of them): record their count.
     skipped_files: list[str] = _field(default_factory=list)
-    # Where val comes from: "train" (held out of it), "dataset" (its own validation split) or "test" (carved from
-    # test, because the base's weights were trained on this dataset's training images: see `load_dataset`)
-    val_source: str = "train"
+    val_source: str = "train"  # "train" (held out of it), "dataset" (its own), "test" (load_dataset's val_from_test)
 
-
-# Per-dataset channel mean and std of the training images in [0, 1].
-_DIGITS_STATS = ((0.3053,), (0.3760,))
-_MNIST_STATS = ((0.1307,), (0.3081,))
-_FASHION_STATS = ((0.2860,), (0.3530,))
-_CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
-_CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 
 MAX_BAD_FRACTION = 0.01  # unreadable image files a file-based dataset may lose (skipped, counted); more is an error
 # The seed that carves validation out of the test split: the same images for every trial seed, so each seed's
@@ -92,18 +80,6 @@ def _carved_from_test(splits: DataSplits, val_fraction: float, where: str) -> Da
     return replace(splits, val=splits.test.subset(held), test=splits.test.subset(kept), val_source="test")
 
 
-def _with_validation(official: DataSplits, val_fraction: float, seed: int) -> DataSplits:
-    """A dataset's own validation split as it is; else val_fraction of train held out, deterministic in seed."""
-    if official.val is not None:
-        return replace(official, val_source="dataset")
-    train = official.train
-    kept, held = _holdout(train.labels, val_fraction, seed)
-    if val_fraction > 0 and len(held) == 0:
-        raise DataError(f"dataset.val_fraction: {val_fraction} of {len(train)} training examples holds out none; "
-                        f"raise val_fraction or use more data")
-    return replace(official, train=train.subset(kept), val=train.subset(held))
-
-
 # ---------------------------------------------------------------------------------------------------- loaders
 
 def _missing(root: Path, name: str, expected: Path, fix: str = "pass dataset.root or set SWEEP_DATA, or download: true"
@@ -120,7 +96,7 @@ def _digits(root: Path, download: bool, image_size: int | None) -> DataSplits:
     digits = load_digits()
     images = torch.from_numpy(digits.images * (255 / 16)).round().to(torch.uint8).unsqueeze(1)  # 0..16 -> 0..255
     labels = torch.from_numpy(digits.target).long()
-    whole = TensorImages(images, labels, _DIGITS_STATS, image_size or 8, pad=1, flip=False)
+    whole = TensorImages(images, labels, ((0.3053,), (0.3760,)), image_size or 8, pad=1, flip=False)
     # No official test split: hold out 20% with a fixed seed, so every seed's final number is on the same images.
     rest, test = _holdout(labels, 0.2, seed=0)
     return DataSplits("digits", 10, 1, whole.image_size, whole.subset(rest), None, whole.subset(test))
@@ -203,11 +179,8 @@ def _cifar(name: str, tv_class: type, train_files: list[str], test_files: list[s
 
 
 def _file_splits(name: str, parts: list[list[tuple[str, int]]], size: int) -> tuple[list[FileImages], list[str]]:
-    """FileImages of each part's (path, label) samples, without unreadable files, and the paths left out.
-
-    Every file's header is checked first: unreadable files (up to MAX_BAD_FRACTION of all) are left out of every
-    split, the same ones in every trial; more than that is a DataError naming the first.
-    """
+    """FileImages of each part's (path, label) samples and the paths left out: unreadable files (up to
+    MAX_BAD_FRACTION of all) are left out of every split, the same ones in every trial; more is a DataError."""
     bad = [(path, why) for part in parts for path, _ in part if (why := unreadable(path)) is not None]
     total = sum(map(len, parts))
     allowed = math.floor(total * MAX_BAD_FRACTION)
@@ -235,10 +208,8 @@ def _folder(path: Path, classes: list[str] | None = None) -> tvd.ImageFolder:
 
 
 def _imagefolder(root: Path, download: bool, image_size: int | None) -> DataSplits:
-    """Local images in root/train/<class>/ and root/test/<class>/ or root/val/<class>/ (or all three).
-
-    With only train/ and val/, val/ is the test split (as in hymenoptera) and validation is held out of train/.
-    """
+    """Local images in root/train/<class>/ and root/test/<class>/ or root/val/<class>/ (or all three). With only
+    train/ and val/, val/ is the test split (as in hymenoptera) and validation is held out of train/."""
     test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
     if not (root / "train").is_dir() or test_dir is None:
         raise _missing(root, "imagefolder", root / ("train" if test_dir else "test"),
@@ -253,10 +224,8 @@ def _imagefolder(root: Path, download: bool, image_size: int | None) -> DataSpli
 
 
 def _flowers102(root: Path, download: bool, image_size: int | None) -> DataSplits:
-    """Oxford 102 Flowers in ROOT/flowers-102/ (jpg/, imagelabels.mat, setid.mat), torchvision's layout.
-
-    It ships its own validation split (10 images per class), used as is: val_fraction does not apply.
-    """
+    """Oxford 102 Flowers in ROOT/flowers-102/ (jpg/, imagelabels.mat, setid.mat), torchvision's layout. Its own
+    validation split (10 images per class) is used as is: val_fraction does not apply."""
     from scipy.io import loadmat
 
     base = root / "flowers-102"
@@ -293,13 +262,15 @@ def _oxford_pets(root: Path, download: bool, image_size: int | None) -> DataSpli
     return DataSplits("oxford_pets", 37, 3, size, trainval, None, test, skipped)
 
 
+# The tensor sets' stats: per-channel mean and std of their training images in [0, 1].
 DATASETS: dict[str, Callable[..., DataSplits]] = {
     "digits": _digits,
-    "mnist": partial(_idx, "mnist", tvd.MNIST, _MNIST_STATS),
-    "fashion_mnist": partial(_idx, "fashion_mnist", tvd.FashionMNIST, _FASHION_STATS),
+    "mnist": partial(_idx, "mnist", tvd.MNIST, ((0.1307,), (0.3081,))),
+    "fashion_mnist": partial(_idx, "fashion_mnist", tvd.FashionMNIST, ((0.2860,), (0.3530,))),
     "cifar10": partial(_cifar, "cifar10", tvd.CIFAR10, [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
-                       "labels", 10, _CIFAR10_STATS),
-    "cifar100": partial(_cifar, "cifar100", tvd.CIFAR100, ["train"], ["test"], "fine_labels", 100, _CIFAR100_STATS),
+                       "labels", 10, ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))),
+    "cifar100": partial(_cifar, "cifar100", tvd.CIFAR100, ["train"], ["test"], "fine_labels", 100,
+                        ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))),
     "flowers102": _flowers102,
     "oxford_pets": _oxford_pets,
     "imagefolder": _imagefolder,
@@ -438,15 +409,12 @@ def load_dataset(name: str | None, root: str | None = None, download: bool = Fal
     official training split (validation is carved from those, val_fraction of them); test_limit cuts the test
     split. Both are drawn per class, deterministic in seed. stats (mean, std) replaces the dataset's own
     normalisation, for weights that were trained with another one. image_size, download and stats do not apply to a
-    factory: its own transforms decide the input.
+    factory: its own transforms decide the input. official: the splits `load_official` returned (perhaps in another
+    process, through sweep.worker.shared_data), carved without loading them again.
 
-    official: the splits `load_official(name, root, download, image_size)` returned (perhaps in another process,
-    through sweep.worker.shared_data), to carve this seed's splits out of without loading them again.
-
-    val_from_test: the network starts from weights trained on this dataset's training images (sweep.zoo.models.
-    weights_trained_on), so validation held out of train would be images it memorised. Validation is then
-    val_fraction of the test split instead (per class, the same images for every seed), disjoint from the images left
-    for test, which shrinks by as many; train stays whole and `limit` cuts only train. `val_source` says which.
+    val_from_test (the starting weights were trained on this dataset's training images, so validation held out of
+    train would be images the network memorised): validation is val_fraction of the test split instead (per class,
+    the same images for every seed), disjoint from the test images left; train stays whole, `limit` cuts only train.
     """
     if not 0 <= val_fraction < 1:
         raise DataError(f"dataset.val_fraction: {val_fraction} is outside [0, 1); use a fraction such as 0.1")
@@ -465,8 +433,14 @@ def load_dataset(name: str | None, root: str | None = None, download: bool = Fal
             official = load_official(name, root, download, image_size)
         if val_from_test:
             splits = _carved_from_test(replace(official, val=None), val_fraction, "dataset.name")
-        else:
-            splits = _with_validation(official, val_fraction, seed)
+        elif official.val is not None:  # a dataset's own validation split, as it is
+            splits = replace(official, val_source="dataset")
+        else:  # val_fraction of train held out, deterministic in seed
+            kept, held = _holdout(official.train.labels, val_fraction, seed)
+            if val_fraction > 0 and len(held) == 0:
+                raise DataError(f"dataset.val_fraction: {val_fraction} of {len(official.train)} training examples "
+                                f"holds out none; raise val_fraction or use more data")
+            splits = replace(official, train=official.train.subset(kept), val=official.train.subset(held))
     if limit is not None and splits.val_source == "test":
         splits = replace(splits, train=_take(splits.train, limit, seed))
     elif limit is not None:

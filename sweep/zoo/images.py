@@ -1,10 +1,5 @@
-"""How a split holds its images, and reading image files.
-
-- TensorImages: the whole split as one uint8 tensor at native resolution (digits, MNIST, CIFAR, small photos);
-  sweep.zoo.batching augments, resizes and normalises it on the device in whole batches.
-- FileImages: image files decoded per item (ImageFolder, Flowers102, Oxford-IIIT Pet), through a DataLoader.
-Indexing a split gives the evaluation view (resized, normalised, never augmented).
-"""
+"""How a split holds its images (TensorImages, FileImages), and reading image files. Indexing a split gives the
+evaluation view (resized, normalised, never augmented)."""
 
 from __future__ import annotations
 
@@ -27,7 +22,8 @@ _DECODE_MAX_SIDE = 64  # small photos (CIFAR as JPEG files) are decoded once int
 
 
 class TensorImages(Dataset):
-    """A split held as one uint8 tensor N x C x H x W at native resolution, with int64 labels.
+    """A split held as one uint8 tensor N x C x H x W at native resolution (digits, MNIST, CIFAR, small photos), with
+    int64 labels, augmented, resized and normalised on the device in whole batches (sweep.zoo.batching).
 
     A subset is an index into the same tensor, never a copy: every trial on a node can read one shared copy of the
     official split (sweep.worker.shared_data) and still carve its own seed's validation split out of it.
@@ -97,7 +93,7 @@ def _random_shift(x: Tensor, pad: int, g: torch.Generator) -> Tensor:
 
 
 class FileImages(Dataset):
-    """A split of image files, decoded per item; `train_tf` applies only to the view made by `with_augment(True)`."""
+    """Image files decoded per item, through a DataLoader; `train_tf` applies only to the view `with_augment(True)`."""
 
     def __init__(self, samples: list[tuple[str, int]], train_tf: Callable, eval_tf: Callable):
         self.samples = samples
@@ -117,8 +113,7 @@ class FileImages(Dataset):
     def subset(self, idx: Tensor) -> FileImages:
         return FileImages([self.samples[i] for i in idx.tolist()], self.train_tf, self.eval_tf)
 
-    def normalised(self, stats: tuple) -> FileImages:
-        """The same files, with the Normalize step of both transforms replaced."""
+    def normalised(self, stats: tuple) -> FileImages:  # the Normalize step of both transforms replaced
         def swap(tf: Callable) -> Callable:
             return T.Compose([T.Normalize(*stats) if isinstance(s, T.Normalize) else s for s in tf.transforms])
 
@@ -146,11 +141,9 @@ def photo_transforms(size: int) -> tuple[Callable, Callable]:
 
 
 def unreadable(path: str) -> str | None:
-    """Why an image file cannot be used, or None: missing, empty, or a header PIL cannot identify or verify.
-
-    Reads the header only (PIL's verify: about 0.1 ms a file), not the pixels: a file whose header is intact but
-    whose body is cut short still fails when decoded. Remembered while the file's size and mtime stay the same.
-    """
+    """Why an image file cannot be used, or None: missing, empty, or a header PIL cannot identify or verify. Reads
+    the header only (about 0.1 ms a file): a file cut short after it still fails when decoded. Remembered while the
+    file's size and mtime stay the same."""
     try:
         stat = os.stat(path)
     except OSError as error:

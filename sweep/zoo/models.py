@@ -20,9 +20,7 @@ from torch import Tensor, nn
 
 from sweep.errors import InputError
 from sweep.zoo.images import IMAGENET_STATS
-from sweep.zoo.plugin import resolve_factory
-
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".th", ".ckpt")
+from sweep.zoo.plugin import CHECKPOINT_SUFFIXES, looks_like_path, resolve_factory
 
 
 class ModelError(InputError):
@@ -133,12 +131,8 @@ MODELS: dict[str, Callable[[int, int], nn.Module]] = {
 small_cnn = SmallCNN  # the zoo's quick network as a factory path too: "sweep.zoo.models:small_cnn"
 
 
-def _torchvision_names() -> list[str]:
-    return torchvision.models.list_models(module=torchvision.models)
-
-
 def model_names() -> list[str]:
-    return list(MODELS) + _torchvision_names()
+    return list(MODELS) + torchvision.models.list_models(module=torchvision.models)
 
 
 # ---------- heads and stems: found by position, so one rule covers every torchvision family
@@ -198,15 +192,6 @@ def _set_in_channels(model: nn.Module, in_channels: int, keep_weights: bool) -> 
         model.transform_input = False
 
 
-def _drop_aux_heads(model: nn.Module) -> None:
-    # googlenet and inception_v3 return (logits, aux...) in train mode; every loop here wants logits
-    if getattr(model, "aux_logits", False):
-        model.aux_logits = False
-        for name in ("aux1", "aux2", "AuxLogits"):
-            if hasattr(model, name):
-                setattr(model, name, None)
-
-
 # ---------- weights: a torchvision weights name or a local checkpoint
 
 def load_checkpoint_state(path: str | Path) -> dict[str, Tensor]:
@@ -230,11 +215,6 @@ def load_checkpoint_state(path: str | Path) -> dict[str, Tensor]:
     if not isinstance(obj, dict) or not obj:
         raise ModelError(f"model.weights: '{path}' holds no tensors; expected a state dict")
     return {k.removeprefix("module."): v for k, v in obj.items()}
-
-
-def _is_path(weights: str) -> bool:
-    p = Path(weights).expanduser()
-    return "/" in weights or "\\" in weights or p.suffix in CHECKPOINT_SUFFIXES or p.exists()
 
 
 def _torchvision_weights(name: str, weights: str) -> torchvision.models.WeightsEnum:
@@ -267,12 +247,8 @@ def _load_strict(model: nn.Module, state: dict[str, Tensor], path: str, check: s
 
 
 def _random(name: str, num_classes: int, in_channels: int) -> nn.Module:
-    if name in MODELS:
-        return MODELS[name](num_classes, in_channels)
-    model = torchvision.models.get_model(name, num_classes=num_classes)
-    _drop_aux_heads(model)
-    _set_in_channels(model, in_channels, keep_weights=False)
-    return model
+    return MODELS[name](num_classes, in_channels) if name in MODELS else \
+        _torchvision(name, num_classes, in_channels, None)
 
 
 def _from_checkpoint(name: str, path: str, num_classes: int, in_channels: int) -> nn.Module:
@@ -291,13 +267,18 @@ def _from_checkpoint(name: str, path: str, num_classes: int, in_channels: int) -
     return model
 
 
-def _from_torchvision(name: str, weights: str, num_classes: int, in_channels: int) -> nn.Module:
-    w = _torchvision_weights(name, weights)
-    model = torchvision.models.get_model(name, weights=w)  # torchvision downloads and caches
-    _drop_aux_heads(model)
-    if len(w.meta["categories"]) != num_classes:
+def _torchvision(name: str, num_classes: int, in_channels: int, weights: str | None) -> nn.Module:
+    """A torchvision network, random or with its named weights (torchvision downloads and caches them)."""
+    w = None if weights is None else _torchvision_weights(name, weights)
+    model = torchvision.models.get_model(name, **({"num_classes": num_classes} if w is None else {"weights": w}))
+    if getattr(model, "aux_logits", False):  # googlenet, inception_v3: (logits, aux...) in train mode; we want logits
+        model.aux_logits = False
+        for aux in ("aux1", "aux2", "AuxLogits"):
+            if hasattr(model, aux):
+                setattr(model, aux, None)
+    if w is not None and len(w.meta["categories"]) != num_classes:
         replace_head(model, num_classes)
-    _set_in_channels(model, in_channels, keep_weights=True)
+    _set_in_channels(model, in_channels, keep_weights=w is not None)
     return model
 
 
@@ -332,15 +313,15 @@ def build_model(name: str | None, num_classes: int, weights: str | None = None, 
             raise ModelError("model: give either name or factory, not both")
         model = _from_factory(factory, num_classes, in_channels, kwargs)
         if weights is not None:
-            if not _is_path(str(weights)):
+            if not looks_like_path(str(weights)):
                 raise ModelError(f"model.weights: '{weights}' is not a checkpoint file; a factory model loads only a "
                                  f"local checkpoint ({'/'.join(CHECKPOINT_SUFFIXES)})")
             _load_strict(model, load_checkpoint_state(weights), str(weights), check="model.factory and model.kwargs")
         return model
     if kwargs:
         raise ModelError("model.kwargs: only a model.factory takes kwargs; remove them or use factory")
-    if name not in MODELS and name not in _torchvision_names():
-        names = model_names()
+    names = model_names()
+    if name not in names:
         close = difflib.get_close_matches(str(name), names, n=5, cutoff=0.5) or list(MODELS)
         raise ModelError(f"model.name: unknown model '{name}'; choose one of {', '.join(close)}, ... "
                          f"(see `sweep models` for all {len(names)}, or give model.factory: 'pkg.module:function' "
@@ -348,9 +329,9 @@ def build_model(name: str | None, num_classes: int, weights: str | None = None, 
     if weights is None:
         return _random(name, num_classes, in_channels)
     weights = str(weights)
-    if _is_path(weights):
+    if looks_like_path(weights):
         return _from_checkpoint(name, weights, num_classes, in_channels)
-    return _from_torchvision(name, weights, num_classes, in_channels)
+    return _torchvision(name, num_classes, in_channels, weights)
 
 
 # ---------- normalisation: pretrained weights expect inputs normalised as in their own training
@@ -390,7 +371,7 @@ def weights_trained_on(name: str | None, weights: str | None, factory: str | Non
     if factory is not None:
         found += _names(getattr(resolve_factory(factory, "model.factory", ModelError), "trained_on", None),
                         f"model.factory {factory}")
-    if weights is None or not _is_path(str(weights)):
+    if weights is None or not looks_like_path(str(weights)):
         return found
     path = Path(weights).expanduser()
     if path.name in KNOWN_CHECKPOINT_DATA:
@@ -407,7 +388,7 @@ def weights_stats(name: str, weights: str | None) -> tuple | None:
     """
     if weights is None:
         return None
-    if not _is_path(str(weights)):
+    if not looks_like_path(str(weights)):
         preset = _torchvision_weights(name, str(weights)).transforms()
         return tuple(preset.mean), tuple(preset.std)
     path = Path(weights).expanduser()

@@ -1,7 +1,7 @@
 """A user's own model or dataset, by import path: `resolve_factory("mypkg.nets:build", "model.factory", ModelError)`.
 
-Apart from the zoo's torch code so that checking a spec (sweep.config.spec) can import the user's module and name a
-misspelt one, "did you mean 'build'", without loading torch itself: a spec is checked before anything runs.
+Apart from the zoo's torch code so that checking a spec (sweep.config) can import the user's module and name a
+misspelt one, "did you mean 'build'", or tell a checkpoint path from a weights name, without loading torch itself.
 """
 
 from __future__ import annotations
@@ -12,6 +12,15 @@ import os
 import pkgutil
 import sys
 from collections.abc import Callable, Iterable
+from pathlib import Path
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".th", ".ckpt")
+
+
+def looks_like_path(weights: str) -> bool:
+    """Whether model.weights names a checkpoint file; anything else is a torchvision weights name such as DEFAULT."""
+    p = Path(weights).expanduser()
+    return "/" in weights or "\\" in weights or p.suffix in CHECKPOINT_SUFFIXES or p.exists()
 
 
 def _did_you_mean(wrong: str, candidates: Iterable[str]) -> str:
