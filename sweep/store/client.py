@@ -14,13 +14,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from mlflow.exceptions import MlflowException
+from sqlalchemy.exc import OperationalError
 
 from sweep.errors import InputError
-
-try:
-    from sqlalchemy.exc import OperationalError as _SqlOperationalError
-except ImportError:  # mlflow-skinny against a server: no sqlalchemy, no sqlite locks
-    _SqlOperationalError = MlflowException
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -42,7 +38,7 @@ def with_retry(
         try:
             return fn(*args, **kwargs)
         except Exception as exc:
-            locked = isinstance(exc, (MlflowException, _SqlOperationalError)) and "locked" in str(exc).lower()
+            locked = isinstance(exc, (MlflowException, OperationalError)) and "locked" in str(exc).lower()
             if not locked or attempt >= attempts or time.monotonic() + delay > deadline:
                 raise
             log.debug("sqlite locked (attempt %d/%d), retrying in %.2fs", attempt, attempts, delay)

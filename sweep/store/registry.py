@@ -30,6 +30,7 @@ from sweep.zoo.models import build_model
 
 MODEL_DIR = "registered_model"  # artifact folder of the trial run that holds the pyfunc model
 CHECKPOINT = "checkpoint/pruned.pt"
+VAL_SPLIT_TAG = "data.val_split"  # tracking: which images a run's validation accuracy was measured on
 
 
 class RegistryError(InputError):
@@ -55,19 +56,6 @@ def load_network(architecture: str | Path, checkpoint: str | Path) -> torch.nn.M
                        factory=arch.get("factory"), kwargs=arch.get("kwargs"))
     model, _ = load_pruned(str(checkpoint), base)
     return model.eval()
-
-
-def check_by(by: str) -> str:
-    """`by` as a metric a selection may read, and its direction."""
-    if by in LEGACY_METRICS or by.startswith("test_") or (by in METRICS and not METRICS[by].selectable):
-        raise RegistryError(f"--by: {by} is measured on the test split, which must never choose a model (its number "
-                            f"would be optimistic); choose by one of {', '.join(selectable_metrics())}")
-    if by not in METRICS:
-        raise RegistryError(f"--by: unknown metric '{by}'; choose one of {', '.join(selectable_metrics())}")
-    return METRICS[by].direction
-
-
-VAL_SPLIT_TAG = "data.val_split"  # tracking: which images a run's validation accuracy was measured on
 
 
 def parse_where(text: str | None) -> dict[str, str]:
@@ -97,8 +85,13 @@ def _matches(params: dict, key: str, wanted: str) -> bool:
 def candidates(experiment: str, by: str = "val_accuracy", tracking_uri: str | None = None,
                launch: str | None = None, where: dict[str, str] | None = None) -> list:
     """The current FINISHED trial runs a registration ranks: of one launch (its parent run id) and/or one group
-    (params equal to `where`); runs a forced rerun replaced are never among them."""
-    check_by(by)
+    (params equal to `where`); runs a forced rerun replaced are never among them. `by` must be a metric a selection
+    may read."""
+    if by in LEGACY_METRICS or by.startswith("test_") or (by in METRICS and not METRICS[by].selectable):
+        raise RegistryError(f"--by: {by} is measured on the test split, which must never choose a model (its number "
+                            f"would be optimistic); choose by one of {', '.join(selectable_metrics())}")
+    if by not in METRICS:
+        raise RegistryError(f"--by: unknown metric '{by}'; choose one of {', '.join(selectable_metrics())}")
     uri = tracking.resolve_tracking_uri(tracking_uri)
     store = Store(uri)
     if store.experiment_id(experiment) is None:
@@ -134,7 +127,7 @@ def best_run(experiment: str, by: str = "val_accuracy", tracking_uri: str | None
              launch: str | None = None, where: dict[str, str] | None = None):
     """The best `by` among `candidates` (ties: the newest run)."""
     runs = candidates(experiment, by, tracking_uri, launch, where)
-    sign = 1 if check_by(by) == "max" else -1
+    sign = 1 if METRICS[by].direction == "max" else -1
     return max(runs, key=lambda r: (sign * r.data.metrics[by], r.info.start_time))
 
 
@@ -175,12 +168,11 @@ def register_best(experiment: str, model_name: str, by: str = "val_accuracy", tr
                                 f"it cannot be registered") from e
         arch = _architecture(run, checkpoint)
         (tmp / "architecture.json").write_text(json.dumps(arch, indent=2), encoding="utf-8")
-        network = load_network(tmp / "architecture.json", checkpoint)  # fails here, not at load time, if it cannot
+        load_network(tmp / "architecture.json", checkpoint)  # fails here, not at load time, if it cannot
         tensor = mlflow.types.TensorSpec
         signature = mlflow.models.ModelSignature(  # any image size: the network's pooling decides what fits
             inputs=mlflow.types.Schema([tensor(np.dtype(np.float32), (-1, arch["in_channels"], -1, -1))]),
             outputs=mlflow.types.Schema([tensor(np.dtype(np.float32), (-1, arch["num_classes"]))]))
-        del network
         local = tmp / MODEL_DIR
         mlflow.pyfunc.save_model(
             str(local), python_model=str(Path(__file__).with_name("pyfunc_model.py")),

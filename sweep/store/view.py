@@ -1,11 +1,6 @@
-"""The MLflow UI, opened on what a sweep is for: its trials side by side.
-
-    mark_experiment(store, experiment_id)             # once per experiment: its kind and a saved comparison view
-    view_url("http://127.0.0.1:5000", experiment_id)  # the runs table of that view; chart=True for the chart
-
-Why each piece, and what a saved view cannot do (checked against the MLflow 3.17 UI bundle): docs/design.md,
-"The MLflow UI".
-"""
+"""The MLflow UI, opened on what a sweep is for: its trials side by side (`mark_experiment` gives an experiment its
+kind and a saved comparison view, `view_url` links to it). Why each piece, and what a saved view cannot do:
+docs/design.md, "The MLflow UI"."""
 
 from __future__ import annotations
 
@@ -92,23 +87,16 @@ def view_state() -> dict:
     }
 
 
-def _view_tag_value() -> str:
-    now = int(time.time() * 1000)
-    return json.dumps({"name": VIEW_NAME, "createdAt": now, "updatedAt": now, "state": json.dumps(view_state())})
-
-
 def experiment_tags() -> dict[str, str]:
     """Tags a sweep's experiment is created with: its kind, the saved comparison view and that view's version."""
-    return {KIND_TAG: KIND, VIEW_TAG: _view_tag_value(), VERSION_TAG: VIEW_VERSION}
+    now = int(time.time() * 1000)
+    view = json.dumps({"name": VIEW_NAME, "createdAt": now, "updatedAt": now, "state": json.dumps(view_state())})
+    return {KIND_TAG: KIND, VIEW_TAG: view, VERSION_TAG: VIEW_VERSION}
 
 
-def mark_experiment(store: Store, experiment_id: str, tags: dict | None = None) -> None:
-    """Set the experiment's kind and saved view where missing or outdated; `tags`: the experiment's, if known.
-
-    Writes nothing when both are current, so calling it on every get_or_create costs no database write.
-    """
-    if tags is None:
-        tags = store.get_experiment(experiment_id).tags
+def mark_experiment(store: Store, experiment_id: str, tags: dict) -> None:
+    """Set the experiment's kind and saved view where its `tags` lack them or hold an older view; writes nothing when
+    both are current, so calling it on every get_or_create costs no database write."""
     for key, value in experiment_tags().items():
         # the view's value holds its time of writing: it is outdated when its version is
         if key not in tags or (tags.get(VERSION_TAG) != VIEW_VERSION if key == VIEW_TAG else tags[key] != value):
