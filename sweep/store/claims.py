@@ -1,10 +1,8 @@
 """Trial claims in the MLflow tracking store: two launches (or two machines) never run the same config at once.
 
-The claim is the trial's RUNNING MLflow child run tagged ``config_hash=H``, with a lease (``sweep.lease_until``) that
-its holder renews (:class:`Lease`); whoever next looks at H closes a run whose holder stopped renewing, FAILED with
-the tags ``sweep.closed_by`` and ``sweep.closed_reason``. `claim_trial` answers *claimed* (train, then
-``result.lease.release(status)``), *finished* or *held*. The protocol, and why two owners never both proceed on one
-config: docs/design.md, "The claim protocol".
+A claim is the trial's RUNNING child run tagged ``config_hash=H`` with a lease its holder renews (:class:`Lease`);
+`claim_trial` answers *claimed* (train, then ``result.lease.release(status)``), *finished* or *held*. The protocol,
+and why two owners never both proceed on one config: docs/design.md, "The claim protocol".
 """
 
 from __future__ import annotations
@@ -105,11 +103,8 @@ def _dead_reason(run: Run, lease_s: float) -> str:
 
 
 class Lease:
-    """Keeps a claim alive: rewrites ``sweep.lease_until = now + lease_s`` every ``lease_s / 3`` from a daemon thread.
-
-    Before each renewal it re-reads the run; if the run is no longer RUNNING or no longer ours (someone closed it
-    after our lease lapsed), ``lost`` is set and renewal stops. ``check()`` raises LeaseLost then.
-    """
+    """Keeps a claim alive: rewrites ``sweep.lease_until = now + lease_s`` every ``lease_s / 3`` from a daemon thread
+    while the run is RUNNING and ours; once it is not (closed after our lease lapsed), sets ``lost`` and stops."""
 
     def __init__(self, store: StoreLike, run_id: str, owner: str, lease_s: float = DEFAULT_LEASE_S):
         self.store, self.run_id, self.owner, self.lease_s = Store.of(store), run_id, owner, float(lease_s)
@@ -160,8 +155,7 @@ class Lease:
         """Stop renewing; with a status (FINISHED, FAILED, KILLED) also end the run with it, if it is still ours:
         a run closed or taken over after our lease lapsed is its closer's or new holder's to end."""
         self._stop.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout=self.lease_s)
+        self._thread.join(timeout=self.lease_s)
         if status is None or self.lost.is_set():
             return
         run = self.store.get_run(self.run_id)
@@ -209,13 +203,12 @@ def claim_trial(store: StoreLike, experiment_id: str, config_hash: str, owner: s
                 create_run: Callable[[dict[str, str]], str], lease_s: float = DEFAULT_LEASE_S,
                 resume_run_id: str | None = None, wait_s: float = 0.0, max_attempts: int = MAX_ATTEMPTS,
                 backoff_s: float = BACKOFF_S, ignore_finished_before: float | None = None) -> ClaimResult:
-    """Claim config_hash for owner (docs/design.md, "The claim protocol").
+    """Claim config_hash for owner (docs/design.md, "The claim protocol"), in at most max_attempts registrations.
 
-    create_run(tags) creates the trial's RUNNING child run with at least `tags` in the create request and returns
-    its id (`child_run_creator` makes one). resume_run_id: the run this caller continues (its checkpoint names it).
-    wait_s: how long to wait for a live holder to finish or die before answering "held". At most max_attempts
-    registrations. ignore_finished_before: `sweep run --force` passes its launch's start time, so runs that finished
-    before it are run again while one that another launch finishes meanwhile still counts.
+    create_run(tags): creates the RUNNING child run with `tags` in the create request, returns its id (see
+    `child_run_creator`). resume_run_id: the run this caller continues (its checkpoint names it). wait_s: how long a
+    live holder may take to finish or die before the answer is "held". ignore_finished_before: `sweep run --force`'s
+    start, so runs that finished before it run again while one that another launch finishes meanwhile still counts.
     """
     if lease_s <= 0:
         raise ValueError(f"lease_s: {lease_s} must be positive")

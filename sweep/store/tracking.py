@@ -1,7 +1,5 @@
-"""MLflow bookkeeping: one parent run per launch, one nested child run per trial.
-
-Everything goes through a `Store` (sweep.store.store); a function here that takes one also takes a client or a URI.
-"""
+"""MLflow bookkeeping: one parent run per launch, one nested child run per trial. A function here that takes a
+`Store` also takes a client or a URI."""
 
 from __future__ import annotations
 
@@ -101,17 +99,13 @@ def flat_params(trial_config: dict) -> dict[str, str]:
 @functools.lru_cache(maxsize=1)
 def code_version() -> str | None:
     """Git commit of the checkout this package runs from, or None (installed copy, no git, no commit yet)."""
-    package_dir = Path(__file__).resolve().parent
-    try:
-        # Only trust the repository if it really tracks this package (a venv inside some other repo must not count).
-        git = ["git", "-C", str(package_dir)]
+    git = ["git", "-C", str(Path(__file__).resolve().parent)]
+    try:  # only a repository that tracks this package counts (a venv inside some other repo must not)
         tracked = subprocess.run([*git, "ls-files", "--error-unmatch", "__init__.py"], capture_output=True, timeout=10)
         head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    if tracked.returncode != 0 or head.returncode != 0:
-        return None
-    return head.stdout.strip() or None
+    return (head.stdout.strip() or None) if tracked.returncode == head.returncode == 0 else None
 
 
 def safe_name(name: str) -> str:
@@ -254,18 +248,15 @@ def _run_name(trial_config: dict) -> str:
     schedule = prune.get("schedule", "oneshot")
     if schedule == "iterative":
         schedule += str(prune.get("steps", ""))
-    parts = [prune.get("strategy"), prune.get("ratio"), prune.get("scope"), prune.get("target"), schedule]
-    parts.append(section_label(trial_config.get("model", {})))
+    parts = [*map(prune.get, ("strategy", "ratio", "scope", "target")), schedule,
+             section_label(trial_config.get("model", {}))]
     return "-".join(str(p) for p in parts if p is not None)
 
 
 def recorded_result(store: StoreLike, experiment: str, config_hash: str, run_id: str | None = None,
                     rerun: bool = False) -> dict[str, float] | None:
-    """The metrics of a FINISHED run that makes running this trial unnecessary, else None.
-
-    With run_id (a trial restored from its checkpoint): that run, if it finished (the driver may have died after
-    it finished but before Tune heard). Otherwise the config's newest FINISHED run, unless rerun.
-    """
+    """The metrics of a FINISHED run that makes running this trial unnecessary, else None: run_id's (a trial restored
+    from its checkpoint, whose driver may have died before Tune heard), else the config's newest unless rerun."""
     store = Store.of(store)
     if run_id is not None:
         run = store.get_run(run_id)
@@ -277,11 +268,8 @@ def recorded_result(store: StoreLike, experiment: str, config_hash: str, run_id:
 
 
 class TrialRun:
-    """One trial's MLflow child run, created by the trial worker (an analysis logs each layer's run through one too).
-
-    `present` holds the (metric, step) points the run already has when it was continued (a retry, a resume), so
-    nothing is logged twice: `log_points` sends only what the run lacks.
-    """
+    """One trial's MLflow child run (an analysis logs each layer's run through one too). `present`: the (metric,
+    step) points it already holds when continued (a retry, a resume), so that `log_points` sends only what it lacks."""
 
     def __init__(self, store: StoreLike, run_id: str, present: set[tuple[str, int]] | None = None):
         self.store = Store.of(store)
