@@ -10,7 +10,7 @@ import itertools
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,21 +43,25 @@ class Domain:
     def to_tune(self) -> Any:
         from ray import tune  # here, not at the top: validating a spec should not pay for importing Ray
 
+        values = copy.deepcopy(list(self.values))
         if self.kind == "fixed":
-            return copy.deepcopy(self.values[0])
-        if self.kind in ("grid", "choice"):
-            return (tune.grid_search if self.kind == "grid" else tune.choice)(copy.deepcopy(list(self.values)))
-        low, high = self.values
+            return values[0]
         if self.kind == "randint":
-            return tune.randint(low, high + 1)  # Ray's upper bound is exclusive
-        return (tune.uniform if self.kind == "uniform" else tune.loguniform)(low, high)
+            return tune.randint(values[0], values[1] + 1)  # Ray's upper bound is exclusive
+        make = {"grid": tune.grid_search, "choice": tune.choice}.get(self.kind)
+        return make(values) if make else getattr(tune, self.kind)(*values)  # uniform, loguniform
 
 
-def _set(config: dict, path: str, value: Any) -> None:
-    *parents, leaf = path.split(".")
-    for part in parents:
-        config = config[part]
-    config[leaf] = value
+def _filled(trial: dict, values: dict) -> dict:
+    """A copy of the trial dict with the value at each path of `values` replaced."""
+    config = copy.deepcopy(trial)
+    for path, value in values.items():
+        *parents, leaf = path.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return config
 
 
 @dataclass(frozen=True)
@@ -79,10 +83,7 @@ class SweepSpec:
 
     def param_space(self) -> dict:
         """The trial dict with every swept path replaced by its Ray Tune domain."""
-        config = copy.deepcopy(self.trial)
-        for path, domain in self.space.items():
-            _set(config, path, domain.to_tune())
-        return config
+        return _filled(self.trial, {path: domain.to_tune() for path, domain in self.space.items()})
 
     def grid_configs(self) -> list[dict]:
         """Every trial dict of a grid search: the cartesian product of the space, first key varying slowest, each
@@ -90,13 +91,8 @@ class SweepSpec:
         if self.search["algorithm"] != "grid":
             raise SpecError(f"search.algorithm: '{self.search['algorithm']}' samples its trials, so there is no "
                             "fixed list of them; use algorithm: grid to enumerate a grid")
-        configs = []
-        for combination in itertools.product(*(domain.values for domain in self.space.values())):
-            config = copy.deepcopy(self.trial)
-            for path, value in zip(self.space, combination):
-                _set(config, path, copy.deepcopy(value))
-            configs.append(config)
-        return unique(configs)  # a control or criterion-free scratch trial once, not once per strategy (config.arms)
+        combinations = itertools.product(*(domain.values for domain in self.space.values()))
+        return unique([_filled(self.trial, dict(zip(self.space, copy.deepcopy(c)))) for c in combinations])
 
     def num_samples(self) -> int:
         """Ray Tune's num_samples: 1 for a grid (it runs every combination once), else search.num_samples."""
@@ -194,29 +190,28 @@ class _Builder:
 
     def __init__(self, text: str):
         self.text = text
-        self.errors: list[str] = []
+        self.errors: dict[str, None] = {}  # each problem once, in the order found
         self.invalid: set[str] = set()  # paths whose value failed its check: rules across fields skip them
         self.origin: dict[str, str] = {}  # swept trial path -> where in the YAML it was swept, for messages
+        self.trial: dict = {}  # the fixed settings, which a swept model/dataset item's missing keys come from
 
     def error(self, path: str, message: str) -> None:
-        self.add(f"{path}: {message}")
+        self.errors.setdefault(f"{path}: {message}")
 
-    def add(self, line: str) -> None:
-        if line not in self.errors:
-            self.errors.append(line)
+    def add(self, lines: list[str]) -> None:
+        self.errors.update(dict.fromkeys(lines))
 
     def build(self, raw: dict) -> SweepSpec:
         top = self.read_settings(raw)
-        trial = top.model_dump(include=set(TrialConfig.model_fields))
-        space = self.read_space(raw.get("space"), trial)
-        view = View(trial, space, self.origin, frozenset(self.invalid))
-        for line in [*rules(view), *_plugin_problems(view)]:
-            self.add(line)
+        self.trial = top.model_dump(include=set(TrialConfig.model_fields))
+        space = self.read_space(raw.get("space"))
+        view = View(self.trial, space, self.origin, frozenset(self.invalid))
+        self.add([*rules(view), *_plugin_problems(view)])
         search, scheduler, mode = self.check_settings(top, raw.get("scheduler"), space, view)
         if self.errors:
-            raise SpecError(self.errors)
+            raise SpecError(list(self.errors))
         return SweepSpec(
-            name=top.name, trial=trial, space=space, search=search, scheduler=scheduler,
+            name=top.name, trial=self.trial, space=space, search=search, scheduler=scheduler,
             resources=top.resources.model_dump(), metric=top.metric, mode=mode, max_failures=top.max_failures,
             max_concurrent=top.max_concurrent, source_text=self.text, max_trials=top.max_trials,
             checkpoint_every_s=top.checkpoint_every_s,
@@ -229,21 +224,16 @@ class _Builder:
             return SweepConfig.model_validate(raw, context={"spec": True})
         except ValidationError as error:
             lines, locs = error_lines(error, model=SweepConfig)
-        for line in lines:
-            self.add(line)
+        self.add(lines)
         cleaned = copy.deepcopy(raw)
         for loc in locs:
             self.invalid.add(dotted(loc))
             _drop(cleaned, loc)
-        cleaned.setdefault("name", "invalid")
-        try:
-            return SweepConfig.model_validate(cleaned, context={"spec": True})
-        except ValidationError:  # not expected: defaults are valid
-            raise SpecError(self.errors) from None
+        return SweepConfig.model_validate({"name": "invalid", **cleaned}, context={"spec": True})  # defaults are valid
 
     # -- space ----------------------------------------------------------------------------------------------------
 
-    def read_space(self, raw: Any, trial: dict) -> dict[str, Domain]:
+    def read_space(self, raw: Any) -> dict[str, Domain]:
         if raw is None:
             return {}
         if not isinstance(raw, dict):
@@ -252,9 +242,8 @@ class _Builder:
         space: dict[str, Domain] = {}
         for key, value in raw.items():
             where = f"space.{key}"
-            path = PARAMS.get(key, str(key))
-            if key in _SECTIONS and _sweeps_sections(value):
-                path = key  # items are whole sections, e.g. {name: resnet20, weights: r20.th}
+            # a model/dataset swept with whole sections as items, e.g. {grid: [{name: resnet20, weights: r20.th}]}
+            path = key if key in _SECTIONS and _sweeps_sections(value) else PARAMS.get(key, str(key))
             node = check_at(path) if path != "name" else None
             if node is None:
                 leaves = [leaf for leaf, _ in fields(TrialConfig) if leaf != "name"]
@@ -262,58 +251,46 @@ class _Builder:
                                   f"use a shorthand ({', '.join(PARAMS)}) or a dotted path such as finetune.lr")
                 continue
             if isinstance(node, type) and path not in _SECTIONS:
-                example = f"{path}.{next(iter(node.model_fields))}"
-                self.error(where, f"{path} is a group of settings; sweep one of them, such as {example}")
+                self.error(where, f"{path} is a group of settings; sweep one of them, such as "
+                                  f"{path}.{next(iter(node.model_fields))}")
                 continue
             clash = next((p for p in space if p == path or p.startswith(path + ".") or path.startswith(p + ".")), None)
             if clash is not None:
                 self.error(where, f"sweeps {path} again (also {self.origin[clash]}); keep one of them")
                 continue
-            if isinstance(node, type):
-                check: Callable = lambda v, w, section=path: self.section_item(w, section, v, trial)
-            else:
-                check = lambda v, w, leaf=path: self.check(w, leaf, v)
-            space[path] = self.domain(where, value, check, node)
+            space[path] = self.domain(where, value, path, node)
             self.origin[path] = where
         return space
 
     def check(self, where: str, path: str, value: Any) -> Any:
+        """A value for a trial path, or INVALID once its problems are reported. A swept model/dataset item is a name,
+        or a mapping of that section whose missing keys come from the fixed section (except that an item naming a
+        `name` or a `factory` replaces both)."""
         try:
-            return field_adapter(path).validate_python(value)
+            if path not in _SECTIONS:
+                return field_adapter(path).validate_python(value)
+            if not isinstance(value, dict):
+                name = self.check(where, f"{path}.name", value)
+                return INVALID if name is INVALID else {**self.trial[path], "name": name, "factory": None}
+            fixed = dict(self.trial[path])
+            if "name" in value or "factory" in value:
+                fixed.update(name=None, factory=None)
+            return check_at(path).model_validate({**fixed, **value}).model_dump()
         except ValidationError as error:
-            for line in error_lines(error, where, model=TrialConfig, leaf=path)[0]:
-                self.add(line)
-            return INVALID
-
-    def section_item(self, where: str, section: str, value: Any, trial: dict) -> Any:
-        """A swept model/dataset: a name, or a mapping of that section; missing keys come from the fixed section
-        (except that an item naming a `name` or a `factory` replaces both)."""
-        if not isinstance(value, dict):
-            name = self.check(where, f"{section}.name", value)
-            return INVALID if name is INVALID else {**trial[section], "name": name, "factory": None}
-        fixed = dict(trial[section])
-        if "name" in value or "factory" in value:
-            fixed.update(name=None, factory=None)
-        try:
-            return check_at(section).model_validate({**fixed, **value}).model_dump()
-        except ValidationError as error:
-            for line in error_lines(error, where, model=check_at(section))[0]:
-                self.add(line)
+            model, leaf = (check_at(path), None) if path in _SECTIONS else (TrialConfig, path)
+            self.add(error_lines(error, where, model=model, leaf=leaf)[0])
             return INVALID
 
     def fail(self, where: str, message: str) -> Domain:
         self.error(where, message)
         return Domain("fixed", (INVALID,))
 
-    def domain(self, where: str, value: Any, check: Callable, node: FieldInfo | type) -> Domain:
+    def domain(self, where: str, value: Any, path: str, node: FieldInfo | type) -> Domain:
         # A mapping sweeps a setting, except for a whole model/dataset section, whose fixed value is a mapping
         # of its own keys (a lone unknown key there is more likely a misspelt domain such as {grd: [...]}).
-        if isinstance(node, type):
-            sweeps = isinstance(value, dict) and len(value) == 1 and next(iter(value)) not in node.model_fields
-        else:
-            sweeps = isinstance(value, dict)
-        if not sweeps:
-            return Domain("fixed", (check(value, where),))
+        keys = node.model_fields if isinstance(node, type) else None
+        if not isinstance(value, dict) or keys and (len(value) != 1 or next(iter(value)) in keys):
+            return Domain("fixed", (self.check(where, path, value),))
         if len(value) != 1:
             return self.fail(where, f"{show(value)} is not a sweep domain; {_DOMAIN_HELP}")
         (kind, arg), = value.items()
@@ -323,7 +300,7 @@ class _Builder:
         if kind in ("grid", "choice"):
             if not isinstance(arg, list) or not arg:
                 return self.fail(at, f"{show(arg)} is not a non-empty list; write {kind}: [a, b, ...]")
-            items = [check(item, f"{at}[{i}]") for i, item in enumerate(arg)]
+            items = [self.check(f"{at}[{i}]", path, item) for i, item in enumerate(arg)]
             seen = set()
             for i, item in enumerate(items):
                 key = None if item is INVALID else json.dumps(item, sort_keys=True, default=str)
@@ -348,7 +325,7 @@ class _Builder:
             return self.fail(at, f"low {low:g} is not below high {high:g}; write [low, high] with low < high")
         if kind == "loguniform" and low <= 0:
             return self.fail(f"{at}[0]", f"{low:g} is not > 0 (a log scale starts above zero); use a low such as 1e-4")
-        return Domain(kind, (check(low, f"{at}[0]"), check(high, f"{at}[1]")))
+        return Domain(kind, (self.check(f"{at}[0]", path, low), self.check(f"{at}[1]", path, high)))
 
     # -- how the sweep runs ---------------------------------------------------------------------------------------
 
@@ -400,8 +377,7 @@ class _Builder:
             scheduler = {"name": scheduler["name"]}
 
         if view.ok("report.references", "report.family"):
-            for line in report_rules(top.report):
-                self.add(line)
+            self.add(report_rules(top.report))
             strategies = set(view.options("prune.strategy"))
             for reference in top.report.references:
                 if strategies and reference not in strategies and view.ok("prune.strategy"):
@@ -445,19 +421,16 @@ class _Builder:
         scheduler["max_t"] = max(1, min(scheduler["max_t"] or last, last))
 
 
-def _plugin_problems(view: View) -> list[str]:
+def _plugin_problems(view: View) -> Iterator[str]:
     """Each model and dataset factory the trials would import, imported now: a misspelt module or function is
     reported with the file's other problems (with the nearest name), not once they are fixed, nor in every trial."""
-    problems = []
     for section in ("model", "dataset"):
         for item, at in view.sections(section, ("factory",)):
-            if item["factory"] is None:
-                continue
             try:
-                resolve_factory(item["factory"], view.leaf(at, "factory"), SpecError)
+                if item["factory"] is not None:
+                    resolve_factory(item["factory"], view.leaf(at, "factory"), SpecError)
             except SpecError as error:
-                problems.append(str(error))
-    return problems
+                yield str(error)
 
 
 def _sweeps_sections(value: Any) -> bool:
