@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import random
@@ -32,26 +33,21 @@ def with_retry(
 ) -> T:
     """Call fn, retrying sqlite lock errors with jittered exponential backoff, at most `attempts` times / `seconds`."""
     deadline = time.monotonic() + seconds
-    delay = 0.05
-    attempt = 1
-    while True:
+    for attempt in itertools.count(1):
         try:
             return fn(*args, **kwargs)
         except Exception as exc:
+            delay = min(0.05 * 2 ** (attempt - 1), 2.0)
             locked = isinstance(exc, (MlflowException, OperationalError)) and "locked" in str(exc).lower()
             if not locked or attempt >= attempts or time.monotonic() + delay > deadline:
                 raise
             log.debug("sqlite locked (attempt %d/%d), retrying in %.2fs", attempt, attempts, delay)
             time.sleep(delay * random.uniform(0.5, 1.5))  # jitter: writers that collided must not retry in lockstep
-            delay = min(delay * 2, 2.0)
-            attempt += 1
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
-    """Explicit uri > $MLFLOW_TRACKING_URI > sqlite:///<cwd>/mlflow.db; relative sqlite paths are made absolute.
-
-    Absolute because Ray runs trials in their own working directories: they must all write the driver's file.
-    """
+    """Explicit uri > $MLFLOW_TRACKING_URI > sqlite:///<cwd>/mlflow.db; relative sqlite paths are made absolute
+    (Ray runs trials in their own working directories: they must all write the driver's file)."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not os.path.isabs(uri[len(prefix) :]):
@@ -86,9 +82,7 @@ def probe(uri: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
 
 def check_tracking_server(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
     """An http(s) tracking URI with nothing answering: InputError naming it and the fix. Other stores: nothing."""
-    if not is_server(uri):
-        return
-    why = probe(uri, timeout)
+    why = probe(uri, timeout) if is_server(uri) else None
     if why is not None:
         raise InputError(f"--tracking-uri {uri}: no MLflow server answered within {timeout:g} s ({why}); start it "
                          "(`mlflow server --host 127.0.0.1 --port 5000`), check the address, or leave --tracking-uri "

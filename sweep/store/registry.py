@@ -143,14 +143,13 @@ def _architecture(run, checkpoint: Path) -> dict:
     params = run.data.params
     kwargs = _param(params, "model.kwargs")
     factory = _param(params, "model.factory")
-    # the `model` param names a plug-in by its factory path; build_model takes that as factory, not as a name
-    arch = {"model": None if factory else _param(params, "model"), "factory": factory,
-            "kwargs": json.loads(kwargs) if kwargs else None}
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     weights = [v for k, v in state.items() if k.endswith("weight") and v.dim() >= 2]
-    arch["in_channels"] = int(next(v for v in weights if v.dim() == 4).shape[1])
-    arch["num_classes"] = int(weights[-1].shape[0])
-    return arch
+    # the `model` param names a plug-in by its factory path; build_model takes that as factory, not as a name
+    return {"model": None if factory else _param(params, "model"), "factory": factory,
+            "kwargs": json.loads(kwargs) if kwargs else None,
+            "in_channels": int(next(v for v in weights if v.dim() == 4).shape[1]),
+            "num_classes": int(weights[-1].shape[0])}
 
 
 def register_best(experiment: str, model_name: str, by: str = "val_accuracy", tracking_uri: str | None = None,

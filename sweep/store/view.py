@@ -116,13 +116,10 @@ def ui_command(tracking_uri: str | None) -> str | None:
 
 
 def view_url(server: str | None, experiment_id: str, chart: bool = False) -> str:
-    """URL of the saved comparison view: the runs table, or with chart=True the chart of accuracy against FLOPs.
-
-    `server` is the UI's base address or a tracking URI (a database URI maps to the `mlflow ui` default address).
-    """
-    query = {"viewStateShareKey": VIEW_KEY, "workflowType": "machine_learning"}
-    if chart:
-        query["compareRunsMode"] = "CHART"
+    """URL of the saved comparison view (with chart=True, its chart of accuracy against FLOPs) on `server`: the UI's
+    address or a tracking URI (a database URI maps to the `mlflow ui` default address)."""
+    query = {"viewStateShareKey": VIEW_KEY, "workflowType": "machine_learning",
+             **({"compareRunsMode": "CHART"} if chart else {})}
     return f"{server_url(server)}/#/experiments/{quote(str(experiment_id))}/runs?{urlencode(query)}"
 
 
