@@ -1,13 +1,5 @@
-"""`sweep` command line: parse, call, print. Bad input is one `error: ...` line on stderr and exit code 2.
-
-    sweep run search_spaces/quickstart.yaml            # local Ray; `--address auto` joins a cluster
-    sweep validate search_spaces/*.yaml
-    sweep report quickstart --out reports
-    sweep trial search_spaces/quickstart.yaml          # one trial, no Ray
-    sweep prune --model resnet20 --strategy l1 --ratio 0.5 --out pruned.pt
-    sweep models | sweep strategies
-    sweep sensitivity search_spaces/layers_digits.yaml --ratios 0.1,0.3,0.5   # each layer pruned alone
-    sweep criteria search_spaces/layers_digits.yaml                          # criteria vs the oracle
+"""`sweep` command line (`sweep --help`; README.md's table of commands): parse, call, print. Bad input is one
+`error: ...` line on stderr and exit code 2.
 
 Exit codes: 0 done, 1 a trial failed or something failed while running (first line on screen, traceback in a log
 file), 2 bad input found before anything ran, 130 interrupted.
@@ -62,14 +54,6 @@ _tolerance = _checked(float, lambda v: 0 <= v < 1, "a number; give a fraction su
 
 def _names(text: str) -> list[str]:
     return [s for s in text.split(",") if s]
-
-
-def _fractions(text: str) -> list[float]:
-    return [_fraction(part) for part in text.split(",") if part.strip()]
-
-
-def _layers(text: str) -> int | list[str]:
-    return _positive_int(text) if text.strip().isdigit() else _names(text)
 
 
 def _min_channels(text: str) -> int | float:
@@ -168,7 +152,8 @@ _PARSER = {
         _o("--out", metavar="PRUNED.pt", help="save the pruned model (plan + state_dict)")]),
     "sensitivity": ("prune each layer group alone at several ratios (no fine-tune): accuracy per layer and ratio, "
                     "and a suggested prune block", [
-        _SPACE, _o("--ratios", type=_fractions, metavar="R,R,...",
+        _SPACE, _o("--ratios", type=lambda text: [_fraction(part) for part in text.split(",") if part.strip()],
+                   metavar="R,R,...",
                    help="fractions of each group's filters (default 0.1,0.2,...,0.9)"),
         _o("--strategy", help="which filters go (default: the spec's prune.strategy)"),
         _o("--tolerance", type=_tolerance, default=0.01,
@@ -177,7 +162,8 @@ _PARSER = {
                  "is removed), per layer", [
         _SPACE, _o("--strategies", type=_names, metavar="S,S,...",
                    help="strategies to judge (default: all but oracle)"),
-        _o("--layers", type=_layers, metavar="N|NAME,...",
+        _o("--layers", type=lambda text: _positive_int(text) if text.strip().isdigit() else _names(text),
+           metavar="N|NAME,...",
            help="how many layer groups (evenly spread), or their names (default: all)"), *_ANALYSIS]),
     "models": ("list model names and whether the pruner handles each",
                [_o("--names", action="store_true", help="names only, one a line (no pruner check)")]),
@@ -326,10 +312,11 @@ _FLAGS = {"model.name": "--model", "model.factory": "--factory", "model.kwargs":
           "model.weights": "--weights"}
 
 
-def _as_flags(message: str) -> str:
-    for field, flag in _FLAGS.items():
-        message = message.replace(f"give {field}: ", f"give {flag} ").replace(field, flag)
-    return message
+def _flag(field: str) -> str:
+    """A model field as the flag that sets it: model.weights -> --weights, model.kwargs.name -> --kwargs.name, and
+    'model.factory:' (the field given a value) -> --factory."""
+    section = ".".join(field.split(".")[:2]).removesuffix(":")
+    return _FLAGS[section] + field[len(section):].removesuffix(":") if section in _FLAGS else field
 
 
 def _prune_network(args: argparse.Namespace) -> tuple[dict, tuple[int, int, int], Any]:
@@ -379,7 +366,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         model = build_model(block["name"], args.num_classes, block["weights"], args.in_channels,
                             factory=block["factory"], kwargs=block["kwargs"]).eval()
     except ModelError as error:  # its fields are a spec's: name this command's flags instead, unless --spec
-        raise InputError(str(error) if args.spec else _as_flags(str(error))) from None
+        raise InputError(str(error) if args.spec else error.named(_flag)) from None
     example = torch.randn(1, args.in_channels, args.input_size, args.input_size)
     calibration = None
     if args.strategy in NEEDS_CALIBRATION and splits is not None:  # the spec's training images, as a trial scores

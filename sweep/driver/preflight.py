@@ -13,10 +13,11 @@ import functools
 import itertools
 import json
 import os
-import uuid
+import tempfile
 from pathlib import Path
 
 import torch
+import torchvision
 
 from sweep.config.spec import SpecError, SweepSpec
 from sweep.errors import InputError
@@ -27,32 +28,13 @@ from sweep.zoo.data import DataError, DataSplits, load_dataset, load_official
 from sweep.zoo.models import MODELS, ModelError, build_model
 
 
-def _load(dataset: dict, seed: int) -> tuple[tuple[int, int, int] | None, DataSplits | None]:
-    """(classes, channels, side) of the model input and the official splits (None for a factory's), or (None, None)
-    when the trials will download the data first."""
-    try:
-        official = None if dataset.get("factory") else load_official(dataset["name"], dataset["root"], False,
-                                                                     dataset["image_size"])
-        splits = load_dataset(dataset.get("name"), root=dataset["root"], download=False,
-                              val_fraction=dataset["val_fraction"], seed=seed, image_size=dataset["image_size"],
-                              limit=dataset["limit"], factory=dataset.get("factory"), kwargs=dataset.get("kwargs"),
-                              official=official)
-    except DataError:
-        if dataset["download"]:
-            return None, None  # not here yet; each trial downloads it (and reports a failure itself)
-        raise
-    return (splits.num_classes, splits.in_channels, splits.image_size), official
-
-
 def _weights_to_load(name: str, weights: str | None) -> str | None:
     """The weights build_model may load here: a checkpoint path. A torchvision weights name is only checked."""
     if weights is None or name in MODELS or os.path.isabs(weights):  # the spec made every checkpoint path absolute
         return weights
-    import torchvision
-
     enum = torchvision.models.get_model_weights(name)
     if weights.removeprefix(f"{enum.__name__}.") not in enum.__members__:
-        raise ModelError(f"model.weights: unknown weights '{weights}' for {name}; choose one of "
+        raise ModelError("model.weights", f"unknown weights '{weights}' for {name}; choose one of "
                          f"{', '.join(enum.__members__)} or a checkpoint path")
     return None  # the architecture is the same with or without the pretrained values
 
@@ -65,11 +47,10 @@ def _check_model(model: dict, shape: tuple[int, int, int], ignore: list[str], da
                       kwargs=model.get("kwargs")).eval()
     try:
         analyse(net, (torch.zeros(1, channels, side, side),), ignore=tuple(ignore))
-    except PruningError as error:
-        text = " ".join(str(error).split())
+    except PruningError as error:  # (preflight puts every message on one line)
         field, what = ("model.factory", factory) if factory else ("model.name", model["name"])
-        raise SpecError(f"{field}: {what} on {dataset} ({channels}x{side}x{side} inputs) cannot be "
-                        f"pruned: {text}") from None
+        raise SpecError(f"{field}: {what} on {dataset} ({channels}x{side}x{side} inputs) cannot be pruned: "
+                        f"{error}") from None
 
 
 def preflight(spec: SweepSpec) -> dict[str, DataSplits]:
@@ -87,15 +68,22 @@ def preflight(spec: SweepSpec) -> dict[str, DataSplits]:
         for path, value in zip(paths, values):
             *parents, leaf = path.split(".")
             functools.reduce(dict.__getitem__, parents, config)[leaf] = value
-        dataset_key = json.dumps(config["dataset"], sort_keys=True)
-        if dataset_key not in shapes:
+        data, dataset_key = config["dataset"], json.dumps(config["dataset"], sort_keys=True)
+        if dataset_key not in shapes:  # (classes, channels, side) of the model input; None: not loaded
+            shapes[dataset_key] = None
             try:
-                shapes[dataset_key], official = _load(config["dataset"], config["seed"])
-                if official is not None:
-                    officials[data_key(config["dataset"])] = official
+                official = None if data.get("factory") else load_official(data["name"], data["root"], False,
+                                                                          data["image_size"])
+                splits = load_dataset(data.get("name"), root=data["root"], download=False, seed=config["seed"],
+                                      val_fraction=data["val_fraction"], image_size=data["image_size"],
+                                      limit=data["limit"], factory=data.get("factory"), kwargs=data.get("kwargs"),
+                                      official=official)
+                shapes[dataset_key] = (splits.num_classes, splits.in_channels, splits.image_size)
+                if official is not None:  # the official splits it loaded, for the trials to share
+                    officials[data_key(data)] = official
             except DataError as error:
-                shapes[dataset_key] = None
-                errors.append(str(error))
+                if not data["download"]:  # else not here yet: each trial downloads it (and reports a failure itself)
+                    errors.append(str(error))
         shape = shapes[dataset_key]
         model_key = json.dumps([config["model"], shape, config["prune"]["ignore"]], sort_keys=True)
         if shape is None or model_key in checked:
@@ -120,10 +108,8 @@ class StorageError(InputError):
 
 def _probe(folder: Path) -> str | None:
     """Create and delete a file in folder (the only test that holds for root, ACLs and read-only mounts alike)."""
-    probe = folder / f".sweep-write-probe-{uuid.uuid4().hex[:8]}"
     try:
-        probe.write_bytes(b"")
-        probe.unlink()
+        tempfile.NamedTemporaryFile(dir=folder, prefix=".sweep-write-probe-").close()
     except OSError as error:
         return f"{type(error).__name__}: {error.strerror or error}"
     return None

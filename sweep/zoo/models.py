@@ -24,7 +24,21 @@ from sweep.zoo.plugin import CHECKPOINT_SUFFIXES, looks_like_path, resolve_facto
 
 
 class ModelError(InputError):
-    """Bad model configuration; the message names the field and the fix."""
+    """Bad model configuration: ModelError(field, text, field, text, ...) reads "field: text..." with every field it
+    names kept apart from its words, so that `sweep prune` can name its flags in their place (`named`)."""
+
+    def __init__(self, field: str, *words: str):
+        self.field, self.words = field, words
+        super().__init__(self.named(str))
+
+    def named(self, name: Callable[[str], str]) -> str:
+        """The message with each field as `name` calls it."""
+        text = "".join(name(word) if i % 2 else word for i, word in enumerate(self.words))
+        return f"{name(self.field)}: {text}" if self.words else name(self.field)
+
+
+def _factory_error(line: str) -> ModelError:  # resolve_factory's one line starts with the field it was given
+    return ModelError("model.factory", line.removeprefix("model.factory: "))
 
 
 # ---------- CIFAR ResNets (He et al. 2016, section 4.2), module names as in akamaster/pytorch_resnet_cifar10 so
@@ -149,14 +163,14 @@ def _head(model: nn.Module) -> tuple[str, nn.Module]:
         found = [(n, m) for n, m in modules if isinstance(m, kind)]
         if found:
             return found[-1]
-    raise ModelError(f"model.name: {type(model).__name__} has no Linear or Conv2d layer to use as its head")
+    raise ModelError("model.name", f"{type(model).__name__} has no Linear or Conv2d layer to use as its head")
 
 
 def _stem(model: nn.Module) -> tuple[str, nn.Conv2d]:
     for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
             return name, m
-    raise ModelError(f"model.name: {type(model).__name__} has no Conv2d layer to take the input channels")
+    raise ModelError("model.name", f"{type(model).__name__} has no Conv2d layer to take the input channels")
 
 
 def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
@@ -198,51 +212,51 @@ def load_checkpoint_state(path: str | Path) -> dict[str, Tensor]:
     """A checkpoint's state dict: unwraps {"state_dict": ...} / {"model": ...}, strips "module."."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ModelError(f"model.weights: no checkpoint file at '{path}'; give an existing .pt/.pth/.th file")
+        raise ModelError("model.weights", f"no checkpoint file at '{path}'; give an existing .pt/.pth/.th file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # never pass on torch's advice to retry with weights_only=False
         if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
-            raise ModelError(f"model.weights: cannot load '{path}': it holds pickled objects, not only tensors, "
+            raise ModelError("model.weights", f"cannot load '{path}': it holds pickled objects, not only tensors, "
                              "and is refused for safety; re-save it as a state_dict") from e
-        raise ModelError(f"model.weights: cannot load '{path}': not a PyTorch checkpoint (corrupt, or not "
+        raise ModelError("model.weights", f"cannot load '{path}': not a PyTorch checkpoint (corrupt, or not "
                          "written by torch.save)") from e
     while isinstance(obj, dict) and not all(isinstance(v, Tensor) for v in obj.values()):
         inner = obj.get("state_dict", obj.get("model"))
         if not isinstance(inner, dict):
-            raise ModelError(f"model.weights: '{path}' is not a state dict, nor holds one under 'state_dict'/'model'")
+            raise ModelError("model.weights", f"'{path}' is not a state dict, nor holds one under 'state_dict'/'model'")
         obj = inner
     if not isinstance(obj, dict) or not obj:
-        raise ModelError(f"model.weights: '{path}' holds no tensors; expected a state dict")
+        raise ModelError("model.weights", f"'{path}' holds no tensors; expected a state dict")
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
 def _torchvision_weights(name: str, weights: str) -> torchvision.models.WeightsEnum:
     if name in MODELS:
-        raise ModelError(f"model.weights: '{weights}' is not a file and '{name}' has no torchvision weights; "
+        raise ModelError("model.weights", f"'{weights}' is not a file and '{name}' has no torchvision weights; "
                          f"give a checkpoint path ({'/'.join(CHECKPOINT_SUFFIXES)}) or leave weights empty")
     enum = torchvision.models.get_model_weights(name)
     key = weights.removeprefix(f"{enum.__name__}.")
     if key not in enum.__members__:
         choices = ", ".join(enum.__members__)
-        raise ModelError(f"model.weights: unknown weights '{weights}' for {name}; choose one of {choices} "
+        raise ModelError("model.weights", f"unknown weights '{weights}' for {name}; choose one of {choices} "
                          f"or a checkpoint path ({'/'.join(CHECKPOINT_SUFFIXES)})")
     return enum[key]
 
 
-def _load_strict(model: nn.Module, state: dict[str, Tensor], path: str, check: str = "model.name") -> None:
+def _load_strict(model: nn.Module, state: dict[str, Tensor], path: str, check: tuple = ("model.name",)) -> None:
     expected = model.state_dict()
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
-        raise ModelError(f"model.weights: '{path}' does not fit {type(model).__name__}: {len(missing)} missing keys "
-                         f"(e.g. {missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]}); "
-                         f"check {check}")
+        raise ModelError("model.weights", f"'{path}' does not fit {type(model).__name__}: {len(missing)} missing keys "
+                         f"(e.g. {missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]}); check ",
+                         *check)
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state.items()
              if v.shape != expected[k].shape]
     if wrong:
-        raise ModelError(f"model.weights: '{path}' has {len(wrong)} tensors of the wrong shape "
-                         f"(e.g. {wrong[0]}); check {check}")
+        raise ModelError("model.weights", f"'{path}' has {len(wrong)} tensors of the wrong shape (e.g. {wrong[0]}); "
+                         "check ", *check)
     model.load_state_dict(state, strict=True)
 
 
@@ -283,18 +297,18 @@ def _torchvision(name: str, num_classes: int, in_channels: int, weights: str | N
 
 
 def _from_factory(factory: str, num_classes: int, in_channels: int, kwargs: dict | None) -> nn.Module:
-    build = resolve_factory(factory, "model.factory", ModelError)
+    build = resolve_factory(factory, "model.factory", _factory_error)
     kwargs = dict(kwargs or {})
     clash = sorted({"num_classes", "in_channels"} & set(kwargs))
     if clash:
-        raise ModelError(f"model.kwargs: {', '.join(clash)} come from the dataset; remove them from model.kwargs")
+        raise ModelError("model.kwargs", f"{', '.join(clash)} come from the dataset; remove them from ", "model.kwargs")
     try:
         model = build(num_classes=num_classes, in_channels=in_channels, **kwargs)
     except TypeError as e:
-        raise ModelError(f"model.factory: {factory}(num_classes=..., in_channels=..., **model.kwargs) failed: {e}; "
-                         f"the factory must accept num_classes and in_channels as keywords") from e
+        raise ModelError("model.factory", f"{factory}(num_classes=..., in_channels=..., **", "model.kwargs",
+                         f") failed: {e}; the factory must accept num_classes and in_channels as keywords") from e
     if not isinstance(model, nn.Module):
-        raise ModelError(f"model.factory: {factory} returned {type(model).__name__}, not a torch.nn.Module")
+        raise ModelError("model.factory", f"{factory} returned {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
@@ -307,25 +321,26 @@ def build_model(name: str | None, num_classes: int, weights: str | None = None, 
     """
     for field, value in (("num_classes", num_classes), ("in_channels", in_channels)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ModelError(f"{field}: must be a positive integer, got {value!r}")
+            raise ModelError(field, f"must be a positive integer, got {value!r}")
     if factory is not None:
         if name is not None:
-            raise ModelError("model: give either name or factory, not both")
+            raise ModelError("model", "give either name or factory, not both")
         model = _from_factory(factory, num_classes, in_channels, kwargs)
         if weights is not None:
             if not looks_like_path(str(weights)):
-                raise ModelError(f"model.weights: '{weights}' is not a checkpoint file; a factory model loads only a "
+                raise ModelError("model.weights", f"'{weights}' is not a checkpoint file; a factory model loads only a "
                                  f"local checkpoint ({'/'.join(CHECKPOINT_SUFFIXES)})")
-            _load_strict(model, load_checkpoint_state(weights), str(weights), check="model.factory and model.kwargs")
+            _load_strict(model, load_checkpoint_state(weights), str(weights),
+                         check=("model.factory", " and ", "model.kwargs"))
         return model
     if kwargs:
-        raise ModelError("model.kwargs: only a model.factory takes kwargs; remove them or use factory")
+        raise ModelError("model.kwargs", "only a ", "model.factory", " takes kwargs; remove them or use factory")
     names = model_names()
     if name not in names:
         close = difflib.get_close_matches(str(name), names, n=5, cutoff=0.5) or list(MODELS)
-        raise ModelError(f"model.name: unknown model '{name}'; choose one of {', '.join(close)}, ... "
-                         f"(see `sweep models` for all {len(names)}, or give model.factory: 'pkg.module:function' "
-                         f"for your own network)")
+        raise ModelError("model.name", f"unknown model '{name}'; choose one of {', '.join(close)}, ... (see `sweep "
+                         f"models` for all {len(names)}, or give ", "model.factory:",  # a field given a value
+                         " 'pkg.module:function' for your own network)")
     if weights is None:
         return _random(name, num_classes, in_channels)
     weights = str(weights)
@@ -355,7 +370,7 @@ def _names(value, where: str) -> tuple[str, ...]:
         return ()
     names = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, (list, tuple)) else None
     if names is None or not all(isinstance(n, str) for n in names):
-        raise ModelError(f"{where}: trained_on is {value!r}; give a dataset name or a list of them, such as "
+        raise ModelError(where, f"trained_on is {value!r}; give a dataset name or a list of them, such as "
                          f"'cifar10' (a plug-in dataset: its factory path)")
     return names
 
@@ -369,7 +384,7 @@ def weights_trained_on(name: str | None, weights: str | None, factory: str | Non
     """
     found: tuple[str, ...] = ()
     if factory is not None:
-        found += _names(getattr(resolve_factory(factory, "model.factory", ModelError), "trained_on", None),
+        found += _names(getattr(resolve_factory(factory, "model.factory", _factory_error), "trained_on", None),
                         f"model.factory {factory}")
     if weights is None or not looks_like_path(str(weights)):
         return found

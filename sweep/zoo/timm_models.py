@@ -17,17 +17,17 @@ def create(num_classes: int, in_channels: int, name: str, checkpoint: str | None
     try:
         import timm  # optional: only specs that name this factory need it
     except ImportError:
-        raise ModelError("model.factory: sweep.zoo.timm_models:create needs timm; install it with "
+        raise ModelError("model.factory", "sweep.zoo.timm_models:create needs timm; install it with "
                          "pip install -e \".[timm]\"") from None
     if name not in timm.list_models():
         close = timm.list_models(f"*{name}*")[:5]
-        raise ModelError(f"model.kwargs.name: unknown timm model {name!r}; "
+        raise ModelError("model.kwargs.name", f"unknown timm model {name!r}; "
                          f"{'did you mean ' + ', '.join(close) + '? ' if close else ''}see timm.list_models()")
     overlay = None
     if checkpoint is not None:
         path = Path(checkpoint).expanduser()
         if not path.is_file():
-            raise ModelError(f"model.kwargs.checkpoint: no file at '{checkpoint}'; give the path of {name}'s weights "
+            raise ModelError("model.kwargs.checkpoint", f"no file at '{checkpoint}'; give the path of {name}'s weights "
                              f"(.pth, .bin or .safetensors)")
         overlay = {"file": str(path)}
     try:
@@ -35,7 +35,7 @@ def create(num_classes: int, in_channels: int, name: str, checkpoint: str | None
                                  num_classes=num_classes, in_chans=in_channels, **timm_kwargs)
     except (RuntimeError, OSError) as e:  # a checkpoint of another model, or no cache and no network
         first = " ".join(str(e).split())[:200]
-        raise ModelError(f"model.kwargs: timm could not load {name}'s weights ({first}); give a checkpoint of "
+        raise ModelError("model.kwargs", f"timm could not load {name}'s weights ({first}); give a checkpoint of "
                          f"this model, or leave checkpoint and pretrained out for random weights") from None
 
 
