@@ -2,28 +2,22 @@
 (`python -m sweep.config.reference` rewrites them; tests/test_spec.py compares)."""
 
 from pathlib import Path
-from typing import Any
 
 from pydantic.fields import FieldInfo
 
-from sweep.config.explain import choices, fields, kind_of, nullable, value_range
-from sweep.config.messages import YAML_WORDS
+from sweep.config.explain import YAML_WORDS, choices, fields, kind_of, nullable, value_range
 from sweep.config.names import METRICS, PARAMS, tune_metrics
 from sweep.config.schema import SweepConfig, TrainConfig
 
 
-def _yaml(value: Any) -> str:
-    if value is None or isinstance(value, bool):
-        return YAML_WORDS[value]
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-
-
 def _default(field: FieldInfo) -> str:
+    """A field's default as YAML writes it."""
     if field.is_required():
         return "required"
-    return _yaml(field.default_factory() if field.default_factory else field.default)
+    value = field.default_factory() if field.default_factory else field.default
+    if isinstance(value, float):
+        return f"{value:g}"
+    return YAML_WORDS[value] if value is None or isinstance(value, bool) else str(value)
 
 
 def _takes(field: FieldInfo) -> str:

@@ -1,18 +1,19 @@
 """Rules across fields, written once over a `View` of every value a sweep (or the one trial of a TrialConfig) may
 give each trial path, never enumerating a grid (why: docs/design.md, "The config layer")."""
 
+import functools
 import itertools
-from collections.abc import Iterator
+import operator
 from pathlib import Path
 from typing import Any
 
-from sweep.config.messages import show
+from sweep.config.explain import show
 
 
 def looks_like_path(text: str) -> bool:
     # Same reading as sweep.zoo.models: anything else is a torchvision weights name such as DEFAULT.
-    suffixes = (".pt", ".pth", ".th", ".ckpt")
-    return "/" in text or "\\" in text or text.endswith(suffixes) or Path(text).expanduser().exists()
+    return "/" in text or "\\" in text or text.endswith((".pt", ".pth", ".th", ".ckpt")) \
+        or Path(text).expanduser().exists()
 
 
 class View:
@@ -49,24 +50,20 @@ class View:
         elif leaf and section in self.space:
             items = [(v[leaf], f"{at}.{leaf}") for v, at in self._items(section) if isinstance(v, dict)]
         else:
-            node = self.trial
-            for part in path.split("."):
-                node = node[part]
-            items = [(node, path)]
+            items = [(functools.reduce(operator.getitem, path.split("."), self.trial), path)]
         return [(v, at) for v, at in items if v is not INVALID]
 
     def options(self, path: str) -> list:
         return [v for v, _ in self.values(path)]
 
-    def sections(self, section: str, leaves: tuple) -> Iterator[tuple[dict, str]]:
+    def sections(self, section: str, leaves: tuple) -> list[tuple[dict, str]]:
         """Each combination of a section's leaves a trial may have, and where a problem with it is reported."""
         if not self.ok(section):
-            return
+            return []
         if section in self.space:
-            yield from ((v, at) for v, at in self._items(section) if isinstance(v, dict))
-            return
-        for combo in itertools.product(*(self.options(f"{section}.{leaf}") for leaf in leaves)):
-            yield dict(zip(leaves, combo)), section
+            return [(v, at) for v, at in self._items(section) if isinstance(v, dict)]
+        combos = itertools.product(*(self.options(f"{section}.{leaf}") for leaf in leaves))
+        return [(dict(zip(leaves, combo)), section) for combo in combos]
 
 
 INVALID = object()  # stands in for a value that failed its check, so rules skip it instead of re-reporting

@@ -24,8 +24,7 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
-from sweep.config.explain import error_lines, locate
-from sweep.config.messages import NULL_TEXT, as_real, null_text, python_value, show, unknown_name
+from sweep.config.explain import NULL_TEXT, as_real, error_lines, locate, null_text, python_value, show, unknown_name
 from sweep.config.names import LEGACY_METRICS, METRICS, selectable_metrics, tune_metrics
 from sweep.config.rules import View, looks_like_path, rules
 from sweep.errors import InputError

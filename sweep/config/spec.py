@@ -20,8 +20,7 @@ from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
 from sweep.config.arms import unique
-from sweep.config.explain import dotted, error_lines, fields, numeric
-from sweep.config.messages import as_real, close, show
+from sweep.config.explain import as_real, close, dotted, error_lines, fields, numeric, show
 from sweep.config.names import METRICS, PARAMS
 from sweep.config.rules import INVALID, View, rules
 from sweep.config.schema import SpecError, SweepConfig, TrialConfig, check_at, field_adapter, report_rules
