@@ -1,8 +1,6 @@
-"""The code of a registered pruned network (MLflow "models from code": no pickle in the model).
-
-`sweep.store.registry.register_best` saves this file as the model's code; MLflow runs it at load time, and
-`PrunedNetwork.load_context` rebuilds the network from the architecture record and the plan + state_dict checkpoint.
-"""
+"""A registered pruned network's code (MLflow "models from code": no pickle in the model). `registry.register_best`
+saves this file as the model's code and MLflow runs it at load time: `PrunedNetwork.load_context` rebuilds the
+network from the architecture record and the plan + state_dict checkpoint."""
 
 import mlflow
 
