@@ -354,7 +354,6 @@ def _from_factory(factory: str, kwargs: dict | None, root: str | None, val_fract
         raise DataError(f"{field}: {factory} returned keys {sorted(result)}; it needs train and test (val "
                         f"optional), and may add {', '.join(_INFO_KEYS)}")
     train, test = UserImages(result["train"]), UserImages(result["test"])
-    source = "train"
     if val_from_test:  # the base has seen train, and perhaps the factory's val: carve from test instead
         kept, held = _holdout(test.labels, val_fraction, _TEST_CARVE_SEED)
         if len(held) == 0 or len(kept) == 0:
@@ -368,7 +367,7 @@ def _from_factory(factory: str, kwargs: dict | None, root: str | None, val_fract
         if len(held) == 0:
             raise DataError(f"{field}: no val split and dataset.val_fraction {val_fraction} of {len(train)} "
                             f"training examples holds out none; return a val split or raise val_fraction")
-        train, val = train.subset(kept), train.subset(held)
+        train, val, source = train.subset(kept), train.subset(held), "train"
     x, y = result["train"][0]
     if not isinstance(x, Tensor) or x.dim() != 3:
         raise DataError(f"{field}: train items must be (image, label) with a CxHxW tensor image, got "
@@ -392,9 +391,8 @@ def _from_factory(factory: str, kwargs: dict | None, root: str | None, val_fract
         num_classes = len(classes) if classes is not None else int(labels.max()) + 1
     if int(labels.max()) >= num_classes:
         raise DataError(f"{field}: label {int(labels.max())} is not below num_classes {num_classes}")
-    name = result.get("name") or factory
-    return DataSplits(str(name), int(num_classes), int(result.get("in_channels") or channels), int(image_size),
-                      train, val, test, val_source=source)
+    return DataSplits(str(result.get("name") or factory), int(num_classes), int(result.get("in_channels") or channels),
+                      int(image_size), train, val, test, val_source=source)
 
 
 def load_dataset(name: str | None, root: str | None = None, download: bool = False, val_fraction: float = 0.1,
