@@ -1,9 +1,6 @@
 """The shared base network: trained (or fine-tuned from source weights) once per `base_key`, read by every trial
 on every node, its accuracy and cost measured once and stored beside the weights. A folder elects the trainer with a
 file lock, object storage with a claim in the tracking store (docs/design.md, "Sharing the base network").
-
-    path, cached = ensure_base(cfg, cache_dir, splits, device)      # or an s3:// cache, with tracking_uri, experiment
-    model, info = load_base(cfg.model, path, splits)               # info: accuracies, FLOPs, MACs, params, time
 """
 
 from __future__ import annotations

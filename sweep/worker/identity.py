@@ -1,10 +1,7 @@
-"""A trial's config, typed once where the trial starts, and the one plain dict derived from it.
-
-    cfg = typed_trial(config)   # what Ray Tune (or `sweep trial`) hands a trial -> TrialConfig, validated once
-    identity(cfg)               # the dict the trial is known by: hashed, logged as params and tags, keyed on
-
-identity(cfg) is byte for byte the canonical trial dict the spec lists (SweepSpec.grid_configs), a pydantic dump of
-the same model, so the driver's and the worker's hashes agree (tests/test_identity.py pins them literally).
+"""A trial's config, typed once where the trial starts (`typed_trial`), and the one plain dict it is known by
+(`identity`: hashed, logged as params and tags, keyed on). identity(cfg) is byte for byte the canonical trial dict the
+spec lists (SweepSpec.grid_configs), a pydantic dump of the same model, so the driver's and the worker's hashes agree
+(tests/test_identity.py pins them literally).
 """
 
 from __future__ import annotations

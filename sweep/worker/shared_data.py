@@ -1,8 +1,5 @@
-"""One copy of each dataset per node: trials read their images from Ray's object store instead of loading them.
-
-    refs = publish(officials)                      # driver: the official splits preflight loaded, put once
-    splits = load_dataset(..., official=fetch(refs[data_key(dataset)]))   # trial: zero-copy, then its own carving
-
+"""One copy of each dataset per node: trials read their images from Ray's object store instead of loading them (the
+driver `publish`es the official splits preflight loaded; a trial `fetch`es them, zero-copy, and carves its own).
 Only uint8 tensor splits (TensorImages) travel, as numpy arrays that Ray hands back as read-only views of the node's
 shared memory; a trial carves its validation split and `limit` out of them by index (TensorImages.subset), so N
 trials on a node hold the images once. File-based splits and dataset factories are loaded by each trial.
@@ -40,17 +37,14 @@ def shareable(official: DataSplits) -> bool:
 def _to_arrays(official: DataSplits) -> dict[str, Any]:
     arrays: dict[int, np.ndarray] = {}  # splits that index one tensor (digits' train and test) send it once
 
-    def array(t: torch.Tensor) -> np.ndarray:
-        return arrays.setdefault(id(t), t.numpy())
+    def packed(split: TensorImages | None) -> tuple | None:
+        return None if split is None else (
+            arrays.setdefault(id(split.base), split.base.numpy()), split.labels.numpy(),
+            None if split.index is None else split.index.numpy(), (split.mean, split.std), split.image_size,
+            split.pad, split.flip)
 
-    out: dict[str, Any] = {"meta": (official.name, official.num_classes, official.in_channels, official.image_size,
-                                    list(official.skipped_files))}
-    for name in _SPLITS:
-        split = getattr(official, name)
-        out[name] = None if split is None else (
-            array(split.base), split.labels.numpy(), None if split.index is None else split.index.numpy(),
-            (split.mean, split.std), split.image_size, split.pad, split.flip)
-    return out
+    return {"meta": (official.name, official.num_classes, official.in_channels, official.image_size,
+                     list(official.skipped_files)), **{name: packed(getattr(official, name)) for name in _SPLITS}}
 
 
 def publish(officials: dict[str, DataSplits]) -> dict[str, Any]:

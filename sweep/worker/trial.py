@@ -140,12 +140,12 @@ def selection_view(metrics: dict) -> dict:
 
 
 def _node_tags(trial: str) -> dict[str, str]:
-    try:
+    try:  # tags are a convenience: never fail a trial over them
         import ray
 
         return {"ray.node_id": ray.get_runtime_context().get_node_id(), "ray.trial": trial} \
             if ray.is_initialized() else {}
-    except Exception:  # tags are a convenience: never fail a trial over them
+    except Exception:
         return {}
 
 
@@ -166,16 +166,25 @@ def run_trial(config: dict, context: SweepContext, report: Report | None = None,
     state_file = Path(checkpoint_dir, STATE_FILE) if checkpoint_dir else None
     saved = torch.load(state_file, map_location="cpu", weights_only=True) if state_file and state_file.exists() \
         else None
-    store = Store(context.tracking_uri)
-    claim, resumed = _claim(store, cfg, chash, context, saved["run_id"] if saved else None, trial_id)
+    store, experiment, parent = Store(context.tracking_uri), context.experiment, context.parent_run_id
+    # Claim this config (sweep.store.claims): a new run, the one to continue (its checkpoint's, or its parent's
+    # unfinished), or someone else's. One owner per Tune trial, the same for its retries: a retry takes its own run
+    # over at once, while another trial of this launch that drew the same config (a random search can) finds it held.
+    resumed = saved["run_id"] if saved else tracking.find_trial_run(store, experiment, chash, parent)
+    claim = claims.claim_trial(
+        store, tracking.get_or_create_experiment(store, experiment), chash, f"{context.launch_id}/{trial_id}",
+        create_run=lambda tags: tracking.TrialRun.create(store, experiment, parent, identity(cfg), tags).run_id,
+        lease_s=context.lease_s, resume_run_id=resumed,
+        # a run left by a dead launch keeps its lease until it lapses: wait that long rather than skip it
+        wait_s=1.5 * context.lease_s if resumed else 0.0,
+        ignore_finished_before=context.launch_started if context.rerun else None)
     if claim.kind != "claimed":  # finished already (perhaps by a launch that died before Tune heard), or running
-        recorded = tracking.recorded_result(store, context.experiment, chash,
-                                            run_id=claim.run_id) if claim.kind == "finished" else None
+        recorded = tracking.recorded_result(store, experiment, chash, run_id=claim.run_id) \
+            if claim.kind == "finished" else None
         status = "SKIPPED" if recorded is not None else "HELD"
         report(selection_view({**(recorded or {}), "trial_status": status}), None)
         return {**(recorded or {}), "skipped": 1.0} if recorded is not None else {"held": 1.0}
 
-    lease = claim.lease
     try:
         device = pick_device(cfg.device)
         seed_everything(cfg.seed)
@@ -188,15 +197,20 @@ def run_trial(config: dict, context: SweepContext, report: Report | None = None,
         tags = {"data.shared": "true" if official is not None else "false", **_node_tags(trial_id)}
         if splits.skipped_files:
             tags["data.skipped_files"] = f"{len(splits.skipped_files)}: " + ", ".join(splits.skipped_files)
-        run.set_tags({**tags, **validation_tags(cfg, splits)})
+        # Which validation split the run measured on: `sweep report --register` does not rank runs of different
+        # data.val_split together. Not the seed: seeds hold out different images of one source, one population.
+        data = {k: v for k, v in identity(cfg)["dataset"].items() if k not in ("download", "test_limit", "val_source")}
+        split = tracking.config_hash({"dataset": data, "source": splits.val_source, "size": len(splits.val)})
+        run.set_tags({**tags, "data.val_source": splits.val_source, "data.val_size": str(len(splits.val)),
+                      "data.val_split": split})
         result = _pipeline(cfg, context, splits, device, run, saved, report)
-        lease.check()  # someone closed our run after our lease lapsed: do not call it FINISHED
+        claim.lease.check()  # someone closed our run after our lease lapsed: do not call it FINISHED
     except BaseException as error:  # Ray Tune stops a trial (ASHA) by exiting from inside tune.report
-        lease.release("KILLED" if isinstance(error, SystemExit) else "FAILED")
+        claim.lease.release("KILLED" if isinstance(error, SystemExit) else "FAILED")
         raise
-    lease.release("FINISHED")
+    claim.lease.release("FINISHED")
     if context.rerun:  # `--force`: this run is now the config's one current run
-        tracking.supersede_earlier(store, context.experiment, chash, claim.run_id)
+        tracking.supersede_earlier(store, experiment, chash, claim.run_id)
     # Tune hears of the end after the run is FINISHED: a driver that dies, or a stop, while this report is on its way
     # leaves a complete run, not one a later launch would train again
     report(selection_view({**result, "trial_status": "FINISHED"}), None)
@@ -207,25 +221,6 @@ def sweep_trial(config: dict, context: SweepContext) -> None:
     """The Tune trainable (the trial dict under one key, so a grid can be any list of configs). Not in sweep.driver:
     Ray imports it in every worker, and the driver's pandas and matplotlib would cost each start about 2 s."""
     run_trial(config["trial"], context)  # reports to Tune itself; returning its dict would report it twice
-
-
-def _claim(store: Store, cfg: TrialConfig, chash: str, context: SweepContext, checkpoint_run: str | None,
-           trial_id: str) -> tuple[claims.ClaimResult, str | None]:
-    """Claim this config (sweep.store.claims): a new run, the continued one, or someone else's. Returns the claim and
-    the run this trial set out to continue (its checkpoint's, or its parent's unfinished)."""
-    experiment, parent = context.experiment, context.parent_run_id
-    resume = checkpoint_run or tracking.find_trial_run(store, experiment, chash, parent)
-    # One owner per Tune trial, the same for its retries: a retry takes its own run over at once, while another
-    # trial of this launch that drew the same config (a random search can) finds it held
-    owner = f"{context.launch_id}/{trial_id}"
-    result = claims.claim_trial(
-        store, tracking.get_or_create_experiment(store, experiment), chash, owner,
-        create_run=lambda tags: tracking.TrialRun.create(store, experiment, parent, identity(cfg), tags).run_id,
-        lease_s=context.lease_s, resume_run_id=resume,
-        # a run left by a dead launch keeps its lease until it lapses: wait that long rather than skip it
-        wait_s=1.5 * context.lease_s if resume else 0.0,
-        ignore_finished_before=context.launch_started if context.rerun else None)
-    return result, resume
 
 
 def load_splits(cfg: TrialConfig, official: DataSplits | None = None) -> DataSplits:
@@ -242,21 +237,17 @@ def load_splits(cfg: TrialConfig, official: DataSplits | None = None) -> DataSpl
                         official=official, val_from_test=seen)
 
 
-def validation_tags(cfg: TrialConfig, splits: DataSplits) -> dict[str, str]:
-    """Which validation split the run measured on: `sweep report --register` does not rank runs of different
-    `data.val_split` together. Not the seed: seeds hold out different images of one source, one population."""
-    data = {k: v for k, v in identity(cfg)["dataset"].items() if k not in ("download", "test_limit", "val_source")}
-    split = tracking.config_hash({"dataset": data, "source": splits.val_source, "size": len(splits.val)})
-    return {"data.val_source": splits.val_source, "data.val_size": str(len(splits.val)), "data.val_split": split}
-
-
 def _pipeline(cfg: TrialConfig, context, splits, device, run, saved, report) -> dict:
     base_path, cached = ensure_base(cfg, context.cache_dir, splits, device, tracking_uri=context.tracking_uri,
                                     experiment=context.experiment, lease_s=context.lease_s)
     base_model, base_info = load_base(cfg.model, base_path, splits)
     run.set_tags({"base_cache": "hit" if cached else "miss", "base_key": base_key(cfg, splits.val_source)})
-    state = TrialState.load(saved, base_model, _train_config(cfg), splits, device) if saved else \
-        _start(cfg, base_model, base_info, splits, device, run)
+    # The scratch arm trains the pruned architecture with the base's recipe (Liu et al. 2019), by default for as
+    # many epochs as the base had; the finetune arm uses the finetune section.
+    train = cfg.base.model_copy(update={"epochs": cfg.prune.scratch_epochs or cfg.base.epochs}) \
+        if cfg.prune.arm == "scratch" else cfg.finetune
+    state = TrialState.load(saved, base_model, train, splits, device) if saved else \
+        _start(cfg, train, base_model, base_info, splits, device, run)
     state.log_new(run)  # a continued run gets only what it lacks (a dead worker may have logged some of it)
 
     train_batches = batches(splits.train, state.train.batch_size, True, device, seed=cfg.seed)
@@ -288,18 +279,10 @@ def _pipeline(cfg: TrialConfig, context, splits, device, run, saved, report) -> 
         if due:
             last_checkpoint = time.perf_counter()
 
-    return {**_finish(state, base_model, base_info, splits, device, run), "epoch": state.epoch}
+    return {**_finish(state, base_model, splits, device, run), "epoch": state.epoch}
 
 
-def _train_config(cfg: TrialConfig) -> TrainConfig:
-    """The scratch arm trains the pruned architecture with the base's recipe (Liu et al. 2019), by default for as
-    many epochs as the base had; the finetune arm uses the finetune section."""
-    scratch = cfg.base.model_copy(update={"epochs": cfg.prune.scratch_epochs or cfg.base.epochs})
-    return scratch if cfg.prune.arm == "scratch" else cfg.finetune
-
-
-def _start(cfg: TrialConfig, base_model, base_info, splits, device, run) -> TrialState:
-    train = _train_config(cfg)
+def _start(cfg: TrialConfig, train: TrainConfig, base_model, base_info, splits, device, run) -> TrialState:
     warnings = BufferingHandler(sys.maxsize)  # the pruner's clamps, kept on the run's record
     warnings.setLevel(logging.WARNING)
     logging.getLogger("sweep.pruning").addHandler(warnings)
@@ -395,10 +378,10 @@ class _Counted:
             yield item
 
 
-def _finish(state: TrialState, base_model, base_info, splits, device, run) -> dict:
+def _finish(state: TrialState, base_model, splits, device, run) -> dict:
     """Test once, after the last epoch; save the pruned network and its per-layer channel table."""
     test = _evaluate(state.model, splits.test, state.train, splits, device)
-    final = {"test_accuracy": test["accuracy"], "test_accuracy_drop": base_info["base_test_accuracy"] -
+    final = {"test_accuracy": test["accuracy"], "test_accuracy_drop": state.latest()["base_test_accuracy"] -
              test["accuracy"], "train_time_s": state.train_time_s}
     if state.train.epochs == 0:  # no training: the final network is the pruned one, and so are its val metrics
         final["val_accuracy"] = next(v for name, _, v in reversed(state.points) if name == "pruned_val_accuracy")
