@@ -482,15 +482,11 @@ def _number(value: Any) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
 def _print_errors(lines: Sequence[str], source: str | None = None) -> None:
     for line in lines:
         # Problems inside a file name their field; say which file too, unless the line already starts with it.
         where = f"{source}: " if source and not line.startswith(str(source)) else ""
-        print(f"error: {where}{_one_line(line)}", file=sys.stderr)
+        print(f"error: {where}{' '.join(str(line).split())}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -522,9 +518,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:  # not bad input: a failure while running, or a bug. Keep its traceback.
         if args.debug:
             raise
-        lines = [line for line in str(error).splitlines() if line.strip()]
+        lines = [line for line in str(error).splitlines() if line.strip()] or [""]
         # Ray wraps a remote error's whole traceback in its message: its last line says what went wrong.
-        first = _one_line(lines[-1] if lines and lines[0].startswith("Traceback") else lines[0] if lines else "")
+        first = " ".join(lines[-1 if lines[0].startswith("Traceback") else 0].split())
         handle, log = tempfile.mkstemp(prefix=f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".log")
         with os.fdopen(handle, "w", encoding="utf-8") as file:  # the screen gets one line, the file the details
             traceback.print_exception(error, file=file)

@@ -17,12 +17,6 @@ from typing import Any
 from ray.tune import ProgressReporter
 
 
-def _clock(seconds: float) -> str:
-    minutes, seconds = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes:02d}:{seconds:02d}"
-
-
 def _span(seconds: float) -> str:
     minutes, seconds = divmod(int(seconds), 60)
     return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
@@ -70,7 +64,9 @@ class CompactProgress(ProgressReporter):
             if ended["DONE"] and finished < planned else []
         down = self.outage() if self.outage is not None else None
         outage = [] if down is None else [f"tracking server unreachable for {_span(down)}; retrying"]
-        line = f"[{_clock(elapsed)}] " + " · ".join(state[:4] + outage + left + state[4:])
+        minutes, seconds = divmod(int(elapsed), 60)
+        clock = f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else f"{minutes:02d}:{seconds:02d}"
+        line = f"[{clock}] " + " · ".join(state[:4] + outage + left + state[4:])
         # the outage itself is news (a new line in a log); its growing duration is not
         return line, " · ".join(state + (["tracking server unreachable"] if outage else []))
 
