@@ -19,7 +19,7 @@ from sweep.config.names import KIND_TAG
 from sweep.config.spec import load_spec
 from sweep.errors import InputError
 from sweep.pruning import analyse, apply_plan, prune
-from sweep.pruning.prune import _plan_for  # what removing exactly these units means to the pruner
+from sweep.pruning.plan import plan_for  # what removing exactly these units means to the pruner
 from sweep.report.summary import write_report
 from sweep.store import tracking
 from sweep.worker.train import evaluate
@@ -34,7 +34,7 @@ def _zeroed_at_source(model, graph, unit):
     equivalence property), so the channel outputs exactly zero."""
     ref = copy.deepcopy(model)
     with torch.no_grad():
-        for name, idx in _plan_for(graph, [unit]).removed.items():
+        for name, idx in plan_for(graph, [unit]).removed.items():
             for p in ("weight", "bias", "running_mean"):
                 t = getattr(ref.get_submodule(name), p, None)
                 if t is not None:
@@ -44,7 +44,7 @@ def _zeroed_at_source(model, graph, unit):
 
 def _removed(model, graph, unit):
     """The model with the unit physically removed by the pruner's surgery."""
-    return apply_plan(model, _plan_for(graph, [unit]))
+    return apply_plan(model, plan_for(graph, [unit]))
 
 
 def oracle_equal(setup, layers=None):

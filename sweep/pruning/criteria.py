@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from .graph import ChannelGraph, PruningError
+from .graph import ChannelGraph, PruningError, _eval_mode
 from .oracle import oracle
 
 Calibration = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -66,12 +66,9 @@ def l2(model, graph, calibration, generator) -> torch.Tensor:
     return _filters(model, graph, lambda w: w.norm(dim=1))
 
 
-# FPGM on wide layers (figures: docs/benchmarks/fpgm-cost.md). Exact pairwise distances cost rows^2 x dim
-# multiply-adds: up to _EXACT_LIMIT (every torchvision conv but RegNet's widest) they are exact. Over it (VGG's
-# classifier, ViT-L's MLPs) inner products come from a Gaussian projection of the centred rows to _SKETCH_DIM dims;
-# squared norms stay exact, since a sketch distorts them (~9 %) far more than a random init's rows differ (~1 %),
-# while the inner products' errors cancel to first order in each sum, the rows being centred. k = 256, not 128:
-# Spearman 0.9995 against the exact ranking on VGG-16's first Linear, not 0.9975, for about 0.3 s more.
+# FPGM's pairwise distances are exact up to _EXACT_LIMIT multiply-adds (rows^2 x dim); over it (VGG's classifier)
+# inner products come from a Gaussian sketch of the centred rows, squared norms stay exact (why, and why k = 256:
+# docs/benchmarks/fpgm-cost.md).
 _EXACT_LIMIT = 10**10
 _SKETCH_DIM = 256
 
@@ -119,11 +116,8 @@ def bn_scale(model, graph, calibration, generator) -> torch.Tensor:
     bns = [m for m in graph.members
            if m.role == "bn" and getattr(model.get_submodule(m.module), "weight", None) is not None]
     scores = _mean_per_unit(graph, ((m, model.get_submodule(m.module).weight.abs()) for m in bns))
-    covered = torch.zeros(graph.num_units + 1, dtype=torch.bool)
-    for m in bns:
-        covered[_binned(graph, m)] = True
-    fallback = l1(model, graph, calibration, generator)
-    return torch.where(covered[:-1], scores, fallback)
+    covered = _mean_per_unit(graph, ((m, torch.ones(len(m.units))) for m in bns)) > 0
+    return torch.where(covered, scores, l1(model, graph, calibration, generator))
 
 
 def _consumers(model: nn.Module, graph: ChannelGraph):
@@ -150,27 +144,25 @@ def _run_calibration(model: nn.Module, graph: ChannelGraph, calibration, pre_hoo
     if calibration is None:
         raise PruningError("calibration: this strategy needs data; pass calibration=[(inputs, targets), ...]")
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     handles = [mod.register_forward_pre_hook(pre_hook(units, weights, isinstance(mod, nn.Linear)))
                for mod, units, weights in _consumers(model, graph)]
     seen = 0
-    try:
-        for inputs, targets in calibration:
-            inputs, targets = inputs.to(device), targets.to(device)
-            if backward:
-                model.zero_grad(set_to_none=True)
-                loss = nn.functional.cross_entropy(model(inputs), targets)
-                loss.backward()
-            else:
-                with torch.no_grad():
-                    model(inputs)
-            seen += 1
-    finally:
-        for h in handles:
-            h.remove()
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
+    with _eval_mode(model):
+        try:
+            for inputs, targets in calibration:
+                inputs, targets = inputs.to(device), targets.to(device)
+                if backward:
+                    model.zero_grad(set_to_none=True)
+                    loss = nn.functional.cross_entropy(model(inputs), targets)
+                    loss.backward()
+                else:
+                    with torch.no_grad():
+                        model(inputs)
+                seen += 1
+        finally:
+            for h in handles:
+                h.remove()
+            model.zero_grad(set_to_none=True)
     if seen == 0:
         raise PruningError("calibration: no batches were given; pass at least one (inputs, targets) batch")
 

@@ -1,13 +1,6 @@
-"""Trace a network with torch.fx and find which channels must be removed together.
-
-Every channel that a conv or Linear produces gets an integer *label*. Walking the traced graph, each tensor
-carries the label of each of its channels and the dim they sit on (1, or the last one in channels-last code), so
-wherever a label goes (norm layers, depthwise and grouped convs, concat offsets, flatten into a Linear, a permute)
-is recorded as a *member*: (module, role, label per position). Ops that force channels to be equal (residual add,
-squeeze-excitation mul) *tie* labels with a union-find; ties to label 0, ``FIXED``, mean "never remove" (network
-inputs and outputs, zero padding, unknown parameters). A *unit* is a set of tied labels, removed as one; a *layer*
-is the set of units sharing producers, ranked and rounded together.
-"""
+"""Trace a network with torch.fx and find which channels must be removed together: every channel a conv or Linear
+produces gets a *label*; ops that force channels to be equal *tie* labels with a union-find (label 0, ``FIXED``:
+never remove). Members, units and layers: docs/design.md ("The analysis")."""
 
 from __future__ import annotations
 
@@ -186,13 +179,8 @@ class _ConcreteAttribute(_ConcreteProxy, fx.proxy.Attribute):
 
 
 class _ConcreteTracer(fx.Tracer):
-    """torch.fx tracing that runs each op on the example inputs as it records it (one forward pass).
-
-    Control flow then takes the branch the example takes instead of failing, which specialises the graph on that
-    branch. That is sound for pruning when the branch depends only on metadata (a device, a spatial size, a channel
-    count, which the analysis then keeps whole so that it cannot change); a branch on tensor values is refused, since
-    other inputs could take a branch never seen.
-    """
+    """torch.fx tracing that runs each op on the example inputs as it records it (one forward pass), so control flow
+    takes the example's branch: sound when the branch reads only metadata (docs/design.md, "The analysis")."""
 
     def __init__(self, inputs: tuple[torch.Tensor, ...]):
         super().__init__()
@@ -273,12 +261,9 @@ def _eval_mode(model: nn.Module):
 
 
 def trace(model: nn.Module, inputs: tuple[torch.Tensor, ...] = ()) -> tuple[fx.GraphModule, list[fx.Node]]:
-    """The model's graph in eval mode, and the nodes the graph is specialised on (none unless plain torch.fx
-    failed). Eval mode: a norm layer traced through (timm's BatchNormAct2d) would otherwise bake in training=True,
-    and the shape pass would move its running statistics.
-
-    Plain torch.fx first; when it fails (control flow, len() of a tensor), a trace that runs one forward pass on
-    ``inputs`` alongside (see `_ConcreteTracer`)."""
+    """The model's graph, and the nodes it is specialised on (none unless plain torch.fx failed and `_ConcreteTracer`
+    traced it). In eval mode: a norm layer traced through (timm's BatchNormAct2d) would otherwise bake in
+    training=True, and the shape pass would move its running statistics."""
     with _eval_mode(model):
         try:
             return fx.symbolic_trace(model), []
@@ -374,15 +359,11 @@ class _Analyser:
     def _tie_blocks(self, labels: list[int], blocks: int) -> None:
         """Tie position r of every block: a removal then takes the same positions from each block,
         which keeps the blocks (conv groups, chunks, a reshaped factor) equal in width."""
-        size = len(labels) // blocks
-        for k in range(1, blocks):
-            self._tie(labels[:size], labels[k * size:(k + 1) * size])
+        self._tie(labels, [labels[i % (len(labels) // blocks)] for i in range(len(labels))])
 
     def _tie_groups(self, labels: list[int], groups: int) -> None:
         """Whole groups only: a group's statistics span all its channels."""
-        size = len(labels) // groups
-        for k in range(groups):
-            self._tie(labels[k * size:(k + 1) * size], labels[k * size + 1:(k + 1) * size])
+        self._tie(labels, [labels[i - i % (len(labels) // groups)] for i in range(len(labels))])
 
     def _live(self, node) -> bool:
         return node in self.slots and any(not self.uf.fixed(x) for x in self.slots[node])
@@ -394,11 +375,9 @@ class _Analyser:
             self.slots[a] if a in self.slots else [y for p, _ in self.pieces.get(a, ()) for y in p]))
         live = sorted({self.producer[x][0] for x in labels if not self.uf.fixed(x) and x in self.producer})
         if live:
-            raise PruningError(
-                f"cannot prune through {what} '{_op_name(node)}' in module '{_module_path(node)}' "
-                f"(fx node {node.name}): it may mix channels; pass ignore={live[:4]} "
-                "to keep the channels that reach it"
-            )
+            raise PruningError(f"cannot prune through {what} '{_op_name(node)}' in module '{_module_path(node)}' "
+                               f"(fx node {node.name}): it may mix channels; pass ignore={live[:4]} "
+                               "to keep the channels that reach it")
         return self._fixed_slots(node)
 
     def _channels(self, node: fx.Node, dim: int) -> list[int] | None:
@@ -570,9 +549,8 @@ class _Analyser:
         return self._linear(node, owner, m) if linear else self._conv(node, owner, m)
 
     def _standardised_conv(self, node: fx.Node, name: str, m: nn.modules.conv._ConvNd, weight: fx.Node):
-        """A conv whose weight is computed from its own parameters, each filter on its own (checked: changing
-        some filters' parameters changes no other filter's weight, and a zeroed filter gives a zero weight).
-        Its filters can go; its inputs stay, since the computation (a filter's mean and variance) spans them."""
+        """A conv whose weight is computed from its own parameters, each filter on its own (`_check_per_filter`):
+        its filters can go; its inputs stay, since the computation (a filter's mean and variance) spans them."""
         # the same code on parameters of the same shapes computes the same way: NFNet checks each kind once
         key = (type(m), _signature(weight), tuple((n.target.rpartition(".")[2], _shape(n))
                                                   for n in _ancestors(weight) if n.op == "get_attr"))
@@ -598,22 +576,19 @@ class _Analyser:
         """a @ b keeps a's rows and b's columns apart: channels there stay channels (global context attention pools
         each channel over an attention map); channels on the contracted dim, or on both sides, would mix."""
         a, b = node.args[0], node.args[1]
-        rank = len(_shape(node))
         live = [t for t in (a, b) if isinstance(t, fx.Node) and self._live(t)]
         if not live:
             return self._fixed_slots(node)
-        if len(live) == 2 or any(len(_shape(x)) < 2 for x in (a, b) if isinstance(x, fx.Node)):
-            return self._unknown(node, "op")
         t = live[0]
-        kept = len(_shape(t)) - (2 if t is a else 1)  # a's rows, or b's columns
-        if self.axis[t] != kept:
+        side = 2 if t is a else 1  # a's rows, or b's columns
+        if len(live) == 2 or any(len(_shape(x)) < 2 for x in (a, b) if isinstance(x, fx.Node)) \
+                or self.axis[t] != len(_shape(t)) - side:
             return self._unknown(node, "op")
-        return self.slots[t], rank - (2 if t is a else 1)
+        return self.slots[t], len(_shape(node)) - side
 
     def _softmax(self, node: fx.Node):
         src = node.args[0]
-        rank = len(_shape(src))
-        if self._arg(node, 1, "dim") % rank == self.axis[src]:
+        if self._arg(node, 1, "dim") % len(_shape(src)) == self.axis[src]:
             return self._unknown(node, "op")
         return self.slots[src], self.axis[src]  # over another dim (split attention's radix): channels apart
 
@@ -626,8 +601,8 @@ class _Analyser:
             self._fix(labels)
 
     def _binary(self, node: fx.Node):
-        out_shape = _shape(node)
-        if out_shape is None or len(out_shape) < 2:
+        out_shape = _shape(node)  # a tensor: `_call` sees to it
+        if len(out_shape) < 2:
             return self._unknown(node, "op")
         rank = len(out_shape)
         operands = [a for a in list(node.args) + list(node.kwargs.values()) if isinstance(a, fx.Node)]
@@ -638,11 +613,8 @@ class _Analyser:
         if len(axes) > 1:
             return self._unknown(node, "op on tensors with channels on different dims:")
         t = axes.pop()
-        width = out_shape[t]
-        for a in live:
-            if len(self.slots[a]) != width:  # one channel broadcast over all: keep it
-                self._fix(self.slots[a])
-        live = [a for a in live if len(self.slots[a]) == width]
+        self._fix([x for a in live if len(self.slots[a]) != out_shape[t] for x in self.slots[a]])  # broadcast: keep
+        live = [a for a in live if len(self.slots[a]) == out_shape[t]]
         if not live:
             return self._fixed_slots(node)
         labels = self.slots[live[0]]
@@ -962,10 +934,7 @@ def _evaluate(gm: fx.GraphModule, weight: fx.Node, values: dict[str, torch.Tenso
 
 def _check_per_filter(gm: fx.GraphModule, m: nn.modules.conv._ConvNd, name: str, weight: fx.Node) -> list[str] | None:
     """The parameters besides weight and bias that a per-filter weight computation uses (a gain per filter), or
-    None when filters mix. For each bit of the filter index, perturbing the filters with that bit set (then
-    those without) must leave the others' weights as they were: any two filters differ in some bit, so no
-    filter's weight depends on another's. A filter whose parameters are all zero must get a zero weight, as the
-    zeroed-channel reference assumes."""
+    None when filters mix or a zeroed filter's weight is not zero (how it is checked: docs/design.md)."""
     params = {n.target for n in _ancestors(weight) if n.op == "get_attr"}
     extra = sorted(t.rpartition(".")[2] for t in params if t != f"{name}.weight")
     state = {t: _fetch(gm, t).detach() for t in params}
@@ -1001,8 +970,6 @@ def analyse(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], ignore=(
         # ShapeProp prints a traceback before raising; the error below says it in one line
         with _eval_mode(gm), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(*example_inputs)
-    except PruningError:
-        raise
     except Exception as exc:
         cause = exc.__cause__ or exc
         first = (str(cause).strip().splitlines() or [""])[0]
@@ -1050,22 +1017,14 @@ def _finish(a: _Analyser) -> ChannelGraph:
     for unit in range(num_units):
         layers_by_root.setdefault(layer_uf.find(unit + 1), []).append(unit)
     layers = list(layers_by_root.values())
-    unit_layer = [0] * num_units
-    for i, units in enumerate(layers):
-        for u in units:
-            unit_layer[u] = i
-    layer_modules: list[set[str]] = [set() for _ in layers]
-    for module, units in live_units.items():
-        if units:
-            layer_modules[unit_layer[units[0] - 1]].add(module)
-
-    def sizes(module: str) -> tuple[int, int]:  # tied outputs (e.g. a depthwise multiplier) count once
-        labels = a.producer_labels[module]
-        units = len({unit_of_label[x] for x in labels if unit_of_label[x] >= 0})
-        return units + sum(unit_of_label[x] < 0 for x in labels), units
-
-    layer_producers = [sorted(modules) for modules in layer_modules]
-    producer_sizes = [[sizes(m) for m in modules] for modules in layer_producers]
+    layer_of_root = {root: i for i, root in enumerate(layers_by_root)}
+    unit_layer = [layer_of_root[layer_uf.find(unit + 1)] for unit in range(num_units)]
+    layer_producers = [sorted(module for module, units in live_units.items() if units and unit_layer[units[0] - 1] == i)
+                       for i in range(len(layers))]
+    # per producer, (channels, removable units): tied outputs (e.g. a depthwise multiplier) count once
+    sizes = {m: (len(labels) - len(live_units[m]) + len(set(live_units[m])), len(set(live_units[m])))
+             for m, labels in a.producer_labels.items()}
+    producer_sizes = [[sizes[m] for m in modules] for modules in layer_producers]
     return ChannelGraph(
         members=members, unit_of_label=unit_of_label, layers=layers, producer_sizes=producer_sizes,
         layer_producers=layer_producers, kept_whole=a.kept_whole,

@@ -11,6 +11,7 @@ from typing import Any, BinaryIO
 import torch
 from torch import nn
 
+from .graph import ChannelGraph
 from .surgery import in_out_sizes, remove_channels, sizes_of
 
 
@@ -65,6 +66,25 @@ class PrunePlan:
 
         return PrunePlan(compose(self.removed, later.removed, 1), compose(self.removed_in, later.removed_in, 0),
                          {**self.info, **later.info})
+
+
+def plan_for(graph: ChannelGraph, removed_units: list[int]) -> PrunePlan:
+    """The plan that removes exactly these units from the analysed model."""
+    gone = torch.zeros(graph.num_units + 1, dtype=torch.bool)
+    gone[torch.as_tensor(removed_units, dtype=torch.long)] = True
+    gone[-1] = False
+    plan = PrunePlan()
+    for m in graph.members:
+        idx = gone[m.units].nonzero().flatten().tolist()
+        if not idx:
+            continue
+        if m.role == "in":
+            plan.removed_in[m.module] = idx
+        else:
+            plan.removed[m.module] = idx
+            if m.role == "dw":  # a depthwise conv's inputs are its outputs' channels
+                plan.removed_in[m.module] = sorted({i // m.mult for i in idx})
+    return plan
 
 
 def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:

@@ -14,7 +14,7 @@ from torch import nn
 
 from .criteria import NEEDS_CALIBRATION, STRATEGIES, Calibration
 from .graph import ChannelGraph, PruningError, analyse, matches
-from .plan import PrunePlan
+from .plan import PrunePlan, plan_for
 from .surgery import in_out_sizes, remove_channels
 
 log = logging.getLogger("sweep.pruning")
@@ -88,24 +88,6 @@ def _select_global(graph, scores, ratio, limits, round_to) -> list[int]:
     return removed
 
 
-def _plan_for(graph: ChannelGraph, removed_units: list[int]) -> PrunePlan:
-    gone = torch.zeros(graph.num_units + 1, dtype=torch.bool)
-    gone[torch.as_tensor(removed_units, dtype=torch.long)] = True
-    gone[-1] = False
-    plan = PrunePlan()
-    for m in graph.members:
-        idx = gone[m.units].nonzero().flatten().tolist()
-        if not idx:
-            continue
-        if m.role == "in":
-            plan.removed_in[m.module] = idx
-        else:
-            plan.removed[m.module] = idx
-            if m.role == "dw":  # a depthwise conv's inputs are its outputs' channels
-                plan.removed_in[m.module] = sorted({i // m.mult for i in idx})
-    return plan
-
-
 def _estimated_flops(graph: ChannelGraph, model: nn.Module, plan: PrunePlan) -> float:
     """FLOPs after removing ``plan`` from the analysed model: conv/linear FLOPs scale with kept inputs x outputs."""
     total = 0.0
@@ -122,10 +104,10 @@ def _estimated_flops(graph: ChannelGraph, model: nn.Module, plan: PrunePlan) -> 
 def _one_step(model, graph, scores, ratio, scope, target, flops_goal, limits, round_to) -> PrunePlan:
     select = _select_local if scope == "local" else _select_global
     if target == "channels":
-        return _plan_for(graph, select(graph, scores, ratio, limits, round_to))
+        return plan_for(graph, select(graph, scores, ratio, limits, round_to))
     # FLOPs target: the smallest channel ratio whose estimate reaches the goal (bisection).
     lo, hi = 0.0, 1.0
-    best = _plan_for(graph, select(graph, scores, hi, limits, round_to))
+    best = plan_for(graph, select(graph, scores, hi, limits, round_to))
     if _estimated_flops(graph, model, best) > flops_goal:
         log.warning("target: FLOPs can fall only to %.0f, not %.0f, without emptying a layer or touching "
                     "the output; pruning as far as the guards allow", _estimated_flops(graph, model, best), flops_goal)
@@ -133,7 +115,7 @@ def _one_step(model, graph, scores, ratio, scope, target, flops_goal, limits, ro
     graph.clamped.clear()  # the search probes ratios beyond the answer: report only the answer's clamps
     for _ in range(24):
         mid = (lo + hi) / 2
-        plan = _plan_for(graph, select(graph, scores, mid, limits, round_to))
+        plan = plan_for(graph, select(graph, scores, mid, limits, round_to))
         if _estimated_flops(graph, model, plan) <= flops_goal:
             hi, best = mid, plan
         else:

@@ -18,11 +18,8 @@ def _keep(n: int, removed: list[int] | None) -> torch.Tensor:
 
 def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
     old = getattr(module, name)
-    # `value` comes from indexing, which already copies: no clone needed
-    if isinstance(old, nn.Parameter):
-        setattr(module, name, nn.Parameter(value.detach(), requires_grad=old.requires_grad))
-    else:
-        setattr(module, name, value.detach())
+    value = value.detach()  # it comes from indexing, which already copies: no clone needed
+    setattr(module, name, nn.Parameter(value, old.requires_grad) if isinstance(old, nn.Parameter) else value)
 
 
 def _per_group(keep: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor] | None:

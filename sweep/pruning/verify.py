@@ -52,10 +52,9 @@ def zeroed_reference(model: nn.Module, plan: PrunePlan) -> nn.Module:
                 m.index_fill_(_channel_dim(m), torch.as_tensor(idx), 0)
                 continue
             if isinstance(m, nn.modules.conv._ConvNd) and m.transposed:  # (in, out / groups, *k)
-                g = m.groups
-                w = m.weight.view(g, m.in_channels // g, m.out_channels // g, -1)
-                for j in idx:
-                    w[j // w.shape[2], :, j % w.shape[2]] = 0
+                w = m.weight.view(m.groups, m.in_channels // m.groups, m.out_channels // m.groups, -1)
+                j = torch.as_tensor(idx, dtype=torch.long)
+                w[j // w.shape[2], :, j % w.shape[2]] = 0
             elif getattr(m, "weight", None) is not None:
                 m.weight[idx] = 0
             for p in ("bias", "running_mean"):
