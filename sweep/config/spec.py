@@ -11,7 +11,7 @@ import json
 import math
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +77,8 @@ class SweepSpec:
     max_concurrent: int | None
     checkpoint_every_s: float  # 0: a checkpoint every epoch
     source_text: str
-    max_trials: int = 10000
-    report: dict = field(default_factory=dict)  # sweep.config.schema.ReportConfig's fields, family resolved
+    max_trials: int
+    report: dict  # sweep.config.schema.ReportConfig's fields, family resolved
 
     def param_space(self) -> dict:
         """The trial dict with every swept path replaced by its Ray Tune domain."""
