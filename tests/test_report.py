@@ -291,8 +291,8 @@ def test_plots_with_two_models(store, tmp_path):
             log_trial(uri, parent, trial(strategy, ratio, model="vgg11"), values(strategy, ratio, shift=-0.05))
     runs = report.load_runs(EXPERIMENT, uri)
     table = report.summary_table(runs)
-    one = report.plot_levels(runs, table[table["model"] == "vgg11"], tmp_path / "one.png")
-    two = report.plot_levels(runs, table, tmp_path / "two.png")
+    one = report.plot_accuracy(runs, table[table["model"] == "vgg11"], tmp_path / "one.png", "levels")
+    two = report.plot_accuracy(runs, table, tmp_path / "two.png", "levels")
     assert png_size(two)[0] > 1.8 * png_size(one)[0]  # one panel per model: accuracies do not share a scale
     assert "nan" not in report.summary_markdown(EXPERIMENT, runs, table, report.paired_table(runs), "random")
 
@@ -306,8 +306,8 @@ def test_one_model_on_two_datasets_gets_a_panel_and_a_base_each(store, tmp_path)
             log_trial(uri, parent, cfg, {**values(strategy, ratio, shift=-0.3), "base_test_accuracy": 0.7})
     runs = report.load_runs(EXPERIMENT, uri)
     table = report.summary_table(runs)
-    two = report.plot_pareto(runs, table, tmp_path / "two.png")
-    one = report.plot_pareto(runs, table[table["dataset"] == "cifar10"], tmp_path / "one.png")
+    two = report.plot_accuracy(runs, table, tmp_path / "two.png", "pareto")
+    one = report.plot_accuracy(runs, table[table["dataset"] == "cifar10"], tmp_path / "one.png", "pareto")
     assert png_size(two)[0] > 1.8 * png_size(one)[0]
     text = report.summary_markdown(EXPERIMENT, runs, table, pd.DataFrame(), "random")
     assert f"Unpruned bases, test accuracy: cifar10 {100 * BASE['test']:.1f} %, cifar100 70.0 %." in text

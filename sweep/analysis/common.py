@@ -1,9 +1,7 @@
 """What `sweep sensitivity` and `sweep criteria` share: the spec's base network (the sweep's own shared base), the
-held-out batches, one Ray task and one MLflow child run per layer group under a parent run.
-
-The driver loads the data and the base once and hands them to the Ray tasks through the object store, so a task
-neither reads the dataset nor needs the base-model cache folder (which on a cluster would have to be shared).
-"""
+held-out batches, one Ray task and one MLflow child run per layer group under a parent run. The driver hands the data
+and the base to the tasks through the object store, so a task neither reads the dataset nor needs the base-model
+cache folder (which on a cluster would have to be shared)."""
 
 from __future__ import annotations
 
@@ -16,6 +14,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from torch import nn
 
@@ -45,6 +44,18 @@ class Setup:
     calibration: Batches | None  # training batches for the data-driven criteria (taylor, apoz)
     num_classes: int
     base_cached: bool  # the spec's shared base was found, not trained
+
+
+@dataclass
+class Outcome:
+    """What `sweep sensitivity` or `sweep criteria` did, as its report shows it."""
+
+    experiment: str
+    parent_run_id: str
+    table: pd.DataFrame  # sensitivity: one row per (layer, ratio); criteria: one row per layer group
+    paths: dict[str, Path]
+    seconds: float
+    units: pd.DataFrame | None = None  # criteria: one row per unit: layer, unit, channel, delta_loss, each score
 
 
 def _materialise(data, batch_size: int, train: bool, seed: int, limit: int | None) -> Batches:

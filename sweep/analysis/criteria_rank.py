@@ -9,8 +9,7 @@ change when one unit (a filter, or the tied filters of a residual stream) is rem
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,18 +18,17 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
-from sweep.analysis.common import base_metrics, layer_run, prepare, run_layers
+from sweep.analysis.common import Outcome, base_metrics, layer_run, prepare, run_layers
 from sweep.analysis.groups import LayerGroup, groups_of
 from sweep.config.names import section_label
 from sweep.errors import InputError
 from sweep.pruning import NEEDS_CALIBRATION, STRATEGIES, ChannelGraph, analyse
+from sweep.pruning.criteria import Criterion
 from sweep.pruning.oracle import loss_changes
-from sweep.report.analyses import write_criteria_report
+from sweep.report.analyses import write_analysis
 from sweep.store import tracking
 from sweep.store.store import Store
 from sweep.worker.train import pick_device
-
-Criterion = Callable[[nn.Module, ChannelGraph, object, torch.Generator], torch.Tensor]
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
@@ -52,25 +50,6 @@ def oracle(model: nn.Module, graph: ChannelGraph, units: Sequence[int], batches,
     model = model.to(torch.device(device))
     base, changes = loss_changes(model, graph, units, batches)
     return base, changes.numpy()
-
-
-def criterion_scores(model: nn.Module, graph: ChannelGraph, strategies: Sequence[str],
-                     extra: dict[str, Criterion] | None = None, calibration=None, seed: int = 0
-                     ) -> dict[str, np.ndarray]:
-    """Each strategy's score per unit, computed as prune() computes them (one generator per strategy, seeded)."""
-    registry = {**STRATEGIES, **(extra or {})}
-    return {name: registry[name](model, graph, calibration, torch.Generator().manual_seed(seed)).double().cpu().numpy()
-            for name in [*strategies, *(extra or {})]}
-
-
-@dataclass
-class CriteriaOutcome:
-    experiment: str
-    parent_run_id: str
-    table: pd.DataFrame  # one row per layer group: layer, units, spearman_<strategy>..., plus a last "mean" row
-    units: pd.DataFrame  # one row per unit: layer, unit, channel, delta_loss, score per strategy
-    paths: dict[str, Path]
-    seconds: float
 
 
 def _pick(groups: list[LayerGroup], layers: int | Sequence[str] | None) -> list[LayerGroup]:
@@ -108,25 +87,14 @@ def _layer_task(job: dict, index: int) -> dict:
                               "channel": [job["channels"][u] for u in group.units], "delta_loss": changes,
                               **{name: scores[group.units] for name, scores in job["scores"].items()}})
         run.store.log_text(run.run_id, units.to_csv(index=False), "oracle.csv")
-    return {"layer": group.name, "metrics": metrics, "units": units, "run_id": run.run_id}
-
-
-def _first_channel(model: nn.Module, graph: ChannelGraph, groups: list[LayerGroup]) -> dict[int, int]:
-    """Per unit: its output channel in its group's first producer (what a person calls 'filter k')."""
-    names = {g.index: g.name for g in groups}
-    found: dict[int, int] = {}
-    for label, (module, channel) in graph.producer.items():
-        unit = graph.unit_of_label[label]
-        if unit >= 0 and module == names[graph.unit_layer[unit]]:
-            found.setdefault(unit, channel)
-    return found
+    return {"metrics": metrics, "units": units}
 
 
 def run_criteria(spec, strategies: Sequence[str] | None = None, layers: int | Sequence[str] | None = None,
                  tracking_uri: str | None = None, storage: str | None = None, address: str | None = None,
                  out_dir: str | Path = "reports", max_batches: int | None = None, experiment: str | None = None,
                  spec_path: str | Path | None = None, extra_criteria: dict[str, Criterion] | None = None
-                 ) -> CriteriaOutcome:
+                 ) -> Outcome:
     """Scores of every strategy once in the driver, the oracle on Ray (one task per layer group), then the report.
 
     ``extra_criteria`` (name -> criterion function, as in STRATEGIES) are judged along, without being registered.
@@ -141,17 +109,25 @@ def run_criteria(spec, strategies: Sequence[str] | None = None, layers: int | Se
     tracking.init_store(uri)
     setup = prepare(spec, storage, max_batches, tracking_uri=uri,
                     calibration=bool(set(strategies) & NEEDS_CALIBRATION) or bool(extra_criteria))
-    ignore = tuple(setup.config["prune"]["ignore"])
-    graph = analyse(setup.model, (setup.example,), ignore)
+    graph = analyse(setup.model, (setup.example,), tuple(setup.config["prune"]["ignore"]))
     groups = groups_of(setup.model, graph)
+    first = {g.index: g.name for g in groups}
+    channels: dict[int, int] = {}  # per unit: its output channel in its group's first producer ('filter k')
+    for label, (module, channel) in graph.producer.items():
+        unit = graph.unit_of_label[label]
+        if unit >= 0 and module == first[graph.unit_layer[unit]]:
+            channels.setdefault(unit, channel)
     chosen = _pick(groups, layers)
-    scores = criterion_scores(setup.model, graph, strategies, extra_criteria, setup.calibration, setup.config["seed"])
+    # each strategy's score per unit as prune() computes it: one generator per strategy, seeded
+    registry, seed = {**STRATEGIES, **(extra_criteria or {})}, setup.config["seed"]
+    scores = {name: registry[name](setup.model, graph, setup.calibration, torch.Generator().manual_seed(seed))
+              .double().cpu().numpy() for name in [*strategies, *(extra_criteria or {})]}
     store = Store(uri)
     params = {"model": section_label(setup.config["model"]), "dataset": section_label(setup.config["dataset"]),
               "strategies": ",".join(scores), "layers": len(chosen), "layer_groups": len(groups), "spec": spec.name,
               "oracle": "loss change on held-out batches when the unit's channel is zeroed at every consumer"}
     job = {"groups": chosen, "model": setup.model, "example": setup.example, "val": setup.val, "graph": graph,
-           "device": setup.config["device"], "scores": scores, "channels": _first_channel(setup.model, graph, groups)}
+           "device": setup.config["device"], "scores": scores, "channels": channels}
     name, parent, results = run_layers(spec, "criteria", store, experiment, spec_path, params, base_metrics(setup),
                                        _layer_task, job, len(chosen), address)
     units = pd.concat([r["units"] for r in results], ignore_index=True)
@@ -160,6 +136,6 @@ def run_criteria(spec, strategies: Sequence[str] | None = None, layers: int | Se
     means = pd.DataFrame([r["metrics"] for r in results]).filter(like="spearman_").mean().dropna().add_prefix("mean_")
     parent.log_metrics({**means.to_dict(), "wall_time_s": seconds})
     store.log_text(parent.run_id, units.to_csv(index=False), "oracle_units.csv")
-    paths, table = write_criteria_report(name, store, out_dir, parent.run_id)
+    paths, table = write_analysis("criteria", name, store, out_dir, parent.run_id)
     parent.finish("FINISHED")
-    return CriteriaOutcome(name, parent.run_id, table, units, paths, seconds)
+    return Outcome(name, parent.run_id, table, paths, seconds, units)

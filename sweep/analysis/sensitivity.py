@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
-
-from sweep.analysis.common import base_metrics, layer_run, prepare, run_layers
+from sweep.analysis.common import Outcome, base_metrics, layer_run, prepare, run_layers
 from sweep.analysis.groups import LayerGroup, layer_groups, prune_group
 from sweep.config.names import section_label
 from sweep.errors import InputError
 from sweep.pruning import NEEDS_CALIBRATION, STRATEGIES
-from sweep.report.analyses import write_sensitivity_report
+from sweep.report.analyses import write_analysis
 from sweep.store import tracking
 from sweep.store.store import Store
 from sweep.worker.measure import count_flops
@@ -30,18 +27,9 @@ DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 DEFAULT_TOLERANCE = 0.01  # a drop of one accuracy point
 
 
-@dataclass
-class SensitivityOutcome:
-    experiment: str
-    parent_run_id: str
-    table: pd.DataFrame
-    paths: dict[str, Path]
-    seconds: float
-
-
-def _layer_task(job: dict, index: int) -> list[dict]:
-    """One Ray task: one layer group pruned alone at every ratio (accuracy, loss, FLOPs reduction), logged as one
-    MLflow child run (step = ratio index)."""
+def _layer_task(job: dict, index: int) -> int:
+    """One Ray task: one layer group pruned alone at every ratio, logged as one MLflow child run (step: the ratio's
+    index); returns how many steps it logged."""
     group: LayerGroup = job["groups"][index]
     with layer_run(job, group.label, {
         "layer": group.name, "layer_index": index, "modules": ",".join(group.modules), "width": group.width,
@@ -51,27 +39,25 @@ def _layer_task(job: dict, index: int) -> list[dict]:
         model, example = job["model"].to(device).eval(), job["example"].to(device)
         base_flops = count_flops(model, example)
         rows = []
-        for step, ratio in enumerate(job["ratios"]):
+        for ratio in job["ratios"]:
             result = prune_group(model, example, job["groups"], group, ratio, job["strategy"], job["calibration"],
                                  seed=job["seed"], **job["prune"])
             pruned = result.model.eval()
-            metrics = evaluate(pruned, job["val"], device, job["num_classes"])
-            rows.append({"layer": group.name, "step": step, "ratio": float(ratio),
-                         "removed": len(result.plan.removed.get(group.name, ())), "width": group.width,
-                         "accuracy": metrics["accuracy"], "loss": metrics["loss"],
+            m = evaluate(pruned, job["val"], device, job["num_classes"])
+            rows.append({"val_accuracy": m["accuracy"], "val_loss": m["loss"], "ratio": float(ratio),
+                         "removed": len(result.plan.removed.get(group.name, ())),
+                         "accuracy_drop": job["base_accuracy"] - m["accuracy"],
                          "flops_reduction": 1 - count_flops(pruned, example) / base_flops})
-        for row in rows:
-            run.log_metrics({"val_accuracy": row["accuracy"], "val_loss": row["loss"], "ratio": row["ratio"],
-                             "removed": row["removed"], "accuracy_drop": job["base_accuracy"] - row["accuracy"],
-                             "flops_reduction": row["flops_reduction"]}, step=row["step"])
-    return [{**row, "run_id": run.run_id} for row in rows]
+        for step, metrics in enumerate(rows):
+            run.log_metrics(metrics, step=step)
+    return len(rows)
 
 
 def run_sensitivity(spec, ratios: Sequence[float] | None = None, strategy: str | None = None,
                     tolerance: float = DEFAULT_TOLERANCE, tracking_uri: str | None = None,
                     storage: str | None = None, address: str | None = None, out_dir: str | Path = "reports",
                     max_batches: int | None = None, experiment: str | None = None,
-                    spec_path: str | Path | None = None) -> SensitivityOutcome:
+                    spec_path: str | Path | None = None) -> Outcome:
     """The whole command: base once, one Ray task per layer group, then the report from what MLflow recorded."""
     start = time.perf_counter()
     ratios = sorted({float(r) for r in (ratios or DEFAULT_RATIOS)})
@@ -100,7 +86,7 @@ def run_sensitivity(spec, ratios: Sequence[float] | None = None, strategy: str |
                                      job, len(groups), address)
     seconds = time.perf_counter() - start
     parent.log_metrics({"wall_time_s": seconds})
-    paths, table = write_sensitivity_report(name, store, out_dir, parent.run_id)
+    paths, table = write_analysis("sensitivity", name, store, out_dir, parent.run_id)
     parent.finish("FINISHED")
-    assert len(table) == sum(map(len, parts))
-    return SensitivityOutcome(name, parent.run_id, table, paths, seconds)
+    assert len(table) == sum(parts)
+    return Outcome(name, parent.run_id, table, paths, seconds)

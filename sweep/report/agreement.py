@@ -117,7 +117,7 @@ def plot_agreement(means: pd.DataFrame, keys: Sequence[str], path: str | Path) -
     rows = math.ceil(len(panels) / cols)
     side = max(3.2, 0.55 * max(len(m) for _, m, _ in panels) + 1.6)
     fig = Figure(figsize=(side * cols + 1, side * rows), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, (title, matrix, chance) in zip(axes, panels):
         image = ax.imshow(matrix.to_numpy(float), vmin=0, vmax=1, cmap="viridis")
         ax.set_xticks(range(len(matrix)), matrix.columns, rotation=45, ha="right")
@@ -161,8 +161,6 @@ def write_agreement(runs: pd.DataFrame, keys: Sequence[str], store: Store, out: 
         return None
     means = agreement_means(table, keys)
     table.to_csv(out / "agreement.csv", index=False)
-    paths = {"agreement": out / "agreement.csv"}
-    heat_map = plot_agreement(means, keys, out / "agreement.png")
-    if heat_map is not None:
-        paths["agreement_plot"] = heat_map
+    # a table with a row has a setting to draw: plot_agreement gives None only for an empty one
+    paths = {"agreement": out / "agreement.csv", "agreement_plot": plot_agreement(means, keys, out / "agreement.png")}
     return paths, agreement_markdown(means, keys, missing=len(runs) - len(removed))

@@ -29,14 +29,6 @@ def _children(store: Store, parent_run_id: str):
                                                          "attributes.status = 'FINISHED'")
 
 
-def _folder(kind: str, experiment: str, table: pd.DataFrame, out_dir: str | Path, parent_run_id: str) -> Path:
-    if table.empty:
-        raise InputError(f"{kind} run {parent_run_id} of {experiment!r} has no finished layers")
-    out = Path(out_dir) / tracking.safe_name(experiment)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
 def write_analysis_report(experiment: str, store: Store, out_dir: str | Path = "reports") -> dict[str, Path] | None:
     """The report of the experiment's newest parent run when it is an analysis (its tag sweep.kind), else None."""
     experiment_id = store.experiment_id(experiment)
@@ -45,8 +37,26 @@ def write_analysis_report(experiment: str, store: Store, out_dir: str | Path = "
     kind = parents[0].data.tags.get(KIND_TAG) if parents else None
     if kind not in ANALYSIS_KINDS:
         return None
-    write = write_sensitivity_report if kind == "sensitivity" else write_criteria_report
-    return write(experiment, store, out_dir, parents[0].info.run_id)[0]
+    return write_analysis(kind, experiment, store, out_dir, parents[0].info.run_id)[0]
+
+
+def write_analysis(kind: str, experiment: str, store: Store, out_dir: str | Path, parent_run_id: str
+                   ) -> tuple[dict[str, Path], pd.DataFrame]:
+    """The report of an analysis's parent run, also logged to it: sensitivity.png, sensitivity.csv, suggested.yaml and
+    summary.md; or criteria.png, criteria.csv and summary.md."""
+    table, info = (load_sensitivity if kind == "sensitivity" else load_criteria)(store, parent_run_id)
+    if table.empty:
+        raise InputError(f"{kind} run {parent_run_id} of {experiment!r} has no finished layers")
+    out = Path(out_dir) / tracking.safe_name(experiment)
+    out.mkdir(parents=True, exist_ok=True)
+    texts = (_sensitivity_texts if kind == "sensitivity" else _criteria_texts)(experiment, table, info)
+    for name, content in texts.items():
+        (out / name).write_text(content, encoding="utf-8")
+    plot = (plot_sensitivity if kind == "sensitivity" else plot_criteria)(table, info, out / f"{kind}.png")
+    paths = {kind: plot} | {("table" if n.endswith(".csv") else n.split(".")[0]): out / n for n in texts}
+    for path in paths.values():
+        store.log_artifact(parent_run_id, path)
+    return paths, table
 
 
 def _labels(table: pd.DataFrame) -> dict[str, str]:
@@ -54,8 +64,6 @@ def _labels(table: pd.DataFrame) -> dict[str, str]:
     return {r.layer: r.layer + (f" +{str(r.modules).count(',')} tied" if "," in str(r.modules) else "")
             for r in table.drop_duplicates("layer").itertuples()}
 
-
-# --- sensitivity -------------------------------------------------------------------------------------------------
 
 def load_sensitivity(store: Store, parent_run_id: str) -> tuple[pd.DataFrame, dict]:
     """One row per (layer, ratio) as the child runs recorded them, layers in model order; and the parent's
@@ -98,7 +106,9 @@ def plot_sensitivity(table: pd.DataFrame, info: dict, path: str | Path) -> Path:
     axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
     base = float(info.get("base_val_accuracy", np.nan))
     for (title, members), ax in zip(panels, axes):
-        for layer, colour in zip(members, _colours(len(members))):
+        n = len(members)
+        cmap = colormaps["tab10" if n <= 10 else "viridis"]
+        for layer, colour in zip(members, map(cmap, range(n) if n <= 10 else np.linspace(0, 0.95, n))):
             rows = table[table["layer"] == layer].sort_values("ratio")
             ax.plot(100 * rows["ratio"], 100 * rows["accuracy"], marker="o", markersize=3.5, color=colour,
                     label=labels[layer])
@@ -112,12 +122,9 @@ def plot_sensitivity(table: pd.DataFrame, info: dict, path: str | Path) -> Path:
     return save(fig, path)
 
 
-def _colours(n: int) -> list:
-    cmap = colormaps["tab10" if n <= 10 else "viridis"]
-    return [cmap(i) for i in range(n)] if n <= 10 else [cmap(x) for x in np.linspace(0, 0.95, n)]
-
-
-def sensitivity_markdown(name: str, table: pd.DataFrame, info: dict, suggestion: str) -> str:
+def _sensitivity_texts(name: str, table: pd.DataFrame, info: dict) -> dict[str, str]:
+    tolerance, base = float(info.get("tolerance", 0.01)), float(info["base_val_accuracy"])
+    suggestion = suggestion_yaml(table, base, tolerance, f"{name}, strategy {info.get('strategy')}")
     grid = table.pivot_table(index="layer", columns="ratio", values="accuracy", sort=False)
     widths = table.drop_duplicates("layer").set_index("layer")["width"]
     labels = _labels(table)
@@ -125,34 +132,16 @@ def sensitivity_markdown(name: str, table: pd.DataFrame, info: dict, suggestion:
                           "filters": widths.reindex(grid.index).to_numpy()})
     for ratio in grid.columns:
         shown[f"{100 * ratio:g}%"] = grid[ratio].map(lambda v: "–" if pd.isna(v) else f"{100 * v:.1f}").to_numpy()
-    base = float(info.get("base_val_accuracy", np.nan))
-    return "\n".join([
+    summary = "\n".join([
         f"# Sensitivity `{name}`", "",
         (f"{info.get('model', '')} on {info.get('dataset', '')}, strategy {info.get('strategy', '')}: each layer group "
          f"pruned alone, no fine-tune; validation accuracy (%) on {int(float(info.get('val_examples', 0)))} held-out "
          f"examples. Unpruned base: {100 * base:.2f} %."), "",
         markdown_table(shown), "",
-        f"## Suggested block (tolerated drop {100 * float(info.get('tolerance', 0)):g} point(s))", "",
+        f"## Suggested block (tolerated drop {100 * tolerance:g} point(s))", "",
         "```yaml", suggestion.rstrip(), "```", "",
     ])
-
-
-def write_sensitivity_report(experiment: str, store: Store, out_dir: str | Path, parent_run_id: str
-                             ) -> tuple[dict[str, Path], pd.DataFrame]:
-    """sensitivity.csv, suggested.yaml, summary.md and sensitivity.png, also logged to the parent run."""
-    table, info = load_sensitivity(store, parent_run_id)
-    out = _folder("sensitivity", experiment, table, out_dir, parent_run_id)
-    info["tolerance"] = tolerance = float(info.get("tolerance", 0.01))
-    suggestion = suggestion_yaml(table, float(info["base_val_accuracy"]), tolerance,
-                                 f"{experiment}, strategy {info.get('strategy')}")
-    table.to_csv(out / "sensitivity.csv", index=False)
-    (out / "suggested.yaml").write_text(suggestion, encoding="utf-8")
-    (out / "summary.md").write_text(sensitivity_markdown(experiment, table, info, suggestion), encoding="utf-8")
-    paths = {"sensitivity": plot_sensitivity(table, info, out / "sensitivity.png"), "table": out / "sensitivity.csv",
-             "suggested": out / "suggested.yaml", "summary": out / "summary.md"}
-    for path in paths.values():
-        store.log_artifact(parent_run_id, path)
-    return paths, table
+    return {"sensitivity.csv": table.to_csv(index=False), "suggested.yaml": suggestion, "summary.md": summary}
 
 
 def suggest(table: pd.DataFrame, base_accuracy: float, tolerance: float) -> tuple[dict[str, float], list[str]]:
@@ -193,8 +182,6 @@ def suggestion_yaml(table: pd.DataFrame, base_accuracy: float, tolerance: float,
     return "\n".join(lines) + "\n"
 
 
-# --- criteria ----------------------------------------------------------------------------------------------------
-
 def load_criteria(store: Store, parent_run_id: str) -> tuple[pd.DataFrame, dict]:
     """One row per layer group (model order): units, spearman_<strategy> and spearman_signed_<strategy>."""
     parent, runs = _children(store, parent_run_id)
@@ -207,13 +194,6 @@ def load_criteria(store: Store, parent_run_id: str) -> tuple[pd.DataFrame, dict]
     columns = ["layer", "modules", "units", "_order", *names, "oracle_mean_abs", "run_id"]  # also when none finished
     table = pd.DataFrame(rows, columns=columns).sort_values("_order").drop(columns="_order").reset_index(drop=True)
     return table, {**parent.data.params, **parent.data.metrics, "strategy_list": strategies}
-
-
-def with_mean(table: pd.DataFrame) -> pd.DataFrame:
-    """The table plus a last row 'mean' (over the layers whose correlation is defined)."""
-    mean = table.select_dtypes("number").mean(skipna=True).to_dict()
-    mean.update(layer="mean", modules="", units=int(table["units"].sum()), run_id="")
-    return pd.concat([table, pd.DataFrame([mean])], ignore_index=True)
 
 
 def plot_criteria(table: pd.DataFrame, info: dict, path: str | Path) -> Path:
@@ -247,13 +227,15 @@ def plot_criteria(table: pd.DataFrame, info: dict, path: str | Path) -> Path:
     return save(fig, path)
 
 
-def criteria_markdown(name: str, table: pd.DataFrame, info: dict) -> str:
-    full = with_mean(table)
-    labels = {**_labels(table), "mean": "mean"}
-    shown = pd.DataFrame({"layer": full["layer"].map(labels), "units": full["units"].astype(int)})
+def _criteria_texts(name: str, table: pd.DataFrame, info: dict) -> dict[str, str]:
+    mean = table.select_dtypes("number").mean(skipna=True).to_dict()  # over the layers whose correlation is defined
+    mean.update(layer="mean", modules="", units=int(table["units"].sum()), run_id="")
+    full = pd.concat([table, pd.DataFrame([mean])], ignore_index=True)
+    shown = pd.DataFrame({"layer": full["layer"].map({**_labels(table), "mean": "mean"}),
+                          "units": full["units"].astype(int)})
     for s in info["strategy_list"]:
         shown[s] = full[f"spearman_{s}"].map(lambda v: "–" if pd.isna(v) else f"{v:.2f}")
-    return "\n".join([
+    summary = "\n".join([
         f"# Criteria vs oracle `{name}`", "",
         (f"{info.get('model', '')} on {info.get('dataset', '')}: Spearman's rank correlation between each strategy's "
          f"per-filter scores and the oracle |Δ loss| (the held-out loss change when that filter alone is removed, "
@@ -261,17 +243,4 @@ def criteria_markdown(name: str, table: pd.DataFrame, info: dict) -> str:
          "mean over layers."), "",
         markdown_table(shown), "",
     ])
-
-
-def write_criteria_report(experiment: str, store: Store, out_dir: str | Path, parent_run_id: str
-                          ) -> tuple[dict[str, Path], pd.DataFrame]:
-    """criteria.csv, summary.md and criteria.png, also logged to the parent run."""
-    table, info = load_criteria(store, parent_run_id)
-    out = _folder("criteria", experiment, table, out_dir, parent_run_id)
-    with_mean(table).to_csv(out / "criteria.csv", index=False)
-    (out / "summary.md").write_text(criteria_markdown(experiment, table, info), encoding="utf-8")
-    paths = {"criteria": plot_criteria(table, info, out / "criteria.png"), "table": out / "criteria.csv",
-             "summary": out / "summary.md"}
-    for path in paths.values():
-        store.log_artifact(parent_run_id, path)
-    return paths, table
+    return {"criteria.csv": full.to_csv(index=False), "summary.md": summary}

@@ -1,7 +1,5 @@
 """Paired comparisons over seeds, for verdicts one could defend in review: every number comes from scipy.stats or
-statsmodels, never a hand-written formula. Units are the data's (accuracies and margins as fractions). "Level" is
-the per-comparison level a lone difference must reach under the family's correction (see `level`).
-"""
+statsmodels, never a hand-written formula. Units are the data's (accuracies and margins as fractions)."""
 
 from __future__ import annotations
 

@@ -1,13 +1,8 @@
-"""MLflow runs of a sweep -> a researcher's table: groups of like runs, statistics over seeds, paired verdicts, plots.
-
-    runs = load_runs("quickstart")              # one row per trial run, every param and metric as a column
-    table = summary_table(runs)                 # one row per setting, n seeds, mean / std / 95 % CI
-    pairs = paired_table(runs, "random")        # each strategy against a reference over matching seeds
-    write_report("quickstart")                  # summary.md, CSVs and plots, also logged to the parent run
-
-Runs are grouped by every setting that differs between them but the seed; accuracies are test accuracies (never
-used for selection); x axes are the reductions achieved, not the nominal ratio. Accuracies and reductions are
-fractions in the data, percent in text and plots; FLOPs count 2 per multiply-add (`macs`: the multiply-adds).
+"""MLflow runs of a sweep -> a researcher's table: groups of like runs, statistics over seeds, paired verdicts, plots
+(docs/comparing.md shows the calls). Runs are grouped by every setting that differs between them but the seed;
+accuracies are test accuracies (never used for selection); x axes are the reductions achieved, not the nominal ratio.
+Accuracies and reductions are fractions in the data, percent in text and plots; FLOPs count 2 per multiply-add (`macs`:
+the multiply-adds).
 """
 
 from __future__ import annotations
@@ -15,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +46,24 @@ STYLES = {
     "taylor": ("tab:red", "D"), "apoz": ("tab:purple", "v"), "fpgm": ("tab:brown", "P"), "oracle": ("black", "*"),
 }
 _EXTRA_STYLES = [("tab:pink", "*"), ("tab:olive", "h"), ("tab:cyan", "<"), ("black", ">")]
+SUMMARY_METRICS = ["test_accuracy", "test_accuracy_drop", "pruned_test_accuracy", "flops_reduction",
+                   "params_reduction", "channels_removed", "macs", "train_time_s", "speedup"]
+# Prune settings: what a control run (the unpruned base fine-tuned with the same recipe) does not share with the
+# pruned runs it is paired with. Logged under their short names (sweep.config.names.PARAMS) or as prune.*.
+_PRUNE_PARAMS = {"strategy", "ratio", "scope", "target", "schedule", "steps", "arm"}
+PANEL_KEYS = ("model", "dataset")  # accuracies of different models, or of one on different tasks, share no scale
+LEAK_POINTS = 3.0  # a base's validation accuracy this far above its test accuracy is worth a warning
+CURVES = ("train_loss", "val_loss")
+FLAGS = {"references": "--reference"} | {k: f"--{k}" for k in ("family", "alpha", "correction", "margin", "metric")}
+_POST_HOC = " (post hoc)"
+_VARIANTS = [{"linestyle": "-"}, {"linestyle": "--", "mfc": "none"}, {"linestyle": ":"},
+             {"linestyle": "-.", "mfc": "none"}]
+# kind: (x column, title, x label)
+ACCURACY_PLOTS = {
+    "pareto": ("flops_reduction", "accuracy vs FLOPs removed (mean, 95% CI)", "FLOPs removed (%), achieved"),
+    "levels": ("channels_removed", "accuracy at each pruning level (mean, 95% CI)", "Channels removed (%), achieved"),
+    "finetune": ("flops_reduction", "before vs after fine-tuning", "FLOPs removed (%), achieved"),
+}
 
 
 class ReportError(InputError):
@@ -67,9 +79,8 @@ def _style(strategy: str, order: list[str]) -> tuple[str, str]:
 
 def load_runs(experiment: str, tracking_uri: str | None = None, parent_run_id: str | None = None,
               status: str | None = "FINISHED") -> pd.DataFrame:
-    """One row per trial run (child runs only; a config rerun with --force: its newest run); status=None: all.
-    Columns: run_id, status, config_hash, every param (numeric ones as numbers), every metric of METRICS (runs of
-    older releases are read through LEGACY_METRICS)."""
+    """One row per trial run (a config rerun with --force: its newest run; status=None: all): run_id, status,
+    config_hash, every param (numeric ones as numbers), every metric of METRICS (older names: LEGACY_METRICS)."""
     if status is not None and status not in STATUSES:
         raise ValueError(f"status {status!r} is invalid: use one of {', '.join(STATUSES)} or None for all")
     uri = tracking.resolve_tracking_uri(tracking_uri)
@@ -139,27 +150,16 @@ def interval(values: pd.Series) -> tuple[float, float, float, int]:
     return float(v.mean()), std, float(student_t.ppf(0.975, n - 1) * std / math.sqrt(n)), n
 
 
-SUMMARY_METRICS = ["test_accuracy", "test_accuracy_drop", "pruned_test_accuracy", "flops_reduction",
-                   "params_reduction", "channels_removed", "macs", "train_time_s", "speedup"]
-
-
 def summary_table(df: pd.DataFrame) -> pd.DataFrame:
     """One row per group of like runs: n (seeds), and for each summary metric mean, std and 95 % CI half-width."""
-    keys = settings(df)
     rows = []
-    for setting, group in groups(df, keys):
+    for setting, group in groups(df, settings(df)):
         row = {**setting, "n": len(group)}
         for name in SUMMARY_METRICS:
             mean, std, half, _ = interval(group[name])
             row.update({name: mean, f"{name}_std": std, f"{name}_ci95": half})
-        row["run_ids"] = " ".join(sorted(group["run_id"]))
-        rows.append(row)
+        rows.append(row | {"run_ids": " ".join(sorted(group["run_id"]))})
     return pd.DataFrame(rows)
-
-
-# Prune settings: what a control run (the unpruned base fine-tuned with the same recipe) does not share with the
-# pruned runs it is paired with. Logged under their short names (sweep.config.names.PARAMS) or as prune.*.
-_PRUNE_PARAMS = {"strategy", "ratio", "scope", "target", "schedule", "steps", "arm"}
 
 
 def _is_control(df: pd.DataFrame) -> pd.Series:
@@ -197,10 +197,8 @@ def as_config(config: ReportConfig | str | list | None) -> ReportConfig:
 
 def paired_table(df: pd.DataFrame, config: ReportConfig | str | list | None = None,
                  post_hoc: frozenset[str] | set[str] = frozenset()) -> pd.DataFrame:
-    """Every comparison of the declared family, paired by seed within each setting, with its verdict; columns as
-    docs/analyses.md "Reading a verdict" lists them, fractions as the metric. config: the report section (a
-    strategy's name: that reference; None: all pairs, Holm, alpha 0.05, margin 1). Control runs: see control_table.
-    """
+    """Every comparison of the declared family (config: see as_config), paired by seed within each setting, with its
+    verdict; columns as docs/analyses.md "Reading a verdict" lists them. Control runs: see control_table."""
     config = as_config(config)
     metric, margin = config.metric, config.margin / 100
     runs = df[~_is_control(df)]
@@ -233,9 +231,8 @@ def paired_table(df: pd.DataFrame, config: ReportConfig | str | list | None = No
 
 
 def control_table(df: pd.DataFrame, metric: str = ACCURACY) -> pd.DataFrame:
-    """Each group of pruned runs against the unpruned control (arm `control`: the base fine-tuned with the same
-    recipe), paired by seed: the control shares every setting but the prune ones. Empty without control runs.
-    Columns: the settings, pairs, difference (pruned - control, a fraction: minus the drop), ci95 (half-width)."""
+    """Each group of pruned runs against the unpruned control (arm `control`), paired by seed: the control shares every
+    setting but the prune ones. Columns: the settings, pairs, difference (pruned - control), ci95; empty without one."""
     control = _is_control(df)
     if not control.any():
         return pd.DataFrame()
@@ -264,23 +261,8 @@ def _varying(table: pd.DataFrame, keys) -> list[str]:
     return [k for k in keys if k in table and table[k].astype(str).nunique(dropna=False) > 1]
 
 
-def _p(value: float) -> str:
-    return "–" if pd.isna(value) else f"{value:.2g}" if value >= 0.001 else "< 0.001"
-
-
 def _points(value: float, sign: bool = False) -> str:
     return f"{100 * value:+.1f}" if sign else f"{100 * value:.1f}"
-
-
-def _detectable(row) -> str:
-    if pd.isna(row.detectable):
-        return "detectable: – (no SD to estimate it from)"
-    if math.isinf(row.detectable):
-        return f"detectable: none at n {row.pairs}"
-    return f"detectable ≥ {_points(row.detectable)} points"
-
-
-_POST_HOC = " (post hoc)"
 
 
 def _compared(row) -> str:
@@ -295,10 +277,14 @@ def verdict_line(row) -> str:
     ci = "at every seed" if pd.isna(row.ci_low) else f"(95 % CI {_points(row.ci_low, True)} to " \
                                                      f"{_points(row.ci_high, True)})"
     size = f"{_points(row.difference, sign=True)} points {ci}"
-    tests = f"p {_p(row.p)}, adjusted {_p(row.p_adjusted)}; sign-flip p {_p(row.p_sign_flip)}, adjusted " \
-            f"{_p(row.p_sign_flip_adjusted)}"
+    p = lambda value: "–" if pd.isna(value) else f"{value:.2g}" if value >= 0.001 else "< 0.001"
+    tests = f"p {p(row.p)}, adjusted {p(row.p_adjusted)}; sign-flip p {p(row.p_sign_flip)}, adjusted " \
+            f"{p(row.p_sign_flip_adjusted)}"
+    detectable = ("detectable: – (no SD to estimate it from)" if pd.isna(row.detectable) else
+                  f"detectable: none at n {row.pairs}" if math.isinf(row.detectable) else
+                  f"detectable ≥ {_points(row.detectable)} points")
     why = f"; {row.why}" if row.why else ""
-    return f"{head}, {size}, n {row.pairs}; {tests}; {_detectable(row)}{why}"
+    return f"{head}, {size}, n {row.pairs}; {tests}; {detectable}{why}"
 
 
 def verdicts(pairs: pd.DataFrame) -> list[str]:
@@ -357,13 +343,11 @@ def settings_of(table: pd.DataFrame) -> list[str]:
     return [c for c in table.columns if c not in ("n", "run_ids") and not c.startswith(tuple(SUMMARY_METRICS))]
 
 
-PANEL_KEYS = ("model", "dataset")  # accuracies of different models, or of one on different tasks, share no scale
-
-
-def _accuracy_plot(runs: pd.DataFrame, table: pd.DataFrame, path: str | Path, title: str, xlabel: str,
-                   draw: Callable[[Axes, pd.DataFrame, list[str]], None]) -> Path:
-    """A panel per model and dataset, whose groups draw(ax, rows, strategies) draws, with its unpruned bases and a
-    legend that lists fronts and bases last."""
+def plot_accuracy(runs: pd.DataFrame, table: pd.DataFrame, path: str | Path, kind: str) -> Path:
+    """Each group's mean test accuracy (95 % CI), a panel per model and dataset with its unpruned bases. pareto: against
+    the FLOPs reduction achieved, with the Pareto front of means; levels: against the channels removed; finetune: also
+    the accuracy right after pruning (dotted, hollow): what fine-tuning recovers. Fronts and bases close the legend."""
+    x, title, xlabel = ACCURACY_PLOTS[kind]
     keys = [k for k in PANEL_KEYS if k in table]
     names = table[keys].astype(str)
     panels = sorted({tuple(row) for row in names.itertuples(index=False)})
@@ -371,8 +355,23 @@ def _accuracy_plot(runs: pd.DataFrame, table: pd.DataFrame, path: str | Path, ti
         raise ReportError("nothing to plot: no finished trials")
     fig = Figure(figsize=(6.8 * len(panels), 5.0), layout="constrained")
     order = sorted(table["strategy"].astype(str).unique())
+    series = _series(table)
     for values, ax in zip(panels, fig.subplots(1, len(panels), squeeze=False)[0]):
-        draw(ax, table[(names == values).all(axis=1)], order)
+        sub = table[(names == values).all(axis=1)]
+        variants: dict[str, int] = {}  # a strategy's k-th series in the panel: its k-th line/fill variant
+        for label in sorted(series[sub.index].unique()):
+            rows = sub[series[sub.index] == label]
+            strategy = str(rows["strategy"].iloc[0])
+            variants[strategy] = variants.get(strategy, -1) + 1
+            _errorbars(ax, rows, x, ACCURACY, f"{label}: trained" if kind == "finetune" else label, order,
+                       variants[strategy], **({"linestyle": "none", "alpha": 0.9} if kind == "pareto" else {}))
+            if kind == "finetune" and not variants[strategy]:  # before training, the arms and budgets are one network
+                _errorbars(ax, rows, x, "pruned_test_accuracy", f"{strategy}: right after pruning", order,
+                           linestyle=(0, (1, 3)), mfc="none", alpha=0.6)
+        if kind == "pareto":
+            front = sub[pareto_front(sub)].sort_values(x)
+            ax.step(100 * front[x], 100 * front[ACCURACY], where="pre", color="black", linewidth=1.2, alpha=0.6,
+                    label="Pareto front (means)")
         _base_line(ax, runs, dict(zip(keys, values)))
         ax.set(title=f"{' on '.join(values)}: {title}", xlabel=xlabel, ylabel="Test top-1 accuracy (%)")
         ax.grid(alpha=0.3)
@@ -383,8 +382,7 @@ def _accuracy_plot(runs: pd.DataFrame, table: pd.DataFrame, path: str | Path, ti
 
 
 def _base_line(ax: Axes, runs: pd.DataFrame, where: dict) -> None:
-    """One line per unpruned base of the panel's runs (its settings that differ in the label), never a mean over
-    different bases."""
+    """One line per unpruned base of the panel's runs (named by its settings that differ), never a mean over bases."""
     for column, value in where.items():
         runs = runs[runs[column].astype(str) == value]
     styles = ["--", ":", "-.", (0, (5, 1, 1, 1))]
@@ -395,17 +393,12 @@ def _base_line(ax: Axes, runs: pd.DataFrame, where: dict) -> None:
                    label=f"unpruned base{' ' + named if named else ''} ({mean:.1f}%)")
 
 
-def _per_base(runs: pd.DataFrame, column: str = "base_test_accuracy") -> list[tuple[dict, pd.DataFrame]]:
-    """The runs that have `column`, one group per unpruned base: by the settings a base depends on
-    (sweep.worker.base.BASE_KEYS) that differ between them."""
-    runs = runs[runs[column].notna()]
+def _per_base(runs: pd.DataFrame) -> list[tuple[dict, pd.DataFrame]]:
+    """The runs with a base accuracy, one group per base: by the base settings (worker.base.BASE_KEYS) that differ."""
+    runs = runs[runs["base_test_accuracy"].notna()]
     keys = [k for k in settings(runs) if k in ("model", "weights", "dataset") or k.startswith(("base.", "model.",
                                                                                                "dataset."))]
     return list(groups(runs, _varying(runs, keys)))
-
-
-_VARIANTS = [{"linestyle": "-"}, {"linestyle": "--", "mfc": "none"}, {"linestyle": ":"}, {"linestyle": "-.",
-                                                                                         "mfc": "none"}]
 
 
 def _errorbars(ax: Axes, rows: pd.DataFrame, x: str, y: str, label: str, order: list[str], variant: int = 0,
@@ -418,58 +411,12 @@ def _errorbars(ax: Axes, rows: pd.DataFrame, x: str, y: str, label: str, order: 
                 xerr=100 * rows[f"{x}_std"].fillna(0), color=colour, marker=marker, capsize=3, label=label, **style)
 
 
-def _each_series(table: pd.DataFrame, sub: pd.DataFrame):
-    """(label, rows, variant) per legend series of a panel; variant numbers the series of one strategy."""
-    labels = _series(table)
-    seen: dict[str, int] = {}
-    for label in sorted(labels[sub.index].unique()):
-        rows = sub[labels[sub.index] == label]
-        strategy = str(rows["strategy"].iloc[0])
-        seen[strategy] = seen.get(strategy, -1) + 1
-        yield label, rows, seen[strategy]
-
-
 def pareto_front(df: pd.DataFrame, x: str = "flops_reduction", y: str = ACCURACY) -> pd.Series:
     """True for rows no other row beats on both x and y (maximising both); rows missing x or y are never on it."""
     xs, ys = df[x].to_numpy(float), df[y].to_numpy(float)
     x_i, x_j, y_i, y_j = xs[:, None], xs[None, :], ys[:, None], ys[None, :]
     dominated_by = (x_j >= x_i) & (y_j >= y_i) & ((x_j > x_i) | (y_j > y_i))
     return pd.Series(~dominated_by.any(axis=1) & ~np.isnan(xs) & ~np.isnan(ys), index=df.index, name="pareto")
-
-
-def plot_pareto(runs: pd.DataFrame, table: pd.DataFrame, path: str | Path) -> Path:
-    """Mean test accuracy (95 % CI) against the mean FLOPs reduction achieved, with the Pareto front of means."""
-    def draw(ax: Axes, sub: pd.DataFrame, order: list[str]) -> None:
-        for label, rows, variant in _each_series(table, sub):
-            _errorbars(ax, rows, "flops_reduction", ACCURACY, label, order, variant, linestyle="none", alpha=0.9)
-        front = sub[pareto_front(sub)].sort_values("flops_reduction")
-        ax.step(100 * front["flops_reduction"], 100 * front[ACCURACY], where="pre", color="black", linewidth=1.2,
-                alpha=0.6, label="Pareto front (means)")
-    return _accuracy_plot(runs, table, path, "accuracy vs FLOPs removed (mean, 95% CI)", "FLOPs removed (%), achieved",
-                          draw)
-
-
-def plot_levels(runs: pd.DataFrame, table: pd.DataFrame, path: str | Path) -> Path:
-    """Test accuracy at each pruning level, against the fraction of channels actually removed."""
-    def draw(ax: Axes, sub: pd.DataFrame, order: list[str]) -> None:
-        for label, rows, variant in _each_series(table, sub):
-            _errorbars(ax, rows, "channels_removed", ACCURACY, label, order, variant)
-    return _accuracy_plot(runs, table, path, "accuracy at each pruning level (mean, 95% CI)",
-                          "Channels removed (%), achieved", draw)
-
-
-def plot_finetune(runs: pd.DataFrame, table: pd.DataFrame, path: str | Path) -> Path:
-    """Accuracy right after pruning (dashed, hollow) and after training (solid): what fine-tuning recovers."""
-    def draw(ax: Axes, sub: pd.DataFrame, order: list[str]) -> None:
-        before_drawn = set()
-        for label, rows, variant in _each_series(table, sub):
-            _errorbars(ax, rows, "flops_reduction", ACCURACY, f"{label}: trained", order, variant)
-            strategy = str(rows["strategy"].iloc[0])
-            if strategy not in before_drawn:  # before training, the arms and budgets are one and the same network
-                before_drawn.add(strategy)
-                _errorbars(ax, rows, "flops_reduction", "pruned_test_accuracy", f"{strategy}: right after pruning",
-                           order, linestyle=(0, (1, 3)), mfc="none", alpha=0.6)
-    return _accuracy_plot(runs, table, path, "before vs after fine-tuning", "FLOPs removed (%), achieved", draw)
 
 
 def plot_train_time(table: pd.DataFrame, path: str | Path) -> Path:
@@ -522,9 +469,6 @@ def plot_layers(runs: pd.DataFrame, store: Store, path: str | Path) -> Path | No
     return save(fig, path)
 
 
-CURVES = ("train_loss", "val_loss")
-
-
 def loss_curves(runs: pd.DataFrame, store: Store) -> pd.DataFrame:
     """Each group's fine-tune losses by epoch, mean over its seeds (MLflow's per-epoch history of every run):
     columns group, metric, epoch, mean, n. Empty when no run logged a history (older releases)."""
@@ -562,13 +506,8 @@ def _pm(mean: float, half: float, scale: float = 100, digits: int = 1) -> str:
     return f"{scale * mean:.{digits}f}" + ("" if pd.isna(half) else f" ± {scale * half:.{digits}f}")
 
 
-def _cell(value) -> str:
-    return "–" if _unset(value) else text(value)
-
-
 def _bases(runs: pd.DataFrame) -> list[str]:
-    """One "<what> NN.N %" per unpruned base, named by the base settings that differ (a setting some bases lack is
-    left out of their names), never one mean over different bases."""
+    """One "<what> NN.N %" per unpruned base, named by the base settings that differ (but those it lacks)."""
     if runs["base_test_accuracy"].isna().all():
         return []
     per = [(setting, group["base_test_accuracy"].mean()) for setting, group in _per_base(runs)]
@@ -577,9 +516,6 @@ def _bases(runs: pd.DataFrame) -> list[str]:
     named = [" ".join(text(v) if k in ("model", "dataset") else f"{k} {text(v)}" for k, v in setting.items()
                       if not _unset(v)) + f" {100 * mean:.1f} %" for setting, mean in per]
     return [f"Unpruned bases, test accuracy: {', '.join(named)}.", ""]
-
-
-LEAK_POINTS = 3.0  # a base's validation accuracy this far above its test accuracy is worth a warning
 
 
 def leak_warnings(runs: pd.DataFrame) -> list[str]:
@@ -602,7 +538,8 @@ def _family_text(pairs: pd.DataFrame, config: ReportConfig, changed: list[str]) 
     """The paragraph that says what was compared and how it was corrected, before any verdict."""
     m = len(pairs)
     correction = stats.CORRECTION_NAMES[config.correction]
-    head = f"{correction} over {m} comparison{'s' * (m != 1)}, alpha {config.alpha:g}, margin {_margin(config)} points"
+    margin = f"{config.margin:.1f}" if round(config.margin, 1) == config.margin else f"{config.margin:g}"
+    head = f"{correction} over {m} comparison{'s' * (m != 1)}, alpha {config.alpha:g}, margin {margin} points"
     if config.resolved_family() == "references":
         names = " and ".join(f"{r}{_POST_HOC if r in set(pairs['reference'][pairs['post_hoc']]) else ''}"
                              for r in config.references)
@@ -619,7 +556,7 @@ def _family_text(pairs: pd.DataFrame, config: ReportConfig, changed: list[str]) 
     counts = significance_counts(pairs, config.alpha)
     lines += ["", f"A comparison is **better** or **worse** only when its paired t-test and its exact sign-flip test "
               f"are both below alpha {'without correction' if config.correction == 'none' else 'after ' + correction}; "
-              f"**equivalent** when two one-sided tests put the difference within ±{_margin(config)} points; "
+              f"**equivalent** when two one-sided tests put the difference within ±{margin} points; "
               "otherwise **inconclusive** (could not tell, not tied). Differences are in accuracy points, with "
               "their 95 % interval; \"detectable\" is the difference this comparison finds 80 % of the time. "
               f"T-test p < {config.alpha:g}: {counts['raw']} of {m} uncorrected, {counts['holm']} after Holm, "
@@ -635,19 +572,15 @@ def _family_text(pairs: pd.DataFrame, config: ReportConfig, changed: list[str]) 
     return lines + [""]
 
 
-def _margin(config: ReportConfig) -> str:
-    return f"{config.margin:.1f}" if round(config.margin, 1) == config.margin else f"{config.margin:g}"
-
-
 def summary_markdown(experiment: str, runs: pd.DataFrame, table: pd.DataFrame, pairs: pd.DataFrame,
                      config: ReportConfig | str | list | None = None, changed: list[str] | None = None,
                      control: pd.DataFrame | None = None, plan: float | None = None) -> str:
-    """summary.md: the groups, the bases, the verdicts with the family's correction, the control, the plan.
-    changed: what was chosen at report time rather than declared (each named as post hoc)."""
+    """summary.md: the groups, the bases, the verdicts with the family's correction, the control, the plan; changed:
+    what was chosen at report time rather than declared (each named as post hoc)."""
     config = as_config(config)
     keys = settings_of(table)
     differ = _varying(table, keys)
-    shown = table[keys].map(_cell) if len(keys) else pd.DataFrame(index=table.index)
+    shown = table[keys].map(lambda v: "–" if _unset(v) else text(v)) if len(keys) else pd.DataFrame(index=table.index)
     shown["n"] = table["n"]
     for name, title in (("test_accuracy", "test acc %"), ("test_accuracy_drop", "drop (pp)"),
                         ("pruned_test_accuracy", "before fine-tune %"), ("flops_reduction", "FLOPs −%"),
@@ -677,10 +610,6 @@ def summary_markdown(experiment: str, runs: pd.DataFrame, table: pd.DataFrame, p
                   for _, row in control.iterrows()]
         parts.append("")
     return "\n".join(parts)
-
-
-FLAGS = {"references": "--reference", "family": "--family", "alpha": "--alpha", "correction": "--correction",
-         "margin": "--margin", "metric": "--metric"}
 
 
 def declared_config(store: StoreLike, experiment: str) -> ReportConfig:
@@ -731,13 +660,10 @@ def write_report(experiment: str, tracking_uri: str | None = None, out_dir: str 
                  family: str | None = None, alpha: float | None = None, correction: str | None = None,
                  margin: float | None = None, plan: float | None = None,
                  runs_csv: str | Path | None = None) -> dict[str, Path]:
-    """Write runs.csv, summary.csv, paired.csv, summary.md and the plots; log them to the newest parent run.
-
-    The comparisons are those declared in the spec's `report:` block; a reference or any other setting given here
-    instead is post hoc, and every output that shows it says so. plan: also say how many seeds each comparison
-    needs to detect this many accuracy points. runs_csv: report from a runs.csv an earlier report wrote (results/
-    keeps them), without MLflow: no layer plot, nothing logged, every choice post hoc.
-    """
+    """Write runs.csv, summary.csv, paired.csv, summary.md and the plots; log them to the newest parent run. The
+    comparisons are the spec's `report:` block; a setting given here instead is post hoc, and every output showing it
+    says so. plan: also the seeds each comparison needs to detect this many points. runs_csv: from a runs.csv an
+    earlier report wrote (results/ keeps them), without MLflow: no layer plot, nothing logged, every choice post hoc."""
     if runs_csv is None:
         uri = tracking.resolve_tracking_uri(tracking_uri)
         store = Store(uri)
@@ -769,19 +695,17 @@ def write_report(experiment: str, tracking_uri: str | None = None, out_dir: str 
         frame.to_csv(path, index=False)
     (out / "summary.md").write_text(summary_markdown(experiment, runs, table, pairs, config, changed, control, plan),
                                     encoding="utf-8")
-    paths |= {"summary": out / "summary.md", "pareto": plot_pareto(runs, table, out / "pareto.png"),
-              "levels": plot_levels(runs, table, out / "levels.png"),
-              "finetune": plot_finetune(runs, table, out / "finetune.png"),
-              "train_time": plot_train_time(table, out / "train_time.png")}
+    paths["summary"] = out / "summary.md"
+    paths |= {kind: plot_accuracy(runs, table, out / f"{kind}.png", kind) for kind in ACCURACY_PLOTS}
+    paths["train_time"] = plot_train_time(table, out / "train_time.png")
     if not control.empty:
         control.to_csv(out / "control.csv", index=False)
         paths["control"] = out / "control.csv"
     if runs_csv is not None:
         return paths
-    for name, drawn in (("layers", plot_layers(runs, store, out / "layers.png")),
-                        ("curves", plot_curves(runs, store, out / "curves.png"))):
-        if drawn is not None:
-            paths[name] = drawn
+    drawn = {"layers": plot_layers(runs, store, out / "layers.png"),
+             "curves": plot_curves(runs, store, out / "curves.png")}
+    paths |= {name: path for name, path in drawn.items() if path is not None}
     agreement = write_agreement(runs[~_is_control(runs)], [k for k in settings(runs) if k != "strategy"], store, out)
     if agreement is not None:  # its section closes summary.md
         written, section = agreement
