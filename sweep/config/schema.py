@@ -7,6 +7,7 @@ default, constraint and meaning (docs/design.md, "The config layer"; docs/spec.m
 
 import functools
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -86,25 +87,26 @@ def _weights(value):
     return str(path.resolve())  # absolute, because Ray runs each trial in its own working directory
 
 
-def _root(value):
-    if not isinstance(value, str) or value in NULL_TEXT:
-        raise ValueError(f"{show(value)} is not a folder path; write a path such as data/cifar10, or null")
-    return str(Path(value).expanduser().resolve())  # whether it must exist depends on the dataset: see rules
-
-
-def _matching(pattern: str, problem: str):
+def _check(ok: Callable[[Any], Any], problem: str, then: Callable[[Any], Any] = lambda v: v) -> PlainValidator:
+    """A check of ours: a value that `ok` refuses is reported as '<value> <problem>'; `then` converts one it takes."""
     def check(value):
-        if not isinstance(value, str) or not re.fullmatch(pattern, value):
+        if not ok(value):
             raise ValueError(f"{show(value)} {problem}")
-        return value
+        return then(value)
     return PlainValidator(check)
 
 
-Factory = Annotated[str, _matching(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*",
-                                   "is not an import path; write package.module:function, such as mypkg.nets:build")]
-SafeName = Annotated[str, _matching(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}",
-                                    "is not a safe name (it becomes an MLflow experiment and a folder); use letters, "
-                                    "digits, - _ . such as my_sweep")]
+_IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+Factory = Annotated[str, _check(lambda v: isinstance(v, str) and _IMPORT_PATH.fullmatch(v),
+                                "is not an import path; write package.module:function, such as mypkg.nets:build")]
+SafeName = Annotated[str, _check(lambda v: isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", v),
+                                 "is not a safe name (it becomes an MLflow experiment and a folder); use letters, "
+                                 "digits, - _ . such as my_sweep")]
+# whether a folder must exist depends on the dataset: see rules
+Folder = Annotated[str, _check(lambda v: isinstance(v, str) and v not in NULL_TEXT, "is not a folder path; write a "
+                               "path such as data/cifar10, or null", lambda v: str(Path(v).expanduser().resolve()))]
+ModuleNames = Annotated[list, _check(lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+                                     "is not a list of module names; write e.g. [fc, features.0]", list)]
 
 
 def _plain(value: Any) -> bool:
@@ -152,12 +154,6 @@ def _min_channels(value):
         raise ValueError(f"{show(value)} is neither a whole number >= 1 nor a fraction in (0, 1); "
                          "use e.g. 1 (channels per layer) or 0.1 (of each layer)")
     return float(value)
-
-
-def _module_names(value):
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"{show(value)} is not a list of module names; write e.g. [fc, features.0]")
-    return list(value)
 
 
 def _gpus(number: float) -> float:
@@ -247,7 +243,7 @@ class DatasetConfig(Section):
     name: Annotated[str, _registered(_dataset_names, "dataset")] | None = _f(
         None, "`digits` (offline), `mnist`, `fashion_mnist`, `cifar10`, `cifar100`, `flowers102`, `oxford_pets`, "
               "`imagefolder`", takes="a name from `sweep.zoo.data.dataset_names()`")
-    root: Annotated[str, PlainValidator(_root)] | None = _f(
+    root: Folder | None = _f(
         None, "where the data lives (null: `$SWEEP_DATA`, then `./data`); must exist unless `download`", takes="folder")
     download: bool = _f(False, "download the data when it is missing")
     val_fraction: float = _f(0.1, "share of the training data held out for validation (what selection reads); with "
@@ -316,7 +312,7 @@ class PruneConfig(Section):
     min_channels: Annotated[int | float, PlainValidator(_min_channels)] = _f(
         1, "channels every layer keeps: a count or a fraction", takes="integer >= 1, or a fraction in (0, 1)")
     round_to: Whole = _f(1, "round kept widths to a multiple (8 for tensor cores)", example=8, ge=1)
-    ignore: Annotated[list, PlainValidator(_module_names)] = _f(
+    ignore: ModuleNames = _f(
         [], "modules never pruned (names or shell patterns such as `layer*.conv2`)",
         takes="list of module names or shell patterns")
     calibration_batches: Whole = _f(4, "batches scored by `taylor` and `apoz`", ge=1)
