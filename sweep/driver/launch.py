@@ -1,7 +1,5 @@
-"""A validated spec -> a Ray Tune run: search algorithm, scheduler, resources, storage, resume, MLflow parent run.
-
-    outcome = run_sweep(load_spec("search_spaces/quickstart.yaml"))     # local Ray on loopback
-    outcome = run_sweep(spec, address="auto")                           # join a running cluster
+"""A validated spec -> a Ray Tune run (search algorithm, scheduler, resources, storage, resume) under one MLflow parent
+run: `run_sweep(load_spec("search_spaces/quickstart.yaml"))`, a local Ray on loopback, or `address="auto"`.
 
 Grid sweeps are incremental: grid points whose config (tracking.config_hash) already has a FINISHED run are left out
 before Tune starts. Random and optuna sweeps cannot be enumerated up front; there the trial returns the recorded result.
@@ -21,8 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import ray
+import torch
 import yaml
 from mlflow.exceptions import MlflowException
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
 
 from sweep.config.names import PARAMS, section_label
 from sweep.config.spec import SpecError, SweepSpec
@@ -37,9 +39,6 @@ from sweep.store.store import Store
 from sweep.worker import latency, raycompat, shared_data
 from sweep.worker.trial import EpochHook, SweepContext, run_trial, sweep_trial
 
-# Space paths shown in the progress table under their shorthand names; anything else swept is shown by its path.
-_ALWAYS_SHOWN = ("model.name", "prune.strategy", "prune.ratio")
-_PROGRESS_METRICS = {"epoch": "epoch", "val_accuracy": "val_acc", "flops_reduction": "flops_red"}
 # What Tune holds of a trial's end (never a test metric: those are in MLflow and the report).
 _SUMMARY_METRICS = ["val_accuracy", "pruned_val_accuracy", "flops_reduction", "params_reduction", "channels_removed"]
 # Tune's output settings during a fit. The new output engine ignores our CLIReporter, and its own columns would show
@@ -64,26 +63,19 @@ class SweepOutcome:
 # --- the Tune run --------------------------------------------------------------------------------------
 
 
-def _trial_dirname(trial: Any) -> str:
-    return f"trial_{trial.trial_id}"  # Tune's default puts the whole (nested, long) config into the folder name
-
-
 def _progress_reporter(spec: SweepSpec, verbose: int, uri: str) -> Any:
     """One compact line (sweep.driver.progress); with --verbose, Tune's table of every trial."""
-    from ray import tune
-
-    short = {path: name for name, path in PARAMS.items()}  # prune.ratio -> ratio, model.name -> model
+    # Shown under their shorthand names (prune.ratio -> ratio, model.name -> model); anything else swept by its path.
+    short = {path: name for name, path in PARAMS.items()}
     swept = [f"{p}.name" if p in ("model", "dataset") else p for p in spec.space]  # a swept section: its name
-    shown = list(dict.fromkeys([*_ALWAYS_SHOWN, *swept]))
+    shown = list(dict.fromkeys(["model.name", "prune.strategy", "prune.ratio", *swept]))
     if verbose < 2:
         def describe(config: dict) -> str:
             trial, values = config.get("trial", {}), []
             for path in shown:
-                value = functools.reduce(lambda node, part: node.get(part, {}) if isinstance(node, dict) else {},
-                                         path.split("."), trial)
-                section = path.removesuffix(".name")
-                if section in ("model", "dataset") and not value:  # a plug-in: its factory path
-                    value = section_label(trial.get(section, {}))
+                section = path.removesuffix(".name")  # a model or dataset: its name, or a plug-in's factory path
+                value = section_label(trial.get(section, {})) if section in ("model", "dataset") else functools.reduce(
+                    lambda node, part: node.get(part, {}) if isinstance(node, dict) else {}, path.split("."), trial)
                 values.append(f"{short.get(path, path)} {value}")
             return ", ".join(values)
         return CompactProgress(spec.metric, spec.mode, describe, outage=functools.partial(down_for, uri))
@@ -92,38 +84,32 @@ def _progress_reporter(spec: SweepSpec, verbose: int, uri: str) -> Any:
               if s not in spec.space and not spec.trial[s].get("name") and spec.trial[s].get("factory")}
     columns = {"trial/" + plugin.get(p, p).replace(".", "/"): short.get(p, p) for p in shown}
     # print_intermediate_tables explicitly: its default follows a process-wide verbosity that earlier fits leave set.
-    return tune.CLIReporter(parameter_columns=columns, metric_columns=_PROGRESS_METRICS, max_report_frequency=10,
+    metrics = {"epoch": "epoch", "val_accuracy": "val_acc", "flops_reduction": "flops_red"}
+    return tune.CLIReporter(parameter_columns=columns, metric_columns=metrics, max_report_frequency=10,
                             print_intermediate_tables=True)
 
 
-def _new_tuner(spec: SweepSpec, param_space: dict, trainable: Any, experiment_path: str,
+def _new_tuner(spec: SweepSpec, pending: list[dict], trainable: Any, experiment_path: str,
                max_concurrent: int | None, verbose: int, uri: str) -> Any:
-    from ray import tune
-
-    scheduler = search = None
-    if spec.scheduler["name"] != "fifo":
-        from ray.tune.schedulers import ASHAScheduler
-
-        # max_t (config.spec) lies below every trial's last epoch, and stop_last_trials=False: a trial past it is
-        # never stopped, so one that trained in full always runs its test and saves its network.
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=spec.scheduler["max_t"],
-                                  grace_period=spec.scheduler["grace_period"],
-                                  reduction_factor=spec.scheduler["reduction_factor"], stop_last_trials=False)
+    search = None
     if spec.search["algorithm"] == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
+        from ray.tune.search.optuna import OptunaSearch  # imports optuna: only for the sweeps that use it
 
         search = OptunaSearch(seed=spec.trial["seed"])
-    return tune.Tuner(
-        trainable,
-        param_space=param_space,
+    # max_t (config.spec) lies below every trial's last epoch, and stop_last_trials=False: a trial past it is never
+    # stopped, so one that trained in full always runs its test and saves its network.
+    scheduler = None if spec.scheduler["name"] == "fifo" else ASHAScheduler(
+        time_attr="epoch", max_t=spec.scheduler["max_t"], grace_period=spec.scheduler["grace_period"],
+        reduction_factor=spec.scheduler["reduction_factor"], stop_last_trials=False)
+    return tune.Tuner(trainable, param_space={
+        "trial": tune.grid_search(pending) if spec.search["algorithm"] == "grid" else spec.param_space()},
         tune_config=tune.TuneConfig(
             metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples(), search_alg=search,
             scheduler=scheduler, max_concurrent_trials=max_concurrent or spec.max_concurrent,
-            trial_dirname_creator=_trial_dirname,
+            trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",  # not Tune's: the whole config
             # A new worker per trial costs seconds (process start, import torch and mlflow); every trial of a
             # sweep asks for the same resources, so one worker can run trial after trial.
-            reuse_actors=True,
-        ),
+            reuse_actors=True),
         run_config=tune.RunConfig(
             # a launch path is <storage>/<name>/launches/<launch>, '/'-separated on object storage too
             name=experiment_path.rsplit("/", 1)[-1], storage_path=experiment_path.rsplit("/", 1)[0],
@@ -132,9 +118,7 @@ def _new_tuner(spec: SweepSpec, param_space: dict, trainable: Any, experiment_pa
             # Ray snapshots the whole experiment state each time a trial has checkpointed num_to_keep times since
             # the last snapshot; with 1 that is every checkpoint, quadratic in trials. 2 halved Tune's wall for 300
             # one-checkpoint trials (bench/tune_snapshot.py); the snapshot never points at a deleted checkpoint.
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-        ),
-    )
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
 
 
 @contextmanager
@@ -144,11 +128,9 @@ def _tune_output() -> Iterator[None]:
     try:
         yield
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        os.environ.update({name: value for name, value in saved.items() if value is not None})
+        for name in [name for name, value in saved.items() if value is None]:
+            os.environ.pop(name, None)
 
 
 def _pending_grid(spec: SweepSpec, uri: str, force: bool) -> tuple[list[dict], int]:
@@ -188,11 +170,7 @@ def _resumable(store: Store, spec: SweepSpec, lease_s: float) -> tuple[str, str]
                          "continues as it was launched; undo the change to resume it, or run without --resume to "
                          "launch the new spec (configs that finished are skipped)")
     path = run.data.tags.get("sweep.tune_path")
-    if path is None or not _restorable(path):
-        return None
-    from ray import tune
-
-    return (parent, path) if tune.Tuner.can_restore(path) else None
+    return (parent, path) if path is not None and _restorable(path) and tune.Tuner.can_restore(path) else None
 
 
 def _restorable(experiment_path: str) -> bool:
@@ -275,8 +253,6 @@ def run_sweep(spec: SweepSpec, address: str | None = None, tracking_uri: str | N
         return _launch(spec, uri, storage, resume, force, max_concurrent, verbose, on_epoch, shared)
     finally:
         if owns_ray:
-            import ray
-
             ray.shutdown()
 
 
@@ -288,8 +264,6 @@ def _nothing_to_run(spec: SweepSpec, skipped: int) -> SweepOutcome:
 
 def _launch(spec: SweepSpec, uri: str, storage: str, resume: bool, force: bool, max_concurrent: int | None,
             verbose: int, on_epoch: EpochHook | None, shared: dict) -> SweepOutcome:
-    from ray import tune
-
     tracking.init_store(uri)  # here, in the driver: trial workers creating the schema in parallel would race
     store, launch_id, lease_s = Store(uri), claims.new_owner_id("launch"), lease_seconds()
     interrupted = _resumable(store, spec, lease_s) if resume else None
@@ -313,6 +287,7 @@ def _launch(spec: SweepSpec, uri: str, storage: str, resume: bool, force: bool, 
 
     if interrupted is not None:
         parent, experiment_path = interrupted
+        print(f"resuming the sweep at {experiment_path}")
         store.update_run(parent, "RUNNING")
         claims.clear_closed_tags(store, parent)  # it was closed as dead (lease expired); it lives again
     else:
@@ -326,16 +301,11 @@ def _launch(spec: SweepSpec, uri: str, storage: str, resume: bool, force: bool, 
                                on_epoch=on_epoch, launch_id=launch_id, lease_s=lease_s, shared_data=shared,
                                checkpoint_every_s=spec.checkpoint_every_s,
                                log_every_epoch=spec.scheduler["name"] != "fifo")
-        resources = {"cpu": spec.resources["cpu"], "gpu": spec.resources["gpu"]}
-        if spec.resources.get("memory"):
-            resources["memory"] = spec.resources["memory"] * 2**30  # GiB in the spec, bytes for Ray
+        resources = {"cpu": spec.resources["cpu"], "gpu": spec.resources["gpu"],  # memory: GiB -> bytes
+                     **({"memory": spec.resources["memory"] * 2**30} if spec.resources.get("memory") else {})}
         trainable = tune.with_resources(tune.with_parameters(sweep_trial, context=context), resources)
-        if interrupted is not None:
-            print(f"resuming the sweep at {experiment_path}")
-            tuner = tune.Tuner.restore(experiment_path, trainable, resume_errored=True)
-        else:
-            grid = tune.grid_search(pending) if spec.search["algorithm"] == "grid" else spec.param_space()
-            tuner = _new_tuner(spec, {"trial": grid}, trainable, experiment_path, max_concurrent, verbose, uri)
+        tuner = tune.Tuner.restore(experiment_path, trainable, resume_errored=True) if interrupted is not None \
+            else _new_tuner(spec, pending, trainable, experiment_path, max_concurrent, verbose, uri)
         raycompat.retry_oom_killed_trials()  # else one OOM-killed trial raises out of fit and ends the sweep
         if verbose:
             print(f"{len(pending) or spec.num_trials()} trials on Ray; the first one to start trains the shared base "
@@ -359,8 +329,6 @@ def lease_seconds() -> float:
 
 def _measure_latency(spec: SweepSpec, uri: str, parent: str) -> None:
     """The measurement phase: every finished trial without latency, one model at a time, on a quiet worker."""
-    import ray
-
     run_ids = latency.runs_to_measure(uri, spec.name, own_parent=parent)
     if not run_ids:
         return
@@ -370,22 +338,17 @@ def _measure_latency(spec: SweepSpec, uri: str, parent: str) -> None:
         # Ray is this machine alone and Tune has returned: the driver is idle on the node the trials ran on, where
         # a Ray task would first start a fresh worker (about 5 s of imports) to time networks that take
         # milliseconds. latency_stats pins and restores the thread count; fork_rng keeps the driver's random state.
-        import torch
-
         with torch.random.fork_rng(devices=[]):
             latency.measure_runs(uri, run_ids)
         return
     # On a cluster the measurement belongs on a worker node (where the trials ran, with the GPU they asked for).
-    threads = spec.trial["measure"]["threads"]
-    task = ray.remote(latency.measure_runs).options(num_cpus=threads, num_gpus=1 if spec.resources["gpu"] else 0)
-    ray.get(task.remote(uri, run_ids))
+    ray.get(ray.remote(latency.measure_runs).options(num_cpus=spec.trial["measure"]["threads"],
+                                                     num_gpus=1 if spec.resources["gpu"] else 0).remote(uri, run_ids))
 
 
 def measures_in_driver() -> bool:
     """True when the connected Ray is one node, this process's own: the latency phase then runs here. False on a
     multi-node cluster and under Ray Client (ray://), whose driver runs on another machine."""
-    import ray
-
     if ray.util.client.ray.is_connected():
         return False
     alive = [node["NodeID"] for node in ray.nodes() if node.get("Alive")]
