@@ -1,6 +1,5 @@
-"""Checks a spec must pass before any trial starts, beyond what the YAML parser can see.
-
-    preflight(load_spec("search_spaces/quickstart.yaml"))   # SpecError: one line per problem, field first
+"""Checks a spec must pass before any trial starts, beyond what the YAML parser can see (`preflight(spec)`: a
+SpecError, one line per problem, field first), and the folders a sweep writes to (`check_writable`).
 
 Only loading can tell that a dataset folder holds no dataset, that a checkpoint is corrupt or belongs to another
 architecture, or that the pruner cannot handle a model: each would otherwise fail every trial after Ray started.
