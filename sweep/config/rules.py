@@ -25,11 +25,8 @@ class View:
         self.trial, self.space, self.origin, self.invalid = trial, space or {}, origin or {}, invalid
 
     def where(self, path: str) -> str:
+        """Where a trial path is set: its place in the space, or the path itself (a fixed one, or inside an item)."""
         return self.origin.get(path, path)
-
-    def leaf(self, at: str, leaf: str) -> str:
-        """Where to report a leaf of a combination from `sections` (at: the section, or a swept item of it)."""
-        return self.where(f"{at}.{leaf}") if at in ("model", "dataset") else f"{at}.{leaf}"
 
     def ok(self, *paths: str) -> bool:
         return not any(p == bad or p.startswith(bad + ".") for p in paths for bad in self.invalid)
@@ -86,19 +83,19 @@ def rules(view: View) -> list[str]:
                 error(f"{at}.name", f"missing; name the {section}, such as {section}: {{name: {example}}}, or give "
                                     f"{section}.factory")
             elif name is not None and factory is not None:
-                error(view.leaf(at, "factory"), f"given together with {section}.name; give one of {section}.name and "
-                                       f"{section}.factory")
+                error(view.where(f"{at}.factory"), f"given together with {section}.name; give one of "
+                                                   f"{section}.name and {section}.factory")
             elif factory is None and item["kwargs"]:
-                error(view.leaf(at, "kwargs"),
+                error(view.where(f"{at}.kwargs"),
                       f"only a {section}.factory takes kwargs; remove them or use {section}.factory")
             weights = item.get("weights")
             if factory is not None and weights is not None and not looks_like_path(weights):
-                error(view.leaf(at, "weights"), f"{show(weights)} is not a checkpoint file; a model.factory loads "
-                                                "only a local checkpoint (.pt/.pth/.th/.ckpt), or null")
+                error(view.where(f"{at}.weights"), f"{show(weights)} is not a checkpoint file; a model.factory "
+                                                   "loads only a local checkpoint (.pt/.pth/.th/.ckpt), or null")
 
     for dataset, at in view.sections("dataset", ("name", "root", "download", "factory")):
         name, root, download = dataset["name"], dataset["root"], dataset["download"]
-        where = view.leaf(at, "root")
+        where = view.where(f"{at}.root")
         if dataset["factory"] or name is None or name in _BUNDLED or (name != "imagefolder" and download):
             continue
         reads = f"{name}{'' if name == 'imagefolder' else ' with download: false'} reads local files"

@@ -427,7 +427,7 @@ def _plugin_problems(view: View) -> Iterator[str]:
         for item, at in view.sections(section, ("factory",)):
             try:
                 if item["factory"] is not None:
-                    resolve_factory(item["factory"], view.leaf(at, "factory"), SpecError)
+                    resolve_factory(item["factory"], view.where(f"{at}.factory"), SpecError)
             except SpecError as error:
                 yield str(error)
 
