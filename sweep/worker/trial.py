@@ -167,9 +167,8 @@ def run_trial(config: dict, context: SweepContext, report: Report | None = None,
     saved = torch.load(state_file, map_location="cpu", weights_only=True) if state_file and state_file.exists() \
         else None
     store, experiment, parent = Store(context.tracking_uri), context.experiment, context.parent_run_id
-    # Claim this config (sweep.store.claims): a new run, the one to continue (its checkpoint's, or its parent's
-    # unfinished), or someone else's. One owner per Tune trial, the same for its retries: a retry takes its own run
-    # over at once, while another trial of this launch that drew the same config (a random search can) finds it held.
+    # Claim this config (sweep.store.claims), one owner per Tune trial and its retries: a retry takes its own run over
+    # at once, while another trial of this launch that drew the same config (a random search can) finds it held.
     resumed = saved["run_id"] if saved else tracking.find_trial_run(store, experiment, chash, parent)
     claim = claims.claim_trial(
         store, tracking.get_or_create_experiment(store, experiment), chash, f"{context.launch_id}/{trial_id}",
@@ -242,8 +241,7 @@ def _pipeline(cfg: TrialConfig, context, splits, device, run, saved, report) -> 
                                     experiment=context.experiment, lease_s=context.lease_s)
     base_model, base_info = load_base(cfg.model, base_path, splits)
     run.set_tags({"base_cache": "hit" if cached else "miss", "base_key": base_key(cfg, splits.val_source)})
-    # The scratch arm trains the pruned architecture with the base's recipe (Liu et al. 2019), by default for as
-    # many epochs as the base had; the finetune arm uses the finetune section.
+    # The scratch arm trains the pruned architecture with the base's recipe (Liu et al. 2019), base.epochs by default.
     train = cfg.base.model_copy(update={"epochs": cfg.prune.scratch_epochs or cfg.base.epochs}) \
         if cfg.prune.arm == "scratch" else cfg.finetune
     state = TrialState.load(saved, base_model, train, splits, device) if saved else \

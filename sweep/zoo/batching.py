@@ -57,9 +57,8 @@ class _Batches:
         epoch_seed = self.seed * 100_003 + self.epoch
         self.epoch += 1
         n = len(self.data)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed)) if self.train \
-            else torch.arange(n)
-        order = order.to(self.store)
+        order = (torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed)) if self.train
+                 else torch.arange(n)).to(self.store)
         augment = torch.Generator(device=self.device).manual_seed(epoch_seed) if self.train and self.augment else None
         for k in range(len(self)):
             idx = order[k * self.batch_size:(k + 1) * self.batch_size]

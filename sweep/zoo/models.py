@@ -44,7 +44,6 @@ def _factory_error(line: str) -> ModelError:  # resolve_factory's one line start
 # ---------- CIFAR ResNets (He et al. 2016, section 4.2), module names as in akamaster/pytorch_resnet_cifar10 so
 # that its published checkpoints load unchanged.
 
-
 class PadShortcut(nn.Module):
     """Option-A shortcut: subsample by 2 and zero-pad the new channels; no parameters."""
 
@@ -351,17 +350,12 @@ def build_model(name: str | None, num_classes: int, weights: str | None = None, 
 
 # ---------- normalisation: pretrained weights expect inputs normalised as in their own training
 
-# The public CIFAR ResNet checkpoints of He et al.'s architecture (Yerlan Idelbayev's) were trained on inputs
-# normalised with ImageNet's mean and std, not CIFAR's: feeding them CIFAR-normalised images costs accuracy.
-KNOWN_CHECKPOINT_STATS = {
-    f"{stem}.th": IMAGENET_STATS
-    for stem in ("resnet20-12fca82f", "resnet32-d509ac18", "resnet44-014dd654", "resnet56-4bfd9763",
-                 "resnet110-1d1ed7c2", "resnet1202-f3b1deed")
-}
-
-
-# ... and the data they were trained on (all of CIFAR-10's 50,000 training images): a sweep of them on cifar10 must
-# not hold its validation split out of those (sweep.zoo.data.load_dataset, val_from_test).
+# The public CIFAR ResNet checkpoints of He et al.'s architecture (Yerlan Idelbayev's) were trained on all of CIFAR-10's
+# 50,000 training images (a sweep of them on cifar10 must not hold validation out of those: load_dataset's
+# val_from_test), normalised with ImageNet's mean and std, not CIFAR's (CIFAR-normalised inputs cost accuracy).
+KNOWN_CHECKPOINT_STATS = {f"{stem}.th": IMAGENET_STATS for stem in (
+    "resnet20-12fca82f", "resnet32-d509ac18", "resnet44-014dd654", "resnet56-4bfd9763", "resnet110-1d1ed7c2",
+    "resnet1202-f3b1deed")}
 KNOWN_CHECKPOINT_DATA = {name: ("cifar10",) for name in KNOWN_CHECKPOINT_STATS}
 
 
@@ -396,11 +390,8 @@ def weights_trained_on(name: str | None, weights: str | None, factory: str | Non
 
 
 def weights_stats(name: str, weights: str | None) -> tuple | None:
-    """(mean, std) the weights were trained with, when known; None means: use the dataset's own statistics.
-
-    torchvision weights say it in their transforms; a checkpoint may carry {"normalization": {"mean", "std"}};
-    known public checkpoints are recognised by file name.
-    """
+    """(mean, std) the weights were trained with, as torchvision weights' transforms, a checkpoint's {"normalization":
+    {"mean", "std"}} or a known public checkpoint's file name say; None: use the dataset's own statistics."""
     if weights is None:
         return None
     if not looks_like_path(str(weights)):

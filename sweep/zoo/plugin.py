@@ -45,8 +45,7 @@ def resolve_factory(path: str, field: str, error: type[Exception]) -> Callable:
     working directory goes on sys.path first (docs/design.md, "The zoo": why, and how Ray workers find the module).
     """
     module_name, colon, attribute = str(path).partition(":")
-    if not colon or not module_name or not attribute or any(not part.isidentifier() for part in
-                                                            [*module_name.split("."), *attribute.split(".")]):
+    if not colon or not all(part.isidentifier() for part in [*module_name.split("."), *attribute.split(".")]):
         raise error(f"{field}: '{path}' is not an import path; write 'package.module:function' (a function "
                     f"in a .py file importable from the working directory or an installed package)")
     # the working directory, and in a Ray Tune trial (which runs in a directory of its own) the one it started in
