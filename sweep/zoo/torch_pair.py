@@ -49,12 +49,9 @@ def fix_command(torch_version: str) -> str:
 
 def pair_problem(torch_version: str, vision_version: str, torch_cuda: str | None = None,
                  import_error: str | None = None) -> str | None:
-    """One line naming both versions and the fix when they do not match, else None.
-
-    torch_version / vision_version: `torch.__version__` and torchvision's own `__version__` (with a build tag such as
-    +cpu or +cu124 where the wheel has one); torch_cuda: torch.version.cuda; import_error: the message importing
-    torchvision raised, if it did.
-    """
+    """One line naming both versions and the fix when they do not match, else None. The versions are
+    `torch.__version__` and torchvision's own `__version__` (with a build tag such as +cpu or +cu124 where the wheel
+    has one); torch_cuda: torch.version.cuda; import_error: the message importing torchvision raised, if it did."""
     expected = matching_torchvision(torch_version)
     (t_release, t_tag), (v_release, v_tag) = _split(torch_version), _split(vision_version)
     # a build tag, else (a PyPI wheel: CUDA on Linux, CPU elsewhere) torch's CUDA version; '' when neither says
