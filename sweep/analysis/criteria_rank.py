@@ -44,9 +44,8 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 
 def oracle(model: nn.Module, graph: ChannelGraph, units: Sequence[int], batches, device: torch.device | str = "cpu"
            ) -> tuple[float, np.ndarray]:
-    """(base loss, loss change per unit): each unit removed alone from a copy of ``model``, the held-out loss
-    measured; the pruner's own `oracle` criterion computes it (sweep.pruning.oracle.loss_changes) on its calibration
-    batches."""
+    """(base loss, loss change per unit): each unit removed alone from a copy of ``model``, the held-out loss measured;
+    what the pruner's own `oracle` criterion computes (sweep.pruning.oracle.loss_changes) on its calibration batches."""
     model = model.to(torch.device(device))
     base, changes = loss_changes(model, graph, units, batches)
     return base, changes.numpy()
@@ -95,10 +94,8 @@ def run_criteria(spec, strategies: Sequence[str] | None = None, layers: int | Se
                  out_dir: str | Path = "reports", max_batches: int | None = None, experiment: str | None = None,
                  spec_path: str | Path | None = None, extra_criteria: dict[str, Criterion] | None = None
                  ) -> Outcome:
-    """Scores of every strategy once in the driver, the oracle on Ray (one task per layer group), then the report.
-
-    ``extra_criteria`` (name -> criterion function, as in STRATEGIES) are judged along, without being registered.
-    """
+    """Scores of every strategy once in the driver, the oracle on Ray (one task per layer group), then the report;
+    ``extra_criteria`` (name -> criterion function, as in STRATEGIES) are judged along, without being registered."""
     start = time.perf_counter()
     # the oracle criterion by default too would cost (units + 1) x batches forward passes to correlate with itself
     strategies = list(strategies or [s for s in STRATEGIES if s != "oracle"])

@@ -31,13 +31,9 @@ def _children(store: Store, parent_run_id: str):
 
 def write_analysis_report(experiment: str, store: Store, out_dir: str | Path = "reports") -> dict[str, Path] | None:
     """The report of the experiment's newest parent run when it is an analysis (its tag sweep.kind), else None."""
-    experiment_id = store.experiment_id(experiment)
-    parents = [] if experiment_id is None else \
-        store.runs(experiment_id, f"tags.`sweep.role` = '{tracking.PARENT_ROLE}'")
-    kind = parents[0].data.tags.get(KIND_TAG) if parents else None
-    if kind not in ANALYSIS_KINDS:
-        return None
-    return write_analysis(kind, experiment, store, out_dir, parents[0].info.run_id)[0]
+    parent = tracking.newest_parent_run(store, experiment)
+    kind = store.get_run(parent).data.tags.get(KIND_TAG) if parent else None
+    return write_analysis(kind, experiment, store, out_dir, parent)[0] if kind in ANALYSIS_KINDS else None
 
 
 def write_analysis(kind: str, experiment: str, store: Store, out_dir: str | Path, parent_run_id: str
@@ -213,7 +209,7 @@ def plot_criteria(table: pd.DataFrame, info: dict, path: str | Path) -> Path:
                       color="white" if abs(v) > 0.6 else "black")
     heat.set_title("per layer group (units)")
     fig.colorbar(image, ax=heat, shrink=0.8, label="Spearman ρ vs oracle |Δloss|")
-    means = np.nanmean(values, axis=0) if len(table) else np.full(len(strategies), np.nan)
+    means = np.nanmean(values, axis=0)
     order = np.argsort(-np.nan_to_num(means, nan=-2))
     colours = ["tab:blue" if m >= 0 else "tab:red" for m in means[order]]
     drawn = bars.barh([strategies[i] for i in order][::-1], means[order][::-1], color=colours[::-1])

@@ -50,9 +50,7 @@ def paired(a: np.ndarray, b: np.ndarray, margin: float) -> Paired:
     a, b = np.asarray(a, float), np.asarray(b, float)
     diff = a - b
     n = len(diff)
-    if n == 0:
-        return Paired(0, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan, False)
-    mean = float(diff.mean())
+    mean = float(diff.mean()) if n else math.nan
     constant = n >= 2 and float(np.ptp(diff)) <= _SAME
     p_flip = sign_flip_p(diff) if n >= 2 else math.nan
     if n < 2 or constant:  # scipy would give t = ±inf, p = 0, a zero-width interval: a verdict from nothing
@@ -87,19 +85,15 @@ def adjust(pvalues, correction: str) -> np.ndarray:
     p = np.asarray(pvalues, float)
     if correction not in CORRECTIONS:
         raise ValueError(f"correction {correction!r} is invalid: use one of {', '.join(CORRECTIONS)}")
-    if len(p) == 0:
-        return p
-    method = CORRECTIONS[correction]
-    if method is None:
-        adjusted = p.copy()
-    else:
-        # statsmodels' Holm ends with gc.collect(), which scans every live object: 0.8 s in a process holding torch
-        # and MLflow. Frozen objects are skipped; whatever they leave is collected once they are unfrozen.
-        gc.freeze()
-        try:
-            adjusted = multipletests(np.nan_to_num(p, nan=1.0), method=method)[1]
-        finally:
-            gc.unfreeze()
+    if len(p) == 0 or CORRECTIONS[correction] is None:
+        return p.copy()
+    # statsmodels' Holm ends with gc.collect(), which scans every live object: 0.8 s in a process holding torch and
+    # MLflow. Frozen objects are skipped; whatever they leave is collected once they are unfrozen.
+    gc.freeze()
+    try:
+        adjusted = multipletests(np.nan_to_num(p, nan=1.0), method=CORRECTIONS[correction])[1]
+    finally:
+        gc.unfreeze()
     adjusted[np.isnan(p)] = math.nan
     return adjusted
 

@@ -594,21 +594,15 @@ def summary_markdown(experiment: str, runs: pd.DataFrame, table: pd.DataFrame, p
              f"{', '.join(differ) or 'nothing (one group)'}. "
              "Values are mean ± the half-width of a 95 % t interval over seeds (n); accuracies are test accuracies, "
              "logged once per run and never used for selection. FLOPs count 2 per multiply-add; MACs are "
-             "multiply-adds.", ""]
-    parts += _bases(runs)
-    parts += leak_warnings(runs)
-    parts += ["## Groups", "", markdown_table(shown), ""]
+             "multiply-adds.", "", *_bases(runs), *leak_warnings(runs), "## Groups", "", markdown_table(shown), ""]
     if not pairs.empty:
-        parts += _family_text(pairs, config, changed or [])
-        parts += verdicts(pairs)
-        if plan is not None:
-            parts += _plan(pairs, plan, config)
+        parts += [*_family_text(pairs, config, changed or []), *verdicts(pairs),
+                  *(_plan(pairs, plan, config) if plan is not None else [])]
     if control is not None and not control.empty:
         ckeys = _varying(control, [c for c in control.columns if c not in ("pairs", "difference", "ci95")])
-        parts += ["## Against the unpruned control (the base fine-tuned with the same recipe, paired by seed)", ""]
-        parts += [f"- {_where(row, ckeys)}: {_pm(row['difference'], row['ci95'])} points (n {row['pairs']})"
-                  for _, row in control.iterrows()]
-        parts.append("")
+        parts += ["## Against the unpruned control (the base fine-tuned with the same recipe, paired by seed)", "",
+                  *(f"- {_where(row, ckeys)}: {_pm(row['difference'], row['ci95'])} points (n {row['pairs']})"
+                    for _, row in control.iterrows()), ""]
     return "\n".join(parts)
 
 
