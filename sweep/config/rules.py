@@ -8,12 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from sweep.config.explain import show
-
-
-def looks_like_path(text: str) -> bool:
-    # Same reading as sweep.zoo.models: anything else is a torchvision weights name such as DEFAULT.
-    return "/" in text or "\\" in text or text.endswith((".pt", ".pth", ".th", ".ckpt")) \
-        or Path(text).expanduser().exists()
+from sweep.zoo.plugin import looks_like_path
 
 
 class View:

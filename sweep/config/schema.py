@@ -27,8 +27,9 @@ from pydantic.fields import FieldInfo
 
 from sweep.config.explain import NULL_TEXT, as_real, error_lines, locate, null_text, python_value, show, unknown_name
 from sweep.config.names import LEGACY_METRICS, METRICS, selectable_metrics, tune_metrics
-from sweep.config.rules import View, looks_like_path, rules
+from sweep.config.rules import View, rules
 from sweep.errors import InputError
+from sweep.zoo.plugin import looks_like_path
 
 
 class SpecError(InputError):

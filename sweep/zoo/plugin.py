@@ -19,8 +19,8 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".th", ".ckpt")
 
 def looks_like_path(weights: str) -> bool:
     """Whether model.weights names a checkpoint file; anything else is a torchvision weights name such as DEFAULT."""
-    p = Path(weights).expanduser()
-    return "/" in weights or "\\" in weights or p.suffix in CHECKPOINT_SUFFIXES or p.exists()
+    return "/" in weights or "\\" in weights or weights.endswith(CHECKPOINT_SUFFIXES) \
+        or Path(weights).expanduser().exists()
 
 
 def _did_you_mean(wrong: str, candidates: Iterable[str]) -> str:
