@@ -101,6 +101,22 @@ def test_digits_sensitivity_equals_direct_prune_and_is_tracked(local_ray, digits
     assert paths["sensitivity"].stat().st_size > 10_000
 
 
+def test_a_report_that_fails_after_the_tasks_leaves_the_parent_failed_not_running(local_ray, digits_spec, tmp_path,
+                                                                                  sqlite_uri, storage):
+    blocked = tmp_path / "a_file"  # the report's folder cannot be made: the layers ran, the report fails
+    blocked.write_text("not a folder")
+    with pytest.raises(OSError):
+        run_sensitivity(load_spec(digits_spec), ratios=[0.5], tracking_uri=sqlite_uri, storage=storage,
+                        out_dir=blocked)
+    client = MlflowClient(sqlite_uri)
+    experiment = client.get_experiment_by_name("t_layers_digits.sensitivity")
+    parents = tracking.all_runs(client, experiment.experiment_id, "tags.`sweep.role` = 'parent'")
+    assert [p.info.status for p in parents] == ["FAILED"]
+    parent = parents[0].info.run_id
+    children = tracking.all_runs(client, experiment.experiment_id, f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert children and {c.info.status for c in children} == {"FINISHED"}
+
+
 def test_suggest_keeps_the_prefix_within_tolerance_and_ignores_fragile_layers():
     table = pd.DataFrame({
         "layer": ["a"] * 3 + ["b"] * 3 + ["c"] * 3,

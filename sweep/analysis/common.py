@@ -89,12 +89,14 @@ def base_metrics(setup: Setup) -> dict[str, float]:
             "val_examples": float(sum(len(y) for _, y in setup.val))}
 
 
+@contextmanager
 def run_layers(spec: SweepSpec, kind: str, store: Store, experiment: str | None, spec_path: str | Path | None,
                params: dict[str, Any], metrics: dict[str, float], task: Callable[[dict, int], Any], job: dict,
-               count: int, address: str | None) -> tuple[str, TrialRun, list]:
+               count: int, address: str | None) -> Iterator[tuple[str, TrialRun, list]]:
     """Open the parent run of an analysis (experiment `<spec name>.<kind>`, beside the spec's pruning sweep) with
     its params and metrics, run task(job, i) for i < count as Ray tasks (what one trial of the spec asks for), and
-    return (experiment, parent run, their results); the parent ends FAILED if a task fails."""
+    yield (experiment, parent run, their results) to the block that reports them; the parent ends FINISHED when
+    the block does, FAILED if a task or the report fails (never left RUNNING)."""
     import ray
 
     name = experiment or f"{spec.name}.{kind}"
@@ -109,13 +111,14 @@ def run_layers(spec: SweepSpec, kind: str, store: Store, experiment: str | None,
                           "kind": kind, "resources": spec.resources})
         remote = ray.remote(task).options(num_cpus=spec.resources.get("cpu", 1),
                                           num_gpus=spec.resources.get("gpu", 0), max_retries=1)
-        return name, parent, ray.get([remote.remote(shared, i) for i in range(count)])
+        yield name, parent, ray.get([remote.remote(shared, i) for i in range(count)])
     except BaseException:
         parent.finish("FAILED")
         raise
     finally:
         if started:
             ray.shutdown()
+    parent.finish("FINISHED")
 
 
 @contextmanager

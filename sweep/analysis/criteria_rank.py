@@ -125,14 +125,13 @@ def run_criteria(spec, strategies: Sequence[str] | None = None, layers: int | Se
               "oracle": "loss change on held-out batches when the unit's channel is zeroed at every consumer"}
     job = {"groups": chosen, "model": setup.model, "example": setup.example, "val": setup.val, "graph": graph,
            "device": setup.config["device"], "scores": scores, "channels": channels}
-    name, parent, results = run_layers(spec, "criteria", store, experiment, spec_path, params, base_metrics(setup),
-                                       _layer_task, job, len(chosen), address)
-    units = pd.concat([r["units"] for r in results], ignore_index=True)
-    seconds = time.perf_counter() - start
-    # per strategy, the mean over the layers whose correlation is defined
-    means = pd.DataFrame([r["metrics"] for r in results]).filter(like="spearman_").mean().dropna().add_prefix("mean_")
-    parent.log_metrics({**means.to_dict(), "wall_time_s": seconds})
-    store.log_text(parent.run_id, units.to_csv(index=False), "oracle_units.csv")
-    paths, table = write_analysis("criteria", name, store, out_dir, parent.run_id)
-    parent.finish("FINISHED")
+    with run_layers(spec, "criteria", store, experiment, spec_path, params, base_metrics(setup), _layer_task, job,
+                    len(chosen), address) as (name, parent, results):
+        units = pd.concat([r["units"] for r in results], ignore_index=True)
+        seconds = time.perf_counter() - start
+        # per strategy, the mean over the layers whose correlation is defined
+        means = pd.DataFrame([r["metrics"] for r in results]).filter(like="spearman_").mean().dropna()
+        parent.log_metrics({**means.add_prefix("mean_").to_dict(), "wall_time_s": seconds})
+        store.log_text(parent.run_id, units.to_csv(index=False), "oracle_units.csv")
+        paths, table = write_analysis("criteria", name, store, out_dir, parent.run_id)
     return Outcome(name, parent.run_id, table, paths, seconds, units)

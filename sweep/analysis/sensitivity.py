@@ -82,11 +82,10 @@ def run_sensitivity(spec, ratios: Sequence[float] | None = None, strategy: str |
            "calibration": setup.calibration, "num_classes": setup.num_classes, "ratios": ratios, "strategy": strategy,
            "prune": settings, "seed": setup.config["seed"], "device": setup.config["device"],
            "base_accuracy": base["base_val_accuracy"]}
-    name, parent, parts = run_layers(spec, "sensitivity", store, experiment, spec_path, params, base, _layer_task,
-                                     job, len(groups), address)
-    seconds = time.perf_counter() - start
-    parent.log_metrics({"wall_time_s": seconds})
-    paths, table = write_analysis("sensitivity", name, store, out_dir, parent.run_id)
-    parent.finish("FINISHED")
+    with run_layers(spec, "sensitivity", store, experiment, spec_path, params, base, _layer_task, job, len(groups),
+                    address) as (name, parent, parts):
+        seconds = time.perf_counter() - start
+        parent.log_metrics({"wall_time_s": seconds})
+        paths, table = write_analysis("sensitivity", name, store, out_dir, parent.run_id)
     assert len(table) == sum(parts)
     return Outcome(name, parent.run_id, table, paths, seconds)
