@@ -171,7 +171,7 @@ def test_sweep_with_oracle_and_random_reports_their_agreement(local_ray, tmp_pat
     assert "## Criteria agreement" in summary and "| oracle | 1.00 |" in summary
     assert (out / "agreement.png").exists()
     logged = {Path(a.path).name for a in client.list_artifacts(outcome.parent_run_id, "report")}
-    assert {"agreement.csv", "agreement.png", "curves.png"} <= logged
+    assert {"agreement.csv", "agreement.png", "curves.png", "layers.png"} <= logged
 
     # the loss curves: each group's per-epoch mean of what its runs logged, epochs 1 and 2
     curves = loss_curves(load_runs("agree", sqlite_uri), Store(sqlite_uri))

@@ -455,7 +455,8 @@ def plot_layers(runs: pd.DataFrame, store: Store, path: str | Path) -> Path | No
     for _, run in chosen.iterrows():
         if "channels.csv" not in {a.path for a in store.list_artifacts(run["run_id"])}:  # older releases: no table
             continue
-        layers = pd.read_csv(store.download_artifacts(run["run_id"], "channels.csv"))
+        with tempfile.TemporaryDirectory() as tmp:
+            layers = pd.read_csv(store.download_artifacts(run["run_id"], "channels.csv", tmp))
         colour, marker = _style(str(run["strategy"]), order)
         ax.plot(range(len(layers)), 100 * layers["channels_after"] / layers["channels_before"], color=colour,
                 marker=marker, markersize=4, label=str(run["strategy"]))
