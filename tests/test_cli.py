@@ -165,6 +165,10 @@ def test_prune_user_errors_are_one_line(capsys):
     assert _error_lines(capsys.readouterr().err)[0].startswith("error: strategy: unknown 'l3'")
     assert main(["prune", "--model", "small_cnn", "--weights", "nothing/here.pt"]) == 2
     assert len(_error_lines(capsys.readouterr().err)) == 1
+    # the field becomes its flag; a path that holds a field's words is printed as given
+    assert main(["prune", "--model", "small_cnn", "--weights", "/x/nope/model.name.pt"]) == 2
+    assert _error_lines(capsys.readouterr().err) == [
+        "error: --weights: no checkpoint file at '/x/nope/model.name.pt'; give an existing .pt/.pth/.th file"]
     # ViT takes 224x224 only: the whole of stderr is one line naming the flag (no traceback first)
     assert main(["prune", "--model", "vit_b_32"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
