@@ -123,14 +123,9 @@ def bn_scale(model, graph, calibration, generator) -> torch.Tensor:
 def _consumers(model: nn.Module, graph: ChannelGraph):
     """Conv/linear inputs that carry removable channels, with each position's weight
     (1/repeats, so a channel flattened into H*W Linear inputs counts like one conv input)."""
-    out = []
-    for m in graph.members:
-        if m.role != "in" or bool((m.units < 0).all()):
-            continue
-        units = _binned(graph, m)
-        repeats = torch.bincount(units, minlength=graph.num_units + 1).double()
-        out.append((model.get_submodule(m.module), units, 1.0 / repeats[units]))
-    return out
+    inputs = [(m.module, _binned(graph, m)) for m in graph.members if m.role == "in" and not bool((m.units < 0).all())]
+    return [(model.get_submodule(name), units, 1 / torch.bincount(units, minlength=graph.num_units + 1).double()[units])
+            for name, units in inputs]
 
 
 def _per_sample(x: torch.Tensor, linear: bool) -> torch.Tensor:

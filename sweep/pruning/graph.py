@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import io
+import itertools
 import math
 import operator
 from dataclasses import dataclass, field
@@ -400,16 +401,13 @@ class _Analyser:
         spatial = math.prod((_shape(src) if m.transposed else _shape(node))[2:])
         # per output (input, for a transposed conv) position: one multiply-add per weight it meets
         self.flops[name] = self.flops.get(name, 0) + 2 * _shape(node)[0] * spatial * m.weight.numel()
-        if m.groups == 1:
-            self._member(name, "in", x)
-            return self._produce(name, m.out_channels), 1
-        if m.groups == m.in_channels:
+        if m.groups > 1 and m.groups == m.in_channels:
             mult = m.out_channels // m.in_channels
             out = [x[j // mult] for j in range(m.out_channels)]
             self._member(name, "dw", out)
             self.dw_mult[name] = mult
             return out, 1
-        # Grouped conv: remove the same positions from every group, on each side, so the groups stay equal.
+        # Grouped conv (or one group): remove the same positions from every group, on each side, so they stay equal.
         self._tie_blocks(x, m.groups)
         self._member(name, "in", x)
         out = self._produce(name, m.out_channels)
@@ -670,8 +668,7 @@ class _Analyser:
             self._tie_blocks(labels, len(widths))
         else:
             self._fix(labels)
-        offsets = [sum(widths[:i]) for i in range(len(widths))]
-        self.pieces[node] = [(labels[o:o + w], axis) for o, w in zip(offsets, widths)]
+        self.pieces[node] = [(labels[o:o + w], axis) for o, w in zip(itertools.accumulate([0] + widths), widths)]
 
     def _getitem(self, node: fx.Node):
         src, index = node.args
@@ -727,8 +724,7 @@ class _Analyser:
     def _permute(self, node: fx.Node):
         src = node.args[0]
         rank, axis = len(_shape(src)), self.axis[src]
-        name = _op_name(node)
-        if name in ("transpose", "swapaxes"):
+        if _op_name(node) in ("transpose", "swapaxes"):
             a, b = (d % rank for d in node.args[1:3])
             return self.slots[src], {a: b, b: a}.get(axis, axis)
         order = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
@@ -737,15 +733,12 @@ class _Analyser:
 
     def _unsqueeze(self, node: fx.Node):
         src = node.args[0]
-        rank, axis = len(_shape(node)), self.axis[src]
-        dim = self._arg(node, 1, "dim") % rank
-        return self.slots[src], axis + (dim <= axis)
+        dim = self._arg(node, 1, "dim") % len(_shape(node))
+        return self.slots[src], self.axis[src] + (dim <= self.axis[src])
 
     def _flatten(self, node: fx.Node, start: int, end: int):
         rank = len(_shape(node.args[0]))
-        start, end = start % rank, end % rank
-        sizes = [None] * start + [-1] + [None] * (rank - 1 - end)
-        return self._reshape(node, sizes)
+        return self._reshape(node, [None] * (start % rank) + [-1] + [None] * (rank - 1 - end % rank))
 
     def _reshape(self, node: fx.Node, sizes=None):
         """How the channel dim maps through view/reshape/flatten: kept, merged with its neighbours (each
@@ -816,19 +809,17 @@ class _Analyser:
             return False
         return True
 
-    def _carried(self, node: fx.Node) -> set[fx.Node]:
-        """The tensors whose run-time channel count reaches ``node`` through its arguments."""
-        found: set[fx.Node] = set()
-        fx.node.map_arg((node.args, node.kwargs), lambda a: found.update(
-            self.reads.get(a, ()) or ({self.shapes[a]} if a in self.shapes else ())))
-        return found
+    def _counts(self, node: fx.Node) -> set[fx.Node]:
+        """The tensors whose run-time channel count ``node`` carries (a count, or a whole shape)."""
+        return self.reads.get(node, set()) | ({self.shapes[node]} if node in self.shapes else set())
 
     def _follow_sizes(self, node: fx.Node, name: str) -> None:
         """A channel count read at run time must still be right once channels are gone. Arithmetic on it carries
         it on; a view of a tensor may take it when both end up equally wide (checked in `settle_widths`, as in
         ShuffleNet's channel shuffle); anything else that takes it keeps those channels whole (MaxViT's attention
         reshapes its output to its input's width)."""
-        carried = self._carried(node)
+        carried: set[fx.Node] = set()
+        fx.node.map_arg((node.args, node.kwargs), lambda a: carried.update(self._counts(a)))
         if not carried:
             return
         src = node.args[0] if node.args else None
@@ -844,8 +835,7 @@ class _Analyser:
         """A graph traced along one forward pass holds only the branches its channel counts chose: keep the
         channels whose count a branch, a loop or a literal read, so that the pruned model chooses the same."""
         for node in decided:
-            for tensor in self.reads.get(node, set()) | ({self.shapes[node]} if node in self.shapes else set()):
-                self._fix(self.slots[tensor])
+            self._fix([x for tensor in self._counts(node) for x in self.slots[tensor]])
 
     def settle_widths(self) -> None:
         """Keep whole both sides of a view whose run-time width and the tensor it shapes would differ: their
@@ -853,8 +843,7 @@ class _Analyser:
         for read, shaped in self.same_width:
             roots = [{self.uf.find(x) for x in self.slots[n]} for n in (read, shaped)]
             if roots[0] != roots[1]:
-                self._fix(self.slots[read])
-                self._fix(self.slots[shaped])
+                self._fix(self.slots[read] + self.slots[shaped])
 
     def _call(self, node: fx.Node):
         name = _op_name(node)

@@ -44,12 +44,8 @@ class PrunePlan:
 
     def channel_counts(self, base_model: nn.Module) -> list[tuple[str, str, int, int]]:
         """(module, type, channels before, after) for every conv and linear of ``base_model``."""
-        rows = []
-        for name, m in base_model.named_modules():
-            if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
-                before = in_out_sizes(m)[1]
-                rows.append((name, type(m).__name__, before, before - len(self.removed.get(name, ()))))
-        return rows
+        return [(name, type(m).__name__, in_out_sizes(m)[1], in_out_sizes(m)[1] - len(self.removed.get(name, ())))
+                for name, m in base_model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
 
     def then(self, later: PrunePlan, original: nn.Module) -> PrunePlan:
         """This plan followed by ``later`` (whose indices refer to the model this plan produced)."""

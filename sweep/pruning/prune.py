@@ -44,10 +44,8 @@ def _round_removal(width: int, k: int, round_to: int) -> int:
 
 def _limits(graph: ChannelGraph, min_channels: float) -> list[int]:
     """How many units each layer may lose without any of its producers going below the minimum."""
-    return [
-        max(0, min(min(units, width - _keep_at_least(width, min_channels)) for width, units in sizes))
-        for sizes in graph.producer_sizes
-    ]
+    return [max(0, min(min(units, width - _keep_at_least(width, min_channels)) for width, units in sizes))
+            for sizes in graph.producer_sizes]
 
 
 def _select_local(graph, scores, ratio, limits, round_to) -> list[int]:

@@ -11,8 +11,7 @@ _NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm
 
 def _keep(n: int, removed: list[int] | None) -> torch.Tensor:
     mask = torch.ones(n, dtype=torch.bool)
-    if removed:
-        mask[torch.as_tensor(removed, dtype=torch.long)] = False
+    mask[torch.as_tensor(removed or [], dtype=torch.long)] = False
     return mask.nonzero().flatten()
 
 
