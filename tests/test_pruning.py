@@ -455,6 +455,21 @@ def test_input_model_is_left_unchanged():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("strategy", ["taylor", "apoz", "oracle", "l1"])
+def test_each_module_keeps_its_own_train_or_eval_mode(strategy):
+    # transfer learning freezes a BatchNorm (eval) inside a training model: scoring on calibration data must hand
+    # it back frozen, not set every module to the model's mode
+    model = _pattern("residual").train()
+    frozen = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)).eval()
+    modes = [m.training for m in model.modules()]
+    x = torch.randn(4, 3, 8, 8)
+    calibration = [(x, torch.randint(0, model(x).shape[1], (4,)))]
+    result = prune(model, x, strategy=strategy, ratio=0.25, calibration=calibration)
+    assert not frozen.training and [m.training for m in model.modules()] == modes
+    kept = dict(model.named_modules())
+    assert all(m.training == kept[name].training for name, m in result.model.named_modules() if name in kept)
+
+
 def test_residual_channels_are_removed_together():
     plan = prune(_pattern("residual"), torch.randn(1, 3, 8, 8), ratio=0.5).plan
     # stem, a2 and c1 all write into the residual stream: same channels, or none
