@@ -427,7 +427,8 @@ def _plugin_problems(view: View) -> Iterator[str]:
         for item, at in view.sections(section, ("factory",)):
             try:
                 if item["factory"] is not None:
-                    resolve_factory(item["factory"], view.where(f"{at}.factory"), SpecError)
+                    resolve_factory(item["factory"], view.where(f"{at}.factory"),
+                                    lambda where, text: SpecError(f"{where}: {text}"))
             except SpecError as error:
                 yield str(error)
 

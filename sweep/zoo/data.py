@@ -327,7 +327,7 @@ def _from_factory(factory: str, kwargs: dict | None, root: str | None, val_fract
                   val_from_test: bool = False) -> DataSplits:
     """Call a dataset factory and make its result a DataSplits (see `load_dataset`)."""
     field = "dataset.factory"
-    load = resolve_factory(factory, field, DataError)
+    load = resolve_factory(factory, field, lambda at, text: DataError(f"{at}: {text}"))
     kwargs = dict(kwargs or {})
     if root is not None:
         kwargs.setdefault("root", root)

@@ -37,10 +37,6 @@ class ModelError(InputError):
         return f"{name(self.field)}: {text}" if self.words else name(self.field)
 
 
-def _factory_error(line: str) -> ModelError:  # resolve_factory's one line starts with the field it was given
-    return ModelError("model.factory", line.removeprefix("model.factory: "))
-
-
 # ---------- CIFAR ResNets (He et al. 2016, section 4.2), module names as in akamaster/pytorch_resnet_cifar10 so
 # that its published checkpoints load unchanged.
 
@@ -296,7 +292,7 @@ def _torchvision(name: str, num_classes: int, in_channels: int, weights: str | N
 
 
 def _from_factory(factory: str, num_classes: int, in_channels: int, kwargs: dict | None) -> nn.Module:
-    build = resolve_factory(factory, "model.factory", _factory_error)
+    build = resolve_factory(factory, "model.factory", ModelError)
     kwargs = dict(kwargs or {})
     clash = sorted({"num_classes", "in_channels"} & set(kwargs))
     if clash:
@@ -378,7 +374,7 @@ def weights_trained_on(name: str | None, weights: str | None, factory: str | Non
     """
     found: tuple[str, ...] = ()
     if factory is not None:
-        found += _names(getattr(resolve_factory(factory, "model.factory", _factory_error), "trained_on", None),
+        found += _names(getattr(resolve_factory(factory, "model.factory", ModelError), "trained_on", None),
                         f"model.factory {factory}")
     if weights is None or not looks_like_path(str(weights)):
         return found

@@ -39,14 +39,15 @@ def _sibling_modules(missing: str) -> list[str]:
     return [m.name for m in pkgutil.iter_modules()]
 
 
-def resolve_factory(path: str, field: str, error: type[Exception]) -> Callable:
+def resolve_factory(path: str, field: str, error: Callable[[str, str], Exception]) -> Callable:
     """The callable named by "package.module:function" (a dotted attribute path after the colon is allowed); a problem
-    raises `error` with one line naming `field`, and the nearest name when a module or function is misspelt. The
-    working directory goes on sys.path first (docs/design.md, "The zoo": why, and how Ray workers find the module).
+    raises error(field, text), the text one line saying what is wrong (with the nearest name when a module or function
+    is misspelt) and the fix. The working directory goes on sys.path first (docs/design.md, "The zoo": why, and how
+    Ray workers find the module).
     """
     module_name, colon, attribute = str(path).partition(":")
     if not colon or not all(part.isidentifier() for part in [*module_name.split("."), *attribute.split(".")]):
-        raise error(f"{field}: '{path}' is not an import path; write 'package.module:function' (a function "
+        raise error(field, f"'{path}' is not an import path; write 'package.module:function' (a function "
                     f"in a .py file importable from the working directory or an installed package)")
     # the working directory, and in a Ray Tune trial (which runs in a directory of its own) the one it started in
     for folder in (os.getcwd(), os.environ.get("TUNE_ORIG_WORKING_DIR")):
@@ -58,18 +59,18 @@ def resolve_factory(path: str, field: str, error: type[Exception]) -> Callable:
         if e.name is not None and (module_name + ".").startswith(e.name + "."):  # the module itself, not an import
             hint = _did_you_mean(e.name, _sibling_modules(e.name))
             hint = f" ({hint})" if hint else ""
-            raise error(f"{field}: cannot import module '{module_name}' (from '{path}'): no such module on the path"
+            raise error(field, f"cannot import module '{module_name}' (from '{path}'): no such module on the path"
                         f"{hint}; run from the folder holding it, install its package, or on a cluster ship it with "
                         f"runtime_env working_dir/py_modules") from None
-        raise error(f"{field}: importing '{module_name}' failed: {e}") from e
+        raise error(field, f"importing '{module_name}' failed: {e}") from e
     except Exception as e:  # the user's module raised while importing: say so, in one line
-        raise error(f"{field}: importing '{module_name}' failed: {type(e).__name__}: {' '.join(str(e).split())}") from e
+        raise error(field, f"importing '{module_name}' failed: {type(e).__name__}: {' '.join(str(e).split())}") from e
     for part in attribute.split("."):
         if not hasattr(obj, part):
             offered = [name for name in dir(obj) if not name.startswith("_") and callable(getattr(obj, name, None))]
             hint = _did_you_mean(part, offered) or (f"it has {', '.join(sorted(offered)[:8])}" if offered else "")
-            raise error(f"{field}: module '{module_name}' has no attribute '{attribute}'{f'; {hint}' if hint else ''}")
+            raise error(field, f"module '{module_name}' has no attribute '{attribute}'{f'; {hint}' if hint else ''}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise error(f"{field}: '{path}' is not callable; name a function or class")
+        raise error(field, f"'{path}' is not callable; name a function or class")
     return obj
